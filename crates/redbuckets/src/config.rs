@@ -1,0 +1,246 @@
+//! Member configuration: every option of the Go library, plus weights, with validation.
+
+use std::time::Duration;
+
+use crate::error::Error;
+
+/// The largest bucket count a group may have (C3).
+pub const MAX_BUCKETS: u32 = 65_536;
+/// The largest weight a member may have.
+pub const MAX_WEIGHT: u32 = 1_000_000;
+/// Version of the data layout and scripts; stored with the group so mixed versions are refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The longest group name, member id or key prefix.
+pub const MAX_NAME_LEN: usize = 200;
+
+/// The configuration of one member. Build it through [`crate::MemberBuilder`] or fill it in and
+/// call [`Config::validate`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Config {
+    /// Group name. Required.
+    pub group: String,
+    /// Member id; stable across restarts if given. Default: a random UUID per process.
+    pub member_id: String,
+    /// Number of buckets `0..buckets` in the group. Default 1024; 1..=65,536.
+    pub buckets: u32,
+    /// Relative weight of this member; its share is `buckets × weight / Σ weights`. Default 1.
+    pub weight: u32,
+    /// How long a session (and with it every lease of the member) lives without a heartbeat.
+    /// Default 10 s; at least 3 heartbeats.
+    pub ttl: Duration,
+    /// Heartbeat period. Default 1 s.
+    pub heartbeat: Duration,
+    /// Deadline of each store call. Default 3 s; less than the ttl.
+    pub call_timeout: Duration,
+    /// Graceful shutdown budget: drain, release everything, deregister. Default 10 s.
+    pub shutdown_timeout: Duration,
+    /// How long a revoked bucket waits for its lease handles to be dropped before it is released.
+    /// Default 1 s. Buckets without live handles are released at once.
+    pub drain_timeout: Duration,
+    /// Key prefix in the store. Default `red-buckets`.
+    pub prefix: String,
+    /// The largest relative clock-rate error between this host and the store (≥ 1%).
+    /// The local lease deadline is shortened by this fraction of the ttl. Default 0.01.
+    pub max_clock_drift: f64,
+    /// Extra safety margin subtracted from the local lease deadline. Default 5 ms.
+    pub safety_margin: Duration,
+}
+
+impl Config {
+    /// A configuration with the defaults and the given group name.
+    #[must_use]
+    pub fn new(group: impl Into<String>) -> Self {
+        Config {
+            group: group.into(),
+            member_id: uuid::Uuid::new_v4().to_string(),
+            buckets: 1024,
+            weight: 1,
+            ttl: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(1),
+            call_timeout: Duration::from_secs(3),
+            shutdown_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(1),
+            prefix: "red-buckets".to_string(),
+            max_clock_drift: 0.01,
+            safety_margin: Duration::from_millis(5),
+        }
+    }
+
+    /// Checks every option, returning the first problem found.
+    pub fn validate(&self) -> Result<(), Error> {
+        check_name("group", &self.group)?;
+        check_name("prefix", &self.prefix)?;
+        check_name("member_id", &self.member_id)?;
+        if self.buckets == 0 || self.buckets > MAX_BUCKETS {
+            return Err(Error::config(
+                "buckets",
+                format!("must be in 1..={MAX_BUCKETS}, got {}", self.buckets),
+            ));
+        }
+        if self.weight == 0 || self.weight > MAX_WEIGHT {
+            return Err(Error::config(
+                "weight",
+                format!("must be in 1..={MAX_WEIGHT}, got {}", self.weight),
+            ));
+        }
+        if self.heartbeat < Duration::from_millis(10) {
+            return Err(Error::config(
+                "heartbeat",
+                format!("must be at least 10ms, got {:?}", self.heartbeat),
+            ));
+        }
+        if self.ttl < self.heartbeat * 3 {
+            return Err(Error::config(
+                "ttl",
+                format!(
+                    "must be at least 3 × heartbeat ({:?}) so one lost heartbeat does not lose the \
+                     leases, got {:?}",
+                    self.heartbeat * 3,
+                    self.ttl
+                ),
+            ));
+        }
+        if self.ttl > Duration::from_secs(24 * 3600) {
+            return Err(Error::config(
+                "ttl",
+                format!("must be at most 24h, got {:?}", self.ttl),
+            ));
+        }
+        if !(0.01..0.5).contains(&self.max_clock_drift) {
+            return Err(Error::config(
+                "max_clock_drift",
+                format!("must be in [0.01, 0.5), got {}", self.max_clock_drift),
+            ));
+        }
+        if self.call_timeout.is_zero() || self.call_timeout >= self.ttl {
+            return Err(Error::config(
+                "call_timeout",
+                format!(
+                    "must be above zero and below the ttl ({:?}), got {:?}",
+                    self.ttl, self.call_timeout
+                ),
+            ));
+        }
+        if self.lease_validity().is_zero() {
+            return Err(Error::config(
+                "safety_margin",
+                format!(
+                    "leaves no lease time: ttl {:?}, margin {:?}",
+                    self.ttl, self.safety_margin
+                ),
+            ));
+        }
+        if self.shutdown_timeout.is_zero() {
+            return Err(Error::config("shutdown_timeout", "must be above zero"));
+        }
+        Ok(())
+    }
+
+    /// How long after the *send* time of a successful heartbeat the member may still consider
+    /// its leases valid (S3): `ttl × (1 − drift) − margin`.
+    #[must_use]
+    pub fn lease_validity(&self) -> Duration {
+        let shortened = self
+            .ttl
+            .mul_f64(1.0 - self.max_clock_drift.clamp(0.0, 0.99));
+        shortened.saturating_sub(self.safety_margin)
+    }
+}
+
+/// Group names, prefixes and member ids: 1..=200 bytes, printable, and without `{`/`}` (they
+/// would break the Redis Cluster hash tag that keeps one group on one slot).
+fn check_name(field: &'static str, value: &str) -> Result<(), Error> {
+    if value.is_empty() {
+        return Err(Error::config(field, "must not be empty"));
+    }
+    if value.len() > MAX_NAME_LEN {
+        return Err(Error::config(
+            field,
+            format!("must be at most {MAX_NAME_LEN} bytes, got {}", value.len()),
+        ));
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| c.is_control() || *c == '{' || *c == '}')
+    {
+        return Err(Error::config(
+            field,
+            format!("must not contain {c:?} (control characters and braces are refused)"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(f: impl FnOnce(&mut Config)) -> Config {
+        let mut c = Config::new("g");
+        f(&mut c);
+        c
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::new("orders").validate().unwrap();
+        let c = Config::new("orders");
+        assert_eq!(c.buckets, 1024);
+        assert_eq!(c.ttl, Duration::from_secs(10));
+        assert_eq!(c.heartbeat, Duration::from_secs(1));
+        assert_eq!(c.prefix, "red-buckets");
+        assert_eq!(c.lease_validity(), Duration::from_millis(9895));
+    }
+
+    #[test]
+    fn every_error_names_its_field() {
+        let table: Vec<(Config, &str, &str)> = vec![
+            (with(|c| c.buckets = 0), "buckets", "1..=65536"),
+            (with(|c| c.buckets = 65_537), "buckets", "65537"),
+            (with(|c| c.weight = 0), "weight", "1..="),
+            (with(|c| c.group = String::new()), "group", "empty"),
+            (with(|c| c.group = "a{b}".into()), "group", "'{'"),
+            (with(|c| c.prefix = "x\ny".into()), "prefix", "'\\n'"),
+            (with(|c| c.member_id = "m".repeat(201)), "member_id", "200"),
+            (
+                with(|c| c.ttl = Duration::from_secs(2)),
+                "ttl",
+                "3 × heartbeat",
+            ),
+            (
+                with(|c| c.heartbeat = Duration::from_millis(1)),
+                "heartbeat",
+                "10ms",
+            ),
+            (
+                with(|c| c.call_timeout = Duration::from_secs(10)),
+                "call_timeout",
+                "below the ttl",
+            ),
+            (with(|c| c.max_clock_drift = 0.0), "max_clock_drift", "0.01"),
+            (
+                with(|c| c.shutdown_timeout = Duration::ZERO),
+                "shutdown_timeout",
+                "above zero",
+            ),
+        ];
+        for (config, field, needle) in table {
+            match config.validate() {
+                Err(Error::Config { field: f, reason }) => {
+                    assert_eq!(f, field);
+                    let msg = format!("{}", Error::config(f, reason.clone()));
+                    assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
+                }
+                other => panic!("{field}: expected a config error, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn odd_and_extreme_bucket_counts_are_fine() {
+        for b in [1, 3, 1023, 65_536] {
+            with(|c| c.buckets = b).validate().unwrap();
+        }
+    }
+}

@@ -1,0 +1,445 @@
+//! `MemoryStore`: the store protocol in-process, with the same semantics as the Redis scripts.
+//!
+//! Time is tokio's clock, so tests on a paused runtime control session expiry exactly.
+//! A std `Mutex`, not a tokio one: nothing async happens while it is held.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+
+use crate::config::PROTOCOL_VERSION;
+use crate::error::Error;
+use crate::share::{self, Load};
+use crate::store::{
+    Action, GroupKey, GroupSnapshot, HeartbeatReply, MemberInfo, Notifications, Owner,
+    RebalanceReply, RegisterRequest, Registration, SessionRef, Store,
+};
+
+/// An in-process store with the semantics of [`crate::RedisStore`]: for tests, simulations,
+/// demos, and for trying redbuckets without Redis. Clones share the same state.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryStore {
+    inner: Arc<Mutex<Inner>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    groups: HashMap<GroupKey, GroupState>,
+    channels: HashMap<GroupKey, broadcast::Sender<()>>,
+    /// Server clock: Unix µs at `epoch`, advanced by tokio's clock.
+    base_us: u64,
+    epoch: Instant,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        let base_us = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2))
+            .unwrap_or(0);
+        Inner {
+            groups: HashMap::new(),
+            channels: HashMap::new(),
+            base_us,
+            epoch: Instant::now(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct GroupState {
+    buckets: u32,
+    version: u64,
+    grant_after: Instant,
+    last_token: u64,
+    members: BTreeMap<String, MemberState>,
+    owners: Vec<Option<(String, u64)>>,
+    free: BTreeSet<u32>,
+}
+
+#[derive(Debug)]
+struct MemberState {
+    session: String,
+    weight: u32,
+    expires: Instant,
+    since: Instant,
+    held: BTreeSet<u32>,
+    committed: u32,
+}
+
+impl GroupState {
+    fn new(buckets: u32, now: Instant, ttl: Duration) -> Self {
+        GroupState {
+            buckets,
+            version: 0,
+            grant_after: now + ttl,
+            last_token: 0,
+            members: BTreeMap::new(),
+            owners: vec![None; buckets as usize],
+            free: (0..buckets).collect(),
+        }
+    }
+
+    /// Removes a member and frees its buckets.
+    fn remove_member(&mut self, id: &str) -> bool {
+        let Some(member) = self.members.remove(id) else {
+            return false;
+        };
+        for b in member.held {
+            self.owners[b as usize] = None;
+            self.free.insert(b);
+        }
+        self.version += 1;
+        true
+    }
+
+    /// Purges expired sessions; returns true if any was removed.
+    fn purge(&mut self, now: Instant) -> bool {
+        let expired: Vec<String> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.expires <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &expired {
+            self.remove_member(id);
+        }
+        !expired.is_empty()
+    }
+
+    fn live<'a>(&'a mut self, s: &SessionRef, now: Instant) -> Option<&'a mut MemberState> {
+        self.members
+            .get_mut(&s.member)
+            .filter(|m| m.session == s.session && m.expires > now)
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Forgets every group, as a Redis restart without persistence does. Subscribers are told.
+    pub fn wipe(&self) {
+        let mut inner = self.lock();
+        inner.groups.clear();
+        for tx in inner.channels.values() {
+            let _ = tx.send(());
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the state half-written in a way later
+        // calls would misread more than the panic itself did; keep serving.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Inner {
+    fn now_us(&self, now: Instant) -> u64 {
+        let elapsed = u64::try_from(now.duration_since(self.epoch).as_micros()).unwrap_or(0);
+        self.base_us.saturating_add(elapsed)
+    }
+
+    fn notify(&mut self, group: &GroupKey) {
+        if let Some(tx) = self.channels.get(group) {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Store for MemoryStore {
+    async fn register(
+        &self,
+        group: &GroupKey,
+        req: &RegisterRequest,
+    ) -> Result<Registration, Error> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let state = inner
+            .groups
+            .entry(group.clone())
+            .or_insert_with(|| GroupState::new(req.buckets, now, req.ttl));
+        if state.buckets != req.buckets {
+            return Err(Error::GroupMismatch {
+                group: group.name.clone(),
+                stored: state.buckets,
+                configured: req.buckets,
+                stored_protocol: PROTOCOL_VERSION,
+                configured_protocol: PROTOCOL_VERSION,
+            });
+        }
+        state.purge(now);
+        let id = &req.session.member;
+        if let Some(existing) = state.members.get_mut(id) {
+            if existing.session == req.session.session {
+                existing.expires = now + req.ttl;
+                let version = state.version;
+                return Ok(Registration::Registered { version });
+            }
+            if req.replaces.as_deref() != Some(existing.session.as_str()) {
+                return Ok(Registration::InUse {
+                    expires_in: existing.expires.saturating_duration_since(now),
+                });
+            }
+            state.remove_member(id);
+        }
+        state.members.insert(
+            id.clone(),
+            MemberState {
+                session: req.session.session.clone(),
+                weight: req.weight,
+                expires: now + req.ttl,
+                since: now,
+                held: BTreeSet::new(),
+                committed: 0,
+            },
+        );
+        state.version += 1;
+        let version = state.version;
+        inner.notify(group);
+        Ok(Registration::Registered { version })
+    }
+
+    async fn heartbeat(
+        &self,
+        group: &GroupKey,
+        session: &SessionRef,
+        ttl: Duration,
+    ) -> Result<HeartbeatReply, Error> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let Some(state) = inner.groups.get_mut(group) else {
+            return Ok(HeartbeatReply {
+                alive: false,
+                version: 0,
+                free: 0,
+            });
+        };
+        let purged = state.purge(now);
+        let alive = match state.live(session, now) {
+            Some(m) => {
+                m.expires = now + ttl;
+                true
+            }
+            None => false,
+        };
+        let reply = HeartbeatReply {
+            alive,
+            version: state.version,
+            free: u32::try_from(state.free.len()).unwrap_or(u32::MAX),
+        };
+        if purged {
+            inner.notify(group);
+        }
+        Ok(reply)
+    }
+
+    async fn rebalance(
+        &self,
+        group: &GroupKey,
+        session: &SessionRef,
+        max_take: u32,
+    ) -> Result<RebalanceReply, Error> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let now_us = inner.now_us(now);
+        let Some(state) = inner.groups.get_mut(group) else {
+            return Ok(lost_reply());
+        };
+        let purged = state.purge(now);
+        if state.live(session, now).is_none() {
+            if purged {
+                inner.notify(group);
+            }
+            return Ok(lost_reply());
+        }
+        let ids: Vec<&String> = state.members.keys().collect();
+        let me = ids
+            .iter()
+            .position(|id| **id == session.member)
+            .unwrap_or(0);
+        let loads: Vec<Load> = state
+            .members
+            .values()
+            .map(|m| Load {
+                weight: m.weight,
+                held: m.committed,
+            })
+            .collect();
+        let free = u32::try_from(state.free.len()).unwrap_or(u32::MAX);
+        let share = share::target_range(state.buckets, &loads, me);
+        let notify = purged;
+        let action = if now < state.grant_after {
+            Action::Wait(state.grant_after - now)
+        } else {
+            match share::step(state.buckets, &loads, me, free) {
+                share::Step::Stay => Action::Stay,
+                share::Step::Release(k) => {
+                    if let Some(m) = state.members.get_mut(&session.member) {
+                        m.committed -= k;
+                    }
+                    Action::Release(k)
+                }
+                share::Step::Take(k) => {
+                    let k = k.min(max_take.max(1));
+                    let token = now_us.max(state.last_token + 1);
+                    state.last_token = token;
+                    let mut taken = Vec::with_capacity(k as usize);
+                    for _ in 0..k {
+                        let Some(b) = state.free.pop_first() else {
+                            break;
+                        };
+                        state.owners[b as usize] = Some((session.member.clone(), token));
+                        taken.push(b);
+                    }
+                    if let Some(m) = state.members.get_mut(&session.member) {
+                        m.held.extend(taken.iter().copied());
+                        m.committed += u32::try_from(taken.len()).unwrap_or(0);
+                    }
+                    Action::Acquired {
+                        buckets: taken,
+                        token,
+                    }
+                }
+            }
+        };
+        let reply = RebalanceReply {
+            action,
+            share,
+            version: state.version,
+            free: u32::try_from(state.free.len()).unwrap_or(u32::MAX),
+        };
+        if notify {
+            inner.notify(group);
+        }
+        Ok(reply)
+    }
+
+    async fn release(
+        &self,
+        group: &GroupKey,
+        session: &SessionRef,
+        buckets: &[u32],
+    ) -> Result<u32, Error> {
+        let mut inner = self.lock();
+        let Some(state) = inner.groups.get_mut(group) else {
+            return Ok(0);
+        };
+        let Some(m) = state.members.get_mut(&session.member) else {
+            return Ok(0);
+        };
+        if m.session != session.session {
+            return Ok(0);
+        }
+        let mut freed = Vec::new();
+        for &b in buckets {
+            if m.held.remove(&b) {
+                freed.push(b);
+            }
+        }
+        m.committed = m
+            .committed
+            .min(u32::try_from(m.held.len()).unwrap_or(u32::MAX));
+        for &b in &freed {
+            state.owners[b as usize] = None;
+            state.free.insert(b);
+        }
+        if !freed.is_empty() {
+            inner.notify(group);
+        }
+        Ok(u32::try_from(freed.len()).unwrap_or(u32::MAX))
+    }
+
+    async fn deregister(&self, group: &GroupKey, session: &SessionRef) -> Result<(), Error> {
+        let mut inner = self.lock();
+        let Some(state) = inner.groups.get_mut(group) else {
+            return Ok(());
+        };
+        let ours = state
+            .members
+            .get(&session.member)
+            .is_some_and(|m| m.session == session.session);
+        if ours && state.remove_member(&session.member) {
+            inner.notify(group);
+        }
+        Ok(())
+    }
+
+    async fn snapshot(&self, group: &GroupKey) -> Result<Option<GroupSnapshot>, Error> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let Some(state) = inner.groups.get_mut(group) else {
+            return Ok(None);
+        };
+        if state.purge(now) {
+            inner.notify(group);
+        }
+        let Some(state) = inner.groups.get(group) else {
+            return Ok(None);
+        };
+        let members = state
+            .members
+            .iter()
+            .map(|(id, m)| MemberInfo {
+                id: id.clone(),
+                session: m.session.clone(),
+                weight: m.weight,
+                held: u32::try_from(m.held.len()).unwrap_or(u32::MAX),
+                committed: m.committed,
+                expires_in: m.expires.saturating_duration_since(now),
+                session_age: now.saturating_duration_since(m.since),
+            })
+            .collect();
+        let owners = state
+            .owners
+            .iter()
+            .map(|o| {
+                o.as_ref().map(|(member, token)| Owner {
+                    member: member.clone(),
+                    token: *token,
+                })
+            })
+            .collect();
+        Ok(Some(GroupSnapshot {
+            buckets: state.buckets,
+            protocol: PROTOCOL_VERSION,
+            version: state.version,
+            members,
+            owners,
+            quarantine: state.grant_after.saturating_duration_since(now),
+        }))
+    }
+
+    async fn subscribe(&self, group: &GroupKey) -> Result<Notifications, Error> {
+        let mut inner = self.lock();
+        let rx = inner
+            .channels
+            .entry(group.clone())
+            .or_insert_with(|| broadcast::channel(64).0)
+            .subscribe();
+        Ok(Notifications::new(futures_util::stream::unfold(
+            rx,
+            |mut rx| async move {
+                match rx.recv().await {
+                    Ok(()) | Err(broadcast::error::RecvError::Lagged(_)) => Some(((), rx)),
+                    Err(broadcast::error::RecvError::Closed) => None,
+                }
+            },
+        )))
+    }
+}
+
+fn lost_reply() -> RebalanceReply {
+    RebalanceReply {
+        action: Action::SessionLost,
+        share: (0, 0),
+        version: 0,
+        free: 0,
+    }
+}

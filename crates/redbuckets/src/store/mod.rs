@@ -1,0 +1,302 @@
+//! The store trait: the protocol a member speaks with the shared state, one atomic step per call.
+//!
+//! Two implementations ship: [`crate::RedisStore`] (Lua scripts on Redis) and
+//! [`crate::MemoryStore`] (the same semantics in-process). Both keep, per group: its parameters,
+//! the live sessions with their server-side expiry, each member's *committed* holdings, each
+//! bucket's owner record (member, token), the set of free buckets, and a group-wide token clock.
+//!
+//! # What every implementation must guarantee
+//! - **Server time only.** Session expiry and tokens come from the store's own clock.
+//! - **Atomic steps.** Each call runs as one indivisible step against the group's state.
+//! - **Idempotence.** A call that timed out may have run; running it again must be harmless
+//!   (every call is keyed by member id and session nonce).
+//! - **Tokens** for a bucket strictly increase, also after the store lost its data: a token is
+//!   `max(server time in µs, last token + 1)`, and a group that is (re)created grants nothing
+//!   during its first ttl, so any member still holding leases from before the loss has passed its
+//!   local deadline (S3) before the buckets can be granted again.
+//! - **Purge.** Expired sessions are removed, with their buckets freed, by any call that touches
+//!   the group (C2).
+//! - **Push.** Whenever buckets are freed or membership changes, subscribers are notified.
+
+pub(crate) mod memory;
+pub(crate) mod redis;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+
+use crate::error::Error;
+
+/// Identifies a group in a store: a key prefix and a name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct GroupKey {
+    /// Key prefix (default `red-buckets`).
+    pub prefix: String,
+    /// Group name.
+    pub name: String,
+}
+
+impl GroupKey {
+    /// A group key from a prefix and a name.
+    #[must_use]
+    pub fn new(prefix: impl Into<String>, name: impl Into<String>) -> Self {
+        GroupKey {
+            prefix: prefix.into(),
+            name: name.into(),
+        }
+    }
+
+    /// The Redis hash tag that keeps all keys of the group on one cluster slot.
+    #[must_use]
+    pub fn tag(&self) -> String {
+        format!("{{{}:{}}}", self.prefix, self.name)
+    }
+}
+
+/// One member's session in a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRef {
+    /// Member id.
+    pub member: String,
+    /// Session nonce, fresh per registration.
+    pub session: String,
+}
+
+/// Request to join a group with a new session.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RegisterRequest {
+    /// Member id and new session nonce.
+    pub session: SessionRef,
+    /// Weight of the member.
+    pub weight: u32,
+    /// Bucket count the member expects; must match the group's if it exists.
+    pub buckets: u32,
+    /// Session ttl.
+    pub ttl: Duration,
+    /// A previous session nonce of this same member that may be replaced even if it still looks
+    /// alive (the member already gave up its leases locally).
+    pub replaces: Option<String>,
+}
+
+impl RegisterRequest {
+    /// A registration request.
+    #[must_use]
+    pub fn new(session: SessionRef, weight: u32, buckets: u32, ttl: Duration) -> Self {
+        RegisterRequest {
+            session,
+            weight,
+            buckets,
+            ttl,
+            replaces: None,
+        }
+    }
+}
+
+/// Outcome of a registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Registration {
+    /// The session is live; `version` is the group's membership version.
+    Registered {
+        /// Membership version after the join.
+        version: u64,
+    },
+    /// Another live session holds this member id; it expires in `expires_in` unless renewed.
+    InUse {
+        /// Remaining lifetime of the other session.
+        expires_in: Duration,
+    },
+}
+
+/// Reply to a heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HeartbeatReply {
+    /// False when the session is unknown or expired: every lease of it is gone.
+    pub alive: bool,
+    /// Membership version; a change means shares may have changed.
+    pub version: u64,
+    /// Free buckets in the group.
+    pub free: u32,
+}
+
+/// What a rebalance step did for the calling member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Action {
+    /// These buckets were granted, all with `token`.
+    Acquired {
+        /// The buckets, now owned by the session.
+        buckets: Vec<u32>,
+        /// Fencing token of this grant.
+        token: u64,
+    },
+    /// The member must give up this many buckets. The store already counts them as gone from
+    /// the member's share; the member picks which, drains them and calls `release`.
+    Release(u32),
+    /// The member holds its share.
+    Stay,
+    /// The group grants nothing for this long (it was just created or recreated after data loss).
+    Wait(Duration),
+    /// The session is unknown or expired.
+    SessionLost,
+}
+
+/// Reply to a rebalance step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RebalanceReply {
+    /// What the step did.
+    pub action: Action,
+    /// The member's share: `(min, max)` it converges to.
+    pub share: (u32, u32),
+    /// Membership version.
+    pub version: u64,
+    /// Free buckets after the step.
+    pub free: u32,
+}
+
+/// The owner record of a bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    /// Member id.
+    pub member: String,
+    /// Fencing token of the grant.
+    pub token: u64,
+}
+
+/// One live member as the store holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MemberInfo {
+    /// Member id.
+    pub id: String,
+    /// Session nonce.
+    pub session: String,
+    /// Weight.
+    pub weight: u32,
+    /// Owner records naming this member.
+    pub held: u32,
+    /// Holdings minus buckets committed for release.
+    pub committed: u32,
+    /// Time until the session expires without a heartbeat.
+    pub expires_in: Duration,
+    /// Time since the session registered.
+    pub session_age: Duration,
+}
+
+/// The whole state of a group, for status tools and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GroupSnapshot {
+    /// Bucket count.
+    pub buckets: u32,
+    /// Protocol version stored with the group.
+    pub protocol: u32,
+    /// Membership version.
+    pub version: u64,
+    /// Live members, sorted by id.
+    pub members: Vec<MemberInfo>,
+    /// Owner of each bucket, `None` when free.
+    pub owners: Vec<Option<Owner>>,
+    /// Time left during which the group grants nothing.
+    pub quarantine: Duration,
+}
+
+impl GroupSnapshot {
+    /// Number of buckets without an owner.
+    #[must_use]
+    pub fn free(&self) -> usize {
+        self.owners.iter().filter(|o| o.is_none()).count()
+    }
+}
+
+/// A stream of "something changed in the group" notices. When it ends, the subscription broke
+/// and notices may have been missed: the member resynchronises and subscribes again.
+pub struct Notifications {
+    inner: Pin<Box<dyn Stream<Item = ()> + Send>>,
+}
+
+impl Notifications {
+    /// Wraps any stream of notices.
+    pub fn new(stream: impl Stream<Item = ()> + Send + 'static) -> Self {
+        Notifications {
+            inner: Box::pin(stream),
+        }
+    }
+
+    /// The next notice, or `None` when the subscription ended.
+    pub async fn next(&mut self) -> Option<()> {
+        self.inner.next().await
+    }
+}
+
+impl std::fmt::Debug for Notifications {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Notifications")
+    }
+}
+
+/// The protocol a member speaks with its store. Each call is one atomic step.
+///
+/// Errors: any `Err` means "the outcome is unknown" — the call may or may not have run. The member
+/// treats a failed heartbeat as not renewing its leases (S3), retries idempotent calls, and never
+/// claims a bucket it has not seen granted.
+pub trait Store: Clone + Send + Sync + 'static {
+    /// Joins `group` with a new session, creating the group if needed. Fails with
+    /// [`Error::GroupMismatch`] when the group's bucket count differs.
+    fn register(
+        &self,
+        group: &GroupKey,
+        req: &RegisterRequest,
+    ) -> impl Future<Output = Result<Registration, Error>> + Send;
+
+    /// Renews the session for one more ttl and purges expired sessions.
+    /// `Ok(alive: false)` means every lease of the session is gone.
+    fn heartbeat(
+        &self,
+        group: &GroupKey,
+        session: &SessionRef,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<HeartbeatReply, Error>> + Send;
+
+    /// Applies the share rule ([`crate::share::step`]) for the session: takes up to `max_take`
+    /// free buckets, or commits a number of buckets to release.
+    fn rebalance(
+        &self,
+        group: &GroupKey,
+        session: &SessionRef,
+        max_take: u32,
+    ) -> impl Future<Output = Result<RebalanceReply, Error>> + Send;
+
+    /// Frees the given buckets if the session owns them; returns how many it freed.
+    /// Buckets released beyond the committed surplus lower the member's count too.
+    fn release(
+        &self,
+        group: &GroupKey,
+        session: &SessionRef,
+        buckets: &[u32],
+    ) -> impl Future<Output = Result<u32, Error>> + Send;
+
+    /// Ends the session: frees whatever it still owns and removes it from the group.
+    fn deregister(
+        &self,
+        group: &GroupKey,
+        session: &SessionRef,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Reads the whole group, or `None` if it does not exist.
+    fn snapshot(
+        &self,
+        group: &GroupKey,
+    ) -> impl Future<Output = Result<Option<GroupSnapshot>, Error>> + Send;
+
+    /// Subscribes to the group's change notices.
+    fn subscribe(
+        &self,
+        group: &GroupKey,
+    ) -> impl Future<Output = Result<Notifications, Error>> + Send;
+}

@@ -1,0 +1,1 @@
+//! `RedisStore`: the store protocol as Lua scripts on Redis. (Being written.)
