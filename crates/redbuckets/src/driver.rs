@@ -1,0 +1,652 @@
+//! The member's task: heartbeats, rebalancing, drains, the local deadline, and the graceful leave.
+//!
+//! One loop, one store call at a time. Every call is cut off at the local lease deadline, so the
+//! deadline (S3) is honoured even while the store hangs: the loop gives everything up the moment
+//! it passes, before the store could expire the session and grant the buckets to anyone else.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::event::{Event, LostReason};
+use crate::member::{ErrorHook, Held, Shared};
+use crate::store::{
+    Action, GroupKey, Notifications, RegisterRequest, Registration, SessionRef, Store,
+};
+
+/// The most buckets one rebalance step takes; bounds the time a script runs.
+const MAX_TAKE: u32 = 4096;
+
+pub(crate) struct Driver<S> {
+    store: S,
+    config: Arc<Config>,
+    group: GroupKey,
+    shared: Arc<Shared>,
+    on_error: Option<ErrorHook>,
+    graceful: CancellationToken,
+    abort: CancellationToken,
+
+    /// The live session, `None` while (re-)registering.
+    session: Option<SessionRef>,
+    /// Nonce of the next registration; kept across retries so a registration that timed out but
+    /// ran is found again instead of blocking its own id.
+    pending_nonce: String,
+    /// Our previous session, which a new registration may replace.
+    previous_nonce: Option<String>,
+    valid_until: Option<Instant>,
+    next_heartbeat: Instant,
+    want_rebalance: bool,
+    rebalance_at: Instant,
+    release_retry_at: Instant,
+    seen_version: u64,
+    notifications: Option<Notifications>,
+    resubscribe_at: Instant,
+}
+
+fn new_nonce() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+impl<S: Store> Driver<S> {
+    pub(crate) fn new(
+        store: S,
+        config: Arc<Config>,
+        shared: Arc<Shared>,
+        on_error: Option<ErrorHook>,
+        graceful: CancellationToken,
+        abort: CancellationToken,
+    ) -> Self {
+        let now = Instant::now();
+        Driver {
+            store,
+            group: GroupKey::new(config.prefix.clone(), config.group.clone()),
+            config,
+            shared,
+            on_error,
+            graceful,
+            abort,
+            session: None,
+            pending_nonce: new_nonce(),
+            previous_nonce: None,
+            valid_until: None,
+            next_heartbeat: now,
+            want_rebalance: true,
+            rebalance_at: now,
+            release_retry_at: now,
+            seen_version: 0,
+            notifications: None,
+            resubscribe_at: now,
+        }
+    }
+
+    /// The first registration, done before `start` returns so configuration and connection
+    /// errors reach the caller. Waits out another live session of the same id for up to two ttls.
+    pub(crate) async fn join(&mut self) -> Result<(), Error> {
+        self.subscribe().await;
+        let give_up = Instant::now() + self.config.ttl * 2;
+        loop {
+            match self.register().await? {
+                None => return Ok(()),
+                Some(expires_in) => {
+                    let err = Error::IdInUse {
+                        group: self.config.group.clone(),
+                        member: self.config.member_id.clone(),
+                        expires_in,
+                    };
+                    if Instant::now() + expires_in > give_up {
+                        return Err(err);
+                    }
+                    self.report(err);
+                    tokio::time::sleep(expires_in + Duration::from_millis(1)).await;
+                }
+            }
+        }
+    }
+
+    pub(crate) async fn run(mut self) -> Result<(), Error> {
+        loop {
+            let now = Instant::now();
+            if let Some(until) = self.valid_until {
+                if now >= until {
+                    self.lose(LostReason::Deadline, until);
+                }
+            }
+            if self.notifications.is_none() && now >= self.resubscribe_at {
+                self.subscribe().await;
+            }
+            if now >= self.next_heartbeat {
+                if self.session.is_some() {
+                    self.heartbeat().await;
+                } else {
+                    self.reregister().await;
+                }
+            }
+            self.release_drained().await;
+            if self.session.is_some() && self.want_rebalance && Instant::now() >= self.rebalance_at
+            {
+                self.rebalance().await;
+            }
+
+            let wake = self.next_wake();
+            let dropped = Arc::clone(&self.shared.dropped);
+            tokio::select! {
+                biased;
+                () = self.abort.cancelled() => {
+                    self.drop_local();
+                    return Ok(());
+                }
+                () = self.graceful.cancelled() => return self.leave().await,
+                notice = next_notice(&mut self.notifications) => {
+                    self.want_rebalance = true;
+                    self.rebalance_at = self.rebalance_at.min(Instant::now());
+                    if notice.is_none() {
+                        // The subscription broke: notices may be lost, so resync and resubscribe.
+                        tracing::debug!("notification stream ended; resubscribing");
+                        self.notifications = None;
+                        self.resubscribe_at = Instant::now() + self.retry_delay();
+                    }
+                }
+                () = dropped.notified() => {}
+                () = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    fn next_wake(&self) -> Instant {
+        let mut wake = self.next_heartbeat;
+        if let Some(until) = self.valid_until {
+            wake = wake.min(until);
+        }
+        if self.session.is_some() && self.want_rebalance {
+            wake = wake.min(self.rebalance_at);
+        }
+        if self.notifications.is_none() {
+            wake = wake.min(self.resubscribe_at);
+        }
+        let local = self.shared.lock();
+        for held in local.held.values() {
+            if held.revoked_at.is_some() {
+                let at = if held.guard.strong_count() == 0 {
+                    self.release_retry_at
+                } else {
+                    held.drain_until.max(self.release_retry_at)
+                };
+                wake = wake.min(at);
+            }
+        }
+        wake
+    }
+
+    fn retry_delay(&self) -> Duration {
+        (self.config.heartbeat / 4).max(Duration::from_millis(5))
+    }
+
+    /// The deadline of a store call starting now: the call timeout, and never past the local
+    /// lease deadline.
+    fn call_deadline(&self) -> Instant {
+        let now = Instant::now();
+        let deadline = now + self.config.call_timeout;
+        match self.valid_until {
+            Some(until) => deadline.min(until.max(now)),
+            None => deadline,
+        }
+    }
+
+    fn report(&self, error: Error) {
+        tracing::warn!(error = %error, "redbuckets error");
+        {
+            let mut local = self.shared.lock();
+            local.errors += 1;
+            local.last_error = Some(error.to_string());
+        }
+        if let Some(hook) = &self.on_error {
+            hook(&error);
+        }
+    }
+
+    fn emit(&self, event: Event) {
+        tracing::debug!(?event, "ownership change");
+        // No receiver is fine: events are for whoever listens.
+        let _ = self.shared.events.send(event);
+    }
+
+    /// Extends the local lease deadline after a successful heartbeat sent at `sent`.
+    fn extend(&mut self, sent: Instant) {
+        let until = sent + self.config.lease_validity();
+        let until = self.valid_until.map_or(until, |old| old.max(until));
+        self.valid_until = Some(until);
+        {
+            let mut local = self.shared.lock();
+            local.valid_until = Some(until);
+            local.last_heartbeat = Some(sent);
+        }
+        self.shared.valid_until.send_replace(Some(until));
+    }
+
+    async fn subscribe(&mut self) {
+        match call(
+            &self.abort,
+            self.call_deadline(),
+            "subscribe",
+            self.store.subscribe(&self.group),
+        )
+        .await
+        {
+            Ok(notifications) => self.notifications = Some(notifications),
+            Err(e) => {
+                self.report(e);
+                self.resubscribe_at = Instant::now() + self.config.heartbeat;
+            }
+        }
+    }
+
+    /// One registration attempt: `Ok(None)` when registered, `Ok(Some(expires_in))` when another
+    /// live session holds the id.
+    async fn register(&mut self) -> Result<Option<Duration>, Error> {
+        let session = SessionRef {
+            member: self.config.member_id.clone(),
+            session: self.pending_nonce.clone(),
+        };
+        let mut req = RegisterRequest::new(
+            session.clone(),
+            self.config.weight,
+            self.config.buckets,
+            self.config.ttl,
+        );
+        req.replaces = self.previous_nonce.clone();
+        let sent = Instant::now();
+        match call(
+            &self.abort,
+            self.call_deadline(),
+            "register",
+            self.store.register(&self.group, &req),
+        )
+        .await?
+        {
+            Registration::Registered { version } => {
+                tracing::info!(session = %session.session, "registered");
+                self.shared.lock().session = Some(session.session.clone());
+                self.session = Some(session);
+                self.pending_nonce = new_nonce();
+                self.extend(sent);
+                self.seen_version = version;
+                self.shared.lock().version = version;
+                self.want_rebalance = true;
+                self.rebalance_at = Instant::now();
+                self.next_heartbeat = sent + self.config.heartbeat;
+                Ok(None)
+            }
+            Registration::InUse { expires_in } => Ok(Some(expires_in)),
+        }
+    }
+
+    /// Registration after a lost session, from the loop: errors are reported and retried.
+    async fn reregister(&mut self) {
+        match self.register().await {
+            Ok(None) => {}
+            Ok(Some(expires_in)) => {
+                self.report(Error::IdInUse {
+                    group: self.config.group.clone(),
+                    member: self.config.member_id.clone(),
+                    expires_in,
+                });
+                self.next_heartbeat = Instant::now()
+                    + expires_in.min(self.config.heartbeat)
+                    + Duration::from_millis(1);
+            }
+            Err(e) => {
+                self.report(e);
+                self.next_heartbeat = Instant::now() + self.retry_delay();
+            }
+        }
+    }
+
+    async fn heartbeat(&mut self) {
+        let Some(session) = self.session.clone() else {
+            return;
+        };
+        let sent = Instant::now();
+        let result = call(
+            &self.abort,
+            self.call_deadline(),
+            "heartbeat",
+            self.store.heartbeat(&self.group, &session, self.config.ttl),
+        )
+        .await;
+        match result {
+            Ok(reply) if reply.alive => {
+                self.extend(sent);
+                self.next_heartbeat = sent + self.config.heartbeat;
+                if reply.version != self.seen_version || reply.free > 0 {
+                    self.want_rebalance = true;
+                }
+                self.seen_version = reply.version;
+                self.shared.lock().version = reply.version;
+            }
+            Ok(_) => {
+                tracing::warn!("the store no longer knows our session");
+                let now = Instant::now();
+                self.lose(LostReason::SessionExpired, now);
+                self.next_heartbeat = now;
+            }
+            Err(e) => {
+                self.report(e);
+                self.next_heartbeat = Instant::now() + self.retry_delay();
+            }
+        }
+    }
+
+    async fn rebalance(&mut self) {
+        let Some(session) = self.session.clone() else {
+            return;
+        };
+        let result = call(
+            &self.abort,
+            self.call_deadline(),
+            "rebalance",
+            self.store.rebalance(&self.group, &session, MAX_TAKE),
+        )
+        .await;
+        let reply = match result {
+            Ok(reply) => reply,
+            Err(e) => {
+                self.report(e);
+                self.rebalance_at = Instant::now() + self.retry_delay();
+                return;
+            }
+        };
+        {
+            let mut local = self.shared.lock();
+            local.share = reply.share;
+            local.version = reply.version;
+        }
+        let now = Instant::now();
+        match reply.action {
+            Action::Acquired { buckets, token } => {
+                if self.valid_until.is_none_or(|until| now >= until) {
+                    // The grant came back after our deadline: the session may be gone already.
+                    // Claim nothing; a new session frees these buckets when it replaces this one.
+                    let until = self.valid_until.unwrap_or(now);
+                    self.lose(LostReason::Deadline, until);
+                    return;
+                }
+                // Keep stepping: the next call answers Stay once the share is reached.
+                self.want_rebalance = !buckets.is_empty();
+                let mut local = self.shared.lock();
+                for &bucket in &buckets {
+                    local.held.insert(
+                        bucket,
+                        Held {
+                            token,
+                            cancel: CancellationToken::new(),
+                            guard: std::sync::Weak::new(),
+                            revoked_at: None,
+                            drain_until: now,
+                        },
+                    );
+                }
+                drop(local);
+                for bucket in buckets {
+                    self.emit(Event::Acquired {
+                        bucket,
+                        token,
+                        at: now,
+                    });
+                }
+            }
+            Action::Release(count) => {
+                self.want_rebalance = false;
+                self.revoke(Some(count as usize), now + self.config.drain_timeout);
+            }
+            Action::Stay => self.want_rebalance = false,
+            Action::Wait(wait) => self.rebalance_at = now + wait,
+            Action::SessionLost => {
+                self.lose(LostReason::SessionExpired, now);
+                self.next_heartbeat = now;
+            }
+        }
+    }
+
+    /// Revokes `count` owned buckets (all if `None`): the most recently granted first.
+    fn revoke(&mut self, count: Option<usize>, drain_until: Instant) {
+        let now = Instant::now();
+        let mut revoked = Vec::new();
+        {
+            let mut local = self.shared.lock();
+            let mut active: Vec<(u64, u32)> = local
+                .held
+                .iter()
+                .filter(|(_, h)| h.revoked_at.is_none())
+                .map(|(b, h)| (h.token, *b))
+                .collect();
+            active.sort_unstable_by(|a, b| b.cmp(a));
+            let count = count.unwrap_or(active.len());
+            for (token, bucket) in active.into_iter().take(count) {
+                if let Some(held) = local.held.get_mut(&bucket) {
+                    held.revoked_at = Some(now);
+                    held.drain_until = drain_until;
+                    held.cancel.cancel();
+                    revoked.push((bucket, token));
+                }
+            }
+        }
+        for (bucket, token) in revoked {
+            self.emit(Event::Revoked {
+                bucket,
+                token,
+                at: now,
+            });
+        }
+    }
+
+    /// Releases revoked buckets whose handles are gone or whose drain time is over.
+    async fn release_drained(&mut self) {
+        let now = Instant::now();
+        if now < self.release_retry_at {
+            return;
+        }
+        let Some(session) = self.session.clone() else {
+            return;
+        };
+        let ready: Vec<(u32, u64)> = {
+            let local = self.shared.lock();
+            local
+                .held
+                .iter()
+                .filter(|(_, h)| {
+                    h.revoked_at.is_some() && (h.guard.strong_count() == 0 || now >= h.drain_until)
+                })
+                .map(|(b, h)| (*b, h.token))
+                .collect()
+        };
+        if ready.is_empty() {
+            return;
+        }
+        let buckets: Vec<u32> = ready.iter().map(|(b, _)| *b).collect();
+        match call(
+            &self.abort,
+            self.call_deadline(),
+            "release",
+            self.store.release(&self.group, &session, &buckets),
+        )
+        .await
+        {
+            Ok(_) => {
+                let at = Instant::now();
+                {
+                    let mut local = self.shared.lock();
+                    for b in &buckets {
+                        local.held.remove(b);
+                    }
+                }
+                for (bucket, token) in ready {
+                    self.emit(Event::Released { bucket, token, at });
+                }
+            }
+            Err(e) => {
+                self.report(e);
+                self.release_retry_at = Instant::now() + self.retry_delay();
+            }
+        }
+    }
+
+    /// Gives up every lease at `at` without the store: the deadline passed or the session is gone.
+    fn lose(&mut self, reason: LostReason, at: Instant) {
+        let lost: Vec<(u32, u64, bool)> = {
+            let mut local = self.shared.lock();
+            let held = std::mem::take(&mut local.held);
+            local.session = None;
+            local.valid_until = None;
+            held.into_iter()
+                .map(|(bucket, h)| {
+                    h.cancel.cancel();
+                    (bucket, h.token, h.revoked_at.is_none())
+                })
+                .collect()
+        };
+        self.shared.valid_until.send_replace(None);
+        self.valid_until = None;
+        if let Some(session) = self.session.take() {
+            tracing::warn!(%reason, buckets = lost.len(), "lost the session");
+            self.previous_nonce = Some(session.session);
+        }
+        for (bucket, token, owned) in lost {
+            // A revoked bucket already ended its ownership with `Revoked`.
+            if owned {
+                self.emit(Event::Lost {
+                    bucket,
+                    token,
+                    reason,
+                    at,
+                });
+            }
+        }
+        self.want_rebalance = true;
+    }
+
+    /// On abort: cancel every handle, tell nobody (it is a crash from the group's view).
+    fn drop_local(&mut self) {
+        let mut local = self.shared.lock();
+        for held in local.held.values() {
+            held.cancel.cancel();
+        }
+        local.held.clear();
+        local.valid_until = None;
+        local.session = None;
+        drop(local);
+        self.shared.valid_until.send_replace(None);
+    }
+
+    /// The graceful leave: revoke all, drain, release, deregister, within the shutdown timeout.
+    async fn leave(mut self) -> Result<(), Error> {
+        let now = Instant::now();
+        let give_up = now + self.config.shutdown_timeout;
+        let Some(session) = self.session.clone() else {
+            self.drop_local();
+            return Ok(());
+        };
+        let mut drain_until = (now + self.config.drain_timeout).min(give_up);
+        if let Some(until) = self.valid_until {
+            drain_until = drain_until.min(until);
+        }
+        self.revoke(None, drain_until);
+        let dropped = Arc::clone(&self.shared.dropped);
+        loop {
+            let waiting = {
+                let local = self.shared.lock();
+                local.held.values().any(|h| h.guard.strong_count() > 0)
+            };
+            if !waiting || Instant::now() >= drain_until {
+                break;
+            }
+            tokio::select! {
+                () = self.abort.cancelled() => {
+                    self.drop_local();
+                    return Ok(());
+                }
+                () = dropped.notified() => {}
+                () = tokio::time::sleep_until(drain_until) => {}
+            }
+        }
+        let mut first_error = None;
+        let held: Vec<(u32, u64)> = {
+            let local = self.shared.lock();
+            local.held.iter().map(|(b, h)| (*b, h.token)).collect()
+        };
+        if !held.is_empty() {
+            let buckets: Vec<u32> = held.iter().map(|(b, _)| *b).collect();
+            let remaining = give_up.saturating_duration_since(Instant::now());
+            let call = self.store.release(&self.group, &session, &buckets);
+            match tokio::time::timeout(remaining, call).await {
+                Ok(Ok(_)) => {
+                    let at = Instant::now();
+                    for (bucket, token) in held {
+                        self.emit(Event::Released { bucket, token, at });
+                    }
+                }
+                Ok(Err(e)) => first_error = Some(e),
+                Err(_) => {
+                    first_error = Some(Error::Timeout {
+                        call: "release",
+                        after: remaining,
+                    })
+                }
+            }
+        }
+        let remaining = give_up.saturating_duration_since(Instant::now());
+        let call = self.store.deregister(&self.group, &session);
+        match tokio::time::timeout(remaining.max(Duration::from_millis(1)), call).await {
+            Ok(Ok(())) => tracing::info!("left the group"),
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(_) => {
+                first_error.get_or_insert(Error::Timeout {
+                    call: "deregister",
+                    after: remaining,
+                });
+            }
+        }
+        self.drop_local();
+        match first_error {
+            Some(e) => {
+                self.report(Error::Unavailable {
+                    detail: format!("graceful leave incomplete: {e}"),
+                });
+                Err(e)
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+/// Runs one store call until `deadline`; an abort interrupts it. A free function so the driver's
+/// futures borrow single fields, not the whole (non-`Sync`) driver.
+async fn call<T>(
+    abort: &CancellationToken,
+    deadline: Instant,
+    name: &'static str,
+    fut: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    let started = Instant::now();
+    tokio::select! {
+        biased;
+        () = abort.cancelled() => Err(Error::Shutdown),
+        result = tokio::time::timeout_at(deadline, fut) => match result {
+            Ok(result) => result,
+            Err(_) => Err(Error::Timeout { call: name, after: deadline.saturating_duration_since(started) }),
+        }
+    }
+}
+
+async fn next_notice(notifications: &mut Option<Notifications>) -> Option<()> {
+    match notifications {
+        Some(n) => n.next().await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,202 @@
+//! Ownership events and the per-bucket lease handle the user holds while working on a bucket.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Why a member lost its buckets without releasing them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LostReason {
+    /// No heartbeat succeeded in time: the local lease deadline passed (S3).
+    Deadline,
+    /// The store no longer knows the session (it expired there, or the store lost its data).
+    SessionExpired,
+}
+
+impl std::fmt::Display for LostReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LostReason::Deadline => "no heartbeat succeeded before the lease deadline",
+            LostReason::SessionExpired => "the store no longer knows the session",
+        })
+    }
+}
+
+/// A change of ownership seen by one member. `at` is tokio's clock; [`Event::at_system`] turns it
+/// into wall-clock time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// The member owns `bucket` from `at` on, with fencing token `token`.
+    Acquired {
+        /// Bucket id.
+        bucket: u32,
+        /// Fencing token; larger than every earlier grant of the bucket.
+        token: u64,
+        /// When the grant was seen (ownership begins).
+        at: Instant,
+    },
+    /// The member gave the bucket up: from `at` on it no longer owns it; its lease handles are
+    /// cancelled and it will release the bucket once they are dropped or the drain time is over.
+    Revoked {
+        /// Bucket id.
+        bucket: u32,
+        /// Token of the grant that ended.
+        token: u64,
+        /// When ownership ended.
+        at: Instant,
+    },
+    /// The store freed the bucket for others.
+    Released {
+        /// Bucket id.
+        bucket: u32,
+        /// Token of the grant that ended.
+        token: u64,
+        /// When the release was confirmed.
+        at: Instant,
+    },
+    /// The member lost the bucket without releasing it. `at` is the local deadline at which the
+    /// lease stopped being valid, which can be earlier than the moment the event is delivered.
+    Lost {
+        /// Bucket id.
+        bucket: u32,
+        /// Token of the grant that ended.
+        token: u64,
+        /// Why.
+        reason: LostReason,
+        /// When ownership ended.
+        at: Instant,
+    },
+}
+
+impl Event {
+    /// The bucket the event is about.
+    #[must_use]
+    pub fn bucket(&self) -> u32 {
+        match self {
+            Event::Acquired { bucket, .. }
+            | Event::Revoked { bucket, .. }
+            | Event::Released { bucket, .. }
+            | Event::Lost { bucket, .. } => *bucket,
+        }
+    }
+
+    /// The token of the grant the event is about.
+    #[must_use]
+    pub fn token(&self) -> u64 {
+        match self {
+            Event::Acquired { token, .. }
+            | Event::Revoked { token, .. }
+            | Event::Released { token, .. }
+            | Event::Lost { token, .. } => *token,
+        }
+    }
+
+    /// When ownership began (`Acquired`) or ended (the others).
+    #[must_use]
+    pub fn at(&self) -> Instant {
+        match self {
+            Event::Acquired { at, .. }
+            | Event::Revoked { at, .. }
+            | Event::Released { at, .. }
+            | Event::Lost { at, .. } => *at,
+        }
+    }
+
+    /// [`Event::at`] as wall-clock time.
+    #[must_use]
+    pub fn at_system(&self) -> SystemTime {
+        instant_to_system(self.at())
+    }
+}
+
+/// Converts a tokio instant to wall-clock time, through the present.
+#[must_use]
+pub fn instant_to_system(at: Instant) -> SystemTime {
+    let now = Instant::now();
+    let wall = SystemTime::now();
+    if at <= now {
+        wall.checked_sub(now - at).unwrap_or(wall)
+    } else {
+        wall.checked_add(at - now).unwrap_or(wall)
+    }
+}
+
+/// A handle on one owned bucket: its token, and a cancellation to `select!` on.
+///
+/// Ownership ends when the member revokes the bucket (rebalance, shutdown) or loses it (its local
+/// deadline passed). [`Lease::cancelled`] completes at that moment even if the member's own task
+/// is stuck, because it also watches the deadline itself. While a revoked bucket has live handles,
+/// the member waits (up to the drain time) before releasing it: drop the handle when done.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub(crate) bucket: u32,
+    pub(crate) token: u64,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) valid_until: watch::Receiver<Option<Instant>>,
+    pub(crate) _guard: Arc<LeaseGuard>,
+}
+
+/// Tells the member when the last handle of a bucket is dropped.
+#[derive(Debug)]
+pub(crate) struct LeaseGuard {
+    pub(crate) dropped: Arc<Notify>,
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        self.dropped.notify_one();
+    }
+}
+
+impl Lease {
+    /// The bucket.
+    #[must_use]
+    pub fn bucket(&self) -> u32 {
+        self.bucket
+    }
+
+    /// The fencing token of this grant; pass it to downstream stores so they can refuse writes
+    /// from an older owner.
+    #[must_use]
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// True while the bucket is still owned: not revoked and before the local deadline.
+    #[must_use]
+    pub fn is_valid(&self) -> bool {
+        !self.cancel.is_cancelled() && self.remaining().is_some_and(|d| !d.is_zero())
+    }
+
+    /// Time left until the local lease deadline, if the member has one.
+    #[must_use]
+    pub fn remaining(&self) -> Option<Duration> {
+        (*self.valid_until.borrow()).map(|until| until.saturating_duration_since(Instant::now()))
+    }
+
+    /// Completes when ownership ends: revoked, lost, or the local deadline passed.
+    pub async fn cancelled(&self) {
+        let mut valid_until = self.valid_until.clone();
+        loop {
+            let until = *valid_until.borrow_and_update();
+            let Some(until) = until else { return };
+            if Instant::now() >= until || self.cancel.is_cancelled() {
+                return;
+            }
+            tokio::select! {
+                () = self.cancel.cancelled() => return,
+                () = tokio::time::sleep_until(until) => {}
+                changed = valid_until.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
