@@ -31,7 +31,8 @@ pub struct Config {
     pub ttl: Duration,
     /// Heartbeat period. Default 1 s.
     pub heartbeat: Duration,
-    /// Deadline of each store call. Default 3 s; less than the ttl.
+    /// Deadline of each store call. Default 3 s; capped at a third of the ttl, and a call never
+    /// runs past the local lease deadline.
     pub call_timeout: Duration,
     /// Graceful shutdown budget: drain, release everything, deregister. Default 10 s.
     pub shutdown_timeout: Duration,
@@ -113,14 +114,8 @@ impl Config {
                 format!("must be in [0.01, 0.5), got {}", self.max_clock_drift),
             ));
         }
-        if self.call_timeout.is_zero() || self.call_timeout >= self.ttl {
-            return Err(Error::config(
-                "call_timeout",
-                format!(
-                    "must be above zero and below the ttl ({:?}), got {:?}",
-                    self.ttl, self.call_timeout
-                ),
-            ));
+        if self.call_timeout.is_zero() {
+            return Err(Error::config("call_timeout", "must be above zero"));
         }
         if self.lease_validity().is_zero() {
             return Err(Error::config(
@@ -135,6 +130,12 @@ impl Config {
             return Err(Error::config("shutdown_timeout", "must be above zero"));
         }
         Ok(())
+    }
+
+    /// The deadline of one store call: the call timeout, capped at a third of the ttl.
+    #[must_use]
+    pub fn effective_call_timeout(&self) -> Duration {
+        self.call_timeout.min(self.ttl / 3)
     }
 
     /// How long after the *send* time of a successful heartbeat the member may still consider
@@ -214,9 +215,9 @@ mod tests {
                 "10ms",
             ),
             (
-                with(|c| c.call_timeout = Duration::from_secs(10)),
+                with(|c| c.call_timeout = Duration::ZERO),
                 "call_timeout",
-                "below the ttl",
+                "above zero",
             ),
             (with(|c| c.max_clock_drift = 0.0), "max_clock_drift", "0.01"),
             (

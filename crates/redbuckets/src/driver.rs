@@ -190,7 +190,7 @@ impl<S: Store> Driver<S> {
     /// lease deadline.
     fn call_deadline(&self) -> Instant {
         let now = Instant::now();
-        let deadline = now + self.config.call_timeout;
+        let deadline = now + self.config.effective_call_timeout();
         match self.valid_until {
             Some(until) => deadline.min(until.max(now)),
             None => deadline,

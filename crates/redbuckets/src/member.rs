@@ -65,7 +65,7 @@ impl<S: Store> MemberBuilder<S> {
         self.config.heartbeat = heartbeat;
         self
     }
-    /// Deadline of each store call. Default 3 s.
+    /// Deadline of each store call. Default 3 s, capped at a third of the ttl.
     pub fn call_timeout(mut self, timeout: Duration) -> Self {
         self.config.call_timeout = timeout;
         self
@@ -298,7 +298,7 @@ impl Member {
         let Some(task) = self.task.take() else {
             return Ok(());
         };
-        let budget = self.config.shutdown_timeout + self.config.call_timeout;
+        let budget = self.config.shutdown_timeout + self.config.effective_call_timeout();
         match tokio::time::timeout(budget, task).await {
             Ok(Ok(result)) => result,
             Ok(Err(join)) => Err(Error::Unavailable {

@@ -1,0 +1,445 @@
+//! Members on `MemoryStore`, on tokio's paused clock: join, leave, crash, session expiry, and a
+//! heartbeat failure that ends in `Lost` before the session could expire (S3).
+
+mod checker;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use checker::Timeline;
+use redbuckets::store::{
+    GroupKey, HeartbeatReply, Notifications, RebalanceReply, RegisterRequest, Registration,
+    SessionRef,
+};
+use redbuckets::{Error, Event, GroupSnapshot, LostReason, Member, MemoryStore, Store};
+use tokio::sync::broadcast;
+use tokio::time::{sleep, Instant};
+
+const HEARTBEAT: Duration = Duration::from_millis(100);
+const TTL: Duration = Duration::from_millis(1000);
+
+/// A store wrapper that can cut one member off (every call fails) to mimic a partition.
+#[derive(Clone)]
+struct Cuttable {
+    inner: MemoryStore,
+    cut: Arc<AtomicBool>,
+}
+
+impl Cuttable {
+    fn new(inner: &MemoryStore) -> Self {
+        Cuttable {
+            inner: inner.clone(),
+            cut: Arc::new(AtomicBool::new(false)),
+        }
+    }
+    fn check(&self) -> Result<(), Error> {
+        if self.cut.load(Ordering::SeqCst) {
+            Err(Error::Unavailable {
+                detail: "partitioned by the test".into(),
+            })
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Store for Cuttable {
+    async fn register(&self, g: &GroupKey, r: &RegisterRequest) -> Result<Registration, Error> {
+        self.check()?;
+        self.inner.register(g, r).await
+    }
+    async fn heartbeat(
+        &self,
+        g: &GroupKey,
+        s: &SessionRef,
+        ttl: Duration,
+    ) -> Result<HeartbeatReply, Error> {
+        self.check()?;
+        self.inner.heartbeat(g, s, ttl).await
+    }
+    async fn rebalance(
+        &self,
+        g: &GroupKey,
+        s: &SessionRef,
+        max: u32,
+    ) -> Result<RebalanceReply, Error> {
+        self.check()?;
+        self.inner.rebalance(g, s, max).await
+    }
+    async fn release(&self, g: &GroupKey, s: &SessionRef, b: &[u32]) -> Result<u32, Error> {
+        self.check()?;
+        self.inner.release(g, s, b).await
+    }
+    async fn deregister(&self, g: &GroupKey, s: &SessionRef) -> Result<(), Error> {
+        self.check()?;
+        self.inner.deregister(g, s).await
+    }
+    async fn snapshot(&self, g: &GroupKey) -> Result<Option<GroupSnapshot>, Error> {
+        self.inner.snapshot(g).await
+    }
+    async fn subscribe(&self, g: &GroupKey) -> Result<Notifications, Error> {
+        self.inner.subscribe(g).await
+    }
+}
+
+async fn start<S: Store>(store: S, id: &str, buckets: u32) -> Member {
+    Member::builder(store, "g")
+        .id(id)
+        .buckets(buckets)
+        .heartbeat(HEARTBEAT)
+        .ttl(TTL)
+        .call_timeout(Duration::from_millis(200))
+        .drain_timeout(Duration::from_millis(300))
+        .start()
+        .await
+        .expect("start")
+}
+
+struct Group {
+    store: MemoryStore,
+    members: Vec<Member>,
+    receivers: Vec<(String, broadcast::Receiver<Event>)>,
+    timeline: Timeline,
+    buckets: u32,
+}
+
+impl Group {
+    async fn new(n: usize, buckets: u32) -> Self {
+        let mut g = Group {
+            store: MemoryStore::new(),
+            members: Vec::new(),
+            receivers: Vec::new(),
+            timeline: Timeline::default(),
+            buckets,
+        };
+        for i in 0..n {
+            g.join(&format!("m{i}")).await;
+        }
+        g
+    }
+
+    async fn join(&mut self, id: &str) {
+        let m = start(self.store.clone(), id, self.buckets).await;
+        self.receivers.push((id.to_string(), m.events()));
+        self.members.push(m);
+    }
+
+    fn collect(&mut self) {
+        self.timeline.collect(&mut self.receivers);
+        self.timeline.check_safety();
+    }
+
+    /// Counts per member, as the members themselves see it.
+    fn counts(&self) -> Vec<usize> {
+        self.members.iter().map(|m| m.buckets().len()).collect()
+    }
+
+    fn balanced(&self) -> bool {
+        let counts = self.counts();
+        let total: usize = counts.iter().sum();
+        let n = counts.len();
+        let lo = self.buckets as usize / n;
+        total == self.buckets as usize && counts.iter().all(|&c| c == lo || c == lo + 1)
+    }
+
+    /// Steps the paused clock by `step` until balanced; returns the time it took.
+    async fn until_balanced(&mut self, limit: Duration) -> Duration {
+        let began = Instant::now();
+        while !self.balanced() {
+            assert!(
+                began.elapsed() < limit,
+                "not balanced after {limit:?}: {:?}",
+                self.counts()
+            );
+            sleep(Duration::from_millis(1)).await;
+            self.collect();
+        }
+        self.collect();
+        began.elapsed()
+    }
+
+    /// Every bucket has exactly one owner in the members' own views.
+    fn assert_exclusive(&self) {
+        let mut owner = vec![None; self.buckets as usize];
+        for m in &self.members {
+            for b in m.buckets() {
+                assert!(
+                    owner[b as usize].replace(m.id().to_string()).is_none(),
+                    "bucket {b} owned twice"
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn members_reach_balance_after_the_quarantine() {
+    let mut g = Group::new(3, 100).await;
+    // A new group grants nothing during its first ttl.
+    sleep(TTL / 2).await;
+    assert_eq!(g.counts(), vec![0, 0, 0]);
+    let took = g.until_balanced(TTL * 2).await;
+    assert!(took <= TTL, "balance took {took:?}");
+    g.assert_exclusive();
+    let snap = g
+        .store
+        .snapshot(&GroupKey::new("red-buckets", "g"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(snap.free(), 0);
+    assert_eq!(snap.members.len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn join_moves_the_optimal_number_within_a_few_milliseconds() {
+    let mut g = Group::new(4, 1024).await;
+    g.until_balanced(TTL * 2).await;
+    let before: Vec<Vec<u32>> = g.members.iter().map(|m| m.buckets()).collect();
+    let mark = g.timeline.events.len();
+    g.join("m4").await;
+    let took = g.until_balanced(TTL).await;
+    // Push notifications, not the heartbeat, carry the handoff.
+    assert!(took < HEARTBEAT, "join balanced in {took:?}");
+    let moved = g.timeline.acquisitions_since(mark);
+    assert!(moved <= 204 + 5, "moved {moved}, optimal 204");
+    // Sticky: the old members only gave buckets up.
+    for (m, old) in g.members.iter().zip(&before) {
+        assert!(
+            m.buckets().iter().all(|b| old.contains(b)),
+            "{} gained",
+            m.id()
+        );
+    }
+    g.assert_exclusive();
+}
+
+#[tokio::test(start_paused = true)]
+async fn graceful_leave_hands_over_at_once() {
+    let mut g = Group::new(5, 1024).await;
+    g.until_balanced(TTL * 2).await;
+    let leaving = g.members.remove(4);
+    let held = leaving.buckets().len();
+    let mark = g.timeline.events.len();
+    let began = Instant::now();
+    leaving.shutdown().await.unwrap();
+    g.collect();
+    g.receivers.retain(|(id, _)| id != "m4");
+    let took = g.until_balanced(TTL).await + began.elapsed();
+    assert!(took < HEARTBEAT, "leave balanced in {took:?}");
+    let moved = g.timeline.acquisitions_since(mark);
+    assert!(moved <= held + 4, "moved {moved}, optimal {held}");
+    g.assert_exclusive();
+}
+
+#[tokio::test(start_paused = true)]
+async fn crashed_member_is_replaced_after_the_ttl() {
+    let mut g = Group::new(3, 90).await;
+    g.until_balanced(TTL * 2).await;
+    let crashed = g.members.remove(2);
+    g.receivers.retain(|(id, _)| id != "m2");
+    let began = Instant::now();
+    crashed.abort();
+    g.timeline.crashed("m2", began);
+    sleep(TTL / 2).await;
+    g.collect();
+    // Before the ttl, the crashed member's buckets stay unowned: nobody may take them yet.
+    assert_eq!(g.counts().iter().sum::<usize>(), 60);
+    let took = g.until_balanced(TTL * 3).await + TTL / 2;
+    assert!(
+        began.elapsed() <= TTL + HEARTBEAT + Duration::from_millis(10),
+        "reassigned after {took:?}"
+    );
+    assert!(began.elapsed() >= TTL, "reassigned before the ttl");
+    g.assert_exclusive();
+}
+
+#[tokio::test(start_paused = true)]
+async fn cut_off_member_reports_lost_before_its_session_expires() {
+    let store = MemoryStore::new();
+    let cut = Cuttable::new(&store);
+    let a = start(cut.clone(), "a", 10).await;
+    let b = start(store.clone(), "b", 10).await;
+    let mut a_events = a.events();
+    let mut b_events = b.events();
+    sleep(TTL * 2).await;
+    assert_eq!(a.buckets().len() + b.buckets().len(), 10);
+    let a_had = a.buckets();
+    assert_eq!(a_had.len(), 5);
+    while a_events.try_recv().is_ok() {}
+    while b_events.try_recv().is_ok() {}
+
+    cut.cut.store(true, Ordering::SeqCst);
+    let cut_at = Instant::now();
+    // Find when a's buckets were lost and when b got them.
+    let mut lost_at = None;
+    let mut b_got = Vec::new();
+    while b_got.len() < a_had.len() {
+        sleep(Duration::from_millis(5)).await;
+        assert!(cut_at.elapsed() < TTL * 3, "b never got a's buckets");
+        while let Ok(e) = a_events.try_recv() {
+            if let Event::Lost { at, reason, .. } = e {
+                assert_eq!(reason, LostReason::Deadline);
+                lost_at = Some(at);
+            }
+        }
+        while let Ok(e) = b_events.try_recv() {
+            if let Event::Acquired { at, bucket, .. } = e {
+                b_got.push((bucket, at));
+            }
+        }
+    }
+    let lost_at = lost_at.expect("a reported Lost");
+    assert!(!a.owns(a_had[0]));
+    for (bucket, at) in b_got {
+        assert!(a_had.contains(&bucket));
+        assert!(
+            lost_at < at,
+            "b acquired {bucket} at {at:?}, a lost at {lost_at:?}"
+        );
+    }
+    // The local deadline is before the session's expiry on the store.
+    assert!(lost_at - cut_at < TTL);
+
+    // Heal: a comes back with a new session and the group rebalances.
+    cut.cut.store(false, Ordering::SeqCst);
+    sleep(TTL).await;
+    assert_eq!(a.buckets().len(), 5);
+    assert_eq!(b.buckets().len(), 5);
+    assert!(a.status().errors > 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn leases_are_cancelled_and_drained_before_release() {
+    let store = MemoryStore::new();
+    let a = start(store.clone(), "a", 4).await;
+    sleep(TTL * 2).await;
+    assert_eq!(a.buckets(), vec![0, 1, 2, 3]);
+    let lease = a.lease(3).expect("lease on an owned bucket");
+    assert!(lease.is_valid());
+    let token = lease.token();
+    assert_eq!(a.token(3), Some(token));
+
+    let b = start(store.clone(), "b", 4).await;
+    // a revokes two buckets; the one with a live handle waits for the handle.
+    tokio::select! {
+        () = lease.cancelled() => {}
+        () = sleep(HEARTBEAT) => panic!("lease not cancelled"),
+    }
+    assert!(!lease.is_valid());
+    sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        b.buckets().len(),
+        1,
+        "the drained bucket must wait for its handle"
+    );
+    drop(lease);
+    sleep(Duration::from_millis(5)).await;
+    assert_eq!(b.buckets().len(), 2);
+    assert_eq!(a.buckets().len(), 2);
+    assert!(b.token(3).is_some_and(|t| t > token) || a.owns(3));
+}
+
+#[tokio::test(start_paused = true)]
+async fn undropped_lease_is_released_after_the_drain_time() {
+    let store = MemoryStore::new();
+    let a = start(store.clone(), "a", 2).await;
+    sleep(TTL * 2).await;
+    let leases: Vec<_> = (0..2).filter_map(|b| a.lease(b)).collect();
+    let b = start(store.clone(), "b", 2).await;
+    sleep(Duration::from_millis(200)).await;
+    assert_eq!(b.buckets().len(), 0);
+    sleep(Duration::from_millis(150)).await;
+    assert_eq!(b.buckets().len(), 1, "released after the 300ms drain");
+    drop(leases);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_member_with_another_bucket_count_is_refused() {
+    let store = MemoryStore::new();
+    let _a = start(store.clone(), "a", 16).await;
+    let err = Member::builder(store, "g")
+        .id("b")
+        .buckets(32)
+        .heartbeat(HEARTBEAT)
+        .ttl(TTL)
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::GroupMismatch {
+                stored: 16,
+                configured: 32,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("16 buckets"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn same_id_waits_for_the_old_session() {
+    let store = MemoryStore::new();
+    let a = start(store.clone(), "same", 8).await;
+    sleep(TTL * 2).await;
+    a.abort();
+    // A restarted process with the same id waits until the crashed session expires.
+    let began = Instant::now();
+    let again = start(store.clone(), "same", 8).await;
+    assert!(
+        began.elapsed() >= TTL / 2,
+        "joined while the old session lived"
+    );
+    sleep(HEARTBEAT).await;
+    assert_eq!(again.buckets().len(), 8);
+}
+
+#[tokio::test(start_paused = true)]
+async fn weights_split_the_buckets() {
+    let store = MemoryStore::new();
+    let light = start(store.clone(), "light", 100).await;
+    let heavy = Member::builder(store.clone(), "g")
+        .id("heavy")
+        .buckets(100)
+        .weight(3)
+        .heartbeat(HEARTBEAT)
+        .ttl(TTL)
+        .start()
+        .await
+        .unwrap();
+    sleep(TTL * 2).await;
+    assert_eq!(light.buckets().len(), 25);
+    assert_eq!(heavy.buckets().len(), 75);
+    assert_eq!(heavy.status().share, (75, 75));
+}
+
+#[tokio::test(start_paused = true)]
+async fn store_data_loss_is_survived_with_larger_tokens() {
+    let mut g = Group::new(3, 30).await;
+    g.until_balanced(TTL * 2).await;
+    let max_token = g
+        .timeline
+        .events
+        .iter()
+        .map(|(_, e)| e.token())
+        .max()
+        .unwrap();
+    let mark = g.timeline.events.len();
+    g.store.wipe();
+    sleep(HEARTBEAT * 2).await;
+    g.collect();
+    // Every member noticed its session is gone and gave everything up.
+    assert_eq!(g.counts(), vec![0, 0, 0]);
+    g.until_balanced(TTL * 3).await;
+    let new_min = g.timeline.events[mark..]
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::Acquired { .. }))
+        .map(|(_, e)| e.token())
+        .min()
+        .unwrap();
+    assert!(new_min > max_token);
+}
