@@ -8,6 +8,9 @@ use redbuckets::Event;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
+/// One ownership: member, token, start, and end (`None` while still owned).
+pub type Interval = (String, u64, Instant, Option<Instant>);
+
 /// Every event of every member, in arrival order.
 #[derive(Debug, Default)]
 pub struct Timeline {
@@ -54,7 +57,7 @@ impl Timeline {
     }
 
     /// Ownership intervals per bucket: (member, token, start, end or None if still owned).
-    pub fn intervals(&self) -> BTreeMap<u32, Vec<(String, u64, Instant, Option<Instant>)>> {
+    pub fn intervals(&self) -> BTreeMap<u32, Vec<Interval>> {
         let mut open: BTreeMap<(String, u32), (u64, Instant)> = BTreeMap::new();
         let mut out: BTreeMap<u32, Vec<_>> = BTreeMap::new();
         for (member, event) in &self.events {

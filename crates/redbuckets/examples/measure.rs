@@ -1,0 +1,255 @@
+//! Measures redbuckets on a real Redis: commands/s and Redis CPU at steady state, moves and time to
+//! balance after a join and a graceful leave, and time to reassign a crashed member's buckets.
+//!
+//! ```text
+//! cargo run --release --example measure                 # 4 × 1,024 and 10 × 16,384
+//! cargo run --release --example measure -- 4 1024      # one configuration
+//! REDIS_URL=redis://127.0.0.1:6379/ cargo run --release --example measure
+//! ```
+//! Without `REDIS_URL` it starts its own `redis-server` on a free port (and stops it at the end).
+//! Heartbeat 1 s and ttl 10 s, the defaults; a steady-state window of 10 s.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use redbuckets::{Event, Member, RedisStore};
+use tokio::sync::broadcast;
+
+const WINDOW: Duration = Duration::from_secs(10);
+
+struct Server(Option<Child>);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn start_server() -> (Server, String) {
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        return (Server(None), url);
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server not found: apt-get install -y redis-server, or set REDIS_URL");
+    let url = format!("redis://127.0.0.1:{port}/");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (Server(Some(child)), url)
+}
+
+struct Stats {
+    commands: f64,
+    cpu_s: f64,
+}
+
+async fn redis_stats(conn: &mut redis::aio::MultiplexedConnection) -> Stats {
+    let info: String = redis::cmd("INFO")
+        .arg("everything")
+        .query_async(conn)
+        .await
+        .expect("INFO");
+    let field = |name: &str| -> f64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    Stats {
+        commands: field("total_commands_processed"),
+        cpu_s: field("used_cpu_sys") + field("used_cpu_user"),
+    }
+}
+
+/// Commands/s and CPU ms/s of Redis over `window`, minus the INFO calls themselves.
+async fn rates(conn: &mut redis::aio::MultiplexedConnection, window: Duration) -> (f64, f64) {
+    let a = redis_stats(conn).await;
+    tokio::time::sleep(window).await;
+    let b = redis_stats(conn).await;
+    let secs = window.as_secs_f64();
+    ((b.commands - a.commands - 1.0) / secs, (b.cpu_s - a.cpu_s) * 1000.0 / secs)
+}
+
+struct Run {
+    url: String,
+    group: String,
+    buckets: u32,
+    members: Vec<Member>,
+    events: Vec<broadcast::Receiver<Event>>,
+}
+
+impl Run {
+    async fn join(&mut self, id: &str) {
+        let store = RedisStore::connect(&self.url).await.expect("connect");
+        let member = Member::builder(store, self.group.clone())
+            .id(id)
+            .buckets(self.buckets)
+            .start()
+            .await
+            .expect("start");
+        self.events.push(member.events());
+        self.members.push(member);
+    }
+
+    fn balanced(&self) -> bool {
+        let n = self.members.len();
+        let lo = self.buckets as usize / n;
+        let counts: Vec<usize> = self.members.iter().map(|m| m.buckets().len()).collect();
+        counts.iter().sum::<usize>() == self.buckets as usize
+            && counts.iter().all(|&c| c == lo || c == lo + 1)
+    }
+
+    async fn until_balanced(&self, limit: Duration) -> Option<Duration> {
+        let began = Instant::now();
+        while !self.balanced() {
+            if began.elapsed() > limit {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Some(began.elapsed())
+    }
+
+    /// Acquisitions seen since the last call (drains every receiver).
+    fn acquisitions(&mut self) -> usize {
+        let mut count = 0;
+        for rx in &mut self.events {
+            while let Ok(event) = rx.try_recv() {
+                if matches!(event, Event::Acquired { .. }) {
+                    count += 1;
+                }
+            }
+        }
+        count
+    }
+}
+
+fn ms(d: Option<Duration>) -> String {
+    d.map_or("never (limit)".to_string(), |d| {
+        format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+    })
+}
+
+async fn scenario(url: &str, n: usize, buckets: u32) {
+    let client = redis::Client::open(url).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    println!("== {n} members × {buckets} buckets (heartbeat 1s, ttl 10s) ==");
+    let (idle_cmds, idle_cpu) = rates(&mut conn, Duration::from_secs(3)).await;
+
+    let mut run = Run {
+        url: url.to_string(),
+        group: format!("measure-{}-{n}x{buckets}", std::process::id()),
+        buckets,
+        members: Vec::new(),
+        events: Vec::new(),
+    };
+    let began = Instant::now();
+    for i in 0..n {
+        run.join(&format!("m{i}")).await;
+    }
+    let first = run.until_balanced(Duration::from_secs(60)).await;
+    println!(
+        "initial balance: {} after start (includes the 10 s quarantine of a new group)",
+        ms(first.map(|_| began.elapsed()))
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    run.acquisitions();
+
+    let (cmds, cpu) = rates(&mut conn, WINDOW).await;
+    let reacquired = run.acquisitions();
+    println!(
+        "steady state: {cmds:.1} commands/s (target ≤ {n}), Redis CPU {:.3} ms/s above idle \
+         ({cpu:.3} − idle {idle_cpu:.3}; idle {idle_cmds:.1} commands/s), re-acquisitions in \
+         {}s: {reacquired}",
+        cpu - idle_cpu,
+        WINDOW.as_secs()
+    );
+
+    // A join.
+    let optimal_join = buckets as usize / (n + 1);
+    let began = Instant::now();
+    run.join(&format!("m{n}")).await;
+    let join_time = run.until_balanced(Duration::from_secs(60)).await;
+    let join_time = join_time.map(|_| began.elapsed());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let moved = run.acquisitions();
+    println!(
+        "join: balanced in {}, moved {moved} (optimal {optimal_join}, bound {})",
+        ms(join_time),
+        optimal_join + n + 1
+    );
+
+    // A graceful leave.
+    let leaving = run.members.remove(0);
+    run.events.remove(0);
+    let held = leaving.buckets().len();
+    let began = Instant::now();
+    leaving.shutdown().await.expect("shutdown");
+    let leave_time = run
+        .until_balanced(Duration::from_secs(60))
+        .await
+        .map(|_| began.elapsed());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let moved = run.acquisitions();
+    println!(
+        "graceful leave: balanced in {}, moved {moved} (optimal {held}, bound {})",
+        ms(leave_time),
+        held + n
+    );
+
+    // A crash.
+    let crashed = run.members.remove(0);
+    run.events.remove(0);
+    let held = crashed.buckets().len();
+    let began = Instant::now();
+    crashed.abort();
+    let crash_time = run
+        .until_balanced(Duration::from_secs(60))
+        .await
+        .map(|_| began.elapsed());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let moved = run.acquisitions();
+    println!(
+        "crash: reassigned in {} (target ≤ ttl + heartbeat = 11 s), moved {moved} (optimal {held})",
+        ms(crash_time)
+    );
+
+    for m in run.members.drain(..) {
+        let _ = m.shutdown().await;
+    }
+    println!();
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<u32> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let configs: Vec<(usize, u32)> = match args.as_slice() {
+        [n, b] => vec![(*n as usize, *b)],
+        _ => vec![(4, 1024), (10, 16_384)],
+    };
+    let (_server, url) = start_server();
+    println!("Redis at {}", redbuckets::redact_url(&url));
+    for (n, b) in configs {
+        scenario(&url, n, b).await;
+    }
+}
