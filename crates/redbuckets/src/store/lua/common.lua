@@ -1,0 +1,221 @@
+-- Shared prelude of every redbuckets script (src/store/redis.rs prepends it to each body).
+--
+-- Mirrors src/store/memory.rs, the reference semantics. Keys (all share the group's hash tag):
+--   KEYS[1] meta    hash: buckets, protocol, ver, token, grant_after_us, created_us
+--   KEYS[2] exp     zset: member -> session expiry (server ms)
+--   KEYS[3] sess    hash: member -> session nonce
+--   KEYS[4] since   hash: member -> session start (server ms)
+--   KEYS[5] weight  hash: member -> weight
+--   KEYS[6] wcount  hash: weight -> number of members with that weight
+--   KEYS[7] owner   hash: bucket -> "<token> <member>"
+--   KEYS[8] free    set of free buckets
+--   <tag>:count:<w>      zset per weight: member -> committed count (held minus committed
+--                        releases). Per weight, so the share rule counts the members above
+--                        their base share with one ZCOUNT per distinct weight, not a scan.
+--   <tag>:held:<member>  set of the member's buckets
+--   <tag>:events         pub/sub channel
+-- Keys built here from ARGV[1] (the tag) share the hash tag, so they are on the same slot.
+--
+-- Lua numbers are doubles: µs timestamps (~1.7e15) are exact, but tostring() and number
+-- arguments to redis.call may print them with too few digits, so every number that is
+-- stored or compared as text goes through fmt().
+
+local K_META, K_EXP, K_SESS, K_SINCE = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local K_WEIGHT, K_WCOUNT, K_OWNER, K_FREE = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local TAG = ARGV[1]
+local CHANNEL = TAG .. ':events'
+-- The heartbeat purges at most this many expired sessions per call, so it never stalls Redis.
+-- Every other script purges all of them (as MemoryStore does), so the per-weight counts it
+-- reads describe exactly the live members; that work is proportional to the buckets freed.
+local HEARTBEAT_PURGE = 100
+-- Arguments per command when a list is unpacked (Lua's C stack allows ~8000).
+local BATCH = 4000
+local TWO_53 = 9007199254740992
+
+local function fmt(x)
+  return string.format('%.0f', x)
+end
+
+-- Raises a structured error; redis.rs maps it to Error::CorruptState. Only raised before a
+-- script writes, or after writes that leave the group consistent on their own.
+local function corrupt(detail)
+  error({ err = 'REDBUCKETS_CORRUPT ' .. detail })
+end
+
+-- A non-negative integer below 2^53 stored as decimal text, or a corrupt-state error.
+local function uint(s, what)
+  if type(s) ~= 'string' or not string.match(s, '^%d+$') or #s > 16 then
+    corrupt(what .. ' is not a non-negative integer: ' .. string.sub(tostring(s), 1, 40))
+  end
+  local n = tonumber(s)
+  if n >= TWO_53 then
+    corrupt(what .. ' is too large: ' .. s)
+  end
+  return n
+end
+
+-- floor(a / b) for non-negative integers below 2^53. Double division rounds, and a quotient
+-- just below an integer may round up to it; the products below are exact, so correct it.
+local function idiv(a, b)
+  local q = math.floor(a / b)
+  if q * b > a then
+    q = q - 1
+  elseif (q + 1) * b <= a then
+    q = q + 1
+  end
+  return q
+end
+
+local function server_now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+-- The group's parameters, validated; nil when the group does not exist.
+local function load_meta()
+  local v = redis.call('HMGET', K_META, 'buckets', 'protocol', 'ver', 'token', 'grant_after_us')
+  if not v[1] and not v[2] and not v[3] and not v[4] and not v[5] then
+    if redis.call('EXISTS', K_META) == 1 then
+      corrupt('meta hash has none of the fields buckets, protocol, ver, token, grant_after_us')
+    end
+    return nil
+  end
+  local meta = {
+    buckets = uint(v[1], 'meta.buckets'),
+    protocol = uint(v[2], 'meta.protocol'),
+    ver = uint(v[3], 'meta.ver'),
+    token = uint(v[4], 'meta.token'),
+    grant_after = uint(v[5], 'meta.grant_after_us'),
+  }
+  if meta.buckets < 1 or meta.buckets > 65536 then
+    corrupt('meta.buckets out of range: ' .. v[1])
+  end
+  return meta
+end
+
+local function held_key(member)
+  return TAG .. ':held:' .. member
+end
+
+-- `w` is the weight as stored (decimal text).
+local function count_key(w)
+  return TAG .. ':count:' .. w
+end
+
+local function publish()
+  redis.call('PUBLISH', CHANNEL, 'changed')
+end
+
+local function bump(meta)
+  meta.ver = meta.ver + 1
+  redis.call('HSET', K_META, 'ver', fmt(meta.ver))
+end
+
+-- Calls redis.call(cmd, key, <items i..j>) in batches small enough to unpack.
+local function batched(cmd, key, items)
+  for i = 1, #items, BATCH do
+    redis.call(cmd, key, unpack(items, i, math.min(i + BATCH - 1, #items)))
+  end
+end
+
+-- The member named by an owner record "<token> <member>", or nil for garbage.
+local function owner_member(record)
+  if type(record) ~= 'string' then
+    return nil
+  end
+  local _, member = string.match(record, '^(%d+) (.*)$')
+  return member
+end
+
+-- Frees buckets that left `member`'s held set: deletes the owner record and adds the bucket
+-- to the free set, unless the owner record names another member (foreign edits must never
+-- make one bucket free while someone else owns it). Garbage bucket ids are dropped.
+local function free_buckets(meta, member, buckets)
+  local freed = {}
+  for i = 1, #buckets, BATCH do
+    local chunk = { unpack(buckets, i, math.min(i + BATCH - 1, #buckets)) }
+    local records = redis.call('HMGET', K_OWNER, unpack(chunk))
+    for j, b in ipairs(chunk) do
+      local valid = string.match(b, '^%d+$') and #b <= 6 and tonumber(b) < meta.buckets
+      local record = records[j]
+      local named = owner_member(record)
+      if valid and (not record or named == nil or named == member) then
+        freed[#freed + 1] = b
+      end
+    end
+  end
+  batched('HDEL', K_OWNER, freed)
+  batched('SADD', K_FREE, freed)
+  return #freed
+end
+
+-- Removes a member and frees its buckets (memory.rs: GroupState::remove_member).
+local function remove_member(meta, member)
+  local hk = held_key(member)
+  free_buckets(meta, member, redis.call('SMEMBERS', hk))
+  redis.call('DEL', hk)
+  local w = redis.call('HGET', K_WEIGHT, member)
+  if w then
+    redis.call('ZREM', count_key(w), member)
+    -- Not HINCRBY: on a garbage value it would raise halfway through this removal.
+    local c = tonumber(redis.call('HGET', K_WCOUNT, w) or '0') or 0
+    if c > 1 then
+      redis.call('HSET', K_WCOUNT, w, fmt(c - 1))
+    else
+      redis.call('HDEL', K_WCOUNT, w)
+    end
+  end
+  redis.call('ZREM', K_EXP, member)
+  redis.call('HDEL', K_SESS, member)
+  redis.call('HDEL', K_SINCE, member)
+  redis.call('HDEL', K_WEIGHT, member)
+  bump(meta)
+end
+
+-- Removes expired sessions (at most `limit` if given), oldest expiry first; returns how many.
+local function purge(meta, now_ms, limit)
+  local dead
+  if limit then
+    dead = redis.call('ZRANGEBYSCORE', K_EXP, '-inf', fmt(now_ms), 'LIMIT', 0, limit)
+  else
+    dead = redis.call('ZRANGEBYSCORE', K_EXP, '-inf', fmt(now_ms))
+  end
+  for _, member in ipairs(dead) do
+    remove_member(meta, member)
+  end
+  return #dead
+end
+
+-- Expiry of a member's session in ms, or nil if it has none.
+local function expiry(member)
+  local s = redis.call('ZSCORE', K_EXP, member)
+  if not s then
+    return nil
+  end
+  return tonumber(s)
+end
+
+-- True when `member` has session `nonce` and it has not expired.
+local function live(member, nonce, now_ms)
+  if redis.call('HGET', K_SESS, member) ~= nonce then
+    return false
+  end
+  local e = expiry(member)
+  return e ~= nil and e > now_ms
+end
+
+-- The member's weight as stored (decimal text), validated.
+local function weight_of(member)
+  local w = redis.call('HGET', K_WEIGHT, member)
+  uint(w, 'weight of ' .. member)
+  return w
+end
+
+-- The member's committed count; `w` is its weight as stored.
+local function committed(member, w)
+  local s = redis.call('ZSCORE', count_key(w), member)
+  if not s then
+    return 0
+  end
+  return uint(s, 'count of ' .. member)
+end

@@ -1,0 +1,103 @@
+-- register: ARGV[2] member, [3] nonce, [4] weight, [5] buckets, [6] ttl µs,
+-- [7] '1' if [8] is a session this registration may replace, [9] protocol.
+-- Returns {'registered', ver} | {'inuse', expires_in_ms} | {'mismatch', buckets, protocol}.
+local member, nonce = ARGV[2], ARGV[3]
+local weight = uint(ARGV[4], 'weight argument')
+local buckets = uint(ARGV[5], 'buckets argument')
+local ttl_us = uint(ARGV[6], 'ttl argument')
+local replaces = nil
+if ARGV[7] == '1' then
+  replaces = ARGV[8]
+end
+local protocol = uint(ARGV[9], 'protocol argument')
+
+local now = server_now_us()
+local now_ms = idiv(now, 1000)
+local exp_ms = idiv(now + ttl_us, 1000)
+
+local meta = load_meta()
+if not meta then
+  -- (Re)create the group. Anything left under its other keys belongs to a group that no longer
+  -- exists; clear it so no stale owner record survives next to a full free set.
+  local members = redis.pcall('HKEYS', K_SESS)
+  if type(members) == 'table' and not members.err then
+    for _, m in ipairs(members) do
+      redis.call('DEL', held_key(m))
+    end
+  end
+  local weights = redis.pcall('HKEYS', K_WCOUNT)
+  if type(weights) == 'table' and not weights.err then
+    for _, w in ipairs(weights) do
+      redis.call('DEL', count_key(w))
+    end
+  end
+  redis.call('DEL', K_EXP, K_SESS, K_SINCE, K_WEIGHT, K_WCOUNT, K_OWNER, K_FREE)
+  local ids = {}
+  for b = 0, buckets - 1 do
+    ids[#ids + 1] = tostring(b)
+    if #ids == BATCH then
+      redis.call('SADD', K_FREE, unpack(ids))
+      ids = {}
+    end
+  end
+  if #ids > 0 then
+    redis.call('SADD', K_FREE, unpack(ids))
+  end
+  -- grant_after: the quarantine. After data loss, members that still hold leases from before
+  -- reach their local deadline (S3) before any bucket is granted again.
+  redis.call('HSET', K_META, 'buckets', fmt(buckets), 'protocol', fmt(protocol), 'ver', '0',
+    'token', '0', 'grant_after_us', fmt(now + ttl_us), 'created_us', fmt(now))
+  meta = { buckets = buckets, protocol = protocol, ver = 0, token = 0, grant_after = now + ttl_us }
+end
+
+if meta.buckets ~= buckets or meta.protocol ~= protocol then
+  return { 'mismatch', fmt(meta.buckets), fmt(meta.protocol) }
+end
+
+local changed = purge(meta, now_ms) > 0
+
+local existing = redis.call('HGET', K_SESS, member)
+if existing then
+  local e = expiry(member)
+  local alive = e ~= nil and e > now_ms
+  if alive and existing == nonce then
+    -- The same registration again (a retry after a timeout): refresh it.
+    redis.call('ZADD', K_EXP, fmt(exp_ms), member)
+    if changed then
+      publish()
+    end
+    return { 'registered', fmt(meta.ver) }
+  end
+  if alive and existing ~= replaces then
+    if changed then
+      publish()
+    end
+    return { 'inuse', fmt(e - now_ms) }
+  end
+  remove_member(meta, member)
+end
+
+-- Validate before writing: an error must not leave a half-inserted member.
+local w = fmt(weight)
+local same_weight = redis.call('HGET', K_WCOUNT, w)
+if same_weight then
+  uint(same_weight, 'wcount of weight ' .. w)
+end
+
+-- A held set without a session is a leftover of foreign edits: free what it names.
+local hk = held_key(member)
+local stale = redis.call('SMEMBERS', hk)
+if #stale > 0 then
+  free_buckets(meta, member, stale)
+  redis.call('DEL', hk)
+end
+
+redis.call('ZADD', K_EXP, fmt(exp_ms), member)
+redis.call('HSET', K_SESS, member, nonce)
+redis.call('HSET', K_SINCE, member, fmt(now_ms))
+redis.call('HSET', K_WEIGHT, member, w)
+redis.call('HSET', K_WCOUNT, w, fmt((tonumber(same_weight or '0') or 0) + 1))
+redis.call('ZADD', count_key(w), '0', member)
+bump(meta)
+publish()
+return { 'registered', fmt(meta.ver) }

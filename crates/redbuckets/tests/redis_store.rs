@@ -1,0 +1,891 @@
+//! `RedisStore` against a real `redis-server` started per test (see `support`): the same call
+//! sequences as `MemoryStore` give the same outcomes, foreign data and bad credentials give
+//! clear errors, data loss keeps tokens growing (S2), and a heartbeat stays O(1) (C1).
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use redbuckets::store::{Action, RegisterRequest, Registration, SessionRef};
+use redbuckets::{Error, GroupKey, MemoryStore, RedisOptions, RedisStore, Store};
+use support::RedisServer;
+
+const TTL: Duration = Duration::from_millis(500);
+
+fn session(member: &str, nonce: &str) -> SessionRef {
+    SessionRef {
+        member: member.to_string(),
+        session: nonce.to_string(),
+    }
+}
+
+fn request(s: &SessionRef, weight: u32, buckets: u32) -> RegisterRequest {
+    RegisterRequest::new(s.clone(), weight, buckets, TTL)
+}
+
+async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("raw connection")
+}
+
+async fn redis_cmd(con: &mut redis::aio::MultiplexedConnection, args: &[&str]) -> redis::Value {
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query_async(con).await.expect("raw command")
+}
+
+/// Drives one store through a scripted history and records every outcome that does not depend
+/// on the store's choice of bucket ids or on timing; the two stores must record the same.
+struct Probe<S> {
+    store: S,
+    group: GroupKey,
+    buckets: u32,
+    trace: Vec<String>,
+    tokens: Vec<u64>,
+    held: BTreeMap<String, BTreeSet<u32>>,
+}
+
+impl<S: Store> Probe<S> {
+    fn log(&mut self, line: String) {
+        self.trace.push(line);
+    }
+
+    async fn register(&mut self, s: &SessionRef, weight: u32, replaces: Option<&str>) {
+        let mut req = request(s, weight, self.buckets);
+        req.replaces = replaces.map(str::to_string);
+        let reply = self
+            .store
+            .register(&self.group, &req)
+            .await
+            .expect("register");
+        let line = match &reply {
+            Registration::Registered { version } => format!("registered v{version}"),
+            Registration::InUse { expires_in } => {
+                assert!(*expires_in <= TTL, "{expires_in:?}");
+                "in use".to_string()
+            }
+            other => format!("{other:?}"),
+        };
+        if matches!(reply, Registration::Registered { .. }) && replaces.is_some() {
+            // The replaced session's buckets are gone with it.
+            self.held.remove(&s.member);
+        }
+        self.log(format!("register {}/{}: {line}", s.member, s.session));
+    }
+
+    async fn heartbeat(&mut self, s: &SessionRef, log: bool) -> bool {
+        let hb = self
+            .store
+            .heartbeat(&self.group, s, TTL)
+            .await
+            .expect("heartbeat");
+        if log {
+            self.log(format!(
+                "heartbeat {}: alive {} v{} free {}",
+                s.member, hb.alive, hb.version, hb.free
+            ));
+        }
+        hb.alive
+    }
+
+    /// Heartbeats `live` every 100 ms for `total`.
+    async fn keep_alive(&mut self, live: &[&SessionRef], total: Duration) {
+        let end = Instant::now() + total;
+        while Instant::now() < end {
+            for s in live {
+                assert!(
+                    self.heartbeat(s, false).await,
+                    "{} lost its session",
+                    s.member
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// One rebalance step; releases what the store asks for at once. Returns true on `Stay`.
+    async fn step(&mut self, s: &SessionRef) -> bool {
+        let reply = self
+            .store
+            .rebalance(&self.group, s, 3)
+            .await
+            .expect("rebalance");
+        let (min, max) = reply.share;
+        let tail = format!("share {min}..={max} v{} free {}", reply.version, reply.free);
+        let what = match &reply.action {
+            Action::Acquired { buckets, token } => {
+                self.tokens.push(*token);
+                let held = self.held.entry(s.member.clone()).or_default();
+                for b in buckets {
+                    assert!(held.insert(*b), "bucket {b} granted twice");
+                }
+                format!("acquired {}", buckets.len())
+            }
+            Action::Release(k) => {
+                let held = self.held.entry(s.member.clone()).or_default();
+                let give: Vec<u32> = held.iter().rev().take(*k as usize).copied().collect();
+                for b in &give {
+                    held.remove(b);
+                }
+                let freed = self
+                    .store
+                    .release(&self.group, s, &give)
+                    .await
+                    .expect("release");
+                assert_eq!(freed, *k);
+                format!("release {k}")
+            }
+            Action::Stay => "stay".to_string(),
+            Action::Wait(_) => "wait".to_string(),
+            Action::SessionLost => "lost".to_string(),
+            other => format!("{other:?}"),
+        };
+        self.log(format!("rebalance {}: {what}, {tail}", s.member));
+        matches!(reply.action, Action::Stay)
+    }
+
+    /// Steps every member in order until one full round is all `Stay`.
+    async fn converge(&mut self, members: &[&SessionRef]) {
+        for _ in 0..50 {
+            let mut quiet = true;
+            for s in members {
+                assert!(self.heartbeat(s, false).await);
+                quiet &= self.step(s).await;
+            }
+            if quiet {
+                return;
+            }
+        }
+        panic!("no convergence: {:?}", self.trace);
+    }
+
+    /// Compares the store's snapshot with what the members were told; logs the counts.
+    async fn check(&mut self) {
+        let snap = self
+            .store
+            .snapshot(&self.group)
+            .await
+            .expect("snapshot")
+            .expect("group exists");
+        assert_eq!(snap.owners.len(), self.buckets as usize);
+        let mut owned: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
+        for (b, owner) in snap.owners.iter().enumerate() {
+            if let Some(o) = owner {
+                owned.entry(o.member.clone()).or_default().insert(b as u32);
+            }
+        }
+        let told: BTreeMap<String, BTreeSet<u32>> = self
+            .held
+            .iter()
+            .filter(|(_, h)| !h.is_empty())
+            .map(|(m, h)| (m.clone(), h.clone()))
+            .collect();
+        assert_eq!(owned, told, "owner records vs grants");
+        let counts: Vec<String> = snap
+            .members
+            .iter()
+            .map(|m| {
+                assert_eq!(m.held, m.committed, "{} converged", m.id);
+                assert_eq!(m.held as usize, told.get(&m.id).map_or(0, |h| h.len()));
+                format!("{}={}", m.id, m.held)
+            })
+            .collect();
+        self.log(format!(
+            "snapshot v{} free {} counts {}",
+            snap.version,
+            snap.free(),
+            counts.join(" ")
+        ));
+    }
+}
+
+/// The conformance history: join, quarantine, converge, foreign releases, leave, replace,
+/// crash (expiry), and leave again.
+async fn history<S: Store>(store: S, group: GroupKey, weights: [u32; 3]) -> Probe<S> {
+    let mut p = Probe {
+        store,
+        group,
+        buckets: 10,
+        trace: Vec::new(),
+        tokens: Vec::new(),
+        held: BTreeMap::new(),
+    };
+    let (a, b, c) = (session("a", "a1"), session("b", "b1"), session("c c", "c1"));
+    p.register(&a, weights[0], None).await;
+    p.register(&b, weights[1], None).await;
+    p.register(&c, weights[2], None).await;
+    p.register(&a, weights[0], None).await; // a retry: same session, refreshed
+    p.step(&a).await; // quarantine of a new group
+    p.keep_alive(&[&a, &b, &c], TTL + Duration::from_millis(100))
+        .await;
+    p.converge(&[&a, &b, &c]).await;
+    p.check().await;
+
+    // A fourth member joins: those above the new share release (committed at once), then
+    // the newcomer takes what they freed. Then it leaves again.
+    let d = session("d", "d1");
+    p.register(&d, 1, None).await;
+    p.converge(&[&a, &b, &c, &d]).await;
+    p.check().await;
+    p.store.deregister(&p.group, &d).await.expect("deregister");
+    p.held.remove("d");
+    p.converge(&[&a, &b, &c]).await;
+    p.check().await;
+
+    // Releases of buckets the session does not hold, or with a wrong nonce, free nothing.
+    let of_b: Vec<u32> = p.held["b"].iter().copied().collect();
+    let n = p.store.release(&p.group, &a, &of_b).await.expect("release");
+    let m = p
+        .store
+        .release(&p.group, &session("b", "nope"), &of_b)
+        .await
+        .expect("release");
+    p.log(format!("foreign releases freed {n} and {m}"));
+
+    p.store.deregister(&p.group, &b).await.expect("deregister");
+    p.held.remove("b");
+    p.log("deregistered b".into());
+    p.heartbeat(&b, true).await;
+    p.converge(&[&a, &c]).await;
+    p.check().await;
+
+    // A second process with a's id: refused while a1 lives, admitted when it replaces a1.
+    let a2 = session("a", "a2");
+    p.register(&a2, weights[0], None).await;
+    p.register(&a2, weights[0], Some("a1")).await;
+    p.heartbeat(&a, true).await;
+    p.converge(&[&a2, &c]).await;
+    p.check().await;
+
+    // c crashes: its session expires and a heartbeat of a2 purges it.
+    p.keep_alive(&[&a2], TTL + Duration::from_millis(150)).await;
+    p.held.remove("c c");
+    p.heartbeat(&a2, true).await;
+    p.heartbeat(&c, true).await;
+    p.step(&c).await;
+    let n = p
+        .store
+        .release(&p.group, &c, &[0, 1, 2])
+        .await
+        .expect("release");
+    p.log(format!("release by expired c freed {n}"));
+    p.converge(&[&a2]).await;
+    p.check().await;
+
+    p.store.deregister(&p.group, &a2).await.expect("deregister");
+    p.held.clear();
+    p.check().await;
+    p
+}
+
+fn assert_increasing(tokens: &[u64]) {
+    assert!(!tokens.is_empty());
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "tokens must strictly increase: {tokens:?}"
+    );
+}
+
+#[tokio::test]
+async fn redis_store_behaves_like_memory_store() {
+    let server = RedisServer::start();
+    let redis = RedisStore::connect(&server.url()).await.expect("connect");
+    for (i, weights) in [[1, 1, 1], [1, 3, 2]].into_iter().enumerate() {
+        let group = GroupKey::new("conf", format!("g{i}"));
+        let (memory, redis) = tokio::join!(
+            history(MemoryStore::new(), group.clone(), weights),
+            history(redis.clone(), group, weights)
+        );
+        assert_eq!(
+            memory.trace, redis.trace,
+            "weights {weights:?}: MemoryStore and RedisStore disagree"
+        );
+        assert_increasing(&memory.tokens);
+        assert_increasing(&redis.tokens);
+        // Spot checks that the history did what it says.
+        let trace = redis.trace.join("\n");
+        assert!(trace.contains("rebalance a: wait"), "{trace}");
+        assert!(trace.contains("foreign releases freed 0 and 0"), "{trace}");
+        assert!(trace.contains("register a/a2: in use"), "{trace}");
+        assert!(trace.contains("heartbeat c c: alive false"), "{trace}");
+        assert!(trace.contains("rebalance c c: lost"), "{trace}");
+        assert!(trace.contains("counts a=10"), "{trace}");
+        assert!(trace.contains("rebalance a: release"), "{trace}");
+        if weights == [1, 1, 1] {
+            assert!(trace.contains("counts a=4 b=3 c c=3"), "{trace}");
+        } else {
+            assert!(trace.contains("counts a=2 b=5 c c=3"), "{trace}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn notifications_arrive_and_end_when_the_connection_drops() {
+    let mut server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let group = GroupKey::new("t", "notify");
+    let mut notes = store.subscribe(&group).await.expect("subscribe");
+    let a = session("a", "1");
+    store
+        .register(&group, &request(&a, 1, 8))
+        .await
+        .expect("register");
+    tokio::time::timeout(Duration::from_secs(2), notes.next())
+        .await
+        .expect("a notice within 2s")
+        .expect("stream open");
+    server.restart();
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        while notes.next().await.is_some() {}
+    })
+    .await;
+    assert!(end.is_ok(), "the stream must end when its connection drops");
+}
+
+#[tokio::test]
+async fn a_different_bucket_count_or_protocol_is_refused() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let group = GroupKey::new("t", "mismatch");
+    store
+        .register(&group, &request(&session("a", "1"), 1, 10))
+        .await
+        .expect("register");
+    match store
+        .register(&group, &request(&session("b", "1"), 1, 12))
+        .await
+    {
+        Err(Error::GroupMismatch {
+            stored: 10,
+            configured: 12,
+            ..
+        }) => {}
+        other => panic!("expected a bucket mismatch, got {other:?}"),
+    }
+    let mut con = raw(&server.url()).await;
+    redis_cmd(&mut con, &["HSET", "{t:mismatch}:meta", "protocol", "99"]).await;
+    match store
+        .register(&group, &request(&session("b", "1"), 1, 10))
+        .await
+    {
+        Err(
+            e @ Error::GroupMismatch {
+                stored_protocol: 99,
+                ..
+            },
+        ) => assert!(e.to_string().contains("protocol 99"), "{e}"),
+        other => panic!("expected a protocol mismatch, got {other:?}"),
+    }
+}
+
+fn expect_corrupt<T: std::fmt::Debug>(what: &str, result: Result<T, Error>, needle: &str) {
+    match result {
+        Err(e @ Error::CorruptState { .. }) => {
+            assert!(
+                e.to_string().contains(needle),
+                "{what}: {e} lacks {needle:?}"
+            );
+        }
+        other => panic!("{what}: expected CorruptState, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn foreign_data_gives_clear_errors_not_panics() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let mut con = raw(&server.url()).await;
+    let a = session("a", "1");
+
+    // A string where the meta hash belongs.
+    let g = GroupKey::new("t", "string");
+    redis_cmd(&mut con, &["SET", "{t:string}:meta", "hello"]).await;
+    expect_corrupt(
+        "register",
+        store.register(&g, &request(&a, 1, 8)).await,
+        "wrong",
+    );
+    expect_corrupt("heartbeat", store.heartbeat(&g, &a, TTL).await, "wrong");
+    expect_corrupt("rebalance", store.rebalance(&g, &a, 8).await, "wrong");
+    expect_corrupt("snapshot", store.snapshot(&g).await, "wrong");
+
+    // Garbage in meta fields.
+    let g = GroupKey::new("t", "garbage");
+    store
+        .register(&g, &request(&a, 1, 8))
+        .await
+        .expect("register");
+    redis_cmd(&mut con, &["HSET", "{t:garbage}:meta", "buckets", "abc"]).await;
+    expect_corrupt(
+        "heartbeat",
+        store.heartbeat(&g, &a, TTL).await,
+        "meta.buckets",
+    );
+    expect_corrupt(
+        "register",
+        store.register(&g, &request(&a, 1, 8)).await,
+        "meta.buckets",
+    );
+    expect_corrupt(
+        "rebalance",
+        store.rebalance(&g, &a, 8).await,
+        "meta.buckets",
+    );
+    expect_corrupt("snapshot", store.snapshot(&g).await, "meta.buckets");
+    redis_cmd(
+        &mut con,
+        &["HSET", "{t:garbage}:meta", "buckets", "8", "ver", "-1"],
+    )
+    .await;
+    expect_corrupt("heartbeat", store.heartbeat(&g, &a, TTL).await, "meta.ver");
+    redis_cmd(&mut con, &["DEL", "{t:garbage}:meta"]).await;
+    redis_cmd(&mut con, &["HSET", "{t:garbage}:meta", "colour", "blue"]).await;
+    expect_corrupt(
+        "heartbeat",
+        store.heartbeat(&g, &a, TTL).await,
+        "none of the fields",
+    );
+
+    // Garbage in the owner hash, the free set, counts and weights of a working group.
+    let g = GroupKey::new("t", "owners");
+    store
+        .register(&g, &request(&a, 1, 8))
+        .await
+        .expect("register");
+    redis_cmd(
+        &mut con,
+        &["HSET", "{t:owners}:meta", "grant_after_us", "0"],
+    )
+    .await;
+    redis_cmd(&mut con, &["SADD", "{t:owners}:free", "xyz", "99999", "-1"]).await;
+    let reply = store.rebalance(&g, &a, 100).await.expect("rebalance");
+    match reply.action {
+        Action::Acquired { buckets, .. } => {
+            assert!(buckets.iter().all(|b| *b < 8), "{buckets:?}");
+            assert!(buckets.len() <= 8);
+        }
+        other => panic!("expected a grant, got {other:?}"),
+    }
+    redis_cmd(&mut con, &["HSET", "{t:owners}:owner", "3", "garbage"]).await;
+    expect_corrupt("snapshot", store.snapshot(&g).await, "bucket 3");
+    redis_cmd(
+        &mut con,
+        &["HSET", "{t:owners}:owner", "3", "12 a", "77", "12 a"],
+    )
+    .await;
+    expect_corrupt("snapshot", store.snapshot(&g).await, "\"77\"");
+    redis_cmd(&mut con, &["HDEL", "{t:owners}:owner", "77"]).await;
+    store.snapshot(&g).await.expect("consistent again");
+    redis_cmd(&mut con, &["ZADD", "{t:owners}:count:1", "-5", "a"]).await;
+    expect_corrupt("rebalance", store.rebalance(&g, &a, 8).await, "count of a");
+    redis_cmd(&mut con, &["ZADD", "{t:owners}:count:1", "8", "a"]).await;
+    redis_cmd(&mut con, &["HSET", "{t:owners}:wcount", "1", "x"]).await;
+    expect_corrupt("rebalance", store.rebalance(&g, &a, 8).await, "wcount");
+    let b = session("b", "1");
+    expect_corrupt(
+        "register",
+        store.register(&g, &request(&b, 1, 8)).await,
+        "wcount",
+    );
+    redis_cmd(&mut con, &["HSET", "{t:owners}:wcount", "1", "1"]).await;
+    redis_cmd(&mut con, &["HSET", "{t:owners}:weight", "a", "heavy"]).await;
+    expect_corrupt("rebalance", store.rebalance(&g, &a, 8).await, "weight of a");
+    expect_corrupt("snapshot", store.snapshot(&g).await, "weight");
+    // Deregistering still frees what the member's held set names, garbage or not.
+    store.deregister(&g, &a).await.expect("deregister");
+}
+
+async fn until_ok<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) if Instant::now() < deadline && e.is_transient() => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn data_loss_quarantines_the_group_and_tokens_keep_growing() {
+    let mut server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let group = GroupKey::new("t", "loss");
+    let a = session("a", "1");
+    store
+        .register(&group, &request(&a, 1, 4))
+        .await
+        .expect("register");
+    tokio::time::sleep(TTL / 2).await;
+    store.heartbeat(&group, &a, TTL).await.expect("heartbeat");
+    tokio::time::sleep(TTL / 2 + Duration::from_millis(50)).await;
+    let before = match store
+        .rebalance(&group, &a, 4)
+        .await
+        .expect("rebalance")
+        .action
+    {
+        Action::Acquired { buckets, token } => {
+            assert_eq!(buckets.len(), 4);
+            token
+        }
+        other => panic!("expected a grant, got {other:?}"),
+    };
+
+    server.restart();
+    let hb = until_ok("heartbeat", || store.heartbeat(&group, &a, TTL)).await;
+    assert!(!hb.alive, "the session died with the data");
+    let a2 = session("a", "2");
+    let req = request(&a2, 1, 4);
+    until_ok("register", || store.register(&group, &req)).await;
+    match store
+        .rebalance(&group, &a2, 4)
+        .await
+        .expect("rebalance")
+        .action
+    {
+        Action::Wait(left) => assert!(left <= TTL && left > TTL / 2, "{left:?}"),
+        other => panic!("a recreated group must wait, got {other:?}"),
+    }
+    let snap = store
+        .snapshot(&group)
+        .await
+        .expect("snapshot")
+        .expect("group");
+    assert!(snap.quarantine > Duration::ZERO);
+    tokio::time::sleep(TTL / 2).await;
+    store.heartbeat(&group, &a2, TTL).await.expect("heartbeat");
+    tokio::time::sleep(TTL / 2 + Duration::from_millis(50)).await;
+    match store
+        .rebalance(&group, &a2, 4)
+        .await
+        .expect("rebalance")
+        .action
+    {
+        Action::Acquired { buckets, token } => {
+            assert_eq!(buckets.len(), 4);
+            assert!(
+                token > before + TTL.as_micros() as u64,
+                "token {token} after the loss must pass {before} + ttl"
+            );
+        }
+        other => panic!("expected a grant, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn credentials_and_addresses_give_clear_errors_without_secrets() {
+    const PASSWORD: &str = "Zs3cr3tServerPw";
+    const WRONG: &str = "Wr0ngGuessXyz";
+    let server = RedisServer::start_with(&["--requirepass", PASSWORD]);
+    let port = server.port();
+
+    let url = format!("redis://:{WRONG}@127.0.0.1:{port}");
+    match RedisStore::connect(&url).await {
+        Err(e @ Error::Refused { .. }) => {
+            let shown = format!("{e} {e:?}");
+            assert!(!shown.contains(WRONG), "password leaked: {shown}");
+            assert!(shown.contains("authentication"), "{shown}");
+        }
+        other => panic!("expected Refused, got {other:?}"),
+    }
+    match RedisStore::connect(&format!("redis://127.0.0.1:{port}")).await {
+        Err(e @ Error::Refused { .. }) => assert!(e.to_string().contains("password"), "{e}"),
+        other => panic!("expected Refused without a password, got {other:?}"),
+    }
+    let good = format!("redis://:{PASSWORD}@127.0.0.1:{port}");
+    let store = RedisStore::connect(&good)
+        .await
+        .expect("the right password");
+    assert!(!format!("{store:?}").contains(PASSWORD), "{store:?}");
+    let g = GroupKey::new("t", "auth");
+    store
+        .register(&g, &request(&session("a", "1"), 1, 4))
+        .await
+        .expect("register");
+
+    // Nobody listens on this port.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let started = Instant::now();
+    match RedisStore::connect(&format!("redis://:{WRONG}@127.0.0.1:{closed}")).await {
+        Err(e @ Error::Unavailable { .. }) => {
+            assert!(!e.to_string().contains(WRONG), "{e}");
+            assert!(e.to_string().contains(&closed.to_string()), "{e}");
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
+    for bad in [
+        format!("not a url {WRONG}"),
+        format!("http://:{WRONG}@127.0.0.1:{port}"),
+        format!("redis://:{WRONG}@127.0.0.1:notaport"),
+    ] {
+        match RedisStore::connect(&bad).await {
+            Err(e @ Error::Url { .. }) => {
+                let shown = format!("{e} {e:?}");
+                if bad.contains("://") {
+                    assert!(!shown.contains(WRONG), "password leaked: {shown}");
+                }
+            }
+            other => panic!("{bad}: expected Error::Url, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn refused_scripts_are_reported_clearly() {
+    let server = RedisServer::start_with(&["--rename-command", "EVALSHA", ""]);
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let g = GroupKey::new("t", "noscripts");
+    match store.register(&g, &request(&session("a", "1"), 1, 4)).await {
+        Err(e @ Error::Refused { .. }) => assert!(e.to_string().contains("scripts"), "{e}"),
+        other => panic!("expected Refused, got {other:?}"),
+    }
+
+    let server = RedisServer::start();
+    let mut con = raw(&server.url()).await;
+    redis_cmd(
+        &mut con,
+        &[
+            "ACL", "SETUSER", "limited", "on", ">pw", "~*", "+@all", "-evalsha", "-eval",
+        ],
+    )
+    .await;
+    let url = format!("redis://limited:pw@127.0.0.1:{}", server.port());
+    let store = RedisStore::connect(&url).await.expect("connect");
+    match store.heartbeat(&g, &session("a", "1"), TTL).await {
+        Err(e @ Error::Refused { .. }) => assert!(e.to_string().contains("NOPERM"), "{e}"),
+        other => panic!("expected Refused, got {other:?}"),
+    }
+}
+
+/// Sum of calls per command since the last `CONFIG RESETSTAT`, without the test's own.
+async fn command_calls(con: &mut redis::aio::MultiplexedConnection) -> BTreeMap<String, u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(con)
+        .await
+        .expect("info");
+    let mut calls = BTreeMap::new();
+    for line in info.lines() {
+        let Some(rest) = line.strip_prefix("cmdstat_") else {
+            continue;
+        };
+        let Some((name, stats)) = rest.split_once(':') else {
+            continue;
+        };
+        let n = stats
+            .split(',')
+            .find_map(|kv| kv.strip_prefix("calls="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if !matches!(name, "info" | "config|resetstat" | "config") {
+            calls.insert(name.to_string(), n);
+        }
+    }
+    calls
+}
+
+#[tokio::test]
+async fn steady_state_heartbeat_is_one_round_trip_of_constant_work() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let mut con = raw(&server.url()).await;
+    let mut per_heartbeat = Vec::new();
+    for buckets in [16u32, 8192] {
+        let g = GroupKey::new("t", format!("cost{buckets}"));
+        let members: Vec<SessionRef> = (0..4).map(|i| session(&format!("m{i}"), "1")).collect();
+        for m in &members {
+            store
+                .register(&g, &request(m, 1, buckets))
+                .await
+                .expect("register");
+        }
+        redis_cmd(
+            &mut con,
+            &["HSET", &format!("{}:meta", g.tag()), "grant_after_us", "0"],
+        )
+        .await;
+        loop {
+            let mut quiet = true;
+            for m in &members {
+                let r = store.rebalance(&g, m, u32::MAX).await.expect("rebalance");
+                quiet &= matches!(r.action, Action::Stay);
+            }
+            if quiet {
+                break;
+            }
+        }
+        const N: u64 = 20;
+        // The first call of a script loads it (NOSCRIPT, SCRIPT LOAD, EVALSHA): not steady.
+        store
+            .heartbeat(&g, &members[0], TTL)
+            .await
+            .expect("heartbeat");
+        redis_cmd(&mut con, &["CONFIG", "RESETSTAT"]).await;
+        for _ in 0..N {
+            let hb = store
+                .heartbeat(&g, &members[0], TTL)
+                .await
+                .expect("heartbeat");
+            assert!(hb.alive);
+        }
+        let calls = command_calls(&mut con).await;
+        assert_eq!(
+            calls.get("evalsha"),
+            Some(&N),
+            "one EVALSHA per heartbeat: {calls:?}"
+        );
+        let inner: u64 = calls
+            .iter()
+            .filter(|(k, _)| *k != "evalsha")
+            .map(|(_, v)| v)
+            .sum();
+        for heavy in ["smembers", "hgetall", "hkeys", "zrange", "sadd", "spop"] {
+            assert!(
+                !calls.contains_key(heavy),
+                "{heavy} in a heartbeat: {calls:?}"
+            );
+        }
+        assert_eq!(inner % N, 0, "{calls:?}");
+        per_heartbeat.push(inner / N);
+
+        // A rebalance at steady state (all weights 1) is constant work too.
+        redis_cmd(&mut con, &["CONFIG", "RESETSTAT"]).await;
+        let r = store
+            .rebalance(&g, &members[0], 8)
+            .await
+            .expect("rebalance");
+        assert!(matches!(r.action, Action::Stay), "{r:?}");
+        let calls = command_calls(&mut con).await;
+        assert!(calls.values().sum::<u64>() <= 20, "{calls:?}");
+    }
+    assert_eq!(
+        per_heartbeat[0], per_heartbeat[1],
+        "work must not grow with B"
+    );
+    assert!(per_heartbeat[0] <= 10, "{per_heartbeat:?}");
+}
+
+#[tokio::test]
+async fn a_frozen_server_times_out_and_recovers() {
+    let mut server = RedisServer::start();
+    let options = RedisOptions::default().response_timeout(Duration::from_millis(300));
+    let store = RedisStore::connect_with(&server.url(), options)
+        .await
+        .expect("connect");
+    let g = GroupKey::new("t", "frozen");
+    let a = session("a", "1");
+    let long = Duration::from_secs(30);
+    store
+        .register(&g, &RegisterRequest::new(a.clone(), 1, 4, long))
+        .await
+        .expect("register");
+    server.pause();
+    let started = Instant::now();
+    let err = store.heartbeat(&g, &a, long).await.expect_err("frozen");
+    assert!(err.is_transient(), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    server.resume();
+    let hb = until_ok("heartbeat", || store.heartbeat(&g, &a, long)).await;
+    assert!(hb.alive);
+}
+
+#[tokio::test]
+async fn tls_urls_work() {
+    let dir = std::env::temp_dir().join(format!("redbuckets-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .expect("ext file");
+    let openssl = |args: &str| {
+        let status = std::process::Command::new("openssl")
+            .args(args.split(' '))
+            .current_dir(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl not found: install it (apt-get install -y openssl) to test rediss://");
+        assert!(status.success(), "openssl {args} failed");
+    };
+    // A test CA, and a server certificate for 127.0.0.1 signed by it.
+    openssl(
+        "req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=test-ca -keyout ca.key -out ca.pem",
+    );
+    openssl("req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout key.pem -out server.csr");
+    openssl(
+        "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 \
+         -extfile server.ext -out cert.pem",
+    );
+    let path = |name: &str| dir.join(name).display().to_string();
+    let (ca, cert, key) = (path("ca.pem"), path("cert.pem"), path("key.pem"));
+    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let _server = RedisServer::start_with(&[
+        "--tls-port",
+        &tls_port.to_string(),
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca,
+        "--tls-auth-clients",
+        "no",
+    ]);
+    let url = format!("rediss://127.0.0.1:{tls_port}");
+    // Not signed by a public CA: refused by default, accepted with its CA configured.
+    match RedisStore::connect(&url).await {
+        Err(e @ Error::Unavailable { .. }) => assert!(e.to_string().contains("cert"), "{e}"),
+        other => panic!("an untrusted certificate must be refused, got {other:?}"),
+    }
+    // Skipping verification is not offered: a clear error, not a silent downgrade.
+    match RedisStore::connect(&format!("{url}/#insecure")).await {
+        Err(e @ Error::Url { .. }) => assert!(e.to_string().contains("insecure"), "{e}"),
+        other => panic!("#insecure must be refused, got {other:?}"),
+    }
+    let options = RedisOptions::default().tls_root_cert(b"not a pem".to_vec());
+    match RedisStore::connect_with(&url, options).await {
+        Err(Error::Config { field, .. }) => assert_eq!(field, "tls_root_cert"),
+        other => panic!("a bad CA must be a config error, got {other:?}"),
+    }
+    let pem = std::fs::read(&ca).expect("read CA");
+    let options = RedisOptions::default().tls_root_cert(pem);
+    let store = RedisStore::connect_with(&url, options)
+        .await
+        .expect("connect over TLS");
+    let g = GroupKey::new("t", "tls");
+    store
+        .register(&g, &request(&session("a", "1"), 1, 4))
+        .await
+        .expect("register over TLS");
+    let _ = std::fs::remove_dir_all(&dir);
+}
