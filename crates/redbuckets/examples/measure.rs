@@ -53,7 +53,11 @@ fn start_server() -> (Server, String) {
 }
 
 struct Stats {
+    /// Every command Redis ran, the ones inside scripts included.
     commands: f64,
+    /// Script calls: the members' round trips.
+    evalsha: f64,
+    evalsha_usec: f64,
     cpu_s: f64,
 }
 
@@ -69,19 +73,46 @@ async fn redis_stats(conn: &mut redis::aio::MultiplexedConnection) -> Stats {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0.0)
     };
+    let evalsha = |key: &str| -> f64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:"))
+            .and_then(|v| v.split(',').find_map(|kv| kv.strip_prefix(&format!("{key}="))))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
     Stats {
         commands: field("total_commands_processed"),
+        evalsha: evalsha("calls"),
+        evalsha_usec: evalsha("usec"),
         cpu_s: field("used_cpu_sys") + field("used_cpu_user"),
     }
 }
 
-/// Commands/s and CPU ms/s of Redis over `window`, minus the INFO calls themselves.
-async fn rates(conn: &mut redis::aio::MultiplexedConnection, window: Duration) -> (f64, f64) {
+/// Rates over a window of Redis activity.
+struct Rates {
+    /// Round trips from members (script calls) per second.
+    calls: f64,
+    /// Commands per second, the ones run inside scripts included.
+    commands: f64,
+    /// Mean server time of one script call, µs.
+    usec_per_call: f64,
+    /// Redis CPU (user + sys), ms per s.
+    cpu_ms: f64,
+}
+
+/// Rates of Redis over `window`, minus the INFO calls themselves.
+async fn rates(conn: &mut redis::aio::MultiplexedConnection, window: Duration) -> Rates {
     let a = redis_stats(conn).await;
     tokio::time::sleep(window).await;
     let b = redis_stats(conn).await;
     let secs = window.as_secs_f64();
-    ((b.commands - a.commands - 1.0) / secs, (b.cpu_s - a.cpu_s) * 1000.0 / secs)
+    let calls = b.evalsha - a.evalsha;
+    Rates {
+        calls: calls / secs,
+        commands: (b.commands - a.commands - 1.0) / secs,
+        usec_per_call: if calls > 0.0 { (b.evalsha_usec - a.evalsha_usec) / calls } else { 0.0 },
+        cpu_ms: (b.cpu_s - a.cpu_s) * 1000.0 / secs,
+    }
 }
 
 struct Run {
@@ -151,7 +182,7 @@ async fn scenario(url: &str, n: usize, buckets: u32) {
         .await
         .expect("connect");
     println!("== {n} members × {buckets} buckets (heartbeat 1s, ttl 10s) ==");
-    let (idle_cmds, idle_cpu) = rates(&mut conn, Duration::from_secs(3)).await;
+    let idle = rates(&mut conn, Duration::from_secs(5)).await;
 
     let mut run = Run {
         url: url.to_string(),
@@ -172,13 +203,19 @@ async fn scenario(url: &str, n: usize, buckets: u32) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     run.acquisitions();
 
-    let (cmds, cpu) = rates(&mut conn, WINDOW).await;
+    let steady = rates(&mut conn, WINDOW).await;
     let reacquired = run.acquisitions();
     println!(
-        "steady state: {cmds:.1} commands/s (target ≤ {n}), Redis CPU {:.3} ms/s above idle \
-         ({cpu:.3} − idle {idle_cpu:.3}; idle {idle_cmds:.1} commands/s), re-acquisitions in \
+        "steady state: {:.1} round trips/s (target ≤ {n}), {:.1} commands/s counting those \
+         inside scripts, {:.1} µs of server time per call",
+        steady.calls, steady.commands, steady.usec_per_call
+    );
+    println!(
+        "steady state: Redis CPU {:.3} ms/s above idle ({:.3} − idle {:.3}), re-acquisitions in \
          {}s: {reacquired}",
-        cpu - idle_cpu,
+        steady.cpu_ms - idle.cpu_ms,
+        steady.cpu_ms,
+        idle.cpu_ms,
         WINDOW.as_secs()
     );
 

@@ -1,0 +1,266 @@
+//! Members on a real Redis the test starts on a free port: balance for 1 to 10 members, movement on
+//! join and leave, crash reassignment, killed connections, a Redis restart that loses the data,
+//! and foreign data under the group's keys.
+
+mod checker;
+mod support;
+
+use std::time::{Duration, Instant};
+
+use checker::Timeline;
+use redbuckets::{Error, Event, Member, RedisStore};
+use support::RedisServer;
+use tokio::sync::broadcast;
+
+const HEARTBEAT: Duration = Duration::from_millis(100);
+const TTL: Duration = Duration::from_millis(1000);
+
+struct Group {
+    url: String,
+    name: String,
+    buckets: u32,
+    members: Vec<Member>,
+    receivers: Vec<(String, broadcast::Receiver<Event>)>,
+    timeline: Timeline,
+}
+
+impl Group {
+    fn new(server: &RedisServer, name: &str, buckets: u32) -> Self {
+        Group {
+            url: server.url(),
+            name: name.to_string(),
+            buckets,
+            members: Vec::new(),
+            receivers: Vec::new(),
+            timeline: Timeline::default(),
+        }
+    }
+
+    async fn join(&mut self, id: &str) {
+        let store = RedisStore::connect(&self.url).await.expect("connect");
+        let member = Member::builder(store, self.name.clone())
+            .id(id)
+            .buckets(self.buckets)
+            .heartbeat(HEARTBEAT)
+            .ttl(TTL)
+            .drain_timeout(Duration::from_millis(200))
+            .start()
+            .await
+            .expect("start");
+        self.receivers.push((id.to_string(), member.events()));
+        self.members.push(member);
+    }
+
+    fn collect(&mut self) {
+        self.timeline.collect(&mut self.receivers);
+        self.timeline.check_safety();
+    }
+
+    fn counts(&self) -> Vec<usize> {
+        self.members.iter().map(|m| m.buckets().len()).collect()
+    }
+
+    fn balanced(&self) -> bool {
+        let counts = self.counts();
+        let lo = self.buckets as usize / counts.len();
+        counts.iter().sum::<usize>() == self.buckets as usize
+            && counts.iter().all(|&c| c == lo || c == lo + 1)
+    }
+
+    async fn until_balanced(&mut self, limit: Duration) -> Duration {
+        let began = Instant::now();
+        while !self.balanced() {
+            assert!(
+                began.elapsed() < limit,
+                "group {} not balanced after {limit:?}: {:?}",
+                self.name,
+                self.counts()
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            self.collect();
+        }
+        self.collect();
+        began.elapsed()
+    }
+
+    fn assert_exclusive(&self) {
+        let mut owner = vec![false; self.buckets as usize];
+        for m in &self.members {
+            for b in m.buckets() {
+                assert!(!std::mem::replace(&mut owner[b as usize], true), "bucket {b} owned twice");
+            }
+        }
+    }
+
+    fn max_token(&self) -> u64 {
+        self.timeline
+            .events
+            .iter()
+            .map(|(_, e)| e.token())
+            .max()
+            .unwrap_or(0)
+    }
+
+    async fn shutdown(self) {
+        for m in self.members {
+            m.shutdown().await.expect("graceful leave");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_to_ten_members_reach_balance() {
+    let server = RedisServer::start();
+    let mut groups = Vec::new();
+    for n in 1..=10 {
+        let mut g = Group::new(&server, &format!("balance-{n}"), 1024);
+        for i in 0..n {
+            g.join(&format!("m{i}")).await;
+        }
+        groups.push(g);
+    }
+    for g in &mut groups {
+        g.until_balanced(TTL * 5).await;
+        g.assert_exclusive();
+    }
+    for g in groups {
+        g.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_and_leave_move_at_most_optimal_plus_n() {
+    let server = RedisServer::start();
+    let mut g = Group::new(&server, "moves", 1024);
+    for i in 0..4 {
+        g.join(&format!("m{i}")).await;
+    }
+    g.until_balanced(TTL * 5).await;
+
+    let mark = g.timeline.events.len();
+    g.join("m4").await;
+    g.until_balanced(TTL * 2).await;
+    tokio::time::sleep(HEARTBEAT).await;
+    g.collect();
+    let moved = g.timeline.acquisitions_since(mark);
+    assert!(moved <= 204 + 5, "join moved {moved}, optimal 204");
+
+    let leaving = g.members.remove(0);
+    let held = leaving.buckets().len();
+    let mark = g.timeline.events.len();
+    leaving.shutdown().await.expect("graceful leave");
+    g.collect();
+    g.receivers.remove(0);
+    g.until_balanced(TTL * 2).await;
+    tokio::time::sleep(HEARTBEAT).await;
+    g.collect();
+    let moved = g.timeline.acquisitions_since(mark);
+    assert!(moved <= held + 4, "leave moved {moved}, optimal {held}");
+    g.assert_exclusive();
+    g.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_member_is_reassigned_after_the_ttl() {
+    let server = RedisServer::start();
+    let mut g = Group::new(&server, "crash", 256);
+    for i in 0..3 {
+        g.join(&format!("m{i}")).await;
+    }
+    g.until_balanced(TTL * 5).await;
+    let crashed = g.members.remove(2);
+    g.collect();
+    g.receivers.remove(2);
+    let began = Instant::now();
+    crashed.abort();
+    g.timeline.crashed("m2", tokio::time::Instant::now());
+    let took = g.until_balanced(TTL * 5).await;
+    assert!(took >= TTL * 9 / 10, "reassigned after {took:?}, before the ttl");
+    assert!(
+        began.elapsed() <= TTL + HEARTBEAT * 3,
+        "reassigned after {:?}, target ttl + heartbeat",
+        began.elapsed()
+    );
+    g.assert_exclusive();
+    g.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_connections_reconnect_without_double_ownership() {
+    let server = RedisServer::start();
+    let mut g = Group::new(&server, "kill", 128);
+    for i in 0..3 {
+        g.join(&format!("m{i}")).await;
+    }
+    g.until_balanced(TTL * 5).await;
+    for _ in 0..3 {
+        server.cli(&["CLIENT", "KILL", "TYPE", "normal"]);
+        server.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+        tokio::time::sleep(HEARTBEAT * 3).await;
+        g.collect();
+        g.assert_exclusive();
+    }
+    g.until_balanced(TTL * 5).await;
+    g.assert_exclusive();
+    g.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_loses_data_and_members_recover_with_larger_tokens() {
+    let mut server = RedisServer::start();
+    let mut g = Group::new(&server, "restart", 64);
+    for i in 0..3 {
+        g.join(&format!("m{i}")).await;
+    }
+    g.until_balanced(TTL * 5).await;
+    let before = g.max_token();
+    let mark = g.timeline.events.len();
+    server.restart();
+    // Every member notices its session is gone and recovers: a new session, then the buckets
+    // again after the re-created group's quarantine.
+    tokio::time::sleep(HEARTBEAT * 3).await;
+    g.until_balanced(TTL * 6).await;
+    g.assert_exclusive();
+    let lost = g.timeline.events[mark..]
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::Lost { .. }))
+        .count();
+    assert_eq!(lost, 64, "every held bucket reported lost");
+    let min_new = g.timeline.events[mark..]
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::Acquired { .. }))
+        .map(|(_, e)| e.token())
+        .min()
+        .expect("re-acquired");
+    assert!(min_new > before, "token went from {before} to {min_new}");
+    g.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_data_under_the_group_keys_is_an_error_not_a_panic() {
+    let server = RedisServer::start();
+    server.cli(&["SET", "{red-buckets:foreign}:meta", "not a hash"]);
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let err = Member::builder(store.clone(), "foreign")
+        .heartbeat(HEARTBEAT)
+        .ttl(TTL)
+        .start()
+        .await
+        .expect_err("foreign data must be refused");
+    assert!(matches!(err, Error::CorruptState { .. }), "{err}");
+
+    server.cli(&["HSET", "{red-buckets:garbage}:meta", "buckets", "abc"]);
+    let err = Member::builder(store.clone(), "garbage")
+        .heartbeat(HEARTBEAT)
+        .ttl(TTL)
+        .start()
+        .await
+        .expect_err("garbage must be refused");
+    assert!(matches!(err, Error::CorruptState { .. }), "{err}");
+
+    // Other groups on the same Redis are unaffected.
+    let mut g = Group::new(&server, "healthy", 16);
+    g.join("a").await;
+    g.until_balanced(TTL * 3).await;
+    g.shutdown().await;
+}
