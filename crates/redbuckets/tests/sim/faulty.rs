@@ -1,0 +1,412 @@
+//! `Faulty`: a store wrapper, one per simulated member process, that injects faults at the store
+//! boundary — the only place a member meets the outside world.
+//!
+//! A call is modelled as a request on a wire and a reply coming back:
+//! - the request may fail before it is sent (`fail_before`), or be lost in a partition;
+//! - once sent it runs on the inner store *whether or not the caller still waits* (it is spawned),
+//!   in the order the member sent its calls (one connection, FIFO), possibly late (`delay`) or
+//!   only when a hold ends;
+//! - the reply may be lost after the call ran (`fail_after`: the outcome-unknown case), delayed
+//!   (sometimes past the member's call timeout), or held.
+//!
+//! Every random choice comes from the wrapper's own `StdRng`, seeded by the simulation.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use redbuckets::store::{
+    Action, GroupKey, HeartbeatReply, Notifications, RebalanceReply, RegisterRequest, Registration,
+    SessionRef,
+};
+use redbuckets::{Error, GroupSnapshot, MemoryStore, Store};
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+
+/// How flaky a member's link to the store is. Probabilities are per call.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Profile {
+    /// The call fails before reaching the store.
+    pub fail_before: f64,
+    /// The call runs, its reply is lost.
+    pub fail_after: f64,
+    /// The request, or the reply, is delayed by up to `max_delay`.
+    pub delay: f64,
+    /// The longest delay.
+    pub max_delay: Duration,
+}
+
+impl Profile {
+    /// No faults (a little latency still varies the interleavings).
+    pub const CALM: Profile = Profile {
+        fail_before: 0.0,
+        fail_after: 0.0,
+        delay: 0.0,
+        max_delay: Duration::ZERO,
+    };
+}
+
+/// Deliberately broken behaviour, to show that the checks catch it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lie {
+    /// An honest store.
+    None,
+    /// Heartbeats report success without renewing the session (the last healthy reply is
+    /// replayed), and no change notice is ever delivered: the member keeps believing it owns
+    /// its buckets after the store expired its session and gave them away.
+    Heartbeat,
+    /// Grants report tokens that go down over time (S2 broken).
+    StaleTokens,
+}
+
+/// Fault counters of a whole run, shared by every wrapper.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub calls: AtomicU64,
+    pub failed_before: AtomicU64,
+    pub lost_replies: AtomicU64,
+    pub delayed: AtomicU64,
+    pub partitioned: AtomicU64,
+    pub ran_unheard: AtomicU64,
+    /// When a registration last ran while its caller no longer waited: a session the member
+    /// may never use (its process may even be gone) joined the group, a membership change.
+    pub unheard_registration: Mutex<Option<Instant>>,
+}
+
+impl Counters {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+struct Control {
+    rng: StdRng,
+    /// Whether a grant may run on the store without the member hearing of it.
+    unheard_grants: bool,
+    profile: Profile,
+    partitioned_until: Option<Instant>,
+    lie: Lie,
+    replay: Option<HeartbeatReply>,
+}
+
+/// What happens to one call, drawn when it is made.
+struct Plan {
+    request_delay: Duration,
+    reply_delay: Duration,
+    lose_reply: bool,
+    /// Changes when the link heals, cutting the delays short.
+    heals: watch::Receiver<u64>,
+    /// Run only while the caller still waits, and always deliver the reply.
+    sure: bool,
+}
+
+/// The store as one member process sees it. Clones share the fault state.
+#[derive(Clone)]
+pub struct Faulty {
+    inner: MemoryStore,
+    ctl: Arc<Mutex<Control>>,
+    /// One connection: requests reach the store in the order they were sent.
+    wire: Arc<tokio::sync::Mutex<()>>,
+    /// Bumped to break every open subscription (a dropped pub/sub connection).
+    breaks: Arc<watch::Sender<u64>>,
+    /// The end of the current hold; a watch so that healing wakes the held calls.
+    held_until: Arc<watch::Sender<Option<Instant>>>,
+    /// Bumped when the link heals: delays drawn before end at once.
+    heals: Arc<watch::Sender<u64>>,
+    counters: Arc<Counters>,
+}
+
+fn unavailable(detail: &str) -> Error {
+    Error::Unavailable {
+        detail: format!("simulated: {detail}"),
+    }
+}
+
+impl Faulty {
+    /// A wrapper around `inner`. Unless `unheard_grants`, a rebalance call that runs always
+    /// gets its reply through (see [`Faulty::call`]).
+    pub fn new(
+        inner: &MemoryStore,
+        seed: u64,
+        lie: Lie,
+        unheard_grants: bool,
+        counters: Arc<Counters>,
+    ) -> Self {
+        Faulty {
+            inner: inner.clone(),
+            ctl: Arc::new(Mutex::new(Control {
+                rng: StdRng::seed_from_u64(seed),
+                unheard_grants,
+                profile: Profile::CALM,
+                partitioned_until: None,
+                lie,
+                replay: None,
+            })),
+            wire: Arc::new(tokio::sync::Mutex::new(())),
+            breaks: Arc::new(watch::channel(0).0),
+            held_until: Arc::new(watch::channel(None).0),
+            heals: Arc::new(watch::channel(0).0),
+            counters,
+        }
+    }
+
+    fn ctl(&self) -> MutexGuard<'_, Control> {
+        self.ctl.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_profile(&self, profile: Profile) {
+        self.ctl().profile = profile;
+    }
+
+    /// Every call fails until `until`; open subscriptions break.
+    pub fn partition(&self, until: Instant) {
+        self.ctl().partitioned_until = Some(until);
+        self.break_subscriptions();
+    }
+
+    /// Requests and replies wait until `until` (a pause, from the store's point of view);
+    /// open subscriptions break.
+    pub fn hold(&self, until: Instant) {
+        self.held_until.send_replace(Some(until));
+        self.break_subscriptions();
+    }
+
+    pub fn break_subscriptions(&self) {
+        self.breaks.send_modify(|n| *n += 1);
+    }
+
+    /// Ends every fault now: held calls go through, the profile turns calm.
+    pub fn heal(&self) {
+        let mut ctl = self.ctl();
+        ctl.profile = Profile::CALM;
+        ctl.partitioned_until = None;
+        drop(ctl);
+        self.held_until.send_replace(None);
+        self.heals.send_modify(|n| *n += 1);
+    }
+
+    fn partitioned(&self) -> bool {
+        self.ctl()
+            .partitioned_until
+            .is_some_and(|u| u > Instant::now())
+    }
+
+    /// Draws the fate of one call; `Err` if it fails before being sent. A `sure` call, once it
+    /// ran, gets its reply back at once.
+    fn plan(&self, sure: bool) -> Result<Plan, Error> {
+        Counters::bump(&self.counters.calls);
+        let mut ctl = self.ctl();
+        if ctl.partitioned_until.is_some_and(|u| u > Instant::now()) {
+            Counters::bump(&self.counters.partitioned);
+            return Err(unavailable("partitioned"));
+        }
+        let p = ctl.profile;
+        if p.fail_before > 0.0 && ctl.rng.gen_bool(p.fail_before) {
+            Counters::bump(&self.counters.failed_before);
+            return Err(unavailable("request failed"));
+        }
+        let delay = |ctl: &mut Control| {
+            if p.delay > 0.0 && ctl.rng.gen_bool(p.delay) && !p.max_delay.is_zero() {
+                Counters::bump(&self.counters.delayed);
+                ctl.rng.gen_range(Duration::ZERO..=p.max_delay)
+            } else if ctl.rng.gen_bool(0.2) {
+                // Ordinary latency, so members' calls interleave in varied ways.
+                Duration::from_micros(ctl.rng.gen_range(0..=2_000))
+            } else {
+                Duration::ZERO
+            }
+        };
+        let request_delay = delay(&mut ctl);
+        let reply_delay = delay(&mut ctl);
+        let lose_reply = p.fail_after > 0.0 && ctl.rng.gen_bool(p.fail_after);
+        let mut heals = self.heals.subscribe();
+        heals.borrow_and_update();
+        Ok(Plan {
+            heals,
+            request_delay,
+            reply_delay: if sure { Duration::ZERO } else { reply_delay },
+            lose_reply: lose_reply && !sure,
+            sure,
+        })
+    }
+
+    /// Waits while the member's calls are held.
+    async fn wait_hold(&self) {
+        let mut held_until = self.held_until.subscribe();
+        loop {
+            let until = *held_until.borrow_and_update();
+            match until {
+                Some(until) if until > Instant::now() => {
+                    tokio::select! {
+                        biased;
+                        _ = held_until.changed() => {}
+                        () = tokio::time::sleep_until(until) => {}
+                    }
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// Sleeps `d`, unless the link heals first.
+    async fn pause(heals: &mut watch::Receiver<u64>, d: Duration) {
+        if d.is_zero() {
+            return;
+        }
+        tokio::select! {
+            biased;
+            _ = heals.changed() => {}
+            () = tokio::time::sleep(d) => {}
+        }
+    }
+
+    /// Sends one call through the simulated wire. A `sure` call never runs unheard: it is
+    /// dropped instead of run once its caller gave up, and its reply is never lost, delayed or
+    /// held (the driver's poll of a ready reply wins over its own timeout).
+    async fn call<T, F, Fut>(&self, name: &'static str, sure: bool, op: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(MemoryStore) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, Error>> + Send + 'static,
+    {
+        let mut plan = self.plan(sure)?;
+        let (tx, rx) = oneshot::channel();
+        let this = self.clone();
+        let (mut heals, request_delay, sure) = (plan.heals.clone(), plan.request_delay, plan.sure);
+        // Spawned: a request that is on the wire runs even if the caller gives up on it.
+        tokio::spawn(async move {
+            let _turn = this.wire.lock().await;
+            Self::pause(&mut heals, request_delay).await;
+            this.wait_hold().await;
+            if this.partitioned() {
+                Counters::bump(&this.counters.partitioned);
+                return; // lost on the way
+            }
+            if sure && tx.is_closed() {
+                return;
+            }
+            let result = op(this.inner.clone()).await;
+            if tx.send(result).is_err() {
+                Counters::bump(&this.counters.ran_unheard);
+                if name == "register" {
+                    *this
+                        .counters
+                        .unheard_registration
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                }
+            }
+        });
+        let result = rx.await.map_err(|_| unavailable("request lost"))?;
+        if plan.sure {
+            return result;
+        }
+        Self::pause(&mut plan.heals, plan.reply_delay).await;
+        self.wait_hold().await;
+        if plan.lose_reply || self.partitioned() {
+            Counters::bump(&self.counters.lost_replies);
+            return Err(unavailable("reply lost"));
+        }
+        result
+    }
+}
+
+impl Store for Faulty {
+    async fn register(&self, g: &GroupKey, r: &RegisterRequest) -> Result<Registration, Error> {
+        let (g, r) = (g.clone(), r.clone());
+        self.call("register", false, move |s| async move {
+            s.register(&g, &r).await
+        })
+        .await
+    }
+
+    async fn heartbeat(
+        &self,
+        g: &GroupKey,
+        s: &SessionRef,
+        ttl: Duration,
+    ) -> Result<HeartbeatReply, Error> {
+        if self.ctl().lie == Lie::Heartbeat {
+            if let Some(reply) = self.ctl().replay {
+                return Ok(reply);
+            }
+        }
+        let (g, s) = (g.clone(), s.clone());
+        let reply = self
+            .call("heartbeat", false, move |st| async move {
+                st.heartbeat(&g, &s, ttl).await
+            })
+            .await?;
+        let mut ctl = self.ctl();
+        if ctl.lie == Lie::Heartbeat && reply.alive && reply.free == 0 {
+            // From now on, every heartbeat "succeeds" with this reply.
+            ctl.replay = Some(reply);
+        }
+        Ok(reply)
+    }
+
+    async fn rebalance(
+        &self,
+        g: &GroupKey,
+        s: &SessionRef,
+        max: u32,
+    ) -> Result<RebalanceReply, Error> {
+        let (g, s) = (g.clone(), s.clone());
+        let sure = !self.ctl().unheard_grants;
+        let mut reply = self
+            .call("rebalance", sure, move |st| async move {
+                st.rebalance(&g, &s, max).await
+            })
+            .await?;
+        if self.ctl().lie == Lie::StaleTokens {
+            if let Action::Acquired { token, .. } = &mut reply.action {
+                *token = u64::MAX - *token;
+            }
+        }
+        Ok(reply)
+    }
+
+    async fn release(&self, g: &GroupKey, s: &SessionRef, b: &[u32]) -> Result<u32, Error> {
+        let (g, s, b) = (g.clone(), s.clone(), b.to_vec());
+        self.call("release", false, move |st| async move {
+            st.release(&g, &s, &b).await
+        })
+        .await
+    }
+
+    async fn deregister(&self, g: &GroupKey, s: &SessionRef) -> Result<(), Error> {
+        let (g, s) = (g.clone(), s.clone());
+        self.call("deregister", false, move |st| async move {
+            st.deregister(&g, &s).await
+        })
+        .await
+    }
+
+    async fn snapshot(&self, g: &GroupKey) -> Result<Option<GroupSnapshot>, Error> {
+        self.inner.snapshot(g).await
+    }
+
+    async fn subscribe(&self, g: &GroupKey) -> Result<Notifications, Error> {
+        if self.ctl().lie == Lie::Heartbeat {
+            // A liar never tells the member that anything changed.
+            return Ok(Notifications::new(futures_util::stream::pending()));
+        }
+        self.plan(false)?;
+        let inner = self.inner.subscribe(g).await?;
+        let mut breaks = self.breaks.subscribe();
+        breaks.borrow_and_update();
+        Ok(Notifications::new(futures_util::stream::unfold(
+            (inner, breaks),
+            |(mut inner, mut breaks)| async move {
+                tokio::select! {
+                    biased;
+                    _ = breaks.changed() => None,
+                    notice = inner.next() => notice.map(|()| ((), (inner, breaks))),
+                }
+            },
+        )))
+    }
+}
