@@ -326,7 +326,15 @@ impl<S: Store> Driver<S> {
                     self.want_rebalance = true;
                 }
                 self.seen_version = reply.version;
-                self.shared.lock().version = reply.version;
+                let local_count = {
+                    let mut local = self.shared.lock();
+                    local.version = reply.version;
+                    local.held.len()
+                };
+                if reply.held as usize != local_count {
+                    // A grant or release whose reply we never heard: learn what we hold.
+                    self.resync(local_count, reply.held).await;
+                }
             }
             Ok(_) => {
                 tracing::warn!("the store no longer knows our session");
@@ -366,6 +374,8 @@ impl<S: Store> Driver<S> {
             local.version = reply.version;
         }
         let now = Instant::now();
+        let committed = reply.committed as usize;
+        let check_count = !matches!(reply.action, Action::SessionLost);
         match reply.action {
             Action::Acquired { buckets, token } => {
                 if self.valid_until.is_none_or(|until| now >= until) {
@@ -379,16 +389,7 @@ impl<S: Store> Driver<S> {
                 self.want_rebalance = !buckets.is_empty();
                 let mut local = self.shared.lock();
                 for &bucket in &buckets {
-                    local.held.insert(
-                        bucket,
-                        Held {
-                            token,
-                            cancel: CancellationToken::new(),
-                            guard: std::sync::Weak::new(),
-                            revoked_at: None,
-                            drain_until: now,
-                        },
-                    );
+                    local.held.insert(bucket, Held::new(token, now));
                 }
                 drop(local);
                 for bucket in buckets {
@@ -410,6 +411,126 @@ impl<S: Store> Driver<S> {
                 self.next_heartbeat = now;
             }
         }
+        if check_count && self.session.is_some() {
+            // The store's count of what we keep must match ours; if not, an earlier reply was
+            // lost: a release decision we never heard of (revoke now), or a grant (resync).
+            let (active, total) = {
+                let local = self.shared.lock();
+                let active = local
+                    .held
+                    .values()
+                    .filter(|h| h.revoked_at.is_none())
+                    .count();
+                (active, local.held.len())
+            };
+            if active > committed {
+                tracing::info!(active, committed, "the store expects a release we missed");
+                self.revoke(Some(active - committed), now + self.config.drain_timeout);
+            } else if active < committed {
+                self.resync(total, u32::try_from(committed).unwrap_or(u32::MAX))
+                    .await;
+            }
+        }
+    }
+
+    /// Aligns the local ledger with the store's owner records after a lost reply: adopts grants
+    /// we did not hear of (they are ours, and our deadline has not passed), and drops buckets the
+    /// store no longer lists as ours (a release that ran, or foreign edits).
+    async fn resync(&mut self, local_count: usize, store_count: u32) {
+        tracing::info!(
+            local_count,
+            store_count,
+            "holdings differ from the store's; resyncing"
+        );
+        let Some(session) = self.session.clone() else {
+            return;
+        };
+        let snapshot = match call(
+            &self.abort,
+            self.call_deadline(),
+            "snapshot",
+            self.store.snapshot(&self.group),
+        )
+        .await
+        {
+            Ok(Some(snapshot)) => snapshot,
+            Ok(None) => {
+                let now = Instant::now();
+                self.lose(LostReason::SessionExpired, now);
+                self.next_heartbeat = now;
+                return;
+            }
+            Err(e) => {
+                self.report(e);
+                return;
+            }
+        };
+        let ours = snapshot
+            .members
+            .iter()
+            .any(|m| m.id == session.member && m.session == session.session);
+        let now = Instant::now();
+        if !ours {
+            self.lose(LostReason::SessionExpired, now);
+            self.next_heartbeat = now;
+            return;
+        }
+        if self.valid_until.is_none_or(|until| now >= until) {
+            return;
+        }
+        let stored: std::collections::BTreeMap<u32, u64> = snapshot
+            .owners
+            .iter()
+            .enumerate()
+            .filter_map(|(b, o)| {
+                let o = o.as_ref()?;
+                (o.member == session.member).then(|| (u32::try_from(b).ok(), o.token))
+            })
+            .filter_map(|(b, token)| Some((b?, token)))
+            .collect();
+        let mut events = Vec::new();
+        {
+            let mut local = self.shared.lock();
+            let gone: Vec<u32> = local
+                .held
+                .keys()
+                .filter(|b| !stored.contains_key(b))
+                .copied()
+                .collect();
+            for bucket in gone {
+                if let Some(held) = local.held.remove(&bucket) {
+                    held.cancel.cancel();
+                    events.push(if held.revoked_at.is_some() {
+                        Event::Released {
+                            bucket,
+                            token: held.token,
+                            at: now,
+                        }
+                    } else {
+                        Event::Lost {
+                            bucket,
+                            token: held.token,
+                            reason: LostReason::Disowned,
+                            at: now,
+                        }
+                    });
+                }
+            }
+            for (&bucket, &token) in &stored {
+                if !local.held.contains_key(&bucket) {
+                    local.held.insert(bucket, Held::new(token, now));
+                    events.push(Event::Acquired {
+                        bucket,
+                        token,
+                        at: now,
+                    });
+                }
+            }
+        }
+        for event in events {
+            self.emit(event);
+        }
+        self.want_rebalance = true;
     }
 
     /// Revokes `count` owned buckets (all if `None`): the most recently granted first.

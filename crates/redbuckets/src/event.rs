@@ -15,6 +15,8 @@ pub enum LostReason {
     Deadline,
     /// The store no longer knows the session (it expired there, or the store lost its data).
     SessionExpired,
+    /// The store no longer lists the bucket as this member's (its data was edited or lost).
+    Disowned,
 }
 
 impl std::fmt::Display for LostReason {
@@ -22,6 +24,7 @@ impl std::fmt::Display for LostReason {
         f.write_str(match self {
             LostReason::Deadline => "no heartbeat succeeded before the lease deadline",
             LostReason::SessionExpired => "the store no longer knows the session",
+            LostReason::Disowned => "the store no longer lists the bucket as ours",
         })
     }
 }

@@ -397,3 +397,16 @@ pub(crate) struct Held {
     pub(crate) revoked_at: Option<Instant>,
     pub(crate) drain_until: Instant,
 }
+
+impl Held {
+    /// A freshly granted bucket.
+    pub(crate) fn new(token: u64, now: Instant) -> Self {
+        Held {
+            token,
+            cancel: CancellationToken::new(),
+            guard: Weak::new(),
+            revoked_at: None,
+            drain_until: now,
+        }
+    }
+}

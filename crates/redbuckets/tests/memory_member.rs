@@ -3,7 +3,7 @@
 
 mod checker;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,11 +19,13 @@ use tokio::time::{sleep, Instant};
 const HEARTBEAT: Duration = Duration::from_millis(100);
 const TTL: Duration = Duration::from_millis(1000);
 
-/// A store wrapper that can cut one member off (every call fails) to mimic a partition.
+/// A store wrapper that can cut one member off (every call fails) to mimic a partition, or
+/// lose the replies of rebalance and release calls that did run (the outcome-unknown case).
 #[derive(Clone)]
 struct Cuttable {
     inner: MemoryStore,
     cut: Arc<AtomicBool>,
+    lose_replies: Arc<AtomicU32>,
 }
 
 impl Cuttable {
@@ -31,6 +33,22 @@ impl Cuttable {
         Cuttable {
             inner: inner.clone(),
             cut: Arc::new(AtomicBool::new(false)),
+            lose_replies: Arc::new(AtomicU32::new(0)),
+        }
+    }
+    /// Err if a reply is to be lost (after the call ran).
+    fn lose_reply<T>(&self, reply: Result<T, Error>) -> Result<T, Error> {
+        let lose = self
+            .lose_replies
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if lose {
+            Err(Error::Timeout {
+                call: "lost by the test",
+                after: Duration::ZERO,
+            })
+        } else {
+            reply
         }
     }
     fn check(&self) -> Result<(), Error> {
@@ -65,11 +83,11 @@ impl Store for Cuttable {
         max: u32,
     ) -> Result<RebalanceReply, Error> {
         self.check()?;
-        self.inner.rebalance(g, s, max).await
+        self.lose_reply(self.inner.rebalance(g, s, max).await)
     }
     async fn release(&self, g: &GroupKey, s: &SessionRef, b: &[u32]) -> Result<u32, Error> {
         self.check()?;
-        self.inner.release(g, s, b).await
+        self.lose_reply(self.inner.release(g, s, b).await)
     }
     async fn deregister(&self, g: &GroupKey, s: &SessionRef) -> Result<(), Error> {
         self.check()?;
@@ -442,4 +460,47 @@ async fn store_data_loss_is_survived_with_larger_tokens() {
         .min()
         .unwrap();
     assert!(new_min > max_token);
+}
+
+#[tokio::test(start_paused = true)]
+async fn lost_grant_replies_are_recovered() {
+    let store = MemoryStore::new();
+    let lossy = Cuttable::new(&store);
+    let a = start(lossy.clone(), "a", 20).await;
+    let mut events = a.events();
+    // The first grant's reply is lost: the store granted 20 buckets the member never heard of.
+    lossy.lose_replies.store(1, Ordering::SeqCst);
+    sleep(TTL + HEARTBEAT * 3).await;
+    assert_eq!(
+        a.buckets().len(),
+        20,
+        "the member adopts what the store granted it"
+    );
+    let mut acquired = 0;
+    while let Ok(e) = events.try_recv() {
+        if let Event::Acquired { .. } = e {
+            acquired += 1;
+        }
+    }
+    assert_eq!(acquired, 20);
+}
+
+#[tokio::test(start_paused = true)]
+async fn lost_release_decisions_and_replies_are_recovered() {
+    let store = MemoryStore::new();
+    let lossy = Cuttable::new(&store);
+    let a = start(lossy.clone(), "a", 20).await;
+    sleep(TTL + HEARTBEAT).await;
+    assert_eq!(a.buckets().len(), 20);
+    // b joins; a's "release 10" decision and then its release call's reply are lost.
+    lossy.lose_replies.store(2, Ordering::SeqCst);
+    let b = start(store.clone(), "b", 20).await;
+    sleep(HEARTBEAT * 5).await;
+    assert_eq!(a.buckets().len(), 10);
+    assert_eq!(b.buckets().len(), 10);
+    let mut owned: Vec<u32> = a.buckets();
+    owned.extend(b.buckets());
+    owned.sort_unstable();
+    assert_eq!(owned, (0..20).collect::<Vec<_>>());
+    assert_eq!(a.status().draining, 0);
 }

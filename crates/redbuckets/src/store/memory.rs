@@ -219,18 +219,20 @@ impl Store for MemoryStore {
                 alive: false,
                 version: 0,
                 free: 0,
+                held: 0,
             });
         };
         let purged = state.purge(now);
-        let alive = match state.live(session, now) {
+        let (alive, held) = match state.live(session, now) {
             Some(m) => {
                 m.expires = now + ttl;
-                true
+                (true, u32::try_from(m.held.len()).unwrap_or(u32::MAX))
             }
-            None => false,
+            None => (false, 0),
         };
         let reply = HeartbeatReply {
             alive,
+            held,
             version: state.version,
             free: u32::try_from(state.free.len()).unwrap_or(u32::MAX),
         };
@@ -309,11 +311,16 @@ impl Store for MemoryStore {
                 }
             }
         };
+        let committed = state
+            .members
+            .get(&session.member)
+            .map_or(0, |m| m.committed);
         let reply = RebalanceReply {
             action,
             share,
             version: state.version,
             free: u32::try_from(state.free.len()).unwrap_or(u32::MAX),
+            committed,
         };
         if notify {
             inner.notify(group);
@@ -441,5 +448,6 @@ fn lost_reply() -> RebalanceReply {
         share: (0, 0),
         version: 0,
         free: 0,
+        committed: 0,
     }
 }

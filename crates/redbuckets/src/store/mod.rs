@@ -121,6 +121,9 @@ pub struct HeartbeatReply {
     pub version: u64,
     /// Free buckets in the group.
     pub free: u32,
+    /// Buckets the store lists as the session's (owned or committed for release). A member whose
+    /// own count differs lost a reply (a grant or a release it did not hear of) and resyncs.
+    pub held: u32,
 }
 
 /// What a rebalance step did for the calling member.
@@ -157,6 +160,9 @@ pub struct RebalanceReply {
     pub version: u64,
     /// Free buckets after the step.
     pub free: u32,
+    /// The member's committed holdings after the step: what it holds, minus what it must
+    /// release. A member that counts otherwise lost a reply and resyncs.
+    pub committed: u32,
 }
 
 /// The owner record of a bucket.

@@ -626,6 +626,9 @@ impl Store for RedisStore {
             free: field(2)
                 .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
                 .ok_or_else(|| bad("free"))?,
+            held: field(3)
+                .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+                .ok_or_else(|| bad("held"))?,
         })
     }
 
@@ -651,6 +654,7 @@ impl Store for RedisStore {
                 share: (0, 0),
                 version: 0,
                 free: 0,
+                committed: 0,
             });
         }
         let field = |i: usize| items.get(i).and_then(uint);
@@ -659,10 +663,11 @@ impl Store for RedisStore {
         let share = (field32(2, "share min")?, field32(3, "share max")?);
         let version = field(4).ok_or_else(|| bad("version"))?;
         let free = field32(5, "free")?;
+        let committed = field32(6, "committed")?;
         let action = match kind.as_str() {
             "acquired" => {
                 let buckets = items
-                    .get(6..)
+                    .get(7..)
                     .unwrap_or(&[])
                     .iter()
                     .map(|v| uint32(v).ok_or_else(|| bad("bucket id")))
@@ -682,6 +687,7 @@ impl Store for RedisStore {
             share,
             version,
             free,
+            committed,
         })
     }
 

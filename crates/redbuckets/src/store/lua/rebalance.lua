@@ -1,5 +1,5 @@
 -- rebalance: ARGV[2] member, [3] nonce, [4] max_take.
--- Returns {kind, value, share_min, share_max, ver, free, bucket...} where kind is
+-- Returns {kind, value, share_min, share_max, ver, free, committed, bucket...} where kind is
 -- 'acquired' (value = token, then the buckets), 'release' (value = count), 'stay', 'wait'
 -- (value = µs left), or {'lost'}.
 -- The share rule is src/share.rs `step` / `target_range`; keep both in step.
@@ -71,13 +71,13 @@ end
 
 local free = redis.call('SCARD', K_FREE)
 if now < meta.grant_after then
-  return { 'wait', fmt(meta.grant_after - now), base, share_max, fmt(meta.ver), free }
+  return { 'wait', fmt(meta.grant_after - now), base, share_max, fmt(meta.ver), free, mine }
 end
 
 if mine > allowed then
   local k = mine - allowed
   redis.call('ZADD', count_k, fmt(allowed), member)
-  return { 'release', k, base, share_max, fmt(meta.ver), free }
+  return { 'release', k, base, share_max, fmt(meta.ver), free, allowed }
 end
 
 if mine < allowed and free > 0 then
@@ -102,11 +102,11 @@ if mine < allowed and free > 0 then
   batched('HSET', K_OWNER, pairs_)
   batched('SADD', held_key(member), taken)
   redis.call('ZADD', count_k, fmt(mine + #taken), member)
-  local reply = { 'acquired', fmt(token), base, share_max, fmt(meta.ver), redis.call('SCARD', K_FREE) }
+  local reply = { 'acquired', fmt(token), base, share_max, fmt(meta.ver), redis.call('SCARD', K_FREE), mine + #taken }
   for _, b in ipairs(taken) do
     reply[#reply + 1] = b
   end
   return reply
 end
 
-return { 'stay', 0, base, share_max, fmt(meta.ver), free }
+return { 'stay', 0, base, share_max, fmt(meta.ver), free, mine }
