@@ -76,7 +76,10 @@ async fn redis_stats(conn: &mut redis::aio::MultiplexedConnection) -> Stats {
     let evalsha = |key: &str| -> f64 {
         info.lines()
             .find_map(|l| l.strip_prefix("cmdstat_evalsha:"))
-            .and_then(|v| v.split(',').find_map(|kv| kv.strip_prefix(&format!("{key}="))))
+            .and_then(|v| {
+                v.split(',')
+                    .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+            })
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0.0)
     };
@@ -110,7 +113,11 @@ async fn rates(conn: &mut redis::aio::MultiplexedConnection, window: Duration) -
     Rates {
         calls: calls / secs,
         commands: (b.commands - a.commands - 1.0) / secs,
-        usec_per_call: if calls > 0.0 { (b.evalsha_usec - a.evalsha_usec) / calls } else { 0.0 },
+        usec_per_call: if calls > 0.0 {
+            (b.evalsha_usec - a.evalsha_usec) / calls
+        } else {
+            0.0
+        },
         cpu_ms: (b.cpu_s - a.cpu_s) * 1000.0 / secs,
     }
 }

@@ -87,7 +87,10 @@ impl Group {
         let mut owner = vec![false; self.buckets as usize];
         for m in &self.members {
             for b in m.buckets() {
-                assert!(!std::mem::replace(&mut owner[b as usize], true), "bucket {b} owned twice");
+                assert!(
+                    !std::mem::replace(&mut owner[b as usize], true),
+                    "bucket {b} owned twice"
+                );
             }
         }
     }
@@ -175,7 +178,10 @@ async fn crashed_member_is_reassigned_after_the_ttl() {
     crashed.abort();
     g.timeline.crashed("m2", tokio::time::Instant::now());
     let took = g.until_balanced(TTL * 5).await;
-    assert!(took >= TTL * 9 / 10, "reassigned after {took:?}, before the ttl");
+    assert!(
+        took >= TTL * 9 / 10,
+        "reassigned after {took:?}, before the ttl"
+    );
     assert!(
         began.elapsed() <= TTL + HEARTBEAT * 3,
         "reassigned after {:?}, target ttl + heartbeat",
