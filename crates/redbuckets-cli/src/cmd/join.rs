@@ -1,0 +1,410 @@
+//! `redbuckets join`: one member that reports its ownership changes until SIGTERM/Ctrl-C, then
+//! leaves gracefully (revoke, release, deregister) and reports those final events too.
+
+use std::collections::BTreeSet;
+use std::io::Write as _;
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use anyhow::{anyhow, Context as _};
+use redbuckets::{Config, Event, Member};
+use serde_json::{json, Value};
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::sync::broadcast::Receiver;
+use tokio::time::Instant;
+
+use super::{connect, group_key, scrub, unix_us, Signals};
+use crate::render::{fmt_duration, fmt_ranges};
+use crate::JoinArgs;
+
+pub async fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
+    let key = group_key(&args.group);
+    let mut config = Config::new(key.name.clone());
+    config.prefix = key.prefix.clone();
+    if let Some(id) = args.id {
+        config.member_id = id;
+    }
+    if let Some(buckets) = args.buckets {
+        config.buckets = buckets;
+    }
+    if let Some(heartbeat) = args.heartbeat {
+        config.heartbeat = heartbeat;
+    }
+    if let Some(ttl) = args.ttl {
+        config.ttl = ttl;
+    }
+    if let Some(weight) = args.weight {
+        config.weight = weight;
+    }
+    if let Some(drain) = args.drain {
+        config.drain_timeout = drain;
+    }
+    // Bad options are reported before anything touches the network.
+    config.validate()?;
+
+    let mut signals = Signals::install()?;
+    let url = args.group.redis.clone();
+    let store = connect(&url).await?;
+    let builder = Member::builder(store, key.name.clone()).config(config);
+    let member = tokio::select! {
+        started = builder.start() => started
+            .map_err(|e| anyhow!("{}", scrub(&e.to_string(), &url)))
+            .with_context(|| format!("cannot join group {:?}", key.name))?,
+        name = signals.recv() => return Err(anyhow!("{name} before the member had joined")),
+    };
+    // Subscribed right after start: a group grants nothing before its first ttl is over, and a
+    // running group grants through this member's task, which reports every grant on this channel.
+    let mut events = member.events();
+    let mut out = Output::new(args.json, member.id().to_string());
+    let c = member.config();
+    out.joined(&key.name, c.buckets, c.ttl)?;
+
+    let signal = loop {
+        tokio::select! {
+            name = signals.recv() => break name,
+            received = events.recv() => match received {
+                Ok(event) => {
+                    let mut burst = vec![event];
+                    out.settle().await;
+                    if let Some(missed) = drain_ready(&mut events, &mut burst) {
+                        out.lagged(missed, Some(member.buckets()));
+                    }
+                    if let Err(e) = out.events(&burst) {
+                        // Nobody reads our output any more: still leave properly.
+                        tracing::warn!("stdout closed ({e}); leaving the group");
+                        break "stdout closed";
+                    }
+                }
+                Err(RecvError::Lagged(n)) => out.lagged(n, Some(member.buckets())),
+                Err(RecvError::Closed) => {
+                    return Err(anyhow!("the member's task stopped unexpectedly"));
+                }
+            },
+        }
+    };
+
+    out.note(&format!("{signal}: leaving the group"));
+    let id = member.id().to_string();
+    let shutdown = member.shutdown();
+    tokio::pin!(shutdown);
+    let mut closed = false;
+    let result = loop {
+        tokio::select! {
+            result = &mut shutdown => break result,
+            received = events.recv(), if !closed => match received {
+                Ok(event) => {
+                    let mut burst = vec![event];
+                    out.settle().await;
+                    if let Some(missed) = drain_ready(&mut events, &mut burst) {
+                        out.lagged(missed, None);
+                    }
+                    let _ = out.events(&burst);
+                }
+                Err(RecvError::Lagged(n)) => out.lagged(n, None),
+                // The task is gone; `shutdown` completes right after.
+                Err(RecvError::Closed) => closed = true,
+            },
+            name = signals.recv() => {
+                return Err(anyhow!(
+                    "{name} again: stopped without releasing; the buckets of {id} are freed \
+                     when its session expires"
+                ));
+            }
+        }
+    };
+    // Everything the task reported before it ended is still buffered.
+    let mut rest = Vec::new();
+    if let Some(missed) = drain_ready(&mut events, &mut rest) {
+        out.lagged(missed, None);
+    }
+    let _ = out.events(&rest);
+    out.left(result.is_ok());
+    match result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => Err(anyhow!("{}", scrub(&e.to_string(), &url)))
+            .context("leaving the group did not complete; the remaining buckets are freed when the session expires"),
+    }
+}
+
+/// Moves whatever is already buffered into `burst`, so a rebalance prints as one group.
+/// Returns how many events were missed, if the channel overflowed.
+fn drain_ready(events: &mut Receiver<Event>, burst: &mut Vec<Event>) -> Option<u64> {
+    let mut missed = None;
+    loop {
+        match events.try_recv() {
+            Ok(event) => burst.push(event),
+            Err(TryRecvError::Lagged(n)) => *missed.get_or_insert(0) += n,
+            Err(TryRecvError::Empty | TryRecvError::Closed) => return missed,
+        }
+    }
+}
+
+/// Prints events as JSON lines or as short text lines, and tracks what the member holds.
+struct Output {
+    json: bool,
+    member: String,
+    held: BTreeSet<u32>,
+    started: Instant,
+}
+
+impl Output {
+    fn new(json: bool, member: String) -> Self {
+        Output {
+            json,
+            member,
+            held: BTreeSet::new(),
+            started: Instant::now(),
+        }
+    }
+
+    /// For text, lets the rest of a rebalance arrive so it prints as one line. JSON lines go
+    /// out at once.
+    async fn settle(&self) {
+        if !self.json {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    fn line(&self, line: &str) -> std::io::Result<()> {
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "{line}")?;
+        stdout.flush()
+    }
+
+    fn stamp(&self) -> String {
+        format!("[{:>8.3}s]", self.started.elapsed().as_secs_f64())
+    }
+
+    fn joined(
+        &mut self,
+        group: &str,
+        buckets: u32,
+        ttl: std::time::Duration,
+    ) -> anyhow::Result<()> {
+        let line = if self.json {
+            json!({
+                "event": "joined",
+                "member": self.member,
+                "group": group,
+                "buckets": buckets,
+                "at_us": unix_us(SystemTime::now()),
+            })
+            .to_string()
+        } else {
+            format!(
+                "{} joined group {group:?} as {} ({buckets} buckets; a new group grants nothing \
+                 during its first {})",
+                self.stamp(),
+                self.member,
+                fmt_duration(ttl)
+            )
+        };
+        self.line(&line).context("cannot write to stdout")
+    }
+
+    fn left(&self, clean: bool) {
+        let line = if self.json {
+            json!({
+                "event": "left",
+                "member": self.member,
+                "clean": clean,
+                "at_us": unix_us(SystemTime::now()),
+            })
+            .to_string()
+        } else if clean {
+            format!("{} left the group", self.stamp())
+        } else {
+            format!("{} left the group, not cleanly", self.stamp())
+        };
+        let _ = self.line(&line);
+    }
+
+    /// A human note; JSON output carries only events.
+    fn note(&self, note: &str) {
+        if !self.json {
+            let _ = self.line(&format!("{} {note}", self.stamp()));
+        }
+    }
+
+    /// The channel overflowed: says so on stderr and resynchronises the held set when the
+    /// member can still tell (`holding_now`), as `Member::events` advises.
+    fn lagged(&mut self, missed: u64, holding_now: Option<Vec<u32>>) {
+        match holding_now {
+            Some(now) => {
+                eprintln!(
+                    "error: missed {missed} ownership events (output too slow); holding {} \
+                     buckets now: {}",
+                    now.len(),
+                    fmt_ranges(&now)
+                );
+                self.held = now.into_iter().collect();
+            }
+            None => eprintln!("error: missed {missed} ownership events (output too slow)"),
+        }
+    }
+
+    fn events(&mut self, burst: &[Event]) -> std::io::Result<()> {
+        for event in burst {
+            match event {
+                Event::Acquired { bucket, .. } => {
+                    self.held.insert(*bucket);
+                }
+                Event::Revoked { bucket, .. } | Event::Lost { bucket, .. } => {
+                    self.held.remove(bucket);
+                }
+                _ => {}
+            }
+        }
+        if self.json {
+            // One reading of both clocks per burst: events of the same instant get the same
+            // `at_us` (converting each on its own would jitter by a microsecond or two).
+            let clock = Clock::now();
+            let mut stdout = std::io::stdout().lock();
+            for event in burst {
+                writeln!(stdout, "{}", event_json(&self.member, event, clock))?;
+                stdout.flush()?;
+            }
+            return Ok(());
+        }
+        // Text: one line per kind of change in the burst (a rebalance step comes as a burst).
+        let mut kinds: Vec<(&'static str, Option<String>)> = Vec::new();
+        for event in burst {
+            let (kind, _, reason) = describe(event);
+            if !kinds.contains(&(kind, reason.clone())) {
+                kinds.push((kind, reason));
+            }
+        }
+        for (kind, reason) in kinds {
+            let same: Vec<&Event> = burst
+                .iter()
+                .filter(|e| {
+                    let (k, _, r) = describe(e);
+                    k == kind && r == reason
+                })
+                .collect();
+            let buckets: Vec<u32> = same.iter().map(|e| e.bucket()).collect();
+            let mut tokens: Vec<u64> = same.iter().map(|e| e.token()).collect();
+            tokens.sort_unstable();
+            tokens.dedup();
+            let mut line = if buckets.len() == 1 {
+                format!("{} {kind} bucket {}", self.stamp(), buckets[0])
+            } else {
+                format!(
+                    "{} {kind} {} buckets {}",
+                    self.stamp(),
+                    buckets.len(),
+                    fmt_ranges(&buckets)
+                )
+            };
+            if let [token] = tokens[..] {
+                line.push_str(&format!(" (token {token})"));
+            }
+            if let Some(reason) = reason {
+                line.push_str(&format!(": {reason}"));
+            }
+            line.push_str(&format!(", holding {}", self.held.len()));
+            self.line(&line)?;
+        }
+        Ok(())
+    }
+}
+
+fn describe(event: &Event) -> (&'static str, u64, Option<String>) {
+    match event {
+        Event::Acquired { token, .. } => ("acquired", *token, None),
+        Event::Revoked { token, .. } => ("revoked", *token, None),
+        Event::Released { token, .. } => ("released", *token, None),
+        Event::Lost { token, reason, .. } => ("lost", *token, Some(reason.to_string())),
+        _ => ("changed", event.token(), None),
+    }
+}
+
+/// Tokio's clock and the wall clock read together, to convert event instants to Unix time.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    instant: Instant,
+    system: SystemTime,
+}
+
+impl Clock {
+    pub fn now() -> Self {
+        Clock {
+            instant: Instant::now(),
+            system: SystemTime::now(),
+        }
+    }
+
+    /// `at` as Unix microseconds.
+    pub fn unix_us(&self, at: Instant) -> u64 {
+        let system = if at <= self.instant {
+            self.system.checked_sub(self.instant - at)
+        } else {
+            self.system.checked_add(at - self.instant)
+        };
+        unix_us(system.unwrap_or(self.system))
+    }
+}
+
+/// One event as the JSON object `join --json` prints.
+pub fn event_json(member: &str, event: &Event, clock: Clock) -> Value {
+    let (kind, _, _) = describe(event);
+    let mut v = json!({
+        "event": kind,
+        "bucket": event.bucket(),
+        "token": event.token(),
+        "member": member,
+        "at_us": clock.unix_us(event.at()),
+    });
+    if let Event::Lost { reason, .. } = event {
+        v["reason"] = json!(match reason {
+            redbuckets::LostReason::Deadline => "deadline",
+            redbuckets::LostReason::SessionExpired => "session_expired",
+            _ => "other",
+        });
+        v["detail"] = json!(reason.to_string());
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redbuckets::LostReason;
+
+    #[test]
+    fn events_as_json() {
+        let at = Instant::now();
+        let clock = Clock::now();
+        let v = event_json(
+            "w1",
+            &Event::Acquired {
+                bucket: 17,
+                token: 42,
+                at,
+            },
+            clock,
+        );
+        assert_eq!(v["event"], "acquired");
+        assert_eq!(v["bucket"], 17);
+        assert_eq!(v["token"], 42);
+        assert_eq!(v["member"], "w1");
+        let now = unix_us(SystemTime::now());
+        let at_us = v["at_us"].as_u64().unwrap();
+        assert!(now.abs_diff(at_us) < 1_000_000, "{now} vs {at_us}");
+        assert!(v.get("reason").is_none());
+
+        let v = event_json(
+            "w1",
+            &Event::Lost {
+                bucket: 3,
+                token: 9,
+                reason: LostReason::Deadline,
+                at: at + std::time::Duration::from_millis(3),
+            },
+            clock,
+        );
+        assert_eq!(v["event"], "lost");
+        assert_eq!(v["reason"], "deadline");
+        assert_eq!(v["at_us"].as_u64().unwrap(), at_us + 3000);
+    }
+}

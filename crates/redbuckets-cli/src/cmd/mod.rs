@@ -1,0 +1,124 @@
+//! One module per subcommand, and what they share: connecting to Redis without ever showing a
+//! password, waiting for SIGTERM/Ctrl-C, wall-clock conversions.
+
+pub mod demo;
+pub mod join;
+pub mod status;
+pub mod watch;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, Context as _};
+use redbuckets::{redact_url, Config, GroupKey, RedisStore};
+
+use crate::GroupArgs;
+
+/// How long connecting may take before we give up (the client's own timeout covers one
+/// attempt; this bounds everything, DNS included).
+const CONNECT_BUDGET: Duration = Duration::from_secs(10);
+
+/// Connects to the Redis at `url`. Errors name the URL with its password replaced by `***`.
+pub async fn connect(url: &str) -> anyhow::Result<RedisStore> {
+    let shown = redact_url(url);
+    match tokio::time::timeout(CONNECT_BUDGET, RedisStore::connect(url)).await {
+        Ok(Ok(store)) => Ok(store),
+        Ok(Err(e)) => {
+            let message = scrub(&e.to_string(), url);
+            Err(match e {
+                // It names the URL and says what is wrong with it.
+                redbuckets::Error::Url { .. } => anyhow!("{message}"),
+                _ if message.contains(&shown) => anyhow!("cannot connect: {message}"),
+                _ => anyhow!("cannot connect to {shown}: {message}"),
+            })
+        }
+        Err(_) => Err(anyhow!(
+            "cannot connect to {shown}: no answer within {}",
+            crate::render::fmt_duration(CONNECT_BUDGET)
+        )),
+    }
+}
+
+/// The group key from the command line, with the library's default prefix.
+pub fn group_key(args: &GroupArgs) -> GroupKey {
+    let prefix = args
+        .prefix
+        .clone()
+        .unwrap_or_else(|| Config::new(args.group.clone()).prefix);
+    GroupKey::new(prefix, args.group.clone())
+}
+
+/// Removes the password of `url` from a message, should any layer below have quoted it.
+pub fn scrub(message: &str, url: &str) -> String {
+    match password(url) {
+        Some(pw) if !pw.is_empty() => message.replace(pw, "***"),
+        _ => message.to_string(),
+    }
+}
+
+fn password(url: &str) -> Option<&str> {
+    let rest = &url[url.find("://")? + 3..];
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    let userinfo = &authority[..authority.rfind('@')?];
+    // `redis://token@host` carries a secret without a colon.
+    Some(userinfo.split_once(':').map_or(userinfo, |(_, pw)| pw))
+}
+
+/// Completes on the first SIGTERM or SIGINT (Ctrl-C).
+pub struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers. From here on the signals no longer kill the process.
+    pub fn install() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals {
+                term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+                int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    /// Waits for the next signal; returns its name.
+    pub async fn recv(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => "SIGTERM",
+                _ = self.int.recv() => "SIGINT",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "Ctrl-C"
+        }
+    }
+}
+
+/// Unix time in microseconds.
+pub fn unix_us(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scrub;
+
+    #[test]
+    fn scrubs_passwords_from_messages() {
+        let url = "redis://user:hunter2@h:1/0";
+        assert_eq!(scrub("auth hunter2 failed", url), "auth *** failed");
+        assert_eq!(scrub("x", "redis://h:1"), "x");
+        assert_eq!(scrub("bad tok3n", "redis://tok3n@h"), "bad ***");
+    }
+}

@@ -1,0 +1,145 @@
+//! `redbuckets status`: one read of the group's state (`Store::snapshot`), as text or JSON, and
+//! with `--check` an exit code saying whether every bucket is owned and the load is even.
+
+use std::process::ExitCode;
+
+use anyhow::anyhow;
+use redbuckets::{redact_url, GroupSnapshot, Store};
+use serde_json::json;
+
+use super::{connect, group_key, scrub};
+use crate::analysis::{analyze, Analysis};
+use crate::render::fmt_duration;
+use crate::StatusArgs;
+
+pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let key = group_key(&args.group);
+    let url = &args.group.redis;
+    let store = connect(url).await?;
+    let snapshot = store
+        .snapshot(&key)
+        .await
+        .map_err(|e| {
+            anyhow!(
+                "cannot read group {:?}: {}",
+                key.name,
+                scrub(&e.to_string(), url)
+            )
+        })?
+        .ok_or_else(|| {
+            anyhow!(
+                "group {:?} (prefix {:?}) does not exist at {}: no member has joined it, or \
+                 every member left",
+                key.name,
+                key.prefix,
+                redact_url(url)
+            )
+        })?;
+    let analysis = analyze(&snapshot);
+    if args.json {
+        println!("{}", to_json(&key.name, &key.prefix, &snapshot, &analysis));
+    } else {
+        print!("{}", to_text(&key.name, &key.prefix, &snapshot, &analysis));
+    }
+    if args.check && !analysis.problems.is_empty() {
+        for p in &analysis.problems {
+            eprintln!("check failed: {p}");
+        }
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn to_json(group: &str, prefix: &str, s: &GroupSnapshot, a: &Analysis) -> serde_json::Value {
+    json!({
+        "group": group,
+        "prefix": prefix,
+        "buckets": s.buckets,
+        "protocol": s.protocol,
+        "version": s.version,
+        "quarantine_ms": millis(s.quarantine),
+        "free": a.free,
+        "balance": {
+            "min": a.min.as_ref().map(|m| m.0),
+            "max": a.max.as_ref().map(|m| m.0),
+            "equal_weights": a.equal_weights,
+        },
+        "releasing": a.draining,
+        "members": s.members.iter().map(|m| json!({
+            "id": m.id,
+            "session": m.session,
+            "weight": m.weight,
+            "held": m.held,
+            "committed": m.committed,
+            "expires_in_ms": millis(m.expires_in),
+            "session_age_ms": millis(m.session_age),
+        })).collect::<Vec<_>>(),
+        "ok": a.problems.is_empty(),
+        "problems": a.problems,
+    })
+}
+
+fn to_text(group: &str, prefix: &str, s: &GroupSnapshot, a: &Analysis) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "group {group:?} (prefix {prefix:?}): {} buckets, {} member{}, membership version {}",
+        s.buckets,
+        s.members.len(),
+        if s.members.len() == 1 { "" } else { "s" },
+        s.version
+    );
+    if !s.quarantine.is_zero() {
+        let _ = writeln!(
+            out,
+            "warming up: the group grants nothing for another {}",
+            fmt_duration(s.quarantine)
+        );
+    }
+    let _ = write!(out, "free buckets: {}", a.free);
+    if let (Some((lo, _)), Some((hi, _))) = (&a.min, &a.max) {
+        let _ = write!(out, "; held per member: min {lo}, max {hi}");
+    }
+    if a.draining > 0 {
+        let _ = write!(out, "; {} being released", a.draining);
+    }
+    let _ = writeln!(out);
+    if !s.members.is_empty() {
+        let width = s
+            .members
+            .iter()
+            .map(|m| m.id.len())
+            .max()
+            .unwrap_or(0)
+            .max(6);
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:>6}  {:>6}  {:>10}  {:>11}",
+            "MEMBER", "WEIGHT", "HELD", "EXPIRES_IN", "SESSION_AGE"
+        );
+        for m in &s.members {
+            let _ = writeln!(
+                out,
+                "{:<width$}  {:>6}  {:>6}  {:>10}  {:>11}",
+                m.id,
+                m.weight,
+                m.held,
+                fmt_duration(m.expires_in),
+                fmt_duration(m.session_age)
+            );
+        }
+    }
+    if a.problems.is_empty() {
+        let _ = writeln!(out, "ok: every bucket is owned and the load is balanced");
+    } else {
+        for p in &a.problems {
+            let _ = writeln!(out, "not converged: {p}");
+        }
+    }
+    out
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

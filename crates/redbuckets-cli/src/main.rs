@@ -1,0 +1,235 @@
+//! `redbuckets`, the command-line tool: join a group, inspect or watch one, or run the demo.
+//!
+//! A thin layer over the library's public API. Every failure ends as one `error: ...` line on
+//! stderr and exit code 1 (clap's usage errors exit with 2); passwords in Redis URLs are never
+//! printed.
+//!
+//! # Layout
+//! - `main` — the command line (clap), logging, exit codes.
+//! - `cmd/` — one file per subcommand: `join`, `status`, `watch`, `demo`; `cmd/mod.rs` holds
+//!   what they share (connecting, signals, the clock).
+//! - `analysis` — what a [`redbuckets::GroupSnapshot`] says about balance and coverage. Pure.
+//! - `checker` — S1/S2 and coverage checks over members' event streams. Pure.
+//! - `render` — the bucket grid, colors, and duration formatting for terminals.
+
+mod analysis;
+mod checker;
+mod cmd;
+mod render;
+
+use std::io::IsTerminal as _;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+const EXAMPLES: &str = "\
+Examples:
+  redbuckets demo                                    # no Redis needed
+  redbuckets join --redis redis://127.0.0.1/ --group orders --buckets 256 --json
+  redbuckets status --redis redis://127.0.0.1/ --group orders --check
+  redbuckets watch --redis redis://127.0.0.1/ --group orders
+
+--redis defaults to $REDBUCKETS_REDIS_URL. Logs go to stderr; set RUST_LOG (default: warn).";
+
+/// Spread buckets over the live members of a group, through Redis.
+#[derive(Debug, Parser)]
+#[command(name = "redbuckets", version, after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Join a group and report every ownership change until SIGTERM or Ctrl-C, then leave
+    /// gracefully.
+    #[command(after_help = "\
+Examples:
+  redbuckets join --redis redis://127.0.0.1/ --group orders
+  redbuckets join --redis redis://:secret@10.0.0.5:6379/0 --group orders --id worker-1 \\
+      --buckets 256 --heartbeat 500ms --ttl 5s --json
+
+With --json every line of stdout is one JSON object:
+  {\"event\":\"joined\",\"member\":\"worker-1\",\"group\":\"orders\",\"buckets\":256,\"at_us\":...}
+  {\"event\":\"acquired\",\"bucket\":17,\"token\":42,\"member\":\"worker-1\",\"at_us\":...}
+  ... \"revoked\", \"released\", \"lost\" (with \"reason\") ...
+  {\"event\":\"left\",\"member\":\"worker-1\",\"clean\":true,\"at_us\":...}
+at_us is Unix time in microseconds: when ownership began (acquired) or ended (the others).
+A new group grants nothing during its first ttl.")]
+    Join(JoinArgs),
+
+    /// Print a group's members, holdings, free buckets and balance.
+    #[command(after_help = "\
+Examples:
+  redbuckets status --redis redis://127.0.0.1/ --group orders
+  redbuckets status --group orders --json            # with REDBUCKETS_REDIS_URL set
+  redbuckets status --group orders --check || alert  # exit 1 unless every bucket is owned and balanced")]
+    Status(StatusArgs),
+
+    /// Live view of a group: members and a grid of all buckets colored by owner, until Ctrl-C.
+    #[command(after_help = "\
+Examples:
+  redbuckets watch --redis redis://127.0.0.1/ --group orders
+  redbuckets watch --group orders --interval 1s | tee log   # not a terminal: one line per change")]
+    Watch(WatchArgs),
+
+    /// Start a few members in-process and show a join, a graceful leave and a crash, with
+    /// timings and a safety check. Needs no Redis.
+    #[command(after_help = "\
+Examples:
+  redbuckets demo
+  redbuckets demo --members 8 --buckets 4096
+  redbuckets demo --redis redis://127.0.0.1/         # the same on Redis, in group demo-<pid>")]
+    Demo(DemoArgs),
+}
+
+/// Where the group lives.
+#[derive(Debug, Args)]
+struct GroupArgs {
+    /// Redis URL, e.g. redis://:password@host:6379/0 or rediss://... for TLS.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "REDBUCKETS_REDIS_URL",
+        hide_env_values = true
+    )]
+    redis: String,
+    /// Group name.
+    #[arg(long, value_name = "NAME")]
+    group: String,
+    /// Key prefix in Redis [default: red-buckets].
+    #[arg(long, value_name = "P")]
+    prefix: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct JoinArgs {
+    #[command(flatten)]
+    group: GroupArgs,
+    /// Member id, stable across restarts [default: a random UUID].
+    #[arg(long)]
+    id: Option<String>,
+    /// Bucket count of the group; must match the group's if it exists [default: 1024].
+    #[arg(long, value_name = "N")]
+    buckets: Option<u32>,
+    /// Heartbeat period [default: 1s].
+    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
+    heartbeat: Option<Duration>,
+    /// Session ttl: how long the leases outlive the last heartbeat [default: 10s].
+    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
+    ttl: Option<Duration>,
+    /// Relative weight of this member [default: 1].
+    #[arg(long, value_name = "W")]
+    weight: Option<u32>,
+    /// How long a revoked bucket waits for its lease handles [default: 1s].
+    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
+    drain: Option<Duration>,
+    /// One JSON object per line on stdout instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    group: GroupArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Exit 1, saying why, unless every bucket is owned and the holdings are balanced.
+    #[arg(long)]
+    check: bool,
+}
+
+#[derive(Debug, Args)]
+struct WatchArgs {
+    #[command(flatten)]
+    group: GroupArgs,
+    /// How often to read the group.
+    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration, default_value = "200ms")]
+    interval: Duration,
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// Members to start with.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(2..=64))]
+    members: u32,
+    /// Bucket count.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    buckets: u32,
+    /// Run on Redis instead of the in-process store.
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
+    /// Heartbeat period.
+    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration, default_value = "200ms")]
+    heartbeat: Duration,
+    /// Session ttl.
+    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration, default_value = "1s")]
+    ttl: Duration,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Join(args) => cmd::join::run(args).await,
+            Command::Status(args) => cmd::status::run(args).await,
+            Command::Watch(args) => cmd::watch::run(args).await,
+            Command::Demo(args) => cmd::demo::run(args).await,
+        }
+    });
+    // Member tasks may still be winding down after an error; don't wait for them.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            // `{:#}` puts the whole context chain on one line.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `warn`), so stdout stays for the output.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_subcommand_has_an_example() {
+        for sub in Cli::command().get_subcommands() {
+            let help = sub.get_after_help().map(ToString::to_string);
+            assert!(
+                help.is_some_and(|h| h.contains("Examples:") && h.contains("redbuckets ")),
+                "{} has no example",
+                sub.get_name()
+            );
+        }
+    }
+}

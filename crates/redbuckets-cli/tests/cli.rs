@@ -1,0 +1,706 @@
+//! The `redbuckets` binary end to end: `join --json` processes on a real `redis-server` handing
+//! buckets over on SIGTERM, `status` against known states, bad input, and the demo without a
+//! terminal. Every wait is bounded: no test can hang.
+
+#[path = "../../redbuckets/tests/support/mod.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::net::{Ipv4Addr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::RedisServer;
+
+const BIN: &str = env!("CARGO_BIN_EXE_redbuckets");
+
+/// A command with a clean environment: no Redis URL or log filter from the caller's shell.
+fn command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_remove("REDBUCKETS_REDIS_URL")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// The outcome of a finished run.
+#[derive(Debug)]
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    took: Duration,
+}
+
+/// Runs to completion, killing the process (and failing) if it takes longer than `limit`.
+fn run_cmd(mut cmd: Command, limit: Duration) -> Run {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn redbuckets");
+    let stdout = drain(child.stdout.take().expect("stdout"));
+    let stderr = drain(child.stderr.take().expect("stderr"));
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} did not finish within {limit:?}; stderr: {}",
+                stderr.join().unwrap_or_default()
+            );
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    Run {
+        code: status.code(),
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+        took: start.elapsed(),
+    }
+}
+
+fn run(args: &[&str], limit: Duration) -> Run {
+    run_cmd(command(args), limit)
+}
+
+fn drain(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut s = String::new();
+        let _ = pipe.read_to_string(&mut s);
+        s
+    })
+}
+
+/// A running `redbuckets join --json`, its stdout parsed line by line as it comes.
+struct Joined {
+    id: String,
+    child: Child,
+    lines: mpsc::Receiver<Value>,
+    seen: Vec<Value>,
+    stderr: Option<thread::JoinHandle<String>>,
+}
+
+impl Joined {
+    fn spawn(redis: &RedisServer, group: &str, id: &str, extra: &[&str]) -> Joined {
+        let url = redis.url();
+        let mut args = vec![
+            "join", "--json", "--redis", &url, "--group", group, "--id", id,
+        ];
+        args.extend_from_slice(extra);
+        let mut child = command(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn join");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                let value: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line:?}"));
+                if tx.send(value).is_err() {
+                    return;
+                }
+            }
+        });
+        let stderr = Some(drain(child.stderr.take().expect("stderr")));
+        Joined {
+            id: id.to_string(),
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr,
+        }
+    }
+
+    /// Takes in whatever lines arrived.
+    fn poll(&mut self) {
+        while let Ok(v) = self.lines.try_recv() {
+            self.seen.push(v);
+        }
+    }
+
+    /// Waits up to `limit` for a line with `"event": kind`.
+    fn wait_for(&mut self, kind: &str, limit: Duration) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(v) = self.seen.iter().find(|v| v["event"] == kind) {
+                return v.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left.max(Duration::from_millis(1))) {
+                Ok(v) => self.seen.push(v),
+                Err(_) => panic!(
+                    "{}: no {kind:?} line within {limit:?}; got {:?}",
+                    self.id, self.seen
+                ),
+            }
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {sig} {}", self.id);
+    }
+
+    /// Waits for the process to exit (at most `limit`), then reads the rest of its output.
+    fn wait_exit(&mut self, limit: Duration) -> (Option<i32>, String) {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {limit:?}",
+                self.id
+            );
+            thread::sleep(Duration::from_millis(10));
+        };
+        // The reader thread ends at EOF, closing the channel.
+        while let Ok(v) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.seen.push(v);
+        }
+        let stderr = self
+            .stderr
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default();
+        (status.code(), stderr)
+    }
+}
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `status --check` until it passes, at most `limit`.
+fn wait_converged(redis: &RedisServer, group: &str, members: usize, limit: Duration) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let url = redis.url();
+        let r = run(
+            &[
+                "status", "--redis", &url, "--group", group, "--json", "--check",
+            ],
+            Duration::from_secs(10),
+        );
+        if r.code == Some(0) {
+            let v: Value = serde_json::from_str(&r.stdout).expect("status --json is JSON");
+            if v["members"].as_array().map(Vec::len) == Some(members) {
+                return v;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "group {group} did not converge on {members} members within {limit:?}: {} {}",
+            r.stdout,
+            r.stderr
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One ownership read from the JSON lines.
+#[derive(Debug, Clone)]
+struct Owned {
+    member: String,
+    token: u64,
+    start: u64,
+    end: Option<u64>,
+    released: Option<u64>,
+}
+
+/// Ownership intervals per bucket from every member's lines; panics on a stream that makes no
+/// sense (a release without a revoke, an acquire of a bucket already owned).
+fn intervals(streams: &[&[Value]]) -> BTreeMap<u64, Vec<Owned>> {
+    let mut out: BTreeMap<u64, Vec<Owned>> = BTreeMap::new();
+    for lines in streams {
+        let mut open: BTreeMap<u64, Owned> = BTreeMap::new();
+        let mut ended: BTreeMap<(u64, u64), Owned> = BTreeMap::new();
+        for v in lines.iter() {
+            let kind = v["event"].as_str().expect("event");
+            if kind == "joined" || kind == "left" {
+                continue;
+            }
+            let bucket = v["bucket"].as_u64().expect("bucket");
+            let token = v["token"].as_u64().expect("token");
+            let at = v["at_us"].as_u64().expect("at_us");
+            let member = v["member"].as_str().expect("member").to_string();
+            match kind {
+                "acquired" => {
+                    let prev = open.insert(
+                        bucket,
+                        Owned {
+                            member,
+                            token,
+                            start: at,
+                            end: None,
+                            released: None,
+                        },
+                    );
+                    assert!(prev.is_none(), "acquired {bucket} twice: {v}");
+                }
+                "revoked" | "lost" => {
+                    let mut o = open.remove(&bucket).expect("revoked what it did not own");
+                    assert_eq!(o.token, token, "{v}");
+                    o.end = Some(at);
+                    ended.insert((bucket, token), o);
+                }
+                "released" => {
+                    let o = ended
+                        .get_mut(&(bucket, token))
+                        .unwrap_or_else(|| panic!("released before revoked: {v}"));
+                    o.released = Some(at);
+                }
+                other => panic!("unknown event {other:?}"),
+            }
+        }
+        for ((bucket, _), o) in ended {
+            out.entry(bucket).or_default().push(o);
+        }
+        for (bucket, o) in open {
+            out.entry(bucket).or_default().push(o);
+        }
+    }
+    for list in out.values_mut() {
+        list.sort_by_key(|o| o.start);
+    }
+    out
+}
+
+#[test]
+fn two_members_hand_over_on_sigterm() {
+    let redis = RedisServer::start();
+    let buckets = 32u64;
+    let opts = ["--buckets", "32", "--heartbeat", "100ms", "--ttl", "1s"];
+    let mut a = Joined::spawn(&redis, "orders", "a", &opts);
+    let mut b = Joined::spawn(&redis, "orders", "b", &opts);
+    a.wait_for("joined", Duration::from_secs(10));
+    b.wait_for("joined", Duration::from_secs(10));
+
+    // Balanced: 16 each, nothing free.
+    let status = wait_converged(&redis, "orders", 2, Duration::from_secs(15));
+    assert_eq!(status["free"], 0, "{status}");
+    assert_eq!(status["buckets"], buckets, "{status}");
+    assert_eq!(status["ok"], true, "{status}");
+    for m in status["members"].as_array().expect("members") {
+        assert_eq!(m["held"], 16, "{status}");
+        assert!(
+            m["expires_in_ms"].as_u64().expect("expires_in_ms") <= 1000,
+            "{m}"
+        );
+    }
+
+    // a leaves on SIGTERM and exits 0; b ends up with everything.
+    a.poll();
+    let before_term = a.seen.len();
+    a.signal("-TERM");
+    let (code, stderr) = a.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "a's stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let status = wait_converged(&redis, "orders", 1, Duration::from_secs(10));
+    assert_eq!(status["members"][0]["id"], "b");
+    assert_eq!(status["members"][0]["held"], buckets);
+    b.signal("-TERM");
+    let (code, stderr) = b.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "b's stderr: {stderr}");
+
+    for m in [&a, &b] {
+        assert_eq!(m.seen.first().map(|v| &v["event"]), Some(&"joined".into()));
+        let last = m.seen.last().expect("lines");
+        assert_eq!(last["event"], "left", "{}", m.id);
+        assert_eq!(last["clean"], true, "{}", m.id);
+    }
+
+    let all = intervals(&[&a.seen, &b.seen]);
+    assert_eq!(
+        all.len() as u64,
+        buckets,
+        "every bucket was owned at some point"
+    );
+    for (bucket, list) in &all {
+        for pair in list.windows(2) {
+            let (x, y) = (&pair[0], &pair[1]);
+            assert!(
+                y.token > x.token,
+                "bucket {bucket}: tokens {x:?} then {y:?}"
+            );
+            let end = x.end.unwrap_or_else(|| {
+                panic!(
+                    "bucket {bucket}: {} still owned it when {} acquired it",
+                    x.member, y.member
+                )
+            });
+            assert!(end <= y.start, "bucket {bucket}: {x:?} overlaps {y:?}");
+            let released = x.released.expect("handed over only after a release");
+            assert!(
+                released <= y.start,
+                "bucket {bucket}: {x:?} released after {y:?}"
+            );
+        }
+        // Both left gracefully: every ownership ended with a release.
+        for o in list {
+            assert!(
+                o.released.is_some(),
+                "bucket {bucket}: {o:?} never released"
+            );
+        }
+    }
+
+    // What a held when it got SIGTERM, it released during its shutdown, and b picked it up.
+    let at_term: Vec<u64> = intervals(&[&a.seen[..before_term]])
+        .into_iter()
+        .filter(|(_, list)| list.iter().any(|o| o.end.is_none()))
+        .map(|(bucket, _)| bucket)
+        .collect();
+    assert_eq!(at_term.len(), 16, "a held its share at SIGTERM");
+    let released_at_exit: Vec<u64> = a.seen[before_term..]
+        .iter()
+        .filter(|v| v["event"] == "released")
+        .map(|v| v["bucket"].as_u64().expect("bucket"))
+        .collect();
+    for bucket in &at_term {
+        assert!(
+            released_at_exit.contains(bucket),
+            "a did not release {bucket}"
+        );
+        let list = &all[bucket];
+        let a_last = list
+            .iter()
+            .rposition(|o| o.member == "a")
+            .expect("a owned it");
+        assert!(
+            list[a_last + 1..].iter().any(|o| o.member == "b"),
+            "b did not pick up bucket {bucket}: {list:?}"
+        );
+    }
+}
+
+#[test]
+fn status_reports_warm_up_free_buckets_and_missing_groups() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+
+    let r = run(
+        &["status", "--redis", &url, "--group", "nobody"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(r.stderr.starts_with("error: group \"nobody\""), "{r:?}");
+    assert!(r.stderr.contains("does not exist"), "{r:?}");
+
+    // A new group grants nothing during its first ttl: all buckets are free for 5 s.
+    let mut a = Joined::spawn(
+        &redis,
+        "fresh",
+        "a",
+        &["--buckets", "8", "--heartbeat", "500ms", "--ttl", "5s"],
+    );
+    a.wait_for("joined", Duration::from_secs(10));
+    // Through the environment this time.
+    let mut cmd = command(&["status", "--group", "fresh", "--check"]);
+    cmd.env("REDBUCKETS_REDIS_URL", &url);
+    let r = run_cmd(cmd, Duration::from_secs(10));
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(r.stderr.contains("8 of 8 buckets are unowned"), "{r:?}");
+    assert!(r.stderr.contains("warming up"), "{r:?}");
+    assert!(r.stdout.contains("MEMBER"), "{r:?}");
+
+    let r = run(
+        &["status", "--redis", &url, "--group", "fresh", "--json"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(r.code, Some(0), "without --check, status succeeds: {r:?}");
+    let v: Value = serde_json::from_str(&r.stdout).expect("JSON");
+    assert_eq!(v["free"], 8);
+    assert_eq!(v["ok"], false);
+    assert!(v["quarantine_ms"].as_u64().expect("quarantine_ms") > 0);
+    assert_eq!(v["members"][0]["id"], "a");
+    assert_eq!(v["members"][0]["held"], 0);
+
+    a.signal("-TERM");
+    let (code, stderr) = a.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+/// A port on 127.0.0.1 that nothing listens on.
+fn closed_port() -> u16 {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+#[test]
+fn bad_input_gets_one_clear_line() {
+    let closed = format!("redis://127.0.0.1:{}", closed_port());
+    let secret = format!("redis://user:hunter2@127.0.0.1:{}/0", closed_port());
+    let join = |url: &str, extra: &[&str]| {
+        let mut args = vec!["join", "--redis", url, "--group", "g"];
+        args.extend_from_slice(extra);
+        args.iter().map(|s| (*s).to_string()).collect::<Vec<_>>()
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (join(&closed, &[]), "cannot connect"),
+        (
+            vec![
+                "status".into(),
+                "--redis".into(),
+                closed.clone(),
+                "--group".into(),
+                "g".into(),
+            ],
+            "cannot connect",
+        ),
+        (join(&secret, &[]), "redis://user:***@127.0.0.1"),
+        (join("not a url", &[]), "invalid Redis URL"),
+        (join("http://127.0.0.1:6379", &[]), "invalid Redis URL"),
+        (
+            join(&closed, &["--buckets", "0"]),
+            "buckets: must be in 1..=65536",
+        ),
+        (
+            join(&closed, &["--ttl", "100ms", "--heartbeat", "1s"]),
+            "ttl: must be at least 3 × heartbeat",
+        ),
+        (
+            vec![
+                "join".into(),
+                "--redis".into(),
+                closed.clone(),
+                "--group".into(),
+                "a{b}".into(),
+            ],
+            "group: must not contain '{'",
+        ),
+    ];
+    for (args, needle) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let r = run(&args, Duration::from_secs(10));
+        assert_eq!(r.code, Some(1), "{args:?}: {r:?}");
+        assert!(
+            r.took < Duration::from_secs(5),
+            "{args:?} took {:?}",
+            r.took
+        );
+        assert!(!r.stderr.contains("panicked"), "{args:?}: {}", r.stderr);
+        assert!(
+            !r.stderr.contains("hunter2"),
+            "{args:?} printed the password"
+        );
+        let lines: Vec<&str> = r.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{args:?}: one line, got {:?}", r.stderr);
+        assert!(lines[0].starts_with("error: "), "{args:?}: {}", r.stderr);
+        assert!(
+            lines[0].contains(needle),
+            "{args:?}: {} lacks {needle:?}",
+            r.stderr
+        );
+        assert!(r.stdout.is_empty(), "{args:?}: {}", r.stdout);
+    }
+
+    // Usage errors are clap's: exit code 2.
+    for args in [
+        vec!["join", "--group", "g"],
+        vec![
+            "join",
+            "--redis",
+            "redis://x",
+            "--group",
+            "g",
+            "--ttl",
+            "5 parsecs",
+        ],
+        vec!["status", "--redis", "redis://x"],
+        vec!["frobnicate"],
+    ] {
+        let r = run(&args, Duration::from_secs(5));
+        assert_eq!(r.code, Some(2), "{args:?}: {r:?}");
+        assert!(r.stderr.starts_with("error: "), "{args:?}: {}", r.stderr);
+    }
+}
+
+#[test]
+fn help_shows_an_example_for_every_subcommand() {
+    for sub in ["join", "status", "watch", "demo"] {
+        let r = run(&[sub, "--help"], Duration::from_secs(5));
+        assert_eq!(r.code, Some(0), "{r:?}");
+        assert!(r.stdout.contains("Examples:"), "{sub}: {}", r.stdout);
+        assert!(
+            r.stdout.contains(&format!("redbuckets {sub}")),
+            "{sub}: {}",
+            r.stdout
+        );
+    }
+    // A password in the environment never shows in --help.
+    let mut cmd = command(&["join", "--help"]);
+    cmd.env("REDBUCKETS_REDIS_URL", "redis://:hunter2@h/");
+    let r = run_cmd(cmd, Duration::from_secs(5));
+    assert!(!r.stdout.contains("hunter2"), "{}", r.stdout);
+}
+
+#[test]
+fn demo_runs_to_the_end_without_a_terminal() {
+    let r = run(
+        &[
+            "demo",
+            "--members",
+            "3",
+            "--buckets",
+            "64",
+            "--heartbeat",
+            "50ms",
+            "--ttl",
+            "500ms",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(
+        !r.stdout.contains('\x1b'),
+        "no escape codes in a pipe: {}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("no bucket ever had two owners"),
+        "{}",
+        r.stdout
+    );
+    for phase in ["start", "join m4", "leave m1", "crash m2"] {
+        assert!(r.stdout.contains(phase), "{phase}: {}", r.stdout);
+    }
+    // Each phase moves what it must, within the design's bound (L3: optimal + n); the
+    // optimum is ⌊64/4⌋ = 16 for the join and the departed member's holdings otherwise.
+    for (phase, optimal) in [
+        ("start", Some(64)),
+        ("join m4", Some(16)),
+        ("leave m1", Some(16)),
+        ("crash m2", None),
+    ] {
+        let row = r
+            .stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(phase) && l.contains('/'))
+            .unwrap_or_else(|| panic!("no summary row for {phase}: {}", r.stdout));
+        let (moved, best) = row
+            .split_whitespace()
+            .find_map(|w| {
+                let (a, b) = w.split_once('/')?;
+                Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?))
+            })
+            .unwrap_or_else(|| panic!("no moved/optimal in {row:?}"));
+        if let Some(optimal) = optimal {
+            assert_eq!(best, optimal, "{row}");
+        }
+        assert!(moved >= best && moved <= best + 4, "{row}");
+    }
+    assert!(r.took < Duration::from_secs(30), "demo took {:?}", r.took);
+}
+
+#[test]
+fn demo_runs_on_redis_too() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let r = run(
+        &[
+            "demo",
+            "--redis",
+            &url,
+            "--members",
+            "2",
+            "--buckets",
+            "32",
+            "--heartbeat",
+            "50ms",
+            "--ttl",
+            "500ms",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(
+        r.stdout.contains("no bucket ever had two owners"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("group demo-"), "{}", r.stdout);
+}
+
+#[test]
+fn passwords_never_show() {
+    let mut redis = RedisServer::start_with(&["--requirepass", "hunter2pw"]);
+    let url = format!("redis://:hunter2pw@127.0.0.1:{}/0", redis.port());
+
+    let r = run(
+        &["status", "--redis", &url, "--group", "nobody"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(r.stderr.contains("redis://:***@127.0.0.1"), "{r:?}");
+
+    let wrong = format!("redis://:nope-pw@127.0.0.1:{}/0", redis.port());
+    let r = run(
+        &["status", "--redis", &wrong, "--group", "g"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(!r.stderr.contains("nope-pw"), "{r:?}");
+
+    // A member that loses its Redis logs errors, with the URL in them, at every level.
+    let mut cmd = command(&[
+        "join",
+        "--redis",
+        &url,
+        "--group",
+        "g",
+        "--buckets",
+        "4",
+        "--heartbeat",
+        "100ms",
+        "--ttl",
+        "1s",
+    ]);
+    cmd.env("RUST_LOG", "trace");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn join");
+    let stdout = drain(child.stdout.take().expect("stdout"));
+    let stderr = drain(child.stderr.take().expect("stderr"));
+    thread::sleep(Duration::from_millis(1500));
+    redis.stop();
+    thread::sleep(Duration::from_millis(1500));
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("join did not exit after SIGTERM");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+    assert!(stderr.contains("redis://:***@127.0.0.1"), "{stderr}");
+    assert!(!stdout.contains("hunter2pw"), "{stdout}");
+    assert!(!stderr.contains("hunter2pw"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
