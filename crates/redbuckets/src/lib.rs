@@ -54,3 +54,8 @@ pub use member::{ErrorHook, Member, MemberBuilder, Status};
 pub use store::memory::MemoryStore;
 pub use store::redis::{RedisOptions, RedisStore};
 pub use store::{GroupKey, GroupSnapshot, Store};
+
+/// The README's examples compile as doc-tests, so what it shows stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
