@@ -84,8 +84,6 @@ impl Counters {
 
 struct Control {
     rng: StdRng,
-    /// Whether a grant may run on the store without the member hearing of it.
-    unheard_grants: bool,
     profile: Profile,
     partitioned_until: Option<Instant>,
     lie: Lie,
@@ -99,8 +97,6 @@ struct Plan {
     lose_reply: bool,
     /// Changes when the link heals, cutting the delays short.
     heals: watch::Receiver<u64>,
-    /// Run only while the caller still waits, and always deliver the reply.
-    sure: bool,
 }
 
 /// The store as one member process sees it. Clones share the fault state.
@@ -126,20 +122,12 @@ fn unavailable(detail: &str) -> Error {
 }
 
 impl Faulty {
-    /// A wrapper around `inner`. Unless `unheard_grants`, a rebalance call that runs always
-    /// gets its reply through (see [`Faulty::call`]).
-    pub fn new(
-        inner: &MemoryStore,
-        seed: u64,
-        lie: Lie,
-        unheard_grants: bool,
-        counters: Arc<Counters>,
-    ) -> Self {
+    /// A wrapper around `inner`, its faults drawn from `seed`.
+    pub fn new(inner: &MemoryStore, seed: u64, lie: Lie, counters: Arc<Counters>) -> Self {
         Faulty {
             inner: inner.clone(),
             ctl: Arc::new(Mutex::new(Control {
                 rng: StdRng::seed_from_u64(seed),
-                unheard_grants,
                 profile: Profile::CALM,
                 partitioned_until: None,
                 lie,
@@ -194,9 +182,8 @@ impl Faulty {
             .is_some_and(|u| u > Instant::now())
     }
 
-    /// Draws the fate of one call; `Err` if it fails before being sent. A `sure` call, once it
-    /// ran, gets its reply back at once.
-    fn plan(&self, sure: bool) -> Result<Plan, Error> {
+    /// Draws the fate of one call; `Err` if it fails before being sent.
+    fn plan(&self) -> Result<Plan, Error> {
         Counters::bump(&self.counters.calls);
         let mut ctl = self.ctl();
         if ctl.partitioned_until.is_some_and(|u| u > Instant::now()) {
@@ -227,9 +214,8 @@ impl Faulty {
         Ok(Plan {
             heals,
             request_delay,
-            reply_delay: if sure { Duration::ZERO } else { reply_delay },
-            lose_reply: lose_reply && !sure,
-            sure,
+            reply_delay,
+            lose_reply,
         })
     }
 
@@ -263,19 +249,17 @@ impl Faulty {
         }
     }
 
-    /// Sends one call through the simulated wire. A `sure` call never runs unheard: it is
-    /// dropped instead of run once its caller gave up, and its reply is never lost, delayed or
-    /// held (the driver's poll of a ready reply wins over its own timeout).
-    async fn call<T, F, Fut>(&self, name: &'static str, sure: bool, op: F) -> Result<T, Error>
+    /// Sends one call (`name`) through the simulated wire.
+    async fn call<T, F, Fut>(&self, name: &'static str, op: F) -> Result<T, Error>
     where
         T: Send + 'static,
         F: FnOnce(MemoryStore) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, Error>> + Send + 'static,
     {
-        let mut plan = self.plan(sure)?;
+        let mut plan = self.plan()?;
         let (tx, rx) = oneshot::channel();
         let this = self.clone();
-        let (mut heals, request_delay, sure) = (plan.heals.clone(), plan.request_delay, plan.sure);
+        let (mut heals, request_delay) = (plan.heals.clone(), plan.request_delay);
         // Spawned: a request that is on the wire runs even if the caller gives up on it.
         tokio::spawn(async move {
             let _turn = this.wire.lock().await;
@@ -284,9 +268,6 @@ impl Faulty {
             if this.partitioned() {
                 Counters::bump(&this.counters.partitioned);
                 return; // lost on the way
-            }
-            if sure && tx.is_closed() {
-                return;
             }
             let result = op(this.inner.clone()).await;
             if tx.send(result).is_err() {
@@ -301,9 +282,6 @@ impl Faulty {
             }
         });
         let result = rx.await.map_err(|_| unavailable("request lost"))?;
-        if plan.sure {
-            return result;
-        }
         Self::pause(&mut plan.heals, plan.reply_delay).await;
         self.wait_hold().await;
         if plan.lose_reply || self.partitioned() {
@@ -317,10 +295,8 @@ impl Faulty {
 impl Store for Faulty {
     async fn register(&self, g: &GroupKey, r: &RegisterRequest) -> Result<Registration, Error> {
         let (g, r) = (g.clone(), r.clone());
-        self.call("register", false, move |s| async move {
-            s.register(&g, &r).await
-        })
-        .await
+        self.call("register", move |s| async move { s.register(&g, &r).await })
+            .await
     }
 
     async fn heartbeat(
@@ -336,7 +312,7 @@ impl Store for Faulty {
         }
         let (g, s) = (g.clone(), s.clone());
         let reply = self
-            .call("heartbeat", false, move |st| async move {
+            .call("heartbeat", move |st| async move {
                 st.heartbeat(&g, &s, ttl).await
             })
             .await?;
@@ -355,9 +331,8 @@ impl Store for Faulty {
         max: u32,
     ) -> Result<RebalanceReply, Error> {
         let (g, s) = (g.clone(), s.clone());
-        let sure = !self.ctl().unheard_grants;
         let mut reply = self
-            .call("rebalance", sure, move |st| async move {
+            .call("rebalance", move |st| async move {
                 st.rebalance(&g, &s, max).await
             })
             .await?;
@@ -371,15 +346,16 @@ impl Store for Faulty {
 
     async fn release(&self, g: &GroupKey, s: &SessionRef, b: &[u32]) -> Result<u32, Error> {
         let (g, s, b) = (g.clone(), s.clone(), b.to_vec());
-        self.call("release", false, move |st| async move {
-            st.release(&g, &s, &b).await
-        })
+        self.call(
+            "release",
+            move |st| async move { st.release(&g, &s, &b).await },
+        )
         .await
     }
 
     async fn deregister(&self, g: &GroupKey, s: &SessionRef) -> Result<(), Error> {
         let (g, s) = (g.clone(), s.clone());
-        self.call("deregister", false, move |st| async move {
+        self.call("deregister", move |st| async move {
             st.deregister(&g, &s).await
         })
         .await
@@ -394,7 +370,7 @@ impl Store for Faulty {
             // A liar never tells the member that anything changed.
             return Ok(Notifications::new(futures_util::stream::pending()));
         }
-        self.plan(false)?;
+        self.plan()?;
         let inner = self.inner.subscribe(g).await?;
         let mut breaks = self.breaks.subscribe();
         breaks.borrow_and_update();

@@ -46,10 +46,6 @@ pub struct Options {
     pub churn: bool,
     /// Deliberate misbehaviour of member `m0`'s store.
     pub lie: Lie,
-    /// Whether a rebalance may run on the store while its caller never hears the reply (lost,
-    /// too late, or run after the caller gave up). Off in the default runs until the known bug
-    /// that orphans such grants is fixed (see `simulation.rs`).
-    pub unheard_grants: bool,
 }
 
 impl Options {
@@ -58,13 +54,6 @@ impl Options {
         faults: true,
         churn: true,
         lie: Lie::None,
-        unheard_grants: false,
-    };
-
-    /// Everything, including grants the member never hears of.
-    pub const ALL_FAULTS: Options = Options {
-        unheard_grants: true,
-        ..Options::FULL
     };
 
     /// A group without faults whose member `m0` has a lying store (with churn, so that
@@ -74,7 +63,6 @@ impl Options {
             faults: false,
             churn,
             lie,
-            unheard_grants: false,
         }
     }
 }
@@ -153,7 +141,7 @@ impl Params {
             shutdown_timeout: Duration::from_millis(rng.gen_range(500..=2000)),
             // A liar needs the quarantine, a grant, and a ttl of lying to be found out.
             chaos: Duration::from_millis(if opts.lie == Lie::None {
-                rng.gen_range(1500..=4000)
+                rng.gen_range(1200..=3500)
             } else {
                 rng.gen_range(5000..=6000)
             }),
@@ -510,13 +498,7 @@ impl World {
         } else {
             Lie::None
         };
-        let store = Faulty::new(
-            &self.store,
-            self.rng.gen(),
-            lie,
-            self.opts.unheard_grants,
-            Arc::clone(&self.counters),
-        );
+        let store = Faulty::new(&self.store, self.rng.gen(), lie, Arc::clone(&self.counters));
         if self.opts.faults && self.rng.gen_bool(0.3) {
             store.set_profile(self.random_profile());
         }
