@@ -704,3 +704,81 @@ fn passwords_never_show() {
     assert!(!stderr.contains("hunter2pw"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn watch_prints_a_line_per_change_without_a_terminal() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let mut watch = command(&[
+        "watch",
+        "--redis",
+        &url,
+        "--group",
+        "seen",
+        "--interval",
+        "50ms",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("spawn watch");
+    let stdout = watch.stdout.take().expect("stdout");
+    let (tx, lines) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let stderr = drain(watch.stderr.take().expect("stderr"));
+
+    let mut a = Joined::spawn(
+        &redis,
+        "seen",
+        "a",
+        &["--buckets", "8", "--heartbeat", "100ms", "--ttl", "1s"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("members=1 free=0") && l.contains(" a=8"))
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left.max(Duration::from_millis(1))) {
+            Ok(line) => seen.push(line),
+            Err(_) => {
+                let _ = watch.kill();
+                panic!("watch never showed a holding all 8: {seen:?}");
+            }
+        }
+    }
+    // Warming up first, then the grant.
+    assert!(seen.iter().any(|l| l.contains("warming_up=")), "{seen:?}");
+    assert!(seen.iter().all(|l| !l.contains('\x1b')), "{seen:?}");
+
+    let _ = Command::new("kill")
+        .args(["-INT", &watch.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(status) = watch.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = watch.kill();
+            panic!("watch did not stop on SIGINT");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(0));
+    let stderr = stderr.join().unwrap_or_default();
+    assert!(
+        stderr.contains("does not exist (yet)") || stderr.is_empty(),
+        "{stderr}"
+    );
+    a.signal("-TERM");
+    let (code, _) = a.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0));
+}
