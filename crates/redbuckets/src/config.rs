@@ -10,6 +10,8 @@ pub const MAX_BUCKETS: u32 = 65_536;
 pub const MAX_WEIGHT: u32 = 1_000_000;
 /// Version of the data layout and scripts; stored with the group so mixed versions are refused.
 pub const PROTOCOL_VERSION: u32 = 1;
+/// The default key prefix.
+pub const DEFAULT_PREFIX: &str = "red-buckets";
 /// The longest group name, member id or key prefix.
 pub const MAX_NAME_LEN: usize = 200;
 
@@ -62,7 +64,7 @@ impl Config {
             call_timeout: Duration::from_secs(3),
             shutdown_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(1),
-            prefix: "red-buckets".to_string(),
+            prefix: DEFAULT_PREFIX.to_string(),
             max_clock_drift: 0.01,
             safety_margin: Duration::from_millis(5),
         }

@@ -517,8 +517,8 @@ impl<S: Store> Driver<S> {
                 }
             }
             for (&bucket, &token) in &stored {
-                if !local.held.contains_key(&bucket) {
-                    local.held.insert(bucket, Held::new(token, now));
+                if let std::collections::btree_map::Entry::Vacant(slot) = local.held.entry(bucket) {
+                    slot.insert(Held::new(token, now));
                     events.push(Event::Acquired {
                         bucket,
                         token,

@@ -47,7 +47,7 @@ mod member;
 pub mod share;
 pub mod store;
 
-pub use config::{Config, MAX_BUCKETS, MAX_WEIGHT, PROTOCOL_VERSION};
+pub use config::{Config, DEFAULT_PREFIX, MAX_BUCKETS, MAX_WEIGHT, PROTOCOL_VERSION};
 pub use error::{redact_url, Error};
 pub use event::{instant_to_system, Event, Lease, LostReason};
 pub use member::{ErrorHook, Member, MemberBuilder, Status};
