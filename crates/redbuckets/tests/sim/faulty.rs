@@ -71,6 +71,8 @@ pub struct Counters {
     pub delayed: AtomicU64,
     pub partitioned: AtomicU64,
     pub ran_unheard: AtomicU64,
+    /// Snapshots read by members (resynchronisations after a lost reply).
+    pub snapshots: AtomicU64,
     /// When a registration last ran while its caller no longer waited: a session the member
     /// may never use (its process may even be gone) joined the group, a membership change.
     pub unheard_registration: Mutex<Option<Instant>>,
@@ -256,6 +258,9 @@ impl Faulty {
         F: FnOnce(MemoryStore) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, Error>> + Send + 'static,
     {
+        if name == "snapshot" {
+            Counters::bump(&self.counters.snapshots);
+        }
         let mut plan = self.plan()?;
         let (tx, rx) = oneshot::channel();
         let this = self.clone();
@@ -362,7 +367,11 @@ impl Store for Faulty {
     }
 
     async fn snapshot(&self, g: &GroupKey) -> Result<Option<GroupSnapshot>, Error> {
-        self.inner.snapshot(g).await
+        // Members read snapshots to resynchronise after a lost reply; those reads meet the
+        // same faults as every other call.
+        let g = g.clone();
+        self.call("snapshot", move |st| async move { st.snapshot(&g).await })
+            .await
     }
 
     async fn subscribe(&self, g: &GroupKey) -> Result<Notifications, Error> {
