@@ -280,6 +280,8 @@ struct World {
     counts: BTreeMap<&'static str, u64>,
     /// The last fault, heal, join, leave or crash.
     disturbed_at: Instant,
+    /// Faults are over: processes started from now on get a healthy link.
+    healed: bool,
     timeline_checked_at: Instant,
 }
 
@@ -311,6 +313,7 @@ impl World {
             log: Vec::new(),
             counts: BTreeMap::new(),
             disturbed_at: now,
+            healed: false,
             timeline_checked_at: now,
         }
     }
@@ -364,6 +367,7 @@ impl World {
         }
 
         // Heal every fault and stop the churn.
+        self.healed = true;
         for link in &self.links {
             link.heal();
         }
@@ -499,7 +503,7 @@ impl World {
             Lie::None
         };
         let store = Faulty::new(&self.store, self.rng.gen(), lie, Arc::clone(&self.counters));
-        if self.opts.faults && self.rng.gen_bool(0.3) {
+        if self.opts.faults && !self.healed && self.rng.gen_bool(0.3) {
             store.set_profile(self.random_profile());
         }
         self.links.push(store.clone());
