@@ -46,6 +46,22 @@ pub enum Error {
         configured_protocol: u32,
     },
 
+    /// The group exists with another ttl. All members of a group share one ttl: after the store
+    /// loses its data, the group waits one ttl (of whoever re-creates it) before granting, which
+    /// only protects members whose leases last no longer than that.
+    #[error(
+        "group {group:?} uses a ttl of {stored:?}; this member is configured with {configured:?} \
+         (all members of a group must use the same ttl)"
+    )]
+    TtlMismatch {
+        /// Group name.
+        group: String,
+        /// The group's ttl.
+        stored: Duration,
+        /// This member's ttl.
+        configured: Duration,
+    },
+
     /// The store's data for the group is not what this library wrote (wrong types, garbage).
     #[error("foreign or corrupt data under the keys of group {group:?}: {detail}")]
     CorruptState {

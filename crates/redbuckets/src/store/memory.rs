@@ -52,6 +52,7 @@ impl Default for Inner {
 #[derive(Debug)]
 struct GroupState {
     buckets: u32,
+    ttl: Duration,
     version: u64,
     grant_after: Instant,
     last_token: u64,
@@ -74,6 +75,7 @@ impl GroupState {
     fn new(buckets: u32, now: Instant, ttl: Duration) -> Self {
         GroupState {
             buckets,
+            ttl,
             version: 0,
             grant_after: now + ttl,
             last_token: 0,
@@ -172,6 +174,13 @@ impl Store for MemoryStore {
                 configured: req.buckets,
                 stored_protocol: PROTOCOL_VERSION,
                 configured_protocol: PROTOCOL_VERSION,
+            });
+        }
+        if state.ttl != req.ttl {
+            return Err(Error::TtlMismatch {
+                group: group.name.clone(),
+                stored: state.ttl,
+                configured: req.ttl,
             });
         }
         state.purge(now);

@@ -589,6 +589,11 @@ impl Store for RedisStore {
             "inuse" => Ok(Registration::InUse {
                 expires_in: Duration::from_millis(field(1).ok_or_else(|| bad("expires_in"))?),
             }),
+            "ttl" => Err(Error::TtlMismatch {
+                group: group.name.clone(),
+                stored: Duration::from_micros(field(1).ok_or_else(|| bad("stored ttl"))?),
+                configured: req.ttl,
+            }),
             "mismatch" => Err(Error::GroupMismatch {
                 group: group.name.clone(),
                 stored: field(1)

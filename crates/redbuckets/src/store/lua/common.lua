@@ -93,6 +93,12 @@ local function load_meta()
   return meta
 end
 
+-- The id of this Redis process: it changes on every restart and on a failover.
+local function server_run_id()
+  local info = redis.call('INFO', 'server')
+  return string.match(info, 'run_id:(%x+)') or ''
+end
+
 local function held_key(member)
   return TAG .. ':held:' .. member
 end
@@ -218,4 +224,42 @@ local function committed(member, w)
     return 0
   end
   return uint(s, 'count of ' .. member)
+end
+
+-- Forgets every key of the group (its data is lost or stale; the next registration re-creates
+-- it, with the quarantine).
+local function wipe_group()
+  local members = redis.pcall('HKEYS', K_SESS)
+  if type(members) == 'table' and not members.err then
+    for _, m in ipairs(members) do
+      redis.call('DEL', held_key(m))
+    end
+  end
+  local weights = redis.pcall('HKEYS', K_WCOUNT)
+  if type(weights) == 'table' and not weights.err then
+    for _, w in ipairs(weights) do
+      redis.call('DEL', count_key(w))
+    end
+  end
+  redis.call('DEL', K_META, K_EXP, K_SESS, K_SINCE, K_WEIGHT, K_WCOUNT, K_OWNER, K_FREE)
+end
+
+-- The group's parameters, or nil when the group does not exist or its data was written by
+-- another Redis process. After a restart that reloaded a snapshot or an append-only file, or
+-- a failover to a replica, the data may be stale: members may hold leases it does not show,
+-- and granting from it could give one bucket to two members (S1) with an older token (S2).
+-- Such a group is forgotten, so it is re-created with the quarantine, as after a total loss.
+-- Checked on every path that can grant or adopt buckets (register, rebalance, snapshot), not
+-- on the heartbeat, which grants nothing; INFO costs about as much as the heartbeat itself.
+local function load_current_meta()
+  local meta = load_meta()
+  if not meta then
+    return nil
+  end
+  if redis.call('HGET', K_META, 'run_id') ~= server_run_id() then
+    wipe_group()
+    publish()
+    return nil
+  end
+  return meta
 end

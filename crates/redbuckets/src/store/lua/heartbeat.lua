@@ -13,7 +13,8 @@ local now_ms = idiv(now, 1000)
 local purged = purge(meta, now_ms, HEARTBEAT_PURGE)
 local alive, held = 0, 0
 if live(member, nonce, now_ms) then
-  redis.call('ZADD', K_EXP, fmt(idiv(now + ttl_us, 1000)), member)
+  -- Rounded up: the store never expires a session before the member's own deadline.
+  redis.call('ZADD', K_EXP, fmt(idiv(now + ttl_us + 999, 1000)), member)
   alive = 1
   held = redis.call('SCARD', held_key(member))
 end

@@ -6,7 +6,7 @@
 local member, nonce = ARGV[2], ARGV[3]
 local max_take = uint(ARGV[4], 'max_take argument')
 
-local meta = load_meta()
+local meta = load_current_meta()
 if not meta then
   return { 'lost' }
 end

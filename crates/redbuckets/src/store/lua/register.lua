@@ -13,25 +13,14 @@ local protocol = uint(ARGV[9], 'protocol argument')
 
 local now = server_now_us()
 local now_ms = idiv(now, 1000)
-local exp_ms = idiv(now + ttl_us, 1000)
+-- Rounded up: the store never expires a session before the member's own deadline.
+local exp_ms = idiv(now + ttl_us + 999, 1000)
 
-local meta = load_meta()
+local meta = load_current_meta()
 if not meta then
   -- (Re)create the group. Anything left under its other keys belongs to a group that no longer
   -- exists; clear it so no stale owner record survives next to a full free set.
-  local members = redis.pcall('HKEYS', K_SESS)
-  if type(members) == 'table' and not members.err then
-    for _, m in ipairs(members) do
-      redis.call('DEL', held_key(m))
-    end
-  end
-  local weights = redis.pcall('HKEYS', K_WCOUNT)
-  if type(weights) == 'table' and not weights.err then
-    for _, w in ipairs(weights) do
-      redis.call('DEL', count_key(w))
-    end
-  end
-  redis.call('DEL', K_EXP, K_SESS, K_SINCE, K_WEIGHT, K_WCOUNT, K_OWNER, K_FREE)
+  wipe_group()
   local ids = {}
   for b = 0, buckets - 1 do
     ids[#ids + 1] = tostring(b)
@@ -46,12 +35,19 @@ if not meta then
   -- grant_after: the quarantine. After data loss, members that still hold leases from before
   -- reach their local deadline (S3) before any bucket is granted again.
   redis.call('HSET', K_META, 'buckets', fmt(buckets), 'protocol', fmt(protocol), 'ver', '0',
-    'token', '0', 'grant_after_us', fmt(now + ttl_us), 'created_us', fmt(now))
+    'token', '0', 'grant_after_us', fmt(now + ttl_us), 'created_us', fmt(now),
+    'ttl_us', fmt(ttl_us), 'run_id', server_run_id())
   meta = { buckets = buckets, protocol = protocol, ver = 0, token = 0, grant_after = now + ttl_us }
 end
 
 if meta.buckets ~= buckets or meta.protocol ~= protocol then
   return { 'mismatch', fmt(meta.buckets), fmt(meta.protocol) }
+end
+-- One ttl for the whole group: the quarantine after data loss lasts the ttl of whoever
+-- re-creates the group, so a member with a longer ttl could still hold leases after it.
+local group_ttl = uint(redis.call('HGET', K_META, 'ttl_us') or '', 'meta.ttl_us')
+if group_ttl ~= ttl_us then
+  return { 'ttl', fmt(group_ttl) }
 end
 
 local changed = purge(meta, now_ms) > 0

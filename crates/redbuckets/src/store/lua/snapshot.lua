@@ -1,7 +1,7 @@
 -- snapshot: no further arguments. Returns {} when the group does not exist, else
 -- {buckets, protocol, ver, quarantine_us, {member, nonce, weight, held, committed,
 --  expires_in_ms, age_ms}..., owner_flat} where owner_flat is HGETALL of the owner hash.
-local meta = load_meta()
+local meta = load_current_meta()
 if not meta then
   return {}
 end
