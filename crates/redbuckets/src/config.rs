@@ -10,6 +10,8 @@ pub const MAX_BUCKETS: u32 = 65_536;
 pub const MAX_WEIGHT: u32 = 1_000_000;
 /// Version of the data layout and scripts; stored with the group so mixed versions are refused.
 pub const PROTOCOL_VERSION: u32 = 1;
+/// The longest ttl, heartbeat or timeout: keeps every deadline computation far from overflow.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "red-buckets";
 /// The longest group name, member id or key prefix.
@@ -93,6 +95,20 @@ impl Config {
                 format!("must be at least 10ms, got {:?}", self.heartbeat),
             ));
         }
+        for (field, value) in [
+            ("heartbeat", self.heartbeat),
+            ("call_timeout", self.call_timeout),
+            ("shutdown_timeout", self.shutdown_timeout),
+            ("drain_timeout", self.drain_timeout),
+            ("safety_margin", self.safety_margin),
+        ] {
+            if value > MAX_DURATION {
+                return Err(Error::config(
+                    field,
+                    format!("must be at most 24h, got {value:?}"),
+                ));
+            }
+        }
         if self.ttl < self.heartbeat * 3 {
             return Err(Error::config(
                 "ttl",
@@ -104,7 +120,7 @@ impl Config {
                 ),
             ));
         }
-        if self.ttl > Duration::from_secs(24 * 3600) {
+        if self.ttl > MAX_DURATION {
             return Err(Error::config(
                 "ttl",
                 format!("must be at most 24h, got {:?}", self.ttl),
@@ -222,6 +238,18 @@ mod tests {
                 "above zero",
             ),
             (with(|c| c.max_clock_drift = 0.0), "max_clock_drift", "0.01"),
+            (with(|c| c.heartbeat = Duration::MAX), "heartbeat", "24h"),
+            (
+                with(|c| c.drain_timeout = Duration::MAX),
+                "drain_timeout",
+                "24h",
+            ),
+            (
+                with(|c| c.shutdown_timeout = Duration::MAX),
+                "shutdown_timeout",
+                "24h",
+            ),
+            (with(|c| c.ttl = Duration::MAX), "ttl", "24h"),
             (
                 with(|c| c.shutdown_timeout = Duration::ZERO),
                 "shutdown_timeout",

@@ -6,14 +6,14 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::event::{Event, LostReason};
+use crate::event::{Deadline, Event, LostReason};
 use crate::member::{ErrorHook, Held, Shared};
 use crate::store::{
     Action, GroupKey, Notifications, RegisterRequest, Registration, SessionRef, Store,
@@ -38,7 +38,7 @@ pub(crate) struct Driver<S> {
     pending_nonce: String,
     /// Our previous session, which a new registration may replace.
     previous_nonce: Option<String>,
-    valid_until: Option<Instant>,
+    valid_until: Option<Deadline>,
     next_heartbeat: Instant,
     want_rebalance: bool,
     rebalance_at: Instant,
@@ -89,8 +89,20 @@ impl<S: Store> Driver<S> {
     pub(crate) async fn join(&mut self) -> Result<(), Error> {
         self.subscribe().await;
         let give_up = Instant::now() + self.config.ttl * 2;
+        let mut timeouts = 0;
         loop {
-            match self.register().await? {
+            let outcome = match self.register().await {
+                // It may have run: retry with the same nonce, which finds it instead of leaving
+                // a session nobody heartbeats behind.
+                Err(e @ Error::Timeout { .. }) if timeouts < 2 && Instant::now() < give_up => {
+                    timeouts += 1;
+                    self.report(e);
+                    tokio::time::sleep(self.retry_delay()).await;
+                    continue;
+                }
+                other => other?,
+            };
+            match outcome {
                 None => return Ok(()),
                 Some(expires_in) => {
                     let err = Error::IdInUse {
@@ -112,8 +124,8 @@ impl<S: Store> Driver<S> {
         loop {
             let now = Instant::now();
             if let Some(until) = self.valid_until {
-                if now >= until {
-                    self.lose(LostReason::Deadline, until);
+                if until.passed(now) {
+                    self.lose(LostReason::Deadline, until.at.min(now));
                 }
             }
             if self.notifications.is_none() && now >= self.resubscribe_at {
@@ -160,7 +172,8 @@ impl<S: Store> Driver<S> {
     fn next_wake(&self) -> Instant {
         let mut wake = self.next_heartbeat;
         if let Some(until) = self.valid_until {
-            wake = wake.min(until);
+            let now = Instant::now();
+            wake = wake.min(now + until.remaining(now));
         }
         if self.session.is_some() && self.want_rebalance {
             wake = wake.min(self.rebalance_at);
@@ -192,7 +205,7 @@ impl<S: Store> Driver<S> {
         let now = Instant::now();
         let deadline = now + self.config.effective_call_timeout();
         match self.valid_until {
-            Some(until) => deadline.min(until.max(now)),
+            Some(until) => deadline.min(now + until.remaining(now)),
             None => deadline,
         }
     }
@@ -216,8 +229,8 @@ impl<S: Store> Driver<S> {
     }
 
     /// Extends the local lease deadline after a successful heartbeat sent at `sent`.
-    fn extend(&mut self, sent: Instant) {
-        let until = sent + self.config.lease_validity();
+    fn extend(&mut self, sent: Instant, sent_wall: SystemTime) {
+        let until = Deadline::after(sent, sent_wall, self.config.lease_validity());
         let until = self.valid_until.map_or(until, |old| old.max(until));
         self.valid_until = Some(until);
         {
@@ -260,6 +273,7 @@ impl<S: Store> Driver<S> {
         );
         req.replaces = self.previous_nonce.clone();
         let sent = Instant::now();
+        let sent_wall = SystemTime::now();
         match call(
             &self.abort,
             self.call_deadline(),
@@ -273,7 +287,7 @@ impl<S: Store> Driver<S> {
                 self.shared.lock().session = Some(session.session.clone());
                 self.session = Some(session);
                 self.pending_nonce = new_nonce();
-                self.extend(sent);
+                self.extend(sent, sent_wall);
                 self.seen_version = version;
                 self.shared.lock().version = version;
                 self.want_rebalance = true;
@@ -311,6 +325,7 @@ impl<S: Store> Driver<S> {
             return;
         };
         let sent = Instant::now();
+        let sent_wall = SystemTime::now();
         let result = call(
             &self.abort,
             self.call_deadline(),
@@ -318,9 +333,19 @@ impl<S: Store> Driver<S> {
             self.store.heartbeat(&self.group, &session, self.config.ttl),
         )
         .await;
+        let late = self
+            .valid_until
+            .is_some_and(|until| until.passed(Instant::now()));
         match result {
+            Ok(reply) if reply.alive && late => {
+                // The session is alive, but the reply came after our deadline: the leases have
+                // ended already (handles were told), and must not come back to life.
+                let until = self.valid_until.map_or(sent, |u| u.at);
+                self.lose(LostReason::Deadline, until);
+                self.next_heartbeat = Instant::now();
+            }
             Ok(reply) if reply.alive => {
-                self.extend(sent);
+                self.extend(sent, sent_wall);
                 self.next_heartbeat = sent + self.config.heartbeat;
                 if reply.version != self.seen_version || reply.free > 0 {
                     self.want_rebalance = true;
@@ -378,20 +403,32 @@ impl<S: Store> Driver<S> {
         let check_count = !matches!(reply.action, Action::SessionLost);
         match reply.action {
             Action::Acquired { buckets, token } => {
-                if self.valid_until.is_none_or(|until| now >= until) {
+                if self.valid_until.is_none_or(|until| until.passed(now)) {
                     // The grant came back after our deadline: the session may be gone already.
                     // Claim nothing; a new session frees these buckets when it replaces this one.
-                    let until = self.valid_until.unwrap_or(now);
+                    let until = self.valid_until.map_or(now, |u| u.at.min(now));
                     self.lose(LostReason::Deadline, until);
                     return;
                 }
                 // Keep stepping: the next call answers Stay once the share is reached.
                 self.want_rebalance = !buckets.is_empty();
                 let mut local = self.shared.lock();
+                let mut closed = Vec::new();
                 for &bucket in &buckets {
-                    local.held.insert(bucket, Held::new(token, now));
+                    // A bucket we were draining was released (its reply lost) and granted back.
+                    if let Some(old) = local.held.insert(bucket, Held::new(token, now)) {
+                        old.cancel.cancel();
+                        closed.push(Event::Released {
+                            bucket,
+                            token: old.token,
+                            at: now,
+                        });
+                    }
                 }
                 drop(local);
+                for event in closed {
+                    self.emit(event);
+                }
                 for bucket in buckets {
                     self.emit(Event::Acquired {
                         bucket,
@@ -405,7 +442,8 @@ impl<S: Store> Driver<S> {
                 self.revoke(Some(count as usize), now + self.config.drain_timeout);
             }
             Action::Stay => self.want_rebalance = false,
-            Action::Wait(wait) => self.rebalance_at = now + wait,
+            // Capped: a store clock stepped backwards must not stall grants for longer.
+            Action::Wait(wait) => self.rebalance_at = now + wait.min(self.config.ttl),
             Action::SessionLost => {
                 self.lose(LostReason::SessionExpired, now);
                 self.next_heartbeat = now;
@@ -475,7 +513,7 @@ impl<S: Store> Driver<S> {
             self.next_heartbeat = now;
             return;
         }
-        if self.valid_until.is_none_or(|until| now >= until) {
+        if self.valid_until.is_none_or(|until| until.passed(now)) {
             return;
         }
         let stored: std::collections::BTreeMap<u32, u64> = snapshot
@@ -673,7 +711,7 @@ impl<S: Store> Driver<S> {
         };
         let mut drain_until = (now + self.config.drain_timeout).min(give_up);
         if let Some(until) = self.valid_until {
-            drain_until = drain_until.min(until);
+            drain_until = drain_until.min(now + until.remaining(now));
         }
         self.revoke(None, drain_until);
         let dropped = Arc::clone(&self.shared.dropped);

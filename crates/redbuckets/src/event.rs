@@ -129,6 +129,47 @@ pub fn instant_to_system(at: Instant) -> SystemTime {
     }
 }
 
+/// The local lease deadline (S3), on two clocks: tokio's monotonic clock, which does not advance
+/// while the host is suspended, and the wall clock, which does. A lease is valid while neither
+/// has passed; a wall clock stepped forward ends it early, which is safe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Deadline {
+    pub(crate) at: Instant,
+    pub(crate) wall: SystemTime,
+}
+
+impl Deadline {
+    /// The deadline `validity` after a heartbeat sent at `sent` (`sent_wall` on the wall clock).
+    pub(crate) fn after(sent: Instant, sent_wall: SystemTime, validity: Duration) -> Self {
+        Deadline {
+            at: sent + validity,
+            wall: sent_wall.checked_add(validity).unwrap_or(sent_wall),
+        }
+    }
+
+    /// True once either clock reached the deadline.
+    pub(crate) fn passed(&self, now: Instant) -> bool {
+        now >= self.at || SystemTime::now() >= self.wall
+    }
+
+    /// Time left by the stricter of the two clocks.
+    pub(crate) fn remaining(&self, now: Instant) -> Duration {
+        let wall = self
+            .wall
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        self.at.saturating_duration_since(now).min(wall)
+    }
+
+    /// The later of two deadlines, clock by clock.
+    pub(crate) fn max(self, other: Deadline) -> Deadline {
+        Deadline {
+            at: self.at.max(other.at),
+            wall: self.wall.max(other.wall),
+        }
+    }
+}
+
 /// A handle on one owned bucket: its token, and a cancellation to `select!` on.
 ///
 /// Ownership ends when the member revokes the bucket (rebalance, shutdown) or loses it (its local
@@ -140,7 +181,7 @@ pub struct Lease {
     pub(crate) bucket: u32,
     pub(crate) token: u64,
     pub(crate) cancel: CancellationToken,
-    pub(crate) valid_until: watch::Receiver<Option<Instant>>,
+    pub(crate) valid_until: watch::Receiver<Option<Deadline>>,
     pub(crate) _guard: Arc<LeaseGuard>,
 }
 
@@ -179,7 +220,7 @@ impl Lease {
     /// Time left until the local lease deadline, if the member has one.
     #[must_use]
     pub fn remaining(&self) -> Option<Duration> {
-        (*self.valid_until.borrow()).map(|until| until.saturating_duration_since(Instant::now()))
+        (*self.valid_until.borrow()).map(|until| until.remaining(Instant::now()))
     }
 
     /// Completes when ownership ends: revoked, lost, or the local deadline passed.
@@ -188,12 +229,13 @@ impl Lease {
         loop {
             let until = *valid_until.borrow_and_update();
             let Some(until) = until else { return };
-            if Instant::now() >= until || self.cancel.is_cancelled() {
+            let now = Instant::now();
+            if until.passed(now) || self.cancel.is_cancelled() {
                 return;
             }
             tokio::select! {
                 () = self.cancel.cancelled() => return,
-                () = tokio::time::sleep_until(until) => {}
+                () = tokio::time::sleep_until(now + until.remaining(now)) => {}
                 changed = valid_until.changed() => {
                     if changed.is_err() {
                         return;

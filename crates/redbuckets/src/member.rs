@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::driver::Driver;
 use crate::error::Error;
-use crate::event::{Event, Lease, LeaseGuard};
+use crate::event::{Deadline, Event, Lease, LeaseGuard};
 use crate::store::Store;
 
 /// Called with every error the member meets while running (the `tracing` events carry them too).
@@ -284,7 +284,7 @@ impl Member {
                 .filter(|h| h.revoked_at.is_some())
                 .count(),
             last_heartbeat: local.last_heartbeat,
-            valid_until: local.valid_until,
+            valid_until: local.valid_until.map(|d| d.at),
             version: local.version,
             errors: local.errors,
             last_error: local.last_error.clone(),
@@ -357,7 +357,7 @@ pub struct Status {
 pub(crate) struct Shared {
     pub(crate) local: Mutex<Local>,
     pub(crate) events: broadcast::Sender<Event>,
-    pub(crate) valid_until: watch::Sender<Option<Instant>>,
+    pub(crate) valid_until: watch::Sender<Option<Deadline>>,
     pub(crate) dropped: Arc<Notify>,
 }
 
@@ -374,7 +374,7 @@ impl Shared {
 pub(crate) struct Local {
     pub(crate) held: BTreeMap<u32, Held>,
     pub(crate) session: Option<String>,
-    pub(crate) valid_until: Option<Instant>,
+    pub(crate) valid_until: Option<Deadline>,
     pub(crate) last_heartbeat: Option<Instant>,
     pub(crate) share: (u32, u32),
     pub(crate) version: u64,
@@ -384,7 +384,7 @@ pub(crate) struct Local {
 
 impl Local {
     pub(crate) fn is_valid(&self, now: Instant) -> bool {
-        self.valid_until.is_some_and(|until| now < until)
+        self.valid_until.is_some_and(|until| !until.passed(now))
     }
 }
 
