@@ -351,15 +351,7 @@ impl<S: Store> Driver<S> {
                     self.want_rebalance = true;
                 }
                 self.seen_version = reply.version;
-                let local_count = {
-                    let mut local = self.shared.lock();
-                    local.version = reply.version;
-                    local.held.len()
-                };
-                if reply.held as usize != local_count {
-                    // A grant or release whose reply we never heard: learn what we hold.
-                    self.resync(local_count, reply.held).await;
-                }
+                self.shared.lock().version = reply.version;
             }
             Ok(_) => {
                 tracing::warn!("the store no longer knows our session");
@@ -499,7 +491,10 @@ impl<S: Store> Driver<S> {
                 return;
             }
             Err(e) => {
+                // Try again: the next rebalance reply shows the mismatch again.
                 self.report(e);
+                self.want_rebalance = true;
+                self.rebalance_at = Instant::now() + self.retry_delay();
                 return;
             }
         };

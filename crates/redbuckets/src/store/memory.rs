@@ -228,20 +228,18 @@ impl Store for MemoryStore {
                 alive: false,
                 version: 0,
                 free: 0,
-                held: 0,
             });
         };
         let purged = state.purge(now);
-        let (alive, held) = match state.live(session, now) {
+        let alive = match state.live(session, now) {
             Some(m) => {
                 m.expires = now + ttl;
-                (true, u32::try_from(m.held.len()).unwrap_or(u32::MAX))
+                true
             }
-            None => (false, 0),
+            None => false,
         };
         let reply = HeartbeatReply {
             alive,
-            held,
             version: state.version,
             free: u32::try_from(state.free.len()).unwrap_or(u32::MAX),
         };

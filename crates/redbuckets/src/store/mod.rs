@@ -121,9 +121,6 @@ pub struct HeartbeatReply {
     pub version: u64,
     /// Free buckets in the group.
     pub free: u32,
-    /// Buckets the store lists as the session's (owned or committed for release). A member whose
-    /// own count differs lost a reply (a grant or a release it did not hear of) and resyncs.
-    pub held: u32,
 }
 
 /// What a rebalance step did for the calling member.

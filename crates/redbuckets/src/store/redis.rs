@@ -46,6 +46,8 @@ const CERT_PEM_HEADER: &[u8] = b"-----BEGIN CERTIFICATE-----";
 struct Scripts {
     register: Script,
     heartbeat: Script,
+    /// The steady-state heartbeat, standalone: it hands over to `heartbeat` when it must purge.
+    heartbeat_fast: Script,
     rebalance: Script,
     release: Script,
     deregister: Script,
@@ -59,6 +61,7 @@ fn script(body: &str) -> Script {
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     register: script(include_str!("lua/register.lua")),
     heartbeat: script(include_str!("lua/heartbeat.lua")),
+    heartbeat_fast: Script::new(include_str!("lua/heartbeat_fast.lua")),
     rebalance: script(include_str!("lua/rebalance.lua")),
     release: script(include_str!("lua/release.lua")),
     deregister: script(include_str!("lua/deregister.lua")),
@@ -621,8 +624,18 @@ impl Store for RedisStore {
             session.session.clone(),
             duration_us(ttl).to_string(),
         ];
-        let reply = self.run(group, CALL, &SCRIPTS.heartbeat, &args).await?;
         let bad = |what: &str| bad_reply(group, CALL, what);
+        // Both scripts are safe to run in a row: each renews the session only if it is ours.
+        let mut reply = self
+            .run(group, CALL, &SCRIPTS.heartbeat_fast, &args)
+            .await?;
+        let full = array(&reply)
+            .and_then(|items| items.first())
+            .and_then(text)
+            .is_some_and(|kind| kind == "full");
+        if full {
+            reply = self.run(group, CALL, &SCRIPTS.heartbeat, &args).await?;
+        }
         let items = array(&reply).ok_or_else(|| bad("not an array"))?;
         let field = |i: usize| items.get(i).and_then(uint);
         Ok(HeartbeatReply {
@@ -631,9 +644,6 @@ impl Store for RedisStore {
             free: field(2)
                 .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
                 .ok_or_else(|| bad("free"))?,
-            held: field(3)
-                .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
-                .ok_or_else(|| bad("held"))?,
         })
     }
 

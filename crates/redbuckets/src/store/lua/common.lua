@@ -178,6 +178,37 @@ local function remove_member(meta, member)
   bump(meta)
 end
 
+-- The type each key of the group must have (or not exist).
+local KEY_TYPES = {
+  { K_META, 'hash' }, { K_EXP, 'zset' }, { K_SESS, 'hash' }, { K_SINCE, 'hash' },
+  { K_WEIGHT, 'hash' }, { K_WCOUNT, 'hash' }, { K_OWNER, 'hash' }, { K_FREE, 'set' },
+}
+
+local function check_type(key, want)
+  local t = redis.call('TYPE', key)
+  if type(t) == 'table' then
+    t = t.ok
+  end
+  if t ~= 'none' and t ~= want then
+    corrupt(key .. ' is a ' .. tostring(t) .. ', not a ' .. want)
+  end
+end
+
+-- Redis keeps what a script wrote before it failed, so a script that writes first checks that
+-- every key it may touch has the right type: a WRONGTYPE halfway would leave buckets in no set.
+-- `member` adds that member's held set and the committed-count sets of every weight.
+local function check_types(member)
+  for _, kt in ipairs(KEY_TYPES) do
+    check_type(kt[1], kt[2])
+  end
+  if member then
+    check_type(held_key(member), 'set')
+  end
+  for _, w in ipairs(redis.call('HKEYS', K_WCOUNT)) do
+    check_type(count_key(w), 'zset')
+  end
+end
+
 -- Removes expired sessions (at most `limit` if given), oldest expiry first; returns how many.
 local function purge(meta, now_ms, limit)
   local dead
@@ -185,6 +216,10 @@ local function purge(meta, now_ms, limit)
     dead = redis.call('ZRANGEBYSCORE', K_EXP, '-inf', fmt(now_ms), 'LIMIT', 0, limit)
   else
     dead = redis.call('ZRANGEBYSCORE', K_EXP, '-inf', fmt(now_ms))
+  end
+  -- Check first: a WRONGTYPE halfway through would leave buckets in no set.
+  for _, member in ipairs(dead) do
+    check_type(held_key(member), 'set')
   end
   for _, member in ipairs(dead) do
     remove_member(meta, member)
@@ -263,3 +298,4 @@ local function load_current_meta()
   end
   return meta
 end
+

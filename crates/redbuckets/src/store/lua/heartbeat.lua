@@ -1,24 +1,24 @@
--- heartbeat: ARGV[2] member, [3] nonce, [4] ttl µs. Returns {alive 0|1, ver, free, held}.
+-- heartbeat: ARGV[2] member, [3] nonce, [4] ttl µs. Returns {alive 0|1, ver, free}.
 -- Steady state (nothing expired): O(log n) work, independent of the bucket count.
 local member, nonce = ARGV[2], ARGV[3]
 local ttl_us = uint(ARGV[4], 'ttl argument')
 
 local meta = load_meta()
 if not meta then
-  return { 0, '0', 0, 0 }
+  return { 0, '0', 0 }
 end
+check_types(nil)
 local now = server_now_us()
 local now_ms = idiv(now, 1000)
 -- Bounded, so one heartbeat never stalls Redis; the rest goes on the next call.
 local purged = purge(meta, now_ms, HEARTBEAT_PURGE)
-local alive, held = 0, 0
+local alive = 0
 if live(member, nonce, now_ms) then
   -- Rounded up: the store never expires a session before the member's own deadline.
   redis.call('ZADD', K_EXP, fmt(idiv(now + ttl_us + 999, 1000)), member)
   alive = 1
-  held = redis.call('SCARD', held_key(member))
 end
 if purged > 0 then
   publish()
 end
-return { alive, fmt(meta.ver), redis.call('SCARD', K_FREE), held }
+return { alive, fmt(meta.ver), redis.call('SCARD', K_FREE) }

@@ -10,6 +10,7 @@ local meta = load_current_meta()
 if not meta then
   return { 'lost' }
 end
+check_types(member)
 local now = server_now_us()
 local now_ms = idiv(now, 1000)
 local purged = purge(meta, now_ms) > 0

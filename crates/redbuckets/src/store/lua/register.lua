@@ -40,6 +40,7 @@ if not meta then
   meta = { buckets = buckets, protocol = protocol, ver = 0, token = 0, grant_after = now + ttl_us }
 end
 
+check_types(member)
 if meta.buckets ~= buckets or meta.protocol ~= protocol then
   return { 'mismatch', fmt(meta.buckets), fmt(meta.protocol) }
 end

@@ -6,6 +6,7 @@ local meta = load_meta()
 if not meta then
   return 0
 end
+check_types(member)
 if redis.call('HGET', K_SESS, member) ~= nonce then
   return 0
 end
