@@ -189,7 +189,7 @@ async fn scenario(url: &str, n: usize, buckets: u32) {
         .await
         .expect("connect");
     println!("== {n} members × {buckets} buckets (heartbeat 1s, ttl 10s) ==");
-    let idle = rates(&mut conn, Duration::from_secs(5)).await;
+    let idle = rates(&mut conn, WINDOW).await;
 
     let mut run = Run {
         url: url.to_string(),
