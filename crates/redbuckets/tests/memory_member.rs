@@ -504,3 +504,30 @@ async fn lost_release_decisions_and_replies_are_recovered() {
     assert_eq!(owned, (0..20).collect::<Vec<_>>());
     assert_eq!(a.status().draining, 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn errors_reach_the_error_hook_and_the_status() {
+    let store = MemoryStore::new();
+    let cut = Cuttable::new(&store);
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let hook_seen = Arc::clone(&seen);
+    let a = Member::builder(cut.clone(), "g")
+        .id("a")
+        .buckets(4)
+        .heartbeat(HEARTBEAT)
+        .ttl(TTL)
+        .on_error(move |e| hook_seen.lock().unwrap().push(e.to_string()))
+        .start()
+        .await
+        .unwrap();
+    sleep(TTL * 2).await;
+    assert!(seen.lock().unwrap().is_empty());
+    cut.cut.store(true, Ordering::SeqCst);
+    sleep(HEARTBEAT * 2).await;
+    let errors = seen.lock().unwrap().clone();
+    assert!(!errors.is_empty());
+    assert!(errors[0].contains("partitioned by the test"), "{errors:?}");
+    let status = a.status();
+    assert_eq!(status.errors, errors.len() as u64);
+    assert!(status.last_error.unwrap().contains("partitioned"));
+}
