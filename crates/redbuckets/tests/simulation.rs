@@ -43,7 +43,31 @@ fn seeds(shard: u64) -> Vec<u64> {
     let start = env_u64("REDBUCKETS_SEED_START").unwrap_or(0);
     (start..start + count)
         .filter(|s| s % SHARDS == shard)
+        .filter(|s| {
+            let known = KNOWN_FAILURES.iter().find(|(seed, _)| seed == s);
+            if let Some((seed, bug)) = known {
+                println!("skipping seed {seed}: known to fail, see {bug}");
+            }
+            known.is_none()
+        })
         .collect()
+}
+
+/// Seeds that fail because of a bug in the library, each with the ignored test that shows the
+/// bug on its own. The sharded runs skip them (an explicit `REDBUCKETS_SEED` still runs them);
+/// `known_failures` runs them all: once it passes, empty this list.
+const KNOWN_FAILURES: &[(u64, &str)] = &[(375, "bug_lost_grant_then_lost_release_orphans_buckets")];
+
+/// The seeds of [`KNOWN_FAILURES`]; fails while any of them does.
+#[test]
+#[ignore = "bug: seeds that fail because of known bugs (KNOWN_FAILURES)"]
+fn known_failures() {
+    run_seeds(
+        &KNOWN_FAILURES
+            .iter()
+            .map(|(seed, _)| *seed)
+            .collect::<Vec<_>>(),
+    );
 }
 
 fn init_tracing() {
@@ -162,27 +186,38 @@ fn a_store_issuing_stale_tokens_is_caught() {
     }
 }
 
-/// A store that loses the reply of the first rebalance whose action `lose` picks, after running
-/// it: the outcome-unknown case that `Store` documents ("any `Err` means the call may or may not
-/// have run").
+/// A store that loses the replies of chosen rebalance steps, after running them: once armed,
+/// the next reply whose action the first predicate picks is lost, then the next one the second
+/// picks, and so on. Right after the first loss, a member `joiner` registers (and never comes
+/// back: a process that joins and crashes).
 #[derive(Clone)]
-struct LoseFirstReply {
+struct LoseReplies {
     inner: redbuckets::MemoryStore,
-    lose: fn(&redbuckets::store::Action) -> bool,
-    lost: Arc<AtomicBool>,
+    plan: Arc<Mutex<Vec<PickAction>>>,
+    joiner: Arc<Mutex<Option<&'static str>>>,
 }
 
-impl LoseFirstReply {
-    fn new(inner: &redbuckets::MemoryStore, lose: fn(&redbuckets::store::Action) -> bool) -> Self {
-        LoseFirstReply {
+/// Picks the rebalance actions whose replies get lost.
+type PickAction = fn(&redbuckets::store::Action) -> bool;
+
+impl LoseReplies {
+    fn new(inner: &redbuckets::MemoryStore, plan: Vec<PickAction>) -> Self {
+        LoseReplies {
             inner: inner.clone(),
-            lose,
-            lost: Arc::new(AtomicBool::new(false)),
+            plan: Arc::new(Mutex::new(plan)),
+            joiner: Arc::new(Mutex::new(None)),
         }
+    }
+
+    fn all_lost(&self) -> bool {
+        self.plan
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
     }
 }
 
-impl redbuckets::Store for LoseFirstReply {
+impl redbuckets::Store for LoseReplies {
     async fn register(
         &self,
         g: &redbuckets::GroupKey,
@@ -205,9 +240,27 @@ impl redbuckets::Store for LoseFirstReply {
         max: u32,
     ) -> Result<redbuckets::store::RebalanceReply, redbuckets::Error> {
         let reply = self.inner.rebalance(g, s, max).await?;
-        if (self.lose)(&reply.action) && !self.lost.swap(true, Ordering::SeqCst) {
+        let lost = {
+            let mut plan = self.plan.lock().unwrap_or_else(|e| e.into_inner());
+            let lost = plan.first().is_some_and(|lose| lose(&reply.action));
+            if lost {
+                plan.remove(0);
+            }
+            lost
+        };
+        if lost {
+            let joiner = self.joiner.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(id) = joiner {
+                let session = redbuckets::store::SessionRef {
+                    member: id.to_string(),
+                    session: "joined-then-crashed".to_string(),
+                };
+                let req =
+                    redbuckets::store::RegisterRequest::new(session, 1, 4, Duration::from_secs(1));
+                self.inner.register(g, &req).await?;
+            }
             return Err(redbuckets::Error::Unavailable {
-                detail: "reply lost after the grant ran".into(),
+                detail: "reply lost after the step ran".into(),
             });
         }
         Ok(reply)
@@ -249,7 +302,7 @@ fn paused_runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-async fn start(store: LoseFirstReply, id: &str) -> redbuckets::Member {
+async fn start(store: LoseReplies, id: &str) -> redbuckets::Member {
     redbuckets::Member::builder(store, "g")
         .id(id)
         .buckets(4)
@@ -283,12 +336,13 @@ async fn recorded(store: &redbuckets::MemoryStore) -> String {
 fn lost_grant_reply_does_not_orphan_buckets() {
     paused_runtime().block_on(async {
         let store = redbuckets::MemoryStore::new();
-        let lossy = LoseFirstReply::new(&store, |action| {
-            matches!(action, redbuckets::store::Action::Acquired { .. })
-        });
+        let lossy = LoseReplies::new(
+            &store,
+            vec![|action| matches!(action, redbuckets::store::Action::Acquired { .. })],
+        );
         let a = start(lossy.clone(), "a").await;
         tokio::time::sleep(Duration::from_secs(10)).await;
-        assert!(lossy.lost.load(Ordering::SeqCst), "no reply was lost");
+        assert!(lossy.all_lost(), "no reply was lost");
         assert_eq!(
             a.buckets().len(),
             4,
@@ -307,20 +361,113 @@ fn lost_grant_reply_does_not_orphan_buckets() {
 fn lost_release_reply_does_not_block_balance() {
     paused_runtime().block_on(async {
         let store = redbuckets::MemoryStore::new();
-        let lossy = LoseFirstReply::new(&store, |action| {
-            matches!(action, redbuckets::store::Action::Release(_))
-        });
+        let lossy = LoseReplies::new(
+            &store,
+            vec![|action| matches!(action, redbuckets::store::Action::Release(_))],
+        );
         let a = start(lossy.clone(), "a").await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(a.buckets().len(), 4);
         let b = start(lossy.clone(), "b").await;
         tokio::time::sleep(Duration::from_secs(10)).await;
-        assert!(lossy.lost.load(Ordering::SeqCst), "no reply was lost");
+        assert!(lossy.all_lost(), "no reply was lost");
         assert_eq!(
             (a.buckets().len(), b.buckets().len()),
             (2, 2),
             "10 s after one lost release reply; {}",
             recorded(&store).await
+        );
+    });
+}
+
+/// BUG (L1), found by the simulation (seed 375 at f7dbab9): a lost grant reply followed by a
+/// lost release decision of the same size leaves buckets recorded to a member that does not know
+/// them, while the store's committed count equals what the member knows, so nothing ever
+/// notices. 4 buckets; `a` and `b` hold 2 each; `b` leaves; `a` is granted b's two buckets,
+/// reply lost (store: a held 4, committed 4; a knows 2); at that moment `c` joins (and crashes);
+/// a's next step is answered `Release(2)`, reply lost (store: committed 2 = what a knows). From
+/// then on a's steps see committed 2 (no mismatch), no bucket is free, and heartbeats no longer
+/// compare the held count; after c's session expires a is alone with 2 of 4 buckets, and the
+/// other 2 are recorded to a but owned by nobody, forever. Suspected: f7dbab9 removed the
+/// heartbeat's `reply.held != local.held.len()` check (driver.rs, `Driver::heartbeat`, the
+/// `Ok(reply) if reply.alive` arm); the check after a rebalance (`Driver::rebalance`, after the
+/// `match reply.action`) compares only the active count with `committed`, never the store's held
+/// count with the local one.
+#[test]
+#[ignore = "bug: a lost grant then a lost release decision of the same size orphan buckets (L1)"]
+fn bug_lost_grant_then_lost_release_orphans_buckets() {
+    init_tracing();
+    paused_runtime().block_on(async {
+        let store = redbuckets::MemoryStore::new();
+        let lossy = LoseReplies::new(&store, Vec::new());
+        let start = |id: &'static str| {
+            redbuckets::Member::builder(lossy.clone(), "g")
+                .id(id)
+                .buckets(4)
+                .heartbeat(Duration::from_millis(100))
+                .ttl(Duration::from_secs(1))
+                .start()
+        };
+        let a = start("a").await.expect("start a");
+        let b = start("b").await.expect("start b");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!((a.buckets().len(), b.buckets().len()), (2, 2));
+        *lossy.plan.lock().unwrap_or_else(|e| e.into_inner()) = vec![
+            |action| matches!(action, redbuckets::store::Action::Acquired { .. }),
+            |action| matches!(action, redbuckets::store::Action::Release(_)),
+        ];
+        *lossy.joiner.lock().unwrap_or_else(|e| e.into_inner()) = Some("c");
+        b.shutdown().await.expect("b leaves");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(
+            lossy
+                .plan
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty(),
+            "not both replies were lost"
+        );
+        assert_eq!(
+            a.buckets().len(),
+            4,
+            "10 s after a lost grant and a lost release, alone again; {}",
+            recorded(&store).await
+        );
+    });
+}
+
+/// BUG (determinism, STYLE.md 7 and 9), found while replaying seeds after fdcee43: a member's
+/// lease deadline also reads `SystemTime::now()` (`Deadline::passed` and `Deadline::remaining`,
+/// event.rs), so on tokio's paused clock the outcome depends on how much *real* time the test
+/// took. Here simulated time moves 1 ms, but the thread stalls 1.2 s of real time (a loaded CI
+/// machine, a debugger, a slow seed in debug mode): the member drops all 4 buckets although no
+/// heartbeat was missed. In the simulation the same happens to whole groups (seed 1 with a 1.5 s
+/// real stall at 2.5 s: "0 of 293 owned"), and a seed no longer replays exactly in every
+/// environment. Suggested: read the wall clock through something a test can drive (a clock in
+/// the config or builder, or skip the wall check while tokio's clock is paused).
+#[test]
+#[ignore = "bug: the lease deadline reads the wall clock, so paused-clock runs depend on real time"]
+fn bug_real_time_stall_drops_leases_on_a_paused_clock() {
+    paused_runtime().block_on(async {
+        let store = redbuckets::MemoryStore::new();
+        let member = redbuckets::Member::builder(store, "g")
+            .id("a")
+            .buckets(4)
+            .heartbeat(Duration::from_millis(100))
+            .ttl(Duration::from_secs(1))
+            .start()
+            .await
+            .expect("start");
+        // Between two heartbeats (every 100 ms), so none runs between the stall and the check.
+        tokio::time::sleep(Duration::from_millis(2050)).await;
+        assert_eq!(member.buckets().len(), 4);
+        std::thread::sleep(Duration::from_millis(1200));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(
+            member.buckets().len(),
+            4,
+            "1 ms of simulated time later, after 1.2 s of real time: {:?}",
+            member.status()
         );
     });
 }
