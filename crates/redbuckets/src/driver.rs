@@ -6,7 +6,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -229,8 +229,8 @@ impl<S: Store> Driver<S> {
     }
 
     /// Extends the local lease deadline after a successful heartbeat sent at `sent`.
-    fn extend(&mut self, sent: Instant, sent_wall: SystemTime) {
-        let until = Deadline::after(sent, sent_wall, self.config.lease_validity());
+    fn extend(&mut self, sent: Instant) {
+        let until = Deadline::after(sent, self.config.lease_validity());
         let until = self.valid_until.map_or(until, |old| old.max(until));
         self.valid_until = Some(until);
         {
@@ -273,7 +273,6 @@ impl<S: Store> Driver<S> {
         );
         req.replaces = self.previous_nonce.clone();
         let sent = Instant::now();
-        let sent_wall = SystemTime::now();
         match call(
             &self.abort,
             self.call_deadline(),
@@ -287,7 +286,7 @@ impl<S: Store> Driver<S> {
                 self.shared.lock().session = Some(session.session.clone());
                 self.session = Some(session);
                 self.pending_nonce = new_nonce();
-                self.extend(sent, sent_wall);
+                self.extend(sent);
                 self.seen_version = version;
                 self.shared.lock().version = version;
                 self.want_rebalance = true;
@@ -325,7 +324,6 @@ impl<S: Store> Driver<S> {
             return;
         };
         let sent = Instant::now();
-        let sent_wall = SystemTime::now();
         let result = call(
             &self.abort,
             self.call_deadline(),
@@ -345,7 +343,7 @@ impl<S: Store> Driver<S> {
                 self.next_heartbeat = Instant::now();
             }
             Ok(reply) if reply.alive => {
-                self.extend(sent, sent_wall);
+                self.extend(sent);
                 self.next_heartbeat = sent + self.config.heartbeat;
                 if reply.version != self.seen_version || reply.free > 0 {
                     self.want_rebalance = true;
@@ -392,6 +390,7 @@ impl<S: Store> Driver<S> {
         }
         let now = Instant::now();
         let committed = reply.committed as usize;
+        let store_held = reply.held as usize;
         let check_count = !matches!(reply.action, Action::SessionLost);
         match reply.action {
             Action::Acquired { buckets, token } => {
@@ -444,8 +443,7 @@ impl<S: Store> Driver<S> {
         if check_count && self.session.is_some() {
             // The store's count of what we keep must match ours; if not, an earlier reply was
             // lost: a release decision we never heard of (revoke now), or a grant (resync).
-            let (active, total) = {
-                let local = self.shared.lock();
+            let counts = |local: &crate::member::Local| {
                 let active = local
                     .held
                     .values()
@@ -453,12 +451,15 @@ impl<S: Store> Driver<S> {
                     .count();
                 (active, local.held.len())
             };
-            if active > committed {
+            let (active, total) = counts(&self.shared.lock());
+            if total != store_held || active < committed {
+                // A grant or a release we did not hear of: learn what we hold first.
+                self.resync(total, reply.held).await;
+            }
+            let (active, _) = counts(&self.shared.lock());
+            if self.session.is_some() && active > committed {
                 tracing::info!(active, committed, "the store expects a release we missed");
                 self.revoke(Some(active - committed), now + self.config.drain_timeout);
-            } else if active < committed {
-                self.resync(total, u32::try_from(committed).unwrap_or(u32::MAX))
-                    .await;
             }
         }
     }

@@ -129,43 +129,63 @@ pub fn instant_to_system(at: Instant) -> SystemTime {
     }
 }
 
-/// The local lease deadline (S3), on two clocks: tokio's monotonic clock, which does not advance
-/// while the host is suspended, and the wall clock, which does. A lease is valid while neither
-/// has passed; a wall clock stepped forward ends it early, which is safe.
+/// The local lease deadline (S3). It runs on tokio's clock, which is monotonic and stops while
+/// the host is suspended; time the host spent suspended since the heartbeat (the wall clock
+/// running ahead of the real monotonic clock) is added, so a host that wakes up does not believe
+/// it still owns its buckets. A wall clock stepped forward counts as suspended time too, which
+/// only ends leases early. Both real clocks advance together under tokio's paused clock, so
+/// simulations stay deterministic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Deadline {
     pub(crate) at: Instant,
-    pub(crate) wall: SystemTime,
+    sent_real: std::time::Instant,
+    sent_wall: SystemTime,
 }
 
+/// Smaller gaps between the wall clock and the monotonic clock are read jitter, not a suspend.
+const SUSPEND_MIN: Duration = Duration::from_millis(20);
+
 impl Deadline {
-    /// The deadline `validity` after a heartbeat sent at `sent` (`sent_wall` on the wall clock).
-    pub(crate) fn after(sent: Instant, sent_wall: SystemTime, validity: Duration) -> Self {
+    /// The deadline `validity` after a heartbeat sent at `sent`.
+    pub(crate) fn after(sent: Instant, validity: Duration) -> Self {
         Deadline {
             at: sent + validity,
-            wall: sent_wall.checked_add(validity).unwrap_or(sent_wall),
+            sent_real: std::time::Instant::now(),
+            sent_wall: SystemTime::now(),
         }
     }
 
-    /// True once either clock reached the deadline.
-    pub(crate) fn passed(&self, now: Instant) -> bool {
-        now >= self.at || SystemTime::now() >= self.wall
-    }
-
-    /// Time left by the stricter of the two clocks.
-    pub(crate) fn remaining(&self, now: Instant) -> Duration {
-        let wall = self
-            .wall
-            .duration_since(SystemTime::now())
+    /// Time the host spent suspended since the heartbeat was sent.
+    fn suspended(&self) -> Duration {
+        let wall = SystemTime::now()
+            .duration_since(self.sent_wall)
             .unwrap_or(Duration::ZERO);
-        self.at.saturating_duration_since(now).min(wall)
+        let gap = wall.saturating_sub(self.sent_real.elapsed());
+        if gap < SUSPEND_MIN {
+            Duration::ZERO
+        } else {
+            gap
+        }
     }
 
-    /// The later of two deadlines, clock by clock.
+    /// True once the deadline has passed.
+    pub(crate) fn passed(&self, now: Instant) -> bool {
+        self.remaining(now).is_zero()
+    }
+
+    /// Time left.
+    pub(crate) fn remaining(&self, now: Instant) -> Duration {
+        self.at
+            .saturating_duration_since(now)
+            .saturating_sub(self.suspended())
+    }
+
+    /// The later of two deadlines.
     pub(crate) fn max(self, other: Deadline) -> Deadline {
-        Deadline {
-            at: self.at.max(other.at),
-            wall: self.wall.max(other.wall),
+        if other.at > self.at {
+            other
+        } else {
+            self
         }
     }
 }

@@ -56,7 +56,7 @@ fn seeds(shard: u64) -> Vec<u64> {
 /// Seeds that fail because of a bug in the library, each with the ignored test that shows the
 /// bug on its own. The sharded runs skip them (an explicit `REDBUCKETS_SEED` still runs them);
 /// `known_failures` runs them all: once it passes, empty this list.
-const KNOWN_FAILURES: &[(u64, &str)] = &[(375, "bug_lost_grant_then_lost_release_orphans_buckets")];
+const KNOWN_FAILURES: &[(u64, &str)] = &[];
 
 /// The seeds of [`KNOWN_FAILURES`]; fails while any of them does.
 #[test]
@@ -394,7 +394,6 @@ fn lost_release_reply_does_not_block_balance() {
 /// `match reply.action`) compares only the active count with `committed`, never the store's held
 /// count with the local one.
 #[test]
-#[ignore = "bug: a lost grant then a lost release decision of the same size orphan buckets (L1)"]
 fn bug_lost_grant_then_lost_release_orphans_buckets() {
     init_tracing();
     paused_runtime().block_on(async {
@@ -446,7 +445,6 @@ fn bug_lost_grant_then_lost_release_orphans_buckets() {
 /// environment. Suggested: read the wall clock through something a test can drive (a clock in
 /// the config or builder, or skip the wall check while tokio's clock is paused).
 #[test]
-#[ignore = "bug: the lease deadline reads the wall clock, so paused-clock runs depend on real time"]
 fn bug_real_time_stall_drops_leases_on_a_paused_clock() {
     paused_runtime().block_on(async {
         let store = redbuckets::MemoryStore::new();

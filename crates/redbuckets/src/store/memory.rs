@@ -318,16 +318,16 @@ impl Store for MemoryStore {
                 }
             }
         };
-        let committed = state
-            .members
-            .get(&session.member)
-            .map_or(0, |m| m.committed);
+        let (committed, held) = state.members.get(&session.member).map_or((0, 0), |m| {
+            (m.committed, u32::try_from(m.held.len()).unwrap_or(u32::MAX))
+        });
         let reply = RebalanceReply {
             action,
             share,
             version: state.version,
             free: u32::try_from(state.free.len()).unwrap_or(u32::MAX),
             committed,
+            held,
         };
         if notify {
             inner.notify(group);
@@ -456,5 +456,6 @@ fn lost_reply() -> RebalanceReply {
         version: 0,
         free: 0,
         committed: 0,
+        held: 0,
     }
 }

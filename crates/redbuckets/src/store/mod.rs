@@ -160,6 +160,9 @@ pub struct RebalanceReply {
     /// The member's committed holdings after the step: what it holds, minus what it must
     /// release. A member that counts otherwise lost a reply and resyncs.
     pub committed: u32,
+    /// Buckets the store lists as the session's: owned, or committed for release and not yet
+    /// released. A member that counts otherwise lost a reply and resyncs.
+    pub held: u32,
 }
 
 /// The owner record of a bucket.

@@ -670,6 +670,7 @@ impl Store for RedisStore {
                 version: 0,
                 free: 0,
                 committed: 0,
+                held: 0,
             });
         }
         let field = |i: usize| items.get(i).and_then(uint);
@@ -679,10 +680,11 @@ impl Store for RedisStore {
         let version = field(4).ok_or_else(|| bad("version"))?;
         let free = field32(5, "free")?;
         let committed = field32(6, "committed")?;
+        let held = field32(7, "held")?;
         let action = match kind.as_str() {
             "acquired" => {
                 let buckets = items
-                    .get(7..)
+                    .get(8..)
                     .unwrap_or(&[])
                     .iter()
                     .map(|v| uint32(v).ok_or_else(|| bad("bucket id")))
@@ -703,6 +705,7 @@ impl Store for RedisStore {
             version,
             free,
             committed,
+            held,
         })
     }
 

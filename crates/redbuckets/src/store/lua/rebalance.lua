@@ -1,5 +1,5 @@
 -- rebalance: ARGV[2] member, [3] nonce, [4] max_take.
--- Returns {kind, value, share_min, share_max, ver, free, committed, bucket...} where kind is
+-- Returns {kind, value, share_min, share_max, ver, free, committed, held, bucket...} where kind is
 -- 'acquired' (value = token, then the buckets), 'release' (value = count), 'stay', 'wait'
 -- (value = µs left), or {'lost'}.
 -- The share rule is src/share.rs `step` / `target_range`; keep both in step.
@@ -72,13 +72,15 @@ end
 
 local free = redis.call('SCARD', K_FREE)
 if now < meta.grant_after then
-  return { 'wait', fmt(meta.grant_after - now), base, share_max, fmt(meta.ver), free, mine }
+  return { 'wait', fmt(meta.grant_after - now), base, share_max, fmt(meta.ver), free, mine,
+    redis.call('SCARD', held_key(member)) }
 end
 
 if mine > allowed then
   local k = mine - allowed
   redis.call('ZADD', count_k, fmt(allowed), member)
-  return { 'release', k, base, share_max, fmt(meta.ver), free, allowed }
+  return { 'release', k, base, share_max, fmt(meta.ver), free, allowed,
+    redis.call('SCARD', held_key(member)) }
 end
 
 if mine < allowed and free > 0 then
@@ -103,11 +105,13 @@ if mine < allowed and free > 0 then
   batched('HSET', K_OWNER, pairs_)
   batched('SADD', held_key(member), taken)
   redis.call('ZADD', count_k, fmt(mine + #taken), member)
-  local reply = { 'acquired', fmt(token), base, share_max, fmt(meta.ver), redis.call('SCARD', K_FREE), mine + #taken }
+  local reply = { 'acquired', fmt(token), base, share_max, fmt(meta.ver), redis.call('SCARD', K_FREE), mine + #taken,
+    redis.call('SCARD', held_key(member)) }
   for _, b in ipairs(taken) do
     reply[#reply + 1] = b
   end
   return reply
 end
 
-return { 'stay', 0, base, share_max, fmt(meta.ver), free, mine }
+return { 'stay', 0, base, share_max, fmt(meta.ver), free, mine,
+  redis.call('SCARD', held_key(member)) }
