@@ -50,6 +50,10 @@ pub struct Config {
     pub max_clock_drift: f64,
     /// Extra safety margin subtracted from the local lease deadline. Default 5 ms.
     pub safety_margin: Duration,
+    /// For simulations only: the rate of this member's clock relative to the store's (1.01 runs
+    /// 1% fast). The member measures its lease validity and heartbeat period on its own clock.
+    #[doc(hidden)]
+    pub clock_rate: f64,
 }
 
 impl Config {
@@ -69,6 +73,7 @@ impl Config {
             prefix: DEFAULT_PREFIX.to_string(),
             max_clock_drift: 0.01,
             safety_margin: Duration::from_millis(5),
+            clock_rate: 1.0,
         }
     }
 
@@ -142,6 +147,12 @@ impl Config {
                     "leaves no lease time: ttl {:?}, margin {:?}",
                     self.ttl, self.safety_margin
                 ),
+            ));
+        }
+        if !(0.5..=2.0).contains(&self.clock_rate) {
+            return Err(Error::config(
+                "clock_rate",
+                format!("must be in [0.5, 2], got {}", self.clock_rate),
             ));
         }
         if self.shutdown_timeout.is_zero() {

@@ -30,6 +30,8 @@ pub(crate) struct Driver<S> {
     on_error: Option<ErrorHook>,
     graceful: CancellationToken,
     abort: CancellationToken,
+    /// Simulations only: freezes the task, as a stopped process (see `Member::freeze`).
+    freeze: tokio::sync::mpsc::UnboundedReceiver<Duration>,
 
     /// The live session, `None` while (re-)registering.
     session: Option<SessionRef>,
@@ -60,6 +62,7 @@ impl<S: Store> Driver<S> {
         on_error: Option<ErrorHook>,
         graceful: CancellationToken,
         abort: CancellationToken,
+        freeze: tokio::sync::mpsc::UnboundedReceiver<Duration>,
     ) -> Self {
         let now = Instant::now();
         Driver {
@@ -70,6 +73,7 @@ impl<S: Store> Driver<S> {
             on_error,
             graceful,
             abort,
+            freeze,
             session: None,
             pending_nonce: new_nonce(),
             previous_nonce: None,
@@ -165,6 +169,17 @@ impl<S: Store> Driver<S> {
                 }
                 () = dropped.notified() => {}
                 () = tokio::time::sleep_until(wake) => {}
+                Some(frozen) = self.freeze.recv() => {
+                    // Nothing runs, not even the deadline check: a stopped process. The user's
+                    // side still checks the deadline itself.
+                    tokio::select! {
+                        () = self.abort.cancelled() => {
+                            self.drop_local();
+                            return Ok(());
+                        }
+                        () = tokio::time::sleep(frozen) => {}
+                    }
+                }
             }
         }
     }
@@ -193,6 +208,11 @@ impl<S: Store> Driver<S> {
             }
         }
         wake
+    }
+
+    /// Real time that `d` of this member's clock takes (see `Config::clock_rate`).
+    fn on_my_clock(&self, d: Duration) -> Duration {
+        d.div_f64(self.config.clock_rate)
     }
 
     fn retry_delay(&self) -> Duration {
@@ -230,7 +250,7 @@ impl<S: Store> Driver<S> {
 
     /// Extends the local lease deadline after a successful heartbeat sent at `sent`.
     fn extend(&mut self, sent: Instant) {
-        let until = Deadline::after(sent, self.config.lease_validity());
+        let until = Deadline::after(sent, self.on_my_clock(self.config.lease_validity()));
         let until = self.valid_until.map_or(until, |old| old.max(until));
         self.valid_until = Some(until);
         {
@@ -291,7 +311,7 @@ impl<S: Store> Driver<S> {
                 self.shared.lock().version = version;
                 self.want_rebalance = true;
                 self.rebalance_at = Instant::now();
-                self.next_heartbeat = sent + self.config.heartbeat;
+                self.next_heartbeat = sent + self.on_my_clock(self.config.heartbeat);
                 Ok(None)
             }
             Registration::InUse { expires_in } => Ok(Some(expires_in)),
@@ -344,7 +364,7 @@ impl<S: Store> Driver<S> {
             }
             Ok(reply) if reply.alive => {
                 self.extend(sent);
-                self.next_heartbeat = sent + self.config.heartbeat;
+                self.next_heartbeat = sent + self.on_my_clock(self.config.heartbeat);
                 if reply.version != self.seen_version || reply.free > 0 {
                     self.want_rebalance = true;
                 }

@@ -120,6 +120,7 @@ impl<S: Store> MemberBuilder<S> {
         });
         let graceful = CancellationToken::new();
         let abort = CancellationToken::new();
+        let (freeze, frozen) = tokio::sync::mpsc::unbounded_channel();
         let mut driver = Driver::new(
             self.store,
             Arc::clone(&config),
@@ -127,6 +128,7 @@ impl<S: Store> MemberBuilder<S> {
             self.on_error,
             graceful.clone(),
             abort.clone(),
+            frozen,
         );
         driver.join().await?;
         let span =
@@ -136,6 +138,7 @@ impl<S: Store> MemberBuilder<S> {
             config,
             shared,
             graceful,
+            freeze,
             _abort: abort.drop_guard(),
             task: Some(task),
         })
@@ -148,6 +151,7 @@ pub struct Member {
     config: Arc<Config>,
     shared: Arc<Shared>,
     graceful: CancellationToken,
+    freeze: tokio::sync::mpsc::UnboundedSender<Duration>,
     /// Dropping the handle aborts the task (a crash, from the group's point of view).
     _abort: tokio_util::sync::DropGuard,
     task: Option<JoinHandle<Result<(), Error>>>,
@@ -315,6 +319,13 @@ impl Member {
     pub async fn run_until(self, signal: impl Future<Output = ()>) -> Result<(), Error> {
         signal.await;
         self.shutdown().await
+    }
+
+    /// For simulations only: the member's task does nothing for `duration`, as if its process
+    /// were stopped (SIGSTOP) while the others go on.
+    #[doc(hidden)]
+    pub fn freeze(&self, duration: Duration) {
+        let _ = self.freeze.send(duration);
     }
 
     /// Stops at once without releasing anything, as a crash would: the buckets are freed when

@@ -531,3 +531,87 @@ async fn errors_reach_the_error_hook_and_the_status() {
     assert_eq!(status.errors, errors.len() as u64);
     assert!(status.last_error.unwrap().contains("partitioned"));
 }
+
+/// Two members on one store, `a` through a cuttable link with its clock running at `rate`;
+/// returns the group's checker after `a` was cut off long enough for `b` to take its buckets.
+async fn cut_off_with_clock_rate(rate: f64) -> Timeline {
+    let store = MemoryStore::new();
+    let cut = Cuttable::new(&store);
+    let mut config = redbuckets::Config::new("g");
+    config.member_id = "a".into();
+    config.buckets = 10;
+    config.heartbeat = HEARTBEAT;
+    config.ttl = TTL;
+    config.clock_rate = rate;
+    let a = Member::builder(cut.clone(), "g")
+        .config(config)
+        .start()
+        .await
+        .unwrap();
+    let b = start(store.clone(), "b", 10).await;
+    let mut receivers = vec![("a".to_string(), a.events()), ("b".to_string(), b.events())];
+    let mut timeline = Timeline::default();
+    sleep(TTL * 2).await;
+    timeline.collect(&mut receivers);
+    cut.cut.store(true, Ordering::SeqCst);
+    sleep(TTL * 2).await;
+    timeline.collect(&mut receivers);
+    assert_eq!(b.buckets().len(), 10, "b took a's buckets");
+    timeline
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_clock_within_the_drift_allowance_stays_safe() {
+    // 1% slow or fast: the local deadline still ends before the store expires the session.
+    for rate in [0.99, 1.01] {
+        cut_off_with_clock_rate(rate).await.check_safety();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_clock_beyond_the_drift_allowance_is_caught_by_the_checker() {
+    // 20% slow: the member believes its leases last past the store's expiry. The checker must
+    // see the overlap, or it could not see one in the other tests either.
+    let timeline = cut_off_with_clock_rate(0.8).await;
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        timeline.check_safety();
+    }));
+    let message = caught
+        .expect_err("a slow clock must produce an overlap")
+        .downcast::<String>()
+        .map(|m| *m)
+        .unwrap_or_default();
+    assert!(message.contains("a owned it until"), "{message}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_frozen_member_reports_lost_at_its_deadline_before_others_acquire() {
+    let store = MemoryStore::new();
+    let a = start(store.clone(), "a", 10).await;
+    let b = start(store.clone(), "b", 10).await;
+    let mut receivers = vec![("a".to_string(), a.events()), ("b".to_string(), b.events())];
+    let mut timeline = Timeline::default();
+    sleep(TTL * 2).await;
+    let a_had = a.buckets();
+    assert_eq!(a_had.len(), 5);
+    timeline.collect(&mut receivers);
+    // a's task stops (SIGSTOP) for two ttls while b goes on.
+    a.freeze(TTL * 2);
+    sleep(TTL + HEARTBEAT * 2).await;
+    // The user's side checks the deadline itself: a frozen task owns nothing past it.
+    assert!(a.buckets().is_empty());
+    assert!(!a.owns(a_had[0]));
+    assert_eq!(b.buckets().len(), 10);
+    sleep(TTL * 2).await;
+    timeline.collect(&mut receivers);
+    timeline.check_safety();
+    let lost = timeline
+        .events
+        .iter()
+        .filter(|(m, e)| m == "a" && matches!(e, Event::Lost { .. }))
+        .count();
+    assert_eq!(lost, 5, "a reports what it lost, dated at its deadline");
+    // a came back with a new session and the group is balanced again.
+    assert_eq!(a.buckets().len(), 5);
+    assert_eq!(b.buckets().len(), 5);
+}
