@@ -60,6 +60,10 @@ pub enum Lie {
     Heartbeat,
     /// Grants report tokens that go down over time (S2 broken).
     StaleTokens,
+    /// Not the store: the member's clock runs 20% slow, beyond the 1% its configuration
+    /// allows, and its link is cut for two ttls once it holds buckets. It believes its leases
+    /// last past the store's expiry of its session (S3 broken).
+    SlowClock,
 }
 
 /// Fault counters of a whole run, shared by every wrapper.

@@ -73,6 +73,7 @@ pub struct Rates {
     pub profile: f64,
     pub partition: f64,
     pub hold: f64,
+    pub freeze: f64,
     pub sub_break: f64,
     pub wipe: f64,
     pub join: f64,
@@ -118,6 +119,7 @@ impl Params {
             profile: 0.8 * scale(opts.faults),
             partition: 0.4 * scale(opts.faults),
             hold: 0.2 * scale(opts.faults),
+            freeze: 0.2 * scale(opts.faults),
             sub_break: 0.4 * scale(opts.faults),
             wipe: 0.1 * scale(opts.faults),
             join: 0.6 * scale(opts.churn),
@@ -236,6 +238,8 @@ struct Process {
 struct Live {
     process: Process,
     member: Member,
+    /// Until when its task is (or may still be) frozen.
+    frozen_until: Instant,
 }
 
 struct Starting {
@@ -282,6 +286,8 @@ struct World {
     disturbed_at: Instant,
     /// Faults are over: processes started from now on get a healthy link.
     healed: bool,
+    /// When the last freeze ends at the latest (healing does not thaw a stopped process).
+    frozen_until: Instant,
     timeline_checked_at: Instant,
 }
 
@@ -314,6 +320,7 @@ impl World {
             counts: BTreeMap::new(),
             disturbed_at: now,
             healed: false,
+            frozen_until: now,
             timeline_checked_at: now,
         }
     }
@@ -336,7 +343,7 @@ impl World {
     }
 
     fn disturbed(&mut self) {
-        self.disturbed_at = Instant::now();
+        self.disturbed_at = self.disturbed_at.max(Instant::now());
     }
 
     /// The failure report: seed, parameters, and the tail of the action log.
@@ -385,7 +392,7 @@ impl World {
         let converged_in = loop {
             self.step(false).await?;
             let now = Instant::now();
-            if now - self.disturbed_at > bound + self.params.ttl * 10 {
+            if now.saturating_duration_since(self.disturbed_at) > bound + self.params.ttl * 10 {
                 return Err("a start or leave never finished".into());
             }
             if !self.starting.is_empty() || !self.stopping.is_empty() {
@@ -412,7 +419,7 @@ impl World {
             };
             match (state, converged) {
                 (Ok(()), None) => {
-                    let took = now - self.disturbed_at;
+                    let took = now.saturating_duration_since(self.disturbed_at);
                     self.note(format!("converged {took:?} after the last disturbance"));
                     converged = Some((now, took));
                 }
@@ -424,10 +431,10 @@ impl World {
                 (Err(why), Some((since, _))) if self.disturbed_at <= since => {
                     return Err(format!("converged, then diverged without a cause: {why}"));
                 }
-                (Err(why), _) if now - self.disturbed_at > bound => {
+                (Err(why), _) if now.saturating_duration_since(self.disturbed_at) > bound => {
                     return Err(format!(
                         "L1/L2/C2: not converged {:?} after the last disturbance: {why}\n  {}",
-                        now - self.disturbed_at,
+                        now.saturating_duration_since(self.disturbed_at),
                         self.store_versus_views().await
                     ));
                 }
@@ -507,22 +514,33 @@ impl World {
             store.set_profile(self.random_profile());
         }
         self.links.push(store.clone());
+        // The member's clock runs up to 1% fast or slow against the store's: the drift the
+        // configuration allows for (`max_clock_drift`, default 0.01).
+        let clock_rate = if lie == Lie::SlowClock {
+            0.8
+        } else if self.opts.faults && self.rng.gen_bool(0.5) {
+            self.rng.gen_range(0.99..=1.01)
+        } else {
+            1.0
+        };
         let p = &self.params;
-        let builder = Member::builder(store.clone(), GROUP)
-            .id(id.clone())
-            .buckets(p.buckets)
-            .heartbeat(p.heartbeat)
-            .ttl(p.ttl)
-            .call_timeout(p.call_timeout)
-            .drain_timeout(p.drain_timeout)
-            .shutdown_timeout(p.shutdown_timeout);
+        let mut config = redbuckets::Config::new(GROUP);
+        config.member_id = id.clone();
+        config.buckets = p.buckets;
+        config.heartbeat = p.heartbeat;
+        config.ttl = p.ttl;
+        config.call_timeout = p.call_timeout;
+        config.drain_timeout = p.drain_timeout;
+        config.shutdown_timeout = p.shutdown_timeout;
+        config.clock_rate = clock_rate;
+        let builder = Member::builder(store.clone(), GROUP).config(config);
         let handle = tokio::spawn(async move {
             let member = builder.start().await?;
             // Subscribed before this task yields, so before the member's task emits anything.
             let events = member.events();
             Ok((member, events))
         });
-        self.note(format!("start {name}"));
+        self.note(format!("start {name} (clock rate {clock_rate:.4})"));
         self.count("starts");
         self.starting.push(Starting {
             process: Process { name, id, store },
@@ -548,8 +566,12 @@ impl World {
         self.receivers.retain(|(n, _)| *n != name);
         // A crashed process's lease handles die with it.
         self.leases.retain(|h| h.name != name);
+        // The process owned its buckets until now, or until its deadline if that passed
+        // first (a frozen task has not reported the loss).
+        let now = Instant::now();
+        let until = live.member.status().valid_until.map_or(now, |u| u.min(now));
         live.member.abort();
-        self.timeline.crashed(&name, Instant::now());
+        self.timeline.crashed(&name, until);
         self.free_ids.push(live.process.id);
         self.note(format!("crash {name}"));
         self.count("crashes");
@@ -576,6 +598,7 @@ impl World {
                     self.live.push(Live {
                         process: s.process,
                         member,
+                        frozen_until: Instant::now(),
                     });
                     self.note(format!("{name} joined"));
                 }
@@ -655,6 +678,18 @@ impl World {
         let r = self.params.rates;
         let ttl = self.params.ttl;
         let now = Instant::now();
+        if self.opts.lie == Lie::SlowClock && !self.counts.contains_key("partitions") {
+            // Cut the slow member off once it holds buckets.
+            if let Some(m0) = self
+                .live
+                .iter()
+                .find(|l| l.process.name == "m0" && !l.member.buckets().is_empty())
+            {
+                m0.process.store.partition(now + ttl * 2);
+                self.note("partition m0 for two ttls");
+                self.count("partitions");
+            }
+        }
         if self.chance(r.profile, dt) {
             if let Some(i) = self.pick_live() {
                 let profile = self.random_profile();
@@ -683,6 +718,26 @@ impl World {
                 self.note(format!("hold {name} for {d:?}"));
                 self.count("holds");
                 self.disturbed();
+            }
+        }
+        if self.chance(r.freeze, dt) {
+            // The member's own task stops (SIGSTOP) while everything else goes on. The task
+            // takes the order at the end of its current step (its store calls may take up to a
+            // few call timeouts), and queues a second one: never freeze a frozen member.
+            if let Some(i) = self
+                .pick_live()
+                .filter(|&i| self.live[i].frozen_until <= now)
+            {
+                let d = self.rng.gen_range(ttl / 4..=ttl * 5 / 2);
+                self.live[i].member.freeze(d);
+                let until = now + d + ttl * 2;
+                self.live[i].frozen_until = until;
+                self.frozen_until = self.frozen_until.max(until);
+                let name = self.live[i].process.name.clone();
+                self.note(format!("freeze {name} for {d:?}"));
+                self.count("freezes");
+                self.disturbed();
+                self.disturbed_at = self.disturbed_at.max(now + d);
             }
         }
         if self.chance(r.sub_break, dt) {
@@ -785,7 +840,11 @@ impl World {
         }
         self.collect();
         self.check_views()?;
-        if Instant::now() - self.timeline_checked_at >= Duration::from_millis(500) {
+        // A frozen member reports its losses when it thaws (dated at its deadline), so the
+        // timeline cannot be judged while one is frozen; the final check covers that time.
+        let now = Instant::now();
+        if now - self.timeline_checked_at >= Duration::from_millis(500) && now >= self.frozen_until
+        {
             self.check_timeline()?;
         }
         Ok(())
