@@ -250,6 +250,8 @@ struct Starting {
 struct Stopping {
     process: Process,
     handle: JoinHandle<Result<(), Error>>,
+    /// The member's lease deadline when it was asked to leave.
+    valid_until: Option<Instant>,
 }
 
 struct HeldLease {
@@ -412,7 +414,9 @@ impl World {
                     .last_heartbeat
                     .is_some_and(|at| at >= healed_at)
             });
-            let state = if renewed {
+            let state = if now < self.disturbed_at {
+                Err("a freeze may still last".into())
+            } else if renewed {
                 self.convergence().await
             } else {
                 Err("not every member renewed its session since the heal".into())
@@ -514,14 +518,12 @@ impl World {
             store.set_profile(self.random_profile());
         }
         self.links.push(store.clone());
-        // The member's clock runs up to 1% fast or slow against the store's: the drift the
-        // configuration allows for (`max_clock_drift`, default 0.01).
+        // Every member's clock runs up to 1% fast or slow against the store's (uniformly): the
+        // drift the configuration allows for (`max_clock_drift`, default 0.01).
         let clock_rate = if lie == Lie::SlowClock {
             0.8
-        } else if self.opts.faults && self.rng.gen_bool(0.5) {
-            self.rng.gen_range(0.99..=1.01)
         } else {
-            1.0
+            self.rng.gen_range(0.99..=1.01)
         };
         let p = &self.params;
         let mut config = redbuckets::Config::new(GROUP);
@@ -550,12 +552,16 @@ impl World {
 
     fn leave(&mut self, live: Live) {
         let name = live.process.name.clone();
+        // Once the leave begins the member renews nothing; if it never gets to revoke (a frozen
+        // task, aborted when the shutdown times out), its ownership ended at this deadline.
+        let valid_until = live.member.status().valid_until;
         let handle = tokio::spawn(live.member.shutdown());
         self.note(format!("leave {name}"));
         self.count("leaves");
         self.stopping.push(Stopping {
             process: live.process,
             handle,
+            valid_until,
         });
     }
 
@@ -627,6 +633,11 @@ impl World {
             match result {
                 Ok(Ok(())) => self.note(format!("{name} left")),
                 Ok(Err(e)) => {
+                    // The process is gone (the handle's drop aborted it): whatever it did not
+                    // revoke ended at its deadline, or now.
+                    let now = Instant::now();
+                    let until = s.valid_until.map_or(now, |u| u.min(now));
+                    self.timeline.crashed(&name, until);
                     self.note(format!("{name} left with an error: {e}"));
                     self.count("failed leaves");
                     failed_leave.get_or_insert(format!("{name}: {e}"));
@@ -724,20 +735,30 @@ impl World {
             // The member's own task stops (SIGSTOP) while everything else goes on. The task
             // takes the order at the end of its current step (its store calls may take up to a
             // few call timeouts), and queues a second one: never freeze a frozen member.
-            if let Some(i) = self
-                .pick_live()
+            // Members that own buckets first: freezing one that owns nothing (many start in
+            // the new group's quarantine) tests little.
+            let thawed: Vec<usize> = (0..self.live.len())
                 .filter(|&i| self.live[i].frozen_until <= now)
-            {
+                .collect();
+            let owners: Vec<usize> = thawed
+                .iter()
+                .copied()
+                .filter(|&i| !self.live[i].member.buckets().is_empty())
+                .collect();
+            let pool = if owners.is_empty() { thawed } else { owners };
+            if !pool.is_empty() {
+                let i = pool[self.rng.gen_range(0..pool.len())];
                 let d = self.rng.gen_range(ttl / 4..=ttl * 5 / 2);
                 self.live[i].member.freeze(d);
+                // At the latest: the current step's calls, each cut at a call timeout (at most
+                // ttl / 3), take less than two ttls.
                 let until = now + d + ttl * 2;
                 self.live[i].frozen_until = until;
                 self.frozen_until = self.frozen_until.max(until);
                 let name = self.live[i].process.name.clone();
                 self.note(format!("freeze {name} for {d:?}"));
                 self.count("freezes");
-                self.disturbed();
-                self.disturbed_at = self.disturbed_at.max(now + d);
+                self.disturbed_at = self.disturbed_at.max(until);
             }
         }
         if self.chance(r.sub_break, dt) {
