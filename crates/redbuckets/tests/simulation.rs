@@ -462,6 +462,53 @@ fn real_time_stall_keeps_leases_on_a_paused_clock() {
     });
 }
 
+/// BUG (simulation hook, member.rs and driver.rs), found by the soak (seeds 1001600 and 1004789
+/// at 21beebe): `Member::freeze` takes effect only when the task's `select!` picks its arm, and
+/// that arm comes last in a biased select whose timer arm is always ready while store calls time
+/// out back to back (a heartbeat, then a rebalance, each cut at the call timeout: by then the
+/// next heartbeat is due). So under a held link the freeze waits until the link recovers, and
+/// the task keeps calling the store meanwhile; in seed 1004789 it started at least 0.45 s late,
+/// after the heal, and the run converged and began its teardown with a member frozen. The
+/// simulation now allows two ttls for a freeze to begin, which a hold longer than that still
+/// defeats. Expected: a frozen task makes no call once its current one ends. Suggested: check
+/// the freeze channel first (the arm before the timer, or `try_recv` at the top of the loop).
+#[test]
+#[ignore = "bug: Member::freeze is starved while the member's store calls time out"]
+fn bug_freeze_is_starved_while_calls_time_out() {
+    paused_runtime().block_on(async {
+        let store = redbuckets::MemoryStore::new();
+        let link = sim::faulty::Faulty::new(&store, 1, Lie::None, Arc::default());
+        let call_timeout = Duration::from_millis(100);
+        let member = redbuckets::Member::builder(link.clone(), "g")
+            .id("a")
+            .buckets(4)
+            .heartbeat(Duration::from_millis(100))
+            .ttl(Duration::from_secs(1))
+            .call_timeout(call_timeout)
+            .start()
+            .await
+            .expect("start");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(member.buckets().len(), 4);
+        // Calls wait for 10 s (and the subscription breaks, so the member wants to rebalance):
+        // every call times out.
+        link.hold(tokio::time::Instant::now() + Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = member.status().errors;
+        member.freeze(Duration::from_secs(5));
+        // Whatever call was running has timed out by now.
+        tokio::time::sleep(call_timeout * 2 + Duration::from_millis(10)).await;
+        let frozen = member.status().errors;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let status = member.status();
+        assert_eq!(
+            status.errors, frozen,
+            "1.2 s into a 5 s freeze the task still calls the store ({before} errors at the \
+             freeze, {frozen} 0.21 s later): {status:?}"
+        );
+    });
+}
+
 /// The same for a member whose clock runs 20% slow (beyond the 1% allowance) and is cut off:
 /// it keeps believing it owns its buckets after the store expired its session (S3 broken).
 #[test]
