@@ -157,6 +157,18 @@ impl<S: Store> Driver<S> {
                     return Ok(());
                 }
                 () = self.graceful.cancelled() => return self.leave().await,
+                Some(frozen) = self.freeze.recv() => {
+                    // Before the timers, which may always be due: a freeze is never starved.
+                    // Nothing runs, not even the deadline check: a stopped process. The user's
+                    // side still checks the deadline itself.
+                    tokio::select! {
+                        () = self.abort.cancelled() => {
+                            self.drop_local();
+                            return Ok(());
+                        }
+                        () = tokio::time::sleep(frozen) => {}
+                    }
+                }
                 notice = next_notice(&mut self.notifications) => {
                     self.want_rebalance = true;
                     self.rebalance_at = self.rebalance_at.min(Instant::now());
@@ -169,17 +181,6 @@ impl<S: Store> Driver<S> {
                 }
                 () = dropped.notified() => {}
                 () = tokio::time::sleep_until(wake) => {}
-                Some(frozen) = self.freeze.recv() => {
-                    // Nothing runs, not even the deadline check: a stopped process. The user's
-                    // side still checks the deadline itself.
-                    tokio::select! {
-                        () = self.abort.cancelled() => {
-                            self.drop_local();
-                            return Ok(());
-                        }
-                        () = tokio::time::sleep(frozen) => {}
-                    }
-                }
             }
         }
     }

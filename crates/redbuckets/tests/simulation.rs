@@ -473,7 +473,6 @@ fn real_time_stall_keeps_leases_on_a_paused_clock() {
 /// defeats. Expected: a frozen task makes no call once its current one ends. Suggested: check
 /// the freeze channel first (the arm before the timer, or `try_recv` at the top of the loop).
 #[test]
-#[ignore = "bug: Member::freeze is starved while the member's store calls time out"]
 fn bug_freeze_is_starved_while_calls_time_out() {
     paused_runtime().block_on(async {
         let store = redbuckets::MemoryStore::new();
