@@ -652,16 +652,23 @@ impl<S: Store> Driver<S> {
         )
         .await
         {
-            Ok(_) => {
+            Ok(freed) => {
                 let at = Instant::now();
-                {
+                let total = {
                     let mut local = self.shared.lock();
                     for b in &buckets {
                         local.held.remove(b);
                     }
-                }
+                    local.held.len()
+                };
                 for (bucket, token) in ready {
                     self.emit(Event::Released { bucket, token, at });
+                }
+                if (freed as usize) < buckets.len() {
+                    // Some were no longer ours: an earlier release ran unheard. Lost replies can
+                    // offset each other in the counts the rebalance check compares (a grant we
+                    // never heard of hidden by this release), so compare the buckets themselves.
+                    self.resync(total, freed).await;
                 }
             }
             Err(e) => {
