@@ -12,7 +12,7 @@
 //! Every random choice comes from the wrapper's own `StdRng`, seeded by the simulation.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -118,7 +118,25 @@ pub struct Faulty {
     held_until: Arc<watch::Sender<Option<Instant>>>,
     /// Bumped when the link heals: delays drawn before end at once.
     heals: Arc<watch::Sender<u64>>,
+    /// Calls whose caller still waits, plus requests still on the wire.
+    busy: Arc<AtomicUsize>,
     counters: Arc<Counters>,
+}
+
+/// Counts one call or request in [`Faulty::busy`] while it lives.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn new(busy: &Arc<AtomicUsize>) -> Busy {
+        busy.fetch_add(1, Ordering::Relaxed);
+        Busy(Arc::clone(busy))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn unavailable(detail: &str) -> Error {
@@ -143,6 +161,7 @@ impl Faulty {
             breaks: Arc::new(watch::channel(0).0),
             held_until: Arc::new(watch::channel(None).0),
             heals: Arc::new(watch::channel(0).0),
+            busy: Arc::new(AtomicUsize::new(0)),
             counters,
         }
     }
@@ -180,6 +199,14 @@ impl Faulty {
         drop(ctl);
         self.held_until.send_replace(None);
         self.heals.send_modify(|n| *n += 1);
+    }
+
+    /// True if a call made now could take long: one is under way or on the wire, the link is
+    /// held, or its profile delays calls. Otherwise a call ends within a few milliseconds.
+    pub fn may_stall(&self) -> bool {
+        self.busy.load(Ordering::Relaxed) > 0
+            || self.held_until.borrow().is_some_and(|u| u > Instant::now())
+            || self.ctl().profile.delay > 0.0
     }
 
     fn partitioned(&self) -> bool {
@@ -265,12 +292,15 @@ impl Faulty {
         if name == "snapshot" {
             Counters::bump(&self.counters.snapshots);
         }
+        let _busy = Busy::new(&self.busy);
         let mut plan = self.plan()?;
         let (tx, rx) = oneshot::channel();
         let this = self.clone();
         let (mut heals, request_delay) = (plan.heals.clone(), plan.request_delay);
+        let on_wire = Busy::new(&self.busy);
         // Spawned: a request that is on the wire runs even if the caller gives up on it.
         tokio::spawn(async move {
+            let _on_wire = on_wire;
             let _turn = this.wire.lock().await;
             Self::pause(&mut heals, request_delay).await;
             this.wait_hold().await;

@@ -240,6 +240,9 @@ struct Live {
     member: Member,
     /// Until when its task is (or may still be) frozen.
     frozen_until: Instant,
+    /// Until when a freeze order may still wait for the task's current step to end: its link
+    /// is neither held nor slowed meanwhile.
+    freeze_taken_by: Instant,
 }
 
 struct Starting {
@@ -605,6 +608,7 @@ impl World {
                         process: s.process,
                         member,
                         frozen_until: Instant::now(),
+                        freeze_taken_by: Instant::now(),
                     });
                     self.note(format!("{name} joined"));
                 }
@@ -701,8 +705,12 @@ impl World {
                 self.count("partitions");
             }
         }
+        // A link is neither held nor slowed while a freeze order waits (see the freeze below).
         if self.chance(r.profile, dt) {
-            if let Some(i) = self.pick_live() {
+            if let Some(i) = self
+                .pick_live()
+                .filter(|&i| self.live[i].freeze_taken_by <= now)
+            {
                 let profile = self.random_profile();
                 self.live[i].process.store.set_profile(profile);
                 let name = self.live[i].process.name.clone();
@@ -722,7 +730,10 @@ impl World {
             }
         }
         if self.chance(r.hold, dt) {
-            if let Some(i) = self.pick_live() {
+            if let Some(i) = self
+                .pick_live()
+                .filter(|&i| self.live[i].freeze_taken_by <= now)
+            {
                 let d = self.rng.gen_range(ttl / 2..=ttl * 3);
                 self.live[i].process.store.hold(now + d);
                 let name = self.live[i].process.name.clone();
@@ -733,12 +744,18 @@ impl World {
         }
         if self.chance(r.freeze, dt) {
             // The member's own task stops (SIGSTOP) while everything else goes on. The task
-            // takes the order at the end of its current step (its store calls may take up to a
-            // few call timeouts), and queues a second one: never freeze a frozen member.
+            // takes the order when its current step ends, and queues a second one: never freeze
+            // a frozen member. A step's store calls may each take a call timeout, so freeze only
+            // members whose link cannot stall a call, and neither hold nor slow it until the
+            // order is taken: then it is taken within milliseconds, or, for a member whose
+            // deadline passes first, after a wait for its old session to expire (a ttl at most).
+            // Known bounds keep the checks that wait for the freeze to end short.
             // Members that own buckets first: freezing one that owns nothing (many start in
             // the new group's quarantine) tests little.
             let thawed: Vec<usize> = (0..self.live.len())
-                .filter(|&i| self.live[i].frozen_until <= now)
+                .filter(|&i| {
+                    self.live[i].frozen_until <= now && !self.live[i].process.store.may_stall()
+                })
                 .collect();
             let owners: Vec<usize> = thawed
                 .iter()
@@ -749,10 +766,17 @@ impl World {
             if !pool.is_empty() {
                 let i = pool[self.rng.gen_range(0..pool.len())];
                 let d = self.rng.gen_range(ttl / 4..=ttl * 5 / 2);
-                self.live[i].member.freeze(d);
-                // At the latest: the current step's calls, each cut at a call timeout (at most
-                // ttl / 3), take less than two ttls.
-                let until = now + d + ttl * 2;
+                let hb = self.params.heartbeat;
+                let member = &self.live[i].member;
+                let valid = member.status().valid_until.is_some_and(|u| u > now + hb);
+                let taken_within = if valid && !member.buckets().is_empty() {
+                    hb
+                } else {
+                    ttl + hb
+                };
+                member.freeze(d);
+                let until = now + taken_within + d;
+                self.live[i].freeze_taken_by = now + taken_within;
                 self.live[i].frozen_until = until;
                 self.frozen_until = self.frozen_until.max(until);
                 let name = self.live[i].process.name.clone();
