@@ -56,8 +56,7 @@ fn seeds(shard: u64) -> Vec<u64> {
 /// Seeds that fail because of a bug in the library, each with the ignored test that shows the
 /// bug on its own. The sharded runs skip them (an explicit `REDBUCKETS_SEED` still runs them);
 /// `known_failures` runs them all: once it passes, empty this list.
-const KNOWN_FAILURES: &[(u64, &str)] =
-    &[(3_079_837, "bug_count_check_is_fooled_by_offsetting_losses")];
+const KNOWN_FAILURES: &[(u64, &str)] = &[];
 
 /// The seeds of [`KNOWN_FAILURES`]; fails while any of them does.
 #[test]
@@ -519,22 +518,16 @@ fn a_member_with_a_slow_clock_is_caught() {
     }
 }
 
-/// BUG (L1), found by the soak at 713a79e (seed 3079837, 1 in ~100,000 seeds): the check after
-/// a rebalance compares *counts* (store's held vs local total, store's committed vs local
-/// active), and two lost replies can offset each other. Member m1 (a flaky link losing 20% of
-/// replies) is granted bucket 48, reply lost; it then releases its revoked bucket 128, the
-/// release runs but its reply is lost, so 128 stays in its ledger as draining; a release
-/// decision's reply is lost too (store committed 14). The next rebalance reply says held 15,
-/// committed 14; m1 counts 15 in its ledger (14 active + 128 draining) and 14 active: no
-/// mismatch, no resync. It then retries the release of 128 (a no-op) and drops it: m1 holds 14,
-/// the store records 15 to it, bucket 48 is owned by nobody, and no rebalance ever runs again
-/// (nothing is free, membership is stable), so heartbeats, which no longer compare counts since
-/// f7dbab9, never notice: "209 of 210 owned", forever. Suspected: `Driver::rebalance`
-/// (driver.rs, the `if check_count` block): compare the sets (a digest of the held bucket ids in
-/// the reply, say), or compare only after pending releases settled, or keep a periodic check
-/// on the heartbeat.
+/// Regression (L1), found by the soak at 713a79e (seed 3079837, 1 in ~100,000 seeds): the check
+/// after a rebalance compared *counts*, and two lost replies offset each other. Member m1 was
+/// granted bucket 48, reply lost; it released its revoked bucket 128, the release ran but its
+/// reply was lost, so 128 stayed in its ledger as draining; a release decision's reply was lost
+/// too. The next rebalance reply said held 15, committed 14; m1 counted 15 (14 active + 128
+/// draining) and 14 active: no mismatch. It then retried the release of 128 (a no-op) and
+/// dropped it: bucket 48 stayed recorded to m1 and owned by nobody, forever. Fixed by b38aad4
+/// (a release that frees fewer buckets than asked resyncs).
 #[test]
-fn bug_count_check_is_fooled_by_offsetting_losses() {
+fn offsetting_lost_replies_do_not_hide_a_grant() {
     init_tracing();
     if let Err(report) = sim::run(3_079_837, Options::FULL) {
         panic!("{report}");
