@@ -33,8 +33,16 @@ pub struct Config {
     /// How long a session (and with it every lease of the member) lives without a heartbeat.
     /// Default 10 s; at least 3 heartbeats.
     pub ttl: Duration,
-    /// Heartbeat period. Default 1 s.
+    /// Heartbeat period: the pace of retries after a failed call, and of polling while the
+    /// notification stream is down. Default 1 s. While notifications flow, a healthy member needs
+    /// no poll: it renews its session every [`Config::renew_interval`], and checks the group at
+    /// the moment a peer's session would expire.
     pub heartbeat: Duration,
+    /// How often a healthy member renews its session. Default `None`: a third of the ttl
+    /// (3.3 s at the defaults). At least the heartbeat and at most half the ttl. Shorter renewals
+    /// cost more Redis work; longer ones leave less time to retry a failed renewal before the
+    /// leases run out (they last `ttl × (1 − drift) − margin` from the last renewal).
+    pub renew_interval: Option<Duration>,
     /// Deadline of each store call. Default 3 s; capped at a third of the ttl, and a call never
     /// runs past the local lease deadline.
     pub call_timeout: Duration,
@@ -67,6 +75,7 @@ impl Config {
             weight: 1,
             ttl: Duration::from_secs(10),
             heartbeat: Duration::from_secs(1),
+            renew_interval: None,
             call_timeout: Duration::from_secs(3),
             shutdown_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(1),
@@ -125,6 +134,18 @@ impl Config {
                 ),
             ));
         }
+        if let Some(renew) = self.renew_interval {
+            if renew < self.heartbeat || renew > self.ttl / 2 {
+                return Err(Error::config(
+                    "renew_interval",
+                    format!(
+                        "must be between the heartbeat ({:?}) and half the ttl ({:?}), got {renew:?}",
+                        self.heartbeat,
+                        self.ttl / 2
+                    ),
+                ));
+            }
+        }
         if self.ttl > MAX_DURATION {
             return Err(Error::config(
                 "ttl",
@@ -159,6 +180,15 @@ impl Config {
             return Err(Error::config("shutdown_timeout", "must be above zero"));
         }
         Ok(())
+    }
+
+    /// How often a healthy member renews its session: [`Config::renew_interval`], or a third
+    /// of the ttl, never below the heartbeat.
+    #[must_use]
+    pub fn effective_renew_interval(&self) -> Duration {
+        self.renew_interval
+            .unwrap_or(self.ttl / 3)
+            .max(self.heartbeat)
     }
 
     /// The deadline of one store call: the call timeout, capped at a third of the ttl.
@@ -221,6 +251,13 @@ mod tests {
         assert_eq!(c.heartbeat, Duration::from_secs(1));
         assert_eq!(c.prefix, "red-buckets");
         assert_eq!(c.lease_validity(), Duration::from_millis(9895));
+        assert_eq!(
+            c.effective_renew_interval(),
+            Duration::from_nanos(3_333_333_333)
+        );
+        let c = with(|c| c.renew_interval = Some(Duration::from_secs(1)));
+        c.validate().unwrap();
+        assert_eq!(c.effective_renew_interval(), Duration::from_secs(1));
     }
 
     #[test]
@@ -261,6 +298,16 @@ mod tests {
                 "24h",
             ),
             (with(|c| c.ttl = Duration::MAX), "ttl", "24h"),
+            (
+                with(|c| c.renew_interval = Some(Duration::from_millis(500))),
+                "renew_interval",
+                "between the heartbeat (1s)",
+            ),
+            (
+                with(|c| c.renew_interval = Some(Duration::from_secs(6))),
+                "renew_interval",
+                "half the ttl (5s)",
+            ),
             (
                 with(|c| c.shutdown_timeout = Duration::ZERO),
                 "shutdown_timeout",

@@ -177,6 +177,10 @@ impl<S: Store> Driver<S> {
                         tracing::debug!("notification stream ended; resubscribing");
                         self.notifications = None;
                         self.resubscribe_at = Instant::now() + self.retry_delay();
+                        // Until it is back, poll at the heartbeat.
+                        self.next_heartbeat = self
+                            .next_heartbeat
+                            .min(Instant::now() + self.on_my_clock(self.config.heartbeat));
                     }
                 }
                 () = dropped.notified() => {}
@@ -209,6 +213,28 @@ impl<S: Store> Driver<S> {
             }
         }
         wake
+    }
+
+    /// When to call the store after a successful heartbeat sent at `sent`: at the renewal
+    /// interval, or the heartbeat while notifications are down (polling), or just after the
+    /// earliest expiry of a peer's session (`next_expiry` after the store's now, which came after
+    /// `sent`), whichever comes first. A crashed peer is purged at that check, so its buckets
+    /// move within a round trip of its session ending, while a healthy group sees one call per
+    /// member per renewal interval.
+    fn next_check(&self, sent: Instant, next_expiry: Option<Duration>) -> Instant {
+        let period = if self.notifications.is_some() {
+            self.config.effective_renew_interval()
+        } else {
+            self.config.heartbeat
+        };
+        let mut at = sent + self.on_my_clock(period);
+        if let Some(d) = next_expiry {
+            // Measured on our clock, which may run fast by up to the drift: wait that much
+            // longer so the check lands after the expiry.
+            let wait = d.mul_f64(1.0 + self.config.max_clock_drift) + Duration::from_millis(1);
+            at = at.min(Instant::now() + self.on_my_clock(wait));
+        }
+        at
     }
 
     /// Real time that `d` of this member's clock takes (see `Config::clock_rate`).
@@ -274,7 +300,9 @@ impl<S: Store> Driver<S> {
             Ok(notifications) => self.notifications = Some(notifications),
             Err(e) => {
                 self.report(e);
-                self.resubscribe_at = Instant::now() + self.config.heartbeat;
+                let poll = Instant::now() + self.on_my_clock(self.config.heartbeat);
+                self.resubscribe_at = poll;
+                self.next_heartbeat = self.next_heartbeat.min(poll);
             }
         }
     }
@@ -312,6 +340,7 @@ impl<S: Store> Driver<S> {
                 self.shared.lock().version = version;
                 self.want_rebalance = true;
                 self.rebalance_at = Instant::now();
+                // The first heartbeat comes soon: it learns when the peers' sessions expire.
                 self.next_heartbeat = sent + self.on_my_clock(self.config.heartbeat);
                 Ok(None)
             }
@@ -365,7 +394,7 @@ impl<S: Store> Driver<S> {
             }
             Ok(reply) if reply.alive => {
                 self.extend(sent);
-                self.next_heartbeat = sent + self.on_my_clock(self.config.heartbeat);
+                self.next_heartbeat = self.next_check(sent, reply.next_expiry);
                 if reply.version != self.seen_version || reply.free > 0 {
                     self.want_rebalance = true;
                 }

@@ -60,9 +60,15 @@ impl<S: Store> MemberBuilder<S> {
         self.config.ttl = ttl;
         self
     }
-    /// Heartbeat period. Default 1 s.
+    /// Heartbeat period: retries, and polling while notifications are down. Default 1 s.
     pub fn heartbeat(mut self, heartbeat: Duration) -> Self {
         self.config.heartbeat = heartbeat;
+        self
+    }
+    /// How often a healthy member renews its session. Default a third of the ttl; between the
+    /// heartbeat and half the ttl.
+    pub fn renew_interval(mut self, every: Duration) -> Self {
+        self.config.renew_interval = Some(every);
         self
     }
     /// Deadline of each store call. Default 3 s, capped at a third of the ttl.

@@ -26,6 +26,10 @@ struct Cuttable {
     inner: MemoryStore,
     cut: Arc<AtomicBool>,
     lose_replies: Arc<AtomicU32>,
+    /// Heartbeat calls made through this wrapper.
+    heartbeats: Arc<AtomicU32>,
+    /// Subscriptions fail: the member hears of nothing by push.
+    deaf: Arc<AtomicBool>,
 }
 
 impl Cuttable {
@@ -34,6 +38,8 @@ impl Cuttable {
             inner: inner.clone(),
             cut: Arc::new(AtomicBool::new(false)),
             lose_replies: Arc::new(AtomicU32::new(0)),
+            heartbeats: Arc::new(AtomicU32::new(0)),
+            deaf: Arc::new(AtomicBool::new(false)),
         }
     }
     /// Err if a reply is to be lost (after the call ran).
@@ -73,6 +79,7 @@ impl Store for Cuttable {
         s: &SessionRef,
         ttl: Duration,
     ) -> Result<HeartbeatReply, Error> {
+        self.heartbeats.fetch_add(1, Ordering::SeqCst);
         self.check()?;
         self.inner.heartbeat(g, s, ttl).await
     }
@@ -97,6 +104,11 @@ impl Store for Cuttable {
         self.inner.snapshot(g).await
     }
     async fn subscribe(&self, g: &GroupKey) -> Result<Notifications, Error> {
+        if self.deaf.load(Ordering::SeqCst) {
+            return Err(Error::Unavailable {
+                detail: "no subscriptions in this test".into(),
+            });
+        }
         self.inner.subscribe(g).await
     }
 }
@@ -257,20 +269,109 @@ async fn crashed_member_is_replaced_after_the_ttl() {
     g.until_balanced(TTL * 2).await;
     let crashed = g.members.remove(2);
     g.receivers.retain(|(id, _)| id != "m2");
+    let renewed = crashed.status().last_heartbeat.unwrap();
     let began = Instant::now();
     crashed.abort();
     g.timeline.crashed("m2", began);
     sleep(TTL / 2).await;
     g.collect();
-    // Before the ttl, the crashed member's buckets stay unowned: nobody may take them yet.
+    // Before its session expires, the crashed member's buckets stay unowned.
     assert_eq!(g.counts().iter().sum::<usize>(), 60);
     let took = g.until_balanced(TTL * 3).await + TTL / 2;
+    // The session expires a ttl after its last renewal, which may predate the crash by up to
+    // the renewal interval; the survivors check at that moment instead of polling for it.
+    let expired = renewed + TTL;
     assert!(
-        began.elapsed() <= TTL + HEARTBEAT + Duration::from_millis(10),
+        Instant::now() >= expired,
+        "reassigned before the session expired"
+    );
+    assert!(
+        Instant::now() <= expired + Duration::from_millis(50),
+        "reassigned {:?} after the session expired ({took:?} after the crash)",
+        Instant::now() - expired
+    );
+    assert!(
+        began.elapsed() <= TTL + HEARTBEAT,
         "reassigned after {took:?}"
     );
-    assert!(began.elapsed() >= TTL, "reassigned before the ttl");
     g.assert_exclusive();
+}
+
+/// Heartbeats of three members over `window` at steady state, each member built by `build`.
+async fn steady_heartbeats(
+    deaf: bool,
+    window: Duration,
+    build: impl Fn(redbuckets::MemberBuilder<Cuttable>) -> redbuckets::MemberBuilder<Cuttable>,
+) -> Vec<u32> {
+    let store = MemoryStore::new();
+    let mut members = Vec::new();
+    for i in 0..3 {
+        let cut = Cuttable::new(&store);
+        cut.deaf.store(deaf, Ordering::SeqCst);
+        let builder = Member::builder(cut.clone(), "g")
+            .id(format!("m{i}"))
+            .buckets(30)
+            .heartbeat(HEARTBEAT)
+            .ttl(TTL);
+        members.push((build(builder).start().await.expect("start"), cut));
+    }
+    sleep(TTL * 3).await;
+    assert!(members.iter().all(|(m, _)| m.buckets().len() == 10));
+    for (_, cut) in &members {
+        cut.heartbeats.store(0, Ordering::SeqCst);
+    }
+    sleep(window).await;
+    assert!(members.iter().all(|(m, _)| m.buckets().len() == 10));
+    members
+        .iter()
+        .map(|(_, cut)| cut.heartbeats.load(Ordering::SeqCst))
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_healthy_member_renews_once_per_renewal_interval() {
+    // Default: a third of the ttl, so 30 renewals in 10 ttls, not 100 heartbeats; nothing
+    // else reaches the store, since nothing changes and no peer's session expires.
+    let counts = steady_heartbeats(false, TTL * 10, |b| b).await;
+    assert!(counts.iter().all(|&n| (29..=31).contains(&n)), "{counts:?}");
+    // Set to the heartbeat, it renews at every heartbeat.
+    let counts = steady_heartbeats(false, TTL * 10, |b| b.renew_interval(HEARTBEAT)).await;
+    assert!(
+        counts.iter().all(|&n| (99..=101).contains(&n)),
+        "{counts:?}"
+    );
+    // Without notifications it polls at the heartbeat.
+    let counts = steady_heartbeats(true, TTL * 10, |b| b).await;
+    assert!(
+        counts.iter().all(|&n| (99..=101).contains(&n)),
+        "{counts:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_notifications_a_leave_is_seen_within_a_heartbeat() {
+    let store = MemoryStore::new();
+    let mut members = Vec::new();
+    for i in 0..3 {
+        let cut = Cuttable::new(&store);
+        cut.deaf.store(true, Ordering::SeqCst);
+        members.push(start(cut, &format!("m{i}"), 30).await);
+    }
+    sleep(TTL * 3).await;
+    let leaving = members.pop().unwrap();
+    leaving.shutdown().await.unwrap();
+    let began = Instant::now();
+    while members.iter().map(|m| m.buckets().len()).sum::<usize>() < 30 {
+        assert!(began.elapsed() <= HEARTBEAT * 2, "not taken by polling");
+        sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(
+        members
+            .iter()
+            .map(|m| m.buckets().len())
+            .collect::<Vec<_>>(),
+        [15, 15]
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -748,6 +748,9 @@ async fn steady_state_heartbeat_is_one_round_trip_of_constant_work() {
                 .await
                 .expect("heartbeat");
             assert!(hb.alive);
+            // The three peers registered moments ago: their sessions end about a ttl from now.
+            let next = hb.next_expiry.expect("the peers' expiry");
+            assert!(next <= TTL && next >= TTL / 2, "{next:?}");
         }
         let calls = command_calls(&mut con).await;
         assert_eq!(
@@ -760,7 +763,17 @@ async fn steady_state_heartbeat_is_one_round_trip_of_constant_work() {
             .filter(|(k, _)| *k != "evalsha")
             .map(|(_, v)| v)
             .sum();
-        for heavy in ["smembers", "hgetall", "hkeys", "zrange", "sadd", "spop"] {
+        // The heartbeat reads the two earliest sessions (ZRANGE 0 1, O(log n)); nothing else
+        // reads a whole key.
+        assert_eq!(calls.get("zrange"), Some(&N), "{calls:?}");
+        for heavy in [
+            "smembers",
+            "hgetall",
+            "hkeys",
+            "zrangebyscore",
+            "sadd",
+            "spop",
+        ] {
             assert!(
                 !calls.contains_key(heavy),
                 "{heavy} in a heartbeat: {calls:?}"

@@ -228,6 +228,7 @@ impl Store for MemoryStore {
                 alive: false,
                 version: 0,
                 free: 0,
+                next_expiry: None,
             });
         };
         let purged = state.purge(now);
@@ -238,10 +239,17 @@ impl Store for MemoryStore {
             }
             None => false,
         };
+        let next_expiry = state
+            .members
+            .iter()
+            .filter(|(id, _)| **id != session.member)
+            .map(|(_, m)| m.expires.saturating_duration_since(now))
+            .min();
         let reply = HeartbeatReply {
             alive,
             version: state.version,
             free: u32::try_from(state.free.len()).unwrap_or(u32::MAX),
+            next_expiry,
         };
         if purged {
             inner.notify(group);

@@ -121,6 +121,10 @@ pub struct HeartbeatReply {
     pub version: u64,
     /// Free buckets in the group.
     pub free: u32,
+    /// Time from the store's now until the earliest expiry of another member's session, if
+    /// another member is registered. Members check the group again at that moment, so a crashed
+    /// peer's buckets are freed when its session ends, without polling.
+    pub next_expiry: Option<Duration>,
 }
 
 /// What a rebalance step did for the calling member.

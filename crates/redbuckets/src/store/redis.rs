@@ -644,6 +644,8 @@ impl Store for RedisStore {
             free: field(2)
                 .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
                 .ok_or_else(|| bad("free"))?,
+            // -1 (no other session) does not parse as a count.
+            next_expiry: field(3).map(Duration::from_millis),
         })
     }
 
