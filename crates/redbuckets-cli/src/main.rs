@@ -113,12 +113,16 @@ struct JoinArgs {
     /// Bucket count of the group; must match the group's if it exists [default: 1024].
     #[arg(long, value_name = "N")]
     buckets: Option<u32>,
-    /// Heartbeat period [default: 1s].
+    /// Heartbeat period: retries, and polling while notifications are down [default: 1s].
     #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
     heartbeat: Option<Duration>,
-    /// Session ttl: how long the leases outlive the last heartbeat [default: 10s].
+    /// Session ttl: how long the leases outlive the last renewal [default: 10s].
     #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
     ttl: Option<Duration>,
+    /// How often the session is renewed, between the heartbeat and half the ttl
+    /// [default: half the ttl].
+    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
+    renew: Option<Duration>,
     /// Relative weight of this member [default: 1].
     #[arg(long, value_name = "W")]
     weight: Option<u32>,

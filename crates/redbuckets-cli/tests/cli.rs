@@ -480,6 +480,10 @@ fn bad_input_gets_one_clear_line() {
             "ttl: must be at least 3 × heartbeat",
         ),
         (
+            join(&closed, &["--renew", "9s"]),
+            "renew_interval: must be between the heartbeat (1s) and half the ttl (5s)",
+        ),
+        (
             vec![
                 "join".into(),
                 "--redis".into(),

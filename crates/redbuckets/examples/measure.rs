@@ -5,6 +5,7 @@
 //! cargo run --release --example measure                 # 4 × 1,024 and 10 × 16,384
 //! cargo run --release --example measure -- 4 1024      # one configuration
 //! REDIS_URL=redis://127.0.0.1:6379/ cargo run --release --example measure
+//! MEASURE_PING=1 cargo run --release --example measure -- 4 1024   # also: the cost of PINGs
 //! ```
 //! Without `REDIS_URL` it starts its own `redis-server` on a free port (and stops it at the end).
 //! Heartbeat 1 s and ttl 10 s, the defaults. Redis CPU is taken over a steady-state window of
@@ -199,6 +200,34 @@ async fn scenario(url: &str, n: usize, buckets: u32) {
     println!("== {n} members × {buckets} buckets (heartbeat 1s, ttl 10s) ==");
     let window = window();
     let idle_before = rates(&mut conn, window).await;
+    if std::env::var_os("MEASURE_PING").is_some() {
+        // The floor: what merely waking Redis costs, one PING per member per second.
+        let mut pingers = Vec::new();
+        for _ in 0..n {
+            pingers.push(
+                client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .expect("connect"),
+            );
+        }
+        let pinging = tokio::spawn(async move {
+            loop {
+                for p in &mut pingers {
+                    let _: String = redis::cmd("PING").query_async(p).await.expect("PING");
+                    tokio::time::sleep(Duration::from_secs(1) / n as u32).await;
+                }
+            }
+        });
+        let pings = rates(&mut conn, window).await;
+        pinging.abort();
+        println!(
+            "floor: {n} PINGs/s cost Redis {:.3} ms/s above idle ({:.3} − idle {:.3})",
+            pings.cpu_ms - idle_before.cpu_ms,
+            pings.cpu_ms,
+            idle_before.cpu_ms
+        );
+    }
 
     let mut run = Run {
         url: url.to_string(),

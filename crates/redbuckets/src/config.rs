@@ -38,10 +38,11 @@ pub struct Config {
     /// no poll: it renews its session every [`Config::renew_interval`], and checks the group at
     /// the moment a peer's session would expire.
     pub heartbeat: Duration,
-    /// How often a healthy member renews its session. Default `None`: a third of the ttl
-    /// (3.3 s at the defaults). At least the heartbeat and at most half the ttl. Shorter renewals
-    /// cost more Redis work; longer ones leave less time to retry a failed renewal before the
-    /// leases run out (they last `ttl × (1 − drift) − margin` from the last renewal).
+    /// How often a healthy member renews its session. Default `None`: half the ttl (5 s at the
+    /// defaults). At least the heartbeat and at most half the ttl. The leases last
+    /// `ttl × (1 − drift) − margin` from the last renewal, so what is left after the interval is
+    /// the time a failed renewal has to be retried (4.9 s at the defaults): a shorter interval
+    /// survives longer Redis outages, at more Redis work (each round trip wakes Redis up).
     pub renew_interval: Option<Duration>,
     /// Deadline of each store call. Default 3 s; capped at a third of the ttl, and a call never
     /// runs past the local lease deadline.
@@ -182,12 +183,12 @@ impl Config {
         Ok(())
     }
 
-    /// How often a healthy member renews its session: [`Config::renew_interval`], or a third
-    /// of the ttl, never below the heartbeat.
+    /// How often a healthy member renews its session: [`Config::renew_interval`], or half the
+    /// ttl, never below the heartbeat.
     #[must_use]
     pub fn effective_renew_interval(&self) -> Duration {
         self.renew_interval
-            .unwrap_or(self.ttl / 3)
+            .unwrap_or(self.ttl / 2)
             .max(self.heartbeat)
     }
 
@@ -251,10 +252,7 @@ mod tests {
         assert_eq!(c.heartbeat, Duration::from_secs(1));
         assert_eq!(c.prefix, "red-buckets");
         assert_eq!(c.lease_validity(), Duration::from_millis(9895));
-        assert_eq!(
-            c.effective_renew_interval(),
-            Duration::from_nanos(3_333_333_333)
-        );
+        assert_eq!(c.effective_renew_interval(), Duration::from_secs(5));
         let c = with(|c| c.renew_interval = Some(Duration::from_secs(1)));
         c.validate().unwrap();
         assert_eq!(c.effective_renew_interval(), Duration::from_secs(1));

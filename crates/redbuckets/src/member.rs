@@ -65,8 +65,8 @@ impl<S: Store> MemberBuilder<S> {
         self.config.heartbeat = heartbeat;
         self
     }
-    /// How often a healthy member renews its session. Default a third of the ttl; between the
-    /// heartbeat and half the ttl.
+    /// How often a healthy member renews its session. Default half the ttl; between the
+    /// heartbeat and half the ttl. Shorter survives longer outages at more Redis work.
     pub fn renew_interval(mut self, every: Duration) -> Self {
         self.config.renew_interval = Some(every);
         self

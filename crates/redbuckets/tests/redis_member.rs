@@ -175,7 +175,7 @@ async fn crashed_member_is_reassigned_after_the_ttl() {
     g.collect();
     g.receivers.remove(2);
     // Its session ends a ttl after its last renewal, which may be up to a renewal interval
-    // (ttl / 3) before the crash; the survivors check at that moment.
+    // (ttl / 2) before the crash; the survivors check at that moment.
     let renewed = crashed.status().last_heartbeat.expect("renewed");
     let began = Instant::now();
     crashed.abort();

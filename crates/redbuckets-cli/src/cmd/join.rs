@@ -33,6 +33,9 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
     if let Some(ttl) = args.ttl {
         config.ttl = ttl;
     }
+    if args.renew.is_some() {
+        config.renew_interval = args.renew;
+    }
     if let Some(weight) = args.weight {
         config.weight = weight;
     }
