@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use checker::Timeline;
 use redbuckets::{Error, Event, Member, RedisStore};
-use support::RedisServer;
+use support::{RedisServer, Sentinel};
 use tokio::sync::broadcast;
 
 const HEARTBEAT: Duration = Duration::from_millis(100);
@@ -329,5 +329,126 @@ async fn a_member_with_another_ttl_is_refused() {
         .expect_err("another ttl must be refused");
     assert!(matches!(err, Error::TtlMismatch { .. }), "{err}");
     assert!(err.to_string().contains("same ttl"), "{err}");
+    g.shutdown().await;
+}
+
+/// Through Redis Sentinel: a forced failover promotes the replica; the members' calls to the old
+/// primary fail (READONLY once Sentinel turns it into a replica), the store asks the sentinel
+/// again and moves to the new primary, where the group is re-created (another Redis process: its
+/// data may be stale) and every bucket is granted again with a larger token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_follow_the_primary_through_a_sentinel_failover() {
+    let primary = RedisServer::start();
+    let replica =
+        RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port().to_string()]);
+    let sentinel = Sentinel::start(&primary);
+    let mut g = Group::new(&primary, "failover", 64);
+    g.url = sentinel.url();
+    for i in 0..3 {
+        g.join(&format!("m{i}")).await;
+    }
+    g.until_balanced(TTL * 5).await;
+    let before = g.max_token();
+    let mark = g.timeline.events.len();
+    let meta = "{red-buckets:failover}:meta";
+    assert_eq!(primary.cli(&["HGET", meta, "buckets"]).trim(), "64");
+
+    // The sentinel needs a moment to find the replica (NOGOODSLAVE until then).
+    let began = Instant::now();
+    loop {
+        let reply = sentinel.cli(&["SENTINEL", "FAILOVER", "mymaster"]);
+        if reply.trim() == "OK" {
+            break;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "the sentinel would not fail over: {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let failover = Instant::now();
+    // Every bucket granted again, on the new primary, and balanced.
+    loop {
+        g.collect();
+        let regranted = g.timeline.events[mark..]
+            .iter()
+            .filter(|(_, e)| matches!(e, Event::Acquired { .. }))
+            .count();
+        if regranted >= 64 && g.balanced() {
+            break;
+        }
+        assert!(
+            failover.elapsed() < Duration::from_secs(20),
+            "not re-granted 20 s after the failover: {regranted} grants, {:?}",
+            g.counts()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = failover.elapsed();
+    eprintln!("re-granted and balanced {took:?} after SENTINEL FAILOVER");
+    assert!(replica.cli(&["ROLE"]).starts_with("master"));
+    assert_eq!(replica.cli(&["HGET", meta, "buckets"]).trim(), "64");
+    let after = g.timeline.events[mark..]
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::Acquired { .. }))
+        .map(|(_, e)| e.token())
+        .min()
+        .expect("grants");
+    assert!(
+        after > before,
+        "token {after} after the failover, {before} before"
+    );
+    g.assert_exclusive();
+    g.shutdown().await;
+}
+
+/// Through Redis Sentinel: the primary dies; its replica is promoted once the sentinel sees the
+/// primary down (one second here), and the members, whose calls fail meanwhile, move there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_follow_the_primary_when_it_dies() {
+    let mut primary = RedisServer::start();
+    let replica =
+        RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port().to_string()]);
+    let sentinel = Sentinel::start(&primary);
+    let mut g = Group::new(&primary, "primary-dies", 64);
+    g.url = sentinel.url();
+    for i in 0..3 {
+        g.join(&format!("m{i}")).await;
+    }
+    g.until_balanced(TTL * 5).await;
+    // The sentinel must know the replica before the primary dies, or it has none to promote.
+    let began = Instant::now();
+    while !sentinel
+        .cli(&["SENTINEL", "REPLICAS", "mymaster"])
+        .contains(&replica.port().to_string())
+    {
+        assert!(began.elapsed() < Duration::from_secs(30), "replica unknown");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mark = g.timeline.events.len();
+    primary.stop();
+    let died = Instant::now();
+    loop {
+        g.collect();
+        let regranted = g.timeline.events[mark..]
+            .iter()
+            .filter(|(_, e)| matches!(e, Event::Acquired { .. }))
+            .count();
+        if regranted >= 64 && g.balanced() {
+            break;
+        }
+        assert!(
+            died.elapsed() < Duration::from_secs(30),
+            "not re-granted 30 s after the primary died: {regranted} grants, {:?}",
+            g.counts()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "re-granted and balanced {:?} after the primary died",
+        died.elapsed()
+    );
+    assert!(replica.cli(&["ROLE"]).starts_with("master"));
+    g.assert_exclusive();
     g.shutdown().await;
 }

@@ -19,6 +19,13 @@
 //! `TCP_USER_TIMEOUT` set, so a half-open connection fails instead of hanging. The manager never
 //! retries a failed call; the member does, and every script is safe to repeat.
 //! [`Store::subscribe`] opens a dedicated pub/sub connection per subscription.
+//!
+//! # Sentinel
+//! With a `redis+sentinel://` URL the store asks the sentinels for the primary at connect time,
+//! and again whenever a call fails in a way a failover explains (the server went read-only, or
+//! stopped answering); it then moves its connection to the primary they name. The new primary
+//! runs as another Redis process, so the group's data is treated as possibly stale and the group
+//! is re-created (see the crate's guarantees): members re-register and re-acquire.
 
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -26,9 +33,10 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::io::tcp::{socket2::TcpKeepalive, TcpSettings};
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{
     AsyncConnectionConfig, Client, ConnectionAddr, ErrorKind, IntoConnectionInfo, RedisError,
-    Script, ServerErrorKind, TlsCertificates, Value,
+    Script, ServerErrorKind, TlsCertificates, TlsMode, Value,
 };
 
 use crate::config::PROTOCOL_VERSION;
@@ -160,6 +168,13 @@ impl RedisOptions {
         self
     }
 
+    fn manager_config(&self) -> ConnectionManagerConfig {
+        ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.connection_timeout))
+            .set_response_timeout(Some(self.response_timeout))
+            .set_max_delay(self.max_reconnect_delay)
+    }
+
     fn tcp_settings(&self) -> TcpSettings {
         let keepalive = TcpKeepalive::new()
             .with_time(self.tcp_keepalive)
@@ -190,13 +205,146 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    client: Client,
-    manager: ConnectionManager,
+    /// The server the calls go to; replaced when Sentinel names a new primary.
+    node: std::sync::RwLock<Arc<Node>>,
+    /// With `redis+sentinel://`: asked for the primary again after a failover-like error. The
+    /// lock also makes concurrent failing calls ask once.
+    sentinel: Option<tokio::sync::Mutex<SentinelClient>>,
     /// The URL with its password masked, for messages.
     url: String,
     /// Secrets that must never appear in an error message (raw and decoded password).
     secrets: Vec<String>,
     options: RedisOptions,
+}
+
+/// One Redis server and the auto-reconnecting connection to it.
+struct Node {
+    client: Client,
+    manager: ConnectionManager,
+}
+
+impl Inner {
+    fn node(&self) -> Arc<Node> {
+        Arc::clone(&self.node.read().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// What a `redis+sentinel://` URL says.
+struct SentinelUrl {
+    /// `redis://host:port` (or `rediss://`) of each sentinel.
+    sentinels: Vec<String>,
+    /// The name the sentinels monitor the primary under.
+    service: String,
+    /// Credentials and database for the primary.
+    node: redis::RedisConnectionInfo,
+    tls: bool,
+}
+
+/// Parses `redis+sentinel://[user:password@]host[:port][,host[:port]...]/service[/db]`
+/// (`rediss+sentinel://` for TLS); `Ok(None)` for any other scheme. Credentials are for the
+/// primary; the sentinels are reached without them. The sentinel port defaults to 26379.
+fn parse_sentinel_url(url: &str) -> Result<Option<SentinelUrl>, String> {
+    let (tls, rest) = if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+        (false, rest)
+    } else if let Some(rest) = url.strip_prefix("rediss+sentinel://") {
+        (true, rest)
+    } else {
+        return Ok(None);
+    };
+    if rest.contains(['?', '#']) {
+        return Err("query parameters and fragments are not supported in a sentinel URL".into());
+    }
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (userinfo, hosts) = match authority.rfind('@') {
+        Some(at) => (Some(&authority[..at]), &authority[at + 1..]),
+        None => (None, authority),
+    };
+    let scheme = if tls { "rediss" } else { "redis" };
+    let mut sentinels = Vec::new();
+    for host in hosts.split(',') {
+        if host.is_empty() {
+            return Err("a sentinel address is empty (expected host[:port],...)".into());
+        }
+        let has_port = if host.starts_with('[') {
+            host.contains("]:")
+        } else {
+            host.contains(':')
+        };
+        let sentinel = if has_port {
+            format!("{scheme}://{host}")
+        } else {
+            format!("{scheme}://{host}:26379")
+        };
+        sentinel
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| format!("bad sentinel address {host:?}: {e}"))?;
+        sentinels.push(sentinel);
+    }
+    let mut segments = path.split('/');
+    let service = segments.next().unwrap_or("");
+    if service.is_empty() {
+        return Err("the primary's service name is missing \
+             (e.g. redis+sentinel://127.0.0.1:26379/mymaster)"
+            .into());
+    }
+    let db = match segments.next() {
+        None | Some("") => "0",
+        Some(db) => db,
+    };
+    if segments.any(|s| !s.is_empty()) {
+        return Err("expected /service or /service/db after the sentinel addresses".into());
+    }
+    if db.parse::<i64>().is_err() {
+        return Err(format!("the database {db:?} is not a number"));
+    }
+    // The redis crate decodes the credentials and the database; the host is a placeholder.
+    let userinfo = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
+    let node = format!("redis://{userinfo}sentinel-primary/{db}")
+        .as_str()
+        .into_connection_info()
+        .map_err(|e| e.to_string())?
+        .redis_settings()
+        .clone();
+    Ok(Some(SentinelUrl {
+        sentinels,
+        service: service.to_string(),
+        node,
+        tls,
+    }))
+}
+
+/// Whether a call's error may mean the primary moved: it went read-only or away.
+fn primary_may_have_moved(e: &RedisError) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown)
+    ) || e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+}
+
+/// Asks the sentinels which server is the primary, within the connect and response budget.
+async fn resolve_primary(
+    sentinel: &mut SentinelClient,
+    options: &RedisOptions,
+    redacted: &str,
+    secrets: &[String],
+) -> Result<Client, Error> {
+    let budget = options.connection_timeout + options.response_timeout;
+    match tokio::time::timeout(budget, sentinel.async_get_client()).await {
+        Err(_) => Err(Error::Unavailable {
+            detail: format!("no sentinel of {redacted} named the primary within {budget:?}"),
+        }),
+        Ok(Err(e)) => Err(Error::Unavailable {
+            detail: format!(
+                "no sentinel of {redacted} named a primary: {}",
+                scrub(&e.to_string(), secrets)
+            ),
+        }),
+        Ok(Ok(client)) => Ok(client),
+    }
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -214,54 +362,31 @@ impl RedisStore {
         Self::connect_with(url, RedisOptions::default()).await
     }
 
-    /// Connects to `redis://[user:password@]host[:port][/db]` (or `rediss://` for TLS).
+    /// Connects to `redis://[user:password@]host[:port][/db]` (or `rediss://` for TLS), or
+    /// through Redis Sentinel to
+    /// `redis+sentinel://[user:password@]host[:port][,host[:port]...]/service[/db]` (or
+    /// `rediss+sentinel://`): the sentinels' addresses (port 26379 by default) and the name
+    /// they monitor the primary under. The credentials are the primary's; the sentinels are
+    /// reached without them. A custom [`RedisOptions::tls_root_cert`] is not supported there.
     ///
     /// One connection attempt is made at once, so a wrong address or password fails here with
     /// [`Error::Unavailable`] or [`Error::Refused`]; a URL that does not parse gives
-    /// [`Error::Url`]. After that the connection reconnects by itself.
+    /// [`Error::Url`]. After that the connection reconnects by itself, and through Sentinel it
+    /// follows the primary after a failover.
     pub async fn connect_with(url: &str, options: RedisOptions) -> Result<RedisStore, Error> {
         let redacted = redact_url(url);
         let mut secrets: Vec<String> = raw_password(url).into_iter().collect();
-        let info = url.into_connection_info().map_err(|e| Error::Url {
+        let sentinel = parse_sentinel_url(url).map_err(|reason| Error::Url {
             url: redacted.clone(),
-            reason: url_reason(url, &e, &secrets),
+            reason: scrub(&reason, &secrets),
         })?;
-        if let Some(password) = info.redis_settings().password() {
-            secrets.push(password.to_string());
-        }
-        secrets.retain(|s| !s.is_empty());
-        let tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
-        if tls {
-            // rustls needs a process-wide crypto provider; without one the redis crate panics
-            // at the first TLS handshake. Keep the application's if it installed one.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        }
-        let info = info.set_tcp_settings(options.tcp_settings());
-        if let Some(pem) = &options.tls_root_cert {
-            // An empty trust store would only show up later as "UnknownIssuer".
-            if !pem
-                .windows(CERT_PEM_HEADER.len())
-                .any(|w| w == CERT_PEM_HEADER)
-            {
-                return Err(Error::config(
-                    "tls_root_cert",
-                    "contains no PEM certificate (-----BEGIN CERTIFICATE-----)",
-                ));
+        let (client, sentinel) = match sentinel {
+            Some(spec) => {
+                let (client, sentinel) =
+                    Self::via_sentinel(spec, &options, &redacted, &mut secrets).await?;
+                (client, Some(sentinel))
             }
-        }
-        let client = match (&options.tls_root_cert, tls) {
-            (Some(pem), true) => Client::build_with_tls(
-                info,
-                TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem.clone()),
-                },
-            )
-            .map_err(|e| Error::config("tls_root_cert", e.to_string()))?,
-            _ => Client::open(info).map_err(|e| Error::Url {
-                url: redacted.clone(),
-                reason: scrub(&e.to_string(), &secrets),
-            })?,
+            None => (Self::client(url, &options, &redacted, &mut secrets)?, None),
         };
 
         // Probe once, so a wrong address or password fails now with a clear error instead of
@@ -286,22 +411,149 @@ impl RedisStore {
             Ok(Ok(_)) => {}
         }
 
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(options.connection_timeout))
-            .set_response_timeout(Some(options.response_timeout))
-            .set_max_delay(options.max_reconnect_delay);
         let manager = client
-            .get_connection_manager_lazy(manager_config)
+            .get_connection_manager_lazy(options.manager_config())
             .map_err(|e| connect_error(&redacted, &e, &secrets))?;
         Ok(RedisStore {
             inner: Arc::new(Inner {
-                client,
-                manager,
+                node: std::sync::RwLock::new(Arc::new(Node { client, manager })),
+                sentinel: sentinel.map(tokio::sync::Mutex::new),
                 url: redacted,
                 secrets,
                 options,
             }),
         })
+    }
+
+    /// The client of a plain `redis://` or `rediss://` URL.
+    fn client(
+        url: &str,
+        options: &RedisOptions,
+        redacted: &str,
+        secrets: &mut Vec<String>,
+    ) -> Result<Client, Error> {
+        let info = url.into_connection_info().map_err(|e| Error::Url {
+            url: redacted.to_string(),
+            reason: url_reason(url, &e, secrets),
+        })?;
+        if let Some(password) = info.redis_settings().password() {
+            secrets.push(password.to_string());
+        }
+        secrets.retain(|s| !s.is_empty());
+        let tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
+        if tls {
+            // rustls needs a process-wide crypto provider; without one the redis crate panics
+            // at the first TLS handshake. Keep the application's if it installed one.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let info = info.set_tcp_settings(options.tcp_settings());
+        if let Some(pem) = &options.tls_root_cert {
+            // An empty trust store would only show up later as "UnknownIssuer".
+            if !pem
+                .windows(CERT_PEM_HEADER.len())
+                .any(|w| w == CERT_PEM_HEADER)
+            {
+                return Err(Error::config(
+                    "tls_root_cert",
+                    "contains no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                ));
+            }
+        }
+        match (&options.tls_root_cert, tls) {
+            (Some(pem), true) => Client::build_with_tls(
+                info,
+                TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            )
+            .map_err(|e| Error::config("tls_root_cert", e.to_string())),
+            _ => Client::open(info).map_err(|e| Error::Url {
+                url: redacted.to_string(),
+                reason: scrub(&e.to_string(), secrets),
+            }),
+        }
+    }
+
+    /// The sentinels of a `redis+sentinel://` URL, and a client of the primary they name.
+    async fn via_sentinel(
+        spec: SentinelUrl,
+        options: &RedisOptions,
+        redacted: &str,
+        secrets: &mut Vec<String>,
+    ) -> Result<(Client, SentinelClient), Error> {
+        if let Some(password) = spec.node.password() {
+            secrets.push(password.to_string());
+        }
+        secrets.retain(|s| !s.is_empty());
+        if options.tls_root_cert.is_some() {
+            return Err(Error::config(
+                "tls_root_cert",
+                "is not supported with a sentinel URL",
+            ));
+        }
+        let mut node = SentinelNodeConnectionInfo::default()
+            .set_redis_connection_info(spec.node)
+            .set_tcp_settings(options.tcp_settings());
+        if spec.tls {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            node = node.set_tls_mode(TlsMode::Secure);
+        }
+        let mut sentinel = SentinelClient::build(
+            spec.sentinels,
+            spec.service,
+            Some(node),
+            SentinelServerType::Master,
+        )
+        .map_err(|e| Error::Url {
+            url: redacted.to_string(),
+            reason: scrub(&e.to_string(), secrets),
+        })?;
+        let client = resolve_primary(&mut sentinel, options, redacted, secrets).await?;
+        Ok((client, sentinel))
+    }
+
+    /// Asks the sentinels for the primary again after a call to `failed` went wrong in a way a
+    /// failover explains, and moves the store there if they name another server. Errors are
+    /// logged: the call's own error is what the member sees, and its retry asks again.
+    async fn follow_primary(&self, failed: &Arc<Node>) {
+        let Some(sentinel) = &self.inner.sentinel else {
+            return;
+        };
+        let mut sentinel = sentinel.lock().await;
+        if !Arc::ptr_eq(&self.inner.node(), failed) {
+            // A concurrent call moved already.
+            return;
+        }
+        let inner = &self.inner;
+        let client = match resolve_primary(
+            &mut sentinel,
+            &inner.options,
+            &inner.url,
+            &inner.secrets,
+        )
+        .await
+        {
+            Ok(client) => client,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot ask Sentinel for the primary");
+                return;
+            }
+        };
+        let addr = client.get_connection_info().addr().to_string();
+        if addr == failed.client.get_connection_info().addr().to_string() {
+            return;
+        }
+        let manager = match client.get_connection_manager_lazy(inner.options.manager_config()) {
+            Ok(manager) => manager,
+            Err(e) => {
+                let e = scrub(&e.to_string(), &inner.secrets);
+                tracing::warn!(error = %e, "cannot connect to the new primary");
+                return;
+            }
+        };
+        tracing::warn!(primary = %addr, "Sentinel names another primary; moving there");
+        *inner.node.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Node { client, manager });
     }
 
     /// Runs one script against the group's keys; `args` follow the tag (ARGV[1]).
@@ -325,11 +577,17 @@ impl RedisStore {
         for arg in args {
             invocation.arg(arg);
         }
-        let mut con = self.inner.manager.clone();
-        invocation
-            .invoke_async::<Value>(&mut con)
-            .await
-            .map_err(|e| self.call_error(group, call, &e))
+        let node = self.inner.node();
+        let mut con = node.manager.clone();
+        match invocation.invoke_async::<Value>(&mut con).await {
+            Ok(value) => Ok(value),
+            Err(e) => {
+                if primary_may_have_moved(&e) {
+                    self.follow_primary(&node).await;
+                }
+                Err(self.call_error(group, call, &e))
+            }
+        }
     }
 
     /// Maps an error of a store call. Expected server replies of our own scripts come first.
@@ -810,7 +1068,7 @@ impl Store for RedisStore {
     async fn subscribe(&self, group: &GroupKey) -> Result<Notifications, Error> {
         let channel = format!("{}:events", group.tag());
         let open = async {
-            let mut pubsub = self.inner.client.get_async_pubsub().await?;
+            let mut pubsub = self.inner.node().client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;
             Ok::<_, RedisError>(pubsub)
         };
@@ -849,6 +1107,64 @@ mod tests {
         assert_eq!(parse_owner("x y"), None);
         assert_eq!(parse_owner("17"), None);
         assert_eq!(parse_owner(" 17 a"), None);
+    }
+
+    #[test]
+    fn sentinel_urls_parse() {
+        let spec = parse_sentinel_url("redis+sentinel://u:p%40ss@10.0.0.1,h2:26380/mymaster/3")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            spec.sentinels,
+            ["redis://10.0.0.1:26379", "redis://h2:26380"]
+        );
+        assert_eq!(spec.service, "mymaster");
+        assert_eq!(spec.node.username(), Some("u"));
+        assert_eq!(spec.node.password(), Some("p@ss"));
+        assert_eq!(spec.node.db(), 3);
+        assert!(!spec.tls);
+        let spec = parse_sentinel_url("rediss+sentinel://[::1]:5000/svc")
+            .unwrap()
+            .unwrap();
+        assert_eq!(spec.sentinels, ["rediss://[::1]:5000"]);
+        assert!(spec.tls);
+        assert!(parse_sentinel_url("redis://h:1").unwrap().is_none());
+        for (bad, needle) in [
+            ("redis+sentinel://h:1", "service name is missing"),
+            ("redis+sentinel://h:1/", "service name is missing"),
+            ("redis+sentinel://h:1,,h:2/m", "empty"),
+            ("redis+sentinel:///m", "empty"),
+            ("redis+sentinel://h:1/m/x", "not a number"),
+            ("redis+sentinel://h:1/m/0/more", "expected /service"),
+            ("redis+sentinel://h:1/m?x=1", "not supported"),
+            ("redis+sentinel://h:notaport/m", "bad sentinel address"),
+        ] {
+            match parse_sentinel_url(bad) {
+                Err(reason) => assert!(reason.contains(needle), "{bad}: {reason}"),
+                Ok(_) => panic!("{bad} parsed"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_sentinel_is_a_clear_error() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap();
+        // Nothing listens there any more.
+        let url = format!("redis+sentinel://:secret@127.0.0.1:{port}/mymaster");
+        match RedisStore::connect(&url).await {
+            Err(Error::Unavailable { detail }) => {
+                assert!(detail.contains("no sentinel of"), "{detail}");
+                assert!(!detail.contains("secret"), "{detail}");
+            }
+            other => panic!("{other:?}"),
+        }
+        match RedisStore::connect("redis+sentinel://127.0.0.1:1").await {
+            Err(Error::Url { reason, .. }) => assert!(reason.contains("service name"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -172,6 +172,102 @@ impl RedisServer {
     }
 }
 
+/// A Redis Sentinel (`redis-server --sentinel`) on a free port, watching one primary under the
+/// name `mymaster` with a quorum of one, so a test can force a failover with
+/// `SENTINEL FAILOVER mymaster`. Killed on drop.
+#[derive(Debug)]
+pub struct Sentinel {
+    port: u16,
+    child: Option<Child>,
+    conf: std::path::PathBuf,
+}
+
+impl Sentinel {
+    /// Starts a sentinel watching `primary`.
+    pub fn start(primary: &RedisServer) -> Self {
+        let mut last = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let conf = std::env::temp_dir().join(format!(
+                "redbuckets-sentinel-{}-{port}.conf",
+                std::process::id()
+            ));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\n\
+                     sentinel monitor mymaster 127.0.0.1 {} 1\n\
+                     sentinel down-after-milliseconds mymaster 1000\n\
+                     sentinel failover-timeout mymaster 10000\n",
+                    primary.port()
+                ),
+            )
+            .expect("write the sentinel's config");
+            let child = Command::new("redis-server")
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn();
+            let mut child = match child {
+                Ok(child) => child,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!("{NOT_FOUND}"),
+                Err(e) => panic!("cannot run redis-server --sentinel: {e}"),
+            };
+            let deadline = Instant::now() + START_BUDGET;
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    last = format!("exited at start ({status}) on port {port}");
+                    break;
+                }
+                if answers_ping(port) {
+                    return Sentinel {
+                        port,
+                        child: Some(child),
+                        conf,
+                    };
+                }
+                if Instant::now() >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    last = format!("no PING answer on port {port} within 5s");
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = std::fs::remove_file(&conf);
+        }
+        panic!("redis-server --sentinel did not start: {last}");
+    }
+
+    /// `redis+sentinel://127.0.0.1:<port>/mymaster`.
+    pub fn url(&self) -> String {
+        format!("redis+sentinel://127.0.0.1:{}/mymaster", self.port)
+    }
+
+    /// Runs one command through `redis-cli` against the sentinel and returns its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run redis-cli: {e}. {NOT_FOUND}"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(&self.conf);
+    }
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         if self.paused {
