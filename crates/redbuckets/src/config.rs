@@ -33,13 +33,15 @@ pub struct Config {
     /// How long a session (and with it every lease of the member) lives without a heartbeat.
     /// Default 10 s; at least 3 heartbeats.
     pub ttl: Duration,
-    /// Heartbeat period: the pace of retries after a failed call, and of polling while the
-    /// notification stream is down. Default 1 s. While notifications flow, a healthy member needs
+    /// Heartbeat period: the poll period while the notification stream is down (retries after a
+    /// failed call come at a quarter of it). Default 1 s. While notifications flow, a healthy member needs
     /// no poll: it renews its session every [`Config::renew_interval`], and checks the group at
     /// the moment a peer's session would expire.
     pub heartbeat: Duration,
     /// How often a healthy member renews its session. Default `None`: half the ttl (5 s at the
-    /// defaults). At least the heartbeat and at most half the ttl. The leases last
+    /// defaults), shortened if needed to leave a call timeout of lease time for a retry. At least
+    /// the heartbeat, at most half the ttl, and at most the lease validity minus the call
+    /// timeout. The leases last
     /// `ttl × (1 − drift) − margin` from the last renewal, so what is left after the interval is
     /// the time a failed renewal has to be retried (4.9 s at the defaults): a shorter interval
     /// survives longer Redis outages, at more Redis work (each round trip wakes Redis up).
@@ -135,18 +137,6 @@ impl Config {
                 ),
             ));
         }
-        if let Some(renew) = self.renew_interval {
-            if renew < self.heartbeat || renew > self.ttl / 2 {
-                return Err(Error::config(
-                    "renew_interval",
-                    format!(
-                        "must be between the heartbeat ({:?}) and half the ttl ({:?}), got {renew:?}",
-                        self.heartbeat,
-                        self.ttl / 2
-                    ),
-                ));
-            }
-        }
         if self.ttl > MAX_DURATION {
             return Err(Error::config(
                 "ttl",
@@ -171,6 +161,32 @@ impl Config {
                 ),
             ));
         }
+        if let Some(renew) = self.renew_interval {
+            if renew < self.heartbeat || renew > self.ttl / 2 {
+                return Err(Error::config(
+                    "renew_interval",
+                    format!(
+                        "must be between the heartbeat ({:?}) and half the ttl ({:?}), got {renew:?}",
+                        self.heartbeat,
+                        self.ttl / 2
+                    ),
+                ));
+            }
+        }
+        let latest = self.latest_renewal();
+        if self.effective_renew_interval() > latest {
+            return Err(Error::config(
+                "renew_interval",
+                format!(
+                    "{:?} leaves no time to retry a failed renewal: the leases last {:?} \
+                     (ttl × (1 − max_clock_drift) − safety_margin) and a call may take {:?}, so \
+                     renew within {latest:?} (or lengthen the ttl)",
+                    self.effective_renew_interval(),
+                    self.lease_validity(),
+                    self.effective_call_timeout()
+                ),
+            ));
+        }
         if !(0.5..=2.0).contains(&self.clock_rate) {
             return Err(Error::config(
                 "clock_rate",
@@ -184,12 +200,19 @@ impl Config {
     }
 
     /// How often a healthy member renews its session: [`Config::renew_interval`], or half the
-    /// ttl, never below the heartbeat.
+    /// ttl shortened to leave one call timeout of lease time for a retry, never below the
+    /// heartbeat.
     #[must_use]
     pub fn effective_renew_interval(&self) -> Duration {
         self.renew_interval
-            .unwrap_or(self.ttl / 2)
+            .unwrap_or_else(|| (self.ttl / 2).min(self.latest_renewal()))
             .max(self.heartbeat)
+    }
+
+    /// The longest renewal interval that leaves one call timeout of lease time for a retry.
+    fn latest_renewal(&self) -> Duration {
+        self.lease_validity()
+            .saturating_sub(self.effective_call_timeout())
     }
 
     /// The deadline of one store call: the call timeout, capped at a third of the ttl.
@@ -256,6 +279,10 @@ mod tests {
         let c = with(|c| c.renew_interval = Some(Duration::from_secs(1)));
         c.validate().unwrap();
         assert_eq!(c.effective_renew_interval(), Duration::from_secs(1));
+        // A large margin shortens the default so a failed renewal can still be retried.
+        let c = with(|c| c.safety_margin = Duration::from_secs(5));
+        c.validate().unwrap();
+        assert_eq!(c.effective_renew_interval(), Duration::from_millis(1900));
     }
 
     #[test]
@@ -305,6 +332,22 @@ mod tests {
                 with(|c| c.renew_interval = Some(Duration::from_secs(6))),
                 "renew_interval",
                 "half the ttl (5s)",
+            ),
+            (
+                with(|c| {
+                    c.renew_interval = Some(Duration::from_secs(5));
+                    c.safety_margin = Duration::from_secs(3);
+                }),
+                "renew_interval",
+                "leaves no time to retry",
+            ),
+            (
+                with(|c| {
+                    c.ttl = Duration::from_secs(3);
+                    c.safety_margin = Duration::from_millis(1500);
+                }),
+                "renew_interval",
+                "leaves no time to retry",
             ),
             (
                 with(|c| c.shutdown_timeout = Duration::ZERO),

@@ -218,9 +218,10 @@ impl<S: Store> Driver<S> {
     /// When to call the store after a successful heartbeat sent at `sent`: at the renewal
     /// interval, or the heartbeat while notifications are down (polling), or just after the
     /// earliest expiry of a peer's session (`next_expiry` after the store's now, which came after
-    /// `sent`), whichever comes first. A crashed peer is purged at that check, so its buckets
-    /// move within a round trip of its session ending, while a healthy group sees one call per
-    /// member per renewal interval.
+    /// `sent`, stretched by the clock-drift allowance so it lands after it), whichever comes
+    /// first. A crashed peer is purged at that check, so its buckets move within a round trip
+    /// (plus that stretch, ≤ 1% of the wait) of its session ending, while a healthy group sees
+    /// one call per member per renewal interval.
     fn next_check(&self, sent: Instant, next_expiry: Option<Duration>) -> Instant {
         let period = if self.notifications.is_some() {
             self.config.effective_renew_interval()

@@ -22,10 +22,19 @@
 //!
 //! # Sentinel
 //! With a `redis+sentinel://` URL the store asks the sentinels for the primary at connect time,
-//! and again whenever a call fails in a way a failover explains (the server went read-only, or
-//! stopped answering); it then moves its connection to the primary they name. The new primary
-//! runs as another Redis process, so the group's data is treated as possibly stale and the group
-//! is re-created (see the crate's guarantees): members re-register and re-acquire.
+//! and again (in the background, one lookup at a time) whenever a call or a subscription fails
+//! in a way a failover explains: the server went read-only, or stopped answering. If they name
+//! another server, the store moves its connection there and ends its open notification streams,
+//! so members resubscribe on the new primary. The new primary runs as another Redis process, so
+//! the group's data is treated as possibly stale and the group is re-created (see the crate's
+//! guarantees): members re-register and re-acquire.
+//!
+//! Redis replicates asynchronously, so Sentinel cannot rule out a split brain: a member that
+//! still reaches the old primary while the sentinels, cut off from it, promote a replica keeps
+//! renewing there, while members on the new primary may be granted its buckets once the new
+//! group's quarantine ends. Configure the primary with `min-replicas-to-write 1` and a
+//! `min-replicas-max-lag` below Sentinel's `down-after-milliseconds`, so an isolated old primary
+//! refuses the renewals and its members stop at their local deadline.
 
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -210,6 +219,8 @@ struct Inner {
     /// With `redis+sentinel://`: asked for the primary again after a failover-like error. The
     /// lock also makes concurrent failing calls ask once.
     sentinel: Option<tokio::sync::Mutex<SentinelClient>>,
+    /// Bumped when the store moves to another server: ends the notification streams.
+    moved: tokio::sync::watch::Sender<u64>,
     /// The URL with its password masked, for messages.
     url: String,
     /// Secrets that must never appear in an error message (raw and decoded password).
@@ -254,11 +265,15 @@ fn parse_sentinel_url(url: &str) -> Result<Option<SentinelUrl>, String> {
     if rest.contains(['?', '#']) {
         return Err("query parameters and fragments are not supported in a sentinel URL".into());
     }
-    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let (userinfo, hosts) = match authority.rfind('@') {
-        Some(at) => (Some(&authority[..at]), &authority[at + 1..]),
-        None => (None, authority),
+    // The credentials end at the last '@'; a raw '/' in them would be read as the path.
+    let (userinfo, rest) = match rest.rfind('@') {
+        Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+        None => (None, rest),
     };
+    if userinfo.is_some_and(|u| u.contains('/')) {
+        return Err("the credentials contain '/': percent-encode it as %2F".into());
+    }
+    let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
     let scheme = if tls { "rediss" } else { "redis" };
     let mut sentinels = Vec::new();
     for host in hosts.split(',') {
@@ -418,6 +433,7 @@ impl RedisStore {
             inner: Arc::new(Inner {
                 node: std::sync::RwLock::new(Arc::new(Node { client, manager })),
                 sentinel: sentinel.map(tokio::sync::Mutex::new),
+                moved: tokio::sync::watch::Sender::new(0),
                 url: redacted,
                 secrets,
                 options,
@@ -520,7 +536,10 @@ impl RedisStore {
         let Some(sentinel) = &self.inner.sentinel else {
             return;
         };
-        let mut sentinel = sentinel.lock().await;
+        // Another failed call is asking already.
+        let Ok(mut sentinel) = sentinel.try_lock() else {
+            return;
+        };
         if !Arc::ptr_eq(&self.inner.node(), failed) {
             // A concurrent call moved already.
             return;
@@ -554,6 +573,17 @@ impl RedisStore {
         };
         tracing::warn!(primary = %addr, "Sentinel names another primary; moving there");
         *inner.node.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Node { client, manager });
+        inner.moved.send_modify(|n| *n += 1);
+    }
+
+    /// Starts [`RedisStore::follow_primary`] in the background after a failover-like error, so
+    /// the lookup is not cut short with the call that failed.
+    fn follow_primary_later(&self, failed: Arc<Node>, e: &RedisError) {
+        if self.inner.sentinel.is_none() || !primary_may_have_moved(e) {
+            return;
+        }
+        let store = self.clone();
+        tokio::spawn(async move { store.follow_primary(&failed).await });
     }
 
     /// Runs one script against the group's keys; `args` follow the tag (ARGV[1]).
@@ -579,15 +609,21 @@ impl RedisStore {
         }
         let node = self.inner.node();
         let mut con = node.manager.clone();
-        match invocation.invoke_async::<Value>(&mut con).await {
-            Ok(value) => Ok(value),
-            Err(e) => {
-                if primary_may_have_moved(&e) {
-                    self.follow_primary(&node).await;
-                }
-                Err(self.call_error(group, call, &e))
-            }
-        }
+        // A call made while the manager reconnects waits through its backoff; cut it here so a
+        // dead primary is noticed (and, through Sentinel, replaced) before the member's deadline.
+        let options = &self.inner.options;
+        let budget = options.connection_timeout + options.response_timeout;
+        let result = tokio::time::timeout(budget, invocation.invoke_async::<Value>(&mut con))
+            .await
+            .unwrap_or_else(|_| {
+                Err(RedisError::from(std::io::Error::from(
+                    std::io::ErrorKind::TimedOut,
+                )))
+            });
+        result.map_err(|e| {
+            self.follow_primary_later(node, &e);
+            self.call_error(group, call, &e)
+        })
     }
 
     /// Maps an error of a store call. Expected server replies of our own scripts come first.
@@ -1067,8 +1103,10 @@ impl Store for RedisStore {
 
     async fn subscribe(&self, group: &GroupKey) -> Result<Notifications, Error> {
         let channel = format!("{}:events", group.tag());
+        let node = self.inner.node();
+        let mut moved = self.inner.moved.subscribe();
         let open = async {
-            let mut pubsub = self.inner.node().client.get_async_pubsub().await?;
+            let mut pubsub = node.client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;
             Ok::<_, RedisError>(pubsub)
         };
@@ -1080,10 +1118,16 @@ impl Store for RedisStore {
                 call: "subscribe",
                 after: budget,
             })?
-            .map_err(|e| self.call_error(group, "subscribe", &e))?;
-        // The stream ends when the connection drops; the member then resynchronises and
-        // subscribes again.
-        Ok(Notifications::new(pubsub.into_on_message().map(|_| ())))
+            .map_err(|e| {
+                self.follow_primary_later(Arc::clone(&node), &e);
+                self.call_error(group, "subscribe", &e)
+            })?;
+        // The stream ends when the connection drops, or when the store moves to another server;
+        // the member then resynchronises and subscribes again.
+        let stream = pubsub.into_on_message().map(|_| ()).take_until(async move {
+            let _ = moved.changed().await;
+        });
+        Ok(Notifications::new(stream))
     }
 }
 
@@ -1138,6 +1182,7 @@ mod tests {
             ("redis+sentinel://h:1/m/0/more", "expected /service"),
             ("redis+sentinel://h:1/m?x=1", "not supported"),
             ("redis+sentinel://h:notaport/m", "bad sentinel address"),
+            ("redis+sentinel://u:pa/ss@h/m", "percent-encode"),
         ] {
             match parse_sentinel_url(bad) {
                 Err(reason) => assert!(reason.contains(needle), "{bad}: {reason}"),
