@@ -332,22 +332,54 @@ async fn a_member_with_another_ttl_is_refused() {
     g.shutdown().await;
 }
 
+/// A primary, its replica, a sentinel watching them, and three members of `name` (64 buckets)
+/// connected through the sentinel, balanced.
+async fn sentinel_group(name: &str) -> (RedisServer, RedisServer, Sentinel, Group) {
+    let primary = RedisServer::start();
+    let replica =
+        RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port().to_string()]);
+    let sentinel = Sentinel::start(&primary);
+    let mut g = Group::new(&primary, name, 64);
+    g.url = sentinel.url();
+    for i in 0..3 {
+        g.join(&format!("m{i}")).await;
+    }
+    g.until_balanced(TTL * 5).await;
+    (primary, replica, sentinel, g)
+}
+
+/// Waits until every bucket was granted again since event `mark` and the group is balanced;
+/// returns the smallest token of those grants.
+async fn until_regranted(g: &mut Group, mark: usize, limit: Duration, what: &str) -> u64 {
+    let began = Instant::now();
+    loop {
+        g.collect();
+        let tokens: Vec<u64> = g.timeline.events[mark..]
+            .iter()
+            .filter(|(_, e)| matches!(e, Event::Acquired { .. }))
+            .map(|(_, e)| e.token())
+            .collect();
+        if tokens.len() >= g.buckets as usize && g.balanced() {
+            eprintln!("re-granted and balanced {:?} after {what}", began.elapsed());
+            return tokens.into_iter().min().unwrap_or(0);
+        }
+        assert!(
+            began.elapsed() < limit,
+            "not re-granted {limit:?} after {what}: {} grants, {:?}",
+            tokens.len(),
+            g.counts()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Through Redis Sentinel: a forced failover promotes the replica; the members' calls to the old
 /// primary fail (READONLY once Sentinel turns it into a replica), the store asks the sentinel
 /// again and moves to the new primary, where the group is re-created (another Redis process: its
 /// data may be stale) and every bucket is granted again with a larger token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_follow_the_primary_through_a_sentinel_failover() {
-    let primary = RedisServer::start();
-    let replica =
-        RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port().to_string()]);
-    let sentinel = Sentinel::start(&primary);
-    let mut g = Group::new(&primary, "failover", 64);
-    g.url = sentinel.url();
-    for i in 0..3 {
-        g.join(&format!("m{i}")).await;
-    }
-    g.until_balanced(TTL * 5).await;
+    let (primary, replica, sentinel, mut g) = sentinel_group("failover").await;
     let before = g.max_token();
     let mark = g.timeline.events.len();
     let meta = "{red-buckets:failover}:meta";
@@ -366,34 +398,9 @@ async fn members_follow_the_primary_through_a_sentinel_failover() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let failover = Instant::now();
-    // Every bucket granted again, on the new primary, and balanced.
-    loop {
-        g.collect();
-        let regranted = g.timeline.events[mark..]
-            .iter()
-            .filter(|(_, e)| matches!(e, Event::Acquired { .. }))
-            .count();
-        if regranted >= 64 && g.balanced() {
-            break;
-        }
-        assert!(
-            failover.elapsed() < Duration::from_secs(20),
-            "not re-granted 20 s after the failover: {regranted} grants, {:?}",
-            g.counts()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let took = failover.elapsed();
-    eprintln!("re-granted and balanced {took:?} after SENTINEL FAILOVER");
+    let after = until_regranted(&mut g, mark, Duration::from_secs(20), "SENTINEL FAILOVER").await;
     assert!(replica.cli(&["ROLE"]).starts_with("master"));
     assert_eq!(replica.cli(&["HGET", meta, "buckets"]).trim(), "64");
-    let after = g.timeline.events[mark..]
-        .iter()
-        .filter(|(_, e)| matches!(e, Event::Acquired { .. }))
-        .map(|(_, e)| e.token())
-        .min()
-        .expect("grants");
     assert!(
         after > before,
         "token {after} after the failover, {before} before"
@@ -406,16 +413,8 @@ async fn members_follow_the_primary_through_a_sentinel_failover() {
 /// primary down (one second here), and the members, whose calls fail meanwhile, move there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_follow_the_primary_when_it_dies() {
-    let mut primary = RedisServer::start();
-    let replica =
-        RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port().to_string()]);
-    let sentinel = Sentinel::start(&primary);
-    let mut g = Group::new(&primary, "primary-dies", 64);
-    g.url = sentinel.url();
-    for i in 0..3 {
-        g.join(&format!("m{i}")).await;
-    }
-    g.until_balanced(TTL * 5).await;
+    let (mut primary, replica, sentinel, mut g) = sentinel_group("primary-dies").await;
+    let before = g.max_token();
     // The sentinel must know the replica before the primary dies, or it has none to promote.
     let began = Instant::now();
     while !sentinel
@@ -427,28 +426,9 @@ async fn members_follow_the_primary_when_it_dies() {
     }
     let mark = g.timeline.events.len();
     primary.stop();
-    let died = Instant::now();
-    loop {
-        g.collect();
-        let regranted = g.timeline.events[mark..]
-            .iter()
-            .filter(|(_, e)| matches!(e, Event::Acquired { .. }))
-            .count();
-        if regranted >= 64 && g.balanced() {
-            break;
-        }
-        assert!(
-            died.elapsed() < Duration::from_secs(30),
-            "not re-granted 30 s after the primary died: {regranted} grants, {:?}",
-            g.counts()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    eprintln!(
-        "re-granted and balanced {:?} after the primary died",
-        died.elapsed()
-    );
+    let after = until_regranted(&mut g, mark, Duration::from_secs(30), "the primary died").await;
     assert!(replica.cli(&["ROLE"]).starts_with("master"));
+    assert!(after > before, "token {after} after, {before} before");
     g.assert_exclusive();
     g.shutdown().await;
 }

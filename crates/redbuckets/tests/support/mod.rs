@@ -136,39 +136,45 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) -> Result<(), String> {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
             .args(["--appendonly", "no"])
             .args(["--daemonize", "no"])
             .args(["--dir", &std::env::temp_dir().display().to_string()])
-            .args(&self.extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let mut child = match child {
-            Ok(child) => child,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!("{NOT_FOUND}"),
-            Err(e) => panic!("cannot run redis-server: {e}"),
-        };
-        let deadline = Instant::now() + START_BUDGET;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(format!("exited at start ({status}) on port {}", self.port));
-            }
-            if answers_ping(self.port) {
-                self.child = Some(child);
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("no PING answer on port {} within 5s", self.port));
-            }
-            std::thread::sleep(Duration::from_millis(20));
+            .args(&self.extra);
+        self.child = Some(spawn_answering(cmd, self.port)?);
+        Ok(())
+    }
+}
+
+/// Runs `cmd` (a `redis-server`) and waits until it answers PING on `port`.
+fn spawn_answering(mut cmd: Command, port: u16) -> Result<Child, String> {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!("{NOT_FOUND}"),
+        Err(e) => panic!("cannot run redis-server: {e}"),
+    };
+    let deadline = Instant::now() + START_BUDGET;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("exited at start ({status}) on port {port}"));
         }
+        if answers_ping(port) {
+            return Ok(child);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("no PING answer on port {port} within 5s"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -203,38 +209,17 @@ impl Sentinel {
                 ),
             )
             .expect("write the sentinel's config");
-            let child = Command::new("redis-server")
-                .arg(&conf)
-                .arg("--sentinel")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn();
-            let mut child = match child {
-                Ok(child) => child,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!("{NOT_FOUND}"),
-                Err(e) => panic!("cannot run redis-server --sentinel: {e}"),
-            };
-            let deadline = Instant::now() + START_BUDGET;
-            loop {
-                if let Ok(Some(status)) = child.try_wait() {
-                    last = format!("exited at start ({status}) on port {port}");
-                    break;
-                }
-                if answers_ping(port) {
+            let mut cmd = Command::new("redis-server");
+            cmd.arg(&conf).arg("--sentinel");
+            match spawn_answering(cmd, port) {
+                Ok(child) => {
                     return Sentinel {
                         port,
                         child: Some(child),
                         conf,
-                    };
+                    }
                 }
-                if Instant::now() >= deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    last = format!("no PING answer on port {port} within 5s");
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
+                Err(e) => last = e,
             }
             let _ = std::fs::remove_file(&conf);
         }
