@@ -209,6 +209,20 @@ local function check_types(member)
   end
 end
 
+-- The group's meta when `member` still has session `nonce` (checking every key's type first, as
+-- before any write); nil when there is nothing to do: no group, or another session.
+local function own_session(member, nonce)
+  local meta = load_meta()
+  if not meta then
+    return nil
+  end
+  check_types(member)
+  if redis.call('HGET', K_SESS, member) ~= nonce then
+    return nil
+  end
+  return meta
+end
+
 -- Removes expired sessions (at most `limit` if given), oldest expiry first; returns how many.
 local function purge(meta, now_ms, limit)
   local dead

@@ -2,12 +2,8 @@
 -- session's held set (only buckets the session holds are freed).
 local member, nonce = ARGV[2], ARGV[3]
 
-local meta = load_meta()
+local meta = own_session(member, nonce)
 if not meta then
-  return 0
-end
-check_types(member)
-if redis.call('HGET', K_SESS, member) ~= nonce then
   return 0
 end
 local hk = held_key(member)
