@@ -2,18 +2,19 @@
 //! heartbeat failure that ends in `Lost` before the session could expire (S3).
 
 mod checker;
+mod group;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use checker::Timeline;
+use group::Members;
 use redbuckets::store::{
     GroupKey, HeartbeatReply, Notifications, RebalanceReply, RegisterRequest, Registration,
     SessionRef,
 };
 use redbuckets::{Error, Event, GroupSnapshot, LostReason, Member, MemoryStore, Store};
-use tokio::sync::broadcast;
 use tokio::time::{sleep, Instant};
 
 const HEARTBEAT: Duration = Duration::from_millis(100);
@@ -126,22 +127,30 @@ async fn start<S: Store>(store: S, id: &str, buckets: u32) -> Member {
         .expect("start")
 }
 
+/// Members on one `MemoryStore`.
 struct Group {
     store: MemoryStore,
-    members: Vec<Member>,
-    receivers: Vec<(String, broadcast::Receiver<Event>)>,
-    timeline: Timeline,
-    buckets: u32,
+    m: Members,
+}
+
+impl std::ops::Deref for Group {
+    type Target = Members;
+    fn deref(&self) -> &Members {
+        &self.m
+    }
+}
+
+impl std::ops::DerefMut for Group {
+    fn deref_mut(&mut self) -> &mut Members {
+        &mut self.m
+    }
 }
 
 impl Group {
     async fn new(n: usize, buckets: u32) -> Self {
         let mut g = Group {
             store: MemoryStore::new(),
-            members: Vec::new(),
-            receivers: Vec::new(),
-            timeline: Timeline::default(),
-            buckets,
+            m: Members::new(buckets),
         };
         for i in 0..n {
             g.join(&format!("m{i}")).await;
@@ -150,56 +159,8 @@ impl Group {
     }
 
     async fn join(&mut self, id: &str) {
-        let m = start(self.store.clone(), id, self.buckets).await;
-        self.receivers.push((id.to_string(), m.events()));
-        self.members.push(m);
-    }
-
-    fn collect(&mut self) {
-        self.timeline.collect(&mut self.receivers);
-        self.timeline.check_safety();
-    }
-
-    /// Counts per member, as the members themselves see it.
-    fn counts(&self) -> Vec<usize> {
-        self.members.iter().map(|m| m.buckets().len()).collect()
-    }
-
-    fn balanced(&self) -> bool {
-        let counts = self.counts();
-        let total: usize = counts.iter().sum();
-        let n = counts.len();
-        let lo = self.buckets as usize / n;
-        total == self.buckets as usize && counts.iter().all(|&c| c == lo || c == lo + 1)
-    }
-
-    /// Steps the paused clock by `step` until balanced; returns the time it took.
-    async fn until_balanced(&mut self, limit: Duration) -> Duration {
-        let began = Instant::now();
-        while !self.balanced() {
-            assert!(
-                began.elapsed() < limit,
-                "not balanced after {limit:?}: {:?}",
-                self.counts()
-            );
-            sleep(Duration::from_millis(1)).await;
-            self.collect();
-        }
-        self.collect();
-        began.elapsed()
-    }
-
-    /// Every bucket has exactly one owner in the members' own views.
-    fn assert_exclusive(&self) {
-        let mut owner = vec![None; self.buckets as usize];
-        for m in &self.members {
-            for b in m.buckets() {
-                assert!(
-                    owner[b as usize].replace(m.id().to_string()).is_none(),
-                    "bucket {b} owned twice"
-                );
-            }
-        }
+        let member = start(self.store.clone(), id, self.buckets).await;
+        self.m.add(member);
     }
 }
 

@@ -3,25 +3,36 @@
 //! and foreign data under the group's keys.
 
 mod checker;
+mod group;
 mod support;
 
 use std::time::{Duration, Instant};
 
-use checker::Timeline;
+use group::Members;
 use redbuckets::{Error, Event, Member, RedisStore};
 use support::{RedisServer, Sentinel};
-use tokio::sync::broadcast;
 
 const HEARTBEAT: Duration = Duration::from_millis(100);
 const TTL: Duration = Duration::from_millis(1000);
 
+/// Members of one group on a real Redis, each with its own connection.
 struct Group {
     url: String,
     name: String,
-    buckets: u32,
-    members: Vec<Member>,
-    receivers: Vec<(String, broadcast::Receiver<Event>)>,
-    timeline: Timeline,
+    m: Members,
+}
+
+impl std::ops::Deref for Group {
+    type Target = Members;
+    fn deref(&self) -> &Members {
+        &self.m
+    }
+}
+
+impl std::ops::DerefMut for Group {
+    fn deref_mut(&mut self) -> &mut Members {
+        &mut self.m
+    }
 }
 
 impl Group {
@@ -29,10 +40,7 @@ impl Group {
         Group {
             url: server.url(),
             name: name.to_string(),
-            buckets,
-            members: Vec::new(),
-            receivers: Vec::new(),
-            timeline: Timeline::default(),
+            m: Members::new(buckets),
         }
     }
 
@@ -47,65 +55,11 @@ impl Group {
             .start()
             .await
             .expect("start");
-        self.receivers.push((id.to_string(), member.events()));
-        self.members.push(member);
-    }
-
-    fn collect(&mut self) {
-        self.timeline.collect(&mut self.receivers);
-        self.timeline.check_safety();
-    }
-
-    fn counts(&self) -> Vec<usize> {
-        self.members.iter().map(|m| m.buckets().len()).collect()
-    }
-
-    fn balanced(&self) -> bool {
-        let counts = self.counts();
-        let lo = self.buckets as usize / counts.len();
-        counts.iter().sum::<usize>() == self.buckets as usize
-            && counts.iter().all(|&c| c == lo || c == lo + 1)
-    }
-
-    async fn until_balanced(&mut self, limit: Duration) -> Duration {
-        let began = Instant::now();
-        while !self.balanced() {
-            assert!(
-                began.elapsed() < limit,
-                "group {} not balanced after {limit:?}: {:?}",
-                self.name,
-                self.counts()
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            self.collect();
-        }
-        self.collect();
-        began.elapsed()
-    }
-
-    fn assert_exclusive(&self) {
-        let mut owner = vec![false; self.buckets as usize];
-        for m in &self.members {
-            for b in m.buckets() {
-                assert!(
-                    !std::mem::replace(&mut owner[b as usize], true),
-                    "bucket {b} owned twice"
-                );
-            }
-        }
-    }
-
-    fn max_token(&self) -> u64 {
-        self.timeline
-            .events
-            .iter()
-            .map(|(_, e)| e.token())
-            .max()
-            .unwrap_or(0)
+        self.m.add(member);
     }
 
     async fn shutdown(self) {
-        for m in self.members {
+        for m in self.m.members {
             m.shutdown().await.expect("graceful leave");
         }
     }

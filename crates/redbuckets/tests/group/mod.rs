@@ -1,0 +1,97 @@
+//! The members of one group under test, whatever their store: their events on one timeline
+//! (checked for S1 and S2 at every collect), their counts, balance and exclusive ownership.
+//! Each test file wraps it with how its members join.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use redbuckets::{Event, Member};
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+
+use crate::checker::Timeline;
+
+pub struct Members {
+    pub members: Vec<Member>,
+    pub receivers: Vec<(String, broadcast::Receiver<Event>)>,
+    pub timeline: Timeline,
+    pub buckets: u32,
+}
+
+impl Members {
+    pub fn new(buckets: u32) -> Self {
+        Members {
+            members: Vec::new(),
+            receivers: Vec::new(),
+            timeline: Timeline::default(),
+            buckets,
+        }
+    }
+
+    /// Adds a started member; its events are collected from now on.
+    pub fn add(&mut self, member: Member) {
+        self.receivers
+            .push((member.id().to_string(), member.events()));
+        self.members.push(member);
+    }
+
+    /// Drains the members' events and checks S1 and S2 over everything seen so far.
+    pub fn collect(&mut self) {
+        self.timeline.collect(&mut self.receivers);
+        self.timeline.check_safety();
+    }
+
+    /// Counts per member, as the members themselves see it.
+    pub fn counts(&self) -> Vec<usize> {
+        self.members.iter().map(|m| m.buckets().len()).collect()
+    }
+
+    /// Every bucket owned, and each member holds ⌊B/n⌋ or ⌈B/n⌉.
+    pub fn balanced(&self) -> bool {
+        let counts = self.counts();
+        let Some(lo) = (self.buckets as usize).checked_div(counts.len()) else {
+            return false;
+        };
+        counts.iter().sum::<usize>() == self.buckets as usize
+            && counts.iter().all(|&c| c == lo || c == lo + 1)
+    }
+
+    /// Waits (on tokio's clock, paused or not) until balanced; returns how long it took.
+    pub async fn until_balanced(&mut self, limit: Duration) -> Duration {
+        let began = Instant::now();
+        while !self.balanced() {
+            assert!(
+                began.elapsed() < limit,
+                "not balanced after {limit:?}: {:?}",
+                self.counts()
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            self.collect();
+        }
+        self.collect();
+        began.elapsed()
+    }
+
+    /// Every bucket has at most one owner in the members' own views.
+    pub fn assert_exclusive(&self) {
+        let mut owner = vec![None; self.buckets as usize];
+        for m in &self.members {
+            for b in m.buckets() {
+                assert!(
+                    owner[b as usize].replace(m.id().to_string()).is_none(),
+                    "bucket {b} owned twice"
+                );
+            }
+        }
+    }
+
+    /// The largest token seen in any event.
+    pub fn max_token(&self) -> u64 {
+        self.timeline
+            .events
+            .iter()
+            .map(|(_, e)| e.token())
+            .max()
+            .unwrap_or(0)
+    }
+}
