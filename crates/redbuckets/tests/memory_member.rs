@@ -128,30 +128,11 @@ async fn start<S: Store>(store: S, id: &str, buckets: u32) -> Member {
 }
 
 /// Members on one `MemoryStore`.
-struct Group {
-    store: MemoryStore,
-    m: Members,
-}
-
-impl std::ops::Deref for Group {
-    type Target = Members;
-    fn deref(&self) -> &Members {
-        &self.m
-    }
-}
-
-impl std::ops::DerefMut for Group {
-    fn deref_mut(&mut self) -> &mut Members {
-        &mut self.m
-    }
-}
+type Group = Members<MemoryStore>;
 
 impl Group {
     async fn new(n: usize, buckets: u32) -> Self {
-        let mut g = Group {
-            store: MemoryStore::new(),
-            m: Members::new(buckets),
-        };
+        let mut g = Members::with(MemoryStore::new(), buckets);
         for i in 0..n {
             g.join(&format!("m{i}")).await;
         }
@@ -159,8 +140,8 @@ impl Group {
     }
 
     async fn join(&mut self, id: &str) {
-        let member = start(self.store.clone(), id, self.buckets).await;
-        self.m.add(member);
+        let member = start(self.ctx.clone(), id, self.buckets).await;
+        self.add(member);
     }
 }
 
@@ -174,7 +155,7 @@ async fn members_reach_balance_after_the_quarantine() {
     assert!(took <= TTL, "balance took {took:?}");
     g.assert_exclusive();
     let snap = g
-        .store
+        .ctx
         .snapshot(&GroupKey::new("red-buckets", "g"))
         .await
         .unwrap()
@@ -511,7 +492,7 @@ async fn store_data_loss_is_survived_with_larger_tokens() {
         .max()
         .unwrap();
     let mark = g.timeline.events.len();
-    g.store.wipe();
+    g.ctx.wipe();
     sleep(HEARTBEAT * 2).await;
     g.collect();
     // Every member noticed its session is gone and gave everything up.

@@ -15,38 +15,27 @@ use support::{RedisServer, Sentinel};
 const HEARTBEAT: Duration = Duration::from_millis(100);
 const TTL: Duration = Duration::from_millis(1000);
 
-/// Members of one group on a real Redis, each with its own connection.
-struct Group {
+/// Where the members' Redis is, and the group's name.
+struct Target {
     url: String,
     name: String,
-    m: Members,
 }
 
-impl std::ops::Deref for Group {
-    type Target = Members;
-    fn deref(&self) -> &Members {
-        &self.m
-    }
-}
-
-impl std::ops::DerefMut for Group {
-    fn deref_mut(&mut self) -> &mut Members {
-        &mut self.m
-    }
-}
+/// Members of one group on a real Redis, each with its own connection.
+type Group = Members<Target>;
 
 impl Group {
     fn new(server: &RedisServer, name: &str, buckets: u32) -> Self {
-        Group {
+        let target = Target {
             url: server.url(),
             name: name.to_string(),
-            m: Members::new(buckets),
-        }
+        };
+        Members::with(target, buckets)
     }
 
     async fn join(&mut self, id: &str) {
-        let store = RedisStore::connect(&self.url).await.expect("connect");
-        let member = Member::builder(store, self.name.clone())
+        let store = RedisStore::connect(&self.ctx.url).await.expect("connect");
+        let member = Member::builder(store, self.ctx.name.clone())
             .id(id)
             .buckets(self.buckets)
             .heartbeat(HEARTBEAT)
@@ -55,11 +44,11 @@ impl Group {
             .start()
             .await
             .expect("start");
-        self.m.add(member);
+        self.add(member);
     }
 
     async fn shutdown(self) {
-        for m in self.m.members {
+        for m in self.members {
             m.shutdown().await.expect("graceful leave");
         }
     }
@@ -294,7 +283,7 @@ async fn sentinel_group(name: &str) -> (RedisServer, RedisServer, Sentinel, Grou
         RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port().to_string()]);
     let sentinel = Sentinel::start(&primary);
     let mut g = Group::new(&primary, name, 64);
-    g.url = sentinel.url();
+    g.ctx.url = sentinel.url();
     for i in 0..3 {
         g.join(&format!("m{i}")).await;
     }

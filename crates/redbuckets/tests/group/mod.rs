@@ -1,6 +1,6 @@
 //! The members of one group under test, whatever their store: their events on one timeline
 //! (checked for S1 and S2 at every collect), their counts, balance and exclusive ownership.
-//! Each test file wraps it with how its members join.
+//! `ctx` is what a test file needs to add members (a store, a URL); it adds `join` itself.
 #![allow(dead_code)]
 
 use std::time::Duration;
@@ -11,16 +11,18 @@ use tokio::time::Instant;
 
 use crate::checker::Timeline;
 
-pub struct Members {
+pub struct Members<C> {
+    pub ctx: C,
     pub members: Vec<Member>,
     pub receivers: Vec<(String, broadcast::Receiver<Event>)>,
     pub timeline: Timeline,
     pub buckets: u32,
 }
 
-impl Members {
-    pub fn new(buckets: u32) -> Self {
+impl<C> Members<C> {
+    pub fn with(ctx: C, buckets: u32) -> Self {
         Members {
+            ctx,
             members: Vec::new(),
             receivers: Vec::new(),
             timeline: Timeline::default(),
