@@ -22,6 +22,7 @@
 //!
 //! # Sentinel
 //! With a `redis+sentinel://` URL the store asks the sentinels for the primary at connect time,
+//! again when they announce a new one (`+switch-master`, which a background task listens to),
 //! and again (in the background, one lookup at a time) whenever a call or a subscription fails
 //! in a way a failover explains: the server went read-only, or stopped answering. If they name
 //! another server, the store moves its connection there and ends its open notification streams,
@@ -221,6 +222,8 @@ struct Inner {
     sentinel: Option<tokio::sync::Mutex<SentinelClient>>,
     /// Bumped when the store moves to another server: ends the notification streams.
     moved: tokio::sync::watch::Sender<u64>,
+    /// Stops the `+switch-master` listener when the store is dropped.
+    _stop_watching: tokio_util::sync::DropGuard,
     /// The URL with its password masked, for messages.
     url: String,
     /// Secrets that must never appear in an error message (raw and decoded password).
@@ -340,6 +343,54 @@ fn primary_may_have_moved(e: &RedisError) -> bool {
         || e.is_timeout()
 }
 
+/// Listens to the sentinels' `+switch-master` announcements and moves the store as soon as
+/// they name a new primary for `service`: after a planned failover the old primary goes on
+/// answering for a while, so no call would fail to tell. Reconnects after errors; ends when the
+/// store is dropped (`stop`).
+async fn watch_switches(
+    inner: std::sync::Weak<Inner>,
+    service: String,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let listen = async {
+        loop {
+            let (pause, outcome) = {
+                let Some(strong) = inner.upgrade() else {
+                    return;
+                };
+                let store = RedisStore { inner: strong };
+                (
+                    store.inner.options.max_reconnect_delay,
+                    store.sentinel_announcements().await,
+                )
+            };
+            match outcome {
+                Ok(mut announcements) => {
+                    while let Some(msg) = announcements.next().await {
+                        let payload: String = msg.get_payload().unwrap_or_default();
+                        // "<service> <old ip> <old port> <new ip> <new port>"
+                        if payload.split(' ').next() != Some(service.as_str()) {
+                            continue;
+                        }
+                        let Some(strong) = inner.upgrade() else {
+                            return;
+                        };
+                        let store = RedisStore { inner: strong };
+                        tracing::info!(%payload, "Sentinel announced a new primary");
+                        store.follow_primary(&store.inner.node()).await;
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot listen to Sentinel"),
+            }
+            tokio::time::sleep(pause).await;
+        }
+    };
+    tokio::select! {
+        () = stop.cancelled() => {}
+        () = listen => {}
+    }
+}
+
 /// Asks the sentinels which server is the primary, within the connect and response budget.
 async fn resolve_primary(
     sentinel: &mut SentinelClient,
@@ -397,9 +448,10 @@ impl RedisStore {
         })?;
         let (client, sentinel) = match sentinel {
             Some(spec) => {
+                let service = spec.service.clone();
                 let (client, sentinel) =
                     Self::via_sentinel(spec, &options, &redacted, &mut secrets).await?;
-                (client, Some(sentinel))
+                (client, Some((sentinel, service)))
             }
             None => (Self::client(url, &options, &redacted, &mut secrets)?, None),
         };
@@ -429,16 +481,21 @@ impl RedisStore {
         let manager = client
             .get_connection_manager_lazy(options.manager_config())
             .map_err(|e| connect_error(&redacted, &e, &secrets))?;
-        Ok(RedisStore {
-            inner: Arc::new(Inner {
-                node: std::sync::RwLock::new(Arc::new(Node { client, manager })),
-                sentinel: sentinel.map(tokio::sync::Mutex::new),
-                moved: tokio::sync::watch::Sender::new(0),
-                url: redacted,
-                secrets,
-                options,
-            }),
-        })
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (sentinel, service) = sentinel.unzip();
+        let inner = Arc::new(Inner {
+            node: std::sync::RwLock::new(Arc::new(Node { client, manager })),
+            sentinel: sentinel.map(tokio::sync::Mutex::new),
+            moved: tokio::sync::watch::Sender::new(0),
+            _stop_watching: stop.clone().drop_guard(),
+            url: redacted,
+            secrets,
+            options,
+        });
+        if let Some(service) = service {
+            tokio::spawn(watch_switches(Arc::downgrade(&inner), service, stop));
+        }
+        Ok(RedisStore { inner })
     }
 
     /// The client of a plain `redis://` or `rediss://` URL.
@@ -574,6 +631,31 @@ impl RedisStore {
         tracing::warn!(primary = %addr, "Sentinel names another primary; moving there");
         *inner.node.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Node { client, manager });
         inner.moved.send_modify(|n| *n += 1);
+    }
+
+    /// A subscription to `+switch-master` on the first sentinel that answers.
+    async fn sentinel_announcements(&self) -> Result<redis::aio::PubSubStream, Error> {
+        let Some(sentinel) = &self.inner.sentinel else {
+            return Err(Error::Unavailable {
+                detail: "not a sentinel URL".into(),
+            });
+        };
+        let options = &self.inner.options;
+        let budget = options.connection_timeout + options.response_timeout;
+        let open = async {
+            let client = sentinel.lock().await.async_get_sentinel_client().await?;
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe("+switch-master").await?;
+            Ok::<_, RedisError>(pubsub.into_on_message())
+        };
+        match tokio::time::timeout(budget, open).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => Err(classify(&self.inner.url, &e, &self.inner.secrets)),
+            Err(_) => Err(Error::Timeout {
+                call: "subscribe to +switch-master",
+                after: budget,
+            }),
+        }
     }
 
     /// Starts [`RedisStore::follow_primary`] in the background after a failover-like error, so
