@@ -154,7 +154,8 @@ impl Params {
     /// How long after the last disturbance (fault healed, member joined, left or crashed) the
     /// group must be covered and balanced: a crashed member's session expires within one ttl,
     /// a wiped store grants nothing for one ttl after the first re-registration, members learn
-    /// of either within a heartbeat or two, and a revoked bucket waits at most one drain.
+    /// of an expiry when it is due and of a wipe at their next renewal (half a ttl at most), and
+    /// a revoked bucket waits at most one drain.
     pub fn bound(&self) -> Duration {
         self.ttl * 2 + self.heartbeat * 5 + self.drain_timeout
     }
