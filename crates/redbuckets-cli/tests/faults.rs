@@ -18,6 +18,9 @@
 #[path = "../../redbuckets/tests/support/mod.rs"]
 mod support;
 
+#[path = "common/process.rs"]
+mod process;
+
 #[path = "faults/checker.rs"]
 mod checker;
 #[path = "faults/harness.rs"]
