@@ -193,7 +193,7 @@ impl<S: Store> Driver<S> {
         let mut wake = self.next_heartbeat;
         if let Some(until) = self.valid_until {
             let now = Instant::now();
-            wake = wake.min(now + until.remaining(now));
+            wake = wake.min(until.wake_at(now));
         }
         if self.session.is_some() && self.want_rebalance {
             wake = wake.min(self.rebalance_at);
@@ -253,7 +253,7 @@ impl<S: Store> Driver<S> {
         let now = Instant::now();
         let deadline = now + self.config.effective_call_timeout();
         match self.valid_until {
-            Some(until) => deadline.min(now + until.remaining(now)),
+            Some(until) => deadline.min(until.wake_at(now)),
             None => deadline,
         }
     }
@@ -505,7 +505,12 @@ impl<S: Store> Driver<S> {
             let (active, total) = counts(&self.shared.lock());
             if total != store_held || active < committed {
                 // A grant or a release we did not hear of: learn what we hold first.
-                self.resync(total, reply.held).await;
+                tracing::info!(
+                    total,
+                    store_held,
+                    "holdings differ from the store's; resyncing"
+                );
+                self.resync().await;
             }
             let (active, _) = counts(&self.shared.lock());
             if self.session.is_some() && active > committed {
@@ -518,12 +523,7 @@ impl<S: Store> Driver<S> {
     /// Aligns the local ledger with the store's owner records after a lost reply: adopts grants
     /// we did not hear of (they are ours, and our deadline has not passed), and drops buckets the
     /// store no longer lists as ours (a release that ran, or foreign edits).
-    async fn resync(&mut self, local_count: usize, store_count: u32) {
-        tracing::info!(
-            local_count,
-            store_count,
-            "holdings differ from the store's; resyncing"
-        );
+    async fn resync(&mut self) {
         let Some(session) = self.session.clone() else {
             return;
         };
@@ -684,13 +684,12 @@ impl<S: Store> Driver<S> {
         {
             Ok(freed) => {
                 let at = Instant::now();
-                let total = {
+                {
                     let mut local = self.shared.lock();
                     for b in &buckets {
                         local.held.remove(b);
                     }
-                    local.held.len()
-                };
+                }
                 for (bucket, token) in ready {
                     self.emit(Event::Released { bucket, token, at });
                 }
@@ -698,7 +697,9 @@ impl<S: Store> Driver<S> {
                     // Some were no longer ours: an earlier release ran unheard. Lost replies can
                     // offset each other in the counts the rebalance check compares (a grant we
                     // never heard of hidden by this release), so compare the buckets themselves.
-                    self.resync(total, freed).await;
+                    let asked = buckets.len();
+                    tracing::info!(asked, freed, "a release freed fewer than asked; resyncing");
+                    self.resync().await;
                 }
             }
             Err(e) => {
@@ -765,7 +766,7 @@ impl<S: Store> Driver<S> {
         };
         let mut drain_until = (now + self.config.drain_timeout).min(give_up);
         if let Some(until) = self.valid_until {
-            drain_until = drain_until.min(now + until.remaining(now));
+            drain_until = drain_until.min(until.wake_at(now));
         }
         self.revoke(None, drain_until);
         let dropped = Arc::clone(&self.shared.dropped);

@@ -180,6 +180,11 @@ impl Deadline {
             .saturating_sub(self.suspended())
     }
 
+    /// The tokio instant at which, seen from `now`, the deadline passes: the time to wake.
+    pub(crate) fn wake_at(&self, now: Instant) -> Instant {
+        now + self.remaining(now)
+    }
+
     /// The later of two deadlines.
     pub(crate) fn max(self, other: Deadline) -> Deadline {
         if other.at > self.at {
@@ -255,7 +260,7 @@ impl Lease {
             }
             tokio::select! {
                 () = self.cancel.cancelled() => return,
-                () = tokio::time::sleep_until(now + until.remaining(now)) => {}
+                () = tokio::time::sleep_until(until.wake_at(now)) => {}
                 changed = valid_until.changed() => {
                     if changed.is_err() {
                         return;

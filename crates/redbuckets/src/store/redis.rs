@@ -178,6 +178,11 @@ impl RedisOptions {
         self
     }
 
+    /// The longest one exchange may take, a reconnect included: connect plus response timeout.
+    fn call_budget(&self) -> Duration {
+        self.connection_timeout + self.response_timeout
+    }
+
     fn manager_config(&self) -> ConnectionManagerConfig {
         ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.connection_timeout))
@@ -398,7 +403,7 @@ async fn resolve_primary(
     redacted: &str,
     secrets: &[String],
 ) -> Result<Client, Error> {
-    let budget = options.connection_timeout + options.response_timeout;
+    let budget = options.call_budget();
     match tokio::time::timeout(budget, sentinel.async_get_client()).await {
         Err(_) => Err(Error::Unavailable {
             detail: format!("no sentinel of {redacted} named the primary within {budget:?}"),
@@ -467,7 +472,7 @@ impl RedisStore {
                 .await?;
             redis::cmd("PING").query_async::<Value>(&mut con).await
         };
-        let budget = options.connection_timeout + options.response_timeout;
+        let budget = options.call_budget();
         match tokio::time::timeout(budget, probe).await {
             Err(_) => {
                 return Err(Error::Unavailable {
@@ -640,8 +645,7 @@ impl RedisStore {
                 detail: "not a sentinel URL".into(),
             });
         };
-        let options = &self.inner.options;
-        let budget = options.connection_timeout + options.response_timeout;
+        let budget = self.inner.options.call_budget();
         let open = async {
             let client = sentinel.lock().await.async_get_sentinel_client().await?;
             let mut pubsub = client.get_async_pubsub().await?;
@@ -693,8 +697,7 @@ impl RedisStore {
         let mut con = node.manager.clone();
         // A call made while the manager reconnects waits through its backoff; cut it here so a
         // dead primary is noticed (and, through Sentinel, replaced) before the member's deadline.
-        let options = &self.inner.options;
-        let budget = options.connection_timeout + options.response_timeout;
+        let budget = self.inner.options.call_budget();
         let result = tokio::time::timeout(budget, invocation.invoke_async::<Value>(&mut con))
             .await
             .unwrap_or_else(|_| {
@@ -1192,8 +1195,7 @@ impl Store for RedisStore {
             pubsub.subscribe(&channel).await?;
             Ok::<_, RedisError>(pubsub)
         };
-        let options = &self.inner.options;
-        let budget = options.connection_timeout + options.response_timeout;
+        let budget = self.inner.options.call_budget();
         let pubsub = tokio::time::timeout(budget, open)
             .await
             .map_err(|_| Error::Timeout {

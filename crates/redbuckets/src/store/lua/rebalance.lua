@@ -70,17 +70,21 @@ if B > assigned then
   share_max = base + 1
 end
 
+-- The reply's fixed part; the member's held count is read last, after any grant.
+local function reply(kind, value, free, committed_count)
+  return { kind, value, base, share_max, fmt(meta.ver), free, committed_count,
+    redis.call('SCARD', held_key(member)) }
+end
+
 local free = redis.call('SCARD', K_FREE)
 if now < meta.grant_after then
-  return { 'wait', fmt(meta.grant_after - now), base, share_max, fmt(meta.ver), free, mine,
-    redis.call('SCARD', held_key(member)) }
+  return reply('wait', fmt(meta.grant_after - now), free, mine)
 end
 
 if mine > allowed then
   local k = mine - allowed
   redis.call('ZADD', count_k, fmt(allowed), member)
-  return { 'release', k, base, share_max, fmt(meta.ver), free, allowed,
-    redis.call('SCARD', held_key(member)) }
+  return reply('release', k, free, allowed)
 end
 
 if mine < allowed and free > 0 then
@@ -105,13 +109,11 @@ if mine < allowed and free > 0 then
   batched('HSET', K_OWNER, pairs_)
   batched('SADD', held_key(member), taken)
   redis.call('ZADD', count_k, fmt(mine + #taken), member)
-  local reply = { 'acquired', fmt(token), base, share_max, fmt(meta.ver), redis.call('SCARD', K_FREE), mine + #taken,
-    redis.call('SCARD', held_key(member)) }
+  local granted = reply('acquired', fmt(token), redis.call('SCARD', K_FREE), mine + #taken)
   for _, b in ipairs(taken) do
-    reply[#reply + 1] = b
+    granted[#granted + 1] = b
   end
-  return reply
+  return granted
 end
 
-return { 'stay', 0, base, share_max, fmt(meta.ver), free, mine,
-  redis.call('SCARD', held_key(member)) }
+return reply('stay', 0, free, mine)
