@@ -16,21 +16,9 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use process::{drain, run_cmd, Run};
+use process::{command, drain, run_cmd, Run};
 use serde_json::Value;
 use support::RedisServer;
-
-const BIN: &str = env!("CARGO_BIN_EXE_redbuckets");
-
-/// A command with a clean environment: no Redis URL or log filter from the caller's shell.
-fn command(args: &[&str]) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env_remove("REDBUCKETS_REDIS_URL")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null());
-    cmd
-}
 
 fn run(args: &[&str], limit: Duration) -> Run {
     run_cmd(command(args), limit)

@@ -105,6 +105,24 @@ fn lost_of(lines: &[Line], p: usize) -> BTreeMap<u32, &Line> {
         .collect()
 }
 
+/// True once every process in `held` reported each of its buckets lost among `lines`.
+fn all_lost(lines: &[Line], held: &BTreeMap<usize, BTreeSet<u32>>) -> bool {
+    held.iter()
+        .all(|(p, set)| lost_of(lines, *p).len() == set.len())
+}
+
+/// The earliest `at` and the smallest token of the grants among `lines`.
+fn first_grants(lines: &[Line]) -> (u64, u64) {
+    let grants = lines.iter().filter(|l| l.event() == "acquired");
+    let first = grants
+        .clone()
+        .filter_map(|l| l.at_us())
+        .min()
+        .expect("acquired again");
+    let min_token = grants.filter_map(|l| l.token()).min().expect("token");
+    (first, min_token)
+}
+
 fn max_token(lines: &[Line]) -> u64 {
     lines.iter().filter_map(Line::token).max().unwrap_or(0)
 }
@@ -358,10 +376,7 @@ fn redis_restart_every_member_recovers_after_the_quarantine() {
     g.wait_until(
         "every member reports its buckets lost",
         Duration::from_secs(5),
-        |lines| {
-            held.iter()
-                .all(|(p, set)| lost_of(&lines[mark..], *p).len() == set.len())
-        },
+        |lines| all_lost(&lines[mark..], &held),
     );
     let c = g.wait_converged(RESTART_BOUND * 3);
     let lines = g.timeline.lines();
@@ -372,17 +387,7 @@ fn redis_restart_every_member_recovers_after_the_quarantine() {
             .filter(|l| l.event() == "lost")
             .map(|l| diff(l.recv_us, up)),
     );
-    let regrants: Vec<&Line> = after.iter().filter(|l| l.event() == "acquired").collect();
-    let first = regrants
-        .iter()
-        .filter_map(|l| l.at_us())
-        .min()
-        .expect("acquired again");
-    let min_token = regrants
-        .iter()
-        .filter_map(|l| l.token())
-        .min()
-        .expect("token");
+    let (first, min_token) = first_grants(after);
     let recovered = diff(c.last_change_us, begun);
     let created = created_us(&redis, "restart");
     report!(
@@ -604,8 +609,7 @@ fn passwords_never_show_at_trace_level_across_a_restart() {
     thread::sleep(Duration::from_millis(500));
     redis.restart();
     g.wait_until("both report lost", Duration::from_secs(5), |lines| {
-        held.iter()
-            .all(|(p, set)| lost_of(&lines[mark..], *p).len() == set.len())
+        all_lost(&lines[mark..], &held)
     });
     g.wait_converged(RESTART_BOUND * 3);
     // Reconnects authenticate again.
@@ -669,27 +673,11 @@ fn foreign_data_under_a_running_group_is_reported_and_other_groups_carry_on() {
     g.wait_until(
         "every member reports lost",
         Duration::from_secs(5),
-        |lines| {
-            held.iter()
-                .all(|(p, set)| lost_of(&lines[mark..], *p).len() == set.len())
-        },
+        |lines| all_lost(&lines[mark..], &held),
     );
     let c = g.wait_converged(RESTART_BOUND * 3);
     let lines = g.timeline.lines();
-    let regrants: Vec<&Line> = lines[mark..]
-        .iter()
-        .filter(|l| l.event() == "acquired")
-        .collect();
-    let first = regrants
-        .iter()
-        .filter_map(|l| l.at_us())
-        .min()
-        .expect("regrant");
-    let min_token = regrants
-        .iter()
-        .filter_map(|l| l.token())
-        .min()
-        .expect("token");
+    let (first, min_token) = first_grants(&lines[mark..]);
     report!(
         "DEL meta: balanced again {:.1} ms after the DEL, first grant after {:.1} ms",
         diff(c.last_change_us, deleted) as f64 / 1000.0,

@@ -32,6 +32,12 @@ async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
         .expect("raw connection")
 }
 
+/// Ends a new group's quarantine at once, so a test is granted buckets without waiting a ttl.
+async fn lift_quarantine(con: &mut redis::aio::MultiplexedConnection, g: &GroupKey) {
+    let meta = format!("{}:meta", g.tag());
+    redis_cmd(con, &["HSET", &meta, "grant_after_us", "0"]).await;
+}
+
 async fn redis_cmd(con: &mut redis::aio::MultiplexedConnection, args: &[&str]) -> redis::Value {
     let mut cmd = redis::cmd(args[0]);
     for a in &args[1..] {
@@ -461,11 +467,7 @@ async fn foreign_data_gives_clear_errors_not_panics() {
         .register(&g, &request(&a, 1, 8))
         .await
         .expect("register");
-    redis_cmd(
-        &mut con,
-        &["HSET", "{t:owners}:meta", "grant_after_us", "0"],
-    )
-    .await;
+    lift_quarantine(&mut con, &g).await;
     redis_cmd(&mut con, &["SADD", "{t:owners}:free", "xyz", "99999", "-1"]).await;
     let reply = store.rebalance(&g, &a, 100).await.expect("rebalance");
     match reply.action {
@@ -724,11 +726,7 @@ async fn steady_state_heartbeat_is_one_round_trip_of_constant_work() {
                 .await
                 .expect("register");
         }
-        redis_cmd(
-            &mut con,
-            &["HSET", &format!("{}:meta", g.tag()), "grant_after_us", "0"],
-        )
-        .await;
+        lift_quarantine(&mut con, &g).await;
         loop {
             let mut quiet = true;
             for m in &members {
@@ -926,11 +924,7 @@ async fn a_call_that_fails_on_foreign_data_changes_nothing() {
         .register(&g, &request(&a, 1, 8))
         .await
         .expect("register");
-    redis_cmd(
-        &mut con,
-        &["HSET", &format!("{tag}:meta"), "grant_after_us", "0"],
-    )
-    .await;
+    lift_quarantine(&mut con, &g).await;
     let r = store.rebalance(&g, &a, 8).await.expect("rebalance");
     assert!(matches!(r.action, Action::Acquired { ref buckets, .. } if buckets.len() == 8));
     redis_cmd(&mut con, &["SET", &format!("{tag}:owner"), "garbage"]).await;
@@ -949,11 +943,7 @@ async fn a_call_that_fails_on_foreign_data_changes_nothing() {
         .register(&g, &request(&a, 1, 8))
         .await
         .expect("register");
-    redis_cmd(
-        &mut con,
-        &["HSET", &format!("{tag}:meta"), "grant_after_us", "0"],
-    )
-    .await;
+    lift_quarantine(&mut con, &g).await;
     redis_cmd(&mut con, &["SET", &format!("{tag}:owner"), "garbage"]).await;
     expect_corrupt("rebalance", store.rebalance(&g, &a, 8).await, "owner");
     let free = redis_cmd(&mut con, &["SCARD", &format!("{tag}:free")]).await;

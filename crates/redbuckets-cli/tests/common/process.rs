@@ -7,6 +7,20 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_redbuckets");
+
+/// `redbuckets` with `args` and a clean environment: no Redis URL or log filter from the
+/// caller's shell, no stdin.
+pub fn command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_remove("REDBUCKETS_REDIS_URL")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    cmd
+}
+
 /// The outcome of a finished command.
 #[derive(Debug)]
 pub struct Run {

@@ -17,7 +17,6 @@ use serde_json::Value;
 
 use super::checker::{self, Interval, Kill, Line};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_redbuckets");
 pub const HEARTBEAT: Duration = Duration::from_millis(100);
 pub const TTL: Duration = Duration::from_secs(1);
 
@@ -27,16 +26,6 @@ pub fn now_us() -> u64 {
         .duration_since(UNIX_EPOCH)
         .expect("clock after 1970");
     u64::try_from(d.as_micros()).expect("fits")
-}
-
-/// A command with a clean environment: no Redis URL or log filter from the caller's shell.
-pub fn command(args: &[&str]) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env_remove("REDBUCKETS_REDIS_URL")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null());
-    cmd
 }
 
 /// Every line of every process of a group, in the order read, and lines that were not JSON.
@@ -460,7 +449,7 @@ impl Group {
     }
 }
 
-pub use super::process::run_cmd as run;
+pub use super::process::{command, run_cmd as run};
 
 /// `status --json` for a group: what Redis says, to cross-check the streams.
 pub fn status(url: &str, group: &str) -> Value {

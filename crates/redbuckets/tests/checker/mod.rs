@@ -108,9 +108,15 @@ impl Timeline {
 
     /// Number of Acquired events after index `from`.
     pub fn acquisitions_since(&self, from: usize) -> usize {
+        self.grant_tokens_since(from).len()
+    }
+
+    /// The tokens of the grants since event `from`, in arrival order.
+    pub fn grant_tokens_since(&self, from: usize) -> Vec<u64> {
         self.events[from..]
             .iter()
             .filter(|(_, e)| matches!(e, Event::Acquired { .. }))
-            .count()
+            .map(|(_, e)| e.token())
+            .collect()
     }
 }

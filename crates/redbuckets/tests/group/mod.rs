@@ -87,6 +87,14 @@ impl<C> Members<C> {
         }
     }
 
+    /// S2 across a loss: every grant since event `mark` carries a larger token than `before`
+    /// (the largest token seen before the loss), and there was at least one.
+    pub fn assert_grants_above(&self, mark: usize, before: u64) {
+        let after = self.timeline.grant_tokens_since(mark).into_iter().min();
+        let after = after.expect("re-acquired");
+        assert!(after > before, "token went from {before} to {after}");
+    }
+
     /// The largest token seen in any event.
     pub fn max_token(&self) -> u64 {
         self.timeline
