@@ -34,9 +34,9 @@ pub struct Config {
     /// Default 10 s; at least 3 heartbeats.
     pub ttl: Duration,
     /// Heartbeat period: the poll period while the notification stream is down (retries after a
-    /// failed call come at a quarter of it). Default 1 s. While notifications flow, a healthy member needs
-    /// no poll: it renews its session every [`Config::renew_interval`], and checks the group at
-    /// the moment a peer's session would expire.
+    /// failed call come at a quarter of it). Default 1 s. While notifications flow, a healthy
+    /// member needs no poll: it renews its session every [`Config::renew_interval`], and checks
+    /// the group at the moment a peer's session would expire.
     pub heartbeat: Duration,
     /// How often a healthy member renews its session. Default `None`: half the ttl (5 s at the
     /// defaults), shortened if needed to leave a call timeout of lease time for a retry. At least

@@ -177,10 +177,7 @@ impl<S: Store> Driver<S> {
                         tracing::debug!("notification stream ended; resubscribing");
                         self.notifications = None;
                         self.resubscribe_at = Instant::now() + self.retry_delay();
-                        // Until it is back, poll at the heartbeat.
-                        self.next_heartbeat = self
-                            .next_heartbeat
-                            .min(Instant::now() + self.on_my_clock(self.config.heartbeat));
+                        self.poll_soon();
                     }
                 }
                 () = dropped.notified() => {}
@@ -236,6 +233,13 @@ impl<S: Store> Driver<S> {
             at = at.min(Instant::now() + self.on_my_clock(wait));
         }
         at
+    }
+
+    /// Without notifications, changes are learnt by polling: the next call comes within a
+    /// heartbeat (and `next_check` keeps that pace until the stream is back).
+    fn poll_soon(&mut self) {
+        let poll = Instant::now() + self.on_my_clock(self.config.heartbeat);
+        self.next_heartbeat = self.next_heartbeat.min(poll);
     }
 
     /// Real time that `d` of this member's clock takes (see `Config::clock_rate`).
@@ -301,9 +305,8 @@ impl<S: Store> Driver<S> {
             Ok(notifications) => self.notifications = Some(notifications),
             Err(e) => {
                 self.report(e);
-                let poll = Instant::now() + self.on_my_clock(self.config.heartbeat);
-                self.resubscribe_at = poll;
-                self.next_heartbeat = self.next_heartbeat.min(poll);
+                self.resubscribe_at = Instant::now() + self.on_my_clock(self.config.heartbeat);
+                self.poll_soon();
             }
         }
     }
