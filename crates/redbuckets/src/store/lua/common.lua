@@ -1,7 +1,10 @@
 -- Shared prelude of every redbuckets script (src/store/redis.rs prepends it to each body).
 --
 -- Mirrors src/store/memory.rs, the reference semantics. Keys (all share the group's hash tag):
---   KEYS[1] meta    hash: buckets, protocol, ver, token, grant_after_us, created_us
+--   KEYS[1] meta    hash: buckets, protocol, ver (membership version), token (last fencing
+--                   token), grant_after_us (end of the quarantine), created_us, ttl_us (the
+--                   group's one session ttl), run_id (the Redis process that wrote the group;
+--                   another one means the data may be stale, see load_current_meta)
 --   KEYS[2] exp     zset: member -> session expiry (server ms)
 --   KEYS[3] sess    hash: member -> session nonce
 --   KEYS[4] since   hash: member -> session start (server ms)

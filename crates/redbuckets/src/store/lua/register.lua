@@ -1,6 +1,7 @@
 -- register: ARGV[2] member, [3] nonce, [4] weight, [5] buckets, [6] ttl µs,
 -- [7] '1' if [8] is a session this registration may replace, [9] protocol.
--- Returns {'registered', ver} | {'inuse', expires_in_ms} | {'mismatch', buckets, protocol}.
+-- Returns {'registered', ver} | {'inuse', expires_in_ms} | {'mismatch', buckets, protocol}
+-- | {'ttl', group_ttl_us} (the group exists with another session ttl).
 local member, nonce = ARGV[2], ARGV[3]
 local weight = uint(ARGV[4], 'weight argument')
 local buckets = uint(ARGV[5], 'buckets argument')
