@@ -183,18 +183,28 @@ impl Store for MemoryStore {
                 configured: req.ttl,
             });
         }
-        state.purge(now);
+        // Sessions purged here free buckets and change the membership, whatever the outcome of
+        // the registration: subscribers are told on every path (as register.lua publishes).
+        let purged = state.purge(now);
         let id = &req.session.member;
         if let Some(existing) = state.members.get_mut(id) {
-            if existing.session == req.session.session {
+            let early = if existing.session == req.session.session {
                 existing.expires = now + req.ttl;
-                let version = state.version;
-                return Ok(Registration::Registered { version });
-            }
-            if req.replaces.as_deref() != Some(existing.session.as_str()) {
-                return Ok(Registration::InUse {
+                Some(Registration::Registered {
+                    version: state.version,
+                })
+            } else if req.replaces.as_deref() != Some(existing.session.as_str()) {
+                Some(Registration::InUse {
                     expires_in: existing.expires.saturating_duration_since(now),
-                });
+                })
+            } else {
+                None
+            };
+            if let Some(outcome) = early {
+                if purged {
+                    inner.notify(group);
+                }
+                return Ok(outcome);
             }
             state.remove_member(id);
         }
@@ -465,5 +475,77 @@ fn lost_reply() -> RebalanceReply {
         free: 0,
         committed: 0,
         held: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+
+    /// Notices queued on `n` right now.
+    fn drain(n: &mut Notifications) -> usize {
+        let mut count = 0;
+        while let Some(Some(())) = n.next().now_or_never() {
+            count += 1;
+        }
+        count
+    }
+
+    fn request(member: &str, nonce: &str) -> RegisterRequest {
+        let session = SessionRef {
+            member: member.into(),
+            session: nonce.into(),
+        };
+        RegisterRequest::new(session, 1, 8, Duration::from_secs(1))
+    }
+
+    /// Issue 8, bug 4: a registration that purges expired sessions notifies even when it ends
+    /// `InUse` or refreshes the same session, as register.lua does.
+    #[tokio::test(start_paused = true)]
+    async fn a_registration_that_purges_notifies_on_every_outcome() {
+        let store = MemoryStore::new();
+        let g = GroupKey::new("p", "g");
+        let mut notices = store.subscribe(&g).await.unwrap();
+        let a = request("a", "a1");
+        let ttl = a.ttl;
+        for (member, nonce) in [("a", "a1"), ("b", "b1"), ("c", "c1")] {
+            store.register(&g, &request(member, nonce)).await.unwrap();
+        }
+        assert_eq!(drain(&mut notices), 3);
+
+        // b expires; a registers again under another nonce while its session lives: InUse.
+        tokio::time::advance(Duration::from_millis(600)).await;
+        store.heartbeat(&g, &a.session, ttl).await.unwrap();
+        let c = request("c", "c1");
+        store.heartbeat(&g, &c.session, ttl).await.unwrap();
+        tokio::time::advance(Duration::from_millis(600)).await;
+        assert_eq!(drain(&mut notices), 0);
+        let reply = store.register(&g, &request("a", "a2")).await.unwrap();
+        assert!(matches!(reply, Registration::InUse { .. }), "{reply:?}");
+        assert_eq!(drain(&mut notices), 1, "b's purge wakes the group");
+
+        // c's heartbeat lapses too; a retried registration of c (same nonce) refreshes it,
+        // while a's lapsed session is purged.
+        tokio::time::advance(Duration::from_millis(300)).await;
+        store.heartbeat(&g, &c.session, ttl).await.unwrap();
+        tokio::time::advance(Duration::from_millis(800)).await;
+        assert_eq!(drain(&mut notices), 0);
+        let reply = store.register(&g, &c).await.unwrap();
+        assert!(
+            matches!(reply, Registration::Registered { .. }),
+            "{reply:?}"
+        );
+        assert_eq!(drain(&mut notices), 1, "a's purge wakes the group");
+        let members: Vec<String> = store
+            .snapshot(&g)
+            .await
+            .unwrap()
+            .unwrap()
+            .members
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(members, ["c"]);
     }
 }
