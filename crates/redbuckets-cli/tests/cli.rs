@@ -2,9 +2,6 @@
 //! buckets over on SIGTERM, `status` against known states, bad input, and the demo without a
 //! terminal. Every wait is bounded: no test can hang.
 
-#[path = "../../redbuckets/tests/support/mod.rs"]
-mod support;
-
 #[path = "common/process.rs"]
 mod process;
 
@@ -17,8 +14,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use process::{command, drain, run_cmd, Run};
+use redbuckets_testkit::RedisServer;
 use serde_json::Value;
-use support::RedisServer;
 
 fn run(args: &[&str], limit: Duration) -> Run {
     run_cmd(command(args), limit)

@@ -15,9 +15,6 @@
 //! 127.0.0.1, and every wait has a limit. Timings go to stderr as `[faults] ...` lines
 //! (`cargo nextest run -p redbuckets-cli --test faults --no-capture` shows them).
 
-#[path = "../../redbuckets/tests/support/mod.rs"]
-mod support;
-
 #[path = "common/process.rs"]
 mod process;
 
@@ -36,7 +33,7 @@ use std::time::Duration;
 use checker::Line;
 use harness::{assert_status_matches, command, now_us, run, Group, HEARTBEAT, TTL};
 use proxy::Proxy;
-use support::RedisServer;
+use redbuckets_testkit::RedisServer;
 
 const B: u32 = 64;
 const TTL_US: u64 = TTL.as_micros() as u64;

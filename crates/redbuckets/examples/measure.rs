@@ -12,10 +12,10 @@
 //! `MEASURE_WINDOW` seconds (default 30) and compared with idle windows of the same length
 //! before the members join and after they leave: an idle Redis on a VM wanders by ±0.1 ms/s.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use redbuckets::{Event, Member, RedisStore};
+use redbuckets_testkit::RedisServer;
 use tokio::sync::broadcast;
 
 fn window() -> Duration {
@@ -26,39 +26,14 @@ fn window() -> Duration {
     Duration::from_secs(secs)
 }
 
-struct Server(Option<Child>);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn start_server() -> (Server, String) {
+/// Without `REDIS_URL`, a server of our own (the testkit's, killed when dropped).
+fn start_server() -> (Option<RedisServer>, String) {
     if let Ok(url) = std::env::var("REDIS_URL") {
-        return (Server(None), url);
+        return (None, url);
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port");
-    let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server not found: apt-get install -y redis-server, or set REDIS_URL");
-    let url = format!("redis://127.0.0.1:{port}/");
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (Server(Some(child)), url)
+    let server = RedisServer::start();
+    let url = format!("{}/", server.url());
+    (Some(server), url)
 }
 
 struct Stats {

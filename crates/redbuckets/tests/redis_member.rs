@@ -4,13 +4,12 @@
 
 mod checker;
 mod group;
-mod support;
 
 use std::time::{Duration, Instant};
 
 use group::Members;
 use redbuckets::{Error, Event, Member, RedisStore};
-use support::{RedisServer, Sentinel};
+use redbuckets_testkit::{RedisServer, Sentinel};
 
 const HEARTBEAT: Duration = Duration::from_millis(100);
 const TTL: Duration = Duration::from_millis(1000);

@@ -1,15 +1,13 @@
-//! `RedisStore` against a real `redis-server` started per test (see `support`): the same call
+//! `RedisStore` against a real `redis-server` started per test (the testkit's `RedisServer`): the same call
 //! sequences as `MemoryStore` give the same outcomes, foreign data and bad credentials give
 //! clear errors, data loss keeps tokens growing (S2), and a heartbeat stays O(1) (C1).
-
-mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use redbuckets::store::{Action, RegisterRequest, Registration, SessionRef};
 use redbuckets::{Error, GroupKey, MemoryStore, RedisOptions, RedisStore, Store};
-use support::RedisServer;
+use redbuckets_testkit::RedisServer;
 
 const TTL: Duration = Duration::from_millis(500);
 

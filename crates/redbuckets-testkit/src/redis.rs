@@ -1,7 +1,6 @@
 //! A `redis-server` per test: started on a free port of 127.0.0.1 without persistence, with
 //! plain verbs for faults (`stop`, `restart` — which loses the data —, `pause`, `resume`), and
 //! killed on drop. Tests never skip: without `redis-server` on the PATH they panic.
-#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
