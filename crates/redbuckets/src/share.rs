@@ -8,7 +8,9 @@
 //! With `n` live members of weights `w_i` (total `W`) and `B` buckets, member `i` has a base share
 //! `⌊B·w_i/W⌋`; the remainder `r = B − Σ base` goes one bucket each to at most `r` members.
 //! Sticky by design: nothing moves unless a member is above its share or a bucket is free.
-//! The Lua version of this rule lives in `store/lua/rebalance.lua`; keep both in step.
+//! The Lua version of this rule is `share_rule` in `store/lua/common.lua`, a pure function that
+//! `rebalance.lua` calls; `tests/lua_share.rs` runs it through `EVAL` against this module on
+//! random inputs.
 
 /// One live member's weight and committed holdings, as the store sees them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

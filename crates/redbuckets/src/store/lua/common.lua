@@ -69,6 +69,57 @@ local function idiv(a, b)
   return q
 end
 
+-- share.rs `base_share`: floor(B·w/W). B·w ≤ 2^16 · 10^6 and W ≤ 10^6 · n stay exact in a double.
+local function base_share(B, w, total)
+  if total == 0 then
+    return 0
+  end
+  return idiv(B * w, total)
+end
+
+-- The share rule of src/share.rs (`step` and `target_range`) as one pure function: no
+-- redis.call, so tests/lua_share.rs runs it through EVAL against share.rs on random inputs.
+-- The members come grouped by weight: every member of weight w has the same base share, so the
+-- caller counts those above it with one ZCOUNT per distinct weight instead of a scan.
+--   B       bucket count
+--   groups  array of { weight, members of that weight, members of that weight whose committed
+--           count is above base_share(B, weight, W) (the caller included) }
+--   my_w    the caller's weight; mine its committed count; free the free buckets
+-- Returns kind ('take' | 'release' | 'stay'), count (take: capped by free), share_min,
+-- share_max. Work: O(d) for d distinct weights.
+local function share_rule(B, groups, my_w, mine, free)
+  local total = 0
+  for _, g in ipairs(groups) do
+    total = total + g[1] * g[2]
+  end
+  local assigned, others_with_extra = 0, 0
+  for _, g in ipairs(groups) do
+    assigned = assigned + g[2] * base_share(B, g[1], total)
+    others_with_extra = others_with_extra + g[3]
+  end
+  local base = base_share(B, my_w, total)
+  if mine > base then
+    others_with_extra = others_with_extra - 1
+  end
+  -- The remainder buckets: at most this many members get one more than their base share.
+  local remainder = math.max(B - assigned, 0)
+  local share_max = base
+  if remainder > 0 then
+    share_max = base + 1
+  end
+  local allowed = base
+  if others_with_extra < remainder then
+    allowed = base + 1
+  end
+  if mine > allowed then
+    return 'release', mine - allowed, base, share_max
+  end
+  if mine < allowed and free > 0 then
+    return 'take', math.min(allowed - mine, free), base, share_max
+  end
+  return 'stay', 0, base, share_max
+end
+
 local function server_now_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])

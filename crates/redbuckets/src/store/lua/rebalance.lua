@@ -2,7 +2,8 @@
 -- Returns {kind, value, share_min, share_max, ver, free, committed, held, bucket...} where kind is
 -- 'acquired' (value = token, then the buckets), 'release' (value = count), 'stay', 'wait'
 -- (value = µs left), or {'lost'}.
--- The share rule is src/share.rs `step` / `target_range`; keep both in step.
+-- The share rule is common.lua's share_rule, the pure twin of src/share.rs `step` /
+-- `target_range` (tests/lua_share.rs checks them against each other).
 local member, nonce = ARGV[2], ARGV[3]
 local max_take = uint(ARGV[4], 'max_take argument')
 
@@ -29,46 +30,23 @@ local my_w = weight_of(member)
 local count_k = count_key(my_w)
 local mine = committed(member, my_w)
 
--- base_share(B, w, W) = floor(B·w/W); B·w ≤ 2^16 · 2^32 stays exact in a double.
-local function base_share(w, total)
-  if total == 0 then
-    return 0
-  end
-  return idiv(B * w, total)
-end
-
--- share.rs `step` over the members grouped by weight: every member of weight w has the same
--- base share, and those holding more than it are one ZCOUNT on that weight's count zset.
--- Work: O(d · log n) for d distinct weights (d = 1 in the common equal-weight case).
-local by_weight = {}
+-- The live members grouped by weight (wcount), with how many of each weight hold more than
+-- their base share: one ZCOUNT per distinct weight (d = 1 in the common equal-weight case).
+local groups, texts = {}, {}
 local total = 0
 local flat = redis.call('HGETALL', K_WCOUNT)
 for i = 1, #flat, 2 do
   local w = uint(flat[i], 'weight in wcount')
   local c = uint(flat[i + 1], 'wcount of weight ' .. flat[i])
-  by_weight[#by_weight + 1] = { flat[i], w, c }
+  groups[#groups + 1] = { w, c, 0 }
+  texts[#texts + 1] = flat[i]
   total = total + w * c
 end
-local assigned, others_with_extra = 0, 0
-for _, e in ipairs(by_weight) do
-  local base_w = base_share(e[2], total)
-  assigned = assigned + e[3] * base_w
-  others_with_extra = others_with_extra
-      + redis.call('ZCOUNT', count_key(e[1]), '(' .. fmt(base_w), '+inf')
+for i, g in ipairs(groups) do
+  g[3] = redis.call('ZCOUNT', count_key(texts[i]), '(' .. fmt(base_share(B, g[1], total)), '+inf')
 end
-local base = base_share(tonumber(my_w), total)
-if mine > base then
-  others_with_extra = others_with_extra - 1
-end
-local remainder = math.max(B - assigned, 0)
-local allowed = base
-if others_with_extra < remainder then
-  allowed = base + 1
-end
-local share_max = base
-if B > assigned then
-  share_max = base + 1
-end
+local free = redis.call('SCARD', K_FREE)
+local kind, count, base, share_max = share_rule(B, groups, tonumber(my_w), mine, free)
 
 -- The reply's fixed part; the member's held count is read last, after any grant.
 local function reply(kind, value, free, committed_count)
@@ -76,19 +54,17 @@ local function reply(kind, value, free, committed_count)
     redis.call('SCARD', held_key(member)) }
 end
 
-local free = redis.call('SCARD', K_FREE)
 if now < meta.grant_after then
   return reply('wait', fmt(meta.grant_after - now), free, mine)
 end
 
-if mine > allowed then
-  local k = mine - allowed
-  redis.call('ZADD', count_k, fmt(allowed), member)
-  return reply('release', k, free, allowed)
+if kind == 'release' then
+  redis.call('ZADD', count_k, fmt(mine - count), member)
+  return reply('release', count, free, mine - count)
 end
 
-if mine < allowed and free > 0 then
-  local k = math.min(allowed - mine, free, math.max(max_take, 1))
+if kind == 'take' then
+  local k = math.min(count, math.max(max_take, 1))
   local token = math.max(now, meta.token + 1)
   redis.call('HSET', K_META, 'token', fmt(token))
   local popped = redis.call('SPOP', K_FREE, k)
