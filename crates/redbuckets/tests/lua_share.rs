@@ -6,12 +6,10 @@
 //! distinct weights, or each its own), committed counts near the member's base share (where the
 //! remainder decides) or anywhere in 0..=B, any free count. `SHARE_CASES=100000` runs more.
 
-mod support;
-
 use proptest::prelude::*;
 use proptest::sample::Index;
 use redbuckets::share::{self, Load, Step};
-use support::RedisServer;
+use redbuckets_testkit::RedisServer;
 
 const COMMON: &str = include_str!("../src/store/lua/common.lua");
 
