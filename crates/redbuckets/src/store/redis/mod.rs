@@ -1,0 +1,616 @@
+//! `RedisStore`: the store protocol as Lua scripts on Redis, one script per [`Store`] method.
+//!
+//! The scripts live in `store/lua/`: `common.lua` (key layout, validation of stored data, purge)
+//! is prepended to each method's body. They mirror [`crate::MemoryStore`], the reference
+//! semantics, step for step; the share rule is a port of [`crate::share`].
+//!
+//! # Keys
+//! Every key of a group starts with the group's hash tag `{prefix:name}` so that all of them
+//! live on one Redis Cluster slot: `:meta` (hash: buckets, protocol, ver, token,
+//! grant_after_us, created_us), `:exp` (zset: member → session expiry, server ms), `:sess`
+//! (member → nonce), `:since` (member → start ms), `:weight` (member → weight), `:wcount`
+//! (weight → members), `:count:<weight>` (zset per weight: member → committed count),
+//! `:owner` (hash: bucket → `"<token> <member>"`), `:free` (set), `:held:<member>` (set) and
+//! the pub/sub channel `:events`. Counts are kept per weight so the share rule needs one
+//! `ZCOUNT` per distinct weight instead of a scan over the members.
+//!
+//! # Connections
+//! Calls go through one auto-reconnecting [`ConnectionManager`] with TCP keepalive and
+//! `TCP_USER_TIMEOUT` set, so a half-open connection fails instead of hanging. The manager never
+//! retries a failed call; the member does, and every script is safe to repeat.
+//! [`Store::subscribe`] opens a dedicated pub/sub connection per subscription.
+//!
+//! # Sentinel
+//! With a `redis+sentinel://` URL the store asks the sentinels for the primary at connect time,
+//! again when they announce a new one (`+switch-master`, which a background task listens to),
+//! and again (in the background, one lookup at a time) whenever a call or a subscription fails
+//! in a way a failover explains: the server went read-only, or stopped answering. If they name
+//! another server, the store moves its connection there and ends its open notification streams,
+//! so members resubscribe on the new primary. The new primary runs as another Redis process, so
+//! the group's data is treated as possibly stale and the group is re-created (see the crate's
+//! guarantees): members re-register and re-acquire.
+//!
+//! Redis replicates asynchronously, so Sentinel cannot rule out a split brain: a member that
+//! still reaches the old primary while the sentinels, cut off from it, promote a replica keeps
+//! renewing there, while members on the new primary may be granted its buckets once the new
+//! group's quarantine ends. Configure the primary with `min-replicas-to-write 1` and a
+//! `min-replicas-max-lag` below Sentinel's `down-after-milliseconds`, so an isolated old primary
+//! refuses the renewals and its members stop at their local deadline.
+
+mod errors;
+mod options;
+mod reply;
+mod sentinel;
+mod url;
+
+pub use options::RedisOptions;
+
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::aio::ConnectionManager;
+use redis::sentinel::SentinelClient;
+use redis::{
+    AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo, RedisError, Script,
+    TlsCertificates, Value,
+};
+
+use self::errors::{connect_error, scrub};
+use self::reply::{array, bad_reply, parse_owner, text, uint, uint32};
+use self::sentinel::watch_switches;
+use self::url::{parse_sentinel_url, raw_password, url_reason};
+use crate::config::PROTOCOL_VERSION;
+use crate::error::{redact_url, Error};
+use crate::store::{
+    Action, GroupKey, GroupSnapshot, HeartbeatReply, MemberInfo, Notifications, Owner,
+    RebalanceReply, RegisterRequest, Registration, SessionRef, Store,
+};
+
+const COMMON: &str = include_str!("../lua/common.lua");
+
+const CERT_PEM_HEADER: &[u8] = b"-----BEGIN CERTIFICATE-----";
+
+/// The compiled scripts; their SHA1s are computed once per process.
+struct Scripts {
+    register: Script,
+    heartbeat: Script,
+    /// The steady-state heartbeat, standalone: it hands over to `heartbeat` when it must purge.
+    heartbeat_fast: Script,
+    rebalance: Script,
+    release: Script,
+    deregister: Script,
+    snapshot: Script,
+}
+
+fn script(body: &str) -> Script {
+    Script::new(&format!("{COMMON}\n{body}"))
+}
+
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    register: script(include_str!("../lua/register.lua")),
+    heartbeat: script(include_str!("../lua/heartbeat.lua")),
+    heartbeat_fast: Script::new(include_str!("../lua/heartbeat_fast.lua")),
+    rebalance: script(include_str!("../lua/rebalance.lua")),
+    release: script(include_str!("../lua/release.lua")),
+    deregister: script(include_str!("../lua/deregister.lua")),
+    snapshot: script(include_str!("../lua/snapshot.lua")),
+});
+
+/// The store on Redis (≥ 7.0): each [`Store`] call is one Lua script, run atomically with the
+/// server's clock. Clones share one connection.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), redbuckets::Error> {
+/// let store = redbuckets::RedisStore::connect("redis://127.0.0.1:6379").await?;
+/// # let _ = store; Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// The server the calls go to; replaced when Sentinel names a new primary.
+    node: std::sync::RwLock<Arc<Node>>,
+    /// With `redis+sentinel://`: asked for the primary again after a failover-like error. The
+    /// lock also makes concurrent failing calls ask once.
+    sentinel: Option<tokio::sync::Mutex<SentinelClient>>,
+    /// Bumped when the store moves to another server: ends the notification streams.
+    moved: tokio::sync::watch::Sender<u64>,
+    /// Stops the `+switch-master` listener when the store is dropped.
+    _stop_watching: tokio_util::sync::DropGuard,
+    /// The URL with its password masked, for messages.
+    url: String,
+    /// Secrets that must never appear in an error message (raw and decoded password).
+    secrets: Vec<String>,
+    options: RedisOptions,
+}
+
+/// One Redis server and the auto-reconnecting connection to it.
+struct Node {
+    client: Client,
+    manager: ConnectionManager,
+}
+
+impl Inner {
+    fn node(&self) -> Arc<Node> {
+        Arc::clone(&self.node.read().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("url", &self.inner.url)
+            .field("options", &self.inner.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// Connects with the default [`RedisOptions`]. See [`RedisStore::connect_with`].
+    pub async fn connect(url: &str) -> Result<RedisStore, Error> {
+        Self::connect_with(url, RedisOptions::default()).await
+    }
+
+    /// Connects to `redis://[user:password@]host[:port][/db]` (or `rediss://` for TLS), or
+    /// through Redis Sentinel to
+    /// `redis+sentinel://[user:password@]host[:port][,host[:port]...]/service[/db]` (or
+    /// `rediss+sentinel://`): the sentinels' addresses (port 26379 by default) and the name
+    /// they monitor the primary under. The credentials are the primary's; the sentinels are
+    /// reached without them. A custom [`RedisOptions::tls_root_cert`] is not supported there.
+    ///
+    /// One connection attempt is made at once, so a wrong address or password fails here with
+    /// [`Error::Unavailable`] or [`Error::Refused`]; a URL that does not parse gives
+    /// [`Error::Url`]. After that the connection reconnects by itself, and through Sentinel it
+    /// follows the primary after a failover.
+    pub async fn connect_with(url: &str, options: RedisOptions) -> Result<RedisStore, Error> {
+        let redacted = redact_url(url);
+        let mut secrets: Vec<String> = raw_password(url).into_iter().collect();
+        let sentinel = parse_sentinel_url(url).map_err(|reason| Error::Url {
+            url: redacted.clone(),
+            reason: scrub(&reason, &secrets),
+        })?;
+        let (client, sentinel) = match sentinel {
+            Some(spec) => {
+                let service = spec.service.clone();
+                let (client, sentinel) =
+                    Self::via_sentinel(spec, &options, &redacted, &mut secrets).await?;
+                (client, Some((sentinel, service)))
+            }
+            None => (Self::client(url, &options, &redacted, &mut secrets)?, None),
+        };
+
+        // Probe once, so a wrong address or password fails now with a clear error instead of
+        // inside the manager's retry loop.
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(options.connection_timeout))
+            .set_response_timeout(Some(options.response_timeout));
+        let probe = async {
+            let mut con = client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?;
+            redis::cmd("PING").query_async::<Value>(&mut con).await
+        };
+        let budget = options.call_budget();
+        match tokio::time::timeout(budget, probe).await {
+            Err(_) => {
+                return Err(Error::Unavailable {
+                    detail: format!("no answer from {redacted} within {budget:?}"),
+                })
+            }
+            Ok(Err(e)) => return Err(connect_error(&redacted, &e, &secrets)),
+            Ok(Ok(_)) => {}
+        }
+
+        let manager = client
+            .get_connection_manager_lazy(options.manager_config())
+            .map_err(|e| connect_error(&redacted, &e, &secrets))?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (sentinel, service) = sentinel.unzip();
+        let inner = Arc::new(Inner {
+            node: std::sync::RwLock::new(Arc::new(Node { client, manager })),
+            sentinel: sentinel.map(tokio::sync::Mutex::new),
+            moved: tokio::sync::watch::Sender::new(0),
+            _stop_watching: stop.clone().drop_guard(),
+            url: redacted,
+            secrets,
+            options,
+        });
+        if let Some(service) = service {
+            tokio::spawn(watch_switches(Arc::downgrade(&inner), service, stop));
+        }
+        Ok(RedisStore { inner })
+    }
+
+    /// The client of a plain `redis://` or `rediss://` URL.
+    fn client(
+        url: &str,
+        options: &RedisOptions,
+        redacted: &str,
+        secrets: &mut Vec<String>,
+    ) -> Result<Client, Error> {
+        let info = url.into_connection_info().map_err(|e| Error::Url {
+            url: redacted.to_string(),
+            reason: url_reason(url, &e, secrets),
+        })?;
+        if let Some(password) = info.redis_settings().password() {
+            secrets.push(password.to_string());
+        }
+        secrets.retain(|s| !s.is_empty());
+        let tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
+        if tls {
+            // rustls needs a process-wide crypto provider; without one the redis crate panics
+            // at the first TLS handshake. Keep the application's if it installed one.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let info = info.set_tcp_settings(options.tcp_settings());
+        if let Some(pem) = &options.tls_root_cert {
+            // An empty trust store would only show up later as "UnknownIssuer".
+            if !pem
+                .windows(CERT_PEM_HEADER.len())
+                .any(|w| w == CERT_PEM_HEADER)
+            {
+                return Err(Error::config(
+                    "tls_root_cert",
+                    "contains no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                ));
+            }
+        }
+        match (&options.tls_root_cert, tls) {
+            (Some(pem), true) => Client::build_with_tls(
+                info,
+                TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            )
+            .map_err(|e| Error::config("tls_root_cert", e.to_string())),
+            _ => Client::open(info).map_err(|e| Error::Url {
+                url: redacted.to_string(),
+                reason: scrub(&e.to_string(), secrets),
+            }),
+        }
+    }
+
+    /// Runs one script against the group's keys; `args` follow the tag (ARGV[1]).
+    async fn run(
+        &self,
+        group: &GroupKey,
+        call: &'static str,
+        script: &Script,
+        args: &[String],
+    ) -> Result<Value, Error> {
+        let tag = group.tag();
+        let keys = [
+            "meta", "exp", "sess", "since", "weight", "wcount", "owner", "free",
+        ]
+        .map(|suffix| format!("{tag}:{suffix}"));
+        let mut invocation = script.prepare_invoke();
+        for key in &keys {
+            invocation.key(key);
+        }
+        invocation.arg(&tag);
+        for arg in args {
+            invocation.arg(arg);
+        }
+        let node = self.inner.node();
+        let mut con = node.manager.clone();
+        // A call made while the manager reconnects waits through its backoff; cut it here so a
+        // dead primary is noticed (and, through Sentinel, replaced) before the member's deadline.
+        let budget = self.inner.options.call_budget();
+        let result = tokio::time::timeout(budget, invocation.invoke_async::<Value>(&mut con))
+            .await
+            .unwrap_or_else(|_| {
+                Err(RedisError::from(std::io::Error::from(
+                    std::io::ErrorKind::TimedOut,
+                )))
+            });
+        result.map_err(|e| {
+            self.follow_primary_later(node, &e);
+            self.call_error(group, call, &e)
+        })
+    }
+}
+
+impl Store for RedisStore {
+    async fn register(
+        &self,
+        group: &GroupKey,
+        req: &RegisterRequest,
+    ) -> Result<Registration, Error> {
+        const CALL: &str = "register";
+        let (has_replaces, replaces) = match &req.replaces {
+            Some(nonce) => ("1", nonce.clone()),
+            None => ("0", String::new()),
+        };
+        let args = [
+            req.session.member.clone(),
+            req.session.session.clone(),
+            req.weight.to_string(),
+            req.buckets.to_string(),
+            duration_us(req.ttl).to_string(),
+            has_replaces.to_string(),
+            replaces,
+            PROTOCOL_VERSION.to_string(),
+        ];
+        let reply = self.run(group, CALL, &SCRIPTS.register, &args).await?;
+        let bad = |what: &str| bad_reply(group, CALL, what);
+        let items = array(&reply).ok_or_else(|| bad("not an array"))?;
+        let kind = items.first().and_then(text).ok_or_else(|| bad("no kind"))?;
+        let field = |i: usize| items.get(i).and_then(uint);
+        match kind.as_str() {
+            "registered" => Ok(Registration::Registered {
+                version: field(1).ok_or_else(|| bad("version"))?,
+            }),
+            "inuse" => Ok(Registration::InUse {
+                expires_in: Duration::from_millis(field(1).ok_or_else(|| bad("expires_in"))?),
+            }),
+            "ttl" => Err(Error::TtlMismatch {
+                group: group.name.clone(),
+                stored: Duration::from_micros(field(1).ok_or_else(|| bad("stored ttl"))?),
+                configured: req.ttl,
+            }),
+            "mismatch" => Err(Error::GroupMismatch {
+                group: group.name.clone(),
+                stored: field(1)
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| bad("stored buckets"))?,
+                configured: req.buckets,
+                stored_protocol: field(2)
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| bad("stored protocol"))?,
+                configured_protocol: PROTOCOL_VERSION,
+            }),
+            other => Err(bad(&format!("unknown kind {other:?}"))),
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        group: &GroupKey,
+        session: &SessionRef,
+        ttl: Duration,
+    ) -> Result<HeartbeatReply, Error> {
+        const CALL: &str = "heartbeat";
+        let args = [
+            session.member.clone(),
+            session.session.clone(),
+            duration_us(ttl).to_string(),
+        ];
+        let bad = |what: &str| bad_reply(group, CALL, what);
+        // Both scripts are safe to run in a row: each renews the session only if it is ours.
+        let mut reply = self
+            .run(group, CALL, &SCRIPTS.heartbeat_fast, &args)
+            .await?;
+        let full = array(&reply)
+            .and_then(|items| items.first())
+            .and_then(text)
+            .is_some_and(|kind| kind == "full");
+        if full {
+            reply = self.run(group, CALL, &SCRIPTS.heartbeat, &args).await?;
+        }
+        let items = array(&reply).ok_or_else(|| bad("not an array"))?;
+        let field = |i: usize| items.get(i).and_then(uint);
+        Ok(HeartbeatReply {
+            alive: field(0).ok_or_else(|| bad("alive"))? == 1,
+            version: field(1).ok_or_else(|| bad("version"))?,
+            free: field(2)
+                .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+                .ok_or_else(|| bad("free"))?,
+            // -1 (no other session) does not parse as a count.
+            next_expiry: field(3).map(Duration::from_millis),
+        })
+    }
+
+    async fn rebalance(
+        &self,
+        group: &GroupKey,
+        session: &SessionRef,
+        max_take: u32,
+    ) -> Result<RebalanceReply, Error> {
+        const CALL: &str = "rebalance";
+        let args = [
+            session.member.clone(),
+            session.session.clone(),
+            max_take.to_string(),
+        ];
+        let reply = self.run(group, CALL, &SCRIPTS.rebalance, &args).await?;
+        let bad = |what: &str| bad_reply(group, CALL, what);
+        let items = array(&reply).ok_or_else(|| bad("not an array"))?;
+        let kind = items.first().and_then(text).ok_or_else(|| bad("no kind"))?;
+        if kind == "lost" {
+            return Ok(RebalanceReply {
+                action: Action::SessionLost,
+                share: (0, 0),
+                version: 0,
+                free: 0,
+                committed: 0,
+                held: 0,
+            });
+        }
+        let field = |i: usize| items.get(i).and_then(uint);
+        let field32 = |i: usize, what: &str| items.get(i).and_then(uint32).ok_or_else(|| bad(what));
+        let value = field(1).ok_or_else(|| bad("value"))?;
+        let share = (field32(2, "share min")?, field32(3, "share max")?);
+        let version = field(4).ok_or_else(|| bad("version"))?;
+        let free = field32(5, "free")?;
+        let committed = field32(6, "committed")?;
+        let held = field32(7, "held")?;
+        let action = match kind.as_str() {
+            "acquired" => {
+                let buckets = items
+                    .get(8..)
+                    .unwrap_or(&[])
+                    .iter()
+                    .map(|v| uint32(v).ok_or_else(|| bad("bucket id")))
+                    .collect::<Result<Vec<u32>, Error>>()?;
+                Action::Acquired {
+                    buckets,
+                    token: value,
+                }
+            }
+            "release" => Action::Release(u32::try_from(value).map_err(|_| bad("release count"))?),
+            "stay" => Action::Stay,
+            "wait" => Action::Wait(Duration::from_micros(value)),
+            other => return Err(bad(&format!("unknown kind {other:?}"))),
+        };
+        Ok(RebalanceReply {
+            action,
+            share,
+            version,
+            free,
+            committed,
+            held,
+        })
+    }
+
+    async fn release(
+        &self,
+        group: &GroupKey,
+        session: &SessionRef,
+        buckets: &[u32],
+    ) -> Result<u32, Error> {
+        const CALL: &str = "release";
+        if buckets.is_empty() {
+            return Ok(0);
+        }
+        let mut args = Vec::with_capacity(buckets.len() + 2);
+        args.push(session.member.clone());
+        args.push(session.session.clone());
+        args.extend(buckets.iter().map(u32::to_string));
+        let reply = self.run(group, CALL, &SCRIPTS.release, &args).await?;
+        uint32(&reply).ok_or_else(|| bad_reply(group, CALL, "not a count"))
+    }
+
+    async fn deregister(&self, group: &GroupKey, session: &SessionRef) -> Result<(), Error> {
+        let args = [session.member.clone(), session.session.clone()];
+        self.run(group, "deregister", &SCRIPTS.deregister, &args)
+            .await
+            .map(|_| ())
+    }
+
+    async fn snapshot(&self, group: &GroupKey) -> Result<Option<GroupSnapshot>, Error> {
+        const CALL: &str = "snapshot";
+        let reply = self.run(group, CALL, &SCRIPTS.snapshot, &[]).await?;
+        let bad = |what: &str| bad_reply(group, CALL, what);
+        let corrupt = |detail: String| Error::CorruptState {
+            group: group.name.clone(),
+            detail,
+        };
+        let items = array(&reply).ok_or_else(|| bad("not an array"))?;
+        if items.is_empty() {
+            return Ok(None);
+        }
+        let field = |i: usize, what: &str| items.get(i).and_then(uint).ok_or_else(|| bad(what));
+        let buckets = u32::try_from(field(0, "buckets")?).map_err(|_| bad("buckets"))?;
+        let protocol = u32::try_from(field(1, "protocol")?).map_err(|_| bad("protocol"))?;
+        let version = field(2, "version")?;
+        let quarantine = Duration::from_micros(field(3, "quarantine")?);
+
+        let mut members = Vec::new();
+        for entry in items.get(4).and_then(array).ok_or_else(|| bad("members"))? {
+            let entry = array(entry).ok_or_else(|| bad("member entry"))?;
+            let at = |i: usize| entry.get(i);
+            let id = at(0).and_then(text).ok_or_else(|| bad("member id"))?;
+            let weight = at(2)
+                .and_then(uint32)
+                .ok_or_else(|| corrupt(format!("weight of member {id:?} is not a number")))?;
+            members.push(MemberInfo {
+                session: at(1).and_then(text).ok_or_else(|| bad("session"))?,
+                weight,
+                held: at(3).and_then(uint32).ok_or_else(|| bad("held"))?,
+                committed: at(4).and_then(uint32).ok_or_else(|| bad("committed"))?,
+                expires_in: Duration::from_millis(
+                    at(5).and_then(uint).ok_or_else(|| bad("expiry"))?,
+                ),
+                session_age: Duration::from_millis(at(6).and_then(uint).ok_or_else(|| bad("age"))?),
+                id,
+            });
+        }
+        members.sort_by(|a, b| a.id.cmp(&b.id));
+
+        let mut owners: Vec<Option<Owner>> = vec![None; buckets as usize];
+        let flat = items.get(5).and_then(array).ok_or_else(|| bad("owners"))?;
+        for pair in flat.chunks(2) {
+            let [field, value] = pair else {
+                return Err(bad("odd owner list"));
+            };
+            let bucket = text(field).unwrap_or_default();
+            let record = text(value).unwrap_or_default();
+            let slot = bucket
+                .parse::<usize>()
+                .ok()
+                .and_then(|b| owners.get_mut(b))
+                .ok_or_else(|| corrupt(format!("owner hash names bucket {bucket:?}")))?;
+            let owner = parse_owner(&record).ok_or_else(|| {
+                corrupt(format!(
+                    "owner record of bucket {bucket} is not \"<token> <member>\": {:?}",
+                    record.chars().take(60).collect::<String>()
+                ))
+            })?;
+            *slot = Some(owner);
+        }
+        Ok(Some(GroupSnapshot {
+            buckets,
+            protocol,
+            version,
+            members,
+            owners,
+            quarantine,
+        }))
+    }
+
+    async fn subscribe(&self, group: &GroupKey) -> Result<Notifications, Error> {
+        let channel = format!("{}:events", group.tag());
+        let node = self.inner.node();
+        let mut moved = self.inner.moved.subscribe();
+        let open = async {
+            let mut pubsub = node.client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, RedisError>(pubsub)
+        };
+        let budget = self.inner.options.call_budget();
+        let pubsub = tokio::time::timeout(budget, open)
+            .await
+            .map_err(|_| Error::Timeout {
+                call: "subscribe",
+                after: budget,
+            })?
+            .map_err(|e| {
+                self.follow_primary_later(Arc::clone(&node), &e);
+                self.call_error(group, "subscribe", &e)
+            })?;
+        // The stream ends when the connection drops, or when the store moves to another server;
+        // the member then resynchronises and subscribes again.
+        let stream = pubsub.into_on_message().map(|_| ()).take_until(async move {
+            let _ = moved.changed().await;
+        });
+        Ok(Notifications::new(stream))
+    }
+}
+
+fn duration_us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scripts_compile_into_distinct_hashes() {
+        let s = &*SCRIPTS;
+        let mut hashes = [
+            s.register.get_hash(),
+            s.heartbeat.get_hash(),
+            s.rebalance.get_hash(),
+            s.release.get_hash(),
+            s.deregister.get_hash(),
+            s.snapshot.get_hash(),
+        ];
+        hashes.sort_unstable();
+        assert!(hashes.windows(2).all(|w| w[0] != w[1]));
+    }
+}
