@@ -43,31 +43,7 @@ fn seeds(shard: u64) -> Vec<u64> {
     let start = env_u64("REDBUCKETS_SEED_START").unwrap_or(0);
     (start..start + count)
         .filter(|s| s % SHARDS == shard)
-        .filter(|s| {
-            let known = KNOWN_FAILURES.iter().find(|(seed, _)| seed == s);
-            if let Some((seed, bug)) = known {
-                println!("skipping seed {seed}: known to fail, see {bug}");
-            }
-            known.is_none()
-        })
         .collect()
-}
-
-/// Seeds that fail because of a bug in the library, each with the ignored test that shows the
-/// bug on its own. The sharded runs skip them (an explicit `REDBUCKETS_SEED` still runs them);
-/// `known_failures` runs them all: once it passes, empty this list.
-const KNOWN_FAILURES: &[(u64, &str)] = &[];
-
-/// The seeds of [`KNOWN_FAILURES`]; fails while any of them does.
-#[test]
-#[ignore = "seeds that fail because of known bugs (KNOWN_FAILURES): run explicitly"]
-fn known_failures() {
-    run_seeds(
-        &KNOWN_FAILURES
-            .iter()
-            .map(|(seed, _)| *seed)
-            .collect::<Vec<_>>(),
-    );
 }
 
 fn init_tracing() {
