@@ -290,12 +290,11 @@ fn two_members_hand_over_on_sigterm() {
                     x.member, y.member
                 )
             });
+            // S1. Not checked: that x's `released` line comes before y's `acquired`. The new
+            // owner can be granted the bucket before the old one has handled the reply to its
+            // release (a's reply races b's notice and rebalance); what matters is that x's
+            // ownership ended (`revoked`) before y's began.
             assert!(end <= y.start, "bucket {bucket}: {x:?} overlaps {y:?}");
-            let released = x.released.expect("handed over only after a release");
-            assert!(
-                released <= y.start,
-                "bucket {bucket}: {x:?} released after {y:?}"
-            );
         }
         // Both left gracefully: every ownership ended with a release.
         for o in list {
