@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::error::Error;
 use crate::event::{Deadline, Event, LostReason};
-use crate::member::{ErrorHook, Held, Shared};
+use crate::ledger::Reconcile;
+use crate::member::{ErrorHook, Shared};
 use crate::store::{
     Action, GroupKey, Notifications, RegisterRequest, Registration, SessionRef, Store,
 };
@@ -198,16 +199,13 @@ impl<S: Store> Driver<S> {
         if self.notifications.is_none() {
             wake = wake.min(self.resubscribe_at);
         }
-        let local = self.shared.lock();
-        for held in local.held.values() {
-            if held.revoked_at.is_some() {
-                let at = if held.guard.strong_count() == 0 {
-                    self.release_retry_at
-                } else {
-                    held.drain_until.max(self.release_retry_at)
-                };
-                wake = wake.min(at);
-            }
+        if let Some(at) = self
+            .shared
+            .lock()
+            .ledger
+            .next_release(self.release_retry_at)
+        {
+            wake = wake.min(at);
         }
         wake
     }
@@ -278,6 +276,12 @@ impl<S: Store> Driver<S> {
         tracing::debug!(?event, "ownership change");
         // No receiver is fine: events are for whoever listens.
         let _ = self.shared.events.send(event);
+    }
+
+    fn emit_all(&self, events: Vec<Event>) {
+        for event in events {
+            self.emit(event);
+        }
     }
 
     /// Extends the local lease deadline after a successful heartbeat sent at `sent`.
@@ -457,30 +461,8 @@ impl<S: Store> Driver<S> {
                 }
                 // Keep stepping: the next call answers Stay once the share is reached.
                 self.want_rebalance = !buckets.is_empty();
-                let mut local = self.shared.lock();
-                let mut closed = Vec::new();
-                for &bucket in &buckets {
-                    // A bucket we were draining was released (its reply lost) and granted back.
-                    if let Some(old) = local.held.insert(bucket, Held::new(token, now)) {
-                        old.cancel.cancel();
-                        closed.push(Event::Released {
-                            bucket,
-                            token: old.token,
-                            at: now,
-                        });
-                    }
-                }
-                drop(local);
-                for event in closed {
-                    self.emit(event);
-                }
-                for bucket in buckets {
-                    self.emit(Event::Acquired {
-                        bucket,
-                        token,
-                        at: now,
-                    });
-                }
+                let events = self.shared.lock().ledger.grant(&buckets, token, now);
+                self.emit_all(events);
             }
             Action::Release(count) => {
                 self.want_rebalance = false;
@@ -497,28 +479,19 @@ impl<S: Store> Driver<S> {
         if check_count && self.session.is_some() {
             // The store's count of what we keep must match ours; if not, an earlier reply was
             // lost: a release decision we never heard of (revoke now), or a grant (resync).
-            let counts = |local: &crate::member::Local| {
-                let active = local
-                    .held
-                    .values()
-                    .filter(|h| h.revoked_at.is_none())
-                    .count();
-                (active, local.held.len())
+            let verdict = self.shared.lock().ledger.reconcile(store_held, committed);
+            let surplus = match verdict {
+                Reconcile::InSync => 0,
+                Reconcile::Revoke(n) => n,
+                Reconcile::Resync => {
+                    tracing::info!(store_held, "holdings differ from the store's; resyncing");
+                    self.resync().await;
+                    self.shared.lock().ledger.surplus(committed)
+                }
             };
-            let (active, total) = counts(&self.shared.lock());
-            if total != store_held || active < committed {
-                // A grant or a release we did not hear of: learn what we hold first.
-                tracing::info!(
-                    total,
-                    store_held,
-                    "holdings differ from the store's; resyncing"
-                );
-                self.resync().await;
-            }
-            let (active, _) = counts(&self.shared.lock());
-            if self.session.is_some() && active > committed {
-                tracing::info!(active, committed, "the store expects a release we missed");
-                self.revoke(Some(active - committed), now + self.config.drain_timeout);
+            if self.session.is_some() && surplus > 0 {
+                tracing::info!(surplus, committed, "the store expects a release we missed");
+                self.revoke(Some(surplus), now + self.config.drain_timeout);
             }
         }
     }
@@ -576,81 +549,16 @@ impl<S: Store> Driver<S> {
             })
             .filter_map(|(b, token)| Some((b?, token)))
             .collect();
-        let mut events = Vec::new();
-        {
-            let mut local = self.shared.lock();
-            let gone: Vec<u32> = local
-                .held
-                .keys()
-                .filter(|b| !stored.contains_key(b))
-                .copied()
-                .collect();
-            for bucket in gone {
-                if let Some(held) = local.held.remove(&bucket) {
-                    held.cancel.cancel();
-                    events.push(if held.revoked_at.is_some() {
-                        Event::Released {
-                            bucket,
-                            token: held.token,
-                            at: now,
-                        }
-                    } else {
-                        Event::Lost {
-                            bucket,
-                            token: held.token,
-                            reason: LostReason::Disowned,
-                            at: now,
-                        }
-                    });
-                }
-            }
-            for (&bucket, &token) in &stored {
-                if let std::collections::btree_map::Entry::Vacant(slot) = local.held.entry(bucket) {
-                    slot.insert(Held::new(token, now));
-                    events.push(Event::Acquired {
-                        bucket,
-                        token,
-                        at: now,
-                    });
-                }
-            }
-        }
-        for event in events {
-            self.emit(event);
-        }
+        let events = self.shared.lock().ledger.adopt(&stored, now);
+        self.emit_all(events);
         self.want_rebalance = true;
     }
 
     /// Revokes `count` owned buckets (all if `None`): the most recently granted first.
     fn revoke(&mut self, count: Option<usize>, drain_until: Instant) {
         let now = Instant::now();
-        let mut revoked = Vec::new();
-        {
-            let mut local = self.shared.lock();
-            let mut active: Vec<(u64, u32)> = local
-                .held
-                .iter()
-                .filter(|(_, h)| h.revoked_at.is_none())
-                .map(|(b, h)| (h.token, *b))
-                .collect();
-            active.sort_unstable_by(|a, b| b.cmp(a));
-            let count = count.unwrap_or(active.len());
-            for (token, bucket) in active.into_iter().take(count) {
-                if let Some(held) = local.held.get_mut(&bucket) {
-                    held.revoked_at = Some(now);
-                    held.drain_until = drain_until;
-                    held.cancel.cancel();
-                    revoked.push((bucket, token));
-                }
-            }
-        }
-        for (bucket, token) in revoked {
-            self.emit(Event::Revoked {
-                bucket,
-                token,
-                at: now,
-            });
-        }
+        let events = self.shared.lock().ledger.revoke(count, drain_until, now);
+        self.emit_all(events);
     }
 
     /// Releases revoked buckets whose handles are gone or whose drain time is over.
@@ -662,21 +570,10 @@ impl<S: Store> Driver<S> {
         let Some(session) = self.session.clone() else {
             return;
         };
-        let ready: Vec<(u32, u64)> = {
-            let local = self.shared.lock();
-            local
-                .held
-                .iter()
-                .filter(|(_, h)| {
-                    h.revoked_at.is_some() && (h.guard.strong_count() == 0 || now >= h.drain_until)
-                })
-                .map(|(b, h)| (*b, h.token))
-                .collect()
-        };
-        if ready.is_empty() {
+        let buckets = self.shared.lock().ledger.releasable(now);
+        if buckets.is_empty() {
             return;
         }
-        let buckets: Vec<u32> = ready.iter().map(|(b, _)| *b).collect();
         match call(
             &self.abort,
             self.call_deadline(),
@@ -686,16 +583,8 @@ impl<S: Store> Driver<S> {
         .await
         {
             Ok(freed) => {
-                let at = Instant::now();
-                {
-                    let mut local = self.shared.lock();
-                    for b in &buckets {
-                        local.held.remove(b);
-                    }
-                }
-                for (bucket, token) in ready {
-                    self.emit(Event::Released { bucket, token, at });
-                }
+                let events = self.shared.lock().ledger.released(&buckets, Instant::now());
+                self.emit_all(events);
                 if (freed as usize) < buckets.len() {
                     // Some were no longer ours: an earlier release ran unheard. Lost replies can
                     // offset each other in the counts the rebalance check compares (a grant we
@@ -714,17 +603,11 @@ impl<S: Store> Driver<S> {
 
     /// Gives up every lease at `at` without the store: the deadline passed or the session is gone.
     fn lose(&mut self, reason: LostReason, at: Instant) {
-        let lost: Vec<(u32, u64, bool)> = {
+        let lost = {
             let mut local = self.shared.lock();
-            let held = std::mem::take(&mut local.held);
             local.session = None;
             local.valid_until = None;
-            held.into_iter()
-                .map(|(bucket, h)| {
-                    h.cancel.cancel();
-                    (bucket, h.token, h.revoked_at.is_none())
-                })
-                .collect()
+            local.ledger.lose_all(reason, at)
         };
         self.shared.valid_until.send_replace(None);
         self.valid_until = None;
@@ -732,27 +615,14 @@ impl<S: Store> Driver<S> {
             tracing::warn!(%reason, buckets = lost.len(), "lost the session");
             self.previous_nonce = Some(session.session);
         }
-        for (bucket, token, owned) in lost {
-            // A revoked bucket already ended its ownership with `Revoked`.
-            if owned {
-                self.emit(Event::Lost {
-                    bucket,
-                    token,
-                    reason,
-                    at,
-                });
-            }
-        }
+        self.emit_all(lost);
         self.want_rebalance = true;
     }
 
     /// On abort: cancel every handle, tell nobody (it is a crash from the group's view).
     fn drop_local(&mut self) {
         let mut local = self.shared.lock();
-        for held in local.held.values() {
-            held.cancel.cancel();
-        }
-        local.held.clear();
+        local.ledger.drop_all();
         local.valid_until = None;
         local.session = None;
         drop(local);
@@ -774,10 +644,7 @@ impl<S: Store> Driver<S> {
         self.revoke(None, drain_until);
         let dropped = Arc::clone(&self.shared.dropped);
         loop {
-            let waiting = {
-                let local = self.shared.lock();
-                local.held.values().any(|h| h.guard.strong_count() > 0)
-            };
+            let waiting = self.shared.lock().ledger.draining_has_handles();
             if !waiting || Instant::now() >= drain_until {
                 break;
             }
@@ -791,20 +658,14 @@ impl<S: Store> Driver<S> {
             }
         }
         let mut first_error = None;
-        let held: Vec<(u32, u64)> = {
-            let local = self.shared.lock();
-            local.held.iter().map(|(b, h)| (*b, h.token)).collect()
-        };
-        if !held.is_empty() {
-            let buckets: Vec<u32> = held.iter().map(|(b, _)| *b).collect();
+        let buckets = self.shared.lock().ledger.buckets();
+        if !buckets.is_empty() {
             let remaining = give_up.saturating_duration_since(Instant::now());
             let call = self.store.release(&self.group, &session, &buckets);
             match tokio::time::timeout(remaining, call).await {
                 Ok(Ok(_)) => {
-                    let at = Instant::now();
-                    for (bucket, token) in held {
-                        self.emit(Event::Released { bucket, token, at });
-                    }
+                    let events = self.shared.lock().ledger.released(&buckets, Instant::now());
+                    self.emit_all(events);
                 }
                 Ok(Err(e)) => first_error = Some(e),
                 Err(_) => {

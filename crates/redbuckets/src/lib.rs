@@ -36,6 +36,7 @@
 //! - `member` — the user's side: [`MemberBuilder`], [`Member`], [`Status`].
 //! - `driver` — the member's task: heartbeats, rebalancing, drains, the local deadline.
 //! - `event` — [`Event`]s and [`Lease`] handles.
+//! - `ledger` — the held buckets (owned or draining) and the events each change emits; pure.
 #![deny(missing_docs, missing_debug_implementations)]
 #![warn(clippy::unwrap_used)]
 
@@ -43,6 +44,7 @@ mod config;
 mod driver;
 mod error;
 mod event;
+mod ledger;
 mod member;
 pub mod share;
 pub mod store;

@@ -4,9 +4,8 @@
 //! store protocol. The handle reads the member's local ledger under a std mutex; it never waits
 //! on the store.
 
-use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::{broadcast, watch, Notify};
@@ -18,6 +17,7 @@ use crate::config::Config;
 use crate::driver::Driver;
 use crate::error::Error;
 use crate::event::{Deadline, Event, Lease, LeaseGuard};
+use crate::ledger::Ledger;
 use crate::store::Store;
 
 /// Called with every error the member meets while running (the `tracing` events carry them too).
@@ -201,12 +201,7 @@ impl Member {
         if !local.is_valid(Instant::now()) {
             return Vec::new();
         }
-        local
-            .held
-            .iter()
-            .filter(|(_, h)| h.revoked_at.is_none())
-            .map(|(b, _)| *b)
-            .collect()
+        local.ledger.owned().map(|(b, _)| b).collect()
     }
 
     /// True if this member owns `bucket` now (granted, not revoked, before the local deadline).
@@ -222,11 +217,7 @@ impl Member {
         if !local.is_valid(Instant::now()) {
             return None;
         }
-        local
-            .held
-            .get(&bucket)
-            .filter(|h| h.revoked_at.is_none())
-            .map(|h| h.token)
+        local.ledger.owned_token(bucket)
     }
 
     /// A lease handle on `bucket` if this member owns it now. While any handle of a revoked
@@ -237,24 +228,13 @@ impl Member {
         if !local.is_valid(Instant::now()) {
             return None;
         }
-        let held = local
-            .held
-            .get_mut(&bucket)
-            .filter(|h| h.revoked_at.is_none())?;
-        let guard = match held.guard.upgrade() {
-            Some(guard) => guard,
-            None => {
-                let guard = Arc::new(LeaseGuard {
-                    dropped: Arc::clone(&self.shared.dropped),
-                });
-                held.guard = Arc::downgrade(&guard);
-                guard
-            }
-        };
+        let (token, cancel, guard) = local.ledger.guard(bucket, || LeaseGuard {
+            dropped: Arc::clone(&self.shared.dropped),
+        })?;
         Some(Lease {
             bucket,
-            token: held.token,
-            cancel: held.cancel.clone(),
+            token,
+            cancel,
             valid_until: self.shared.valid_until.subscribe(),
             _guard: guard,
         })
@@ -279,20 +259,8 @@ impl Member {
             member: self.config.member_id.clone(),
             session: local.session.clone(),
             share: local.share,
-            held: if valid {
-                local
-                    .held
-                    .values()
-                    .filter(|h| h.revoked_at.is_none())
-                    .count()
-            } else {
-                0
-            },
-            draining: local
-                .held
-                .values()
-                .filter(|h| h.revoked_at.is_some())
-                .count(),
+            held: if valid { local.ledger.owned_count() } else { 0 },
+            draining: local.ledger.draining_count(),
             last_heartbeat: local.last_heartbeat,
             valid_until: local.valid_until.map(|d| d.at),
             version: local.version,
@@ -386,10 +354,10 @@ impl Shared {
     }
 }
 
-/// The member's local ledger.
+/// What the handle reads: the ledger and the status fields.
 #[derive(Debug, Default)]
 pub(crate) struct Local {
-    pub(crate) held: BTreeMap<u32, Held>,
+    pub(crate) ledger: Ledger,
     pub(crate) session: Option<String>,
     pub(crate) valid_until: Option<Deadline>,
     pub(crate) last_heartbeat: Option<Instant>,
@@ -402,28 +370,5 @@ pub(crate) struct Local {
 impl Local {
     pub(crate) fn is_valid(&self, now: Instant) -> bool {
         self.valid_until.is_some_and(|until| !until.passed(now))
-    }
-}
-
-/// One bucket the member holds (owned, or revoked and draining).
-#[derive(Debug)]
-pub(crate) struct Held {
-    pub(crate) token: u64,
-    pub(crate) cancel: CancellationToken,
-    pub(crate) guard: Weak<LeaseGuard>,
-    pub(crate) revoked_at: Option<Instant>,
-    pub(crate) drain_until: Instant,
-}
-
-impl Held {
-    /// A freshly granted bucket.
-    pub(crate) fn new(token: u64, now: Instant) -> Self {
-        Held {
-            token,
-            cancel: CancellationToken::new(),
-            guard: Weak::new(),
-            revoked_at: None,
-            drain_until: now,
-        }
     }
 }
