@@ -445,6 +445,7 @@ impl Store for MemoryStore {
             members,
             owners,
             quarantine: state.grant_after.saturating_duration_since(now),
+            stale: false,
         }))
     }
 

@@ -19,6 +19,7 @@
 //! - **Push.** Whenever buckets are freed or membership changes, subscribers are notified.
 
 pub(crate) mod memory;
+pub(crate) mod protocol;
 pub(crate) mod redis;
 
 use std::future::Future;
@@ -214,6 +215,12 @@ pub struct GroupSnapshot {
     pub owners: Vec<Option<Owner>>,
     /// Time left during which the group grants nothing.
     pub quarantine: Duration,
+    /// True when the group's data was written by another Redis process than the one that
+    /// answered (a restart that reloaded a snapshot or an append-only file, or a failover to a
+    /// replica): members may hold leases it does not show, so its owners are not to be trusted.
+    /// Reading changes nothing; the next registration or rebalance re-creates such a group,
+    /// with the quarantine. Always false for [`crate::MemoryStore`].
+    pub stale: bool,
 }
 
 impl GroupSnapshot {

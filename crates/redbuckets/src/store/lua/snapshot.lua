@@ -1,6 +1,7 @@
 -- snapshot: no further arguments. Returns {} when the group does not exist, else
 -- {buckets, protocol, ver, quarantine_us, {member, nonce, weight, held, committed,
---  expires_in_ms, age_ms}..., owner_flat} where owner_flat is HGETALL of the owner hash.
+--  expires_in_ms, age_ms}..., owner_flat, stale} where owner_flat is HGETALL of the owner hash
+-- and stale is 0 (a stale group is wiped above).
 local meta = load_current_meta()
 if not meta then
   return {}
@@ -38,4 +39,5 @@ return {
   fmt(math.max(meta.grant_after - now, 0)),
   members,
   redis.call('HGETALL', K_OWNER),
+  0,
 }

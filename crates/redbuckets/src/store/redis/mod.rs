@@ -39,7 +39,6 @@
 
 mod errors;
 mod options;
-mod reply;
 mod sentinel;
 mod url;
 
@@ -57,14 +56,14 @@ use redis::{
 };
 
 use self::errors::{connect_error, scrub};
-use self::reply::{array, bad_reply, parse_owner, text, uint, uint32};
 use self::sentinel::watch_switches;
 use self::url::{parse_sentinel_url, raw_password, url_reason};
 use crate::config::PROTOCOL_VERSION;
 use crate::error::{redact_url, Error};
+use crate::store::protocol::{self, RegisterReply};
 use crate::store::{
-    Action, GroupKey, GroupSnapshot, HeartbeatReply, MemberInfo, Notifications, Owner,
-    RebalanceReply, RegisterRequest, Registration, SessionRef, Store,
+    GroupKey, GroupSnapshot, HeartbeatReply, Notifications, RebalanceReply, RegisterRequest,
+    Registration, SessionRef, Store,
 };
 
 const COMMON: &str = include_str!("../lua/common.lua");
@@ -282,16 +281,11 @@ impl RedisStore {
         script: &Script,
         args: &[String],
     ) -> Result<Value, Error> {
-        let tag = group.tag();
-        let keys = [
-            "meta", "exp", "sess", "since", "weight", "wcount", "owner", "free",
-        ]
-        .map(|suffix| format!("{tag}:{suffix}"));
         let mut invocation = script.prepare_invoke();
-        for key in &keys {
+        for key in protocol::keys(group) {
             invocation.key(key);
         }
-        invocation.arg(&tag);
+        invocation.arg(group.tag());
         for arg in args {
             invocation.arg(arg);
         }
@@ -320,7 +314,6 @@ impl Store for RedisStore {
         group: &GroupKey,
         req: &RegisterRequest,
     ) -> Result<Registration, Error> {
-        const CALL: &str = "register";
         let (has_replaces, replaces) = match &req.replaces {
             Some(nonce) => ("1", nonce.clone()),
             None => ("0", String::new()),
@@ -335,35 +328,24 @@ impl Store for RedisStore {
             replaces,
             PROTOCOL_VERSION.to_string(),
         ];
-        let reply = self.run(group, CALL, &SCRIPTS.register, &args).await?;
-        let bad = |what: &str| bad_reply(group, CALL, what);
-        let items = array(&reply).ok_or_else(|| bad("not an array"))?;
-        let kind = items.first().and_then(text).ok_or_else(|| bad("no kind"))?;
-        let field = |i: usize| items.get(i).and_then(uint);
-        match kind.as_str() {
-            "registered" => Ok(Registration::Registered {
-                version: field(1).ok_or_else(|| bad("version"))?,
-            }),
-            "inuse" => Ok(Registration::InUse {
-                expires_in: Duration::from_millis(field(1).ok_or_else(|| bad("expires_in"))?),
-            }),
-            "ttl" => Err(Error::TtlMismatch {
+        let reply = self
+            .run(group, "register", &SCRIPTS.register, &args)
+            .await?;
+        match protocol::register(&reply).map_err(|e| e.into_error(group))? {
+            RegisterReply::Registered { version } => Ok(Registration::Registered { version }),
+            RegisterReply::InUse { expires_in } => Ok(Registration::InUse { expires_in }),
+            RegisterReply::Ttl { stored } => Err(Error::TtlMismatch {
                 group: group.name.clone(),
-                stored: Duration::from_micros(field(1).ok_or_else(|| bad("stored ttl"))?),
+                stored,
                 configured: req.ttl,
             }),
-            "mismatch" => Err(Error::GroupMismatch {
+            RegisterReply::Mismatch { buckets, protocol } => Err(Error::GroupMismatch {
                 group: group.name.clone(),
-                stored: field(1)
-                    .and_then(|n| u32::try_from(n).ok())
-                    .ok_or_else(|| bad("stored buckets"))?,
+                stored: buckets,
                 configured: req.buckets,
-                stored_protocol: field(2)
-                    .and_then(|n| u32::try_from(n).ok())
-                    .ok_or_else(|| bad("stored protocol"))?,
+                stored_protocol: protocol,
                 configured_protocol: PROTOCOL_VERSION,
             }),
-            other => Err(bad(&format!("unknown kind {other:?}"))),
         }
     }
 
@@ -379,29 +361,14 @@ impl Store for RedisStore {
             session.session.clone(),
             duration_us(ttl).to_string(),
         ];
-        let bad = |what: &str| bad_reply(group, CALL, what);
         // Both scripts are safe to run in a row: each renews the session only if it is ours.
         let mut reply = self
             .run(group, CALL, &SCRIPTS.heartbeat_fast, &args)
             .await?;
-        let full = array(&reply)
-            .and_then(|items| items.first())
-            .and_then(text)
-            .is_some_and(|kind| kind == "full");
-        if full {
+        if protocol::heartbeat_wants_full(&reply) {
             reply = self.run(group, CALL, &SCRIPTS.heartbeat, &args).await?;
         }
-        let items = array(&reply).ok_or_else(|| bad("not an array"))?;
-        let field = |i: usize| items.get(i).and_then(uint);
-        Ok(HeartbeatReply {
-            alive: field(0).ok_or_else(|| bad("alive"))? == 1,
-            version: field(1).ok_or_else(|| bad("version"))?,
-            free: field(2)
-                .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
-                .ok_or_else(|| bad("free"))?,
-            // -1 (no other session) does not parse as a count.
-            next_expiry: field(3).map(Duration::from_millis),
-        })
+        protocol::heartbeat(&reply).map_err(|e| e.into_error(group))
     }
 
     async fn rebalance(
@@ -410,60 +377,15 @@ impl Store for RedisStore {
         session: &SessionRef,
         max_take: u32,
     ) -> Result<RebalanceReply, Error> {
-        const CALL: &str = "rebalance";
         let args = [
             session.member.clone(),
             session.session.clone(),
             max_take.to_string(),
         ];
-        let reply = self.run(group, CALL, &SCRIPTS.rebalance, &args).await?;
-        let bad = |what: &str| bad_reply(group, CALL, what);
-        let items = array(&reply).ok_or_else(|| bad("not an array"))?;
-        let kind = items.first().and_then(text).ok_or_else(|| bad("no kind"))?;
-        if kind == "lost" {
-            return Ok(RebalanceReply {
-                action: Action::SessionLost,
-                share: (0, 0),
-                version: 0,
-                free: 0,
-                committed: 0,
-                held: 0,
-            });
-        }
-        let field = |i: usize| items.get(i).and_then(uint);
-        let field32 = |i: usize, what: &str| items.get(i).and_then(uint32).ok_or_else(|| bad(what));
-        let value = field(1).ok_or_else(|| bad("value"))?;
-        let share = (field32(2, "share min")?, field32(3, "share max")?);
-        let version = field(4).ok_or_else(|| bad("version"))?;
-        let free = field32(5, "free")?;
-        let committed = field32(6, "committed")?;
-        let held = field32(7, "held")?;
-        let action = match kind.as_str() {
-            "acquired" => {
-                let buckets = items
-                    .get(8..)
-                    .unwrap_or(&[])
-                    .iter()
-                    .map(|v| uint32(v).ok_or_else(|| bad("bucket id")))
-                    .collect::<Result<Vec<u32>, Error>>()?;
-                Action::Acquired {
-                    buckets,
-                    token: value,
-                }
-            }
-            "release" => Action::Release(u32::try_from(value).map_err(|_| bad("release count"))?),
-            "stay" => Action::Stay,
-            "wait" => Action::Wait(Duration::from_micros(value)),
-            other => return Err(bad(&format!("unknown kind {other:?}"))),
-        };
-        Ok(RebalanceReply {
-            action,
-            share,
-            version,
-            free,
-            committed,
-            held,
-        })
+        let reply = self
+            .run(group, "rebalance", &SCRIPTS.rebalance, &args)
+            .await?;
+        protocol::rebalance(&reply).map_err(|e| e.into_error(group))
     }
 
     async fn release(
@@ -472,7 +394,6 @@ impl Store for RedisStore {
         session: &SessionRef,
         buckets: &[u32],
     ) -> Result<u32, Error> {
-        const CALL: &str = "release";
         if buckets.is_empty() {
             return Ok(0);
         }
@@ -480,8 +401,8 @@ impl Store for RedisStore {
         args.push(session.member.clone());
         args.push(session.session.clone());
         args.extend(buckets.iter().map(u32::to_string));
-        let reply = self.run(group, CALL, &SCRIPTS.release, &args).await?;
-        uint32(&reply).ok_or_else(|| bad_reply(group, CALL, "not a count"))
+        let reply = self.run(group, "release", &SCRIPTS.release, &args).await?;
+        protocol::release(&reply).map_err(|e| e.into_error(group))
     }
 
     async fn deregister(&self, group: &GroupKey, session: &SessionRef) -> Result<(), Error> {
@@ -492,74 +413,8 @@ impl Store for RedisStore {
     }
 
     async fn snapshot(&self, group: &GroupKey) -> Result<Option<GroupSnapshot>, Error> {
-        const CALL: &str = "snapshot";
-        let reply = self.run(group, CALL, &SCRIPTS.snapshot, &[]).await?;
-        let bad = |what: &str| bad_reply(group, CALL, what);
-        let corrupt = |detail: String| Error::CorruptState {
-            group: group.name.clone(),
-            detail,
-        };
-        let items = array(&reply).ok_or_else(|| bad("not an array"))?;
-        if items.is_empty() {
-            return Ok(None);
-        }
-        let field = |i: usize, what: &str| items.get(i).and_then(uint).ok_or_else(|| bad(what));
-        let buckets = u32::try_from(field(0, "buckets")?).map_err(|_| bad("buckets"))?;
-        let protocol = u32::try_from(field(1, "protocol")?).map_err(|_| bad("protocol"))?;
-        let version = field(2, "version")?;
-        let quarantine = Duration::from_micros(field(3, "quarantine")?);
-
-        let mut members = Vec::new();
-        for entry in items.get(4).and_then(array).ok_or_else(|| bad("members"))? {
-            let entry = array(entry).ok_or_else(|| bad("member entry"))?;
-            let at = |i: usize| entry.get(i);
-            let id = at(0).and_then(text).ok_or_else(|| bad("member id"))?;
-            let weight = at(2)
-                .and_then(uint32)
-                .ok_or_else(|| corrupt(format!("weight of member {id:?} is not a number")))?;
-            members.push(MemberInfo {
-                session: at(1).and_then(text).ok_or_else(|| bad("session"))?,
-                weight,
-                held: at(3).and_then(uint32).ok_or_else(|| bad("held"))?,
-                committed: at(4).and_then(uint32).ok_or_else(|| bad("committed"))?,
-                expires_in: Duration::from_millis(
-                    at(5).and_then(uint).ok_or_else(|| bad("expiry"))?,
-                ),
-                session_age: Duration::from_millis(at(6).and_then(uint).ok_or_else(|| bad("age"))?),
-                id,
-            });
-        }
-        members.sort_by(|a, b| a.id.cmp(&b.id));
-
-        let mut owners: Vec<Option<Owner>> = vec![None; buckets as usize];
-        let flat = items.get(5).and_then(array).ok_or_else(|| bad("owners"))?;
-        for pair in flat.chunks(2) {
-            let [field, value] = pair else {
-                return Err(bad("odd owner list"));
-            };
-            let bucket = text(field).unwrap_or_default();
-            let record = text(value).unwrap_or_default();
-            let slot = bucket
-                .parse::<usize>()
-                .ok()
-                .and_then(|b| owners.get_mut(b))
-                .ok_or_else(|| corrupt(format!("owner hash names bucket {bucket:?}")))?;
-            let owner = parse_owner(&record).ok_or_else(|| {
-                corrupt(format!(
-                    "owner record of bucket {bucket} is not \"<token> <member>\": {:?}",
-                    record.chars().take(60).collect::<String>()
-                ))
-            })?;
-            *slot = Some(owner);
-        }
-        Ok(Some(GroupSnapshot {
-            buckets,
-            protocol,
-            version,
-            members,
-            owners,
-            quarantine,
-        }))
+        let reply = self.run(group, "snapshot", &SCRIPTS.snapshot, &[]).await?;
+        protocol::snapshot(&reply).map_err(|e| e.into_error(group))
     }
 
     async fn subscribe(&self, group: &GroupKey) -> Result<Notifications, Error> {

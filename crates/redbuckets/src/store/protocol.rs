@@ -1,0 +1,764 @@
+//! The wire protocol between [`crate::RedisStore`] and its Lua scripts, defined once: the keys
+//! every script gets, each script's arguments and reply layout, and pure decoders from a reply
+//! to the store's types.
+//!
+//! The decoders take a [`Value`] and nothing else (no connection, no clock), so every reply
+//! layout, good or malformed, is tested on hand-built values. A reply that does not have its
+//! documented layout is a [`ReplyError`], which the store reports as
+//! [`Error::CorruptState`]; nothing here indexes or unwraps what Redis sent.
+//!
+//! # Calling convention (every script)
+//! `KEYS` are the group's tag followed by each of [`KEY_SUFFIXES`], in that order
+//! (`KEYS[1]` = `<tag>:meta` ... `KEYS[8]` = `<tag>:free`); `ARGV[1]` is the tag itself, from
+//! which a script builds the keys whose names hold a member or a weight (`:held:<member>`,
+//! `:count:<weight>`) and the channel `:events`. The script's own arguments follow from
+//! `ARGV[2]`. Numbers travel as decimal text; durations are µs unless the name says ms.
+//!
+//! | script | `ARGV[2..]` | reply |
+//! |---|---|---|
+//! | register | member, nonce, weight, buckets, ttl µs, `1`/`0` (replaces given), replaced nonce, protocol | `{'registered', ver}` \| `{'inuse', expires_in_ms}` \| `{'mismatch', buckets, protocol}` \| `{'ttl', group_ttl_us}` |
+//! | heartbeat, heartbeat_fast | member, nonce, ttl µs | `{alive 0\|1, ver, free, next_ms}`, next_ms `-1` with no other session; heartbeat_fast may instead answer `{'full'}`: run heartbeat |
+//! | rebalance | member, nonce, max_take | `{kind, value, share_min, share_max, ver, free, committed, held, bucket...}`, kind `acquired` (value = token, buckets follow), `release` (value = count), `stay`, `wait` (value = µs left); or `{'lost'}` |
+//! | release | member, nonce, bucket... | count freed |
+//! | deregister | member, nonce | `1` if removed, else `0` |
+//! | snapshot | none | `{}` (no group) or `{buckets, protocol, ver, quarantine_us, members, owner_flat, stale 0\|1}`: members = `{id, nonce, weight, held, committed, expires_in_ms, age_ms}...`, owner_flat = `bucket, "<token> <member>", ...` |
+
+use std::time::Duration;
+
+use ::redis::Value;
+
+use crate::config::MAX_BUCKETS;
+use crate::error::Error;
+use crate::store::{
+    Action, GroupKey, GroupSnapshot, HeartbeatReply, MemberInfo, Owner, RebalanceReply,
+};
+
+/// The suffixes of the keys every script gets as `KEYS`, in order: `<tag>:<suffix>`.
+pub(crate) const KEY_SUFFIXES: [&str; 8] = [
+    "meta", "exp", "sess", "since", "weight", "wcount", "owner", "free",
+];
+
+/// The `KEYS` of every script for a group.
+pub(crate) fn keys(group: &GroupKey) -> [String; 8] {
+    let tag = group.tag();
+    KEY_SUFFIXES.map(|suffix| format!("{tag}:{suffix}"))
+}
+
+/// A reply that does not say what its script's layout promises.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ReplyError {
+    /// The reply's shape is wrong: a field is missing or has the wrong type or range.
+    #[error("unexpected reply from the {call} script: {what}")]
+    Layout {
+        /// The script.
+        call: &'static str,
+        /// What is wrong.
+        what: String,
+    },
+    /// The reply is well formed, but reports stored data redbuckets never writes.
+    #[error("{detail}")]
+    Data {
+        /// What the stored data holds.
+        detail: String,
+    },
+}
+
+impl ReplyError {
+    /// The store error: the group's data (or the script) is not what this library writes.
+    pub(crate) fn into_error(self, group: &GroupKey) -> Error {
+        Error::CorruptState {
+            group: group.name.clone(),
+            detail: self.to_string(),
+        }
+    }
+}
+
+/// What the register script answered. The two refusals become errors in the store, where the
+/// configured values they are compared with are known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RegisterReply {
+    /// The session is live at this membership version.
+    Registered { version: u64 },
+    /// Another live session holds the member id.
+    InUse { expires_in: Duration },
+    /// The group exists with another bucket count or protocol.
+    Mismatch { buckets: u32, protocol: u32 },
+    /// The group exists with another session ttl.
+    Ttl { stored: Duration },
+}
+
+/// Reads the fields of one reply array, naming the script in every error.
+#[derive(Clone, Copy)]
+struct Fields<'a> {
+    call: &'static str,
+    items: &'a [Value],
+}
+
+impl<'a> Fields<'a> {
+    fn of(call: &'static str, value: &'a Value) -> Result<Self, ReplyError> {
+        match value {
+            Value::Array(items) | Value::Set(items) => Ok(Fields { call, items }),
+            other => Err(layout(call, format!("not an array but {}", kind(other)))),
+        }
+    }
+
+    fn get(&self, i: usize, what: &str) -> Result<&'a Value, ReplyError> {
+        self.items
+            .get(i)
+            .ok_or_else(|| layout(self.call, format!("{what} (field {i}) is missing")))
+    }
+
+    fn u64(&self, i: usize, what: &str) -> Result<u64, ReplyError> {
+        let v = self.get(i, what)?;
+        uint(v).ok_or_else(|| {
+            layout(
+                self.call,
+                format!(
+                    "{what} (field {i}) is not a non-negative integer: {}",
+                    short(v)
+                ),
+            )
+        })
+    }
+
+    fn u32(&self, i: usize, what: &str) -> Result<u32, ReplyError> {
+        let n = self.u64(i, what)?;
+        u32::try_from(n)
+            .map_err(|_| layout(self.call, format!("{what} (field {i}) is too large: {n}")))
+    }
+
+    fn text(&self, i: usize, what: &str) -> Result<String, ReplyError> {
+        let v = self.get(i, what)?;
+        text(v).ok_or_else(|| {
+            layout(
+                self.call,
+                format!("{what} (field {i}) is not text: {}", short(v)),
+            )
+        })
+    }
+
+    fn array(&self, i: usize, what: &str) -> Result<Fields<'a>, ReplyError> {
+        let v = self.get(i, what)?;
+        match v {
+            Value::Array(items) | Value::Set(items) => Ok(Fields {
+                call: self.call,
+                items,
+            }),
+            other => Err(layout(
+                self.call,
+                format!("{what} (field {i}) is not an array but {}", kind(other)),
+            )),
+        }
+    }
+}
+
+fn layout(call: &'static str, what: String) -> ReplyError {
+    ReplyError::Layout { call, what }
+}
+
+/// A non-negative integer, sent as an integer or as decimal text.
+pub(crate) fn uint(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(i) => u64::try_from(*i).ok(),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+/// UTF-8 text.
+pub(crate) fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// The kind of a value, for messages (an array may be large).
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Nil => "nil",
+        Value::Int(_) => "an integer",
+        Value::BulkString(_) | Value::SimpleString(_) => "text",
+        Value::Array(_) | Value::Set(_) => "an array",
+        _ => "another type",
+    }
+}
+
+/// A scalar value as it reads, cut short; the kind of anything else.
+fn short(v: &Value) -> String {
+    match v {
+        Value::Int(i) => i.to_string(),
+        Value::BulkString(_) | Value::SimpleString(_) => {
+            format!(
+                "{:?}",
+                text(v)
+                    .unwrap_or_default()
+                    .chars()
+                    .take(40)
+                    .collect::<String>()
+            )
+        }
+        other => kind(other).to_string(),
+    }
+}
+
+/// Decodes the register script's reply.
+pub(crate) fn register(reply: &Value) -> Result<RegisterReply, ReplyError> {
+    let f = Fields::of("register", reply)?;
+    match f.text(0, "kind")?.as_str() {
+        "registered" => Ok(RegisterReply::Registered {
+            version: f.u64(1, "version")?,
+        }),
+        "inuse" => Ok(RegisterReply::InUse {
+            expires_in: Duration::from_millis(f.u64(1, "expires_in")?),
+        }),
+        "ttl" => Ok(RegisterReply::Ttl {
+            stored: Duration::from_micros(f.u64(1, "stored ttl")?),
+        }),
+        "mismatch" => Ok(RegisterReply::Mismatch {
+            buckets: f.u32(1, "stored buckets")?,
+            protocol: f.u32(2, "stored protocol")?,
+        }),
+        other => Err(layout("register", format!("unknown kind {other:?}"))),
+    }
+}
+
+/// Whether heartbeat_fast handed over to the full heartbeat script (`{'full'}`).
+pub(crate) fn heartbeat_wants_full(reply: &Value) -> bool {
+    matches!(reply, Value::Array(items) if items.first().and_then(text).as_deref() == Some("full"))
+}
+
+/// Decodes a heartbeat reply (of either heartbeat script, once it did not hand over).
+pub(crate) fn heartbeat(reply: &Value) -> Result<HeartbeatReply, ReplyError> {
+    let f = Fields::of("heartbeat", reply)?;
+    let alive = match f.u64(0, "alive")? {
+        0 => false,
+        1 => true,
+        n => {
+            return Err(layout(
+                "heartbeat",
+                format!("alive (field 0) is {n}, not 0 or 1"),
+            ))
+        }
+    };
+    let next = f.get(3, "next expiry")?;
+    // -1: no other session.
+    let next_expiry = match (uint(next), text(next).as_deref(), next) {
+        (Some(ms), _, _) => Some(Duration::from_millis(ms)),
+        (None, Some("-1"), _) | (None, None, Value::Int(-1)) => None,
+        _ => {
+            return Err(layout(
+                "heartbeat",
+                format!(
+                    "next expiry (field 3) is not a count of ms or -1: {}",
+                    short(next)
+                ),
+            ))
+        }
+    };
+    Ok(HeartbeatReply {
+        alive,
+        version: f.u64(1, "version")?,
+        // The free count cannot exceed MAX_BUCKETS in a sound group; never wrap it.
+        free: f.u32(2, "free")?,
+        next_expiry,
+    })
+}
+
+/// Decodes the rebalance script's reply.
+pub(crate) fn rebalance(reply: &Value) -> Result<RebalanceReply, ReplyError> {
+    const CALL: &str = "rebalance";
+    let f = Fields::of(CALL, reply)?;
+    let kind = f.text(0, "kind")?;
+    if kind == "lost" {
+        return Ok(RebalanceReply {
+            action: Action::SessionLost,
+            share: (0, 0),
+            version: 0,
+            free: 0,
+            committed: 0,
+            held: 0,
+        });
+    }
+    let value = f.u64(1, "value")?;
+    let share = (f.u32(2, "share min")?, f.u32(3, "share max")?);
+    let version = f.u64(4, "version")?;
+    let free = f.u32(5, "free")?;
+    let committed = f.u32(6, "committed")?;
+    let held = f.u32(7, "held")?;
+    let action = match kind.as_str() {
+        "acquired" => {
+            let buckets = (8..f.items.len())
+                .map(|i| f.u32(i, "bucket id"))
+                .collect::<Result<Vec<u32>, _>>()?;
+            Action::Acquired {
+                buckets,
+                token: value,
+            }
+        }
+        "release" => Action::Release(
+            u32::try_from(value)
+                .map_err(|_| layout(CALL, format!("release count {value} is too large")))?,
+        ),
+        "stay" => Action::Stay,
+        "wait" => Action::Wait(Duration::from_micros(value)),
+        other => return Err(layout(CALL, format!("unknown kind {other:?}"))),
+    };
+    if kind != "acquired" && f.items.len() > 8 {
+        return Err(layout(CALL, format!("{kind} reply carries bucket ids")));
+    }
+    Ok(RebalanceReply {
+        action,
+        share,
+        version,
+        free,
+        committed,
+        held,
+    })
+}
+
+/// Decodes the release script's reply: how many buckets it freed.
+pub(crate) fn release(reply: &Value) -> Result<u32, ReplyError> {
+    uint(reply)
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| layout("release", format!("not a count: {}", short(reply))))
+}
+
+/// Decodes the snapshot script's reply; `None` when the group does not exist.
+pub(crate) fn snapshot(reply: &Value) -> Result<Option<GroupSnapshot>, ReplyError> {
+    const CALL: &str = "snapshot";
+    let f = Fields::of(CALL, reply)?;
+    if f.items.is_empty() {
+        return Ok(None);
+    }
+    let buckets = f.u32(0, "buckets")?;
+    if buckets == 0 || buckets > MAX_BUCKETS {
+        // Checked before the owner table is sized from it.
+        return Err(layout(
+            CALL,
+            format!("buckets {buckets} is outside 1..={MAX_BUCKETS}"),
+        ));
+    }
+    let protocol = f.u32(1, "protocol")?;
+    let version = f.u64(2, "version")?;
+    let quarantine = Duration::from_micros(f.u64(3, "quarantine")?);
+
+    let list = f.array(4, "members")?;
+    let mut members = Vec::with_capacity(list.items.len());
+    for i in 0..list.items.len() {
+        let m = list.array(i, "member entry")?;
+        let id = m.text(0, "member id")?;
+        let weight = m.u32(2, "weight").map_err(|_| ReplyError::Data {
+            detail: format!("weight of member {id:?} is not a number"),
+        })?;
+        members.push(MemberInfo {
+            session: m.text(1, "session")?,
+            weight,
+            held: m.u32(3, "held")?,
+            committed: m.u32(4, "committed")?,
+            expires_in: Duration::from_millis(m.u64(5, "expiry")?),
+            session_age: Duration::from_millis(m.u64(6, "age")?),
+            id,
+        });
+    }
+    members.sort_by(|a, b| a.id.cmp(&b.id));
+
+    let mut owners: Vec<Option<Owner>> = vec![None; buckets as usize];
+    let flat = f.array(5, "owners")?;
+    if flat.items.len() % 2 != 0 {
+        return Err(layout(CALL, "odd owner list".into()));
+    }
+    for pair in flat.items.chunks_exact(2) {
+        let [field, value] = pair else {
+            continue;
+        };
+        let bucket = text(field).unwrap_or_default();
+        let record = text(value).unwrap_or_default();
+        let slot = bucket
+            .parse::<usize>()
+            .ok()
+            .and_then(|b| owners.get_mut(b))
+            .ok_or_else(|| ReplyError::Data {
+                detail: format!(
+                    "owner hash names bucket {:?}",
+                    bucket.chars().take(40).collect::<String>()
+                ),
+            })?;
+        let owner = parse_owner(&record).ok_or_else(|| ReplyError::Data {
+            detail: format!(
+                "owner record of bucket {bucket} is not \"<token> <member>\": {:?}",
+                record.chars().take(60).collect::<String>()
+            ),
+        })?;
+        *slot = Some(owner);
+    }
+    let stale = match f.u64(6, "stale")? {
+        0 => false,
+        1 => true,
+        n => return Err(layout(CALL, format!("stale (field 6) is {n}, not 0 or 1"))),
+    };
+    Ok(Some(GroupSnapshot {
+        buckets,
+        protocol,
+        version,
+        members,
+        owners,
+        quarantine,
+        stale,
+    }))
+}
+
+/// Parses an owner record `"<token> <member>"` (member ids may contain spaces).
+pub(crate) fn parse_owner(record: &str) -> Option<Owner> {
+    let (token, member) = record.split_once(' ')?;
+    if token.is_empty() || !token.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    Some(Owner {
+        member: member.to_string(),
+        token: token.parse().ok()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(x: &str) -> Value {
+        Value::BulkString(x.as_bytes().to_vec())
+    }
+
+    fn a(items: Vec<Value>) -> Value {
+        Value::Array(items)
+    }
+
+    fn int(i: i64) -> Value {
+        Value::Int(i)
+    }
+
+    /// The message of a decode error, which must be a layout or data error, never a panic.
+    fn message<T: std::fmt::Debug>(r: Result<T, ReplyError>) -> String {
+        match r {
+            Err(e) => e.to_string(),
+            Ok(v) => panic!("decoded {v:?}"),
+        }
+    }
+
+    #[test]
+    fn keys_follow_the_suffix_list() {
+        let keys = keys(&GroupKey::new("p", "g"));
+        assert_eq!(keys[0], "{p:g}:meta");
+        assert_eq!(keys[7], "{p:g}:free");
+    }
+
+    #[test]
+    fn owner_records_parse_token_first() {
+        assert_eq!(
+            parse_owner("17 a b c"),
+            Some(Owner {
+                member: "a b c".into(),
+                token: 17
+            })
+        );
+        assert_eq!(parse_owner("x y"), None);
+        assert_eq!(parse_owner("17"), None);
+        assert_eq!(parse_owner(" 17 a"), None);
+        assert_eq!(parse_owner("99999999999999999999999 a"), None);
+    }
+
+    #[test]
+    fn register_replies() {
+        assert_eq!(
+            register(&a(vec![s("registered"), s("7")])),
+            Ok(RegisterReply::Registered { version: 7 })
+        );
+        assert_eq!(
+            register(&a(vec![s("inuse"), s("1500")])),
+            Ok(RegisterReply::InUse {
+                expires_in: Duration::from_millis(1500)
+            })
+        );
+        assert_eq!(
+            register(&a(vec![s("ttl"), s("2000000")])),
+            Ok(RegisterReply::Ttl {
+                stored: Duration::from_secs(2)
+            })
+        );
+        assert_eq!(
+            register(&a(vec![s("mismatch"), s("64"), int(1)])),
+            Ok(RegisterReply::Mismatch {
+                buckets: 64,
+                protocol: 1
+            })
+        );
+        for (bad, needle) in [
+            (int(1), "not an array"),
+            (a(vec![]), "kind (field 0) is missing"),
+            (a(vec![int(3)]), "kind (field 0) is not text"),
+            (a(vec![s("registered")]), "version (field 1) is missing"),
+            (
+                a(vec![s("registered"), int(-1)]),
+                "not a non-negative integer: -1",
+            ),
+            (a(vec![s("inuse"), s("soon")]), "not a non-negative integer"),
+            (
+                a(vec![s("mismatch"), s("64")]),
+                "stored protocol (field 2) is missing",
+            ),
+            (a(vec![s("mismatch"), s("5000000000"), s("1")]), "too large"),
+            (a(vec![s("hello")]), "unknown kind \"hello\""),
+        ] {
+            let m = message(register(&bad));
+            assert!(m.contains("register script") && m.contains(needle), "{m}");
+        }
+    }
+
+    #[test]
+    fn heartbeat_replies() {
+        assert_eq!(
+            heartbeat(&a(vec![int(1), s("4"), int(3), s("250")])),
+            Ok(HeartbeatReply {
+                alive: true,
+                version: 4,
+                free: 3,
+                next_expiry: Some(Duration::from_millis(250)),
+            })
+        );
+        let lone = heartbeat(&a(vec![int(0), s("0"), int(0), s("-1")])).unwrap();
+        assert!(!lone.alive);
+        assert_eq!(lone.next_expiry, None);
+        assert_eq!(
+            heartbeat(&a(vec![int(0), s("0"), int(0), int(-1)]))
+                .unwrap()
+                .next_expiry,
+            None
+        );
+        assert!(heartbeat_wants_full(&a(vec![s("full")])));
+        assert!(!heartbeat_wants_full(&a(vec![
+            int(1),
+            s("4"),
+            int(3),
+            s("-1")
+        ])));
+        assert!(!heartbeat_wants_full(&int(1)));
+        for (bad, needle) in [
+            (a(vec![s("full")]), "alive (field 0)"),
+            (a(vec![int(2), s("1"), int(0), s("-1")]), "not 0 or 1"),
+            (
+                a(vec![int(1), s("-4"), int(0), s("-1")]),
+                "version (field 1)",
+            ),
+            (a(vec![int(1), s("4"), int(-2), s("-1")]), "free (field 2)"),
+            (
+                a(vec![int(1), s("4"), int(0)]),
+                "next expiry (field 3) is missing",
+            ),
+            (
+                a(vec![int(1), s("4"), int(0), s("-7")]),
+                "not a count of ms or -1",
+            ),
+            (s("OK"), "not an array but text"),
+        ] {
+            let m = message(heartbeat(&bad));
+            assert!(m.contains(needle), "{m}");
+        }
+    }
+
+    fn fixed(kind: &str, value: &str) -> Vec<Value> {
+        vec![
+            s(kind),
+            s(value),
+            int(2),
+            int(3),
+            s("9"),
+            int(4),
+            int(2),
+            int(2),
+        ]
+    }
+
+    #[test]
+    fn rebalance_replies() {
+        let mut acquired = fixed("acquired", "1700000000000001");
+        acquired.extend([s("5"), s("11")]);
+        assert_eq!(
+            rebalance(&a(acquired)),
+            Ok(RebalanceReply {
+                action: Action::Acquired {
+                    buckets: vec![5, 11],
+                    token: 1_700_000_000_000_001
+                },
+                share: (2, 3),
+                version: 9,
+                free: 4,
+                committed: 2,
+                held: 2,
+            })
+        );
+        let action = |r: Result<RebalanceReply, ReplyError>| r.map(|r| r.action);
+        assert_eq!(
+            action(rebalance(&a(fixed("release", "2")))),
+            Ok(Action::Release(2))
+        );
+        assert_eq!(action(rebalance(&a(fixed("stay", "0")))), Ok(Action::Stay));
+        assert_eq!(
+            action(rebalance(&a(fixed("wait", "1500")))),
+            Ok(Action::Wait(Duration::from_micros(1500)))
+        );
+        assert_eq!(
+            action(rebalance(&a(vec![s("lost")]))),
+            Ok(Action::SessionLost)
+        );
+
+        let mut bad_bucket = fixed("acquired", "1");
+        bad_bucket.push(s("-3"));
+        let mut stay_with_buckets = fixed("stay", "0");
+        stay_with_buckets.push(s("3"));
+        let mut short_reply = fixed("stay", "0");
+        short_reply.truncate(7);
+        for (bad, needle) in [
+            (a(bad_bucket), "bucket id (field 8)"),
+            (a(stay_with_buckets), "carries bucket ids"),
+            (a(short_reply), "held (field 7) is missing"),
+            (a(fixed("release", "5000000000")), "release count"),
+            (a(fixed("give", "0")), "unknown kind"),
+            (a(vec![Value::Nil]), "kind (field 0) is not text"),
+            (Value::Nil, "not an array but nil"),
+        ] {
+            let m = message(rebalance(&bad));
+            assert!(m.contains("rebalance script") && m.contains(needle), "{m}");
+        }
+    }
+
+    #[test]
+    fn release_replies() {
+        assert_eq!(release(&int(3)), Ok(3));
+        assert!(message(release(&int(-1))).contains("not a count: -1"));
+        assert!(message(release(&a(vec![]))).contains("not a count: an array"));
+    }
+
+    fn member(id: &str, weight: &str) -> Value {
+        a(vec![
+            s(id),
+            s("nonce"),
+            s(weight),
+            int(1),
+            s("1"),
+            s("900"),
+            s("100"),
+        ])
+    }
+
+    fn group(members: Vec<Value>, owners: Vec<Value>, stale: i64) -> Value {
+        a(vec![
+            s("4"),
+            s("1"),
+            s("6"),
+            s("0"),
+            a(members),
+            a(owners),
+            int(stale),
+        ])
+    }
+
+    #[test]
+    fn snapshot_replies() {
+        assert_eq!(snapshot(&a(vec![])), Ok(None));
+        let snap = snapshot(&group(
+            vec![member("b", "1"), member("a", "2")],
+            vec![s("2"), s("17 a"), s("0"), s("18 b")],
+            0,
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(snap.buckets, 4);
+        assert_eq!(snap.version, 6);
+        assert!(!snap.stale);
+        assert_eq!(
+            snap.members
+                .iter()
+                .map(|m| m.id.as_str())
+                .collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert_eq!(snap.members[0].weight, 2);
+        assert_eq!(snap.members[0].expires_in, Duration::from_millis(900));
+        assert_eq!(snap.owners[1], None);
+        assert_eq!(
+            snap.owners[2],
+            Some(Owner {
+                member: "a".into(),
+                token: 17
+            })
+        );
+        assert_eq!(snap.free(), 2);
+        assert!(snapshot(&group(vec![], vec![], 1)).unwrap().unwrap().stale);
+    }
+
+    #[test]
+    fn malformed_snapshots_are_corrupt_state_not_panics() {
+        let corrupt = |v: Value| match snapshot(&v) {
+            Err(e) => match e.into_error(&GroupKey::new("p", "g")) {
+                Error::CorruptState { group, detail } => {
+                    assert_eq!(group, "g");
+                    detail
+                }
+                other => panic!("{other:?}"),
+            },
+            Ok(v) => panic!("decoded {v:?}"),
+        };
+        let mut huge = match group(vec![], vec![], 0) {
+            Value::Array(items) => items,
+            _ => unreachable!(),
+        };
+        huge[0] = s("4294967295");
+        for (bad, needle) in [
+            (a(huge), "outside 1..=65536"),
+            (a(vec![s("4"), s("1")]), "version (field 2) is missing"),
+            (group(vec![], vec![s("1")], 0), "odd owner list"),
+            (
+                group(vec![], vec![s("9"), s("1 a")], 0),
+                "names bucket \"9\"",
+            ),
+            (
+                group(vec![], vec![s("-1"), s("1 a")], 0),
+                "names bucket \"-1\"",
+            ),
+            (
+                group(vec![], vec![s("1"), s("a 1")], 0),
+                "is not \"<token> <member>\"",
+            ),
+            (
+                group(vec![], vec![s("1"), int(5)], 0),
+                "is not \"<token> <member>\"",
+            ),
+            (
+                group(vec![member("a", "x")], vec![], 0),
+                "weight of member \"a\"",
+            ),
+            (
+                group(vec![member("a", "-1")], vec![], 0),
+                "weight of member \"a\"",
+            ),
+            (
+                group(vec![s("a")], vec![], 0),
+                "member entry (field 0) is not an array",
+            ),
+            (
+                group(vec![a(vec![s("a"), s("n"), s("1")])], vec![], 0),
+                "held (field 3) is missing",
+            ),
+            (group(vec![], vec![], 2), "stale (field 6) is 2"),
+            (group(vec![], vec![], -1), "stale (field 6)"),
+            (
+                a(vec![s("4"), s("1"), s("6"), s("0"), s("members")]),
+                "members (field 4) is not an array",
+            ),
+        ] {
+            let detail = corrupt(bad);
+            assert!(detail.contains(needle), "{detail}");
+        }
+    }
+}
