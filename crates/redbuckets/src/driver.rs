@@ -3,7 +3,29 @@
 //! One loop, one store call at a time. Every call is cut off at the local lease deadline, so the
 //! deadline (S3) is honoured even while the store hangs: the loop gives everything up the moment
 //! it passes, before the store could expire the session and grant the buckets to anyone else.
+//!
+//! # The state, and how it moves
+//! - [`Session`] (`session.rs`): `Registering { nonce, previous, retry_at }` or
+//!   `Live { session, deadline, renew_at }`. The deadline lives there only; `publish` derives
+//!   what the user's handle and the lease handles read from it.
+//! - The ledger (`ledger.rs`, in the shared `Local`): each held bucket `Owned` or
+//!   `Draining { until }`. Its methods decide and return the events; the driver emits them.
+//! - Timers: `rebalance` (`Some(at)` while a rebalance step is wanted), `release_retry_at`, and
+//!   the subscription (`Active`, or `Down { retry_at }`).
+//!
+//! Each turn of [`Driver::run`] does, in order, what is due:
+//! 1. the deadline passed → `lose` (`Live` → `Registering`, every owned bucket `Lost`);
+//! 2. the subscription is down and its retry is due → `subscribe`;
+//! 3. the session's call is due → `heartbeat` (`Live`) or `reregister` (`Registering`);
+//! 4. draining buckets are ready → `release_drained`;
+//! 5. a rebalance step is wanted and due → `rebalance`: one store step, `apply_step` carries out
+//!    its action, and `reconcile` compares the store's counts with the ledger (a mismatch means
+//!    a lost reply: `resync` reads the owner records, or the missed release is revoked);
+//!
+//! then sleeps until the next of these is due, a notice arrives, a lease handle is dropped, or
+//! the user asks to shut down (`leave`) or aborts.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,12 +38,23 @@ use crate::error::Error;
 use crate::event::{Deadline, Event, LostReason};
 use crate::ledger::Reconcile;
 use crate::member::{ErrorHook, Shared};
+use crate::session::Session;
 use crate::store::{
-    Action, GroupKey, Notifications, RegisterRequest, Registration, SessionRef, Store,
+    Action, GroupKey, GroupSnapshot, Notifications, RegisterRequest, Registration, SessionRef,
+    Store,
 };
 
 /// The most buckets one rebalance step takes; bounds the time a script runs.
 const MAX_TAKE: u32 = 4096;
+
+/// The change notices from the store.
+enum Subscription {
+    Active(Notifications),
+    /// Broken or never made: changes are learnt by polling until it is made again at `retry_at`.
+    Down {
+        retry_at: Instant,
+    },
+}
 
 pub(crate) struct Driver<S> {
     store: S,
@@ -34,25 +67,14 @@ pub(crate) struct Driver<S> {
     /// Simulations only: freezes the task, as a stopped process (see `Member::freeze`).
     freeze: tokio::sync::mpsc::UnboundedReceiver<Duration>,
 
-    /// The live session, `None` while (re-)registering.
-    session: Option<SessionRef>,
-    /// Nonce of the next registration; kept across retries so a registration that timed out but
-    /// ran is found again instead of blocking its own id.
-    pending_nonce: String,
-    /// Our previous session, which a new registration may replace.
-    previous_nonce: Option<String>,
-    valid_until: Option<Deadline>,
-    next_heartbeat: Instant,
-    want_rebalance: bool,
-    rebalance_at: Instant,
+    session: Session,
+    /// When the next rebalance step is due; `None` while the member holds its share.
+    rebalance: Option<Instant>,
+    /// Paces the retries of a failed release.
     release_retry_at: Instant,
+    /// The membership version last seen; a change means shares may have changed.
     seen_version: u64,
-    notifications: Option<Notifications>,
-    resubscribe_at: Instant,
-}
-
-fn new_nonce() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
+    subscription: Subscription,
 }
 
 impl<S: Store> Driver<S> {
@@ -75,17 +97,11 @@ impl<S: Store> Driver<S> {
             graceful,
             abort,
             freeze,
-            session: None,
-            pending_nonce: new_nonce(),
-            previous_nonce: None,
-            valid_until: None,
-            next_heartbeat: now,
-            want_rebalance: true,
-            rebalance_at: now,
+            session: Session::new(now),
+            rebalance: Some(now),
             release_retry_at: now,
             seen_version: 0,
-            notifications: None,
-            resubscribe_at: now,
+            subscription: Subscription::Down { retry_at: now },
         }
     }
 
@@ -128,23 +144,24 @@ impl<S: Store> Driver<S> {
     pub(crate) async fn run(mut self) -> Result<(), Error> {
         loop {
             let now = Instant::now();
-            if let Some(until) = self.valid_until {
+            if let Some(until) = self.session.deadline() {
                 if until.passed(now) {
                     self.lose(LostReason::Deadline, until.at.min(now));
                 }
             }
-            if self.notifications.is_none() && now >= self.resubscribe_at {
+            if matches!(self.subscription, Subscription::Down { retry_at } if now >= retry_at) {
                 self.subscribe().await;
             }
-            if now >= self.next_heartbeat {
-                if self.session.is_some() {
+            if now >= self.session.due() {
+                if self.session.live().is_some() {
                     self.heartbeat().await;
                 } else {
                     self.reregister().await;
                 }
             }
             self.release_drained().await;
-            if self.session.is_some() && self.want_rebalance && Instant::now() >= self.rebalance_at
+            if self.session.live().is_some()
+                && self.rebalance.is_some_and(|at| Instant::now() >= at)
             {
                 self.rebalance().await;
             }
@@ -170,14 +187,15 @@ impl<S: Store> Driver<S> {
                         () = tokio::time::sleep(frozen) => {}
                     }
                 }
-                notice = next_notice(&mut self.notifications) => {
-                    self.want_rebalance = true;
-                    self.rebalance_at = self.rebalance_at.min(Instant::now());
+                notice = next_notice(&mut self.subscription) => {
+                    let now = Instant::now();
+                    self.rebalance = Some(self.rebalance.map_or(now, |at| at.min(now)));
                     if notice.is_none() {
                         // The subscription broke: notices may be lost, so resync and resubscribe.
                         tracing::debug!("notification stream ended; resubscribing");
-                        self.notifications = None;
-                        self.resubscribe_at = Instant::now() + self.retry_delay();
+                        self.subscription = Subscription::Down {
+                            retry_at: now + self.retry_delay(),
+                        };
                         self.poll_soon();
                     }
                 }
@@ -188,16 +206,16 @@ impl<S: Store> Driver<S> {
     }
 
     fn next_wake(&self) -> Instant {
-        let mut wake = self.next_heartbeat;
-        if let Some(until) = self.valid_until {
-            let now = Instant::now();
+        let now = Instant::now();
+        let mut wake = self.session.due();
+        if let Some(until) = self.session.deadline() {
             wake = wake.min(until.wake_at(now));
         }
-        if self.session.is_some() && self.want_rebalance {
-            wake = wake.min(self.rebalance_at);
+        if let (Some(_), Some(at)) = (self.session.live(), self.rebalance) {
+            wake = wake.min(at);
         }
-        if self.notifications.is_none() {
-            wake = wake.min(self.resubscribe_at);
+        if let Subscription::Down { retry_at } = self.subscription {
+            wake = wake.min(retry_at);
         }
         if let Some(at) = self
             .shared
@@ -218,10 +236,9 @@ impl<S: Store> Driver<S> {
     /// (plus that stretch, ≤ 1% of the wait) of its session ending, while a healthy group sees
     /// one call per member per renewal interval.
     fn next_check(&self, sent: Instant, next_expiry: Option<Duration>) -> Instant {
-        let period = if self.notifications.is_some() {
-            self.config.effective_renew_interval()
-        } else {
-            self.config.heartbeat
+        let period = match self.subscription {
+            Subscription::Active(_) => self.config.effective_renew_interval(),
+            Subscription::Down { .. } => self.config.heartbeat,
         };
         let mut at = sent + self.on_my_clock(period);
         if let Some(d) = next_expiry {
@@ -237,7 +254,12 @@ impl<S: Store> Driver<S> {
     /// heartbeat (and `next_check` keeps that pace until the stream is back).
     fn poll_soon(&mut self) {
         let poll = Instant::now() + self.on_my_clock(self.config.heartbeat);
-        self.next_heartbeat = self.next_heartbeat.min(poll);
+        self.session.due_by(poll);
+    }
+
+    /// A rebalance step is wanted: now, unless one is already planned.
+    fn want_rebalance(&mut self) {
+        self.rebalance.get_or_insert_with(Instant::now);
     }
 
     /// Real time that `d` of this member's clock takes (see `Config::clock_rate`).
@@ -254,7 +276,7 @@ impl<S: Store> Driver<S> {
     fn call_deadline(&self) -> Instant {
         let now = Instant::now();
         let deadline = now + self.config.effective_call_timeout();
-        match self.valid_until {
+        match self.session.deadline() {
             Some(until) => deadline.min(until.wake_at(now)),
             None => deadline,
         }
@@ -284,17 +306,25 @@ impl<S: Store> Driver<S> {
         }
     }
 
-    /// Extends the local lease deadline after a successful heartbeat sent at `sent`.
-    fn extend(&mut self, sent: Instant) {
-        let until = Deadline::after(sent, self.on_my_clock(self.config.lease_validity()));
-        let until = self.valid_until.map_or(until, |old| old.max(until));
-        self.valid_until = Some(until);
-        {
-            let mut local = self.shared.lock();
-            local.valid_until = Some(until);
-            local.last_heartbeat = Some(sent);
+    /// Derives what the handles read from the session: the deadline (which lease handles
+    /// watch), and the session nonce for the status. `renewed` is the send time of the
+    /// heartbeat or registration that just succeeded, if one did.
+    fn publish(&self, renewed: Option<Instant>) {
+        // The deadline first: a reader that sees the ledger and a deadline sees a deadline at
+        // least as old as the ledger's session.
+        self.shared
+            .valid_until
+            .send_replace(self.session.deadline());
+        let mut local = self.shared.lock();
+        local.session = self.session.live().map(|s| s.session.clone());
+        if renewed.is_some() {
+            local.last_heartbeat = renewed;
         }
-        self.shared.valid_until.send_replace(Some(until));
+    }
+
+    /// The lease deadline after a successful heartbeat or registration sent at `sent`.
+    fn deadline_after(&self, sent: Instant) -> Deadline {
+        Deadline::after(sent, self.on_my_clock(self.config.lease_validity()))
     }
 
     async fn subscribe(&mut self) {
@@ -306,10 +336,12 @@ impl<S: Store> Driver<S> {
         )
         .await
         {
-            Ok(notifications) => self.notifications = Some(notifications),
+            Ok(notifications) => self.subscription = Subscription::Active(notifications),
             Err(e) => {
                 self.report(e);
-                self.resubscribe_at = Instant::now() + self.on_my_clock(self.config.heartbeat);
+                self.subscription = Subscription::Down {
+                    retry_at: Instant::now() + self.on_my_clock(self.config.heartbeat),
+                };
                 self.poll_soon();
             }
         }
@@ -318,9 +350,8 @@ impl<S: Store> Driver<S> {
     /// One registration attempt: `Ok(None)` when registered, `Ok(Some(expires_in))` when another
     /// live session holds the id.
     async fn register(&mut self) -> Result<Option<Duration>, Error> {
-        let session = SessionRef {
-            member: self.config.member_id.clone(),
-            session: self.pending_nonce.clone(),
+        let Some((session, previous)) = self.session.request(&self.config.member_id) else {
+            return Ok(None);
         };
         let mut req = RegisterRequest::new(
             session.clone(),
@@ -328,7 +359,7 @@ impl<S: Store> Driver<S> {
             self.config.buckets,
             self.config.ttl,
         );
-        req.replaces = self.previous_nonce.clone();
+        req.replaces = previous;
         let sent = Instant::now();
         match call(
             &self.abort,
@@ -340,16 +371,15 @@ impl<S: Store> Driver<S> {
         {
             Registration::Registered { version } => {
                 tracing::info!(session = %session.session, "registered");
-                self.shared.lock().session = Some(session.session.clone());
-                self.session = Some(session);
-                self.pending_nonce = new_nonce();
-                self.extend(sent);
+                // The first heartbeat comes soon: it learns when the peers' sessions expire.
+                let renew_at = sent + self.on_my_clock(self.config.heartbeat);
+                let deadline = self.deadline_after(sent);
+                self.session
+                    .registered(&self.config.member_id, deadline, renew_at);
+                self.publish(Some(sent));
                 self.seen_version = version;
                 self.shared.lock().version = version;
-                self.want_rebalance = true;
-                self.rebalance_at = Instant::now();
-                // The first heartbeat comes soon: it learns when the peers' sessions expire.
-                self.next_heartbeat = sent + self.on_my_clock(self.config.heartbeat);
+                self.rebalance = Some(Instant::now());
                 Ok(None)
             }
             Registration::InUse { expires_in } => Ok(Some(expires_in)),
@@ -366,19 +396,21 @@ impl<S: Store> Driver<S> {
                     member: self.config.member_id.clone(),
                     expires_in,
                 });
-                self.next_heartbeat = Instant::now()
-                    + expires_in.min(self.config.heartbeat)
-                    + Duration::from_millis(1);
+                self.session.retry_at(
+                    Instant::now()
+                        + expires_in.min(self.config.heartbeat)
+                        + Duration::from_millis(1),
+                );
             }
             Err(e) => {
                 self.report(e);
-                self.next_heartbeat = Instant::now() + self.retry_delay();
+                self.session.retry_at(Instant::now() + self.retry_delay());
             }
         }
     }
 
     async fn heartbeat(&mut self) {
-        let Some(session) = self.session.clone() else {
+        let Some(session) = self.session.live().cloned() else {
             return;
         };
         let sent = Instant::now();
@@ -389,41 +421,48 @@ impl<S: Store> Driver<S> {
             self.store.heartbeat(&self.group, &session, self.config.ttl),
         )
         .await;
-        let late = self
-            .valid_until
-            .is_some_and(|until| until.passed(Instant::now()));
+        let now = Instant::now();
+        let deadline = self.session.deadline();
         match result {
-            Ok(reply) if reply.alive && late => {
+            Ok(reply) if reply.alive && deadline.is_some_and(|until| until.passed(now)) => {
                 // The session is alive, but the reply came after our deadline: the leases have
                 // ended already (handles were told), and must not come back to life.
-                let until = self.valid_until.map_or(sent, |u| u.at);
+                let until = deadline.map_or(sent, |u| u.at);
                 self.lose(LostReason::Deadline, until);
-                self.next_heartbeat = Instant::now();
+                self.session.retry_at(Instant::now());
             }
             Ok(reply) if reply.alive => {
-                self.extend(sent);
-                self.next_heartbeat = self.next_check(sent, reply.next_expiry);
+                let until = self.deadline_after(sent);
+                let next = self.next_check(sent, reply.next_expiry);
+                self.session.renewed(until, next);
+                self.publish(Some(sent));
                 if reply.version != self.seen_version || reply.free > 0 {
-                    self.want_rebalance = true;
+                    self.want_rebalance();
                 }
                 self.seen_version = reply.version;
                 self.shared.lock().version = reply.version;
             }
             Ok(_) => {
                 tracing::warn!("the store no longer knows our session");
-                let now = Instant::now();
-                self.lose(LostReason::SessionExpired, now);
-                self.next_heartbeat = now;
+                self.session_gone(now);
             }
             Err(e) => {
                 self.report(e);
-                self.next_heartbeat = Instant::now() + self.retry_delay();
+                self.session.retry_at(Instant::now() + self.retry_delay());
             }
         }
     }
 
+    /// The store no longer knows the session: everything is lost; register again at once.
+    fn session_gone(&mut self, now: Instant) {
+        self.lose(LostReason::SessionExpired, now);
+        self.session.retry_at(now);
+    }
+
+    /// One rebalance step: the store call, then its action (`apply_step`), then the count check
+    /// (`reconcile`).
     async fn rebalance(&mut self) {
-        let Some(session) = self.session.clone() else {
+        let Some(session) = self.session.live().cloned() else {
             return;
         };
         let result = call(
@@ -437,7 +476,7 @@ impl<S: Store> Driver<S> {
             Ok(reply) => reply,
             Err(e) => {
                 self.report(e);
-                self.rebalance_at = Instant::now() + self.retry_delay();
+                self.rebalance = Some(Instant::now() + self.retry_delay());
                 return;
             }
         };
@@ -447,60 +486,72 @@ impl<S: Store> Driver<S> {
             local.version = reply.version;
         }
         let now = Instant::now();
-        let committed = reply.committed as usize;
-        let store_held = reply.held as usize;
-        let check_count = !matches!(reply.action, Action::SessionLost);
-        match reply.action {
+        if self.apply_step(reply.action, now) {
+            self.reconcile(reply.held as usize, reply.committed as usize, now)
+                .await;
+        }
+    }
+
+    /// Carries out a rebalance step's action. Returns whether the session is still live, so
+    /// that the store's counts can be compared with the ledger.
+    fn apply_step(&mut self, action: Action, now: Instant) -> bool {
+        match action {
             Action::Acquired { buckets, token } => {
-                if self.valid_until.is_none_or(|until| until.passed(now)) {
+                let deadline = self.session.deadline();
+                if deadline.is_none_or(|until| until.passed(now)) {
                     // The grant came back after our deadline: the session may be gone already.
                     // Claim nothing; a new session frees these buckets when it replaces this one.
-                    let until = self.valid_until.map_or(now, |u| u.at.min(now));
+                    let until = deadline.map_or(now, |u| u.at.min(now));
                     self.lose(LostReason::Deadline, until);
-                    return;
+                    return false;
                 }
                 // Keep stepping: the next call answers Stay once the share is reached.
-                self.want_rebalance = !buckets.is_empty();
+                self.rebalance = (!buckets.is_empty()).then_some(now);
                 let events = self.shared.lock().ledger.grant(&buckets, token, now);
                 self.emit_all(events);
             }
             Action::Release(count) => {
-                self.want_rebalance = false;
+                self.rebalance = None;
                 self.revoke(Some(count as usize), now + self.config.drain_timeout);
             }
-            Action::Stay => self.want_rebalance = false,
+            Action::Stay => self.rebalance = None,
             // Capped: a store clock stepped backwards must not stall grants for longer.
-            Action::Wait(wait) => self.rebalance_at = now + wait.min(self.config.ttl),
+            Action::Wait(wait) => self.rebalance = Some(now + wait.min(self.config.ttl)),
             Action::SessionLost => {
-                self.lose(LostReason::SessionExpired, now);
-                self.next_heartbeat = now;
+                self.session_gone(now);
+                return false;
             }
         }
-        if check_count && self.session.is_some() {
-            // The store's count of what we keep must match ours; if not, an earlier reply was
-            // lost: a release decision we never heard of (revoke now), or a grant (resync).
-            let verdict = self.shared.lock().ledger.reconcile(store_held, committed);
-            let surplus = match verdict {
-                Reconcile::InSync => 0,
-                Reconcile::Revoke(n) => n,
-                Reconcile::Resync => {
-                    tracing::info!(store_held, "holdings differ from the store's; resyncing");
-                    self.resync().await;
-                    self.shared.lock().ledger.surplus(committed)
+        true
+    }
+
+    /// The store's count of what we hold and keep must match ours; if not, an earlier reply was
+    /// lost: a release decision we never heard of (revoke now), or a grant or a release (resync).
+    async fn reconcile(&mut self, store_held: usize, committed: usize, now: Instant) {
+        let verdict = self.shared.lock().ledger.reconcile(store_held, committed);
+        let surplus = match verdict {
+            Reconcile::InSync => 0,
+            Reconcile::Revoke(n) => n,
+            Reconcile::Resync => {
+                tracing::info!(store_held, "holdings differ from the store's; resyncing");
+                self.resync().await;
+                if self.session.live().is_none() {
+                    return;
                 }
-            };
-            if self.session.is_some() && surplus > 0 {
-                tracing::info!(surplus, committed, "the store expects a release we missed");
-                self.revoke(Some(surplus), now + self.config.drain_timeout);
+                self.shared.lock().ledger.surplus(committed)
             }
+        };
+        if surplus > 0 {
+            tracing::info!(surplus, committed, "the store expects a release we missed");
+            self.revoke(Some(surplus), now + self.config.drain_timeout);
         }
     }
 
-    /// Aligns the local ledger with the store's owner records after a lost reply: adopts grants
-    /// we did not hear of (they are ours, and our deadline has not passed), and drops buckets the
-    /// store no longer lists as ours (a release that ran, or foreign edits).
+    /// Aligns the ledger with the store's owner records after a lost reply: adopts grants we did
+    /// not hear of (they are ours, and our deadline has not passed), and drops buckets the store
+    /// no longer lists as ours (a release that ran, or foreign edits).
     async fn resync(&mut self) {
-        let Some(session) = self.session.clone() else {
+        let Some(session) = self.session.live().cloned() else {
             return;
         };
         let snapshot = match call(
@@ -513,45 +564,31 @@ impl<S: Store> Driver<S> {
         {
             Ok(Some(snapshot)) => snapshot,
             Ok(None) => {
-                let now = Instant::now();
-                self.lose(LostReason::SessionExpired, now);
-                self.next_heartbeat = now;
+                self.session_gone(Instant::now());
                 return;
             }
             Err(e) => {
                 // Try again: the next rebalance reply shows the mismatch again.
                 self.report(e);
-                self.want_rebalance = true;
-                self.rebalance_at = Instant::now() + self.retry_delay();
+                self.rebalance = Some(Instant::now() + self.retry_delay());
                 return;
             }
         };
-        let ours = snapshot
-            .members
-            .iter()
-            .any(|m| m.id == session.member && m.session == session.session);
         let now = Instant::now();
-        if !ours {
-            self.lose(LostReason::SessionExpired, now);
-            self.next_heartbeat = now;
+        let Some(stored) = recorded(&snapshot, &session) else {
+            self.session_gone(now);
+            return;
+        };
+        if self
+            .session
+            .deadline()
+            .is_none_or(|until| until.passed(now))
+        {
             return;
         }
-        if self.valid_until.is_none_or(|until| until.passed(now)) {
-            return;
-        }
-        let stored: std::collections::BTreeMap<u32, u64> = snapshot
-            .owners
-            .iter()
-            .enumerate()
-            .filter_map(|(b, o)| {
-                let o = o.as_ref()?;
-                (o.member == session.member).then(|| (u32::try_from(b).ok(), o.token))
-            })
-            .filter_map(|(b, token)| Some((b?, token)))
-            .collect();
         let events = self.shared.lock().ledger.adopt(&stored, now);
         self.emit_all(events);
-        self.want_rebalance = true;
+        self.want_rebalance();
     }
 
     /// Revokes `count` owned buckets (all if `None`): the most recently granted first.
@@ -567,7 +604,7 @@ impl<S: Store> Driver<S> {
         if now < self.release_retry_at {
             return;
         }
-        let Some(session) = self.session.clone() else {
+        let Some(session) = self.session.live().cloned() else {
             return;
         };
         let buckets = self.shared.lock().ledger.releasable(now);
@@ -602,43 +639,35 @@ impl<S: Store> Driver<S> {
     }
 
     /// Gives up every lease at `at` without the store: the deadline passed or the session is gone.
+    /// `Live` → `Registering`.
     fn lose(&mut self, reason: LostReason, at: Instant) {
-        let lost = {
-            let mut local = self.shared.lock();
-            local.session = None;
-            local.valid_until = None;
-            local.ledger.lose_all(reason, at)
-        };
-        self.shared.valid_until.send_replace(None);
-        self.valid_until = None;
-        if let Some(session) = self.session.take() {
+        let ended = self.session.end();
+        self.publish(None);
+        let lost = self.shared.lock().ledger.lose_all(reason, at);
+        if ended.is_some() {
             tracing::warn!(%reason, buckets = lost.len(), "lost the session");
-            self.previous_nonce = Some(session.session);
         }
         self.emit_all(lost);
-        self.want_rebalance = true;
+        self.want_rebalance();
     }
 
     /// On abort: cancel every handle, tell nobody (it is a crash from the group's view).
     fn drop_local(&mut self) {
-        let mut local = self.shared.lock();
-        local.ledger.drop_all();
-        local.valid_until = None;
-        local.session = None;
-        drop(local);
-        self.shared.valid_until.send_replace(None);
+        self.session.end();
+        self.publish(None);
+        self.shared.lock().ledger.drop_all();
     }
 
     /// The graceful leave: revoke all, drain, release, deregister, within the shutdown timeout.
     async fn leave(mut self) -> Result<(), Error> {
         let now = Instant::now();
         let give_up = now + self.config.shutdown_timeout;
-        let Some(session) = self.session.clone() else {
+        let Some(session) = self.session.live().cloned() else {
             self.drop_local();
             return Ok(());
         };
         let mut drain_until = (now + self.config.drain_timeout).min(give_up);
-        if let Some(until) = self.valid_until {
+        if let Some(until) = self.session.deadline() {
             drain_until = drain_until.min(until.wake_at(now));
         }
         self.revoke(None, drain_until);
@@ -722,9 +751,30 @@ async fn call<T>(
     }
 }
 
-async fn next_notice(notifications: &mut Option<Notifications>) -> Option<()> {
-    match notifications {
-        Some(n) => n.next().await,
-        None => std::future::pending().await,
+async fn next_notice(subscription: &mut Subscription) -> Option<()> {
+    match subscription {
+        Subscription::Active(n) => n.next().await,
+        Subscription::Down { .. } => std::future::pending().await,
     }
+}
+
+/// The owner records of `session`'s member in a snapshot (bucket → token), or `None` when the
+/// snapshot does not list the session: it ended in the store.
+fn recorded(snapshot: &GroupSnapshot, session: &SessionRef) -> Option<BTreeMap<u32, u64>> {
+    let ours = snapshot
+        .members
+        .iter()
+        .any(|m| m.id == session.member && m.session == session.session);
+    if !ours {
+        return None;
+    }
+    Some(
+        (0u32..)
+            .zip(&snapshot.owners)
+            .filter_map(|(b, o)| {
+                let o = o.as_ref()?;
+                (o.member == session.member).then_some((b, o.token))
+            })
+            .collect(),
+    )
 }

@@ -34,7 +34,9 @@
 //! - [`share`] — the share rule, pure arithmetic, property-tested.
 //! - [`store`] — the [`Store`] protocol trait; [`MemoryStore`] and [`RedisStore`] implement it.
 //! - `member` — the user's side: [`MemberBuilder`], [`Member`], [`Status`].
-//! - `driver` — the member's task: heartbeats, rebalancing, drains, the local deadline.
+//! - `session` — the member's session, `Registering` or `Live` with its lease deadline; pure.
+//! - `driver` — the member's task: heartbeats, rebalancing, drains, the local deadline; a thin
+//!   async loop over the session and the ledger.
 //! - `event` — [`Event`]s and [`Lease`] handles.
 //! - `ledger` — the held buckets (owned or draining) and the events each change emits; pure.
 #![deny(missing_docs, missing_debug_implementations)]
@@ -46,6 +48,7 @@ mod error;
 mod event;
 mod ledger;
 mod member;
+mod session;
 pub mod share;
 pub mod store;
 

@@ -198,7 +198,7 @@ impl Member {
     #[must_use]
     pub fn buckets(&self) -> Vec<u32> {
         let local = self.shared.lock();
-        if !local.is_valid(Instant::now()) {
+        if !self.shared.is_valid(Instant::now()) {
             return Vec::new();
         }
         local.ledger.owned().map(|(b, _)| b).collect()
@@ -214,7 +214,7 @@ impl Member {
     #[must_use]
     pub fn token(&self, bucket: u32) -> Option<u64> {
         let local = self.shared.lock();
-        if !local.is_valid(Instant::now()) {
+        if !self.shared.is_valid(Instant::now()) {
             return None;
         }
         local.ledger.owned_token(bucket)
@@ -225,7 +225,7 @@ impl Member {
     #[must_use]
     pub fn lease(&self, bucket: u32) -> Option<Lease> {
         let mut local = self.shared.lock();
-        if !local.is_valid(Instant::now()) {
+        if !self.shared.is_valid(Instant::now()) {
             return None;
         }
         let (token, cancel, guard) = local.ledger.guard(bucket, || LeaseGuard {
@@ -253,7 +253,8 @@ impl Member {
     pub fn status(&self) -> Status {
         let local = self.shared.lock();
         let now = Instant::now();
-        let valid = local.is_valid(now);
+        let valid_until = *self.shared.valid_until.borrow();
+        let valid = valid_until.is_some_and(|until| !until.passed(now));
         Status {
             group: self.config.group.clone(),
             member: self.config.member_id.clone(),
@@ -262,7 +263,7 @@ impl Member {
             held: if valid { local.ledger.owned_count() } else { 0 },
             draining: local.ledger.draining_count(),
             last_heartbeat: local.last_heartbeat,
-            valid_until: local.valid_until.map(|d| d.at),
+            valid_until: valid_until.map(|d| d.at),
             version: local.version,
             errors: local.errors,
             last_error: local.last_error.clone(),
@@ -342,11 +343,20 @@ pub struct Status {
 pub(crate) struct Shared {
     pub(crate) local: Mutex<Local>,
     pub(crate) events: broadcast::Sender<Event>,
+    /// The live session's lease deadline, derived from the driver's session: the one value
+    /// the handle and every lease handle read (`None` while not registered).
     pub(crate) valid_until: watch::Sender<Option<Deadline>>,
     pub(crate) dropped: Arc<Notify>,
 }
 
 impl Shared {
+    /// True while the live session's lease deadline has not passed.
+    pub(crate) fn is_valid(&self, now: Instant) -> bool {
+        self.valid_until
+            .borrow()
+            .is_some_and(|until| !until.passed(now))
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, Local> {
         // Nothing inside the lock can panic halfway through an update that matters more than
         // the panic; keep serving after one.
@@ -358,17 +368,11 @@ impl Shared {
 #[derive(Debug, Default)]
 pub(crate) struct Local {
     pub(crate) ledger: Ledger,
+    /// The live session's nonce (derived from the driver's session).
     pub(crate) session: Option<String>,
-    pub(crate) valid_until: Option<Deadline>,
     pub(crate) last_heartbeat: Option<Instant>,
     pub(crate) share: (u32, u32),
     pub(crate) version: u64,
     pub(crate) errors: u64,
     pub(crate) last_error: Option<String>,
-}
-
-impl Local {
-    pub(crate) fn is_valid(&self, now: Instant) -> bool {
-        self.valid_until.is_some_and(|until| !until.passed(now))
-    }
 }
