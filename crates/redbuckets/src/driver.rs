@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::event::{Deadline, Event, LostReason};
+use crate::event::{Deadline, Event, LostReason, Sent};
 use crate::ledger::Reconcile;
 use crate::member::{ErrorHook, Shared};
 use crate::session::Session;
@@ -323,7 +323,7 @@ impl<S: Store> Driver<S> {
     }
 
     /// The lease deadline after a successful heartbeat or registration sent at `sent`.
-    fn deadline_after(&self, sent: Instant) -> Deadline {
+    fn deadline_after(&self, sent: Sent) -> Deadline {
         Deadline::after(sent, self.on_my_clock(self.config.lease_validity()))
     }
 
@@ -360,7 +360,8 @@ impl<S: Store> Driver<S> {
             self.config.ttl,
         );
         req.replaces = previous;
-        let sent = Instant::now();
+        // Every clock is read as the request goes out (S3 under host suspend, `Sent`).
+        let sent = Sent::now();
         match call(
             &self.abort,
             self.call_deadline(),
@@ -372,11 +373,11 @@ impl<S: Store> Driver<S> {
             Registration::Registered { version } => {
                 tracing::info!(session = %session.session, "registered");
                 // The first heartbeat comes soon: it learns when the peers' sessions expire.
-                let renew_at = sent + self.on_my_clock(self.config.heartbeat);
+                let renew_at = sent.at + self.on_my_clock(self.config.heartbeat);
                 let deadline = self.deadline_after(sent);
                 self.session
                     .registered(&self.config.member_id, deadline, renew_at);
-                self.publish(Some(sent));
+                self.publish(Some(sent.at));
                 self.seen_version = version;
                 self.shared.lock().version = version;
                 self.rebalance = Some(Instant::now());
@@ -413,7 +414,8 @@ impl<S: Store> Driver<S> {
         let Some(session) = self.session.live().cloned() else {
             return;
         };
-        let sent = Instant::now();
+        // Every clock is read as the request goes out (S3 under host suspend, `Sent`).
+        let sent = Sent::now();
         let result = call(
             &self.abort,
             self.call_deadline(),
@@ -427,15 +429,15 @@ impl<S: Store> Driver<S> {
             Ok(reply) if reply.alive && deadline.is_some_and(|until| until.passed(now)) => {
                 // The session is alive, but the reply came after our deadline: the leases have
                 // ended already (handles were told), and must not come back to life.
-                let until = deadline.map_or(sent, |u| u.at);
+                let until = deadline.map_or(sent.at, |u| u.at);
                 self.lose(LostReason::Deadline, until);
                 self.session.retry_at(Instant::now());
             }
             Ok(reply) if reply.alive => {
                 let until = self.deadline_after(sent);
-                let next = self.next_check(sent, reply.next_expiry);
+                let next = self.next_check(sent.at, reply.next_expiry);
                 self.session.renewed(until, next);
-                self.publish(Some(sent));
+                self.publish(Some(sent.at));
                 if reply.version != self.seen_version || reply.free > 0 {
                     self.want_rebalance();
                 }
@@ -777,4 +779,172 @@ fn recorded(snapshot: &GroupSnapshot, session: &SessionRef) -> Option<BTreeMap<u
             })
             .collect(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::event::suspend;
+    use crate::store::{HeartbeatReply, RebalanceReply};
+    use crate::{GroupSnapshot, Member, MemoryStore};
+
+    /// A `MemoryStore` with two faults: a host suspend right after a heartbeat ran in the store
+    /// (before its reply is handled), and a store that stops answering (every call hangs).
+    #[derive(Clone, Default)]
+    struct TestStore {
+        inner: MemoryStore,
+        /// After the next heartbeat ran: the host sleeps this long, and the store stops
+        /// answering.
+        suspend_after_heartbeat: Arc<Mutex<Option<Duration>>>,
+        /// When the suspended heartbeat was sent, on tokio's clock.
+        suspended_heartbeat_sent: Arc<Mutex<Option<Instant>>>,
+        hang: Arc<AtomicBool>,
+        /// Calls waiting on the hung store.
+        hanging: Arc<AtomicUsize>,
+    }
+
+    impl TestStore {
+        async fn gate(&self) {
+            if self.hang.load(Ordering::SeqCst) {
+                self.hanging.fetch_add(1, Ordering::SeqCst);
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    impl Store for TestStore {
+        async fn register(
+            &self,
+            group: &GroupKey,
+            req: &RegisterRequest,
+        ) -> Result<Registration, Error> {
+            self.gate().await;
+            self.inner.register(group, req).await
+        }
+        async fn heartbeat(
+            &self,
+            group: &GroupKey,
+            session: &SessionRef,
+            ttl: Duration,
+        ) -> Result<HeartbeatReply, Error> {
+            self.gate().await;
+            let sent = Instant::now();
+            let reply = self.inner.heartbeat(group, session, ttl).await;
+            let suspend = self
+                .suspend_after_heartbeat
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(d) = suspend {
+                *self
+                    .suspended_heartbeat_sent
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(sent);
+                suspend::host_suspends(d);
+                self.hang.store(true, Ordering::SeqCst);
+            }
+            reply
+        }
+        async fn rebalance(
+            &self,
+            group: &GroupKey,
+            session: &SessionRef,
+            max_take: u32,
+        ) -> Result<RebalanceReply, Error> {
+            self.gate().await;
+            self.inner.rebalance(group, session, max_take).await
+        }
+        async fn release(
+            &self,
+            group: &GroupKey,
+            session: &SessionRef,
+            buckets: &[u32],
+        ) -> Result<u32, Error> {
+            self.gate().await;
+            self.inner.release(group, session, buckets).await
+        }
+        async fn deregister(&self, group: &GroupKey, session: &SessionRef) -> Result<(), Error> {
+            self.gate().await;
+            self.inner.deregister(group, session).await
+        }
+        async fn snapshot(&self, group: &GroupKey) -> Result<Option<GroupSnapshot>, Error> {
+            self.gate().await;
+            self.inner.snapshot(group).await
+        }
+        async fn subscribe(&self, group: &GroupKey) -> Result<Notifications, Error> {
+            self.gate().await;
+            self.inner.subscribe(group).await
+        }
+    }
+
+    const TTL: Duration = Duration::from_secs(3);
+
+    /// A member owning all 4 buckets of a group, past the new group's quarantine.
+    async fn owner(store: &TestStore) -> Member {
+        let member = Member::builder(store.clone(), "g")
+            .id("a")
+            .buckets(4)
+            .heartbeat(Duration::from_millis(100))
+            .ttl(TTL)
+            .start()
+            .await
+            .expect("start");
+        tokio::time::sleep(TTL + Duration::from_secs(1)).await;
+        assert_eq!(member.buckets().len(), 4);
+        member
+    }
+
+    fn drain(events: &mut tokio::sync::broadcast::Receiver<Event>) -> Vec<Event> {
+        std::iter::from_fn(|| events.try_recv().ok()).collect()
+    }
+
+    /// Regression (issue 8, bug 1; S3 under host suspend): the store renews the session, then
+    /// the host sleeps 1.2 s before the reply is handled, and wakes to a store that no longer
+    /// answers. The session expires in the store 3 s after the send, 1.2 s of which the host
+    /// slept through: on tokio's clock, which stood still meanwhile, 1.8 s after the send. The
+    /// member must stop owning by then. Before the fix the deadline's real-time anchors were
+    /// read when the reply was handled, after the suspend, and the member kept its buckets until
+    /// 2.97 s after the send: 1.2 s past the store's expiry.
+    #[tokio::test(start_paused = true)]
+    async fn a_host_suspend_between_send_and_reply_counts_against_the_lease() {
+        let store = TestStore::default();
+        let member = owner(&store).await;
+        let mut events = member.events();
+        let suspend = Duration::from_millis(1200);
+        *store
+            .suspend_after_heartbeat
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(suspend);
+        tokio::time::sleep(TTL * 2).await;
+        let sent = store
+            .suspended_heartbeat_sent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .expect("no heartbeat ran");
+        let expiry = sent + TTL - suspend;
+        let lost: Vec<Instant> = drain(&mut events)
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Lost {
+                    reason: LostReason::Deadline,
+                    at,
+                    ..
+                } => Some(at),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(lost.len(), 4, "the member never lost its buckets");
+        for at in lost {
+            assert!(
+                at <= expiry,
+                "owned until {:?} after the send; the store's session ended {:?} after it",
+                at - sent,
+                expiry - sent
+            );
+        }
+        assert!(member.buckets().is_empty());
+    }
 }

@@ -129,38 +129,95 @@ pub fn instant_to_system(at: Instant) -> SystemTime {
     }
 }
 
+/// The clocks read when a heartbeat (or a registration) is sent. Every anchor of the deadline
+/// it earns is taken then: a host that suspends after the store renewed the session but before
+/// the reply is handled must count that suspension against the lease, so no clock may be read
+/// when the reply comes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Sent {
+    /// tokio's clock: what the deadline is measured on.
+    pub(crate) at: Instant,
+    /// The real monotonic clock, which stops while the host is suspended.
+    real: std::time::Instant,
+    /// The wall clock, which does not.
+    wall: SystemTime,
+}
+
+impl Sent {
+    /// Reads the three clocks now, as the call is sent.
+    pub(crate) fn now() -> Self {
+        Sent {
+            at: Instant::now(),
+            real: std::time::Instant::now(),
+            wall: wall_now(),
+        }
+    }
+
+    /// Given readings, for tests.
+    #[cfg(test)]
+    pub(crate) fn from_parts(at: Instant, real: std::time::Instant, wall: SystemTime) -> Self {
+        Sent { at, real, wall }
+    }
+}
+
+/// The wall clock. Unit tests can step it forward, as a host suspend does (`suspend`).
+#[cfg(not(test))]
+fn wall_now() -> SystemTime {
+    SystemTime::now()
+}
+
+#[cfg(test)]
+fn wall_now() -> SystemTime {
+    SystemTime::now() + suspend::SKEW.with(std::cell::Cell::get)
+}
+
+/// Unit tests only: a host suspend on this thread, seen as the wall clock jumping forward while
+/// the monotonic clocks (tokio's and the real one) stand still.
+#[cfg(test)]
+pub(crate) mod suspend {
+    use std::cell::Cell;
+    use std::time::Duration;
+
+    thread_local! {
+        pub(crate) static SKEW: Cell<Duration> = const { Cell::new(Duration::ZERO) };
+    }
+
+    /// The host sleeps for `d`.
+    pub(crate) fn host_suspends(d: Duration) {
+        SKEW.with(|s| s.set(s.get() + d));
+    }
+}
+
 /// The local lease deadline (S3). It runs on tokio's clock, which is monotonic and stops while
-/// the host is suspended; time the host spent suspended since the heartbeat (the wall clock
-/// running ahead of the real monotonic clock) is added, so a host that wakes up does not believe
-/// it still owns its buckets. A wall clock stepped forward counts as suspended time too, which
-/// only ends leases early. Both real clocks advance together under tokio's paused clock, so
-/// simulations stay deterministic.
+/// the host is suspended; time the host spent suspended since the heartbeat was sent (the wall
+/// clock running ahead of the real monotonic clock) is subtracted, so a host that wakes up does
+/// not believe it still owns its buckets. A wall clock stepped forward counts as suspended time
+/// too, which only ends leases early. Both real clocks advance together under tokio's paused
+/// clock, so simulations stay deterministic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Deadline {
     pub(crate) at: Instant,
-    sent_real: std::time::Instant,
-    sent_wall: SystemTime,
+    sent: Sent,
 }
 
 /// Smaller gaps between the wall clock and the monotonic clock are read jitter, not a suspend.
 const SUSPEND_MIN: Duration = Duration::from_millis(20);
 
 impl Deadline {
-    /// The deadline `validity` after a heartbeat sent at `sent`.
-    pub(crate) fn after(sent: Instant, validity: Duration) -> Self {
+    /// The deadline `validity` after a heartbeat sent at `sent` (every clock read at the send).
+    pub(crate) fn after(sent: Sent, validity: Duration) -> Self {
         Deadline {
-            at: sent + validity,
-            sent_real: std::time::Instant::now(),
-            sent_wall: SystemTime::now(),
+            at: sent.at + validity,
+            sent,
         }
     }
 
-    /// Time the host spent suspended since the heartbeat was sent.
-    fn suspended(&self) -> Duration {
-        let wall = SystemTime::now()
-            .duration_since(self.sent_wall)
+    /// Time the host spent suspended between the send and the readings `real` and `wall`.
+    fn suspended_at(&self, real: std::time::Instant, wall: SystemTime) -> Duration {
+        let wall = wall
+            .duration_since(self.sent.wall)
             .unwrap_or(Duration::ZERO);
-        let gap = wall.saturating_sub(self.sent_real.elapsed());
+        let gap = wall.saturating_sub(real.saturating_duration_since(self.sent.real));
         if gap < SUSPEND_MIN {
             Duration::ZERO
         } else {
@@ -175,9 +232,14 @@ impl Deadline {
 
     /// Time left.
     pub(crate) fn remaining(&self, now: Instant) -> Duration {
+        self.remaining_at(now, std::time::Instant::now(), wall_now())
+    }
+
+    /// Time left at tokio's `now`, with the real clocks reading `real` and `wall`: pure.
+    fn remaining_at(&self, now: Instant, real: std::time::Instant, wall: SystemTime) -> Duration {
         self.at
             .saturating_duration_since(now)
-            .saturating_sub(self.suspended())
+            .saturating_sub(self.suspended_at(real, wall))
     }
 
     /// The tokio instant at which, seen from `now`, the deadline passes: the time to wake.
@@ -268,5 +330,33 @@ impl Lease {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// S3 under host suspend, as values: the heartbeat is sent at (t, r, w); the store renews
+    /// the session; the host sleeps 5 s before the reply is handled (10 ms of monotonic time,
+    /// 5.01 s of wall time). The deadline counts the 5 s against the lease.
+    #[test]
+    fn a_suspend_after_the_send_shortens_the_lease() {
+        let (t, r, w) = (Instant::now(), std::time::Instant::now(), SystemTime::now());
+        let sent = Sent::from_parts(t, r, w);
+        let until = Deadline::after(sent, ms(9000));
+        let (t1, r1, w1) = (t + ms(10), r + ms(10), w + ms(5010));
+        assert_eq!(until.remaining_at(t1, r1, w1), ms(3990));
+        // Read jitter below 20 ms is not a suspend.
+        assert_eq!(until.remaining_at(t1, r1, w + ms(25)), ms(8990));
+        // A suspend longer than the lease ends it.
+        assert_eq!(until.remaining_at(t1, r1, w + ms(9100)), Duration::ZERO);
+        // Anchored at the reply instead (the bug), the same suspend went unnoticed.
+        let late = Deadline::after(Sent::from_parts(t, r1, w1), ms(9000));
+        assert_eq!(late.remaining_at(t1, r1, w1), ms(8990));
     }
 }

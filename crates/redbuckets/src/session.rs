@@ -159,12 +159,18 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::event::Sent;
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
     }
 
     fn deadline(sent: Instant, validity: Duration) -> Deadline {
+        let sent = Sent::from_parts(
+            sent,
+            std::time::Instant::now(),
+            std::time::SystemTime::now(),
+        );
         Deadline::after(sent, validity)
     }
 
