@@ -9,11 +9,9 @@
 //! - `cmd/` — one file per subcommand: `join`, `status`, `watch`, `demo`; `cmd/mod.rs` holds
 //!   what they share (connecting, signals, the clock).
 //! - `analysis` — what a [`redbuckets::GroupSnapshot`] says about balance and coverage. Pure.
-//! - `checker` — S1/S2 and coverage checks over members' event streams. Pure.
 //! - `render` — the bucket grid, colors, and duration formatting for terminals.
 
 mod analysis;
-mod checker;
 mod cmd;
 mod render;
 

@@ -5,7 +5,6 @@
 #[path = "common/process.rs"]
 mod process;
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, TcpListener};
 use std::process::{Child, Command, Stdio};
@@ -14,6 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use process::{command, drain, run_cmd, Run};
+use redbuckets::check::{Change, Timeline};
 use redbuckets_testkit::RedisServer;
 use serde_json::Value;
 
@@ -158,72 +158,26 @@ fn wait_converged(redis: &RedisServer, group: &str, members: usize, limit: Durat
     }
 }
 
-/// One ownership read from the JSON lines.
-#[derive(Debug, Clone)]
-struct Owned {
-    member: String,
-    token: u64,
-    start: u64,
-    end: Option<u64>,
-    released: Option<u64>,
-}
-
-/// Ownership intervals per bucket from every member's lines; panics on a stream that makes no
-/// sense (a release without a revoke, an acquire of a bucket already owned).
-fn intervals(streams: &[&[Value]]) -> BTreeMap<u64, Vec<Owned>> {
-    let mut out: BTreeMap<u64, Vec<Owned>> = BTreeMap::new();
-    for lines in streams {
-        let mut open: BTreeMap<u64, Owned> = BTreeMap::new();
-        let mut ended: BTreeMap<(u64, u64), Owned> = BTreeMap::new();
-        for v in lines.iter() {
-            let kind = v["event"].as_str().expect("event");
-            if kind == "joined" || kind == "left" {
-                continue;
-            }
-            let bucket = v["bucket"].as_u64().expect("bucket");
-            let token = v["token"].as_u64().expect("token");
-            let at = v["at_us"].as_u64().expect("at_us");
-            let member = v["member"].as_str().expect("member").to_string();
-            match kind {
-                "acquired" => {
-                    let prev = open.insert(
-                        bucket,
-                        Owned {
-                            member,
-                            token,
-                            start: at,
-                            end: None,
-                            released: None,
-                        },
-                    );
-                    assert!(prev.is_none(), "acquired {bucket} twice: {v}");
-                }
-                "revoked" | "lost" => {
-                    let mut o = open.remove(&bucket).expect("revoked what it did not own");
-                    assert_eq!(o.token, token, "{v}");
-                    o.end = Some(at);
-                    ended.insert((bucket, token), o);
-                }
-                "released" => {
-                    let o = ended
-                        .get_mut(&(bucket, token))
-                        .unwrap_or_else(|| panic!("released before revoked: {v}"));
-                    o.released = Some(at);
-                }
-                other => panic!("unknown event {other:?}"),
-            }
-        }
-        for ((bucket, _), o) in ended {
-            out.entry(bucket).or_default().push(o);
-        }
-        for (bucket, o) in open {
-            out.entry(bucket).or_default().push(o);
-        }
+/// The library's checker over every member's lines; each stream is read from its start, so an
+/// end or a release of a bucket not owned counts as a violation.
+fn timeline(streams: &[&[Value]]) -> Timeline<Duration> {
+    let mut timeline = Timeline::new().complete_streams();
+    for v in streams.iter().flat_map(|lines| lines.iter()) {
+        let change = match v["event"].as_str().expect("event") {
+            "joined" | "left" => continue,
+            "acquired" => Change::Acquired,
+            "revoked" => Change::Revoked,
+            "lost" => Change::Lost,
+            "released" => Change::Released,
+            other => panic!("unknown event {other:?}: {v}"),
+        };
+        let field = |name: &str| v[name].as_u64().unwrap_or_else(|| panic!("{name}: {v}"));
+        let bucket = u32::try_from(field("bucket")).expect("a bucket id");
+        let member = v["member"].as_str().expect("member");
+        let at = Duration::from_micros(field("at_us"));
+        timeline.record(member, change, bucket, field("token"), at);
     }
-    for list in out.values_mut() {
-        list.sort_by_key(|o| o.start);
-    }
-    out
+    timeline
 }
 
 #[test]
@@ -271,31 +225,20 @@ fn two_members_hand_over_on_sigterm() {
         assert_eq!(last["clean"], true, "{}", m.id);
     }
 
-    let all = intervals(&[&a.seen, &b.seen]);
+    // S1, S2, and streams that make sense. Not checked: that x's `released` line comes before
+    // y's `acquired`. The new owner can be granted the bucket before the old one has handled the
+    // reply to its release (a's reply races b's notice and rebalance); what matters is that x's
+    // ownership ended (`revoked`) before y's began.
+    let checked = timeline(&[&a.seen, &b.seen]);
+    let violations = checked.violations();
+    assert!(violations.is_empty(), "{violations:#?}");
+    let (all, _) = checked.intervals();
     assert_eq!(
         all.len() as u64,
         buckets,
         "every bucket was owned at some point"
     );
     for (bucket, list) in &all {
-        for pair in list.windows(2) {
-            let (x, y) = (&pair[0], &pair[1]);
-            assert!(
-                y.token > x.token,
-                "bucket {bucket}: tokens {x:?} then {y:?}"
-            );
-            let end = x.end.unwrap_or_else(|| {
-                panic!(
-                    "bucket {bucket}: {} still owned it when {} acquired it",
-                    x.member, y.member
-                )
-            });
-            // S1. Not checked: that x's `released` line comes before y's `acquired`. The new
-            // owner can be granted the bucket before the old one has handled the reply to its
-            // release (a's reply races b's notice and rebalance); what matters is that x's
-            // ownership ended (`revoked`) before y's began.
-            assert!(end <= y.start, "bucket {bucket}: {x:?} overlaps {y:?}");
-        }
         // Both left gracefully: every ownership ended with a release.
         for o in list {
             assert!(
@@ -306,11 +249,10 @@ fn two_members_hand_over_on_sigterm() {
     }
 
     // What a held when it got SIGTERM, it released during its shutdown, and b picked it up.
-    let at_term: Vec<u64> = intervals(&[&a.seen[..before_term]])
-        .into_iter()
-        .filter(|(_, list)| list.iter().any(|o| o.end.is_none()))
-        .map(|(bucket, _)| bucket)
-        .collect();
+    let at_term = timeline(&[&a.seen[..before_term]])
+        .holdings()
+        .remove("a")
+        .unwrap_or_default();
     assert_eq!(at_term.len(), 16, "a held its share at SIGTERM");
     let released_at_exit: Vec<u64> = a.seen[before_term..]
         .iter()
@@ -319,7 +261,7 @@ fn two_members_hand_over_on_sigterm() {
         .collect();
     for bucket in &at_term {
         assert!(
-            released_at_exit.contains(bucket),
+            released_at_exit.contains(&u64::from(*bucket)),
             "a did not release {bucket}"
         );
         let list = &all[bucket];

@@ -1,7 +1,8 @@
 //! Faults on real processes and a real Redis, judged by an external checker.
 //!
 //! Every member is a `redbuckets join --json` child process; a thread per process reads its JSON
-//! lines into one timeline per group. The checker (`faults/checker.rs`) turns the lines into
+//! lines into one timeline per group. The library's checker (`redbuckets::check`, fed by
+//! `faults/harness.rs`) turns the lines into
 //! ownership intervals per bucket — `[acquired.at_us, end)` where end is the `revoked` or `lost`
 //! line's `at_us`, or the reap time of a SIGKILLed process — and checks S1 (no two intervals of a
 //! bucket overlap) and S2 (each grant's token is larger than the one before). After each fault
@@ -18,8 +19,6 @@
 #[path = "common/process.rs"]
 mod process;
 
-#[path = "faults/checker.rs"]
-mod checker;
 #[path = "faults/harness.rs"]
 mod harness;
 #[path = "faults/proxy.rs"]
@@ -30,8 +29,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::thread;
 use std::time::Duration;
 
-use checker::Line;
-use harness::{assert_status_matches, command, now_us, run, Group, HEARTBEAT, TTL};
+use harness::{assert_status_matches, command, now_us, run, Group, Line, HEARTBEAT, TTL};
 use proxy::Proxy;
 use redbuckets_testkit::RedisServer;
 
@@ -819,7 +817,7 @@ fn a_grant_that_fails_on_foreign_data_does_not_leak_free_buckets() {
     redis.cli(&["DEL", "{red-buckets:leak2}:owner"]);
     // Repaired: the next grant goes through.
     g.wait_until("m1 owns everything", Duration::from_secs(5), |lines| {
-        checker::converged(&checker::holdings(lines, &[]), &[0], 8).is_ok()
+        harness::converged(&harness::holdings(lines, &[]), &[0], 8).is_ok()
     });
     g.shutdown();
 }

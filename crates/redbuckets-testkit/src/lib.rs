@@ -5,8 +5,13 @@
 //! - `redis` — [`RedisServer`] and [`Sentinel`]: real `redis-server` processes on free ports,
 //!   with plain fault verbs (`stop`, `restart`, `pause`, `resume`), killed on drop. Without
 //!   `redis-server` on the PATH they panic with how to install it: tests never skip silently.
+//! - `events` — [`EventLog`]: members' events in arrival order, checked for S1/S2 by the
+//!   library's one checker, [`redbuckets::check`] (the CLI's demo runs it too, which is why it
+//!   lives in the library and not here).
 #![deny(missing_docs, missing_debug_implementations)]
 
+mod events;
 mod redis;
 
+pub use events::EventLog;
 pub use redis::{RedisServer, Sentinel};

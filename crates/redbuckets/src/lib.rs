@@ -39,9 +39,12 @@
 //!   async loop over the session and the ledger.
 //! - `event` — [`Event`]s and [`Lease`] handles.
 //! - `ledger` — the held buckets (owned or draining) and the events each change emits; pure.
+//! - [`check`] — the external S1/S2 checker over what members reported (the CLI's demo and the
+//!   tests use it). Pure.
 #![deny(missing_docs, missing_debug_implementations)]
 #![warn(clippy::unwrap_used)]
 
+pub mod check;
 mod config;
 mod driver;
 mod error;

@@ -2,7 +2,6 @@
 //! join and leave, crash reassignment, killed connections, a Redis restart that loses the data,
 //! and foreign data under the group's keys.
 
-mod checker;
 mod group;
 
 use std::time::{Duration, Instant};

@@ -9,7 +9,6 @@
 //!   (seeds from 1,000,000 on unless `REDBUCKETS_SEED_START` says otherwise; stops early after
 //!   `REDBUCKETS_SOAK_SECS` seconds if set; one thread per core unless `REDBUCKETS_SOAK_THREADS`).
 
-mod checker;
 mod sim;
 
 use std::collections::BTreeMap;

@@ -19,9 +19,9 @@ use tokio::time::Instant;
 
 use super::{connect, scrub, Signals};
 use crate::analysis::{analyze, digest, holdings, Digest};
-use crate::checker::Timeline;
 use crate::render::{self, fmt_bucket_time, fmt_duration, Palette};
 use crate::DemoArgs;
+use redbuckets::check::Timeline;
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let mut config = Config::new("demo");
@@ -305,7 +305,7 @@ impl<S: Store> Demo<S> {
     fn collect(&mut self) {
         while let Ok((id, item)) = self.events_rx.try_recv() {
             match item {
-                Ok(event) => self.timeline.push(&id, event),
+                Ok(event) => self.timeline.push(&id, &event),
                 Err(missed) => self.lagged += missed,
             }
         }

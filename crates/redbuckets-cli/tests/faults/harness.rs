@@ -1,4 +1,6 @@
-//! Member processes (`redbuckets join --json`) and the shared timeline their lines go into.
+//! Member processes (`redbuckets join --json`) and the shared timeline their lines go into; the
+//! lines turned into ownership changes for the library's checker (`redbuckets::check`, the one
+//! S1/S2 checker), and L1/L2 over what they say each process holds.
 //!
 //! Each process gets a reader thread for stdout (one parsed JSON line at a time, stamped with the
 //! time it was read) and one for stderr (kept as text, readable while the process runs). A
@@ -15,7 +17,131 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
-use super::checker::{self, Interval, Kill, Line};
+use redbuckets::check::{self, Change};
+
+/// One line of one member process, with the wall-clock time the test read it.
+#[derive(Debug, Clone)]
+pub struct Line {
+    /// Which process wrote it (its index in the harness).
+    pub proc: usize,
+    /// `recv_us`: Unix µs when the reader thread got the line.
+    pub recv_us: u64,
+    pub value: Value,
+}
+
+impl Line {
+    /// `acquired`, `revoked`, `released`, `lost`, `joined`, `left`.
+    pub fn event(&self) -> &str {
+        self.value["event"].as_str().unwrap_or("")
+    }
+
+    pub fn bucket(&self) -> Option<u32> {
+        self.value["bucket"]
+            .as_u64()
+            .and_then(|b| u32::try_from(b).ok())
+    }
+
+    pub fn token(&self) -> Option<u64> {
+        self.value["token"].as_u64()
+    }
+
+    pub fn at_us(&self) -> Option<u64> {
+        self.value["at_us"].as_u64()
+    }
+}
+
+/// A process that was SIGKILLed: whatever it owned, it stopped owning at `dead_us` (taken after
+/// the process was reaped, so no later instant can still belong to it).
+#[derive(Debug, Clone, Copy)]
+pub struct Kill {
+    pub proc: usize,
+    pub dead_us: u64,
+}
+
+/// The library's checker over the lines (each process's in the order it wrote them; how
+/// processes interleave does not matter) and the kills, as a timeline keyed by process index;
+/// and the lines that are not ownership changes with their fields.
+fn timeline(lines: &[Line], kills: &[Kill]) -> (check::Timeline<Duration>, Vec<String>) {
+    // Every line of a process is read from its start: an end of a bucket it was not seen to
+    // acquire is a violation, not a stream joined late.
+    let mut timeline = check::Timeline::new().complete_streams();
+    let mut bad = Vec::new();
+    for line in lines {
+        let change = match line.event() {
+            "joined" | "left" => continue,
+            "acquired" => Change::Acquired,
+            "revoked" => Change::Revoked,
+            "lost" => Change::Lost,
+            "released" => Change::Released,
+            other => {
+                bad.push(format!("unknown event {other:?}: {}", line.value));
+                continue;
+            }
+        };
+        let (Some(bucket), Some(token), Some(at)) = (line.bucket(), line.token(), line.at_us())
+        else {
+            bad.push(format!("line without bucket/token/at_us: {}", line.value));
+            continue;
+        };
+        let at = Duration::from_micros(at);
+        timeline.record(&line.proc.to_string(), change, bucket, token, at);
+    }
+    for kill in kills {
+        timeline.crash(&kill.proc.to_string(), Duration::from_micros(kill.dead_us));
+    }
+    (timeline, bad)
+}
+
+/// S1 and S2 over the lines and kills, and every line that makes no sense: empty means safe.
+pub fn violations(lines: &[Line], kills: &[Kill]) -> Vec<String> {
+    let (timeline, mut bad) = timeline(lines, kills);
+    bad.extend(timeline.violations());
+    bad
+}
+
+/// What each process holds after all of `lines` (killed processes hold nothing).
+pub fn holdings(lines: &[Line], kills: &[Kill]) -> BTreeMap<usize, BTreeSet<u32>> {
+    let (timeline, _) = timeline(lines, kills);
+    timeline
+        .holdings()
+        .into_iter()
+        .filter_map(|(proc, held)| Some((proc.parse().ok()?, held)))
+        .collect()
+}
+
+/// L1 and L2 over the processes `live`: every bucket of `0..buckets` is held by exactly one of
+/// them, and each holds ⌊B/n⌋ or ⌈B/n⌉. Others are ignored (a stopped process still believes
+/// what it last said). `Err` says what is missing.
+pub fn converged(
+    held: &BTreeMap<usize, BTreeSet<u32>>,
+    live: &[usize],
+    buckets: u32,
+) -> Result<(), String> {
+    let n = u32::try_from(live.len()).expect("few members");
+    assert!(n > 0, "no live member");
+    let mut owner: BTreeMap<u32, usize> = BTreeMap::new();
+    let mut counts = Vec::new();
+    for &p in live {
+        let set = held.get(&p).cloned().unwrap_or_default();
+        counts.push((p, set.len()));
+        for b in set {
+            if let Some(other) = owner.insert(b, p) {
+                return Err(format!("bucket {b} held by both {other} and {p}"));
+            }
+        }
+    }
+    let unowned = (0..buckets).filter(|b| !owner.contains_key(b)).count();
+    if unowned > 0 {
+        return Err(format!("{unowned} buckets unowned; counts {counts:?}"));
+    }
+    let (lo, hi) = (buckets / n, buckets.div_ceil(n));
+    let lo = usize::try_from(lo).expect("fits");
+    let hi = usize::try_from(hi).expect("fits");
+    if counts.iter().any(|(_, c)| *c < lo || *c > hi) {
+        return Err(format!("not balanced ({lo}..={hi}): {counts:?}"));
+    }
+    Ok(())
+}
 
 pub const HEARTBEAT: Duration = Duration::from_millis(100);
 pub const TTL: Duration = Duration::from_secs(1);
@@ -299,7 +425,7 @@ impl Group {
     }
 
     pub fn holdings(&self) -> BTreeMap<usize, BTreeSet<u32>> {
-        checker::holdings(&self.timeline.lines(), &self.kills)
+        holdings(&self.timeline.lines(), &self.kills)
     }
 
     /// Waits until the live processes hold every bucket, balanced within one (L1, L2), and
@@ -340,8 +466,8 @@ impl Group {
         let deadline = Instant::now() + limit;
         loop {
             let lines = self.timeline.lines();
-            let held = checker::holdings(&lines, &self.kills);
-            let state = checker::converged(&held, &live, self.buckets);
+            let held = holdings(&lines, &self.kills);
+            let state = converged(&held, &live, self.buckets);
             if state.is_ok() {
                 let last_change_us = lines
                     .iter()
@@ -365,13 +491,11 @@ impl Group {
         }
     }
 
-    /// S1 and S2 over everything seen so far; panics with the violations. Returns the intervals.
-    pub fn check_safety(&self) -> BTreeMap<u32, Vec<Interval>> {
+    /// S1 and S2 over everything seen so far; panics with the violations.
+    pub fn check_safety(&self) {
         let garbage = self.timeline.garbage();
         assert!(garbage.is_empty(), "lines that are not JSON: {garbage:?}");
-        let all = checker::intervals(&self.timeline.lines(), &self.kills)
-            .unwrap_or_else(|e| panic!("{}: {e}", self.name));
-        let bad = checker::violations(&all);
+        let bad = violations(&self.timeline.lines(), &self.kills);
         assert!(
             bad.is_empty(),
             "{}: {} violations:\n{}",
@@ -379,7 +503,6 @@ impl Group {
             bad.len(),
             bad.join("\n")
         );
-        all
     }
 
     /// Lines of process `p` from index `from` of the timeline on.
@@ -418,8 +541,8 @@ impl Group {
     }
 
     /// SIGTERM to every live process: each leaves gracefully (exit 0, a clean `left` line);
-    /// then the final S1/S2 check. Returns the intervals.
-    pub fn shutdown(&mut self) -> BTreeMap<u32, Vec<Interval>> {
+    /// then the final S1/S2 check.
+    pub fn shutdown(&mut self) {
         self.assert_healthy();
         let live = self.live();
         for &p in &live {
@@ -443,13 +566,87 @@ impl Group {
             assert_eq!(last.value["clean"], true, "{}", self.procs[p].id);
         }
         // Everything was handed back.
-        let held = checker::holdings(&lines, &self.kills);
+        let held = holdings(&lines, &self.kills);
         assert!(held.values().all(BTreeSet::is_empty), "{held:?}");
         self.check_safety()
     }
 }
 
 pub use super::process::{command, run_cmd as run};
+
+/// The adapter from lines to the checker: a test that it cannot pass what it should catch.
+#[test]
+fn the_checker_catches_overlaps_stale_tokens_and_imbalance() {
+    fn line(proc: usize, event: &str, bucket: u32, token: u64, at: u64) -> Line {
+        let value =
+            serde_json::json!({"event": event, "bucket": bucket, "token": token, "at_us": at});
+        Line {
+            proc,
+            recv_us: at,
+            value,
+        }
+    }
+    // Handed over cleanly: no violation.
+    let ok = [
+        line(0, "acquired", 0, 5, 100),
+        line(0, "revoked", 0, 5, 200),
+        line(0, "released", 0, 5, 201),
+        line(1, "acquired", 0, 6, 200),
+    ];
+    assert!(
+        violations(&ok, &[]).is_empty(),
+        "{:?}",
+        violations(&ok, &[])
+    );
+    // Acquired before the other lost it.
+    let overlap = [
+        line(0, "acquired", 0, 5, 100),
+        line(1, "acquired", 0, 6, 150),
+        line(0, "lost", 0, 5, 160),
+    ];
+    let v = violations(&overlap, &[]);
+    assert!(v.len() == 1 && v[0].starts_with("S1"), "{v:?}");
+    // Never ended, and a smaller token.
+    let stale = [
+        line(0, "acquired", 0, 5, 100),
+        line(1, "acquired", 0, 4, 150),
+    ];
+    assert_eq!(violations(&stale, &[]).len(), 2);
+    // A kill ends ownership at the reap time.
+    let killed = [
+        line(0, "acquired", 0, 5, 100),
+        line(1, "acquired", 0, 6, 150),
+    ];
+    let kill = Kill {
+        proc: 0,
+        dead_us: 140,
+    };
+    assert!(violations(&killed, &[kill]).is_empty());
+    assert!(!violations(
+        &killed,
+        &[Kill {
+            dead_us: 151,
+            ..kill
+        }]
+    )
+    .is_empty());
+    // Nonsense streams.
+    assert_eq!(violations(&[line(0, "lost", 1, 1, 1)], &[]).len(), 1);
+    let mut no_token = line(0, "acquired", 1, 1, 1);
+    no_token.value["token"] = serde_json::Value::Null;
+    assert_eq!(violations(&[no_token], &[]).len(), 1);
+    // Balance: 3 buckets over 2 processes; a killed process holds nothing.
+    let lines = [
+        line(0, "acquired", 0, 1, 1),
+        line(0, "acquired", 1, 1, 1),
+        line(1, "acquired", 2, 1, 1),
+    ];
+    let held = holdings(&lines, &[]);
+    assert!(converged(&held, &[0, 1], 3).is_ok());
+    assert!(converged(&held, &[0, 1, 2], 3).is_err());
+    assert!(converged(&held, &[0, 1], 4).is_err());
+    assert!(!holdings(&lines, &[kill]).contains_key(&0));
+}
 
 /// `status --json` for a group: what Redis says, to cross-check the streams.
 pub fn status(url: &str, group: &str) -> Value {

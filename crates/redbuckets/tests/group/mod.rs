@@ -1,6 +1,8 @@
-//! The members of one group under test, whatever their store: their events on one timeline
+//! The members of one group under test, whatever their store: their events in one log
 //! (checked for S1 and S2 at every collect), their counts, balance and exclusive ownership.
-//! `ctx` is what a test file needs to add members (a store, a URL); it adds `join` itself.
+//! `ctx` is what a test file needs to add members (a store, a URL); it adds `join` itself (an
+//! inherent impl on its `Members<Ctx>` alias, which is why this stays in the library's tests
+//! and not in the testkit).
 #![allow(dead_code)]
 
 use std::time::Duration;
@@ -9,23 +11,31 @@ use redbuckets::{Event, Member};
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
-use crate::checker::Timeline;
+use redbuckets_testkit::EventLog;
 
+/// Started members of one group, their event receivers and the log of their events.
+#[derive(Debug)]
 pub struct Members<C> {
+    /// What the test file needs to add members (a store, a URL).
     pub ctx: C,
+    /// The members, in the order added.
     pub members: Vec<Member>,
+    /// One receiver per member added, with its id.
     pub receivers: Vec<(String, broadcast::Receiver<Event>)>,
-    pub timeline: Timeline,
+    /// Every event collected so far.
+    pub timeline: EventLog,
+    /// The group's bucket count.
     pub buckets: u32,
 }
 
 impl<C> Members<C> {
+    /// No members yet.
     pub fn with(ctx: C, buckets: u32) -> Self {
         Members {
             ctx,
             members: Vec::new(),
             receivers: Vec::new(),
-            timeline: Timeline::default(),
+            timeline: EventLog::default(),
             buckets,
         }
     }

@@ -7,7 +7,7 @@
 //! - after every step, S1 through the members' own eyes (`buckets()`, and every valid lease
 //!   handle agrees with its member and with everyone else);
 //! - every half simulated second and at the end, S1/S2/S3 over the event timelines
-//!   (`checker::Timeline::check_safety`; a crash ends its member's ownership at the crash);
+//!   (the testkit's `EventLog`, i.e. `redbuckets::check`; a crash ends its member's ownership at the crash);
 //! - once faults heal and churn stops, L1/L2/C2 within [`Params::bound`]: every bucket owned,
 //!   counts within one, and the store agrees (no free bucket, owner records = members' views,
 //!   member list = live members); then that it stays so, and that a graceful leave of everyone
@@ -25,11 +25,11 @@ use futures_util::FutureExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use redbuckets::{Error, Event, GroupKey, Lease, Member, MemoryStore, Store};
+use redbuckets_testkit::EventLog;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, Instant};
 
-use crate::checker::Timeline;
 use faulty::{Counters, Faulty, Lie, Profile};
 
 /// The most members alive (or starting) at once.
@@ -277,7 +277,7 @@ struct World {
     starting: Vec<Starting>,
     stopping: Vec<Stopping>,
     receivers: Vec<(String, broadcast::Receiver<Event>)>,
-    timeline: Timeline,
+    timeline: EventLog,
     leases: Vec<HeldLease>,
     next_id: usize,
     generations: BTreeMap<String, u32>,
@@ -316,7 +316,7 @@ impl World {
             starting: Vec::new(),
             stopping: Vec::new(),
             receivers: Vec::new(),
-            timeline: Timeline::default(),
+            timeline: EventLog::default(),
             leases: Vec::new(),
             next_id: 0,
             generations: BTreeMap::new(),
@@ -902,9 +902,12 @@ impl World {
 
     fn check_timeline(&mut self) -> Result<(), String> {
         self.timeline_checked_at = Instant::now();
-        let timeline = &self.timeline;
-        std::panic::catch_unwind(AssertUnwindSafe(|| timeline.check_safety()))
-            .map_err(|panic| format!("timeline check: {}", panic_text(&*panic)))
+        let bad = self.timeline.violations();
+        if bad.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("timeline check: {}", bad.join("; ")))
+        }
     }
 
     /// S1 as the users see it, now: no bucket in two members' `buckets()`, and every valid

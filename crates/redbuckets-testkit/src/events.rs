@@ -1,0 +1,80 @@
+//! The members' events as the tests see them: every event in arrival order (for assertions
+//! about what happened) and the library's one S1/S2 checker ([`redbuckets::check`]) over them.
+
+use redbuckets::check::Timeline;
+use redbuckets::Event;
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+
+/// Every event of every member, in arrival order, checked for S1 and S2 on demand.
+#[derive(Debug, Default)]
+pub struct EventLog {
+    /// The events, each with its member's id.
+    pub events: Vec<(String, Event)>,
+    timeline: Timeline,
+}
+
+impl EventLog {
+    /// Drains whatever the receivers have buffered. Panics if one lagged: the check would be
+    /// incomplete.
+    pub fn collect(&mut self, receivers: &mut [(String, broadcast::Receiver<Event>)]) {
+        for (member, rx) in receivers.iter_mut() {
+            loop {
+                match rx.try_recv() {
+                    Ok(event) => self.push(member, event),
+                    Err(broadcast::error::TryRecvError::Empty) => break,
+                    Err(broadcast::error::TryRecvError::Closed) => break,
+                    Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                        panic!("the event log lagged {n} events of {member}")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records one event of `member`.
+    pub fn push(&mut self, member: &str, event: Event) {
+        self.timeline.push(member, &event);
+        self.events.push((member.to_string(), event));
+    }
+
+    /// `member` crashed at `at`: whatever it owned, it stopped owning then.
+    pub fn crashed(&mut self, member: &str, at: Instant) {
+        self.timeline.crash(member, at);
+    }
+
+    /// The checker's view: intervals, holdings, unowned time.
+    pub fn timeline(&self) -> &Timeline {
+        &self.timeline
+    }
+
+    /// Every S1/S2 violation so far, as text (empty: safe).
+    pub fn violations(&self) -> Vec<String> {
+        self.timeline.violations()
+    }
+
+    /// Panics listing every S1/S2 violation so far.
+    pub fn check_safety(&self) {
+        let bad = self.violations();
+        assert!(
+            bad.is_empty(),
+            "{} safety violations:\n{}",
+            bad.len(),
+            bad.join("\n")
+        );
+    }
+
+    /// Number of grants since event `from`.
+    pub fn acquisitions_since(&self, from: usize) -> usize {
+        self.grant_tokens_since(from).len()
+    }
+
+    /// The tokens of the grants since event `from`, in arrival order.
+    pub fn grant_tokens_since(&self, from: usize) -> Vec<u64> {
+        self.events[from..]
+            .iter()
+            .filter(|(_, e)| matches!(e, Event::Acquired { .. }))
+            .map(|(_, e)| e.token())
+            .collect()
+    }
+}
