@@ -114,6 +114,7 @@ pub struct Digest {
     owners: Vec<Option<String>>,
     members: Vec<(String, u32, u32)>,
     warming_up: bool,
+    stale: bool,
 }
 
 /// The [`Digest`] of a snapshot: equal digests draw the same picture.
@@ -131,6 +132,7 @@ pub fn digest(s: &GroupSnapshot) -> Digest {
             .map(|m| (m.id.clone(), m.held, m.committed))
             .collect(),
         warming_up: s.quarantine > Duration::ZERO,
+        stale: s.stale,
     }
 }
 

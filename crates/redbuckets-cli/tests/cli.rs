@@ -668,3 +668,95 @@ fn watch_prints_a_line_per_change_without_a_terminal() {
     let (code, _) = a.wait_exit(Duration::from_secs(10));
     assert_eq!(code, Some(0));
 }
+
+/// Issue 8, bug 2: `status` and `watch` only look. A member that crashed (its session expired
+/// but not purged yet) stays as it is, a stale group is named but not wiped, and no key of the
+/// group changes.
+#[test]
+fn status_and_watch_change_no_key() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let group = "look";
+    let tag = "{red-buckets:look}";
+    let mut a = Joined::spawn(
+        &redis,
+        group,
+        "a",
+        &["--buckets", "8", "--heartbeat", "100ms", "--ttl", "1s"],
+    );
+    a.wait_for("acquired", Duration::from_secs(10));
+    // A crash: the session stays until its expiry, which is set into the past by hand so
+    // nothing (the member's own heartbeat) can purge it first.
+    a.signal("-KILL");
+    let _ = a.wait_exit(Duration::from_secs(10));
+    redis.cli(&["ZADD", &format!("{tag}:exp"), "1", "a"]);
+    // Every key with its DUMP: any write would show.
+    let state = || {
+        let mut keys: Vec<String> = redis
+            .cli(&["KEYS", "*"])
+            .lines()
+            .map(str::to_string)
+            .collect();
+        keys.sort();
+        assert!(keys.len() >= 8, "the group's keys are gone: {keys:?}");
+        keys.iter()
+            .map(|k| format!("{k} {:?}\n", redis.cli(&["DUMP", k])))
+            .collect::<String>()
+    };
+    let before = state();
+
+    let r = run(
+        &["status", "--redis", &url, "--group", group],
+        Duration::from_secs(10),
+    );
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(
+        r.stdout.contains("0 members"),
+        "the expired member is left out: {r:?}"
+    );
+    assert!(r.stdout.contains("free buckets: 8"), "{r:?}");
+    assert_eq!(state(), before, "status changed a key");
+
+    let mut watch = command(&[
+        "watch",
+        "--redis",
+        &url,
+        "--group",
+        group,
+        "--interval",
+        "50ms",
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("spawn watch");
+    thread::sleep(Duration::from_millis(500));
+    let _ = Command::new("kill")
+        .args(["-INT", &watch.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while watch.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = watch.kill();
+            panic!("watch did not stop on SIGINT");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(state(), before, "watch changed a key");
+
+    // Data of another Redis process: said, and left alone.
+    redis.cli(&["HSET", &format!("{tag}:meta"), "run_id", "0123abcd"]);
+    let before = state();
+    let r = run(
+        &["status", "--redis", &url, "--group", group, "--check"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(
+        r.stdout
+            .contains("stale: the group's data was written by another Redis process"),
+        "{r:?}"
+    );
+    assert!(r.stderr.contains("check failed: stale"), "{r:?}");
+    assert_eq!(state(), before, "status of a stale group changed a key");
+}

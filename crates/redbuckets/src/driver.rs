@@ -564,8 +564,10 @@ impl<S: Store> Driver<S> {
         )
         .await
         {
-            Ok(Some(snapshot)) => snapshot,
-            Ok(None) => {
+            // A stale group (written by another Redis process) counts as gone: its owners may be
+            // out of date, and the next registration re-creates it.
+            Ok(Some(snapshot)) if !snapshot.stale => snapshot,
+            Ok(_) => {
                 self.session_gone(Instant::now());
                 return;
             }

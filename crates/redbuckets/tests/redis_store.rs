@@ -954,3 +954,145 @@ async fn a_call_that_fails_on_foreign_data_changes_nothing() {
     let r = store.rebalance(&g, &a, 8).await.expect("rebalance");
     assert!(matches!(r.action, Action::Acquired { ref buckets, .. } if buckets.len() == 8));
 }
+
+/// Every key on the server with its DUMP, to show that a call changed nothing at all.
+async fn dump_all(con: &mut redis::aio::MultiplexedConnection) -> BTreeMap<String, Vec<u8>> {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(con)
+        .await
+        .expect("KEYS");
+    let mut all = BTreeMap::new();
+    for key in keys {
+        let dump: Vec<u8> = redis::cmd("DUMP")
+            .arg(&key)
+            .query_async(con)
+            .await
+            .expect("DUMP");
+        all.insert(key, dump);
+    }
+    all
+}
+
+/// Fails naming the keys that differ (a DUMP is long).
+fn assert_unchanged(
+    before: &BTreeMap<String, Vec<u8>>,
+    after: &BTreeMap<String, Vec<u8>>,
+    what: &str,
+) {
+    let changed: Vec<&String> = before
+        .keys()
+        .chain(after.keys())
+        .filter(|k| before.get(*k) != after.get(*k))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert!(changed.is_empty(), "{what} changed {changed:?}");
+}
+
+/// A group of 8 buckets where a and b hold 4 each, and b's session has expired but is not
+/// purged yet (its expiry set into the past by hand, so no call had a chance to purge it).
+async fn group_with_an_expired_member(
+    store: &RedisStore,
+    con: &mut redis::aio::MultiplexedConnection,
+    g: &GroupKey,
+) -> (SessionRef, SessionRef) {
+    let (a, b) = (session("a", "1"), session("b", "1"));
+    for s in [&a, &b] {
+        store
+            .register(g, &request(s, 1, 8))
+            .await
+            .expect("register");
+    }
+    lift_quarantine(con, g).await;
+    for s in [&a, &b] {
+        let r = store.rebalance(g, s, 8).await.expect("rebalance");
+        assert!(
+            matches!(r.action, Action::Acquired { ref buckets, .. } if buckets.len() == 4),
+            "{r:?}"
+        );
+    }
+    redis_cmd(con, &["ZADD", &format!("{}:exp", g.tag()), "1", "b"]).await;
+    (a, b)
+}
+
+/// Issue 8, bug 2: looking at a group never changes it. The snapshot neither purges, nor
+/// publishes, nor wipes a group written by another Redis process; it shows the group as the
+/// purge would leave it, and says when the data is stale.
+#[tokio::test]
+async fn a_snapshot_changes_no_key_and_publishes_nothing() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let mut con = raw(&server.url()).await;
+    let g = GroupKey::new("t", "look");
+    let (a, _b) = group_with_an_expired_member(&store, &mut con, &g).await;
+    let mut notices = store.subscribe(&g).await.expect("subscribe");
+    let stored_ver = redis_cmd(&mut con, &["HGET", "{t:look}:meta", "ver"]).await;
+
+    let before = dump_all(&mut con).await;
+    let seen = store.snapshot(&g).await.expect("snapshot").expect("group");
+    assert_unchanged(&before, &dump_all(&mut con).await, "the snapshot");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), notices.next())
+            .await
+            .is_err(),
+        "the snapshot published a notice"
+    );
+    let ids: Vec<&str> = seen.members.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, ["a"], "the expired member is left out");
+    assert_eq!(seen.free(), 4, "its buckets are shown free");
+    assert!(seen.owners.iter().flatten().all(|o| o.member == "a"));
+    assert!(!seen.stale);
+    let redis::Value::BulkString(ver) = stored_ver else {
+        panic!("ver: {stored_ver:?}");
+    };
+    let ver: u64 = String::from_utf8_lossy(&ver).parse().expect("ver");
+    assert_eq!(seen.version, ver + 1, "the version the purge will give");
+
+    // The purge, when a call makes it, leaves what the snapshot showed, and publishes.
+    assert!(store.heartbeat(&g, &a, TTL).await.expect("heartbeat").alive);
+    tokio::time::timeout(Duration::from_secs(2), notices.next())
+        .await
+        .expect("the purge publishes")
+        .expect("a notice");
+    let after = store.snapshot(&g).await.expect("snapshot").expect("group");
+    assert_eq!(after.version, seen.version);
+    assert_eq!(after.owners, seen.owners);
+
+    // Data written by another Redis process: said, not wiped.
+    redis_cmd(&mut con, &["HSET", "{t:look}:meta", "run_id", "0123abcd"]).await;
+    let before = dump_all(&mut con).await;
+    let stale = store.snapshot(&g).await.expect("snapshot").expect("group");
+    assert!(stale.stale, "a run_id of another process is stale");
+    assert_eq!(stale.owners, after.owners);
+    assert_unchanged(
+        &before,
+        &dump_all(&mut con).await,
+        "the snapshot of a stale group",
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), notices.next())
+            .await
+            .is_err(),
+        "the snapshot of a stale group published a notice"
+    );
+}
+
+/// Issue 8, bug 3: with a foreign type under `:free`, the snapshot reports corrupt state and
+/// deletes nothing (it used to purge, deleting owner records, before it failed).
+#[tokio::test]
+async fn a_snapshot_over_a_foreign_free_key_deletes_nothing() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let mut con = raw(&server.url()).await;
+    let g = GroupKey::new("t", "foreign-free");
+    group_with_an_expired_member(&store, &mut con, &g).await;
+    redis_cmd(&mut con, &["DEL", "{t:foreign-free}:free"]).await;
+    redis_cmd(&mut con, &["SET", "{t:foreign-free}:free", "garbage"]).await;
+    let owners = redis_cmd(&mut con, &["HLEN", "{t:foreign-free}:owner"]).await;
+    assert_eq!(owners, redis::Value::Int(8));
+
+    let before = dump_all(&mut con).await;
+    expect_corrupt("snapshot", store.snapshot(&g).await, "free");
+    assert_unchanged(&before, &dump_all(&mut con).await, "the failed snapshot");
+}

@@ -12,6 +12,12 @@ use crate::analysis::{analyze, Analysis};
 use crate::render::fmt_duration;
 use crate::StatusArgs;
 
+/// What `status` says of a group whose data another Redis process wrote
+/// ([`GroupSnapshot::stale`]).
+const STALE: &str = "stale: the group's data was written by another Redis process (a restart \
+     that reloaded saved data, or a failover); its owners may be out of date. Nothing was \
+     changed: the next registration or rebalance re-creates the group, with its quarantine";
+
 pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let key = group_key(&args.group);
     let url = &args.group.redis;
@@ -41,7 +47,10 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     } else {
         print!("{}", to_text(&key.name, &key.prefix, &snapshot, &analysis));
     }
-    if args.check && !analysis.problems.is_empty() {
+    if args.check && (snapshot.stale || !analysis.problems.is_empty()) {
+        if snapshot.stale {
+            eprintln!("check failed: {STALE}");
+        }
         for p in &analysis.problems {
             eprintln!("check failed: {p}");
         }
@@ -58,6 +67,7 @@ fn to_json(group: &str, prefix: &str, s: &GroupSnapshot, a: &Analysis) -> serde_
         "protocol": s.protocol,
         "version": s.version,
         "quarantine_ms": millis(s.quarantine),
+        "stale": s.stale,
         "free": a.free,
         "balance": {
             "min": a.min.as_ref().map(|m| m.0),
@@ -74,7 +84,7 @@ fn to_json(group: &str, prefix: &str, s: &GroupSnapshot, a: &Analysis) -> serde_
             "expires_in_ms": millis(m.expires_in),
             "session_age_ms": millis(m.session_age),
         })).collect::<Vec<_>>(),
-        "ok": a.problems.is_empty(),
+        "ok": !s.stale && a.problems.is_empty(),
         "problems": a.problems,
     })
 }
@@ -90,6 +100,9 @@ fn to_text(group: &str, prefix: &str, s: &GroupSnapshot, a: &Analysis) -> String
         if s.members.len() == 1 { "" } else { "s" },
         s.version
     );
+    if s.stale {
+        let _ = writeln!(out, "{STALE}");
+    }
     if !s.quarantine.is_zero() {
         let _ = writeln!(
             out,
@@ -130,7 +143,9 @@ fn to_text(group: &str, prefix: &str, s: &GroupSnapshot, a: &Analysis) -> String
             );
         }
     }
-    if a.problems.is_empty() {
+    if s.stale {
+        // Said above; "ok" would mislead.
+    } else if a.problems.is_empty() {
         let _ = writeln!(out, "ok: every bucket is owned and the load is balanced");
     } else {
         for p in &a.problems {

@@ -65,7 +65,11 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
                 last_size = size;
                 if tty {
                     let a = analyze(&snapshot);
-                    let state = if !snapshot.quarantine.is_zero() {
+                    let state = if snapshot.stale {
+                        "stale: written by another Redis process (restart or failover); \
+                         re-created at the next registration"
+                            .to_string()
+                    } else if !snapshot.quarantine.is_zero() {
                         format!(
                             "warming up: grants start in {}",
                             fmt_duration(snapshot.quarantine)
@@ -87,7 +91,8 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
                     let frame = render::frame(&header, &snapshot, &mut palette, size);
                     print!("{}{frame}", render::CLEAR);
                 } else {
-                    println!("{} {}", timestamp(), render::summary_line(&snapshot));
+                    let stale = if snapshot.stale { "STALE " } else { "" };
+                    println!("{} {stale}{}", timestamp(), render::summary_line(&snapshot));
                 }
             }
             Ok(None) => {

@@ -403,21 +403,19 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    /// Read-only, as snapshot.lua: nothing is purged and nobody notified; the group is shown as
+    /// the next purge would leave it (expired members left out, their buckets free, the version
+    /// bumped once per such member).
     async fn snapshot(&self, group: &GroupKey) -> Result<Option<GroupSnapshot>, Error> {
         let now = Instant::now();
-        let mut inner = self.lock();
-        let Some(state) = inner.groups.get_mut(group) else {
-            return Ok(None);
-        };
-        if state.purge(now) {
-            inner.notify(group);
-        }
+        let inner = self.lock();
         let Some(state) = inner.groups.get(group) else {
             return Ok(None);
         };
-        let members = state
-            .members
-            .iter()
+        let (live, dead): (Vec<_>, Vec<_>) =
+            state.members.iter().partition(|(_, m)| m.expires > now);
+        let members = live
+            .into_iter()
             .map(|(id, m)| MemberInfo {
                 id: id.clone(),
                 session: m.session.clone(),
@@ -428,7 +426,7 @@ impl Store for MemoryStore {
                 session_age: now.saturating_duration_since(m.since),
             })
             .collect();
-        let owners = state
+        let mut owners: Vec<Option<Owner>> = state
             .owners
             .iter()
             .map(|o| {
@@ -438,10 +436,17 @@ impl Store for MemoryStore {
                 })
             })
             .collect();
+        for (_, m) in &dead {
+            for &b in &m.held {
+                if let Some(slot) = owners.get_mut(b as usize) {
+                    *slot = None;
+                }
+            }
+        }
         Ok(Some(GroupSnapshot {
             buckets: state.buckets,
             protocol: PROTOCOL_VERSION,
-            version: state.version,
+            version: state.version + dead.len() as u64,
             members,
             owners,
             quarantine: state.grant_after.saturating_duration_since(now),
@@ -548,5 +553,58 @@ mod tests {
             .map(|m| m.id)
             .collect();
         assert_eq!(members, ["c"]);
+    }
+
+    /// Issue 8, bug 2: a snapshot neither purges nor notifies; it shows the group as the purge
+    /// would leave it, and the purge, when a call makes it, leaves exactly that.
+    #[tokio::test(start_paused = true)]
+    async fn a_snapshot_does_not_purge_or_notify() {
+        let store = MemoryStore::new();
+        let g = GroupKey::new("p", "g");
+        let (a, b) = (request("a", "a1"), request("b", "b1"));
+        let ttl = a.ttl;
+        for r in [&a, &b] {
+            store.register(&g, r).await.unwrap();
+        }
+        // Past the quarantine, with both sessions renewed on the way.
+        tokio::time::advance(ttl * 3 / 5).await;
+        for r in [&a, &b] {
+            assert!(store.heartbeat(&g, &r.session, ttl).await.unwrap().alive);
+        }
+        tokio::time::advance(ttl * 3 / 5).await;
+        for r in [&a, &b] {
+            let reply = store.rebalance(&g, &r.session, u32::MAX).await.unwrap();
+            assert!(matches!(reply.action, Action::Acquired { .. }), "{reply:?}");
+        }
+        assert!(store.heartbeat(&g, &a.session, ttl).await.unwrap().alive);
+        // b's session ends; a's does not.
+        tokio::time::advance(ttl * 3 / 5).await;
+        let mut notices = store.subscribe(&g).await.unwrap();
+        let before = store.lock().groups[&g].version;
+
+        let seen = store.snapshot(&g).await.unwrap().unwrap();
+        assert_eq!(store.snapshot(&g).await.unwrap().as_ref(), Some(&seen));
+        assert_eq!(drain(&mut notices), 0, "a snapshot notified");
+        {
+            let inner = store.lock();
+            let state = &inner.groups[&g];
+            assert!(state.members.contains_key("b"), "a snapshot purged b");
+            assert_eq!(state.version, before);
+            assert_eq!(state.free.len(), 0);
+        }
+        assert_eq!(seen.members.len(), 1);
+        assert_eq!(seen.members[0].id, "a");
+        assert_eq!(seen.version, before + 1);
+        assert_eq!(seen.free(), 4);
+        assert!(seen.owners.iter().flatten().all(|o| o.member == "a"));
+        assert!(!seen.stale);
+
+        // A heartbeat purges: the group then is what the snapshot showed.
+        assert!(store.heartbeat(&g, &a.session, ttl).await.unwrap().alive);
+        assert_eq!(drain(&mut notices), 1);
+        let after = store.snapshot(&g).await.unwrap().unwrap();
+        assert_eq!(after.version, seen.version);
+        assert_eq!(after.owners, seen.owners);
+        assert_eq!(after.members.len(), 1);
     }
 }

@@ -15,7 +15,7 @@
 //!   during its first ttl, so any member still holding leases from before the loss has passed its
 //!   local deadline (S3) before the buckets can be granted again.
 //! - **Purge.** Expired sessions are removed, with their buckets freed, by any call that touches
-//!   the group (C2).
+//!   the group (C2), except [`Store::snapshot`], which only looks.
 //! - **Push.** Whenever buckets are freed or membership changes, subscribers are notified.
 
 pub(crate) mod memory;
@@ -305,7 +305,10 @@ pub trait Store: Clone + Send + Sync + 'static {
         session: &SessionRef,
     ) -> impl Future<Output = Result<(), Error>> + Send;
 
-    /// Reads the whole group, or `None` if it does not exist.
+    /// Reads the whole group, or `None` if it does not exist. Read-only: it purges nothing,
+    /// notifies nobody and re-creates nothing, so status tools may call it freely. It shows the
+    /// group as the next purge will leave it (members whose session expired are left out and
+    /// their buckets free), and sets [`GroupSnapshot::stale`] when the data may be stale.
     fn snapshot(
         &self,
         group: &GroupKey,

@@ -1,15 +1,41 @@
--- snapshot: no further arguments. Returns {} when the group does not exist, else
+-- snapshot: no further arguments. Read-only: it never purges, publishes or wipes (redis/mod.rs
+-- runs it with the no-writes flag, so Redis refuses any write), because looking at a group
+-- (`redbuckets status`, `watch`, a member's resync) must never change it.
+-- Returns {} when the group does not exist, else
 -- {buckets, protocol, ver, quarantine_us, {member, nonce, weight, held, committed,
---  expires_in_ms, age_ms}..., owner_flat, stale} where owner_flat is HGETALL of the owner hash
--- and stale is 0 (a stale group is wiped above).
-local meta = load_current_meta()
+--  expires_in_ms, age_ms}..., owner_flat, stale} where owner_flat is the owner hash as
+-- bucket, record pairs. It shows the group as the next purge would leave it: members whose
+-- session expired are left out, the buckets that purge would free are left out of owner_flat,
+-- and ver counts their removal. stale is 1 when the group's data was written by another Redis
+-- process (load_current_meta): the data is shown as stored, and the next registration or
+-- rebalance re-creates the group.
+local meta = load_meta()
 if not meta then
   return {}
 end
+-- Check first, as the writing scripts do: a foreign type is a corrupt-state error.
+check_types(nil)
+local stale = 0
+if redis.call('HGET', K_META, 'run_id') ~= server_run_id() then
+  stale = 1
+end
 local now = server_now_us()
 local now_ms = idiv(now, 1000)
-if purge(meta, now_ms) > 0 then
-  publish()
+
+-- What purge() would free (common.lua free_buckets): each expired member's held buckets whose
+-- owner record names that member, or nobody.
+local dead = redis.call('ZRANGEBYSCORE', K_EXP, '-inf', fmt(now_ms))
+local freed = {}
+for _, m in ipairs(dead) do
+  local hk = held_key(m)
+  check_type(hk, 'set')
+  for _, b in ipairs(redis.call('SMEMBERS', hk)) do
+    local record = redis.call('HGET', K_OWNER, b)
+    local named = owner_member(record)
+    if not record or named == nil or named == m then
+      freed[b] = true
+    end
+  end
 end
 
 local members = {}
@@ -32,12 +58,23 @@ for i = 1, #flat, 2 do
     fmt(age),
   }
 end
+
+local owners = {}
+local all = redis.call('HGETALL', K_OWNER)
+for i = 1, #all, 2 do
+  if not freed[all[i]] then
+    owners[#owners + 1] = all[i]
+    owners[#owners + 1] = all[i + 1]
+  end
+end
+
 return {
   fmt(meta.buckets),
   fmt(meta.protocol),
-  fmt(meta.ver),
+  -- purge bumps the version once per member it removes.
+  fmt(meta.ver + #dead),
   fmt(math.max(meta.grant_after - now, 0)),
   members,
-  redis.call('HGETALL', K_OWNER),
-  0,
+  owners,
+  stale,
 }

@@ -93,7 +93,12 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     rebalance: script(include_str!("../lua/rebalance.lua")),
     release: script(include_str!("../lua/release.lua")),
     deregister: script(include_str!("../lua/deregister.lua")),
-    snapshot: script(include_str!("../lua/snapshot.lua")),
+    // Flagged no-writes: Redis itself refuses any write in it, so looking never changes the
+    // group. The flag must be the script's first line.
+    snapshot: Script::new(&format!(
+        "#!lua flags=no-writes\n{COMMON}\n{}",
+        include_str!("../lua/snapshot.lua")
+    )),
 });
 
 /// The store on Redis (≥ 7.0): each [`Store`] call is one Lua script, run atomically with the
