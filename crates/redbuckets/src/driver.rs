@@ -283,6 +283,12 @@ impl<S: Store> Driver<S> {
     }
 
     fn report(&self, error: Error) {
+        if self.abort.is_cancelled() {
+            // Aborted: the call was dropped on purpose (`call` returns `Error::Shutdown`), and
+            // nobody waits for this member any more. Not an error to report.
+            tracing::debug!(error = %error, "after the abort");
+            return;
+        }
         tracing::warn!(error = %error, "redbuckets error");
         {
             let mut local = self.shared.lock();
@@ -948,5 +954,40 @@ mod tests {
             );
         }
         assert!(member.buckets().is_empty());
+    }
+
+    /// Regression (issue 8, bug 5; issue 9, 6): aborting a member whose store call hangs
+    /// dropped the call with `Error::Shutdown`, which was reported, a WARN and an `on_error`
+    /// call, as if the store had failed.
+    #[tokio::test(start_paused = true)]
+    async fn an_abort_during_a_store_call_reports_no_error() {
+        let store = TestStore::default();
+        let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+        let seen = Arc::clone(&errors);
+        let member = Member::builder(store.clone(), "g")
+            .id("a")
+            .buckets(4)
+            .heartbeat(Duration::from_millis(100))
+            .ttl(TTL)
+            .on_error(move |e| {
+                seen.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(e.to_string())
+            })
+            .start()
+            .await
+            .expect("start");
+        tokio::time::sleep(TTL + Duration::from_secs(1)).await;
+        assert_eq!(member.buckets().len(), 4);
+        store.hang.store(true, Ordering::SeqCst);
+        // Until the member's next call (its renewal) hangs in the store.
+        while store.hanging.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let before = errors.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        member.abort();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let after = errors.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        assert_eq!(after, before, "errors reported after the abort");
     }
 }
