@@ -8,10 +8,14 @@
 //! - `events` — [`EventLog`]: members' events in arrival order, checked for S1/S2 by the
 //!   library's one checker, [`redbuckets::check`] (the CLI's demo runs it too, which is why it
 //!   lives in the library and not here).
+//! - `intercept` — [`Intercepted`]: one generic [`redbuckets::Store`] wrapper that hands each of
+//!   the seven calls to a test's [`Intercept`] hook (fail, delay, count, lose or rewrite).
 #![deny(missing_docs, missing_debug_implementations)]
 
 mod events;
+mod intercept;
 mod redis;
 
 pub use events::EventLog;
+pub use intercept::{Call, Intercept, Intercepted, Reply};
 pub use redis::{RedisServer, Sentinel};

@@ -8,12 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use group::Members;
-use redbuckets::store::{
-    GroupKey, HeartbeatReply, Notifications, RebalanceReply, RegisterRequest, Registration,
-    SessionRef,
-};
-use redbuckets::{Error, Event, GroupSnapshot, LostReason, Member, MemoryStore, Store};
-use redbuckets_testkit::EventLog;
+use redbuckets::store::GroupKey;
+use redbuckets::{Error, Event, LostReason, Member, MemoryStore, Store};
+use redbuckets_testkit::{Call, EventLog, Intercept, Intercepted, Reply};
 use tokio::time::{sleep, Instant};
 
 const HEARTBEAT: Duration = Duration::from_millis(100);
@@ -21,29 +18,26 @@ const TTL: Duration = Duration::from_millis(1000);
 
 /// A store wrapper that can cut one member off (every call fails) to mimic a partition, or
 /// lose the replies of rebalance and release calls that did run (the outcome-unknown case).
-#[derive(Clone)]
-struct Cuttable {
-    inner: MemoryStore,
-    cut: Arc<AtomicBool>,
-    lose_replies: Arc<AtomicU32>,
+type Cuttable = Intercepted<MemoryStore, Cut>;
+
+/// The controls of a [`Cuttable`], reached through it.
+#[derive(Debug, Default)]
+struct Cut {
+    cut: AtomicBool,
+    lose_replies: AtomicU32,
     /// Heartbeat calls made through this wrapper.
-    heartbeats: Arc<AtomicU32>,
+    heartbeats: AtomicU32,
     /// Subscriptions fail: the member hears of nothing by push.
-    deaf: Arc<AtomicBool>,
+    deaf: AtomicBool,
 }
 
-impl Cuttable {
-    fn new(inner: &MemoryStore) -> Self {
-        Cuttable {
-            inner: inner.clone(),
-            cut: Arc::new(AtomicBool::new(false)),
-            lose_replies: Arc::new(AtomicU32::new(0)),
-            heartbeats: Arc::new(AtomicU32::new(0)),
-            deaf: Arc::new(AtomicBool::new(false)),
-        }
-    }
+fn cuttable(inner: &MemoryStore) -> Cuttable {
+    Intercepted::new(inner.clone(), Cut::default())
+}
+
+impl Cut {
     /// Err if a reply is to be lost (after the call ran).
-    fn lose_reply<T>(&self, reply: Result<T, Error>) -> Result<T, Error> {
+    fn lose_reply(&self, reply: Result<Reply, Error>) -> Result<Reply, Error> {
         let lose = self
             .lose_replies
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -57,59 +51,36 @@ impl Cuttable {
             reply
         }
     }
-    fn check(&self) -> Result<(), Error> {
-        if self.cut.load(Ordering::SeqCst) {
-            Err(Error::Unavailable {
-                detail: "partitioned by the test".into(),
-            })
-        } else {
-            Ok(())
-        }
-    }
 }
 
-impl Store for Cuttable {
-    async fn register(&self, g: &GroupKey, r: &RegisterRequest) -> Result<Registration, Error> {
-        self.check()?;
-        self.inner.register(g, r).await
-    }
-    async fn heartbeat(
-        &self,
-        g: &GroupKey,
-        s: &SessionRef,
-        ttl: Duration,
-    ) -> Result<HeartbeatReply, Error> {
-        self.heartbeats.fetch_add(1, Ordering::SeqCst);
-        self.check()?;
-        self.inner.heartbeat(g, s, ttl).await
-    }
-    async fn rebalance(
-        &self,
-        g: &GroupKey,
-        s: &SessionRef,
-        max: u32,
-    ) -> Result<RebalanceReply, Error> {
-        self.check()?;
-        self.lose_reply(self.inner.rebalance(g, s, max).await)
-    }
-    async fn release(&self, g: &GroupKey, s: &SessionRef, b: &[u32]) -> Result<u32, Error> {
-        self.check()?;
-        self.lose_reply(self.inner.release(g, s, b).await)
-    }
-    async fn deregister(&self, g: &GroupKey, s: &SessionRef) -> Result<(), Error> {
-        self.check()?;
-        self.inner.deregister(g, s).await
-    }
-    async fn snapshot(&self, g: &GroupKey) -> Result<Option<GroupSnapshot>, Error> {
-        self.inner.snapshot(g).await
-    }
-    async fn subscribe(&self, g: &GroupKey) -> Result<Notifications, Error> {
-        if self.deaf.load(Ordering::SeqCst) {
+impl Intercept<MemoryStore> for Cut {
+    async fn call(&self, inner: &MemoryStore, call: Call) -> Result<Reply, Error> {
+        match call {
+            Call::Heartbeat { .. } => {
+                self.heartbeats.fetch_add(1, Ordering::SeqCst);
+            }
+            // Reads and subscriptions are not cut.
+            Call::Snapshot { .. } => return call.run(inner.clone()).await,
+            Call::Subscribe { .. } if self.deaf.load(Ordering::SeqCst) => {
+                return Err(Error::Unavailable {
+                    detail: "no subscriptions in this test".into(),
+                })
+            }
+            Call::Subscribe { .. } => return call.run(inner.clone()).await,
+            _ => {}
+        }
+        if self.cut.load(Ordering::SeqCst) {
             return Err(Error::Unavailable {
-                detail: "no subscriptions in this test".into(),
+                detail: "partitioned by the test".into(),
             });
         }
-        self.inner.subscribe(g).await
+        let lossy = matches!(call, Call::Rebalance { .. } | Call::Release { .. });
+        let reply = call.run(inner.clone()).await;
+        if lossy {
+            self.lose_reply(reply)
+        } else {
+            reply
+        }
     }
 }
 
@@ -249,7 +220,7 @@ async fn steady_heartbeats(
     let store = MemoryStore::new();
     let mut members = Vec::new();
     for i in 0..3 {
-        let cut = Cuttable::new(&store);
+        let cut = cuttable(&store);
         cut.deaf.store(deaf, Ordering::SeqCst);
         let builder = Member::builder(cut.clone(), "g")
             .id(format!("m{i}"))
@@ -296,7 +267,7 @@ async fn without_notifications_a_leave_is_seen_within_a_heartbeat() {
     let store = MemoryStore::new();
     let mut members = Vec::new();
     for i in 0..3 {
-        let cut = Cuttable::new(&store);
+        let cut = cuttable(&store);
         cut.deaf.store(true, Ordering::SeqCst);
         members.push(start(cut, &format!("m{i}"), 30).await);
     }
@@ -320,7 +291,7 @@ async fn without_notifications_a_leave_is_seen_within_a_heartbeat() {
 #[tokio::test(start_paused = true)]
 async fn cut_off_member_reports_lost_before_its_session_expires() {
     let store = MemoryStore::new();
-    let cut = Cuttable::new(&store);
+    let cut = cuttable(&store);
     let a = start(cut.clone(), "a", 10).await;
     let b = start(store.clone(), "b", 10).await;
     let mut a_events = a.events();
@@ -510,7 +481,7 @@ async fn store_data_loss_is_survived_with_larger_tokens() {
 #[tokio::test(start_paused = true)]
 async fn lost_grant_replies_are_recovered() {
     let store = MemoryStore::new();
-    let lossy = Cuttable::new(&store);
+    let lossy = cuttable(&store);
     let a = start(lossy.clone(), "a", 20).await;
     let mut events = a.events();
     // The first grant's reply is lost: the store granted 20 buckets the member never heard of.
@@ -533,7 +504,7 @@ async fn lost_grant_replies_are_recovered() {
 #[tokio::test(start_paused = true)]
 async fn lost_release_decisions_and_replies_are_recovered() {
     let store = MemoryStore::new();
-    let lossy = Cuttable::new(&store);
+    let lossy = cuttable(&store);
     let a = start(lossy.clone(), "a", 20).await;
     sleep(TTL + HEARTBEAT).await;
     assert_eq!(a.buckets().len(), 20);
@@ -553,7 +524,7 @@ async fn lost_release_decisions_and_replies_are_recovered() {
 #[tokio::test(start_paused = true)]
 async fn errors_reach_the_error_hook_and_the_status() {
     let store = MemoryStore::new();
-    let cut = Cuttable::new(&store);
+    let cut = cuttable(&store);
     let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let hook_seen = Arc::clone(&seen);
     let a = Member::builder(cut.clone(), "g")
@@ -581,7 +552,7 @@ async fn errors_reach_the_error_hook_and_the_status() {
 /// returns the group's checker after `a` was cut off long enough for `b` to take its buckets.
 async fn cut_off_with_clock_rate(rate: f64) -> EventLog {
     let store = MemoryStore::new();
-    let cut = Cuttable::new(&store);
+    let cut = cuttable(&store);
     let mut config = redbuckets::Config::new("g");
     config.member_id = "a".into();
     config.buckets = 10;

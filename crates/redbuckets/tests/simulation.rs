@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redbuckets::Store as _;
+use redbuckets_testkit::{Call, Intercept, Intercepted, Reply};
 use sim::faulty::Lie;
 use sim::{Options, Outcome};
 
@@ -165,25 +166,26 @@ fn a_store_issuing_stale_tokens_is_caught() {
 /// the next reply whose action the first predicate picks is lost, then the next one the second
 /// picks, and so on. Right after the first loss, a member `joiner` registers (and never comes
 /// back: a process that joins and crashes).
-#[derive(Clone)]
-struct LoseReplies {
-    inner: redbuckets::MemoryStore,
-    plan: Arc<Mutex<Vec<PickAction>>>,
-    joiner: Arc<Mutex<Option<&'static str>>>,
+type LoseReplies = Intercepted<redbuckets::MemoryStore, Losses>;
+
+/// The controls of a [`LoseReplies`], reached through it.
+struct Losses {
+    plan: Mutex<Vec<PickAction>>,
+    joiner: Mutex<Option<&'static str>>,
 }
 
 /// Picks the rebalance actions whose replies get lost.
 type PickAction = fn(&redbuckets::store::Action) -> bool;
 
-impl LoseReplies {
-    fn new(inner: &redbuckets::MemoryStore, plan: Vec<PickAction>) -> Self {
-        LoseReplies {
-            inner: inner.clone(),
-            plan: Arc::new(Mutex::new(plan)),
-            joiner: Arc::new(Mutex::new(None)),
-        }
-    }
+fn lose_replies(inner: &redbuckets::MemoryStore, plan: Vec<PickAction>) -> LoseReplies {
+    let losses = Losses {
+        plan: Mutex::new(plan),
+        joiner: Mutex::new(None),
+    };
+    Intercepted::new(inner.clone(), losses)
+}
 
+impl Losses {
     fn all_lost(&self) -> bool {
         self.plan
             .lock()
@@ -192,32 +194,23 @@ impl LoseReplies {
     }
 }
 
-impl redbuckets::Store for LoseReplies {
-    async fn register(
+impl Intercept<redbuckets::MemoryStore> for Losses {
+    async fn call(
         &self,
-        g: &redbuckets::GroupKey,
-        r: &redbuckets::store::RegisterRequest,
-    ) -> Result<redbuckets::store::Registration, redbuckets::Error> {
-        self.inner.register(g, r).await
-    }
-    async fn heartbeat(
-        &self,
-        g: &redbuckets::GroupKey,
-        s: &redbuckets::store::SessionRef,
-        ttl: Duration,
-    ) -> Result<redbuckets::store::HeartbeatReply, redbuckets::Error> {
-        self.inner.heartbeat(g, s, ttl).await
-    }
-    async fn rebalance(
-        &self,
-        g: &redbuckets::GroupKey,
-        s: &redbuckets::store::SessionRef,
-        max: u32,
-    ) -> Result<redbuckets::store::RebalanceReply, redbuckets::Error> {
-        let reply = self.inner.rebalance(g, s, max).await?;
+        inner: &redbuckets::MemoryStore,
+        call: Call,
+    ) -> Result<Reply, redbuckets::Error> {
+        let group = match &call {
+            Call::Rebalance { group, .. } => group.clone(),
+            _ => return call.run(inner.clone()).await,
+        };
+        let reply = call.run(inner.clone()).await?;
+        let Reply::Rebalance(rebalanced) = &reply else {
+            return Ok(reply);
+        };
         let lost = {
             let mut plan = self.plan.lock().unwrap_or_else(|e| e.into_inner());
-            let lost = plan.first().is_some_and(|lose| lose(&reply.action));
+            let lost = plan.first().is_some_and(|lose| lose(&rebalanced.action));
             if lost {
                 plan.remove(0);
             }
@@ -232,40 +225,13 @@ impl redbuckets::Store for LoseReplies {
                 };
                 let req =
                     redbuckets::store::RegisterRequest::new(session, 1, 4, Duration::from_secs(1));
-                self.inner.register(g, &req).await?;
+                inner.register(&group, &req).await?;
             }
             return Err(redbuckets::Error::Unavailable {
                 detail: "reply lost after the step ran".into(),
             });
         }
         Ok(reply)
-    }
-    async fn release(
-        &self,
-        g: &redbuckets::GroupKey,
-        s: &redbuckets::store::SessionRef,
-        b: &[u32],
-    ) -> Result<u32, redbuckets::Error> {
-        self.inner.release(g, s, b).await
-    }
-    async fn deregister(
-        &self,
-        g: &redbuckets::GroupKey,
-        s: &redbuckets::store::SessionRef,
-    ) -> Result<(), redbuckets::Error> {
-        self.inner.deregister(g, s).await
-    }
-    async fn snapshot(
-        &self,
-        g: &redbuckets::GroupKey,
-    ) -> Result<Option<redbuckets::GroupSnapshot>, redbuckets::Error> {
-        self.inner.snapshot(g).await
-    }
-    async fn subscribe(
-        &self,
-        g: &redbuckets::GroupKey,
-    ) -> Result<redbuckets::store::Notifications, redbuckets::Error> {
-        self.inner.subscribe(g).await
     }
 }
 
@@ -311,7 +277,7 @@ async fn recorded(store: &redbuckets::MemoryStore) -> String {
 fn lost_grant_reply_does_not_orphan_buckets() {
     paused_runtime().block_on(async {
         let store = redbuckets::MemoryStore::new();
-        let lossy = LoseReplies::new(
+        let lossy = lose_replies(
             &store,
             vec![|action| matches!(action, redbuckets::store::Action::Acquired { .. })],
         );
@@ -336,7 +302,7 @@ fn lost_grant_reply_does_not_orphan_buckets() {
 fn lost_release_reply_does_not_block_balance() {
     paused_runtime().block_on(async {
         let store = redbuckets::MemoryStore::new();
-        let lossy = LoseReplies::new(
+        let lossy = lose_replies(
             &store,
             vec![|action| matches!(action, redbuckets::store::Action::Release(_))],
         );
@@ -368,7 +334,7 @@ fn lost_grant_then_lost_release_do_not_orphan_buckets() {
     init_tracing();
     paused_runtime().block_on(async {
         let store = redbuckets::MemoryStore::new();
-        let lossy = LoseReplies::new(&store, Vec::new());
+        let lossy = lose_replies(&store, Vec::new());
         let start = |id: &'static str| {
             redbuckets::Member::builder(lossy.clone(), "g")
                 .id(id)
@@ -449,7 +415,7 @@ fn real_time_stall_keeps_leases_on_a_paused_clock() {
 fn a_freeze_is_not_starved_while_calls_time_out() {
     paused_runtime().block_on(async {
         let store = redbuckets::MemoryStore::new();
-        let link = sim::faulty::Faulty::new(&store, 1, Lie::None, Arc::default());
+        let link = sim::faulty::faulty(&store, 1, Lie::None, Arc::default());
         let call_timeout = Duration::from_millis(100);
         let member = redbuckets::Member::builder(link.clone(), "g")
             .id("a")

@@ -1,5 +1,6 @@
 //! `Faulty`: a store wrapper, one per simulated member process, that injects faults at the store
-//! boundary — the only place a member meets the outside world.
+//! boundary — the only place a member meets the outside world. It is the testkit's
+//! `Intercepted` store with a [`Link`] as its hook.
 //!
 //! A call is modelled as a request on a wire and a reply coming back:
 //! - the request may fail before it is sent (`fail_before`), or be lost in a partition;
@@ -11,18 +12,15 @@
 //!
 //! Every random choice comes from the wrapper's own `StdRng`, seeded by the simulation.
 
-use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use redbuckets::store::{
-    Action, GroupKey, HeartbeatReply, Notifications, RebalanceReply, RegisterRequest, Registration,
-    SessionRef,
-};
-use redbuckets::{Error, GroupSnapshot, MemoryStore, Store};
+use redbuckets::store::{Action, GroupKey, HeartbeatReply, Notifications};
+use redbuckets::{Error, MemoryStore, Store};
+use redbuckets_testkit::{Call, Intercept, Intercepted, Reply};
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
@@ -105,10 +103,18 @@ struct Plan {
     heals: watch::Receiver<u64>,
 }
 
-/// The store as one member process sees it. Clones share the fault state.
+/// The store as one member process sees it: every call goes through its [`Link`].
+pub type Faulty = Intercepted<MemoryStore, Link>;
+
+/// A wrapper around `inner`, its faults drawn from `seed`.
+pub fn faulty(inner: &MemoryStore, seed: u64, lie: Lie, counters: Arc<Counters>) -> Faulty {
+    Intercepted::new(inner.clone(), Link::new(seed, lie, counters))
+}
+
+/// The faults of one member process's link to the store. Clones share the fault state (a
+/// request on the wire holds one).
 #[derive(Clone)]
-pub struct Faulty {
-    inner: MemoryStore,
+pub struct Link {
     ctl: Arc<Mutex<Control>>,
     /// One connection: requests reach the store in the order they were sent.
     wire: Arc<tokio::sync::Mutex<()>>,
@@ -123,7 +129,7 @@ pub struct Faulty {
     counters: Arc<Counters>,
 }
 
-/// Counts one call or request in [`Faulty::busy`] while it lives.
+/// Counts one call or request in [`Link::busy`] while it lives.
 struct Busy(Arc<AtomicUsize>);
 
 impl Busy {
@@ -145,11 +151,9 @@ fn unavailable(detail: &str) -> Error {
     }
 }
 
-impl Faulty {
-    /// A wrapper around `inner`, its faults drawn from `seed`.
-    pub fn new(inner: &MemoryStore, seed: u64, lie: Lie, counters: Arc<Counters>) -> Self {
-        Faulty {
-            inner: inner.clone(),
+impl Link {
+    fn new(seed: u64, lie: Lie, counters: Arc<Counters>) -> Self {
+        Link {
             ctl: Arc::new(Mutex::new(Control {
                 rng: StdRng::seed_from_u64(seed),
                 profile: Profile::CALM,
@@ -282,13 +286,32 @@ impl Faulty {
         }
     }
 
-    /// Sends one call (`name`) through the simulated wire.
-    async fn call<T, F, Fut>(&self, name: &'static str, op: F) -> Result<T, Error>
-    where
-        T: Send + 'static,
-        F: FnOnce(MemoryStore) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<T, Error>> + Send + 'static,
-    {
+    /// A subscription through the link: it breaks when the link does.
+    async fn subscribe(&self, inner: &MemoryStore, g: &GroupKey) -> Result<Reply, Error> {
+        if self.ctl().lie == Lie::Heartbeat {
+            // A liar never tells the member that anything changed.
+            let never = futures_util::stream::pending();
+            return Ok(Reply::Subscribe(Notifications::new(never)));
+        }
+        self.plan()?;
+        let inner = inner.subscribe(g).await?;
+        let mut breaks = self.breaks.subscribe();
+        breaks.borrow_and_update();
+        Ok(Reply::Subscribe(Notifications::new(
+            futures_util::stream::unfold((inner, breaks), |(mut inner, mut breaks)| async move {
+                tokio::select! {
+                    biased;
+                    _ = breaks.changed() => None,
+                    notice = inner.next() => notice.map(|()| ((), (inner, breaks))),
+                }
+            }),
+        )))
+    }
+
+    /// Sends one call through the simulated wire to `inner`.
+    async fn wire_call(&self, inner: &MemoryStore, call: Call) -> Result<Reply, Error> {
+        let name = call.name();
+        let inner = inner.clone();
         if name == "snapshot" {
             Counters::bump(&self.counters.snapshots);
         }
@@ -308,7 +331,7 @@ impl Faulty {
                 Counters::bump(&this.counters.partitioned);
                 return; // lost on the way
             }
-            let result = op(this.inner.clone()).await;
+            let result = call.run(inner).await;
             if tx.send(result).is_err() {
                 Counters::bump(&this.counters.ran_unheard);
                 if name == "register" {
@@ -331,101 +354,33 @@ impl Faulty {
     }
 }
 
-impl Store for Faulty {
-    async fn register(&self, g: &GroupKey, r: &RegisterRequest) -> Result<Registration, Error> {
-        let (g, r) = (g.clone(), r.clone());
-        self.call("register", move |s| async move { s.register(&g, &r).await })
-            .await
-    }
-
-    async fn heartbeat(
-        &self,
-        g: &GroupKey,
-        s: &SessionRef,
-        ttl: Duration,
-    ) -> Result<HeartbeatReply, Error> {
-        if self.ctl().lie == Lie::Heartbeat {
-            if let Some(reply) = self.ctl().replay {
-                return Ok(reply);
+impl Intercept<MemoryStore> for Link {
+    async fn call(&self, inner: &MemoryStore, call: Call) -> Result<Reply, Error> {
+        let lie = self.ctl().lie;
+        match call {
+            Call::Heartbeat { .. } if lie == Lie::Heartbeat => {
+                if let Some(reply) = self.ctl().replay {
+                    return Ok(Reply::Heartbeat(reply));
+                }
             }
+            Call::Subscribe { group } => return self.subscribe(inner, &group).await,
+            _ => {}
         }
-        let (g, s) = (g.clone(), s.clone());
-        let reply = self
-            .call("heartbeat", move |st| async move {
-                st.heartbeat(&g, &s, ttl).await
-            })
-            .await?;
-        let mut ctl = self.ctl();
-        if ctl.lie == Lie::Heartbeat && reply.alive && reply.free == 0 {
-            // From now on, every heartbeat "succeeds" with this reply.
-            ctl.replay = Some(reply);
-        }
-        Ok(reply)
-    }
-
-    async fn rebalance(
-        &self,
-        g: &GroupKey,
-        s: &SessionRef,
-        max: u32,
-    ) -> Result<RebalanceReply, Error> {
-        let (g, s) = (g.clone(), s.clone());
-        let mut reply = self
-            .call("rebalance", move |st| async move {
-                st.rebalance(&g, &s, max).await
-            })
-            .await?;
-        if self.ctl().lie == Lie::StaleTokens {
-            if let Action::Acquired { token, .. } = &mut reply.action {
-                *token = u64::MAX - *token;
-            }
-        }
-        Ok(reply)
-    }
-
-    async fn release(&self, g: &GroupKey, s: &SessionRef, b: &[u32]) -> Result<u32, Error> {
-        let (g, s, b) = (g.clone(), s.clone(), b.to_vec());
-        self.call(
-            "release",
-            move |st| async move { st.release(&g, &s, &b).await },
-        )
-        .await
-    }
-
-    async fn deregister(&self, g: &GroupKey, s: &SessionRef) -> Result<(), Error> {
-        let (g, s) = (g.clone(), s.clone());
-        self.call("deregister", move |st| async move {
-            st.deregister(&g, &s).await
-        })
-        .await
-    }
-
-    async fn snapshot(&self, g: &GroupKey) -> Result<Option<GroupSnapshot>, Error> {
         // Members read snapshots to resynchronise after a lost reply; those reads meet the
         // same faults as every other call.
-        let g = g.clone();
-        self.call("snapshot", move |st| async move { st.snapshot(&g).await })
-            .await
-    }
-
-    async fn subscribe(&self, g: &GroupKey) -> Result<Notifications, Error> {
-        if self.ctl().lie == Lie::Heartbeat {
-            // A liar never tells the member that anything changed.
-            return Ok(Notifications::new(futures_util::stream::pending()));
-        }
-        self.plan()?;
-        let inner = self.inner.subscribe(g).await?;
-        let mut breaks = self.breaks.subscribe();
-        breaks.borrow_and_update();
-        Ok(Notifications::new(futures_util::stream::unfold(
-            (inner, breaks),
-            |(mut inner, mut breaks)| async move {
-                tokio::select! {
-                    biased;
-                    _ = breaks.changed() => None,
-                    notice = inner.next() => notice.map(|()| ((), (inner, breaks))),
+        let mut reply = self.wire_call(inner, call).await?;
+        match &mut reply {
+            Reply::Heartbeat(beat) if lie == Lie::Heartbeat && beat.alive && beat.free == 0 => {
+                // From now on, every heartbeat "succeeds" with this reply.
+                self.ctl().replay = Some(*beat);
+            }
+            Reply::Rebalance(step) if lie == Lie::StaleTokens => {
+                if let Action::Acquired { token, .. } = &mut step.action {
+                    *token = u64::MAX - *token;
                 }
-            },
-        )))
+            }
+            _ => {}
+        }
+        Ok(reply)
     }
 }

@@ -517,7 +517,7 @@ impl World {
         } else {
             Lie::None
         };
-        let store = Faulty::new(&self.store, self.rng.gen(), lie, Arc::clone(&self.counters));
+        let store = faulty::faulty(&self.store, self.rng.gen(), lie, Arc::clone(&self.counters));
         if self.opts.faults && !self.healed && self.rng.gen_bool(0.3) {
             store.set_profile(self.random_profile());
         }
