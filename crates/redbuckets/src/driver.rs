@@ -630,7 +630,11 @@ impl<S: Store> Driver<S> {
         .await
         {
             Ok(freed) => {
-                let events = self.shared.lock().ledger.released(&buckets, Instant::now());
+                let events = self
+                    .shared
+                    .lock()
+                    .ledger
+                    .released(&buckets, freed, Instant::now());
                 self.emit_all(events);
                 if (freed as usize) < buckets.len() {
                     // Some were no longer ours: an earlier release ran unheard. Lost replies can
@@ -702,8 +706,13 @@ impl<S: Store> Driver<S> {
             let remaining = give_up.saturating_duration_since(Instant::now());
             let call = self.store.release(&self.group, &session, &buckets);
             match tokio::time::timeout(remaining, call).await {
-                Ok(Ok(_)) => {
-                    let events = self.shared.lock().ledger.released(&buckets, Instant::now());
+                Ok(Ok(freed)) => {
+                    // Released only what the store freed (issue 8, bug 6).
+                    let events =
+                        self.shared
+                            .lock()
+                            .ledger
+                            .released(&buckets, freed, Instant::now());
                     self.emit_all(events);
                 }
                 Ok(Err(e)) => first_error = Some(e),
@@ -810,6 +819,9 @@ mod tests {
         /// When the suspended heartbeat was sent, on tokio's clock.
         suspended_heartbeat_sent: Arc<Mutex<Option<Instant>>>,
         hang: Arc<AtomicBool>,
+        /// The next release frees its first bucket in a call of its own first, whose reply is
+        /// lost: a release that ran unheard. The release itself then frees one fewer.
+        release_unheard: Arc<AtomicBool>,
         /// Calls waiting on the hung store.
         hanging: Arc<AtomicUsize>,
     }
@@ -872,6 +884,9 @@ mod tests {
             buckets: &[u32],
         ) -> Result<u32, Error> {
             self.gate().await;
+            if self.release_unheard.swap(false, Ordering::SeqCst) {
+                self.inner.release(group, session, &buckets[..1]).await?;
+            }
             self.inner.release(group, session, buckets).await
         }
         async fn deregister(&self, group: &GroupKey, session: &SessionRef) -> Result<(), Error> {
@@ -989,5 +1004,35 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(5)).await;
         let after = errors.lock().unwrap_or_else(|e| e.into_inner()).clone();
         assert_eq!(after, before, "errors reported after the abort");
+    }
+
+    /// Regression (issue 8, bug 6): the leave's release freed 3 of 4 buckets (the fourth was
+    /// released by an earlier call whose reply was lost), and the leave emitted `Released` for
+    /// all 4. It must claim no release the store did not confirm, and still end every revoked
+    /// bucket.
+    #[tokio::test(start_paused = true)]
+    async fn a_leave_claims_released_only_what_the_store_freed() {
+        let store = TestStore::default();
+        let member = owner(&store).await;
+        let mut events = member.events();
+        store.release_unheard.store(true, Ordering::SeqCst);
+        member.shutdown().await.expect("shutdown");
+        let events = drain(&mut events);
+        let count = |kind: fn(&Event) -> bool| events.iter().filter(|e| kind(e)).count();
+        assert_eq!(
+            count(|e| matches!(e, Event::Revoked { .. })),
+            4,
+            "{events:?}"
+        );
+        let released = count(|e| matches!(e, Event::Released { .. }));
+        assert!(
+            released <= 3,
+            "{released} Released, the store freed 3: {events:?}"
+        );
+        assert_eq!(
+            released + count(|e| matches!(e, Event::Lost { .. })),
+            4,
+            "every revoked bucket ends: {events:?}"
+        );
     }
 }

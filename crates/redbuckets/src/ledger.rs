@@ -205,16 +205,29 @@ impl Ledger {
         self.held.values().any(|h| !h.is_owned() && h.has_handles())
     }
 
-    /// The store released `buckets`: each ends with `Released`.
-    pub(crate) fn released(&mut self, buckets: &[u32], now: Instant) -> Vec<Event> {
+    /// The store answered a release of `buckets` with `freed`. When it freed every one, each
+    /// ends with `Released`. When it freed fewer, it no longer listed some as ours (an earlier
+    /// release ran unheard, or the session or the data is gone), and a count cannot say which:
+    /// none is claimed released, each ends with `Lost { Disowned }`.
+    pub(crate) fn released(&mut self, buckets: &[u32], freed: u32, now: Instant) -> Vec<Event> {
+        let all = freed as usize >= buckets.len();
         let mut events = Vec::new();
         for &bucket in buckets {
             if let Some(held) = self.held.remove(&bucket) {
                 held.cancel.cancel();
-                events.push(Event::Released {
-                    bucket,
-                    token: held.token,
-                    at: now,
+                events.push(if all {
+                    Event::Released {
+                        bucket,
+                        token: held.token,
+                        at: now,
+                    }
+                } else {
+                    Event::Lost {
+                        bucket,
+                        token: held.token,
+                        reason: LostReason::Disowned,
+                        at: now,
+                    }
                 });
             }
         }
@@ -396,6 +409,29 @@ mod tests {
         drop(handle);
         assert_eq!(l.releasable(now + ms(1)), vec![3]);
         assert!(!l.draining_has_handles());
+    }
+
+    #[test]
+    fn a_release_ends_in_released_only_when_everything_was_freed() {
+        let now = t0();
+        let mut l = Ledger::default();
+        l.grant(&[1, 2, 3], 10, now);
+        l.revoke(None, now, now);
+        let events = l.released(&[1, 2], 2, now);
+        assert_eq!(kinds(&events), [("released", 1, 10), ("released", 2, 10)]);
+        // The store freed one of two: which one is unknown, so neither is claimed released.
+        l.grant(&[4], 11, now);
+        l.revoke(None, now, now);
+        let events = l.released(&[3, 4], 1, now);
+        assert_eq!(kinds(&events), [("lost", 3, 10), ("lost", 4, 11)]);
+        assert!(events.iter().all(|e| matches!(
+            e,
+            Event::Lost {
+                reason: LostReason::Disowned,
+                ..
+            }
+        )));
+        assert_eq!(l.len(), 0);
     }
 
     #[test]
