@@ -19,6 +19,20 @@ pub enum LostReason {
     Disowned,
 }
 
+impl LostReason {
+    /// A stable short name, for logs and machine-readable output: `"deadline"`,
+    /// `"session_expired"` or `"disowned"`. The [`Display`](std::fmt::Display) text is the
+    /// sentence for people.
+    #[must_use]
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            LostReason::Deadline => "deadline",
+            LostReason::SessionExpired => "session_expired",
+            LostReason::Disowned => "disowned",
+        }
+    }
+}
+
 impl std::fmt::Display for LostReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

@@ -359,11 +359,7 @@ pub fn event_json(member: &str, event: &Event, clock: Clock) -> Value {
         "at_us": clock.unix_us(event.at()),
     });
     if let Event::Lost { reason, .. } = event {
-        v["reason"] = json!(match reason {
-            redbuckets::LostReason::Deadline => "deadline",
-            redbuckets::LostReason::SessionExpired => "session_expired",
-            _ => "other",
-        });
+        v["reason"] = json!(reason.as_str());
         v["detail"] = json!(reason.to_string());
     }
     v
@@ -409,5 +405,27 @@ mod tests {
         assert_eq!(v["event"], "lost");
         assert_eq!(v["reason"], "deadline");
         assert_eq!(v["at_us"].as_u64().unwrap(), at_us + 3000);
+    }
+
+    /// Regression (issue 8, bug 7): `Disowned` printed as "other".
+    #[test]
+    fn every_lost_reason_has_its_own_name() {
+        let at = Instant::now();
+        let clock = Clock::now();
+        for (reason, name) in [
+            (LostReason::Deadline, "deadline"),
+            (LostReason::SessionExpired, "session_expired"),
+            (LostReason::Disowned, "disowned"),
+        ] {
+            let lost = Event::Lost {
+                bucket: 1,
+                token: 2,
+                reason,
+                at,
+            };
+            let v = event_json("w1", &lost, clock);
+            assert_eq!(v["reason"], name);
+            assert_eq!(v["detail"], reason.to_string());
+        }
     }
 }
