@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+pub use crate::store::redis::redact_url;
+
 /// Everything that can go wrong in redbuckets.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -125,55 +127,5 @@ impl Error {
     #[must_use]
     pub fn is_transient(&self) -> bool {
         matches!(self, Error::Unavailable { .. } | Error::Timeout { .. })
-    }
-}
-
-/// Replaces the password of a `redis://user:pass@host` URL by `***`, so URLs can be logged.
-#[must_use]
-pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_string();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match authority.rfind('@') {
-        None => url.to_string(),
-        Some(at) => {
-            let userinfo = &authority[..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            let masked = if userinfo.contains(':') {
-                format!("{user}:***")
-            } else {
-                "***".to_string()
-            };
-            format!(
-                "{}://{}@{}{}",
-                &url[..scheme_end],
-                masked,
-                &authority[at + 1..],
-                &rest[authority_end..]
-            )
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact_url;
-
-    #[test]
-    fn redacts_passwords() {
-        let cases = [
-            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
-            ("redis://:secret@h:1/0", "redis://:***@h:1/0"),
-            ("rediss://user:pw@h", "rediss://user:***@h"),
-            ("redis://token@h", "redis://***@h"),
-            ("not a url", "not a url"),
-            ("redis://u:p@ss@h/2", "redis://u:***@h/2"),
-        ];
-        for (input, want) in cases {
-            assert_eq!(redact_url(input), want, "{input}");
-        }
     }
 }

@@ -60,7 +60,7 @@ pub use error::{redact_url, Error};
 pub use event::{instant_to_system, Event, Lease, LostReason};
 pub use member::{ErrorHook, Member, MemberBuilder, Status};
 pub use store::memory::MemoryStore;
-pub use store::redis::{RedisOptions, RedisStore};
+pub use store::redis::{scrub_password, RedisOptions, RedisStore};
 pub use store::{GroupKey, GroupSnapshot, Store};
 
 /// The README's examples compile as doc-tests, so what it shows stays true.

@@ -874,6 +874,13 @@ async fn tls_urls_work() {
         "--tls-auth-clients",
         "no",
     ]);
+    // A plain URL to the TLS port: the port answers a TLS hello, so the hint is given.
+    match RedisStore::connect(&format!("redis://127.0.0.1:{tls_port}")).await {
+        Err(e @ Error::Unavailable { .. }) => {
+            assert!(e.to_string().contains("needs rediss://"), "{e}");
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
     let url = format!("rediss://127.0.0.1:{tls_port}");
     // Not signed by a public CA: refused by default, accepted with its CA configured.
     match RedisStore::connect(&url).await {
@@ -1095,4 +1102,49 @@ async fn a_snapshot_over_a_foreign_free_key_deletes_nothing() {
     let before = dump_all(&mut con).await;
     expect_corrupt("snapshot", store.snapshot(&g).await, "free");
     assert_unchanged(&before, &dump_all(&mut con).await, "the failed snapshot");
+}
+
+/// Issue 9, item 6: "a TLS port needs rediss://" only when the port answered in TLS, not when
+/// a connection timed out (a busy server) or was closed by something that is not TLS.
+#[tokio::test]
+async fn no_tls_hint_without_tls_bytes() {
+    let options = RedisOptions::default()
+        .connection_timeout(Duration::from_millis(200))
+        .response_timeout(Duration::from_millis(300));
+    // Accepts, and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    match RedisStore::connect_with(&format!("redis://127.0.0.1:{port}"), options.clone()).await {
+        Err(e @ Error::Unavailable { .. }) => {
+            let shown = e.to_string();
+            assert!(
+                shown.contains("timed out") || shown.contains("no answer"),
+                "{shown}"
+            );
+            assert!(
+                !shown.contains("TLS") && !shown.contains("rediss"),
+                "{shown}"
+            );
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    drop(silent);
+    // Accepts and hangs up at once.
+    let rude = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = rude.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in rude.incoming() {
+            drop(stream);
+        }
+    });
+    match RedisStore::connect_with(&format!("redis://127.0.0.1:{port}"), options).await {
+        Err(e @ Error::Unavailable { .. }) => {
+            let shown = e.to_string();
+            assert!(
+                !shown.contains("TLS") && !shown.contains("rediss"),
+                "{shown}"
+            );
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
 }

@@ -47,20 +47,10 @@ pub fn group_key(args: &GroupArgs) -> GroupKey {
     GroupKey::new(prefix, args.group.clone())
 }
 
-/// Removes the password of `url` from a message, should any layer below have quoted it.
+/// Removes the password of `url` from a message, should any layer below have quoted it: the
+/// library's parser, so the CLI and the library agree on where a password ends.
 pub fn scrub(message: &str, url: &str) -> String {
-    match password(url) {
-        Some(pw) if !pw.is_empty() => message.replace(pw, "***"),
-        _ => message.to_string(),
-    }
-}
-
-fn password(url: &str) -> Option<&str> {
-    let rest = &url[url.find("://")? + 3..];
-    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
-    let userinfo = &authority[..authority.rfind('@')?];
-    // `redis://token@host` carries a secret without a colon.
-    Some(userinfo.split_once(':').map_or(userinfo, |(_, pw)| pw))
+    redbuckets::scrub_password(message, url)
 }
 
 /// Completes on the first SIGTERM or SIGINT (Ctrl-C).
@@ -120,5 +110,8 @@ mod tests {
         assert_eq!(scrub("auth hunter2 failed", url), "auth *** failed");
         assert_eq!(scrub("x", "redis://h:1"), "x");
         assert_eq!(scrub("bad tok3n", "redis://tok3n@h"), "bad ***");
+        // A raw '/' in the password (base64), and its percent-encoded form decoded.
+        assert_eq!(scrub("x ab/s3cret y", "redis://:ab/s3cret@h:1/"), "x *** y");
+        assert_eq!(scrub("x a/b@c y", "redis://u:a%2Fb%40c@h"), "x *** y");
     }
 }

@@ -1,7 +1,9 @@
 //! Error mapping: what a redis crate error means for a store call or the first connection,
 //! with every secret scrubbed from the message.
 
-use redis::{ErrorKind, RedisError, ServerErrorKind};
+use std::time::Duration;
+
+use redis::{ConnectionAddr, ErrorKind, RedisError, ServerErrorKind};
 
 use super::RedisStore;
 use crate::error::Error;
@@ -41,16 +43,19 @@ impl RedisStore {
     }
 }
 
-/// Maps a failure of the first connection.
-pub(super) fn connect_error(url: &str, e: &RedisError, secrets: &[String]) -> Error {
-    let tls_hint = if url.starts_with("rediss://") || url.starts_with("valkeys://") {
-        " (does the server speak TLS on this port?)"
-    } else {
-        " (a TLS port needs rediss://)"
-    };
+/// Maps a failure of the first connection. `hint` comes from [`probe_protocol`]: what the
+/// port answered when asked in the other protocol (TLS for a plain URL, or the reverse).
+pub(super) fn connect_error(
+    url: &str,
+    e: &RedisError,
+    secrets: &[String],
+    hint: Option<&str>,
+) -> Error {
+    let hint = hint.unwrap_or("");
     if e.is_timeout() {
+        // Without a hint this says nothing about TLS: a busy server times out as well.
         return Error::Unavailable {
-            detail: format!("cannot connect to {url}: timed out{tls_hint}"),
+            detail: format!("cannot connect to {url}: timed out{hint}"),
         };
     }
     if e.kind() == ErrorKind::InvalidClientConfig {
@@ -63,12 +68,82 @@ pub(super) fn connect_error(url: &str, e: &RedisError, secrets: &[String]) -> Er
     if e.kind() == ErrorKind::Parse {
         return Error::Unavailable {
             detail: format!(
-                "{url} did not answer in the Redis protocol{tls_hint}: {}",
+                "{url} did not answer in the Redis protocol{hint}: {}",
                 scrub(&e.to_string(), secrets).replace('\n', " ")
             ),
         };
     }
-    classify(url, e, secrets)
+    match classify(url, e, secrets) {
+        Error::Unavailable { detail } => Error::Unavailable {
+            detail: format!("{detail}{hint}"),
+        },
+        other => other,
+    }
+}
+
+/// After a first connection failed in a way a wrong protocol explains, asks the port in the
+/// other one: a plain URL's port with a TLS hello, a TLS URL's port with a plain `PING`. Returns
+/// the hint to add when, and only when, the port answered that way.
+pub(super) async fn probe_protocol(
+    addr: &ConnectionAddr,
+    e: &RedisError,
+    timeout: Duration,
+) -> Option<&'static str> {
+    if e.is_connection_refusal() {
+        return None;
+    }
+    match addr {
+        // A plain connection to a TLS port is dropped or answered with bytes that are not
+        // RESP; never probe after a timeout, which a busy server explains.
+        ConnectionAddr::Tcp(host, port) if !e.is_timeout() => {
+            let first = first_byte(host, *port, &client_hello(), timeout).await;
+            matches!(first, Some(0x15 | 0x16))
+                .then_some(" (the port answered in TLS: a TLS port needs rediss://)")
+        }
+        // A TLS hello to a plain Redis port gets no answer (a timeout) or garbage.
+        ConnectionAddr::TcpTls { host, port, .. } => {
+            let first = first_byte(host, *port, b"PING\r\n", timeout).await;
+            matches!(first, Some(b'+' | b'-'))
+                .then_some(" (the port answered without TLS: it needs redis://, not rediss://)")
+        }
+        _ => None,
+    }
+}
+
+/// The first byte `host:port` answers to `hello`, within `timeout`.
+async fn first_byte(host: &str, port: u16, hello: &[u8], timeout: Duration) -> Option<u8> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect((host, port)).await?;
+        stream.write_all(hello).await?;
+        let mut first = [0u8; 1];
+        stream.read_exact(&mut first).await?;
+        Ok::<u8, std::io::Error>(first[0])
+    };
+    tokio::time::timeout(timeout, probe).await.ok()?.ok()
+}
+
+/// A TLS 1.2 ClientHello (one ECDHE-RSA/AES-GCM suite set, P-256): any TLS server answers it
+/// with a handshake record (0x16) or an alert (0x15); a Redis server does not.
+fn client_hello() -> Vec<u8> {
+    let mut body = vec![0x03, 0x03]; // TLS 1.2
+    body.extend([0u8; 32]); // random
+    body.push(0); // no session id
+    body.extend([0x00, 0x08, 0xc0, 0x2f, 0xc0, 0x30, 0x13, 0x01, 0x00, 0x9c]); // cipher suites
+    body.extend([0x01, 0x00]); // no compression
+    let extensions: [u8; 22] = [
+        0x00, 0x0a, 0x00, 0x04, 0x00, 0x02, 0x00, 0x17, // supported groups: P-256
+        0x00, 0x0b, 0x00, 0x02, 0x01, 0x00, // EC point formats: uncompressed
+        0x00, 0x0d, 0x00, 0x04, 0x00, 0x02, 0x04, 0x01, // signatures: RSA PKCS#1 SHA-256
+    ];
+    body.extend([0x00, 22]);
+    body.extend(extensions);
+    let len = body.len(); // < 256
+    let mut handshake = vec![0x01, 0x00, 0x00, len as u8];
+    handshake.extend(body);
+    let mut record = vec![0x16, 0x03, 0x01, 0x00, handshake.len() as u8];
+    record.extend(handshake);
+    record
 }
 
 /// Maps any error that is not specific to one call. Messages never carry the password.

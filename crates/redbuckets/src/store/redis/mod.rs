@@ -40,7 +40,7 @@
 mod errors;
 mod options;
 mod sentinel;
-mod url;
+pub(crate) mod url;
 
 pub use options::RedisOptions;
 
@@ -55,11 +55,12 @@ use redis::{
     TlsCertificates, Value,
 };
 
-use self::errors::{connect_error, scrub};
+use self::errors::{connect_error, probe_protocol, scrub};
 use self::sentinel::watch_switches;
-use self::url::{parse_sentinel_url, raw_password, url_reason};
+use self::url::{check_url, parse_sentinel_url, raw_password, url_reason};
+pub use self::url::{redact_url, scrub_password};
 use crate::config::PROTOCOL_VERSION;
-use crate::error::{redact_url, Error};
+use crate::error::Error;
 use crate::store::protocol::{self, RegisterReply};
 use crate::store::{
     GroupKey, GroupSnapshot, HeartbeatReply, Notifications, RebalanceReply, RegisterRequest,
@@ -171,7 +172,7 @@ impl RedisStore {
     /// follows the primary after a failover.
     pub async fn connect_with(url: &str, options: RedisOptions) -> Result<RedisStore, Error> {
         let redacted = redact_url(url);
-        let mut secrets: Vec<String> = raw_password(url).into_iter().collect();
+        let mut secrets: Vec<String> = raw_password(url).map(str::to_string).into_iter().collect();
         let sentinel = parse_sentinel_url(url).map_err(|reason| Error::Url {
             url: redacted.clone(),
             reason: scrub(&reason, &secrets),
@@ -204,13 +205,17 @@ impl RedisStore {
                     detail: format!("no answer from {redacted} within {budget:?}"),
                 })
             }
-            Ok(Err(e)) => return Err(connect_error(&redacted, &e, &secrets)),
+            Ok(Err(e)) => {
+                let addr = client.get_connection_info().addr();
+                let hint = probe_protocol(addr, &e, options.connection_timeout).await;
+                return Err(connect_error(&redacted, &e, &secrets, hint));
+            }
             Ok(Ok(_)) => {}
         }
 
         let manager = client
             .get_connection_manager_lazy(options.manager_config())
-            .map_err(|e| connect_error(&redacted, &e, &secrets))?;
+            .map_err(|e| connect_error(&redacted, &e, &secrets, None))?;
         let stop = tokio_util::sync::CancellationToken::new();
         let (sentinel, service) = sentinel.unzip();
         let inner = Arc::new(Inner {
@@ -235,6 +240,10 @@ impl RedisStore {
         redacted: &str,
         secrets: &mut Vec<String>,
     ) -> Result<Client, Error> {
+        check_url(url).map_err(|reason| Error::Url {
+            url: redacted.to_string(),
+            reason: scrub(&reason, secrets),
+        })?;
         let info = url.into_connection_info().map_err(|e| Error::Url {
             url: redacted.to_string(),
             reason: url_reason(url, &e, secrets),
@@ -458,6 +467,38 @@ fn duration_us(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 9, item 5: a raw '/' in the password (base64) used to end the credentials early,
+    /// so the password was shown as the host; and a bad port said "did not parse".
+    #[tokio::test]
+    async fn bad_urls_never_show_the_password() {
+        for (url, needle) in [
+            (
+                "redis://:ab/s3cretPW@127.0.0.1:6379/",
+                "percent-encode it as %2F",
+            ),
+            (
+                "redis://u:s3cretPW@127.0.0.1:notaport/",
+                "bad port \"notaport\"",
+            ),
+            ("rediss://:s3cretPW@127.0.0.1:70000", "bad port \"70000\""),
+            (
+                "redis+sentinel://:ab/s3cretPW@127.0.0.1/m",
+                "percent-encode it as %2F",
+            ),
+            ("redis+sentinel://:s3cretPW@h:port/m", "bad port \"port\""),
+        ] {
+            match RedisStore::connect(url).await {
+                Err(e @ Error::Url { .. }) => {
+                    let shown = format!("{e} {e:?}");
+                    assert!(!shown.contains("s3cretPW"), "password leaked: {shown}");
+                    assert!(shown.contains(needle), "{shown}");
+                    assert!(!shown.contains("did not parse"), "{shown}");
+                }
+                other => panic!("{url}: expected Error::Url, got {other:?}"),
+            }
+        }
+    }
 
     #[test]
     fn scripts_compile_into_distinct_hashes() {

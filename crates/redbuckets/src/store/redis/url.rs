@@ -1,5 +1,13 @@
-//! URL parsing: the `redis+sentinel://` form (which the redis crate does not read), the raw
-//! password (to scrub it from messages), and the reason a URL was refused.
+//! URL parsing, the one place that reads a Redis URL by hand (the library and the CLI use it):
+//! where the credentials end, so they can be masked ([`redact_url`]) and scrubbed from messages
+//! ([`scrub_password`]); checks the redis crate would only answer vaguely (credentials it would
+//! misread, a bad port); the `redis+sentinel://` form, which the redis crate does not read; and
+//! the reason a URL was refused.
+//!
+//! The credentials end at the *last* `@` of the URL, whatever they hold: a raw `/`, `?`, `#`,
+//! `:` or `@` in a password (common in base64 secrets) would otherwise be read as the start of
+//! the path, and the password shown as the host. Masking too much is the safe side: an `@` in a
+//! query hides the host in messages, never a password.
 
 use redis::{IntoConnectionInfo, RedisError};
 
@@ -27,16 +35,14 @@ pub(super) fn parse_sentinel_url(url: &str) -> Result<Option<SentinelUrl>, Strin
     } else {
         return Ok(None);
     };
-    if rest.contains(['?', '#']) {
-        return Err("query parameters and fragments are not supported in a sentinel URL".into());
-    }
-    // The credentials end at the last '@'; a raw '/' in them would be read as the path.
+    // Credentials (up to the last '@') without a raw '/', '?' or '#', and good ports.
+    check_url(url)?;
     let (userinfo, rest) = match rest.rfind('@') {
         Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
         None => (None, rest),
     };
-    if userinfo.is_some_and(|u| u.contains('/')) {
-        return Err("the credentials contain '/': percent-encode it as %2F".into());
+    if rest.contains(['?', '#']) {
+        return Err("query parameters and fragments are not supported in a sentinel URL".into());
     }
     let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
     let scheme = if tls { "rediss" } else { "redis" };
@@ -94,13 +100,136 @@ pub(super) fn parse_sentinel_url(url: &str) -> Result<Option<SentinelUrl>, Strin
     }))
 }
 
-/// The password as written in the URL (before percent-decoding), to scrub it from messages.
-pub(super) fn raw_password(url: &str) -> Option<String> {
-    let rest = &url[url.find("://")? + 3..];
-    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
-    let userinfo = &authority[..authority.rfind('@')?];
-    let password = &userinfo[userinfo.find(':').map_or(0, |i| i + 1)..];
-    Some(password.to_string())
+/// Splits `url` at the end of its credentials: `(scheme, userinfo, rest)`, the userinfo being
+/// everything between `://` and the last `@` (raw, not percent-decoded). `None` without `://`.
+fn split(url: &str) -> Option<(&str, Option<&str>, &str)> {
+    let scheme_end = url.find("://")?;
+    let scheme = &url[..scheme_end];
+    let rest = &url[scheme_end + 3..];
+    Some(match rest.rfind('@') {
+        Some(at) => (scheme, Some(&rest[..at]), &rest[at + 1..]),
+        None => (scheme, None, rest),
+    })
+}
+
+/// The password as written in the URL (before percent-decoding): after the first `:` of the
+/// credentials, or all of them when there is no `:` (`redis://token@host`).
+pub(super) fn raw_password(url: &str) -> Option<&str> {
+    let (_, userinfo, _) = split(url)?;
+    let userinfo = userinfo?;
+    Some(userinfo.split_once(':').map_or(userinfo, |(_, pw)| pw))
+}
+
+/// Replaces the credentials of a Redis URL by `***` (keeping the user name), so the URL can be
+/// shown: everything from the scheme to the last `@` before the host, whatever the password
+/// holds. Works for every form: `redis://`, `rediss://`, `redis+sentinel://`,
+/// `rediss+sentinel://` (and any `scheme://user:password@hosts...`). Without `://`, everything
+/// before the last `@` is masked.
+///
+/// ```
+/// assert_eq!(
+///     redbuckets::redact_url("redis://app:ab/s3cret@10.0.0.1:6379/0"),
+///     "redis://app:***@10.0.0.1:6379/0"
+/// );
+/// ```
+#[must_use]
+pub fn redact_url(url: &str) -> String {
+    match split(url) {
+        None => match url.rfind('@') {
+            Some(at) => format!("***@{}", &url[at + 1..]),
+            None => url.to_string(),
+        },
+        Some((_, None, _)) => url.to_string(),
+        Some((scheme, Some(userinfo), rest)) => {
+            let masked = match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:***"),
+                None => "***".to_string(),
+            };
+            format!("{scheme}://{masked}@{rest}")
+        }
+    }
+}
+
+/// Replaces the password of `url` in `message` by `***`, as written in the URL and
+/// percent-decoded, should any layer have quoted it. For messages about a URL that come from
+/// elsewhere (the CLI passes every error through it).
+#[must_use]
+pub fn scrub_password(message: &str, url: &str) -> String {
+    let Some(raw) = raw_password(url) else {
+        return message.to_string();
+    };
+    let decoded = percent_decode(raw);
+    let mut out = message.to_string();
+    for secret in [Some(raw.to_string()), decoded].into_iter().flatten() {
+        if !secret.is_empty() {
+            out = out.replace(&secret, "***");
+        }
+    }
+    out
+}
+
+/// `%XX` sequences decoded; `None` when that is not UTF-8 (the redis crate refuses such a URL).
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Checks what the redis crate would refuse with a vague message, or misread: credentials that
+/// hold a raw `/`, `?` or `#` (the crate would take them for the path and the password for the
+/// host), and a port that is not a number in 1..=65535. Unix-socket URLs are left to the crate.
+pub(super) fn check_url(url: &str) -> Result<(), String> {
+    let Some((scheme, userinfo, rest)) = split(url) else {
+        return Ok(());
+    };
+    if scheme.ends_with("unix") {
+        return Ok(());
+    }
+    if let Some(c) = userinfo.and_then(|u| u.chars().find(|c| matches!(c, '/' | '?' | '#'))) {
+        return Err(format!(
+            "the credentials contain {c:?}: percent-encode it as %{:02X}",
+            u32::from(c)
+        ));
+    }
+    let host_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    for host in rest[..host_end].split(',') {
+        check_port(host)?;
+    }
+    Ok(())
+}
+
+/// `host[:port]` or `[v6][:port]`: the port, when given, is a number in 1..=65535.
+fn check_port(host: &str) -> Result<(), String> {
+    let port = if host.starts_with('[') {
+        host.split_once("]:").map(|(_, p)| p)
+    } else {
+        host.rsplit_once(':').map(|(_, p)| p)
+    };
+    match port {
+        None => Ok(()),
+        Some(p) if p.parse::<u16>().is_ok_and(|p| p > 0) => Ok(()),
+        Some(p) => Err(format!(
+            "bad port {:?}: expected a number in 1..=65535",
+            p.chars().take(20).collect::<String>()
+        )),
+    }
 }
 
 pub(super) fn url_reason(url: &str, e: &RedisError, secrets: &[String]) -> String {
@@ -130,6 +259,88 @@ pub(super) fn url_reason(url: &str, e: &RedisError, secrets: &[String]) -> Strin
 mod tests {
     use super::*;
 
+    /// Every URL form, with user names and passwords holding each character that could be read
+    /// as the end of the credentials. (The cluster form, when it exists, takes the same rule:
+    /// add it here.)
+    #[test]
+    fn redact_url_masks_every_password() {
+        let passwords = [
+            "s3cret",
+            "ab/s3cret",
+            "a#b",
+            "a?b",
+            "a@b",
+            "a:b",
+            "/@:?#",
+            "a%2Fb",
+            "ab/c@d:e",
+        ];
+        let forms = [
+            ("redis", "127.0.0.1:6379/0"),
+            ("rediss", "h:6380"),
+            ("redis+sentinel", "s1:26379,s2/mymaster/1"),
+            ("rediss+sentinel", "[::1]:5000/svc"),
+        ];
+        for (scheme, hosts) in forms {
+            for pw in passwords {
+                for (user, shown_user) in [("", ""), ("app", "app"), ("a/b@c", "a/b@c")] {
+                    let url = format!("{scheme}://{user}:{pw}@{hosts}");
+                    let want = format!("{scheme}://{shown_user}:***@{hosts}");
+                    let got = redact_url(&url);
+                    assert_eq!(got, want, "{url}");
+                    assert_eq!(raw_password(&url), Some(pw), "{url}");
+                    assert_eq!(scrub_password(&format!("e {pw} e"), &url), "e *** e");
+                }
+                // A token without a user name (with a ':' it reads as user:password).
+                if !pw.contains(':') {
+                    let url = format!("{scheme}://{pw}@{hosts}");
+                    assert_eq!(redact_url(&url), format!("{scheme}://***@{hosts}"), "{url}");
+                    assert_eq!(scrub_password(&format!("e {pw} e"), &url), "e *** e");
+                }
+            }
+            let url = format!("{scheme}://{hosts}");
+            assert_eq!(redact_url(&url), url);
+            assert_eq!(raw_password(&url), None);
+        }
+        assert_eq!(redact_url("not a url"), "not a url");
+        assert_eq!(redact_url("h:pw@host"), "***@host");
+        assert_eq!(scrub_password("no p@ss", "redis://u:p%40ss@h"), "no ***");
+    }
+
+    #[test]
+    fn check_url_names_the_problem() {
+        for good in [
+            "redis://h",
+            "redis://:p%2F@h:6379/0",
+            "rediss://u:p@[::1]:6380",
+            "redis+unix:///tmp/r.sock",
+            "redis://h:1/0?protocol=resp3",
+        ] {
+            assert_eq!(check_url(good), Ok(()), "{good}");
+        }
+        for (bad, needle) in [
+            (
+                "redis://:ab/s3cret@127.0.0.1:6379/",
+                "contain '/': percent-encode it as %2F",
+            ),
+            ("redis://:a#b@h", "contain '#': percent-encode it as %23"),
+            ("redis://u:a?b@h", "contain '?': percent-encode it as %3F"),
+            ("redis://h:notaport", "bad port \"notaport\""),
+            ("redis://:pw@127.0.0.1:99999/0", "bad port \"99999\""),
+            ("redis://h:0", "bad port \"0\""),
+            ("redis://h:", "bad port \"\""),
+            ("redis://[::1]:x", "bad port \"x\""),
+        ] {
+            match check_url(bad) {
+                Err(reason) => {
+                    assert!(reason.contains(needle), "{bad}: {reason}");
+                    assert!(!reason.contains("s3cret"), "{reason}");
+                }
+                Ok(()) => panic!("{bad} passed"),
+            }
+        }
+    }
+
     #[test]
     fn sentinel_urls_parse() {
         let spec = parse_sentinel_url("redis+sentinel://u:p%40ss@10.0.0.1,h2:26380/mymaster/3")
@@ -158,7 +369,9 @@ mod tests {
             ("redis+sentinel://h:1/m/x", "not a number"),
             ("redis+sentinel://h:1/m/0/more", "expected /service"),
             ("redis+sentinel://h:1/m?x=1", "not supported"),
-            ("redis+sentinel://h:notaport/m", "bad sentinel address"),
+            ("redis+sentinel://h:notaport/m", "bad port \"notaport\""),
+            ("redis+sentinel://h:1,h:99999/m", "bad port \"99999\""),
+            ("redis+sentinel://u:p#w@h/m", "percent-encode it as %23"),
             ("redis+sentinel://u:pa/ss@h/m", "percent-encode"),
         ] {
             match parse_sentinel_url(bad) {
@@ -170,12 +383,9 @@ mod tests {
 
     #[test]
     fn passwords_are_found() {
-        assert_eq!(
-            raw_password("redis://:s3cret@h:1/0").as_deref(),
-            Some("s3cret")
-        );
-        assert_eq!(raw_password("redis://u:p@ss@h").as_deref(), Some("p@ss"));
-        assert_eq!(raw_password("redis://tok@h").as_deref(), Some("tok"));
+        assert_eq!(raw_password("redis://:s3cret@h:1/0"), Some("s3cret"));
+        assert_eq!(raw_password("redis://u:p@ss@h"), Some("p@ss"));
+        assert_eq!(raw_password("redis://tok@h"), Some("tok"));
         assert_eq!(raw_password("redis://h:1"), None);
     }
 }
