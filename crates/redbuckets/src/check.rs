@@ -561,23 +561,15 @@ mod tests {
         let (bucket, token) = (4, 7);
         let reason = crate::LostReason::SessionExpired;
         let mut tl = Timeline::new();
-        tl.push(
-            "a",
-            &Event::Acquired {
-                bucket,
-                token,
-                at: t,
-            },
-        );
-        tl.push(
-            "a",
-            &Event::Lost {
-                bucket,
-                token,
-                reason,
-                at: t + ms(5),
-            },
-        );
+        tl.record("a", Change::Acquired, bucket, token, t);
+        // `at` of a loss is the lease deadline, which ends the ownership.
+        let lost = Event::Lost {
+            bucket,
+            token,
+            reason,
+            at: t + ms(5),
+        };
+        tl.push("a", &lost);
         let (intervals, odd) = tl.intervals();
         assert!(odd.is_empty());
         assert_eq!(intervals[&4][0].end, Some(t + ms(5)));
