@@ -725,9 +725,18 @@ async fn steady_state_heartbeat_is_one_round_trip_of_constant_work() {
                 .expect("register");
         }
         lift_quarantine(&mut con, &g).await;
-        loop {
+        // Until every member stays. Each round renews the sessions first: on a loaded machine the
+        // rounds can outlast the ttl, and a member whose session expired never hears `Stay` (the
+        // loop spun for 15 minutes once). Bounded, so a regression fails instead of hanging.
+        for round in 0.. {
+            assert!(
+                round < 100,
+                "{buckets} buckets: not settled after 100 rounds"
+            );
             let mut quiet = true;
             for m in &members {
+                let hb = store.heartbeat(&g, m, TTL).await.expect("heartbeat");
+                assert!(hb.alive, "{} lost its session while settling", m.member);
                 let r = store.rebalance(&g, m, u32::MAX).await.expect("rebalance");
                 quiet &= matches!(r.action, Action::Stay);
             }
@@ -748,7 +757,7 @@ async fn steady_state_heartbeat_is_one_round_trip_of_constant_work() {
                 .await
                 .expect("heartbeat");
             assert!(hb.alive);
-            // The three peers registered moments ago: their sessions end about a ttl from now.
+            // The three peers renewed moments ago: their sessions end about a ttl from now.
             let next = hb.next_expiry.expect("the peers' expiry");
             assert!(next <= TTL && next >= TTL / 2, "{next:?}");
         }
