@@ -1,4 +1,4 @@
--- Shared prelude of every redbuckets script (src/store/redis.rs prepends it to each body).
+-- Shared prelude of every redbuckets script (src/store/redis/mod.rs prepends it to each body).
 --
 -- Mirrors src/store/memory.rs, the reference semantics. Keys (all share the group's hash tag):
 --   KEYS[1] meta    hash: buckets, protocol, ver (membership version), token (last fencing
@@ -39,7 +39,7 @@ local function fmt(x)
   return string.format('%.0f', x)
 end
 
--- Raises a structured error; redis.rs maps it to Error::CorruptState. Only raised before a
+-- Raises a structured error; store/redis/errors.rs maps it to Error::CorruptState. Only raised before a
 -- script writes, or after writes that leave the group consistent on their own.
 local function corrupt(detail)
   error({ err = 'REDBUCKETS_CORRUPT ' .. detail })

@@ -7,7 +7,8 @@
 //! # Keys
 //! Every key of a group starts with the group's hash tag `{prefix:name}` so that all of them
 //! live on one Redis Cluster slot: `:meta` (hash: buckets, protocol, ver, token,
-//! grant_after_us, created_us), `:exp` (zset: member → session expiry, server ms), `:sess`
+//! grant_after_us, created_us, ttl_us: the group's one session ttl, run_id: the Redis process
+//! that wrote the group, see [`GroupSnapshot::stale`]), `:exp` (zset: member → session expiry, server ms), `:sess`
 //! (member → nonce), `:since` (member → start ms), `:weight` (member → weight), `:wcount`
 //! (weight → members), `:count:<weight>` (zset per weight: member → committed count),
 //! `:owner` (hash: bucket → `"<token> <member>"`), `:free` (set), `:held:<member>` (set) and
@@ -500,18 +501,47 @@ mod tests {
         }
     }
 
-    #[test]
-    fn scripts_compile_into_distinct_hashes() {
-        let s = &*SCRIPTS;
-        let mut hashes = [
-            s.register.get_hash(),
-            s.heartbeat.get_hash(),
-            s.rebalance.get_hash(),
-            s.release.get_hash(),
-            s.deregister.get_hash(),
-            s.snapshot.get_hash(),
+    /// Each script's hash (what EVALSHA sends) is the SHA1 Redis computes of the exact text
+    /// the script loads, and no two scripts share one. The destructuring lists every script,
+    /// so a new one cannot be left out.
+    #[tokio::test]
+    async fn every_script_hash_is_the_sha1_of_its_text() {
+        let Scripts {
+            register,
+            heartbeat,
+            heartbeat_fast,
+            rebalance,
+            release,
+            deregister,
+            snapshot,
+        } = &*SCRIPTS;
+        let all = [
+            ("register", register),
+            ("heartbeat", heartbeat),
+            ("heartbeat_fast", heartbeat_fast),
+            ("rebalance", rebalance),
+            ("release", release),
+            ("deregister", deregister),
+            ("snapshot", snapshot),
         ];
-        hashes.sort_unstable();
-        assert!(hashes.windows(2).all(|w| w[0] != w[1]));
+        let server = redbuckets_testkit::RedisServer::start();
+        let mut con = Client::open(server.url())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let mut seen = std::collections::BTreeMap::new();
+        for (name, script) in all {
+            let loaded = script.load_async(&mut con).await.expect(name);
+            assert_eq!(
+                loaded,
+                script.get_hash(),
+                "{name}: the hash is not the text's SHA1"
+            );
+            if let Some(other) = seen.insert(loaded, name) {
+                panic!("{name} and {other} have the same text");
+            }
+        }
+        assert_eq!(seen.len(), 7);
     }
 }
