@@ -135,6 +135,43 @@ impl MemoryStore {
         }
     }
 
+    /// Tests only: sets the store's server clock so that it reads `unix_us` (µs since the Unix
+    /// epoch) now; it goes on advancing with tokio's clock. The differential test
+    /// (`tests/differential.rs`) sets it to the value it freezes the Redis scripts' clock at
+    /// (see [`crate::RedisOptions::frozen_clock_for_tests`]), so that both stores read the same
+    /// time and tokens, expiries and waits compare exactly.
+    #[doc(hidden)]
+    pub fn set_clock_us(&self, unix_us: u64) {
+        let mut inner = self.lock();
+        inner.base_us = unix_us;
+        inner.epoch = Instant::now();
+    }
+
+    /// Tests only: the buckets the store lists as `member`'s in `group` (owned, or committed for
+    /// release and not yet released) with their tokens, as `(token, bucket)` in ascending order,
+    /// whether or not the session is still alive, without reading the whole group.
+    #[doc(hidden)]
+    #[must_use]
+    pub fn held_buckets(&self, group: &GroupKey, member: &str) -> Vec<(u64, u32)> {
+        let inner = self.lock();
+        let Some(g) = inner.groups.get(group) else {
+            return Vec::new();
+        };
+        let Some(m) = g.members.get(member) else {
+            return Vec::new();
+        };
+        let mut held: Vec<(u64, u32)> = m
+            .held
+            .iter()
+            .map(|&b| {
+                let token = g.owners.get(b as usize).and_then(|o| o.as_ref());
+                (token.map_or(0, |(_, t)| *t), b)
+            })
+            .collect();
+        held.sort_unstable();
+        held
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave the state half-written in a way later
         // calls would misread more than the panic itself did; keep serving.

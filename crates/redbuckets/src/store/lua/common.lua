@@ -1,4 +1,5 @@
--- Shared prelude of every redbuckets script (src/store/redis/mod.rs prepends it to each body).
+-- Shared prelude of every redbuckets script but heartbeat_fast.lua (src/store/redis/mod.rs
+-- prepends it to each body, after clock.lua, which defines server_now_us).
 --
 -- Mirrors src/store/memory.rs, the reference semantics. Keys (all share the group's hash tag):
 --   KEYS[1] meta    hash: buckets, protocol, ver (membership version), token (last fencing
@@ -118,11 +119,6 @@ local function share_rule(B, groups, my_w, mine, free)
     return 'take', math.min(allowed - mine, free), base, share_max
   end
   return 'stay', 0, base, share_max
-end
-
-local function server_now_us()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
 -- The group's parameters, validated; nil when the group does not exist.

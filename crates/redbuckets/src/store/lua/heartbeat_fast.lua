@@ -1,6 +1,6 @@
--- heartbeat, the steady-state path: standalone (no common.lua), six commands, nothing that
--- grows with the group. KEYS and ARGV as for every script: KEYS[1] meta, [2] exp, [3] sess,
--- [8] free; ARGV[2] member, [3] nonce, [4] ttl µs.
+-- heartbeat, the steady-state path: standalone (clock.lua only, no common.lua), six commands,
+-- nothing that grows with the group. KEYS and ARGV as for every script: KEYS[1] meta, [2] exp,
+-- [3] sess, [8] free; ARGV[2] member, [3] nonce, [4] ttl µs.
 -- Returns {1, ver, free, next} when the session is renewed (next: ms until the earliest other
 -- session expires, -1 if there is none), or {'full'} when heartbeat.lua must run:
 -- a session has expired and must be purged, the session is not ours, or the group's data is
@@ -9,8 +9,7 @@ local ttl_us = tonumber(ARGV[4])
 if not ttl_us then
   return { 'full' }
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = server_now_us()
 local now_ms = math.floor(now / 1000)
 -- The two earliest sessions: if the first has expired, purge (full script). Otherwise every
 -- session is live, so the nonce alone says the session is ours.

@@ -1,16 +1,30 @@
 //! `RedisStore`: the store protocol as Lua scripts on Redis, one script per [`Store`] method.
 //!
-//! The scripts live in `store/lua/`: `common.lua` (key layout, validation of stored data, purge)
-//! is prepended to each method's body. They mirror [`crate::MemoryStore`], the reference
-//! semantics, step for step; the share rule is a port of [`crate::share`].
+//! The scripts live in `store/lua/`: `clock.lua` (the server's clock, the one place a script
+//! reads time) and `common.lua` (key layout, validation of stored data, purge, the share rule)
+//! are prepended to each method's body; `heartbeat_fast.lua` gets `clock.lua` only. They mirror
+//! [`crate::MemoryStore`], the reference semantics, step for step; the share rule is a port of
+//! [`crate::share`].
+//!
+//! # Time in tests
+//! Lua reads `TIME`, which a test cannot control. A doc-hidden switch,
+//! [`RedisOptions::frozen_clock_for_tests`], makes a store load the same scripts with
+//! `clock_frozen.lua` instead of `clock.lua`: its clock reads a µs value from
+//! `{prefix:group}:test-clock` when that key exists. `MemoryStore` gets the same value
+//! (`MemoryStore::set_clock_us`), so both stores see the same time and every reply, tokens and
+//! expiries included, can be compared exactly (`tests/differential.rs`). The default store loads
+//! the normal variants: their text differs from before only by the clock function, and they
+//! never read the test key. A time-offset argument was the other candidate; it would have put a
+//! test input into every production call.
 //!
 //! # Keys
 //! Every key of a group starts with the group's hash tag `{prefix:name}` so that all of them
 //! live on one Redis Cluster slot: `:meta` (hash: buckets, protocol, ver, token,
 //! grant_after_us, created_us, ttl_us: the group's one session ttl, run_id: the Redis process
-//! that wrote the group, see [`GroupSnapshot::stale`]), `:exp` (zset: member → session expiry, server ms), `:sess`
-//! (member → nonce), `:since` (member → start ms), `:weight` (member → weight), `:wcount`
-//! (weight → members), `:count:<weight>` (zset per weight: member → committed count),
+//! that wrote the group, see [`GroupSnapshot::stale`]), `:exp` (zset: member → session expiry,
+//! server ms), `:sess` (member → nonce), `:since` (member → start ms), `:weight` (member →
+//! weight), `:wcount` (weight → members), `:count:<weight>` (zset per weight: member →
+//! committed count),
 //! `:owner` (hash: bucket → `"<token> <member>"`), `:free` (set), `:held:<member>` (set) and
 //! the pub/sub channel `:events`. Counts are kept per weight so the share rule needs one
 //! `ZCOUNT` per distinct weight instead of a scan over the members.
@@ -69,6 +83,10 @@ use crate::store::{
 };
 
 const COMMON: &str = include_str!("../lua/common.lua");
+/// The server's clock: `TIME`.
+const CLOCK: &str = include_str!("../lua/clock.lua");
+/// Tests only: the clock that reads `<tag>:test-clock` ([`RedisOptions::frozen_clock_for_tests`]).
+const FROZEN_CLOCK: &str = include_str!("../lua/clock_frozen.lua");
 
 const CERT_PEM_HEADER: &[u8] = b"-----BEGIN CERTIFICATE-----";
 
@@ -84,24 +102,34 @@ struct Scripts {
     snapshot: Script,
 }
 
-fn script(body: &str) -> Script {
-    Script::new(&format!("{COMMON}\n{body}"))
+impl Scripts {
+    /// Every script with `clock` (the Lua text that defines `server_now_us`) prepended.
+    fn with_clock(clock: &str) -> Self {
+        let script = |body: &str| Script::new(&format!("{clock}\n{COMMON}\n{body}"));
+        Scripts {
+            register: script(include_str!("../lua/register.lua")),
+            heartbeat: script(include_str!("../lua/heartbeat.lua")),
+            heartbeat_fast: Script::new(&format!(
+                "{clock}\n{}",
+                include_str!("../lua/heartbeat_fast.lua")
+            )),
+            rebalance: script(include_str!("../lua/rebalance.lua")),
+            release: script(include_str!("../lua/release.lua")),
+            deregister: script(include_str!("../lua/deregister.lua")),
+            // Flagged no-writes: Redis itself refuses any write in it, so looking never changes
+            // the group. The flag must be the script's first line.
+            snapshot: Script::new(&format!(
+                "#!lua flags=no-writes\n{clock}\n{COMMON}\n{}",
+                include_str!("../lua/snapshot.lua")
+            )),
+        }
+    }
 }
 
-static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    register: script(include_str!("../lua/register.lua")),
-    heartbeat: script(include_str!("../lua/heartbeat.lua")),
-    heartbeat_fast: Script::new(include_str!("../lua/heartbeat_fast.lua")),
-    rebalance: script(include_str!("../lua/rebalance.lua")),
-    release: script(include_str!("../lua/release.lua")),
-    deregister: script(include_str!("../lua/deregister.lua")),
-    // Flagged no-writes: Redis itself refuses any write in it, so looking never changes the
-    // group. The flag must be the script's first line.
-    snapshot: Script::new(&format!(
-        "#!lua flags=no-writes\n{COMMON}\n{}",
-        include_str!("../lua/snapshot.lua")
-    )),
-});
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts::with_clock(CLOCK));
+/// Loaded only by a store made with [`RedisOptions::frozen_clock_for_tests`].
+static FROZEN_CLOCK_SCRIPTS: LazyLock<Scripts> =
+    LazyLock::new(|| Scripts::with_clock(FROZEN_CLOCK));
 
 /// The store on Redis (≥ 7.0): each [`Store`] call is one Lua script, run atomically with the
 /// server's clock. Clones share one connection.
@@ -288,6 +316,15 @@ impl RedisStore {
         }
     }
 
+    /// The scripts this store runs: the normal ones, or the frozen-clock variants in tests.
+    fn scripts(&self) -> &'static Scripts {
+        if self.inner.options.frozen_clock {
+            &FROZEN_CLOCK_SCRIPTS
+        } else {
+            &SCRIPTS
+        }
+    }
+
     /// Runs one script against the group's keys; `args` follow the tag (ARGV[1]).
     async fn run(
         &self,
@@ -344,7 +381,7 @@ impl Store for RedisStore {
             PROTOCOL_VERSION.to_string(),
         ];
         let reply = self
-            .run(group, "register", &SCRIPTS.register, &args)
+            .run(group, "register", &self.scripts().register, &args)
             .await?;
         match protocol::register(&reply).map_err(|e| e.into_error(group))? {
             RegisterReply::Registered { version } => Ok(Registration::Registered { version }),
@@ -378,10 +415,12 @@ impl Store for RedisStore {
         ];
         // Both scripts are safe to run in a row: each renews the session only if it is ours.
         let mut reply = self
-            .run(group, CALL, &SCRIPTS.heartbeat_fast, &args)
+            .run(group, CALL, &self.scripts().heartbeat_fast, &args)
             .await?;
         if protocol::heartbeat_wants_full(&reply) {
-            reply = self.run(group, CALL, &SCRIPTS.heartbeat, &args).await?;
+            reply = self
+                .run(group, CALL, &self.scripts().heartbeat, &args)
+                .await?;
         }
         protocol::heartbeat(&reply).map_err(|e| e.into_error(group))
     }
@@ -398,7 +437,7 @@ impl Store for RedisStore {
             max_take.to_string(),
         ];
         let reply = self
-            .run(group, "rebalance", &SCRIPTS.rebalance, &args)
+            .run(group, "rebalance", &self.scripts().rebalance, &args)
             .await?;
         protocol::rebalance(&reply).map_err(|e| e.into_error(group))
     }
@@ -416,19 +455,23 @@ impl Store for RedisStore {
         args.push(session.member.clone());
         args.push(session.session.clone());
         args.extend(buckets.iter().map(u32::to_string));
-        let reply = self.run(group, "release", &SCRIPTS.release, &args).await?;
+        let reply = self
+            .run(group, "release", &self.scripts().release, &args)
+            .await?;
         protocol::release(&reply).map_err(|e| e.into_error(group))
     }
 
     async fn deregister(&self, group: &GroupKey, session: &SessionRef) -> Result<(), Error> {
         let args = [session.member.clone(), session.session.clone()];
-        self.run(group, "deregister", &SCRIPTS.deregister, &args)
+        self.run(group, "deregister", &self.scripts().deregister, &args)
             .await
             .map(|_| ())
     }
 
     async fn snapshot(&self, group: &GroupKey) -> Result<Option<GroupSnapshot>, Error> {
-        let reply = self.run(group, "snapshot", &SCRIPTS.snapshot, &[]).await?;
+        let reply = self
+            .run(group, "snapshot", &self.scripts().snapshot, &[])
+            .await?;
         protocol::snapshot(&reply).map_err(|e| e.into_error(group))
     }
 
@@ -502,28 +545,31 @@ mod tests {
     }
 
     /// Each script's hash (what EVALSHA sends) is the SHA1 Redis computes of the exact text
-    /// the script loads, and no two scripts share one. The destructuring lists every script,
-    /// so a new one cannot be left out.
+    /// the script loads, and no two scripts share one, in both clock variants. The
+    /// destructuring lists every script, so a new one cannot be left out.
     #[tokio::test]
     async fn every_script_hash_is_the_sha1_of_its_text() {
-        let Scripts {
-            register,
-            heartbeat,
-            heartbeat_fast,
-            rebalance,
-            release,
-            deregister,
-            snapshot,
-        } = &*SCRIPTS;
-        let all = [
-            ("register", register),
-            ("heartbeat", heartbeat),
-            ("heartbeat_fast", heartbeat_fast),
-            ("rebalance", rebalance),
-            ("release", release),
-            ("deregister", deregister),
-            ("snapshot", snapshot),
-        ];
+        let mut all = Vec::new();
+        for scripts in [&*SCRIPTS, &*FROZEN_CLOCK_SCRIPTS] {
+            let Scripts {
+                register,
+                heartbeat,
+                heartbeat_fast,
+                rebalance,
+                release,
+                deregister,
+                snapshot,
+            } = scripts;
+            all.extend([
+                ("register", register),
+                ("heartbeat", heartbeat),
+                ("heartbeat_fast", heartbeat_fast),
+                ("rebalance", rebalance),
+                ("release", release),
+                ("deregister", deregister),
+                ("snapshot", snapshot),
+            ]);
+        }
         let server = redbuckets_testkit::RedisServer::start();
         let mut con = Client::open(server.url())
             .expect("url")
@@ -542,6 +588,27 @@ mod tests {
                 panic!("{name} and {other} have the same text");
             }
         }
-        assert_eq!(seen.len(), 7);
+        assert_eq!(seen.len(), 14);
+    }
+
+    /// The frozen clock is for tests: no production script may read its key, and each of them
+    /// reads time through the one clock function.
+    #[test]
+    fn production_scripts_never_read_the_test_clock() {
+        assert!(!CLOCK.contains("test-clock"));
+        assert!(FROZEN_CLOCK.contains("test-clock"));
+        for body in [
+            COMMON,
+            include_str!("../lua/register.lua"),
+            include_str!("../lua/heartbeat.lua"),
+            include_str!("../lua/heartbeat_fast.lua"),
+            include_str!("../lua/rebalance.lua"),
+            include_str!("../lua/release.lua"),
+            include_str!("../lua/deregister.lua"),
+            include_str!("../lua/snapshot.lua"),
+        ] {
+            assert!(!body.contains("test-clock"));
+            assert!(!body.contains("'TIME'"), "TIME outside clock.lua");
+        }
     }
 }

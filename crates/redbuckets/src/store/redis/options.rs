@@ -25,6 +25,9 @@ pub struct RedisOptions {
     /// PEM certificate(s) of the CA that signed the server's certificate, for `rediss://` to a
     /// server whose certificate is not signed by a public CA. `None`: the webpki roots.
     pub tls_root_cert: Option<Vec<u8>>,
+    /// Tests only: load the scripts whose clock reads `<tag>:test-clock` (see
+    /// [`RedisOptions::frozen_clock_for_tests`]).
+    pub(super) frozen_clock: bool,
 }
 
 impl std::fmt::Debug for RedisOptions {
@@ -36,6 +39,7 @@ impl std::fmt::Debug for RedisOptions {
             .field("tcp_user_timeout", &self.tcp_user_timeout)
             .field("max_reconnect_delay", &self.max_reconnect_delay)
             .field("tls_root_cert", &self.tls_root_cert.as_ref().map(|_| "set"))
+            .field("frozen_clock", &self.frozen_clock)
             .finish()
     }
 }
@@ -49,6 +53,7 @@ impl Default for RedisOptions {
             tcp_user_timeout: Duration::from_secs(5),
             max_reconnect_delay: Duration::from_secs(1),
             tls_root_cert: None,
+            frozen_clock: false,
         }
     }
 }
@@ -95,6 +100,19 @@ impl RedisOptions {
     #[must_use]
     pub fn tls_root_cert(mut self, pem: impl Into<Vec<u8>>) -> Self {
         self.tls_root_cert = Some(pem.into());
+        self
+    }
+
+    /// Tests only, never in production: the store loads variants of its scripts whose clock
+    /// reads a frozen time, in µs since the Unix epoch, from the key `{prefix:group}:test-clock`
+    /// when it exists (the server's `TIME` otherwise). The default store loads the normal
+    /// scripts, which never read that key. The differential test sets the key and
+    /// `MemoryStore`'s clock (`MemoryStore::set_clock_us`) to the same value, so replies with
+    /// tokens and expiries compare exactly.
+    #[doc(hidden)]
+    #[must_use]
+    pub fn frozen_clock_for_tests(mut self) -> Self {
+        self.frozen_clock = true;
         self
     }
 
