@@ -8,8 +8,12 @@
 //! heartbeat (own or stale session, other ttls), rebalance steps (max_take 0, 1, 2, 8,
 //! unbounded), release (the i-th bucket the member holds, buckets another member holds, ids
 //! beyond B, stale sessions), deregister, snapshots, and time advancing (so sessions expire and
-//! get purged, and the quarantine of a new group ends); up to 5 members, weights 1 to
-//! 1,000,000, B from 1 to 65,536 (mostly small).
+//! get purged, and the quarantine of a new group ends; also as "time passes while every member
+//! heartbeats" and "every member takes a rebalance step", which the test runs as plain ops);
+//! up to 5 members, weights 1 to 1,000,000, B from 1 to 65,536 (mostly small).
+//! Not covered: the heartbeat's cap of 100 purged sessions per call (`HEARTBEAT_PURGE` in
+//! common.lua, where `MemoryStore` purges all), and the re-creation of a group after a Redis
+//! restart (run id).
 //!
 //! Compared after each operation: the whole reply (`Registration`, `HeartbeatReply` with
 //! `next_expiry`, `RebalanceReply`, release counts, errors, snapshots) and the number of notices
@@ -30,8 +34,10 @@
 //!
 //! Buckets. Lua `SPOP`s random free buckets where `MemoryStore` takes the lowest, so the test
 //! compares how many buckets a grant holds and its token, snapshots by each member's tokens,
-//! and maps "release the i-th bucket member m holds" to each store's own holdings (Redis: the
-//! `:held:<member>` set; `MemoryStore::held_buckets`). Making Lua take the lowest would need a
+//! and maps "release the i-th bucket member m holds" to each store's own holdings in grant
+//! order, by token then id (Redis: the `:held:<member>` set and the owner records;
+//! `MemoryStore::held_buckets`), so the i-th bucket carries the same token in both stores.
+//! Making Lua take the lowest would need a
 //! sorted free set (`ZPOPMIN`, O(log B) per bucket) in production for a test's convenience.
 //!
 //! CI runs `DIFF_CASES` cases (default 200: about 15 s of CPU for the test and its server in a
