@@ -2,8 +2,7 @@
 //! about what happened) and the library's one S1/S2 checker ([`redbuckets::check`]) over them.
 
 use redbuckets::check::Timeline;
-use redbuckets::Event;
-use tokio::sync::broadcast;
+use redbuckets::{Event, Events};
 use tokio::time::Instant;
 
 /// Every event of every member, in arrival order, checked for S1 and S2 on demand.
@@ -17,17 +16,13 @@ pub struct EventLog {
 impl EventLog {
     /// Drains whatever the receivers have buffered. Panics if one lagged: the check would be
     /// incomplete.
-    pub fn collect(&mut self, receivers: &mut [(String, broadcast::Receiver<Event>)]) {
+    pub fn collect(&mut self, receivers: &mut [(String, Events)]) {
         for (member, rx) in receivers.iter_mut() {
-            loop {
-                match rx.try_recv() {
-                    Ok(event) => self.push(member, event),
-                    Err(broadcast::error::TryRecvError::Empty) => break,
-                    Err(broadcast::error::TryRecvError::Closed) => break,
-                    Err(broadcast::error::TryRecvError::Lagged(n)) => {
-                        panic!("the event log lagged {n} events of {member}")
-                    }
+            while let Some(event) = rx.try_recv() {
+                if let Event::Lagged { missed, .. } = event {
+                    panic!("the event log lagged {missed} events of {member}")
                 }
+                self.push(member, event);
             }
         }
     }
@@ -74,7 +69,7 @@ impl EventLog {
         self.events[from..]
             .iter()
             .filter(|(_, e)| matches!(e, Event::Acquired { .. }))
-            .map(|(_, e)| e.token())
+            .filter_map(|(_, e)| e.token())
             .collect()
     }
 }

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use redbuckets::{Event, Member, RedisStore};
 use redbuckets_testkit::RedisServer;
-use tokio::sync::broadcast;
 
 fn window() -> Duration {
     let secs = std::env::var("MEASURE_WINDOW")
@@ -111,7 +110,7 @@ struct Run {
     group: String,
     buckets: u32,
     members: Vec<Member>,
-    events: Vec<broadcast::Receiver<Event>>,
+    events: Vec<redbuckets::Events>,
 }
 
 impl Run {
@@ -150,7 +149,7 @@ impl Run {
     fn acquisitions(&mut self) -> usize {
         let mut count = 0;
         for rx in &mut self.events {
-            while let Ok(event) = rx.try_recv() {
+            while let Some(event) = rx.try_recv() {
                 if matches!(event, Event::Acquired { .. }) {
                     count += 1;
                 }

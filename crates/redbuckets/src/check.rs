@@ -389,8 +389,14 @@ impl Timeline<Instant> {
             Event::Revoked { .. } => Change::Revoked,
             Event::Released { .. } => Change::Released,
             Event::Lost { .. } => Change::Lost,
+            // Not a change of ownership: events were dropped, so the stream is incomplete;
+            // reporting that is the caller's (the test support panics, the demo counts it).
+            Event::Lagged { .. } => return,
         };
-        self.record(member, change, event.bucket(), event.token(), event.at());
+        let (Some(bucket), Some(token)) = (event.bucket(), event.token()) else {
+            return;
+        };
+        self.record(member, change, bucket, token, event.at());
     }
 }
 

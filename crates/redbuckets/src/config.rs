@@ -54,6 +54,9 @@ pub struct Config {
     /// How long a revoked bucket waits for its lease handles to be dropped before it is released.
     /// Default 1 s. Buckets without live handles are released at once.
     pub drain_timeout: Duration,
+    /// The longest drain a lease may ask for with [`crate::Lease::extend_drain`], counted from
+    /// the revoke. Default 10 s; never below `drain_timeout`.
+    pub max_drain: Duration,
     /// Key prefix in the store. Default `red-buckets`.
     pub prefix: String,
     /// The largest relative clock-rate error between this host and the store (≥ 1%).
@@ -82,6 +85,7 @@ impl Config {
             call_timeout: Duration::from_secs(3),
             shutdown_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(1),
+            max_drain: Duration::from_secs(10),
             prefix: DEFAULT_PREFIX.to_string(),
             max_clock_drift: 0.01,
             safety_margin: Duration::from_millis(5),
@@ -117,6 +121,7 @@ impl Config {
             ("call_timeout", self.call_timeout),
             ("shutdown_timeout", self.shutdown_timeout),
             ("drain_timeout", self.drain_timeout),
+            ("max_drain", self.max_drain),
             ("safety_margin", self.safety_margin),
         ] {
             if value > MAX_DURATION {
@@ -213,6 +218,12 @@ impl Config {
     fn latest_renewal(&self) -> Duration {
         self.lease_validity()
             .saturating_sub(self.effective_call_timeout())
+    }
+
+    /// The longest drain a lease may ask for: `max_drain`, and never below `drain_timeout`.
+    #[must_use]
+    pub fn effective_max_drain(&self) -> Duration {
+        self.max_drain.max(self.drain_timeout)
     }
 
     /// The deadline of one store call: the call timeout, capped at a third of the ttl.

@@ -9,7 +9,8 @@
 //!   `Live { session, deadline, renew_at }`. The deadline lives there only; `publish` derives
 //!   what the user's handle and the lease handles read from it.
 //! - The ledger (`ledger.rs`, in the shared `Local`): each held bucket `Owned` or
-//!   `Draining { until }`. Its methods decide and return the events; the driver emits them.
+//!   `Draining { until }`. Its methods decide and return the events; the driver applies them
+//!   through `Shared::apply`, which emits them under the ledger lock.
 //! - Timers: `rebalance` (`Some(at)` while a rebalance step is wanted), `release_retry_at`, and
 //!   the subscription (`Active`, or `Down { retry_at }`).
 //!
@@ -35,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::event::{Deadline, Event, LostReason, Sent};
+use crate::event::{Deadline, LostReason, Sent};
 use crate::ledger::Reconcile;
 use crate::member::{ErrorHook, Shared};
 use crate::session::Session;
@@ -106,11 +107,14 @@ impl<S: Store> Driver<S> {
     }
 
     /// The first registration, done before `start` returns so configuration and connection
-    /// errors reach the caller. Waits out another live session of the same id for up to two ttls.
+    /// errors reach the caller. Waits once for another session of the same id to expire (a
+    /// crashed process restarted); fails if that session was renewed meanwhile (a live
+    /// duplicate), or would outlast two ttls.
     pub(crate) async fn join(&mut self) -> Result<(), Error> {
         self.subscribe().await;
         let give_up = Instant::now() + self.config.ttl * 2;
         let mut timeouts = 0;
+        let mut waited = None;
         loop {
             let outcome = match self.register().await {
                 // It may have run: retry with the same nonce, which finds it instead of leaving
@@ -131,10 +135,24 @@ impl<S: Store> Driver<S> {
                         member: self.config.member_id.clone(),
                         expires_in,
                     };
-                    if Instant::now() + expires_in > give_up {
+                    // After waiting out the expiry we saw, a session still there with more than
+                    // clock-drift slack left was renewed: a live process holds the id. Fail
+                    // now rather than wait for a session that will not end.
+                    let renewed = waited.is_some_and(|w: Duration| {
+                        expires_in
+                            > w.mul_f64(2.0 * self.config.max_clock_drift) + self.retry_delay()
+                    });
+                    if renewed || Instant::now() + expires_in > give_up {
                         return Err(err);
                     }
-                    self.report(err);
+                    if waited.is_none() {
+                        // Not an error yet (a restart after a crash looks like this): one line.
+                        tracing::info!(
+                            ?expires_in,
+                            "member id held by an earlier session; waiting for it to expire"
+                        );
+                    }
+                    waited = Some(expires_in);
                     tokio::time::sleep(expires_in + Duration::from_millis(1)).await;
                 }
             }
@@ -297,18 +315,6 @@ impl<S: Store> Driver<S> {
         }
         if let Some(hook) = &self.on_error {
             hook(&error);
-        }
-    }
-
-    fn emit(&self, event: Event) {
-        tracing::debug!(?event, "ownership change");
-        // No receiver is fine: events are for whoever listens.
-        let _ = self.shared.events.send(event);
-    }
-
-    fn emit_all(&self, events: Vec<Event>) {
-        for event in events {
-            self.emit(event);
         }
     }
 
@@ -515,8 +521,7 @@ impl<S: Store> Driver<S> {
                 }
                 // Keep stepping: the next call answers Stay once the share is reached.
                 self.rebalance = (!buckets.is_empty()).then_some(now);
-                let events = self.shared.lock().ledger.grant(&buckets, token, now);
-                self.emit_all(events);
+                self.shared.apply(|l| l.grant(&buckets, token, now));
             }
             Action::Release(count) => {
                 self.rebalance = None;
@@ -524,7 +529,12 @@ impl<S: Store> Driver<S> {
             }
             Action::Stay => self.rebalance = None,
             // Capped: a store clock stepped backwards must not stall grants for longer.
-            Action::Wait(wait) => self.rebalance = Some(now + wait.min(self.config.ttl)),
+            Action::Wait(wait) => {
+                let at = now + wait.min(self.config.ttl);
+                self.rebalance = Some(at);
+                // The status tells why nothing is owned yet.
+                self.shared.lock().grants_at = Some(at);
+            }
             Action::SessionLost => {
                 self.session_gone(now);
                 return false;
@@ -596,16 +606,14 @@ impl<S: Store> Driver<S> {
         {
             return;
         }
-        let events = self.shared.lock().ledger.adopt(&stored, now);
-        self.emit_all(events);
+        self.shared.apply(|l| l.adopt(&stored, now));
         self.want_rebalance();
     }
 
     /// Revokes `count` owned buckets (all if `None`): the most recently granted first.
     fn revoke(&mut self, count: Option<usize>, drain_until: Instant) {
         let now = Instant::now();
-        let events = self.shared.lock().ledger.revoke(count, drain_until, now);
-        self.emit_all(events);
+        self.shared.apply(|l| l.revoke(count, drain_until, now));
     }
 
     /// Releases revoked buckets whose handles are gone or whose drain time is over.
@@ -630,12 +638,8 @@ impl<S: Store> Driver<S> {
         .await
         {
             Ok(freed) => {
-                let events = self
-                    .shared
-                    .lock()
-                    .ledger
-                    .released(&buckets, freed, Instant::now());
-                self.emit_all(events);
+                self.shared
+                    .apply(|l| l.released(&buckets, freed, Instant::now()));
                 if (freed as usize) < buckets.len() {
                     // Some were no longer ours: an earlier release ran unheard. Lost replies can
                     // offset each other in the counts the rebalance check compares (a grant we
@@ -657,11 +661,15 @@ impl<S: Store> Driver<S> {
     fn lose(&mut self, reason: LostReason, at: Instant) {
         let ended = self.session.end();
         self.publish(None);
-        let lost = self.shared.lock().ledger.lose_all(reason, at);
+        let mut count = 0;
+        self.shared.apply(|l| {
+            let lost = l.lose_all(reason, at);
+            count = lost.len();
+            lost
+        });
         if ended.is_some() {
-            tracing::warn!(%reason, buckets = lost.len(), "lost the session");
+            tracing::warn!(%reason, buckets = count, "lost the session");
         }
-        self.emit_all(lost);
         self.want_rebalance();
     }
 
@@ -669,7 +677,10 @@ impl<S: Store> Driver<S> {
     fn drop_local(&mut self) {
         self.session.end();
         self.publish(None);
-        self.shared.lock().ledger.drop_all();
+        self.shared.apply(|l| {
+            l.drop_all();
+            Vec::new()
+        });
     }
 
     /// The graceful leave: revoke all, drain, release, deregister, within the shutdown timeout.
@@ -708,12 +719,8 @@ impl<S: Store> Driver<S> {
             match tokio::time::timeout(remaining, call).await {
                 Ok(Ok(freed)) => {
                     // Released only what the store freed (issue 8, bug 6).
-                    let events =
-                        self.shared
-                            .lock()
-                            .ledger
-                            .released(&buckets, freed, Instant::now());
-                    self.emit_all(events);
+                    self.shared
+                        .apply(|l| l.released(&buckets, freed, Instant::now()));
                 }
                 Ok(Err(e)) => first_error = Some(e),
                 Err(_) => {
@@ -806,7 +813,7 @@ mod tests {
     use super::*;
     use crate::event::suspend;
     use crate::store::{HeartbeatReply, RebalanceReply};
-    use crate::{GroupSnapshot, Member, MemoryStore};
+    use crate::{Event, GroupSnapshot, Member, MemoryStore};
 
     /// A `MemoryStore` with two faults: a host suspend right after a heartbeat ran in the store
     /// (before its reply is handled), and a store that stops answering (every call hangs).
@@ -920,8 +927,8 @@ mod tests {
         member
     }
 
-    fn drain(events: &mut tokio::sync::broadcast::Receiver<Event>) -> Vec<Event> {
-        std::iter::from_fn(|| events.try_recv().ok()).collect()
+    fn drain(events: &mut crate::Events) -> Vec<Event> {
+        std::iter::from_fn(|| events.try_recv()).collect()
     }
 
     /// Regression (issue 8, bug 1; S3 under host suspend): the store renews the session, then

@@ -1,6 +1,6 @@
 //! Ownership events and the per-bucket lease handle the user holds while working on a bucket.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{watch, Notify};
@@ -45,6 +45,12 @@ impl std::fmt::Display for LostReason {
 
 /// A change of ownership seen by one member. `at` is tokio's clock; [`Event::at_system`] turns it
 /// into wall-clock time.
+///
+/// A subscription ([`crate::MemberHandle::events`]) opens with an `Acquired` for every bucket
+/// owned at that moment, then follows live: every grant it reports ends with `Revoked` (then
+/// `Released`, or nothing more if the session was lost meanwhile) or `Lost`. For timelines, the
+/// end of ownership is `Revoked` or `Lost`: `Released` is when the store confirmed the release,
+/// which can come after another member's `Acquired`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Event {
@@ -67,13 +73,14 @@ pub enum Event {
         /// When ownership ended.
         at: Instant,
     },
-    /// The store freed the bucket for others.
+    /// The store freed the bucket for others. Ownership ended earlier, at the `Revoked`.
     Released {
         /// Bucket id.
         bucket: u32,
         /// Token of the grant that ended.
         token: u64,
-        /// When the release was confirmed.
+        /// When the store confirmed the release: it can be after another member's `Acquired` of
+        /// the bucket; ownership ended at the `Revoked`.
         at: Instant,
     },
     /// The member lost the bucket without releasing it. `at` is the local deadline at which the
@@ -88,39 +95,52 @@ pub enum Event {
         /// When ownership ended.
         at: Instant,
     },
+    /// The subscriber fell behind and `missed` events were dropped. What follows is a fresh
+    /// snapshot: an `Acquired` for every bucket owned now (with its grant time). Forget what you
+    /// believed was owned; buckets not in the snapshot are no longer owned.
+    Lagged {
+        /// How many events were dropped.
+        missed: u64,
+        /// When the lag was noticed.
+        at: Instant,
+    },
 }
 
 impl Event {
-    /// The bucket the event is about.
+    /// The bucket the event is about (`None` for `Lagged`).
     #[must_use]
-    pub fn bucket(&self) -> u32 {
+    pub fn bucket(&self) -> Option<u32> {
         match self {
             Event::Acquired { bucket, .. }
             | Event::Revoked { bucket, .. }
             | Event::Released { bucket, .. }
-            | Event::Lost { bucket, .. } => *bucket,
+            | Event::Lost { bucket, .. } => Some(*bucket),
+            Event::Lagged { .. } => None,
         }
     }
 
-    /// The token of the grant the event is about.
+    /// The token of the grant the event is about (`None` for `Lagged`).
     #[must_use]
-    pub fn token(&self) -> u64 {
+    pub fn token(&self) -> Option<u64> {
         match self {
             Event::Acquired { token, .. }
             | Event::Revoked { token, .. }
             | Event::Released { token, .. }
-            | Event::Lost { token, .. } => *token,
+            | Event::Lost { token, .. } => Some(*token),
+            Event::Lagged { .. } => None,
         }
     }
 
-    /// When ownership began (`Acquired`) or ended (the others).
+    /// When ownership began (`Acquired`) or ended (`Revoked`, `Lost`), when the release was
+    /// confirmed (`Released`), or when the lag was noticed (`Lagged`).
     #[must_use]
     pub fn at(&self) -> Instant {
         match self {
             Event::Acquired { at, .. }
             | Event::Revoked { at, .. }
             | Event::Released { at, .. }
-            | Event::Lost { at, .. } => *at,
+            | Event::Lost { at, .. }
+            | Event::Lagged { at, .. } => *at,
         }
     }
 
@@ -276,7 +296,8 @@ impl Deadline {
 /// Ownership ends when the member revokes the bucket (rebalance, shutdown) or loses it (its local
 /// deadline passed). [`Lease::cancelled`] completes at that moment even if the member's own task
 /// is stuck, because it also watches the deadline itself. While a revoked bucket has live handles,
-/// the member waits (up to the drain time) before releasing it: drop the handle when done.
+/// the member waits (up to the drain time, or longer if asked with [`Lease::extend_drain`])
+/// before releasing it: drop the handle when done.
 #[derive(Debug, Clone)]
 pub struct Lease {
     pub(crate) bucket: u32,
@@ -284,6 +305,8 @@ pub struct Lease {
     pub(crate) cancel: CancellationToken,
     pub(crate) valid_until: watch::Receiver<Option<Deadline>>,
     pub(crate) _guard: Arc<LeaseGuard>,
+    /// For `extend_drain`: weak, so a lease does not keep the member's state alive.
+    pub(crate) shared: Weak<crate::member::Shared>,
 }
 
 /// Tells the member when the last handle of a bucket is dropped.
@@ -322,6 +345,21 @@ impl Lease {
     #[must_use]
     pub fn remaining(&self) -> Option<Duration> {
         (*self.valid_until.borrow()).map(|until| until.remaining(Instant::now()))
+    }
+
+    /// Asks for up to `drain` (counted from the revoke) before the member releases this bucket
+    /// once it is revoked, for in-flight work longer than the member's drain time. Capped at the
+    /// member's `max_drain`; never shortens the drain. Callable before or after the revoke.
+    /// Returns the drain this grant now has, or `None` if the grant has ended (released, lost)
+    /// or the member has stopped. A graceful shutdown does not wait for extensions: its drain
+    /// stays the drain time, within the shutdown timeout.
+    ///
+    /// Ownership still ends at the revoke (the lease is cancelled then): the extension only
+    /// delays the release, so the bucket's next owner waits for this work to finish.
+    pub fn extend_drain(&self, drain: Duration) -> Option<Duration> {
+        self.shared
+            .upgrade()?
+            .extend_drain(self.bucket, self.token, drain)
     }
 
     /// Completes when ownership ends: revoked, lost, or the local deadline passed.

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +25,8 @@ pub(crate) enum Hold {
     Draining {
         /// The end of the drain time.
         until: Instant,
+        /// When it was revoked (a drain extension counts from here).
+        since: Instant,
     },
 }
 
@@ -31,7 +34,12 @@ pub(crate) enum Hold {
 #[derive(Debug)]
 pub(crate) struct Held {
     pub(crate) token: u64,
+    /// When the grant was seen (a subscriber's snapshot reports it as the `Acquired` time).
+    pub(crate) since: Instant,
     pub(crate) hold: Hold,
+    /// The drain a lease asked for (`Lease::extend_drain`), counted from the revoke; zero if
+    /// none: the member's drain time applies.
+    pub(crate) drain: Duration,
     /// Fired when ownership ends (revoke or loss); every lease handle of the grant watches it.
     pub(crate) cancel: CancellationToken,
     /// The lease handles given out for this grant; none alive once every one is dropped.
@@ -39,10 +47,12 @@ pub(crate) struct Held {
 }
 
 impl Held {
-    fn new(token: u64) -> Self {
+    fn new(token: u64, since: Instant) -> Self {
         Held {
             token,
+            since,
             hold: Hold::Owned,
+            drain: Duration::ZERO,
             cancel: CancellationToken::new(),
             guard: Weak::new(),
         }
@@ -123,7 +133,7 @@ impl Ledger {
         let mut closed = Vec::new();
         let mut acquired = Vec::with_capacity(buckets.len());
         for &bucket in buckets {
-            if let Some(old) = self.held.insert(bucket, Held::new(token)) {
+            if let Some(old) = self.held.insert(bucket, Held::new(token, now)) {
                 old.cancel.cancel();
                 closed.push(match old.hold {
                     Hold::Draining { .. } => Event::Released {
@@ -163,7 +173,9 @@ impl Ledger {
         let mut events = Vec::new();
         for (token, bucket) in owned.into_iter().take(count) {
             if let Some(held) = self.held.get_mut(&bucket) {
-                held.hold = Hold::Draining { until };
+                // A lease may have asked for a longer drain (capped when it asked).
+                let until = until.max(now + held.drain);
+                held.hold = Hold::Draining { until, since: now };
                 held.cancel.cancel();
                 events.push(Event::Revoked {
                     bucket,
@@ -181,7 +193,7 @@ impl Ledger {
             .iter()
             .filter(|(_, h)| match h.hold {
                 Hold::Owned => false,
-                Hold::Draining { until } => !h.has_handles() || now >= until,
+                Hold::Draining { until, .. } => !h.has_handles() || now >= until,
             })
             .map(|(b, _)| *b)
             .collect()
@@ -194,7 +206,7 @@ impl Ledger {
             .values()
             .filter_map(|h| match h.hold {
                 Hold::Owned => None,
-                Hold::Draining { until } if h.has_handles() => Some(until.max(not_before)),
+                Hold::Draining { until, .. } if h.has_handles() => Some(until.max(not_before)),
                 Hold::Draining { .. } => Some(not_before),
             })
             .min()
@@ -285,7 +297,7 @@ impl Ledger {
         }
         for (&bucket, &token) in stored {
             if let std::collections::btree_map::Entry::Vacant(slot) = self.held.entry(bucket) {
-                slot.insert(Held::new(token));
+                slot.insert(Held::new(token, now));
                 events.push(Event::Acquired {
                     bucket,
                     token,
@@ -318,6 +330,27 @@ impl Ledger {
     pub(crate) fn drop_all(&mut self) {
         for held in std::mem::take(&mut self.held).into_values() {
             held.cancel.cancel();
+        }
+    }
+
+    /// A lease of grant `token` of `bucket` asks for a drain of `drain` (capped by the caller)
+    /// from its revoke; `base` is the member's drain time. Returns the grant's drain now, or
+    /// `None` if the grant has ended. A draining bucket's release moves out; never in.
+    pub(crate) fn extend_drain(
+        &mut self,
+        bucket: u32,
+        token: u64,
+        drain: Duration,
+        base: Duration,
+    ) -> Option<Duration> {
+        let held = self.held.get_mut(&bucket).filter(|h| h.token == token)?;
+        held.drain = held.drain.max(drain);
+        match &mut held.hold {
+            Hold::Owned => Some(held.drain.max(base)),
+            Hold::Draining { until, since } => {
+                *until = (*until).max(*since + held.drain);
+                Some(until.saturating_duration_since(*since))
+            }
         }
     }
 
@@ -363,8 +396,9 @@ mod tests {
                     Event::Revoked { .. } => "revoked",
                     Event::Released { .. } => "released",
                     Event::Lost { .. } => "lost",
+                    Event::Lagged { .. } => "lagged",
                 };
-                (kind, e.bucket(), e.token())
+                (kind, e.bucket().unwrap_or(u32::MAX), e.token().unwrap_or(0))
             })
             .collect()
     }
@@ -506,6 +540,31 @@ mod tests {
         assert!(events.iter().all(|e| e.at() == at));
         assert!(owned_cancel.is_cancelled() && draining_cancel.is_cancelled());
         assert_eq!(l.len(), 0);
+    }
+
+    #[test]
+    fn a_drain_extension_moves_the_release_out_up_to_what_was_asked() {
+        let now = t0();
+        let mut l = Ledger::default();
+        l.grant(&[1, 2], 10, now);
+        let (_, _, _h1) = l.guard(1, guard).expect("owned");
+        let (_, _, _h2) = l.guard(2, guard).expect("owned");
+        // Asked before the revoke: the revoke's drain becomes the larger of the two.
+        assert_eq!(l.extend_drain(1, 10, ms(500), ms(100)), Some(ms(500)));
+        assert_eq!(
+            l.extend_drain(1, 99, ms(500), ms(100)),
+            None,
+            "another grant"
+        );
+        l.revoke(None, now + ms(100), now);
+        assert_eq!(l.releasable(now + ms(100)), vec![2]);
+        assert_eq!(l.releasable(now + ms(499)), vec![2]);
+        assert_eq!(l.releasable(now + ms(500)), vec![1, 2]);
+        // Asked after the revoke: counted from the revoke, and never shortens.
+        assert_eq!(l.extend_drain(2, 10, ms(300), ms(100)), Some(ms(300)));
+        assert_eq!(l.extend_drain(2, 10, ms(50), ms(100)), Some(ms(300)));
+        assert_eq!(l.releasable(now + ms(299)), Vec::<u32>::new());
+        assert_eq!(l.next_release(now), Some(now + ms(300)));
     }
 
     #[test]

@@ -33,7 +33,9 @@
 //! - `error` — [`Error`], one variant per cause.
 //! - [`share`] — the share rule, pure arithmetic, property-tested.
 //! - [`store`] — the [`Store`] protocol trait; [`MemoryStore`] and [`RedisStore`] implement it.
-//! - `member` — the user's side: [`MemberBuilder`], [`Member`], [`Status`].
+//! - `member` — the user's side: [`MemberBuilder`], [`Member`] (the owner, which ends it),
+//!   [`MemberHandle`] (the cheap clone workers share), the [`Events`] and [`Leases`] streams,
+//!   [`Status`].
 //! - `session` — the member's session, `Registering` or `Live` with its lease deadline; pure.
 //! - `driver` — the member's task: heartbeats, rebalancing, drains, the local deadline; a thin
 //!   async loop over the session and the ledger.
@@ -58,7 +60,7 @@ pub mod store;
 pub use config::{Config, DEFAULT_PREFIX, MAX_BUCKETS, MAX_WEIGHT, PROTOCOL_VERSION};
 pub use error::{redact_url, Error};
 pub use event::{instant_to_system, Event, Lease, LostReason};
-pub use member::{ErrorHook, Member, MemberBuilder, Status};
+pub use member::{ErrorHook, Events, Leases, Member, MemberBuilder, MemberHandle, Status};
 pub use store::memory::MemoryStore;
 pub use store::redis::{scrub_password, RedisOptions, RedisStore};
 pub use store::{GroupKey, GroupSnapshot, Store};

@@ -1,14 +1,19 @@
-//! The user's side: the builder, the `Member` handle, and the status snapshot.
+//! The user's side: the builder, the `Member` (the owner, which ends the member), the cloneable
+//! `MemberHandle` workers share, the `Events` and `Leases` streams, and the status snapshot.
 //!
-//! A `Member` is a cheap handle on a background task (the driver, `driver.rs`) that speaks the
-//! store protocol. The handle reads the member's local ledger under a std mutex; it never waits
-//! on the store.
+//! A member is a background task (the driver, `driver.rs`) that speaks the store protocol. The
+//! handles read the member's local ledger under a std mutex; they never wait on the store. The
+//! driver changes the ledger and emits under that same mutex (`Shared::apply`), which is what
+//! lets a subscription begin with a snapshot and miss nothing after it.
 
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::{broadcast, watch, Notify};
+use futures_util::Stream;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::sync::{broadcast, mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -86,6 +91,12 @@ impl<S: Store> MemberBuilder<S> {
         self.config.drain_timeout = timeout;
         self
     }
+    /// The longest drain one lease may ask for with [`Lease::extend_drain`]. Default 10 s
+    /// (never below the drain timeout).
+    pub fn max_drain(mut self, max: Duration) -> Self {
+        self.config.max_drain = max;
+        self
+    }
     /// Key prefix. Default `red-buckets`.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.config.prefix = prefix.into();
@@ -109,20 +120,26 @@ impl<S: Store> MemberBuilder<S> {
 
     /// Validates the configuration, joins the group and starts the member's task.
     ///
-    /// Fails when the configuration is invalid, the store cannot be reached, the group exists
-    /// with another bucket count, or another live session keeps this member id for longer than
-    /// two ttls.
+    /// Fails when the configuration is invalid, the store cannot be reached, or the group exists
+    /// with another bucket count. When another session holds this member id (a crashed process
+    /// of the same id whose session has not expired yet), `start` waits for it to expire, up to
+    /// one ttl, logging that once at INFO; if that session is renewed meanwhile, another live
+    /// process uses the id, and `start` fails with [`Error::IdInUse`] naming when it expires.
     pub async fn start(self) -> Result<Member, Error> {
         self.config.validate()?;
         let config = Arc::new(self.config);
         let capacity = (config.buckets as usize * 2 + 16).max(1024);
         let (events, _) = broadcast::channel(capacity);
         let (valid_until, _) = watch::channel(None);
+        let (owned, _) = watch::channel(Vec::new());
         let shared = Arc::new(Shared {
+            config: Arc::clone(&config),
             local: Mutex::new(Local::default()),
             events,
             valid_until,
+            owned,
             dropped: Arc::new(Notify::new()),
+            stopped: CancellationToken::new(),
         });
         let graceful = CancellationToken::new();
         let abort = CancellationToken::new();
@@ -139,10 +156,15 @@ impl<S: Store> MemberBuilder<S> {
         driver.join().await?;
         let span =
             tracing::info_span!("redbuckets", group = %config.group, member = %config.member_id);
-        let task = tokio::spawn(tracing::Instrument::instrument(driver.run(), span));
+        // However the task ends, subscribers learn that nothing more comes.
+        let stopped = shared.stopped.clone().drop_guard();
+        let run = async move {
+            let _stopped = stopped;
+            driver.run().await
+        };
+        let task = tokio::spawn(tracing::Instrument::instrument(run, span));
         Ok(Member {
-            config,
-            shared,
+            handle: MemberHandle { config, shared },
             graceful,
             freeze,
             _abort: abort.drop_guard(),
@@ -151,24 +173,54 @@ impl<S: Store> MemberBuilder<S> {
     }
 }
 
-/// One member of a group. Dropping it without [`Member::shutdown`] stops it like a crash: its
-/// buckets stay owned in the store until its session expires.
+/// One member of a group: the owner side, which ends it ([`Member::shutdown`],
+/// [`Member::run_until`], [`Member::abort`]). Everything else is on the [`MemberHandle`] it
+/// dereferences to; [`Member::handle`] gives workers a cheap clone of it.
+///
+/// Dropping a `Member` without [`Member::shutdown`] stops it like a crash: its buckets stay
+/// owned in the store, and nobody works on them, until its session expires. It logs a WARN
+/// saying so; [`Member::abort`] does the same on purpose, without the WARN.
 pub struct Member {
-    config: Arc<Config>,
-    shared: Arc<Shared>,
+    handle: MemberHandle,
     graceful: CancellationToken,
     freeze: tokio::sync::mpsc::UnboundedSender<Duration>,
-    /// Dropping the handle aborts the task (a crash, from the group's point of view).
+    /// Dropping the member aborts the task (a crash, from the group's point of view).
     _abort: tokio_util::sync::DropGuard,
+    /// `None` once shut down or aborted.
     task: Option<JoinHandle<Result<(), Error>>>,
 }
 
 impl std::fmt::Debug for Member {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Member")
-            .field("group", &self.config.group)
-            .field("id", &self.config.member_id)
+            .field("group", &self.handle.config.group)
+            .field("id", &self.handle.config.member_id)
             .finish_non_exhaustive()
+    }
+}
+
+impl std::ops::Deref for Member {
+    type Target = MemberHandle;
+
+    fn deref(&self) -> &MemberHandle {
+        &self.handle
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        if self.task.is_some() && !std::thread::panicking() {
+            let held = self.handle.shared.lock().ledger.owned_count();
+            tracing::warn!(
+                group = %self.handle.config.group,
+                member = %self.handle.config.member_id,
+                held,
+                "a Member was dropped without shutdown(): for the group this is a crash; its \
+                 {held} buckets stay owned, and unworked, until its session expires (up to the \
+                 ttl, {:?}). Call shutdown().await (or abort() to crash on purpose)",
+                self.handle.config.ttl
+            );
+        }
     }
 }
 
@@ -182,6 +234,74 @@ impl Member {
         }
     }
 
+    /// A cheap, cloneable handle for workers: everything but ending the member. Handles do not
+    /// keep the member running; once it has stopped they report that it owns nothing.
+    #[must_use]
+    pub fn handle(&self) -> MemberHandle {
+        self.handle.clone()
+    }
+
+    /// Leaves the group gracefully: revokes every bucket, waits for lease handles (up to the
+    /// drain time), releases everything and deregisters, within the shutdown timeout.
+    pub async fn shutdown(mut self) -> Result<(), Error> {
+        self.graceful.cancel();
+        let Some(task) = self.task.take() else {
+            return Ok(());
+        };
+        let config = &self.handle.config;
+        let budget = config.shutdown_timeout + config.effective_call_timeout();
+        match tokio::time::timeout(budget, task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => Err(Error::Unavailable {
+                detail: format!("member task failed: {join}"),
+            }),
+            Err(_) => Err(Error::Timeout {
+                call: "shutdown",
+                after: budget,
+            }),
+        }
+    }
+
+    /// Runs until `signal` completes, then leaves gracefully (see [`Member::shutdown`]).
+    pub async fn run_until(self, signal: impl Future<Output = ()>) -> Result<(), Error> {
+        signal.await;
+        self.shutdown().await
+    }
+
+    /// For simulations only: the member's task does nothing for `duration`, as if its process
+    /// were stopped (SIGSTOP) while the others go on.
+    #[doc(hidden)]
+    pub fn freeze(&self, duration: Duration) {
+        let _ = self.freeze.send(duration);
+    }
+
+    /// Stops at once without releasing anything, as a crash would: the buckets are freed when
+    /// the session expires. For tests and emergencies.
+    pub fn abort(mut self) {
+        // On purpose: no WARN from `drop`.
+        self.task.take();
+    }
+}
+
+/// A cheap, cloneable handle on a [`Member`] (an `Arc` inside), for workers. Every method
+/// takes `&self` and reads the member's local state without waiting on the store. It does not
+/// keep the member running: after the member stopped it reports that nothing is owned.
+#[derive(Clone)]
+pub struct MemberHandle {
+    config: Arc<Config>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for MemberHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemberHandle")
+            .field("group", &self.config.group)
+            .field("id", &self.config.member_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemberHandle {
     /// This member's id.
     #[must_use]
     pub fn id(&self) -> &str {
@@ -222,30 +342,91 @@ impl Member {
 
     /// A lease handle on `bucket` if this member owns it now. While any handle of a revoked
     /// bucket is alive, the member waits (up to the drain time) before releasing the bucket.
+    /// To hold a handle from the moment ownership begins, take leases from
+    /// [`MemberHandle::leases`] instead.
     #[must_use]
     pub fn lease(&self, bucket: u32) -> Option<Lease> {
         let mut local = self.shared.lock();
         if !self.shared.is_valid(Instant::now()) {
             return None;
         }
-        let (token, cancel, guard) = local.ledger.guard(bucket, || LeaseGuard {
-            dropped: Arc::clone(&self.shared.dropped),
-        })?;
-        Some(Lease {
-            bucket,
-            token,
-            cancel,
-            valid_until: self.shared.valid_until.subscribe(),
-            _guard: guard,
-        })
+        self.shared.lease_locked(&mut local.ledger, bucket)
     }
 
-    /// Subscribes to ownership events from now on. A receiver that falls behind by more than
-    /// `2 × buckets` events gets `RecvError::Lagged` and should resynchronise from
-    /// [`Member::buckets`].
+    /// A stream of leases: first one for every bucket owned at the call, then one for each new
+    /// grant, made by the member at the grant itself. So a lease exists from the moment
+    /// ownership begins: a bucket revoked before the worker reads its lease still waits (up to
+    /// the drain time) for that lease to be read and dropped. Every grant yields its lease, even
+    /// one that ended before it was read (its [`Lease::cancelled`] completes at once): a worker
+    /// sees every grant. Drop the stream when you stop reading it: the leases queued in it
+    /// hold their buckets' drains.
     #[must_use]
-    pub fn events(&self) -> broadcast::Receiver<Event> {
-        self.shared.events.subscribe()
+    pub fn leases(&self) -> Leases {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut local = self.shared.lock();
+        if self.shared.is_valid(Instant::now()) {
+            let owned: Vec<u32> = local.ledger.owned().map(|(b, _)| b).collect();
+            for bucket in owned {
+                if let Some(lease) = self.shared.lease_locked(&mut local.ledger, bucket) {
+                    let _ = tx.send(lease);
+                }
+            }
+        }
+        local.leases.push(tx);
+        Leases {
+            rx,
+            stopped: self.shared.stopped.clone(),
+        }
+    }
+
+    /// A stream of ownership events. It opens with an `Acquired` for every bucket owned at the
+    /// call (with its grant time), then follows live; the two are taken atomically, so no grant
+    /// falls in between. A subscriber that falls behind by more than `2 × buckets` events
+    /// (at least 1,024) gets [`Event::Lagged`] followed by a fresh snapshot: never a silent gap.
+    /// The end of a grant that was not announced to this subscriber (revoked before it
+    /// subscribed) is not reported.
+    #[must_use]
+    pub fn events(&self) -> Events {
+        let local = self.shared.lock();
+        let rx = self.shared.events.subscribe();
+        let mut events = Events {
+            shared: Arc::clone(&self.shared),
+            rx,
+            queue: VecDeque::new(),
+            announced: HashMap::new(),
+        };
+        events.snapshot(&local, Instant::now());
+        drop(local);
+        events
+    }
+
+    /// The owned buckets (sorted), as a `watch` that changes whenever they do: `changed()` to
+    /// wait for a change, `borrow()` to read. It follows the member's ledger: at the local
+    /// deadline it empties when the member's task gives the buckets up
+    /// ([`MemberHandle::buckets`] checks the deadline itself).
+    #[must_use]
+    pub fn owned_changed(&self) -> watch::Receiver<Vec<u32>> {
+        self.shared.owned.subscribe()
+    }
+
+    /// Waits until this member owns `bucket`, and returns its fencing token. Fails with
+    /// [`Error::Shutdown`] once the member has stopped. For tests and readiness probes; combine
+    /// with a timeout.
+    pub async fn wait_until_owned(&self, bucket: u32) -> Result<u64, Error> {
+        let mut owned = self.shared.owned.subscribe();
+        loop {
+            if let Some(token) = self.token(bucket) {
+                return Ok(token);
+            }
+            tokio::select! {
+                changed = owned.changed() => {
+                    if changed.is_err() {
+                        return Err(Error::Shutdown);
+                    }
+                }
+                () = self.shared.stopped.cancelled() => return Err(Error::Shutdown),
+            }
+        }
     }
 
     /// A snapshot of the member's state.
@@ -262,6 +443,10 @@ impl Member {
             share: local.share,
             held: if valid { local.ledger.owned_count() } else { 0 },
             draining: local.ledger.draining_count(),
+            quarantine: local
+                .grants_at
+                .map(|at| at.saturating_duration_since(now))
+                .filter(|d| !d.is_zero()),
             last_heartbeat: local.last_heartbeat,
             valid_until: valid_until.map(|d| d.at),
             version: local.version,
@@ -269,44 +454,162 @@ impl Member {
             last_error: local.last_error.clone(),
         }
     }
+}
 
-    /// Leaves the group gracefully: revokes every bucket, waits for lease handles (up to the
-    /// drain time), releases everything and deregisters, within the shutdown timeout.
-    pub async fn shutdown(mut self) -> Result<(), Error> {
-        self.graceful.cancel();
-        let Some(task) = self.task.take() else {
-            return Ok(());
-        };
-        let budget = self.config.shutdown_timeout + self.config.effective_call_timeout();
-        match tokio::time::timeout(budget, task).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(join)) => Err(Error::Unavailable {
-                detail: format!("member task failed: {join}"),
-            }),
-            Err(_) => Err(Error::Timeout {
-                call: "shutdown",
-                after: budget,
-            }),
+/// Ownership events of one member, from [`MemberHandle::events`]: first an `Acquired` for every
+/// bucket owned at the subscription, then live events; after a lag, [`Event::Lagged`] and a
+/// fresh snapshot. Read it with [`Events::recv`], [`Events::try_recv`], or as a `Stream`
+/// ([`Events::into_stream`]).
+#[derive(Debug)]
+pub struct Events {
+    shared: Arc<Shared>,
+    rx: broadcast::Receiver<Event>,
+    /// The snapshot (and a `Lagged`) not yet read.
+    queue: VecDeque<Event>,
+    /// The grants this subscriber was told of (bucket → token): the end of any other is not
+    /// news to it.
+    announced: HashMap<u32, u64>,
+}
+
+impl Events {
+    /// The next event; `None` once the member has stopped and every event was read.
+    pub async fn recv(&mut self) -> Option<Event> {
+        loop {
+            if let Some(event) = self.queue.pop_front() {
+                return Some(event);
+            }
+            let received = tokio::select! {
+                biased;
+                received = self.rx.recv() => received,
+                () = self.shared.stopped.cancelled() => match self.rx.try_recv() {
+                    Ok(event) => Ok(event),
+                    Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
+                    Err(TryRecvError::Empty | TryRecvError::Closed) => return None,
+                },
+            };
+            match received {
+                Ok(event) => {
+                    if let Some(event) = self.accept(event) {
+                        return Some(event);
+                    }
+                }
+                Err(RecvError::Lagged(missed)) => self.lagged(missed),
+                Err(RecvError::Closed) => return None,
+            }
         }
     }
 
-    /// Runs until `signal` completes, then leaves gracefully (see [`Member::shutdown`]).
-    pub async fn run_until(self, signal: impl Future<Output = ()>) -> Result<(), Error> {
-        signal.await;
-        self.shutdown().await
+    /// The next event if one is ready, without waiting.
+    pub fn try_recv(&mut self) -> Option<Event> {
+        loop {
+            if let Some(event) = self.queue.pop_front() {
+                return Some(event);
+            }
+            match self.rx.try_recv() {
+                Ok(event) => {
+                    if let Some(event) = self.accept(event) {
+                        return Some(event);
+                    }
+                }
+                Err(TryRecvError::Lagged(missed)) => self.lagged(missed),
+                Err(TryRecvError::Empty | TryRecvError::Closed) => return None,
+            }
+        }
     }
 
-    /// For simulations only: the member's task does nothing for `duration`, as if its process
-    /// were stopped (SIGSTOP) while the others go on.
-    #[doc(hidden)]
-    pub fn freeze(&self, duration: Duration) {
-        let _ = self.freeze.send(duration);
+    /// The events as a `Stream`, which ends once the member has stopped.
+    pub fn into_stream(self) -> impl Stream<Item = Event> + Send + 'static {
+        futures_util::stream::unfold(self, |mut events| async move {
+            let event = events.recv().await?;
+            Some((event, events))
+        })
     }
 
-    /// Stops at once without releasing anything, as a crash would: the buckets are freed when
-    /// the session expires. For tests and emergencies.
-    pub fn abort(self) {
-        drop(self);
+    /// Keeps what this subscriber should see: the end of a grant it was not told of is dropped.
+    fn accept(&mut self, event: Event) -> Option<Event> {
+        match &event {
+            Event::Acquired { bucket, token, .. } => {
+                self.announced.insert(*bucket, *token);
+            }
+            Event::Revoked { bucket, token, .. } => {
+                if self.announced.get(bucket) != Some(token) {
+                    return None;
+                }
+            }
+            Event::Released { bucket, token, .. } | Event::Lost { bucket, token, .. } => {
+                if self.announced.get(bucket) != Some(token) {
+                    return None;
+                }
+                self.announced.remove(bucket);
+            }
+            Event::Lagged { .. } => {}
+        }
+        Some(event)
+    }
+
+    /// The receiver fell behind: start again from a fresh snapshot, taken with a new receiver
+    /// under the ledger lock (the driver emits under it too, so nothing falls in between).
+    fn lagged(&mut self, missed: u64) {
+        let now = Instant::now();
+        let shared = Arc::clone(&self.shared);
+        let local = shared.lock();
+        self.rx = shared.events.subscribe();
+        self.queue.clear();
+        self.queue.push_back(Event::Lagged { missed, at: now });
+        self.snapshot(&local, now);
+    }
+
+    /// Queues an `Acquired` for every bucket owned now; called under the ledger lock.
+    fn snapshot(&mut self, local: &Local, now: Instant) {
+        self.announced.clear();
+        if !self.shared.is_valid(now) {
+            return;
+        }
+        for (bucket, held) in local.ledger.owned() {
+            self.announced.insert(bucket, held.token);
+            self.queue.push_back(Event::Acquired {
+                bucket,
+                token: held.token,
+                at: held.since,
+            });
+        }
+    }
+}
+
+/// Leases of one member, from [`MemberHandle::leases`]: one for every bucket owned at the
+/// subscription, then one per new grant, each made at the grant (so its guard holds the drain
+/// from the moment ownership begins). Read it with
+/// [`Leases::next`], [`Leases::try_next`], or as a `Stream` ([`Leases::into_stream`]).
+#[derive(Debug)]
+pub struct Leases {
+    rx: mpsc::UnboundedReceiver<Lease>,
+    stopped: CancellationToken,
+}
+
+impl Leases {
+    /// The next lease, in grant order; `None` once the member has stopped and every lease was
+    /// read. A lease whose grant has ended already is yielded too (check
+    /// [`Lease::is_valid`], or let [`Lease::cancelled`] complete at once): dropping it ends its
+    /// drain.
+    pub async fn next(&mut self) -> Option<Lease> {
+        tokio::select! {
+            biased;
+            lease = self.rx.recv() => lease,
+            () = self.stopped.cancelled() => self.rx.try_recv().ok(),
+        }
+    }
+
+    /// The next lease if one is ready, without waiting.
+    pub fn try_next(&mut self) -> Option<Lease> {
+        self.rx.try_recv().ok()
+    }
+
+    /// The leases as a `Stream`, which ends once the member has stopped.
+    pub fn into_stream(self) -> impl Stream<Item = Lease> + Send + 'static {
+        futures_util::stream::unfold(self, |mut leases| async move {
+            let lease = leases.next().await?;
+            Some((lease, leases))
+        })
     }
 }
 
@@ -326,6 +629,10 @@ pub struct Status {
     pub held: usize,
     /// Buckets revoked and waiting for their release.
     pub draining: usize,
+    /// While the group grants nothing (it was just created, or re-created after the store lost
+    /// its data: see the README's guarantees), the time until grants begin ("grants begin in
+    /// 7.2 s"): why a registered member owns nothing yet. `None` otherwise.
+    pub quarantine: Option<Duration>,
     /// Send time of the last successful heartbeat (or registration).
     pub last_heartbeat: Option<Instant>,
     /// Local lease deadline.
@@ -338,15 +645,22 @@ pub struct Status {
     pub last_error: Option<String>,
 }
 
-/// State shared between the handle and the driver.
+/// State shared between the handles and the driver.
 #[derive(Debug)]
 pub(crate) struct Shared {
+    pub(crate) config: Arc<Config>,
     pub(crate) local: Mutex<Local>,
+    /// Sent only under the `local` lock (see `apply`), so a subscriber's snapshot and its
+    /// subscription, both taken under it, have nothing in between.
     pub(crate) events: broadcast::Sender<Event>,
     /// The live session's lease deadline, derived from the driver's session: the one value
     /// the handle and every lease handle read (`None` while not registered).
     pub(crate) valid_until: watch::Sender<Option<Deadline>>,
+    /// The owned buckets, sorted, as the ledger has them.
+    pub(crate) owned: watch::Sender<Vec<u32>>,
     pub(crate) dropped: Arc<Notify>,
+    /// Cancelled when the member's task has ended (any way): streams end.
+    pub(crate) stopped: CancellationToken,
 }
 
 impl Shared {
@@ -362,16 +676,88 @@ impl Shared {
         // the panic; keep serving after one.
         self.local.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Changes the ledger and tells everyone, all under the lock: the lease subscribers get a
+    /// lease for each new grant (so its guard exists from the moment ownership begins), the
+    /// event subscribers get the events, and the owned-set watch is updated. Every ledger
+    /// change that emits events goes through here.
+    pub(crate) fn apply(self: &Arc<Self>, change: impl FnOnce(&mut Ledger) -> Vec<Event>) {
+        let mut guard = self.lock();
+        let local = &mut *guard;
+        let events = change(&mut local.ledger);
+        if !local.leases.is_empty() {
+            local.leases.retain(|tx| !tx.is_closed());
+            for event in &events {
+                let Event::Acquired { bucket, .. } = *event else {
+                    continue;
+                };
+                if let Some(lease) = self.lease_locked(&mut local.ledger, bucket) {
+                    for tx in &local.leases {
+                        let _ = tx.send(lease.clone());
+                    }
+                }
+            }
+        }
+        for event in events {
+            tracing::debug!(?event, "ownership change");
+            // No receiver is fine: events are for whoever listens.
+            let _ = self.events.send(event);
+        }
+        let owned: Vec<u32> = local.ledger.owned().map(|(b, _)| b).collect();
+        self.owned.send_if_modified(|now| {
+            let changed = *now != owned;
+            if changed {
+                *now = owned;
+            }
+            changed
+        });
+    }
+
+    /// A lease on the owned `bucket`, under the lock.
+    pub(crate) fn lease_locked(
+        self: &Arc<Self>,
+        ledger: &mut Ledger,
+        bucket: u32,
+    ) -> Option<Lease> {
+        let (token, cancel, guard) = ledger.guard(bucket, || LeaseGuard {
+            dropped: Arc::clone(&self.dropped),
+        })?;
+        Some(Lease {
+            bucket,
+            token,
+            cancel,
+            valid_until: self.valid_until.subscribe(),
+            _guard: guard,
+            shared: Arc::downgrade(self),
+        })
+    }
+
+    /// See [`Lease::extend_drain`].
+    pub(crate) fn extend_drain(
+        &self,
+        bucket: u32,
+        token: u64,
+        drain: Duration,
+    ) -> Option<Duration> {
+        let drain = drain.min(self.config.effective_max_drain());
+        self.lock()
+            .ledger
+            .extend_drain(bucket, token, drain, self.config.drain_timeout)
+    }
 }
 
-/// What the handle reads: the ledger and the status fields.
+/// What the handles read: the ledger and the status fields.
 #[derive(Debug, Default)]
 pub(crate) struct Local {
     pub(crate) ledger: Ledger,
+    /// The live lease subscribers (`MemberHandle::leases`); closed ones are pruned.
+    pub(crate) leases: Vec<mpsc::UnboundedSender<Lease>>,
     /// The live session's nonce (derived from the driver's session).
     pub(crate) session: Option<String>,
     pub(crate) last_heartbeat: Option<Instant>,
     pub(crate) share: (u32, u32),
+    /// When the group's grants begin, from the store's last `Wait` (a new group's quarantine).
+    pub(crate) grants_at: Option<Instant>,
     pub(crate) version: u64,
     pub(crate) errors: u64,
     pub(crate) last_error: Option<String>,

@@ -300,8 +300,8 @@ async fn cut_off_member_reports_lost_before_its_session_expires() {
     assert_eq!(a.buckets().len() + b.buckets().len(), 10);
     let a_had = a.buckets();
     assert_eq!(a_had.len(), 5);
-    while a_events.try_recv().is_ok() {}
-    while b_events.try_recv().is_ok() {}
+    while a_events.try_recv().is_some() {}
+    while b_events.try_recv().is_some() {}
 
     cut.cut.store(true, Ordering::SeqCst);
     let cut_at = Instant::now();
@@ -311,13 +311,13 @@ async fn cut_off_member_reports_lost_before_its_session_expires() {
     while b_got.len() < a_had.len() {
         sleep(Duration::from_millis(5)).await;
         assert!(cut_at.elapsed() < TTL * 3, "b never got a's buckets");
-        while let Ok(e) = a_events.try_recv() {
+        while let Some(e) = a_events.try_recv() {
             if let Event::Lost { at, reason, .. } = e {
                 assert_eq!(reason, LostReason::Deadline);
                 lost_at = Some(at);
             }
         }
-        while let Ok(e) = b_events.try_recv() {
+        while let Some(e) = b_events.try_recv() {
             if let Event::Acquired { at, bucket, .. } = e {
                 b_got.push((bucket, at));
             }
@@ -465,7 +465,7 @@ async fn store_data_loss_is_survived_with_larger_tokens() {
         .timeline
         .events
         .iter()
-        .map(|(_, e)| e.token())
+        .filter_map(|(_, e)| e.token())
         .max()
         .unwrap();
     let mark = g.timeline.events.len();
@@ -493,7 +493,7 @@ async fn lost_grant_replies_are_recovered() {
         "the member adopts what the store granted it"
     );
     let mut acquired = 0;
-    while let Ok(e) = events.try_recv() {
+    while let Some(e) = events.try_recv() {
         if let Event::Acquired { .. } = e {
             acquired += 1;
         }

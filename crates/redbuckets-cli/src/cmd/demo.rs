@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
 use redbuckets::{redact_url, Config, Event, GroupKey, GroupSnapshot, Member, MemoryStore, Store};
-use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -287,9 +286,9 @@ impl<S: Store> Demo<S> {
         let forwarder = tokio::spawn(async move {
             loop {
                 let item = match rx.recv().await {
-                    Ok(event) => Ok(event),
-                    Err(RecvError::Lagged(n)) => Err(n),
-                    Err(RecvError::Closed) => return,
+                    Some(Event::Lagged { missed, .. }) => Err(missed),
+                    Some(event) => Ok(event),
+                    None => return,
                 };
                 if tx.send((member_id.clone(), item)).is_err() {
                     return;

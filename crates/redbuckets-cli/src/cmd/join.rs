@@ -7,10 +7,8 @@ use std::process::ExitCode;
 use std::time::SystemTime;
 
 use anyhow::{anyhow, Context as _};
-use redbuckets::{Config, Event, Member};
+use redbuckets::{Config, Event, Events, Member};
 use serde_json::{json, Value};
-use tokio::sync::broadcast::error::{RecvError, TryRecvError};
-use tokio::sync::broadcast::Receiver;
 use tokio::time::Instant;
 
 use super::{connect, group_key, scrub, unix_us, Signals};
@@ -66,7 +64,8 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
         tokio::select! {
             name = signals.recv() => break name,
             received = events.recv() => match received {
-                Ok(event) => {
+                Some(Event::Lagged { missed, .. }) => out.lagged(missed, Some(member.buckets())),
+                Some(event) => {
                     let mut burst = vec![event];
                     out.settle().await;
                     if let Some(missed) = drain_ready(&mut events, &mut burst) {
@@ -78,8 +77,7 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
                         break "stdout closed";
                     }
                 }
-                Err(RecvError::Lagged(n)) => out.lagged(n, Some(member.buckets())),
-                Err(RecvError::Closed) => {
+                None => {
                     return Err(anyhow!("the member's task stopped unexpectedly"));
                 }
             },
@@ -95,7 +93,8 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
         tokio::select! {
             result = &mut shutdown => break result,
             received = events.recv(), if !closed => match received {
-                Ok(event) => {
+                Some(Event::Lagged { missed, .. }) => out.lagged(missed, None),
+                Some(event) => {
                     let mut burst = vec![event];
                     out.settle().await;
                     if let Some(missed) = drain_ready(&mut events, &mut burst) {
@@ -103,9 +102,8 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
                     }
                     let _ = out.events(&burst);
                 }
-                Err(RecvError::Lagged(n)) => out.lagged(n, None),
                 // The task is gone; `shutdown` completes right after.
-                Err(RecvError::Closed) => closed = true,
+                None => closed = true,
             },
             name = signals.recv() => {
                 return Err(anyhow!(
@@ -131,13 +129,13 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
 
 /// Moves whatever is already buffered into `burst`, so a rebalance prints as one group.
 /// Returns how many events were missed, if the channel overflowed.
-fn drain_ready(events: &mut Receiver<Event>, burst: &mut Vec<Event>) -> Option<u64> {
+fn drain_ready(events: &mut Events, burst: &mut Vec<Event>) -> Option<u64> {
     let mut missed = None;
     loop {
         match events.try_recv() {
-            Ok(event) => burst.push(event),
-            Err(TryRecvError::Lagged(n)) => *missed.get_or_insert(0) += n,
-            Err(TryRecvError::Empty | TryRecvError::Closed) => return missed,
+            Some(Event::Lagged { missed: n, .. }) => *missed.get_or_insert(0) += n,
+            Some(event) => burst.push(event),
+            None => return missed,
         }
     }
 }
@@ -285,8 +283,8 @@ impl Output {
                     k == kind && r == reason
                 })
                 .collect();
-            let buckets: Vec<u32> = same.iter().map(|e| e.bucket()).collect();
-            let mut tokens: Vec<u64> = same.iter().map(|e| e.token()).collect();
+            let buckets: Vec<u32> = same.iter().filter_map(|e| e.bucket()).collect();
+            let mut tokens: Vec<u64> = same.iter().filter_map(|e| e.token()).collect();
             tokens.sort_unstable();
             tokens.dedup();
             let mut line = if buckets.len() == 1 {
@@ -318,7 +316,7 @@ fn describe(event: &Event) -> (&'static str, u64, Option<String>) {
         Event::Revoked { token, .. } => ("revoked", *token, None),
         Event::Released { token, .. } => ("released", *token, None),
         Event::Lost { token, reason, .. } => ("lost", *token, Some(reason.to_string())),
-        _ => ("changed", event.token(), None),
+        _ => ("changed", event.token().unwrap_or(0), None),
     }
 }
 

@@ -7,8 +7,7 @@
 
 use std::time::Duration;
 
-use redbuckets::{Event, Member};
-use tokio::sync::broadcast;
+use redbuckets::{Events, Member};
 use tokio::time::Instant;
 
 use redbuckets_testkit::EventLog;
@@ -21,7 +20,7 @@ pub struct Members<C> {
     /// The members, in the order added.
     pub members: Vec<Member>,
     /// One receiver per member added, with its id.
-    pub receivers: Vec<(String, broadcast::Receiver<Event>)>,
+    pub receivers: Vec<(String, Events)>,
     /// Every event collected so far.
     pub timeline: EventLog,
     /// The group's bucket count.
@@ -110,7 +109,7 @@ impl<C> Members<C> {
         self.timeline
             .events
             .iter()
-            .map(|(_, e)| e.token())
+            .filter_map(|(_, e)| e.token())
             .max()
             .unwrap_or(0)
     }

@@ -24,9 +24,8 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use redbuckets::{Error, Event, GroupKey, Lease, Member, MemoryStore, Store};
+use redbuckets::{Error, Event, Events, GroupKey, Lease, Member, MemoryStore, Store};
 use redbuckets_testkit::EventLog;
-use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, Instant};
 
@@ -226,7 +225,7 @@ impl tracing_subscriber::fmt::time::FormatTime for SimTime {
     }
 }
 
-type Started = Result<(Member, broadcast::Receiver<Event>), Error>;
+type Started = Result<(Member, Events), Error>;
 
 /// One member process: its id in the group, a name unique over the run (restarts of an id get
 /// `.2`, `.3`, ...), and its link to the store.
@@ -276,7 +275,7 @@ struct World {
     live: Vec<Live>,
     starting: Vec<Starting>,
     stopping: Vec<Stopping>,
-    receivers: Vec<(String, broadcast::Receiver<Event>)>,
+    receivers: Vec<(String, Events)>,
     timeline: EventLog,
     leases: Vec<HeldLease>,
     next_id: usize,
@@ -1078,7 +1077,7 @@ impl World {
             .timeline
             .events
             .iter()
-            .map(|(_, e)| e.token())
+            .filter_map(|(_, e)| e.token())
             .min()
             .unwrap_or(0);
         let events = self.timeline.events.iter().map(|(name, e)| {
@@ -1092,8 +1091,8 @@ impl World {
             format!(
                 "{:.6} {name} {kind} {} token+{}",
                 self.since_start(e.at()),
-                e.bucket(),
-                e.token() - base
+                e.bucket().unwrap_or(u32::MAX),
+                e.token().unwrap_or(base) - base
             )
         });
         events.chain(self.log.iter().cloned()).collect()
