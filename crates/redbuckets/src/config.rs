@@ -49,7 +49,8 @@ pub struct Config {
     /// Deadline of each store call. Default 3 s; capped at a third of the ttl, and a call never
     /// runs past the local lease deadline.
     pub call_timeout: Duration,
-    /// Graceful shutdown budget: drain, release everything, deregister. Default 10 s.
+    /// Graceful shutdown budget: drain, release everything, deregister. `Member::shutdown`
+    /// returns within it, also when the store does not answer. Default 10 s.
     pub shutdown_timeout: Duration,
     /// How long a revoked bucket waits for its lease handles to be dropped before it is released.
     /// Default 1 s. Buckets without live handles are released at once.

@@ -63,7 +63,10 @@ pub(crate) struct Driver<S> {
     group: GroupKey,
     shared: Arc<Shared>,
     on_error: Option<ErrorHook>,
+    /// Cancelled by `shutdown()` (and by an abort: it is the abort's child). The running loop's
+    /// store calls stop on it, so a shutdown never waits for a call in flight.
     graceful: CancellationToken,
+    /// Cancelled by an abort (the handle dropped). The leave's calls stop only on this one.
     abort: CancellationToken,
     /// Simulations only: freezes the task, as a stopped process (see `Member::freeze`).
     freeze: tokio::sync::mpsc::UnboundedReceiver<Duration>,
@@ -301,9 +304,9 @@ impl<S: Store> Driver<S> {
     }
 
     fn report(&self, error: Error) {
-        if self.abort.is_cancelled() {
-            // Aborted: the call was dropped on purpose (`call` returns `Error::Shutdown`), and
-            // nobody waits for this member any more. Not an error to report.
+        if self.abort.is_cancelled() || matches!(error, Error::Shutdown) {
+            // Aborted, or a call dropped on purpose for the shutdown (`call` returns
+            // `Error::Shutdown`): nobody waits for it any more. Not an error to report.
             tracing::debug!(error = %error, "after the abort");
             return;
         }
@@ -341,7 +344,7 @@ impl<S: Store> Driver<S> {
 
     async fn subscribe(&mut self) {
         match call(
-            &self.abort,
+            &self.graceful,
             self.call_deadline(),
             "subscribe",
             self.store.subscribe(&self.group),
@@ -375,7 +378,7 @@ impl<S: Store> Driver<S> {
         // Every clock is read as the request goes out (S3 under host suspend, `Sent`).
         let sent = Sent::now();
         match call(
-            &self.abort,
+            &self.graceful,
             self.call_deadline(),
             "register",
             self.store.register(&self.group, &req),
@@ -429,7 +432,7 @@ impl<S: Store> Driver<S> {
         // Every clock is read as the request goes out (S3 under host suspend, `Sent`).
         let sent = Sent::now();
         let result = call(
-            &self.abort,
+            &self.graceful,
             self.call_deadline(),
             "heartbeat",
             self.store.heartbeat(&self.group, &session, self.config.ttl),
@@ -480,7 +483,7 @@ impl<S: Store> Driver<S> {
             return;
         };
         let result = call(
-            &self.abort,
+            &self.graceful,
             self.call_deadline(),
             "rebalance",
             self.store.rebalance(&self.group, &session, MAX_TAKE),
@@ -573,7 +576,7 @@ impl<S: Store> Driver<S> {
             return;
         };
         let snapshot = match call(
-            &self.abort,
+            &self.graceful,
             self.call_deadline(),
             "snapshot",
             self.store.snapshot(&self.group),
@@ -630,7 +633,7 @@ impl<S: Store> Driver<S> {
             return;
         }
         match call(
-            &self.abort,
+            &self.graceful,
             self.call_deadline(),
             "release",
             self.store.release(&self.group, &session, &buckets),
@@ -683,10 +686,23 @@ impl<S: Store> Driver<S> {
         });
     }
 
-    /// The graceful leave: revoke all, drain, release, deregister, within the shutdown timeout.
+    /// The graceful leave: revoke all, drain, release, deregister. It ends by the shutdown's
+    /// budget (`Local::shutdown_by`, which `Member::shutdown` waits for) even when the store does
+    /// not answer: the drain is cut at the budget and the lease deadline, and the release and the
+    /// deregistration each take at most the call timeout. Every revoked bucket ends: `Released`
+    /// for what the store freed, `Lost` for the rest.
     async fn leave(mut self) -> Result<(), Error> {
         let now = Instant::now();
-        let give_up = now + self.config.shutdown_timeout;
+        let give_up = self
+            .shared
+            .lock()
+            .shutdown_by
+            .unwrap_or(now + self.config.shutdown_timeout);
+        if let Some(until) = self.session.deadline() {
+            if until.passed(now) {
+                self.lose(LostReason::Deadline, until.at.min(now));
+            }
+        }
         let Some(session) = self.session.live().cloned() else {
             self.drop_local();
             return Ok(());
@@ -714,35 +730,46 @@ impl<S: Store> Driver<S> {
         let mut first_error = None;
         let buckets = self.shared.lock().ledger.buckets();
         if !buckets.is_empty() {
-            let remaining = give_up.saturating_duration_since(Instant::now());
-            let call = self.store.release(&self.group, &session, &buckets);
-            match tokio::time::timeout(remaining, call).await {
-                Ok(Ok(freed)) => {
+            let release = self.store.release(&self.group, &session, &buckets);
+            match call(
+                &self.abort,
+                self.leave_deadline(give_up),
+                "release",
+                release,
+            )
+            .await
+            {
+                Ok(freed) => {
                     // Released only what the store freed (issue 8, bug 6).
                     self.shared
                         .apply(|l| l.released(&buckets, freed, Instant::now()));
                 }
-                Ok(Err(e)) => first_error = Some(e),
-                Err(_) => {
-                    first_error = Some(Error::Timeout {
-                        call: "release",
-                        after: remaining,
-                    })
+                Err(Error::Shutdown) => {
+                    self.drop_local();
+                    return Ok(());
+                }
+                Err(e) => {
+                    // Not confirmed: the store frees them with the session (at the
+                    // deregistration below, or when it expires).
+                    self.shared
+                        .apply(|l| l.lose_all(LostReason::Unreleased, Instant::now()));
+                    first_error = Some(e);
                 }
             }
         }
-        let remaining = give_up.saturating_duration_since(Instant::now());
-        let call = self.store.deregister(&self.group, &session);
-        match tokio::time::timeout(remaining.max(Duration::from_millis(1)), call).await {
-            Ok(Ok(())) => tracing::info!("left the group"),
-            Ok(Err(e)) => {
+        let deregister = self.store.deregister(&self.group, &session);
+        match call(
+            &self.abort,
+            self.leave_deadline(give_up),
+            "deregister",
+            deregister,
+        )
+        .await
+        {
+            Ok(()) => tracing::info!("left the group"),
+            Err(Error::Shutdown) => {}
+            Err(e) => {
                 first_error.get_or_insert(e);
-            }
-            Err(_) => {
-                first_error.get_or_insert(Error::Timeout {
-                    call: "deregister",
-                    after: remaining,
-                });
             }
         }
         self.drop_local();
@@ -756,12 +783,18 @@ impl<S: Store> Driver<S> {
             None => Ok(()),
         }
     }
+
+    /// The deadline of a store call of the leave: the call timeout, within the shutdown budget.
+    fn leave_deadline(&self, give_up: Instant) -> Instant {
+        (Instant::now() + self.config.effective_call_timeout()).min(give_up)
+    }
 }
 
-/// Runs one store call until `deadline`; an abort interrupts it. A free function so the driver's
-/// futures borrow single fields, not the whole (non-`Sync`) driver.
+/// Runs one store call until `deadline`; `stop` (the shutdown or the abort) interrupts it with
+/// `Error::Shutdown`. A free function so the driver's futures borrow single fields, not the whole
+/// (non-`Sync`) driver.
 async fn call<T>(
-    abort: &CancellationToken,
+    stop: &CancellationToken,
     deadline: Instant,
     name: &'static str,
     fut: impl Future<Output = Result<T, Error>>,
@@ -769,7 +802,7 @@ async fn call<T>(
     let started = Instant::now();
     tokio::select! {
         biased;
-        () = abort.cancelled() => Err(Error::Shutdown),
+        () = stop.cancelled() => Err(Error::Shutdown),
         result = tokio::time::timeout_at(deadline, fut) => match result {
             Ok(result) => result,
             Err(_) => Err(Error::Timeout { call: name, after: deadline.saturating_duration_since(started) }),
@@ -1041,5 +1074,99 @@ mod tests {
             4,
             "every revoked bucket ends: {events:?}"
         );
+    }
+
+    /// Every `Revoked` bucket is followed by its `Released` or `Lost`.
+    fn assert_every_revoke_ends(events: &[Event]) {
+        for (i, e) in events.iter().enumerate() {
+            if let Event::Revoked { bucket, token, .. } = e {
+                let ended = events[i..].iter().any(|later| {
+                    matches!(later, Event::Released { .. } | Event::Lost { .. })
+                        && later.bucket() == Some(*bucket)
+                        && later.token() == Some(*token)
+                });
+                assert!(
+                    ended,
+                    "bucket {bucket} revoked, never released or lost: {events:?}"
+                );
+            }
+        }
+    }
+
+    /// Regression (issue 9, 4): with the store down, a shutdown at ttl 1 s blocked for its
+    /// whole budget (the release waited for all that was left of it, past the 333 ms call
+    /// timeout), and the revoked buckets never ended: 4 `Revoked`, no `Released` or `Lost`.
+    /// Now: the drain (cut at the lease deadline), then the release and the deregistration,
+    /// each within the call timeout.
+    #[tokio::test(start_paused = true)]
+    async fn a_shutdown_with_the_store_down_ends_in_time_and_ends_every_bucket() {
+        let store = TestStore::default();
+        let member = Member::builder(store.clone(), "g")
+            .id("a")
+            .buckets(4)
+            .heartbeat(Duration::from_millis(100))
+            .ttl(Duration::from_secs(1))
+            .start()
+            .await
+            .expect("start");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(member.buckets().len(), 4);
+        let config = member.config().clone();
+        // Held through the drain: the leave waits the drain time (cut at the deadline).
+        let lease = member.lease(0).expect("owned");
+        let mut events = member.events();
+        store.hang.store(true, Ordering::SeqCst);
+        let began = Instant::now();
+        let result = member.shutdown().await;
+        let took = began.elapsed();
+        drop(lease);
+        assert!(result.is_err(), "the leave cannot be complete: {result:?}");
+        let bound =
+            config.drain_timeout.min(config.lease_validity()) + config.effective_call_timeout() * 2;
+        assert!(
+            took <= bound && took < config.shutdown_timeout,
+            "shutdown took {took:?}; drain and two calls take at most {bound:?}"
+        );
+        let events = drain(&mut events);
+        assert_eq!(
+            events
+                .iter()
+                .filter(|e| matches!(e, Event::Revoked { .. }))
+                .count(),
+            4,
+            "{events:?}"
+        );
+        assert_every_revoke_ends(&events);
+    }
+
+    /// Regression (issue 9, 4): a shutdown asked while a store call hangs waited for that call
+    /// (up to the call timeout, 1 s here) before the leave even began, past a 200 ms budget.
+    #[tokio::test(start_paused = true)]
+    async fn a_shutdown_does_not_wait_for_a_call_in_flight() {
+        let store = TestStore::default();
+        let member = Member::builder(store.clone(), "g")
+            .id("a")
+            .buckets(4)
+            .heartbeat(Duration::from_millis(100))
+            .ttl(TTL)
+            .shutdown_timeout(Duration::from_millis(200))
+            .start()
+            .await
+            .expect("start");
+        tokio::time::sleep(TTL + Duration::from_secs(1)).await;
+        assert_eq!(member.buckets().len(), 4);
+        let mut events = member.events();
+        store.hang.store(true, Ordering::SeqCst);
+        while store.hanging.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let began = Instant::now();
+        let result = member.shutdown().await;
+        let took = began.elapsed();
+        assert!(
+            took <= Duration::from_millis(200),
+            "shutdown took {took:?} ({result:?})"
+        );
+        assert_every_revoke_ends(&drain(&mut events));
     }
 }

@@ -17,11 +17,15 @@ pub enum LostReason {
     SessionExpired,
     /// The store no longer lists the bucket as this member's (its data was edited or lost).
     Disowned,
+    /// A revoked bucket whose release the store did not confirm during the graceful leave (it
+    /// did not answer in time). The store frees it with the session: at the deregistration, or
+    /// when the session expires.
+    Unreleased,
 }
 
 impl LostReason {
     /// A stable short name, for logs and machine-readable output: `"deadline"`,
-    /// `"session_expired"` or `"disowned"`. The [`Display`](std::fmt::Display) text is the
+    /// `"session_expired"`, `"disowned"` or `"unreleased"`. The [`Display`](std::fmt::Display) text is the
     /// sentence for people.
     #[must_use]
     pub fn as_str(&self) -> &'static str {
@@ -29,6 +33,7 @@ impl LostReason {
             LostReason::Deadline => "deadline",
             LostReason::SessionExpired => "session_expired",
             LostReason::Disowned => "disowned",
+            LostReason::Unreleased => "unreleased",
         }
     }
 }
@@ -39,6 +44,9 @@ impl std::fmt::Display for LostReason {
             LostReason::Deadline => "no heartbeat succeeded before the lease deadline",
             LostReason::SessionExpired => "the store no longer knows the session",
             LostReason::Disowned => "the store no longer lists the bucket as ours",
+            LostReason::Unreleased => {
+                "the store did not confirm the release; it frees the bucket with the session"
+            }
         })
     }
 }

@@ -308,19 +308,20 @@ impl Ledger {
         events
     }
 
-    /// Gives up everything without the store, at `at`: the deadline passed or the session is
-    /// gone. Owned buckets end with `Lost`; draining ones ended their ownership with `Revoked`.
+    /// Gives up everything without the store, at `at`: the deadline passed, the session is
+    /// gone, or the leave's release failed. Every bucket ends with `Lost`: an owned one loses
+    /// its ownership; a draining one (its ownership ended at `Revoked`) will not be released.
     pub(crate) fn lose_all(&mut self, reason: LostReason, at: Instant) -> Vec<Event> {
         std::mem::take(&mut self.held)
             .into_iter()
-            .filter_map(|(bucket, held)| {
+            .map(|(bucket, held)| {
                 held.cancel.cancel();
-                held.is_owned().then_some(Event::Lost {
+                Event::Lost {
                     bucket,
                     token: held.token,
                     reason,
                     at,
-                })
+                }
             })
             .collect()
     }
@@ -527,7 +528,7 @@ mod tests {
     }
 
     #[test]
-    fn lose_all_reports_owned_buckets_and_cancels_everything() {
+    fn lose_all_ends_every_bucket_and_cancels_everything() {
         let now = t0();
         let mut l = Ledger::default();
         l.grant(&[1, 2], 10, now);
@@ -536,7 +537,8 @@ mod tests {
         l.revoke(Some(1), now + ms(50), now);
         let at = now + ms(10);
         let events = l.lose_all(LostReason::Deadline, at);
-        assert_eq!(kinds(&events), [("lost", 1, 10)]);
+        // The draining one too: it will never be released (issue 9, 4).
+        assert_eq!(kinds(&events), [("lost", 1, 10), ("lost", 2, 10)]);
         assert!(events.iter().all(|e| e.at() == at));
         assert!(owned_cancel.is_cancelled() && draining_cancel.is_cancelled());
         assert_eq!(l.len(), 0);

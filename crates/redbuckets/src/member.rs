@@ -81,7 +81,8 @@ impl<S: Store> MemberBuilder<S> {
         self.config.call_timeout = timeout;
         self
     }
-    /// Graceful shutdown budget. Default 10 s.
+    /// Graceful shutdown budget: [`Member::shutdown`] returns within it, also when the store
+    /// does not answer. Default 10 s.
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.config.shutdown_timeout = timeout;
         self
@@ -141,8 +142,9 @@ impl<S: Store> MemberBuilder<S> {
             dropped: Arc::new(Notify::new()),
             stopped: CancellationToken::new(),
         });
-        let graceful = CancellationToken::new();
         let abort = CancellationToken::new();
+        // The abort's child: an abort interrupts whatever the shutdown would.
+        let graceful = abort.child_token();
         let (freeze, frozen) = tokio::sync::mpsc::unbounded_channel();
         let mut driver = Driver::new(
             self.store,
@@ -242,15 +244,25 @@ impl Member {
     }
 
     /// Leaves the group gracefully: revokes every bucket, waits for lease handles (up to the
-    /// drain time), releases everything and deregisters, within the shutdown timeout.
+    /// drain time), releases everything and deregisters.
+    ///
+    /// Returns within [`Config::shutdown_timeout`], also when the store does not answer: a
+    /// store call in flight is dropped, and the release and the deregistration each take at
+    /// most the call timeout. Every revoked bucket ends with `Released`, or with `Lost`
+    /// ([`crate::LostReason::Unreleased`]) when the store did not confirm its release; the store
+    /// then frees it when the session expires. An incomplete leave returns the first error.
     pub async fn shutdown(mut self) -> Result<(), Error> {
+        let now = Instant::now();
+        let budget = self.handle.config.shutdown_timeout;
+        // The member's task ends its leave a little before the budget, so that it is seen to
+        // end within it.
+        let margin = (budget / 100).clamp(Duration::from_millis(1), Duration::from_millis(50));
+        self.handle.shared.lock().shutdown_by = Some(now + budget.saturating_sub(margin));
         self.graceful.cancel();
         let Some(task) = self.task.take() else {
             return Ok(());
         };
-        let config = &self.handle.config;
-        let budget = config.shutdown_timeout + config.effective_call_timeout();
-        match tokio::time::timeout(budget, task).await {
+        match tokio::time::timeout_at(now + budget, task).await {
             Ok(Ok(result)) => result,
             Ok(Err(join)) => Err(Error::Unavailable {
                 detail: format!("member task failed: {join}"),
@@ -754,6 +766,8 @@ pub(crate) struct Local {
     pub(crate) leases: Vec<mpsc::UnboundedSender<Lease>>,
     /// The live session's nonce (derived from the driver's session).
     pub(crate) session: Option<String>,
+    /// When the graceful leave must be over (set by `Member::shutdown`).
+    pub(crate) shutdown_by: Option<Instant>,
     pub(crate) last_heartbeat: Option<Instant>,
     pub(crate) share: (u32, u32),
     /// When the group's grants begin, from the store's last `Wait` (a new group's quarantine).

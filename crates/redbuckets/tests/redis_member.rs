@@ -355,3 +355,58 @@ async fn members_follow_the_primary_when_it_dies() {
     g.assert_exclusive();
     g.shutdown().await;
 }
+
+/// Issue 9, 4 on a real Redis: a shutdown while Redis is frozen (SIGSTOP, nothing answers) at
+/// ttl 1 s ends within the shutdown timeout, at about the drain (cut at the lease deadline) plus
+/// two call timeouts, and every revoked bucket ends with `Released` or `Lost`. Before the fix it
+/// blocked for the whole budget and the revoked buckets never ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_with_redis_frozen_ends_in_time_and_ends_every_bucket() {
+    let mut server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let shutdown_timeout = Duration::from_secs(5);
+    let member = Member::builder(store, "frozen-leave")
+        .id("a")
+        .buckets(16)
+        .heartbeat(HEARTBEAT)
+        .ttl(TTL)
+        .shutdown_timeout(shutdown_timeout)
+        .start()
+        .await
+        .expect("start");
+    let began = Instant::now();
+    while member.buckets().len() < 16 {
+        assert!(
+            began.elapsed() < TTL * 5,
+            "not granted: {:?}",
+            member.status()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut events = member.events();
+    server.pause();
+    let began = Instant::now();
+    let result = member.shutdown().await;
+    let took = began.elapsed();
+    server.resume();
+    assert!(result.is_err(), "the leave cannot be complete: {result:?}");
+    // Drain ≤ 1 s, release and deregister ≤ 333 ms each; the rest is slack for a loaded host.
+    assert!(took < Duration::from_millis(2500), "shutdown took {took:?}");
+    let events: Vec<Event> = std::iter::from_fn(|| events.try_recv()).collect();
+    let revoked: Vec<&Event> = events
+        .iter()
+        .filter(|e| matches!(e, Event::Revoked { .. }))
+        .collect();
+    assert_eq!(revoked.len(), 16, "{events:?}");
+    for r in revoked {
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, Event::Released { .. } | Event::Lost { .. })
+                    && e.bucket() == r.bucket()
+                    && e.token() == r.token()),
+            "bucket {:?} revoked, never released or lost: {events:?}",
+            r.bucket()
+        );
+    }
+}

@@ -414,6 +414,7 @@ mod tests {
             (LostReason::Deadline, "deadline"),
             (LostReason::SessionExpired, "session_expired"),
             (LostReason::Disowned, "disowned"),
+            (LostReason::Unreleased, "unreleased"),
         ] {
             let lost = Event::Lost {
                 bucket: 1,
