@@ -1008,6 +1008,10 @@ fn assert_unchanged(
 
 /// A group of 8 buckets where a and b hold 4 each, and b's session has expired but is not
 /// purged yet (its expiry set into the past by hand, so no call had a chance to purge it).
+/// Long enough that `a` outlives any pause of a loaded machine during the checks; `b`'s
+/// expiry is forced by hand.
+const LOOK_TTL: Duration = Duration::from_secs(30);
+
 async fn group_with_an_expired_member(
     store: &RedisStore,
     con: &mut redis::aio::MultiplexedConnection,
@@ -1016,7 +1020,7 @@ async fn group_with_an_expired_member(
     let (a, b) = (session("a", "1"), session("b", "1"));
     for s in [&a, &b] {
         store
-            .register(g, &request(s, 1, 8))
+            .register(g, &RegisterRequest::new(s.clone(), 1, 8, LOOK_TTL))
             .await
             .expect("register");
     }
@@ -1066,7 +1070,13 @@ async fn a_snapshot_changes_no_key_and_publishes_nothing() {
     assert_eq!(seen.version, ver + 1, "the version the purge will give");
 
     // The purge, when a call makes it, leaves what the snapshot showed, and publishes.
-    assert!(store.heartbeat(&g, &a, TTL).await.expect("heartbeat").alive);
+    assert!(
+        store
+            .heartbeat(&g, &a, LOOK_TTL)
+            .await
+            .expect("heartbeat")
+            .alive
+    );
     tokio::time::timeout(Duration::from_secs(2), notices.next())
         .await
         .expect("the purge publishes")

@@ -519,14 +519,15 @@ async fn redis_a_worker_subscribed_late_gets_every_bucket() {
                 .id(id)
                 .buckets(42)
                 .heartbeat(ms(100))
-                .ttl(ms(1000))
+                // A ttl long enough that a loaded machine's pauses cost no deadline.
+                .ttl(ms(3000))
                 .start()
                 .await
                 .expect("start")
         }
     };
     let b = member("b").await;
-    let until = std::time::Instant::now() + Duration::from_secs(5);
+    let until = std::time::Instant::now() + Duration::from_secs(15);
     while b.buckets().len() < 42 && std::time::Instant::now() < until {
         sleep(ms(20)).await;
     }
@@ -545,15 +546,14 @@ async fn redis_a_worker_subscribed_late_gets_every_bucket() {
             }
         })
     };
-    let until = std::time::Instant::now() + Duration::from_secs(5);
-    while a.buckets().len() < 21 && std::time::Instant::now() < until {
+    // Until a holds its share and the worker, subscribed after the grants, has a lease for each.
+    let got = || -> Vec<u32> { seen.lock().expect("seen").iter().copied().collect() };
+    let until = std::time::Instant::now() + Duration::from_secs(15);
+    while (a.buckets().len() < 21 || got() != a.buckets()) && std::time::Instant::now() < until {
         sleep(ms(20)).await;
     }
-    // Past the worker's subscription.
-    sleep(ms(500)).await;
     assert_eq!(a.buckets().len(), 21);
-    let got: Vec<u32> = seen.lock().expect("seen").iter().copied().collect();
-    assert_eq!(got, a.buckets());
+    assert_eq!(got(), a.buckets());
     a.shutdown().await.expect("shutdown a");
     b.shutdown().await.expect("shutdown b");
     worker.await.expect("worker");
