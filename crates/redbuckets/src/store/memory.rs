@@ -314,14 +314,14 @@ impl Store for MemoryStore {
         let mut inner = self.lock();
         let now_us = inner.now_us(now);
         let Some(state) = inner.groups.get_mut(group) else {
-            return Ok(lost_reply());
+            return Ok(RebalanceReply::session_lost());
         };
         let purged = state.purge(now);
         if state.live(session, now).is_none() {
             if purged {
                 inner.notify(group);
             }
-            return Ok(lost_reply());
+            return Ok(RebalanceReply::session_lost());
         }
         let ids: Vec<&String> = state.members.keys().collect();
         let me = ids
@@ -507,17 +507,6 @@ impl Store for MemoryStore {
                 }
             },
         )))
-    }
-}
-
-fn lost_reply() -> RebalanceReply {
-    RebalanceReply {
-        action: Action::SessionLost,
-        share: (0, 0),
-        version: 0,
-        free: 0,
-        committed: 0,
-        held: 0,
     }
 }
 

@@ -170,6 +170,20 @@ pub struct RebalanceReply {
     pub held: u32,
 }
 
+impl RebalanceReply {
+    /// The reply when the session is unknown or expired: nothing else in it means anything.
+    pub(crate) fn session_lost() -> Self {
+        RebalanceReply {
+            action: Action::SessionLost,
+            share: (0, 0),
+            version: 0,
+            free: 0,
+            committed: 0,
+            held: 0,
+        }
+    }
+}
+
 /// The owner record of a bucket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {

@@ -273,14 +273,7 @@ pub(crate) fn rebalance(reply: &Value) -> Result<RebalanceReply, ReplyError> {
     let f = Fields::of(CALL, reply)?;
     let kind = f.text(0, "kind")?;
     if kind == "lost" {
-        return Ok(RebalanceReply {
-            action: Action::SessionLost,
-            share: (0, 0),
-            version: 0,
-            free: 0,
-            committed: 0,
-            held: 0,
-        });
+        return Ok(RebalanceReply::session_lost());
     }
     let value = f.u64(1, "value")?;
     let share = (f.u32(2, "share min")?, f.u32(3, "share max")?);
