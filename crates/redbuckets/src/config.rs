@@ -50,7 +50,9 @@ pub struct Config {
     /// runs past the local lease deadline.
     pub call_timeout: Duration,
     /// Graceful shutdown budget: drain, release everything, deregister. `Member::shutdown`
-    /// returns within it, also when the store does not answer. Default 10 s.
+    /// returns within it, also when the store does not answer. The drain ends two call timeouts
+    /// before it (at once if the budget is shorter), so the release and the deregistration keep
+    /// their time. Default 10 s.
     pub shutdown_timeout: Duration,
     /// How long a revoked bucket waits for its lease handles to be dropped before it is released.
     /// Default 1 s. Buckets without live handles are released at once.

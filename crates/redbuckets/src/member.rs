@@ -255,8 +255,11 @@ impl Member {
         let now = Instant::now();
         let budget = self.handle.config.shutdown_timeout;
         // The member's task ends its leave a little before the budget, so that it is seen to
-        // end within it.
-        let margin = (budget / 100).clamp(Duration::from_millis(1), Duration::from_millis(50));
+        // end within it: at least 20 ms (a leave that ended on time must not be reported as
+        // this timeout because the task was scheduled late), and never half the budget.
+        let margin = (budget / 10)
+            .clamp(Duration::from_millis(20), Duration::from_millis(100))
+            .min(budget / 2);
         self.handle.shared.lock().shutdown_by = Some(now + budget.saturating_sub(margin));
         self.graceful.cancel();
         let Some(task) = self.task.take() else {
