@@ -628,7 +628,14 @@ impl<S: Store> Driver<S> {
         let Some(session) = self.session.live().cloned() else {
             return;
         };
-        let buckets = self.shared.lock().ledger.releasable(now);
+        // Picked and marked under one lock: a lease extending its drain while the store call
+        // runs (without the lock) is refused, not promised time the bucket no longer has.
+        let buckets = {
+            let mut local = self.shared.lock();
+            let buckets = local.ledger.releasable(now);
+            local.ledger.releasing(&buckets);
+            buckets
+        };
         if buckets.is_empty() {
             return;
         }
@@ -653,6 +660,7 @@ impl<S: Store> Driver<S> {
                 }
             }
             Err(e) => {
+                self.shared.lock().ledger.release_failed(&buckets);
                 self.report(e);
                 self.release_retry_at = Instant::now() + self.retry_delay();
             }
@@ -734,7 +742,12 @@ impl<S: Store> Driver<S> {
             }
         }
         let mut first_error = None;
-        let buckets = self.shared.lock().ledger.buckets();
+        let buckets = {
+            let mut local = self.shared.lock();
+            let buckets = local.ledger.buckets();
+            local.ledger.releasing(&buckets);
+            buckets
+        };
         if !buckets.is_empty() {
             let release = self.store.release(&self.group, &session, &buckets);
             match call(
@@ -919,6 +932,8 @@ mod tests {
         register_unheard: Arc<AtomicBool>,
         /// Registrations that ran with `register_unheard`.
         registered_unheard: Arc<AtomicUsize>,
+        /// Release calls made (counted as they are sent).
+        releases_sent: Arc<AtomicUsize>,
     }
 
     impl TestStore {
@@ -987,6 +1002,7 @@ mod tests {
             session: &SessionRef,
             buckets: &[u32],
         ) -> Result<u32, Error> {
+            self.releases_sent.fetch_add(1, Ordering::SeqCst);
             self.gate().await;
             if self.release_unheard.swap(false, Ordering::SeqCst) {
                 self.inner.release(group, session, &buckets[..1]).await?;
@@ -1332,5 +1348,48 @@ mod tests {
             0,
             "the session the shutdown dropped is still in the store"
         );
+    }
+
+    /// Regression (review, 2): the release of drained buckets picks them under the lock and
+    /// calls the store without it; a lease extending its drain meanwhile was promised the
+    /// time (`Some`) while the bucket was being released. It is now refused (`None`).
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_extension_during_the_release_is_refused() {
+        let store = TestStore::default();
+        let member = owner(&store).await;
+        let leases: Vec<_> = (0..4).map(|b| member.lease(b).expect("owned")).collect();
+        let mut events = member.events();
+        store.latency_ms.store(50, Ordering::SeqCst);
+        let other = Member::builder(store.clone(), "g")
+            .id("b")
+            .buckets(4)
+            .heartbeat(Duration::from_millis(100))
+            .ttl(TTL)
+            .start()
+            .await
+            .expect("start b");
+        // The revoked buckets keep their leases: released at the end of the drain time.
+        while store.releases_sent.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let revoked: Vec<u32> = drain(&mut events)
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Revoked { bucket, .. } => Some(bucket),
+                _ => None,
+            })
+            .collect();
+        assert!(!revoked.is_empty(), "nothing revoked");
+        for bucket in &revoked {
+            let lease = &leases[*bucket as usize];
+            assert_eq!(
+                lease.extend_drain(Duration::from_secs(5)),
+                None,
+                "bucket {bucket}: a drain promised while its release is in flight"
+            );
+        }
+        drop(leases);
+        other.abort();
+        member.abort();
     }
 }

@@ -358,8 +358,8 @@ impl Lease {
     /// Asks for up to `drain` (counted from the revoke) before the member releases this bucket
     /// once it is revoked, for in-flight work longer than the member's drain time. Capped at the
     /// member's `max_drain`; never shortens the drain. Callable before or after the revoke.
-    /// Returns the drain this grant now has, or `None` if the grant has ended (released, lost)
-    /// or the member has stopped. A graceful shutdown does not wait for extensions: its drain
+    /// Returns the drain this grant now has, or `None` if the grant has ended (released, lost),
+    /// its release is already under way, or the member has stopped. A graceful shutdown does not wait for extensions: its drain
     /// stays the drain time, within the shutdown timeout.
     ///
     /// Ownership still ends at the revoke (the lease is cancelled then): the extension only

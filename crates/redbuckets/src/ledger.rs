@@ -44,6 +44,9 @@ pub(crate) struct Held {
     pub(crate) cancel: CancellationToken,
     /// The lease handles given out for this grant; none alive once every one is dropped.
     pub(crate) guard: Weak<LeaseGuard>,
+    /// A release of it is in flight (the store is called without the lock): a drain
+    /// extension can no longer be kept, so none is promised.
+    pub(crate) releasing: bool,
 }
 
 impl Held {
@@ -55,6 +58,7 @@ impl Held {
             drain: Duration::ZERO,
             cancel: CancellationToken::new(),
             guard: Weak::new(),
+            releasing: false,
         }
     }
 
@@ -185,6 +189,25 @@ impl Ledger {
             }
         }
         events
+    }
+
+    /// The driver is about to release `buckets` (without the lock): from now on a drain
+    /// extension is refused for them, until `release_failed`.
+    pub(crate) fn releasing(&mut self, buckets: &[u32]) {
+        for bucket in buckets {
+            if let Some(held) = self.held.get_mut(bucket) {
+                held.releasing = true;
+            }
+        }
+    }
+
+    /// The release of `buckets` failed: they drain on, and may be extended again.
+    pub(crate) fn release_failed(&mut self, buckets: &[u32]) {
+        for bucket in buckets {
+            if let Some(held) = self.held.get_mut(bucket) {
+                held.releasing = false;
+            }
+        }
     }
 
     /// Draining buckets ready for their release: no live handle, or the drain time is over.
@@ -336,7 +359,8 @@ impl Ledger {
 
     /// A lease of grant `token` of `bucket` asks for a drain of `drain` (capped by the caller)
     /// from its revoke; `base` is the member's drain time. Returns the grant's drain now, or
-    /// `None` if the grant has ended. A draining bucket's release moves out; never in.
+    /// `None` if the grant has ended or its release is in flight (the time could not be kept).
+    /// A draining bucket's release moves out; never in.
     pub(crate) fn extend_drain(
         &mut self,
         bucket: u32,
@@ -344,7 +368,10 @@ impl Ledger {
         drain: Duration,
         base: Duration,
     ) -> Option<Duration> {
-        let held = self.held.get_mut(&bucket).filter(|h| h.token == token)?;
+        let held = self
+            .held
+            .get_mut(&bucket)
+            .filter(|h| h.token == token && !h.releasing)?;
         held.drain = held.drain.max(drain);
         match &mut held.hold {
             Hold::Owned => Some(held.drain.max(base)),
@@ -567,6 +594,12 @@ mod tests {
         assert_eq!(l.extend_drain(2, 10, ms(50), ms(100)), Some(ms(300)));
         assert_eq!(l.releasable(now + ms(299)), Vec::<u32>::new());
         assert_eq!(l.next_release(now), Some(now + ms(300)));
+        // While its release is in flight, no extension is promised; after a failed release the
+        // bucket drains on and may be extended again.
+        l.releasing(&[2]);
+        assert_eq!(l.extend_drain(2, 10, ms(900), ms(100)), None);
+        l.release_failed(&[2]);
+        assert_eq!(l.extend_drain(2, 10, ms(900), ms(100)), Some(ms(900)));
     }
 
     #[test]
