@@ -56,9 +56,10 @@ impl std::fmt::Display for LostReason {
 ///
 /// A subscription ([`crate::MemberHandle::events`]) opens with an `Acquired` for every bucket
 /// owned at that moment, then follows live: every grant it reports ends with `Revoked` (then
-/// `Released`, or nothing more if the session was lost meanwhile) or `Lost`. For timelines, the
-/// end of ownership is `Revoked` or `Lost`: `Released` is when the store confirmed the release,
-/// which can come after another member's `Acquired`.
+/// `Released`, or `Lost` if the release was not confirmed or the session was lost meanwhile)
+/// or `Lost`; only an abort ([`crate::Member::abort`]) ends grants with nothing more. For
+/// timelines, the end of ownership is `Revoked` or `Lost`: `Released` is when the store
+/// confirmed the release, which can come after another member's `Acquired`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Event {
@@ -359,8 +360,8 @@ impl Lease {
     /// once it is revoked, for in-flight work longer than the member's drain time. Capped at the
     /// member's `max_drain`; never shortens the drain. Callable before or after the revoke.
     /// Returns the drain this grant now has, or `None` if the grant has ended (released, lost),
-    /// its release is already under way, or the member has stopped. A graceful shutdown does not wait for extensions: its drain
-    /// stays the drain time, within the shutdown timeout.
+    /// its release is already under way, or the member has stopped. A graceful shutdown does
+    /// not wait for extensions: its drain stays the drain time, within the shutdown timeout.
     ///
     /// Ownership still ends at the revoke (the lease is cancelled then): the extension only
     /// delays the release, so the bucket's next owner waits for this work to finish.

@@ -692,10 +692,13 @@ impl Shared {
         self.local.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Changes the ledger and tells everyone, all under the lock: the lease subscribers get a
-    /// lease for each new grant (so its guard exists from the moment ownership begins), the
-    /// event subscribers get the events, and the owned-set watch is updated. Every ledger
-    /// change that emits events goes through here.
+    /// Changes the ledger and tells everyone: under the lock, the lease subscribers get a
+    /// lease for each new grant (so its guard exists from the moment ownership begins) and the
+    /// event subscribers get the events (`events()` and `leases()` take their snapshot under
+    /// the lock, so nothing falls in between). The owned-set watch is updated after the lock is
+    /// released: a user holding `owned_changed().borrow()` while calling `buckets()` would
+    /// otherwise deadlock against the driver. Only the driver calls this, so the watch's
+    /// updates keep their order. Every ledger change that emits events goes through here.
     pub(crate) fn apply(self: &Arc<Self>, change: impl FnOnce(&mut Ledger) -> Vec<Event>) {
         let mut guard = self.lock();
         let local = &mut *guard;
@@ -719,6 +722,7 @@ impl Shared {
             let _ = self.events.send(event);
         }
         let owned: Vec<u32> = local.ledger.owned().map(|(b, _)| b).collect();
+        drop(guard);
         self.owned.send_if_modified(|now| {
             let changed = *now != owned;
             if changed {
