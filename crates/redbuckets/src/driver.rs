@@ -166,7 +166,7 @@ impl<S: Store> Driver<S> {
         loop {
             let now = Instant::now();
             if let Some(until) = self.session.deadline() {
-                if until.passed(now) {
+                if self.shared.deadline_passed(&until, now) {
                     self.lose(LostReason::Deadline, until.at.min(now));
                 }
             }
@@ -392,6 +392,10 @@ impl<S: Store> Driver<S> {
                 let deadline = self.deadline_after(sent);
                 self.session
                     .registered(&self.config.member_id, deadline, renew_at);
+                // A new session: the old one's deadline, seen passed, no longer counts.
+                self.shared
+                    .expired
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
                 self.publish(Some(sent.at));
                 self.seen_version = version;
                 self.shared.lock().version = version;
@@ -441,7 +445,10 @@ impl<S: Store> Driver<S> {
         let now = Instant::now();
         let deadline = self.session.deadline();
         match result {
-            Ok(reply) if reply.alive && deadline.is_some_and(|until| until.passed(now)) => {
+            Ok(reply)
+                if reply.alive
+                    && deadline.is_some_and(|until| self.shared.deadline_passed(&until, now)) =>
+            {
                 // The session is alive, but the reply came after our deadline: the leases have
                 // ended already (handles were told), and must not come back to life.
                 let until = deadline.map_or(sent.at, |u| u.at);
@@ -515,7 +522,7 @@ impl<S: Store> Driver<S> {
         match action {
             Action::Acquired { buckets, token } => {
                 let deadline = self.session.deadline();
-                if deadline.is_none_or(|until| until.passed(now)) {
+                if deadline.is_none_or(|until| self.shared.deadline_passed(&until, now)) {
                     // The grant came back after our deadline: the session may be gone already.
                     // Claim nothing; a new session frees these buckets when it replaces this one.
                     let until = deadline.map_or(now, |u| u.at.min(now));
@@ -605,7 +612,7 @@ impl<S: Store> Driver<S> {
         if self
             .session
             .deadline()
-            .is_none_or(|until| until.passed(now))
+            .is_none_or(|until| self.shared.deadline_passed(&until, now))
         {
             return;
         }
@@ -707,7 +714,7 @@ impl<S: Store> Driver<S> {
             .shutdown_by
             .unwrap_or(now + self.config.shutdown_timeout);
         if let Some(until) = self.session.deadline() {
-            if until.passed(now) {
+            if self.shared.deadline_passed(&until, now) {
                 self.lose(LostReason::Deadline, until.at.min(now));
             }
         }
@@ -1391,5 +1398,47 @@ mod tests {
         drop(leases);
         other.abort();
         member.abort();
+    }
+
+    /// Regression (review, 5): the deadline check reads the wall clock, so a wall clock
+    /// stepped forward then back showed a lease valid, then invalid, then valid again, and the
+    /// member's task, which had not run meanwhile, never lost the session. Once anyone sees
+    /// the deadline passed it stays passed, and the member loses the session.
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_seen_passed_stays_passed_when_the_wall_clock_steps_back() {
+        let store = TestStore::default();
+        let member = owner(&store).await;
+        let mut events = member.events();
+        drain(&mut events);
+        let lease = member.lease(0).expect("owned");
+        assert!(lease.is_valid());
+        suspend::host_suspends(TTL * 2);
+        assert!(!lease.is_valid(), "the deadline passed on the wall clock");
+        suspend::wall_clock_steps_back(TTL * 2);
+        assert!(!lease.is_valid(), "a lease seen expired came back to life");
+        assert!(member.buckets().is_empty(), "{:?}", member.buckets());
+        assert_eq!(member.status().held, 0);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let lost = drain(&mut events)
+            .into_iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    Event::Lost {
+                        reason: LostReason::Deadline,
+                        ..
+                    }
+                )
+            })
+            .count();
+        assert_eq!(lost, 4, "the member's task did not lose the session");
+        // A new session owns again, valid.
+        let token = tokio::time::timeout(TTL * 4, member.wait_until_owned(0))
+            .await
+            .expect("owned again")
+            .expect("running");
+        let lease = member.lease(0).expect("owned");
+        assert_eq!(lease.token(), token);
+        assert!(lease.is_valid());
     }
 }

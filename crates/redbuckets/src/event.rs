@@ -229,6 +229,11 @@ pub(crate) mod suspend {
     pub(crate) fn host_suspends(d: Duration) {
         SKEW.with(|s| s.set(s.get() + d));
     }
+
+    /// The wall clock is stepped back by `d` (after a step forward: an NTP correction).
+    pub(crate) fn wall_clock_steps_back(d: Duration) {
+        SKEW.with(|s| s.set(s.get().saturating_sub(d)));
+    }
 }
 
 /// The local lease deadline (S3). It runs on tokio's clock, which is monotonic and stops while
@@ -353,7 +358,20 @@ impl Lease {
     /// Time left until the local lease deadline, if the member has one.
     #[must_use]
     pub fn remaining(&self) -> Option<Duration> {
-        (*self.valid_until.borrow()).map(|until| until.remaining(Instant::now()))
+        let until = (*self.valid_until.borrow())?;
+        let now = Instant::now();
+        if self.passed(&until, now) {
+            return Some(Duration::ZERO);
+        }
+        Some(until.remaining(now))
+    }
+
+    /// Whether `until` has passed: through the member's sticky check while it exists.
+    fn passed(&self, until: &Deadline, now: Instant) -> bool {
+        match self.shared.upgrade() {
+            Some(shared) => shared.deadline_passed(until, now),
+            None => until.passed(now),
+        }
     }
 
     /// Asks for up to `drain` (counted from the revoke) before the member releases this bucket
@@ -378,7 +396,7 @@ impl Lease {
             let until = *valid_until.borrow_and_update();
             let Some(until) = until else { return };
             let now = Instant::now();
-            if until.passed(now) || self.cancel.is_cancelled() {
+            if self.passed(&until, now) || self.cancel.is_cancelled() {
                 return;
             }
             tokio::select! {

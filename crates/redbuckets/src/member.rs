@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -141,6 +142,7 @@ impl<S: Store> MemberBuilder<S> {
             owned,
             dropped: Arc::new(Notify::new()),
             stopped: CancellationToken::new(),
+            expired: AtomicBool::new(false),
         });
         let abort = CancellationToken::new();
         // The abort's child: an abort interrupts whatever the shutdown would.
@@ -450,7 +452,7 @@ impl MemberHandle {
         let local = self.shared.lock();
         let now = Instant::now();
         let valid_until = *self.shared.valid_until.borrow();
-        let valid = valid_until.is_some_and(|until| !until.passed(now));
+        let valid = valid_until.is_some_and(|until| !self.shared.deadline_passed(&until, now));
         Status {
             group: self.config.group.clone(),
             member: self.config.member_id.clone(),
@@ -676,14 +678,34 @@ pub(crate) struct Shared {
     pub(crate) dropped: Arc<Notify>,
     /// Cancelled when the member's task has ended (any way): streams end.
     pub(crate) stopped: CancellationToken,
+    /// Set once any reader (a handle, a lease, the driver) has seen the session's deadline
+    /// passed; cleared only when a new session registers. The check reads the wall clock, so a
+    /// wall clock stepped forward and then back would otherwise show a deadline passed and
+    /// then valid again (a lease valid, invalid, valid; a subscription in that window with an
+    /// empty snapshot and nothing after).
+    pub(crate) expired: AtomicBool,
 }
 
 impl Shared {
     /// True while the live session's lease deadline has not passed.
     pub(crate) fn is_valid(&self, now: Instant) -> bool {
-        self.valid_until
-            .borrow()
-            .is_some_and(|until| !until.passed(now))
+        let until = *self.valid_until.borrow();
+        until.is_some_and(|until| !self.deadline_passed(&until, now))
+    }
+
+    /// Whether the session's deadline `until` has passed at `now`: sticky once anyone saw it
+    /// (see `expired`). The first to see it wakes the driver, which then loses the session.
+    pub(crate) fn deadline_passed(&self, until: &Deadline, now: Instant) -> bool {
+        if self.expired.load(Ordering::SeqCst) {
+            return true;
+        }
+        if !until.passed(now) {
+            return false;
+        }
+        if !self.expired.swap(true, Ordering::SeqCst) {
+            self.dropped.notify_one();
+        }
+        true
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Local> {
