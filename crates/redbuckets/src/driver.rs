@@ -519,16 +519,20 @@ impl<S: Store> Driver<S> {
     /// Carries out a rebalance step's action. Returns whether the session is still live, so
     /// that the store's counts can be compared with the ledger.
     fn apply_step(&mut self, action: Action, now: Instant) -> bool {
+        let deadline = self.session.deadline();
+        if !matches!(action, Action::SessionLost)
+            && deadline.is_none_or(|until| self.shared.deadline_passed(&until, now))
+        {
+            // The reply came back after our deadline (a slow store, or this task ran late): the
+            // session may be gone already, and our leases ended at the deadline. Claim nothing
+            // (a new session frees any grant here when it replaces this one), and revoke nothing
+            // now: a revoke dated after the deadline would claim ownership we no longer had.
+            let until = deadline.map_or(now, |u| u.at.min(now));
+            self.lose(LostReason::Deadline, until);
+            return false;
+        }
         match action {
             Action::Acquired { buckets, token } => {
-                let deadline = self.session.deadline();
-                if deadline.is_none_or(|until| self.shared.deadline_passed(&until, now)) {
-                    // The grant came back after our deadline: the session may be gone already.
-                    // Claim nothing; a new session frees these buckets when it replaces this one.
-                    let until = deadline.map_or(now, |u| u.at.min(now));
-                    self.lose(LostReason::Deadline, until);
-                    return false;
-                }
                 // Keep stepping: the next call answers Stay once the share is reached.
                 self.rebalance = (!buckets.is_empty()).then_some(now);
                 self.shared.apply(|l| l.grant(&buckets, token, now));
@@ -677,6 +681,10 @@ impl<S: Store> Driver<S> {
     /// Gives up every lease at `at` without the store: the deadline passed or the session is gone.
     /// `Live` → `Registering`.
     fn lose(&mut self, reason: LostReason, at: Instant) {
+        // Ownership ended at the lease deadline at the latest (S3). A reply handled after it
+        // (the store said the session is gone, but this task ran late, e.g. on a starved CPU)
+        // must not date the end later: a timeline built from the events would show two owners.
+        let at = self.session.deadline().map_or(at, |until| at.min(until.at));
         let ended = self.session.end();
         self.publish(None);
         let mut count = 0;
