@@ -1040,19 +1040,32 @@ mod tests {
 
     const TTL: Duration = Duration::from_secs(3);
 
-    /// A member owning all 4 buckets of a group, past the new group's quarantine.
-    async fn owner(store: &TestStore) -> Member {
-        let member = Member::builder(store.clone(), "g")
-            .id("a")
+    /// Member `id` of the 4-bucket group "g", heartbeat 100 ms, ttl [`TTL`].
+    fn builder(store: &TestStore, id: &str) -> crate::MemberBuilder<TestStore> {
+        Member::builder(store.clone(), "g")
+            .id(id)
             .buckets(4)
             .heartbeat(Duration::from_millis(100))
             .ttl(TTL)
-            .start()
-            .await
-            .expect("start");
+    }
+
+    /// Starts `builder`'s member and waits until it owns all 4 buckets, past the new group's
+    /// quarantine.
+    async fn owner_from(builder: crate::MemberBuilder<TestStore>) -> Member {
+        let member = builder.start().await.expect("start");
         tokio::time::sleep(TTL + Duration::from_secs(1)).await;
         assert_eq!(member.buckets().len(), 4);
         member
+    }
+
+    /// Member "a" owning all 4 buckets of a group, past the new group's quarantine.
+    async fn owner(store: &TestStore) -> Member {
+        owner_from(builder(store, "a")).await
+    }
+
+    /// How many of `events` are of the kind `kind` matches.
+    fn count(events: &[Event], kind: fn(&Event) -> bool) -> usize {
+        events.iter().filter(|e| kind(e)).count()
     }
 
     fn drain(events: &mut crate::Events) -> Vec<Event> {
@@ -1114,21 +1127,12 @@ mod tests {
         let store = TestStore::default();
         let errors = Arc::new(Mutex::new(Vec::<String>::new()));
         let seen = Arc::clone(&errors);
-        let member = Member::builder(store.clone(), "g")
-            .id("a")
-            .buckets(4)
-            .heartbeat(Duration::from_millis(100))
-            .ttl(TTL)
-            .on_error(move |e| {
-                seen.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(e.to_string())
-            })
-            .start()
-            .await
-            .expect("start");
-        tokio::time::sleep(TTL + Duration::from_secs(1)).await;
-        assert_eq!(member.buckets().len(), 4);
+        let member = owner_from(builder(&store, "a").on_error(move |e| {
+            seen.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(e.to_string())
+        }))
+        .await;
         store.hang.store(true, Ordering::SeqCst);
         // Until the member's next call (its renewal) hangs in the store.
         while store.hanging.load(Ordering::SeqCst) == 0 {
@@ -1153,19 +1157,18 @@ mod tests {
         store.release_unheard.store(true, Ordering::SeqCst);
         member.shutdown().await.expect("shutdown");
         let events = drain(&mut events);
-        let count = |kind: fn(&Event) -> bool| events.iter().filter(|e| kind(e)).count();
         assert_eq!(
-            count(|e| matches!(e, Event::Revoked { .. })),
+            count(&events, |e| matches!(e, Event::Revoked { .. })),
             4,
             "{events:?}"
         );
-        let released = count(|e| matches!(e, Event::Released { .. }));
+        let released = count(&events, |e| matches!(e, Event::Released { .. }));
         assert!(
             released <= 3,
             "{released} Released, the store freed 3: {events:?}"
         );
         assert_eq!(
-            released + count(|e| matches!(e, Event::Lost { .. })),
+            released + count(&events, |e| matches!(e, Event::Lost { .. })),
             4,
             "every revoked bucket ends: {events:?}"
         );
@@ -1196,10 +1199,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_shutdown_with_the_store_down_ends_in_time_and_ends_every_bucket() {
         let store = TestStore::default();
-        let member = Member::builder(store.clone(), "g")
-            .id("a")
-            .buckets(4)
-            .heartbeat(Duration::from_millis(100))
+        let member = builder(&store, "a")
             .ttl(Duration::from_secs(1))
             .start()
             .await
@@ -1224,10 +1224,7 @@ mod tests {
         );
         let events = drain(&mut events);
         assert_eq!(
-            events
-                .iter()
-                .filter(|e| matches!(e, Event::Revoked { .. }))
-                .count(),
+            count(&events, |e| matches!(e, Event::Revoked { .. })),
             4,
             "{events:?}"
         );
@@ -1239,17 +1236,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_shutdown_does_not_wait_for_a_call_in_flight() {
         let store = TestStore::default();
-        let member = Member::builder(store.clone(), "g")
-            .id("a")
-            .buckets(4)
-            .heartbeat(Duration::from_millis(100))
-            .ttl(TTL)
-            .shutdown_timeout(Duration::from_millis(200))
-            .start()
-            .await
-            .expect("start");
-        tokio::time::sleep(TTL + Duration::from_secs(1)).await;
-        assert_eq!(member.buckets().len(), 4);
+        let member =
+            owner_from(builder(&store, "a").shutdown_timeout(Duration::from_millis(200))).await;
         let mut events = member.events();
         store.hang.store(true, Ordering::SeqCst);
         while store.hanging.load(Ordering::SeqCst) == 0 {
@@ -1276,10 +1264,7 @@ mod tests {
         );
         let events = drain(&mut events);
         assert_eq!(
-            events
-                .iter()
-                .filter(|e| matches!(e, Event::Revoked { .. }))
-                .count(),
+            count(&events, |e| matches!(e, Event::Revoked { .. })),
             4,
             "{events:?}"
         );
@@ -1294,17 +1279,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_short_shutdown_budget_shortens_the_drain_not_the_release() {
         let store = TestStore::default();
-        let member = Member::builder(store.clone(), "g")
-            .id("a")
-            .buckets(4)
-            .heartbeat(Duration::from_millis(100))
-            .ttl(TTL)
-            .shutdown_timeout(Duration::from_millis(200))
-            .start()
-            .await
-            .expect("start");
-        tokio::time::sleep(TTL + Duration::from_secs(1)).await;
-        assert_eq!(member.buckets().len(), 4);
+        let member =
+            owner_from(builder(&store, "a").shutdown_timeout(Duration::from_millis(200))).await;
         store.latency_ms.store(5, Ordering::SeqCst);
         let lease = member.lease(0).expect("owned");
         let mut events = member.events();
@@ -1312,14 +1288,13 @@ mod tests {
         drop(lease);
         assert!(result.is_ok(), "{result:?}");
         let events = drain(&mut events);
-        let count = |kind: fn(&Event) -> bool| events.iter().filter(|e| kind(e)).count();
         assert_eq!(
-            count(|e| matches!(e, Event::Revoked { .. })),
+            count(&events, |e| matches!(e, Event::Revoked { .. })),
             4,
             "{events:?}"
         );
         assert_eq!(
-            count(|e| matches!(e, Event::Released { .. })),
+            count(&events, |e| matches!(e, Event::Released { .. })),
             4,
             "{events:?}"
         );
@@ -1375,14 +1350,7 @@ mod tests {
         let leases: Vec<_> = (0..4).map(|b| member.lease(b).expect("owned")).collect();
         let mut events = member.events();
         store.latency_ms.store(50, Ordering::SeqCst);
-        let other = Member::builder(store.clone(), "g")
-            .id("b")
-            .buckets(4)
-            .heartbeat(Duration::from_millis(100))
-            .ttl(TTL)
-            .start()
-            .await
-            .expect("start b");
+        let other = builder(&store, "b").start().await.expect("start b");
         // The revoked buckets keep their leases: released at the end of the drain time.
         while store.releases_sent.load(Ordering::SeqCst) == 0 {
             tokio::time::sleep(Duration::from_millis(1)).await;
