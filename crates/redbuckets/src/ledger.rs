@@ -108,6 +108,11 @@ impl Ledger {
             .map(|(b, h)| (*b, h))
     }
 
+    /// The owned buckets, sorted.
+    pub(crate) fn owned_buckets(&self) -> Vec<u32> {
+        self.owned().map(|(b, _)| b).collect()
+    }
+
     /// Number of owned buckets.
     pub(crate) fn owned_count(&self) -> usize {
         self.owned().count()
@@ -547,7 +552,7 @@ mod tests {
             kinds(&events),
             [("lost", 1, 10), ("released", 3, 11), ("acquired", 7, 12)]
         );
-        assert_eq!(l.owned().map(|(b, _)| b).collect::<Vec<_>>(), vec![2, 7]);
+        assert_eq!(l.owned_buckets(), vec![2, 7]);
         assert!(
             l.adopt(&stored, now).is_empty(),
             "adopting again changes nothing"

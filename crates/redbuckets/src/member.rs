@@ -168,7 +168,7 @@ impl<S: Store> MemberBuilder<S> {
         };
         let task = tokio::spawn(tracing::Instrument::instrument(run, span));
         Ok(Member {
-            handle: MemberHandle { config, shared },
+            handle: MemberHandle { shared },
             graceful,
             freeze,
             _abort: abort.drop_guard(),
@@ -197,8 +197,8 @@ pub struct Member {
 impl std::fmt::Debug for Member {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Member")
-            .field("group", &self.handle.config.group)
-            .field("id", &self.handle.config.member_id)
+            .field("group", &self.handle.shared.config.group)
+            .field("id", &self.handle.shared.config.member_id)
             .finish_non_exhaustive()
     }
 }
@@ -216,13 +216,13 @@ impl Drop for Member {
         if self.task.is_some() && !std::thread::panicking() {
             let held = self.handle.shared.lock().ledger.owned_count();
             tracing::warn!(
-                group = %self.handle.config.group,
-                member = %self.handle.config.member_id,
+                group = %self.handle.shared.config.group,
+                member = %self.handle.shared.config.member_id,
                 held,
                 "a Member was dropped without shutdown(): for the group this is a crash; its \
                  {held} buckets stay owned, and unworked, until its session expires (up to the \
                  ttl, {:?}). Call shutdown().await (or abort() to crash on purpose)",
-                self.handle.config.ttl
+                self.handle.shared.config.ttl
             );
         }
     }
@@ -255,7 +255,7 @@ impl Member {
     /// then frees it when the session expires. An incomplete leave returns the first error.
     pub async fn shutdown(mut self) -> Result<(), Error> {
         let now = Instant::now();
-        let budget = self.handle.config.shutdown_timeout;
+        let budget = self.handle.shared.config.shutdown_timeout;
         // The member's task ends its leave a little before the budget, so that it is seen to
         // end within it: at least 20 ms (a leave that ended on time must not be reported as
         // this timeout because the task was scheduled late), and never half the budget.
@@ -305,15 +305,14 @@ impl Member {
 /// keep the member running: after the member stopped it reports that nothing is owned.
 #[derive(Clone)]
 pub struct MemberHandle {
-    config: Arc<Config>,
     shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for MemberHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemberHandle")
-            .field("group", &self.config.group)
-            .field("id", &self.config.member_id)
+            .field("group", &self.shared.config.group)
+            .field("id", &self.shared.config.member_id)
             .finish_non_exhaustive()
     }
 }
@@ -322,23 +321,22 @@ impl MemberHandle {
     /// This member's id.
     #[must_use]
     pub fn id(&self) -> &str {
-        &self.config.member_id
+        &self.shared.config.member_id
     }
 
     /// The configuration it runs with.
     #[must_use]
     pub fn config(&self) -> &Config {
-        &self.config
+        &self.shared.config
     }
 
     /// The buckets this member owns now, sorted. A copy: nothing to unlock.
     #[must_use]
     pub fn buckets(&self) -> Vec<u32> {
-        let local = self.shared.lock();
-        if !self.shared.is_valid(Instant::now()) {
-            return Vec::new();
-        }
-        local.ledger.owned().map(|(b, _)| b).collect()
+        self.shared
+            .lock_valid()
+            .map(|local| local.ledger.owned_buckets())
+            .unwrap_or_default()
     }
 
     /// True if this member owns `bucket` now (granted, not revoked, before the local deadline).
@@ -350,11 +348,7 @@ impl MemberHandle {
     /// The fencing token of `bucket` if this member owns it now.
     #[must_use]
     pub fn token(&self, bucket: u32) -> Option<u64> {
-        let local = self.shared.lock();
-        if !self.shared.is_valid(Instant::now()) {
-            return None;
-        }
-        local.ledger.owned_token(bucket)
+        self.shared.lock_valid()?.ledger.owned_token(bucket)
     }
 
     /// A lease handle on `bucket` if this member owns it now. While any handle of a revoked
@@ -363,10 +357,7 @@ impl MemberHandle {
     /// [`MemberHandle::leases`] instead.
     #[must_use]
     pub fn lease(&self, bucket: u32) -> Option<Lease> {
-        let mut local = self.shared.lock();
-        if !self.shared.is_valid(Instant::now()) {
-            return None;
-        }
+        let mut local = self.shared.lock_valid()?;
         self.shared.lease_locked(&mut local.ledger, bucket)
     }
 
@@ -382,8 +373,7 @@ impl MemberHandle {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut local = self.shared.lock();
         if self.shared.is_valid(Instant::now()) {
-            let owned: Vec<u32> = local.ledger.owned().map(|(b, _)| b).collect();
-            for bucket in owned {
+            for bucket in local.ledger.owned_buckets() {
                 if let Some(lease) = self.shared.lease_locked(&mut local.ledger, bucket) {
                     let _ = tx.send(lease);
                 }
@@ -451,11 +441,12 @@ impl MemberHandle {
     pub fn status(&self) -> Status {
         let local = self.shared.lock();
         let now = Instant::now();
+        // One read of the deadline for both fields.
         let valid_until = *self.shared.valid_until.borrow();
         let valid = valid_until.is_some_and(|until| !self.shared.deadline_passed(&until, now));
         Status {
-            group: self.config.group.clone(),
-            member: self.config.member_id.clone(),
+            group: self.shared.config.group.clone(),
+            member: self.shared.config.member_id.clone(),
             session: local.session.clone(),
             share: local.share,
             held: if valid { local.ledger.owned_count() } else { 0 },
@@ -687,6 +678,12 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The ledger, locked, while the lease deadline has not passed; `None` after it.
+    fn lock_valid(&self) -> Option<MutexGuard<'_, Local>> {
+        let local = self.lock();
+        self.is_valid(Instant::now()).then_some(local)
+    }
+
     /// True while the live session's lease deadline has not passed.
     pub(crate) fn is_valid(&self, now: Instant) -> bool {
         let until = *self.valid_until.borrow();
@@ -743,7 +740,7 @@ impl Shared {
             // No receiver is fine: events are for whoever listens.
             let _ = self.events.send(event);
         }
-        let owned: Vec<u32> = local.ledger.owned().map(|(b, _)| b).collect();
+        let owned = local.ledger.owned_buckets();
         drop(guard);
         self.owned.send_if_modified(|now| {
             let changed = *now != owned;
