@@ -133,11 +133,7 @@ impl<S: Store> Driver<S> {
             match outcome {
                 None => return Ok(()),
                 Some(expires_in) => {
-                    let err = Error::IdInUse {
-                        group: self.config.group.clone(),
-                        member: self.config.member_id.clone(),
-                        expires_in,
-                    };
+                    let err = self.id_in_use(expires_in);
                     // After waiting out the expiry we saw, a session still there with more than
                     // clock-drift slack left was renewed: a live process holds the id. Fail
                     // now rather than wait for a session that will not end.
@@ -162,13 +158,29 @@ impl<S: Store> Driver<S> {
         }
     }
 
+    /// Another live session holds our id; it expires in `expires_in`.
+    fn id_in_use(&self, expires_in: Duration) -> Error {
+        Error::IdInUse {
+            group: self.config.group.clone(),
+            member: self.config.member_id.clone(),
+            expires_in,
+        }
+    }
+
+    /// Whether the live session's lease deadline has passed at `now` (sticky once seen, see
+    /// `Shared::deadline_passed`). False while registering.
+    fn deadline_passed(&self, now: Instant) -> bool {
+        self.session
+            .deadline()
+            .is_some_and(|until| self.shared.deadline_passed(&until, now))
+    }
+
     pub(crate) async fn run(mut self) -> Result<(), Error> {
         loop {
             let now = Instant::now();
-            if let Some(until) = self.session.deadline() {
-                if self.shared.deadline_passed(&until, now) {
-                    self.lose(LostReason::Deadline, until.at.min(now));
-                }
+            if self.deadline_passed(now) {
+                // `lose` dates it at the deadline.
+                self.lose(LostReason::Deadline, now);
             }
             if matches!(self.subscription, Subscription::Down { retry_at } if now >= retry_at) {
                 self.subscribe().await;
@@ -322,9 +334,9 @@ impl<S: Store> Driver<S> {
     }
 
     /// Derives what the handles read from the session: the deadline (which lease handles
-    /// watch), and the session nonce for the status. `renewed` is the send time of the
-    /// heartbeat or registration that just succeeded, if one did.
-    fn publish(&self, renewed: Option<Instant>) {
+    /// watch), and the session nonce for the status. `renewed` is the send time and the
+    /// membership version of the heartbeat or registration that just succeeded, if one did.
+    fn publish(&self, renewed: Option<(Instant, u64)>) {
         // The deadline first: a reader that sees the ledger and a deadline sees a deadline at
         // least as old as the ledger's session.
         self.shared
@@ -332,8 +344,9 @@ impl<S: Store> Driver<S> {
             .send_replace(self.session.deadline());
         let mut local = self.shared.lock();
         local.session = self.session.live().map(|s| s.session.clone());
-        if renewed.is_some() {
-            local.last_heartbeat = renewed;
+        if let Some((sent, version)) = renewed {
+            local.last_heartbeat = Some(sent);
+            local.version = version;
         }
     }
 
@@ -392,13 +405,9 @@ impl<S: Store> Driver<S> {
                 let deadline = self.deadline_after(sent);
                 self.session
                     .registered(&self.config.member_id, deadline, renew_at);
-                // A new session: the old one's deadline, seen passed, no longer counts.
-                self.shared
-                    .expired
-                    .store(false, std::sync::atomic::Ordering::SeqCst);
-                self.publish(Some(sent.at));
+                self.shared.forget_expiry();
+                self.publish(Some((sent.at, version)));
                 self.seen_version = version;
-                self.shared.lock().version = version;
                 self.rebalance = Some(Instant::now());
                 Ok(None)
             }
@@ -411,11 +420,7 @@ impl<S: Store> Driver<S> {
         match self.register().await {
             Ok(None) => {}
             Ok(Some(expires_in)) => {
-                self.report(Error::IdInUse {
-                    group: self.config.group.clone(),
-                    member: self.config.member_id.clone(),
-                    expires_in,
-                });
+                self.report(self.id_in_use(expires_in));
                 self.session.retry_at(
                     Instant::now()
                         + expires_in.min(self.config.heartbeat)
@@ -443,15 +448,11 @@ impl<S: Store> Driver<S> {
         )
         .await;
         let now = Instant::now();
-        let deadline = self.session.deadline();
         match result {
-            Ok(reply)
-                if reply.alive
-                    && deadline.is_some_and(|until| self.shared.deadline_passed(&until, now)) =>
-            {
+            Ok(reply) if reply.alive && self.deadline_passed(now) => {
                 // The session is alive, but the reply came after our deadline: the leases have
                 // ended already (handles were told), and must not come back to life.
-                let until = deadline.map_or(sent.at, |u| u.at);
+                let until = self.session.deadline().map_or(sent.at, |u| u.at);
                 self.lose(LostReason::Deadline, until);
                 self.session.retry_at(Instant::now());
             }
@@ -459,12 +460,11 @@ impl<S: Store> Driver<S> {
                 let until = self.deadline_after(sent);
                 let next = self.next_check(sent.at, reply.next_expiry);
                 self.session.renewed(until, next);
-                self.publish(Some(sent.at));
+                self.publish(Some((sent.at, reply.version)));
                 if reply.version != self.seen_version || reply.free > 0 {
                     self.want_rebalance();
                 }
                 self.seen_version = reply.version;
-                self.shared.lock().version = reply.version;
             }
             Ok(_) => {
                 tracing::warn!("the store no longer knows our session");
@@ -519,16 +519,14 @@ impl<S: Store> Driver<S> {
     /// Carries out a rebalance step's action. Returns whether the session is still live, so
     /// that the store's counts can be compared with the ledger.
     fn apply_step(&mut self, action: Action, now: Instant) -> bool {
-        let deadline = self.session.deadline();
         if !matches!(action, Action::SessionLost)
-            && deadline.is_none_or(|until| self.shared.deadline_passed(&until, now))
+            && (self.session.live().is_none() || self.deadline_passed(now))
         {
             // The reply came back after our deadline (a slow store, or this task ran late): the
             // session may be gone already, and our leases ended at the deadline. Claim nothing
             // (a new session frees any grant here when it replaces this one), and revoke nothing
             // now: a revoke dated after the deadline would claim ownership we no longer had.
-            let until = deadline.map_or(now, |u| u.at.min(now));
-            self.lose(LostReason::Deadline, until);
+            self.lose(LostReason::Deadline, now);
             return false;
         }
         match action {
@@ -613,11 +611,7 @@ impl<S: Store> Driver<S> {
             self.session_gone(now);
             return;
         };
-        if self
-            .session
-            .deadline()
-            .is_none_or(|until| self.shared.deadline_passed(&until, now))
-        {
+        if self.session.live().is_none() || self.deadline_passed(now) {
             return;
         }
         self.shared.apply(|l| l.adopt(&stored, now));
@@ -687,12 +681,7 @@ impl<S: Store> Driver<S> {
         let at = self.session.deadline().map_or(at, |until| at.min(until.at));
         let ended = self.session.end();
         self.publish(None);
-        let mut count = 0;
-        self.shared.apply(|l| {
-            let lost = l.lose_all(reason, at);
-            count = lost.len();
-            lost
-        });
+        let count = self.shared.apply(|l| l.lose_all(reason, at));
         if ended.is_some() {
             tracing::warn!(%reason, buckets = count, "lost the session");
         }
@@ -721,10 +710,8 @@ impl<S: Store> Driver<S> {
             .lock()
             .shutdown_by
             .unwrap_or(now + self.config.shutdown_timeout);
-        if let Some(until) = self.session.deadline() {
-            if self.shared.deadline_passed(&until, now) {
-                self.lose(LostReason::Deadline, until.at.min(now));
-            }
+        if self.deadline_passed(now) {
+            self.lose(LostReason::Deadline, now);
         }
         let Some(session) = self.session.live().cloned() else {
             self.drop_local();

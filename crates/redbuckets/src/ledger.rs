@@ -62,6 +62,30 @@ impl Held {
         }
     }
 
+    /// Ends this grant of `bucket` at `now`: cancels its handles and returns the event that
+    /// tells the user, `Released` when the store freed it, else `Lost { Disowned }`.
+    fn end(self, bucket: u32, released: bool, now: Instant) -> Event {
+        self.cancel.cancel();
+        if released {
+            Event::Released {
+                bucket,
+                token: self.token,
+                at: now,
+            }
+        } else {
+            Event::Lost {
+                bucket,
+                token: self.token,
+                reason: LostReason::Disowned,
+                at: now,
+            }
+        }
+    }
+
+    fn is_draining(&self) -> bool {
+        matches!(self.hold, Hold::Draining { .. })
+    }
+
     pub(crate) fn is_owned(&self) -> bool {
         self.hold == Hold::Owned
     }
@@ -89,12 +113,6 @@ pub(crate) struct Ledger {
 }
 
 impl Ledger {
-    /// Every held bucket, owned or draining.
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.held.len()
-    }
-
     /// Every held bucket, in bucket order.
     pub(crate) fn buckets(&self) -> Vec<u32> {
         self.held.keys().copied().collect()
@@ -143,20 +161,8 @@ impl Ledger {
         let mut acquired = Vec::with_capacity(buckets.len());
         for &bucket in buckets {
             if let Some(old) = self.held.insert(bucket, Held::new(token, now)) {
-                old.cancel.cancel();
-                closed.push(match old.hold {
-                    Hold::Draining { .. } => Event::Released {
-                        bucket,
-                        token: old.token,
-                        at: now,
-                    },
-                    Hold::Owned => Event::Lost {
-                        bucket,
-                        token: old.token,
-                        reason: LostReason::Disowned,
-                        at: now,
-                    },
-                });
+                let draining = old.is_draining();
+                closed.push(old.end(bucket, draining, now));
             }
             acquired.push(Event::Acquired {
                 bucket,
@@ -254,21 +260,7 @@ impl Ledger {
         let mut events = Vec::new();
         for &bucket in buckets {
             if let Some(held) = self.held.remove(&bucket) {
-                held.cancel.cancel();
-                events.push(if all {
-                    Event::Released {
-                        bucket,
-                        token: held.token,
-                        at: now,
-                    }
-                } else {
-                    Event::Lost {
-                        bucket,
-                        token: held.token,
-                        reason: LostReason::Disowned,
-                        at: now,
-                    }
-                });
+                events.push(held.end(bucket, all, now));
             }
         }
         events
@@ -282,7 +274,7 @@ impl Ledger {
         if self.held.len() != store_held || owned < committed {
             Reconcile::Resync
         } else if owned > committed {
-            Reconcile::Revoke(owned - committed)
+            Reconcile::Revoke(self.surplus(committed))
         } else {
             Reconcile::InSync
         }
@@ -307,20 +299,8 @@ impl Ledger {
             .collect();
         for bucket in gone {
             if let Some(held) = self.held.remove(&bucket) {
-                held.cancel.cancel();
-                events.push(match held.hold {
-                    Hold::Draining { .. } => Event::Released {
-                        bucket,
-                        token: held.token,
-                        at: now,
-                    },
-                    Hold::Owned => Event::Lost {
-                        bucket,
-                        token: held.token,
-                        reason: LostReason::Disowned,
-                        at: now,
-                    },
-                });
+                let draining = held.is_draining();
+                events.push(held.end(bucket, draining, now));
             }
         }
         for (&bucket, &token) in stored {
@@ -411,6 +391,13 @@ mod tests {
     use tokio::sync::Notify;
 
     use super::*;
+
+    impl Ledger {
+        /// Every held bucket, owned or draining.
+        fn len(&self) -> usize {
+            self.held.len()
+        }
+    }
 
     fn t0() -> Instant {
         Instant::now()

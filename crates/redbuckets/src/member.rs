@@ -684,6 +684,11 @@ impl Shared {
         self.is_valid(Instant::now()).then_some(local)
     }
 
+    /// A new session: the old one's deadline, seen passed, no longer counts.
+    pub(crate) fn forget_expiry(&self) {
+        self.expired.store(false, Ordering::SeqCst);
+    }
+
     /// True while the live session's lease deadline has not passed.
     pub(crate) fn is_valid(&self, now: Instant) -> bool {
         let until = *self.valid_until.borrow();
@@ -718,10 +723,12 @@ impl Shared {
     /// released: a user holding `owned_changed().borrow()` while calling `buckets()` would
     /// otherwise deadlock against the driver. Only the driver calls this, so the watch's
     /// updates keep their order. Every ledger change that emits events goes through here.
-    pub(crate) fn apply(self: &Arc<Self>, change: impl FnOnce(&mut Ledger) -> Vec<Event>) {
+    /// Returns how many events the change emitted.
+    pub(crate) fn apply(self: &Arc<Self>, change: impl FnOnce(&mut Ledger) -> Vec<Event>) -> usize {
         let mut guard = self.lock();
         let local = &mut *guard;
         let events = change(&mut local.ledger);
+        let count = events.len();
         if !local.leases.is_empty() {
             local.leases.retain(|tx| !tx.is_closed());
             for event in &events {
@@ -749,6 +756,7 @@ impl Shared {
             }
             changed
         });
+        count
     }
 
     /// A lease on the owned `bucket`, under the lock.
