@@ -633,14 +633,7 @@ impl<S: Store> Driver<S> {
         let Some(session) = self.session.live().cloned() else {
             return;
         };
-        // Picked and marked under one lock: a lease extending its drain while the store call
-        // runs (without the lock) is refused, not promised time the bucket no longer has.
-        let buckets = {
-            let mut local = self.shared.lock();
-            let buckets = local.ledger.releasable(now);
-            local.ledger.releasing(&buckets);
-            buckets
-        };
+        let buckets = self.shared.lock().ledger.begin_release(Some(now));
         if buckets.is_empty() {
             return;
         }
@@ -744,12 +737,7 @@ impl<S: Store> Driver<S> {
             }
         }
         let mut first_error = None;
-        let buckets = {
-            let mut local = self.shared.lock();
-            let buckets = local.ledger.buckets();
-            local.ledger.releasing(&buckets);
-            buckets
-        };
+        let buckets = self.shared.lock().ledger.begin_release(None);
         if !buckets.is_empty() {
             let release = self.store.release(&self.group, &session, &buckets);
             match call(
@@ -778,15 +766,7 @@ impl<S: Store> Driver<S> {
                 }
             }
         }
-        let deregister = self.store.deregister(&self.group, &session);
-        match call(
-            &self.abort,
-            self.leave_deadline(give_up),
-            "deregister",
-            deregister,
-        )
-        .await
-        {
+        match self.deregister_within(&session, give_up).await {
             Ok(()) => tracing::info!("left the group"),
             Err(Error::Shutdown) => {}
             Err(e) => {
@@ -794,15 +774,7 @@ impl<S: Store> Driver<S> {
             }
         }
         self.drop_local();
-        match first_error {
-            Some(e) => {
-                self.report(Error::Unavailable {
-                    detail: format!("graceful leave incomplete: {e}"),
-                });
-                Err(e)
-            }
-            None => Ok(()),
-        }
+        self.leave_result(first_error)
     }
 
     /// A leave without a live session: the session ended (its deadline passed, or the store
@@ -821,15 +793,7 @@ impl<S: Store> Driver<S> {
         });
         let mut first_error = None;
         for session in ended.iter().chain([&pending]) {
-            let deregister = self.store.deregister(&self.group, session);
-            match call(
-                &self.abort,
-                self.leave_deadline(give_up),
-                "deregister",
-                deregister,
-            )
-            .await
-            {
+            match self.deregister_within(session, give_up).await {
                 Ok(()) => {}
                 Err(Error::Shutdown) => return Ok(()),
                 Err(e) => {
@@ -837,6 +801,29 @@ impl<S: Store> Driver<S> {
                 }
             }
         }
+        self.leave_result(first_error)
+    }
+
+    /// Ends `session` in the store, within the leave's budget; the abort interrupts it. `&mut`
+    /// because the driver is not `Sync`: a shared borrow held across the call would make the
+    /// task's future not `Send`.
+    async fn deregister_within(
+        &mut self,
+        session: &SessionRef,
+        give_up: Instant,
+    ) -> Result<(), Error> {
+        let deregister = self.store.deregister(&self.group, session);
+        call(
+            &self.abort,
+            self.leave_deadline(give_up),
+            "deregister",
+            deregister,
+        )
+        .await
+    }
+
+    /// The leave's outcome: its first error, also reported, or success.
+    fn leave_result(&self, first_error: Option<Error>) -> Result<(), Error> {
         match first_error {
             Some(e) => {
                 self.report(Error::Unavailable {

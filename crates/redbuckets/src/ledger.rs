@@ -202,14 +202,21 @@ impl Ledger {
         events
     }
 
-    /// The driver is about to release `buckets` (without the lock): from now on a drain
-    /// extension is refused for them, until `release_failed`.
-    pub(crate) fn releasing(&mut self, buckets: &[u32]) {
-        for bucket in buckets {
+    /// Picks the buckets the driver releases now — the releasable ones at `ready_at`, or every
+    /// held bucket (the leave) — and marks them: the store call runs without the lock, and a
+    /// drain extension meanwhile is refused, not promised time the bucket no longer has, until
+    /// `release_failed`.
+    pub(crate) fn begin_release(&mut self, ready_at: Option<Instant>) -> Vec<u32> {
+        let buckets = match ready_at {
+            Some(now) => self.releasable(now),
+            None => self.buckets(),
+        };
+        for bucket in &buckets {
             if let Some(held) = self.held.get_mut(bucket) {
                 held.releasing = true;
             }
         }
+        buckets
     }
 
     /// The release of `buckets` failed: they drain on, and may be extended again.
@@ -588,7 +595,7 @@ mod tests {
         assert_eq!(l.next_release(now), Some(now + ms(300)));
         // While its release is in flight, no extension is promised; after a failed release the
         // bucket drains on and may be extended again.
-        l.releasing(&[2]);
+        l.begin_release(Some(now + ms(300)));
         assert_eq!(l.extend_drain(2, 10, ms(900), ms(100)), None);
         l.release_failed(&[2]);
         assert_eq!(l.extend_drain(2, 10, ms(900), ms(100)), Some(ms(900)));
