@@ -343,6 +343,11 @@ local function wipe_group()
   redis.call('DEL', K_META, K_EXP, K_SESS, K_SINCE, K_WEIGHT, K_WCOUNT, K_OWNER, K_FREE)
 end
 
+-- True when the group's data was written by another Redis process (see load_current_meta).
+local function is_stale()
+  return redis.call('HGET', K_META, 'run_id') ~= server_run_id()
+end
+
 -- The group's parameters, or nil when the group does not exist or its data was written by
 -- another Redis process. After a restart that reloaded a snapshot or an append-only file, or
 -- a failover to a replica, the data may be stale: members may hold leases it does not show,
@@ -355,7 +360,7 @@ local function load_current_meta()
   if not meta then
     return nil
   end
-  if redis.call('HGET', K_META, 'run_id') ~= server_run_id() then
+  if is_stale() then
     wipe_group()
     publish()
     return nil

@@ -16,21 +16,37 @@ end
 -- Check first, as the writing scripts do: a foreign type is a corrupt-state error.
 check_types(nil)
 local stale = 0
-if redis.call('HGET', K_META, 'run_id') ~= server_run_id() then
+if is_stale() then
   stale = 1
 end
 local now = server_now_us()
 local now_ms = idiv(now, 1000)
 
+-- One read of the owner hash and of the sessions, each used twice below.
+local all = redis.call('HGETALL', K_OWNER)
+local record_of = {}
+for i = 1, #all, 2 do
+  record_of[all[i]] = all[i + 1]
+end
+local dead, live = {}, {}
+local sessions = redis.call('ZRANGE', K_EXP, 0, -1, 'WITHSCORES')
+for i = 1, #sessions, 2 do
+  if tonumber(sessions[i + 1]) <= now_ms then
+    dead[#dead + 1] = sessions[i]
+  else
+    live[#live + 1] = sessions[i]
+    live[#live + 1] = sessions[i + 1]
+  end
+end
+
 -- What purge() would free (common.lua free_buckets): each expired member's held buckets whose
 -- owner record names that member, or nobody.
-local dead = redis.call('ZRANGEBYSCORE', K_EXP, '-inf', fmt(now_ms))
 local freed = {}
 for _, m in ipairs(dead) do
   local hk = held_key(m)
   check_type(hk, 'set')
   for _, b in ipairs(redis.call('SMEMBERS', hk)) do
-    local record = redis.call('HGET', K_OWNER, b)
+    local record = record_of[b]
     local named = owner_member(record)
     if not record or named == nil or named == m then
       freed[b] = true
@@ -39,9 +55,8 @@ for _, m in ipairs(dead) do
 end
 
 local members = {}
-local flat = redis.call('ZRANGEBYSCORE', K_EXP, '(' .. fmt(now_ms), '+inf', 'WITHSCORES')
-for i = 1, #flat, 2 do
-  local m = flat[i]
+for i = 1, #live, 2 do
+  local m = live[i]
   local w = weight_of(m)
   local since = redis.call('HGET', K_SINCE, m)
   local age = 0
@@ -54,13 +69,12 @@ for i = 1, #flat, 2 do
     w,
     redis.call('SCARD', held_key(m)),
     fmt(committed(m, w)),
-    fmt(math.max(tonumber(flat[i + 1]) - now_ms, 0)),
+    fmt(math.max(tonumber(live[i + 1]) - now_ms, 0)),
     fmt(age),
   }
 end
 
 local owners = {}
-local all = redis.call('HGETALL', K_OWNER)
 for i = 1, #all, 2 do
   if not freed[all[i]] then
     owners[#owners + 1] = all[i]
