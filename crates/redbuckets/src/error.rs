@@ -6,8 +6,6 @@
 
 use std::time::Duration;
 
-pub use crate::store::redis::redact_url;
-
 /// Everything that can go wrong in redbuckets.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

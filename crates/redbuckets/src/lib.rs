@@ -58,11 +58,11 @@ pub mod share;
 pub mod store;
 
 pub use config::{Config, DEFAULT_PREFIX, MAX_BUCKETS, MAX_WEIGHT, PROTOCOL_VERSION};
-pub use error::{redact_url, Error};
+pub use error::Error;
 pub use event::{instant_to_system, Event, Lease, LostReason};
 pub use member::{ErrorHook, Events, Leases, Member, MemberBuilder, MemberHandle, Status};
 pub use store::memory::MemoryStore;
-pub use store::redis::{scrub_password, RedisOptions, RedisStore};
+pub use store::redis::{redact_url, scrub_password, RedisOptions, RedisStore};
 pub use store::{GroupKey, GroupSnapshot, Store};
 
 /// The README's examples compile as doc-tests, so what it shows stays true.

@@ -34,13 +34,12 @@ use crate::store::{
 };
 
 /// The suffixes of the keys every script gets as `KEYS`, in order: `<tag>:<suffix>`.
-pub(crate) const KEY_SUFFIXES: [&str; 8] = [
+const KEY_SUFFIXES: [&str; 8] = [
     "meta", "exp", "sess", "since", "weight", "wcount", "owner", "free",
 ];
 
-/// The `KEYS` of every script for a group.
-pub(crate) fn keys(group: &GroupKey) -> [String; 8] {
-    let tag = group.tag();
+/// The `KEYS` of every script for the group of hash tag `tag` (`GroupKey::tag`).
+pub(crate) fn keys(tag: &str) -> [String; 8] {
     KEY_SUFFIXES.map(|suffix| format!("{tag}:{suffix}"))
 }
 
@@ -157,7 +156,7 @@ fn layout(call: &'static str, what: String) -> ReplyError {
 }
 
 /// A non-negative integer, sent as an integer or as decimal text.
-pub(crate) fn uint(v: &Value) -> Option<u64> {
+fn uint(v: &Value) -> Option<u64> {
     match v {
         Value::Int(i) => u64::try_from(*i).ok(),
         Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
@@ -167,7 +166,7 @@ pub(crate) fn uint(v: &Value) -> Option<u64> {
 }
 
 /// UTF-8 text.
-pub(crate) fn text(v: &Value) -> Option<String> {
+fn text(v: &Value) -> Option<String> {
     match v {
         Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
         Value::SimpleString(s) => Some(s.clone()),
@@ -404,7 +403,7 @@ pub(crate) fn snapshot(reply: &Value) -> Result<Option<GroupSnapshot>, ReplyErro
 }
 
 /// Parses an owner record `"<token> <member>"` (member ids may contain spaces).
-pub(crate) fn parse_owner(record: &str) -> Option<Owner> {
+fn parse_owner(record: &str) -> Option<Owner> {
     let (token, member) = record.split_once(' ')?;
     if token.is_empty() || !token.bytes().all(|c| c.is_ascii_digit()) {
         return None;
@@ -441,7 +440,7 @@ mod tests {
 
     #[test]
     fn keys_follow_the_suffix_list() {
-        let keys = keys(&GroupKey::new("p", "g"));
+        let keys = keys(&GroupKey::new("p", "g").tag());
         assert_eq!(keys[0], "{p:g}:meta");
         assert_eq!(keys[7], "{p:g}:free");
     }

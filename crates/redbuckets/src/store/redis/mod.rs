@@ -72,7 +72,7 @@ use redis::{
 
 use self::errors::{connect_error, probe_protocol, scrub};
 use self::sentinel::watch_switches;
-use self::url::{check_url, parse_sentinel_url, raw_password, url_reason};
+use self::url::{check_url, parse_sentinel_url, password_secrets, url_reason};
 pub use self::url::{redact_url, scrub_password};
 use crate::config::PROTOCOL_VERSION;
 use crate::error::Error;
@@ -201,7 +201,7 @@ impl RedisStore {
     /// follows the primary after a failover.
     pub async fn connect_with(url: &str, options: RedisOptions) -> Result<RedisStore, Error> {
         let redacted = redact_url(url);
-        let mut secrets: Vec<String> = raw_password(url).map(str::to_string).into_iter().collect();
+        let secrets = password_secrets(url);
         let sentinel = parse_sentinel_url(url).map_err(|reason| Error::Url {
             url: redacted.clone(),
             reason: scrub(&reason, &secrets),
@@ -210,10 +210,10 @@ impl RedisStore {
             Some(spec) => {
                 let service = spec.service.clone();
                 let (client, sentinel) =
-                    Self::via_sentinel(spec, &options, &redacted, &mut secrets).await?;
+                    Self::via_sentinel(spec, &options, &redacted, &secrets).await?;
                 (client, Some((sentinel, service)))
             }
-            None => (Self::client(url, &options, &redacted, &mut secrets)?, None),
+            None => (Self::client(url, &options, &redacted, &secrets)?, None),
         };
 
         // Probe once, so a wrong address or password fails now with a clear error instead of
@@ -267,7 +267,7 @@ impl RedisStore {
         url: &str,
         options: &RedisOptions,
         redacted: &str,
-        secrets: &mut Vec<String>,
+        secrets: &[String],
     ) -> Result<Client, Error> {
         check_url(url).map_err(|reason| Error::Url {
             url: redacted.to_string(),
@@ -277,10 +277,6 @@ impl RedisStore {
             url: redacted.to_string(),
             reason: url_reason(url, &e, secrets),
         })?;
-        if let Some(password) = info.redis_settings().password() {
-            secrets.push(password.to_string());
-        }
-        secrets.retain(|s| !s.is_empty());
         let tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
         if tls {
             // rustls needs a process-wide crypto provider; without one the redis crate panics
@@ -333,11 +329,12 @@ impl RedisStore {
         script: &Script,
         args: &[String],
     ) -> Result<Value, Error> {
+        let tag = group.tag();
         let mut invocation = script.prepare_invoke();
-        for key in protocol::keys(group) {
+        for key in protocol::keys(&tag) {
             invocation.key(key);
         }
-        invocation.arg(group.tag());
+        invocation.arg(tag);
         for arg in args {
             invocation.arg(arg);
         }

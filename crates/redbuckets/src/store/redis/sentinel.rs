@@ -99,12 +99,8 @@ impl RedisStore {
         spec: SentinelUrl,
         options: &RedisOptions,
         redacted: &str,
-        secrets: &mut Vec<String>,
+        secrets: &[String],
     ) -> Result<(Client, SentinelClient), Error> {
-        if let Some(password) = spec.node.password() {
-            secrets.push(password.to_string());
-        }
-        secrets.retain(|s| !s.is_empty());
         if options.tls_root_cert.is_some() {
             return Err(Error::config(
                 "tls_root_cert",

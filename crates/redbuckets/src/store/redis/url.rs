@@ -155,17 +155,19 @@ pub fn redact_url(url: &str) -> String {
 /// elsewhere (the CLI passes every error through it).
 #[must_use]
 pub fn scrub_password(message: &str, url: &str) -> String {
+    scrub(message, &password_secrets(url))
+}
+
+/// The password of `url` as written and percent-decoded (what the redis crate uses), without
+/// empty ones: every form of it an error message might quote.
+pub(super) fn password_secrets(url: &str) -> Vec<String> {
     let Some(raw) = raw_password(url) else {
-        return message.to_string();
+        return Vec::new();
     };
-    let decoded = percent_decode(raw);
-    let mut out = message.to_string();
-    for secret in [Some(raw.to_string()), decoded].into_iter().flatten() {
-        if !secret.is_empty() {
-            out = out.replace(&secret, "***");
-        }
-    }
-    out
+    let mut secrets = vec![raw.to_string()];
+    secrets.extend(percent_decode(raw).filter(|d| d != raw));
+    secrets.retain(|s| !s.is_empty());
+    secrets
 }
 
 /// `%XX` sequences decoded; `None` when that is not UTF-8 (the redis crate refuses such a URL).
