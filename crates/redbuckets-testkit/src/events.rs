@@ -38,11 +38,6 @@ impl EventLog {
         self.timeline.crash(member, at);
     }
 
-    /// The checker's view: intervals, holdings, unowned time.
-    pub fn timeline(&self) -> &Timeline {
-        &self.timeline
-    }
-
     /// Every S1/S2 violation so far, as text (empty: safe).
     pub fn violations(&self) -> Vec<String> {
         self.timeline.violations()
@@ -61,7 +56,10 @@ impl EventLog {
 
     /// Number of grants since event `from`.
     pub fn acquisitions_since(&self, from: usize) -> usize {
-        self.grant_tokens_since(from).len()
+        self.events[from..]
+            .iter()
+            .filter(|(_, e)| matches!(e, Event::Acquired { .. }))
+            .count()
     }
 
     /// The tokens of the grants since event `from`, in arrival order.

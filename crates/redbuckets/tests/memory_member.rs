@@ -461,13 +461,7 @@ async fn weights_split_the_buckets() {
 async fn store_data_loss_is_survived_with_larger_tokens() {
     let mut g = Group::new(3, 30).await;
     g.until_balanced(TTL * 2).await;
-    let max_token = g
-        .timeline
-        .events
-        .iter()
-        .filter_map(|(_, e)| e.token())
-        .max()
-        .unwrap();
+    let max_token = g.max_token();
     let mark = g.timeline.events.len();
     g.ctx.wipe();
     sleep(HEARTBEAT * 2).await;
