@@ -1148,6 +1148,16 @@ mod tests {
         );
     }
 
+    /// All 4 buckets were revoked, and each revoke ended.
+    fn assert_all_revoked_and_ended(events: &[Event]) {
+        assert_eq!(
+            count(events, |e| matches!(e, Event::Revoked { .. })),
+            4,
+            "{events:?}"
+        );
+        assert_every_revoke_ends(events);
+    }
+
     /// Every `Revoked` bucket is followed by its `Released` or `Lost`.
     fn assert_every_revoke_ends(events: &[Event]) {
         for (i, e) in events.iter().enumerate() {
@@ -1196,13 +1206,7 @@ mod tests {
             took <= bound && took < config.shutdown_timeout,
             "shutdown took {took:?}; drain and two calls take at most {bound:?}"
         );
-        let events = drain(&mut events);
-        assert_eq!(
-            count(&events, |e| matches!(e, Event::Revoked { .. })),
-            4,
-            "{events:?}"
-        );
-        assert_every_revoke_ends(&events);
+        assert_all_revoked_and_ended(&drain(&mut events));
     }
 
     /// Regression (issue 9, 4): a shutdown asked while a store call hangs waited for that call
@@ -1236,13 +1240,7 @@ mod tests {
             took <= Duration::from_millis(180),
             "shutdown took {took:?} ({result:?})"
         );
-        let events = drain(&mut events);
-        assert_eq!(
-            count(&events, |e| matches!(e, Event::Revoked { .. })),
-            4,
-            "{events:?}"
-        );
-        assert_every_revoke_ends(&events);
+        assert_all_revoked_and_ended(&drain(&mut events));
     }
 
     /// Regression (review, 1): the drain could use the whole shutdown budget. With a 200 ms
