@@ -38,9 +38,9 @@ fn start_server() -> (Option<RedisServer>, String) {
 struct Stats {
     /// Every command Redis ran, the ones inside scripts included.
     commands: f64,
-    /// Script calls: the members' round trips.
-    evalsha: f64,
-    evalsha_usec: f64,
+    /// Script calls (FCALL, or EVALSHA where functions are refused): the members' round trips.
+    script_calls: f64,
+    script_usec: f64,
     cpu_s: f64,
 }
 
@@ -56,20 +56,24 @@ async fn redis_stats(conn: &mut redis::aio::MultiplexedConnection) -> Stats {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0.0)
     };
-    let evalsha = |key: &str| -> f64 {
-        info.lines()
-            .find_map(|l| l.strip_prefix("cmdstat_evalsha:"))
-            .and_then(|v| {
-                v.split(',')
-                    .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+    let scripts = |key: &str| -> f64 {
+        ["fcall", "evalsha"]
+            .iter()
+            .filter_map(|cmd| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:")))
+                    .and_then(|v| {
+                        v.split(',')
+                            .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+                    })
+                    .and_then(|v| v.trim().parse::<f64>().ok())
             })
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
+            .sum()
     };
     Stats {
         commands: field("total_commands_processed"),
-        evalsha: evalsha("calls"),
-        evalsha_usec: evalsha("usec"),
+        script_calls: scripts("calls"),
+        script_usec: scripts("usec"),
         cpu_s: field("used_cpu_sys") + field("used_cpu_user"),
     }
 }
@@ -92,12 +96,12 @@ async fn rates(conn: &mut redis::aio::MultiplexedConnection, window: Duration) -
     tokio::time::sleep(window).await;
     let b = redis_stats(conn).await;
     let secs = window.as_secs_f64();
-    let calls = b.evalsha - a.evalsha;
+    let calls = b.script_calls - a.script_calls;
     Rates {
         calls: calls / secs,
         commands: (b.commands - a.commands - 1.0) / secs,
         usec_per_call: if calls > 0.0 {
-            (b.evalsha_usec - a.evalsha_usec) / calls
+            (b.script_usec - a.script_usec) / calls
         } else {
             0.0
         },

@@ -657,7 +657,16 @@ async fn credentials_and_addresses_give_clear_errors_without_secrets() {
 
 #[tokio::test]
 async fn refused_scripts_are_reported_clearly() {
-    let server = RedisServer::start_with(&["--rename-command", "EVALSHA", ""]);
+    // Neither functions nor EVAL scripts: the store falls back from FCALL to EVALSHA, which
+    // fails too (tests/redis_functions.rs has the servers that refuse only one of them).
+    let server = RedisServer::start_with(&[
+        "--rename-command",
+        "EVALSHA",
+        "",
+        "--rename-command",
+        "FCALL",
+        "",
+    ]);
     let store = RedisStore::connect(&server.url()).await.expect("connect");
     let g = GroupKey::new("t", "noscripts");
     match store.register(&g, &request(&session("a", "1"), 1, 4)).await {
@@ -670,7 +679,14 @@ async fn refused_scripts_are_reported_clearly() {
     redis_cmd(
         &mut con,
         &[
-            "ACL", "SETUSER", "limited", "on", ">pw", "~*", "+@all", "-evalsha", "-eval",
+            "ACL",
+            "SETUSER",
+            "limited",
+            "on",
+            ">pw",
+            "~*",
+            "+@all",
+            "-@scripting",
         ],
     )
     .await;
@@ -745,7 +761,7 @@ async fn steady_state_heartbeat_is_one_round_trip_of_constant_work() {
             }
         }
         const N: u64 = 20;
-        // The first call of a script loads it (NOSCRIPT, SCRIPT LOAD, EVALSHA): not steady.
+        // The first call on a server loads the library (FCALL, FUNCTION LOAD, FCALL): not steady.
         store
             .heartbeat(&g, &members[0], TTL)
             .await
@@ -763,13 +779,13 @@ async fn steady_state_heartbeat_is_one_round_trip_of_constant_work() {
         }
         let calls = command_calls(&mut con).await;
         assert_eq!(
-            calls.get("evalsha"),
+            calls.get("fcall"),
             Some(&N),
-            "one EVALSHA per heartbeat: {calls:?}"
+            "one FCALL per heartbeat: {calls:?}"
         );
         let inner: u64 = calls
             .iter()
-            .filter(|(k, _)| *k != "evalsha")
+            .filter(|(k, _)| *k != "fcall")
             .map(|(_, v)| v)
             .sum();
         // The heartbeat reads the two earliest sessions (ZRANGE 0 1, O(log n)); nothing else

@@ -243,7 +243,11 @@ async fn slowlog_take(
         }
         let target = argv.get(1).map(text).unwrap_or_default();
         let name = match cmd.as_str() {
-            "fcall" | "fcall_ro" => target,
+            // `rb_<version>_<script>`: the script's name.
+            "fcall" | "fcall_ro" => target
+                .strip_prefix("rb_")
+                .and_then(|rest| rest.split_once('_'))
+                .map_or(target.clone(), |(_, script)| script.to_string()),
             "eval" => "eval (text)".to_string(),
             _ => names
                 .get(&target)

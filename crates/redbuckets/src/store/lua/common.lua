@@ -1,5 +1,5 @@
--- Shared prelude of every redbuckets script but heartbeat_fast.lua (src/store/redis/mod.rs
--- prepends it to each body, after clock.lua, which defines server_now_us).
+-- Shared prelude of every redbuckets script but heartbeat_fast.lua (src/store/redis/scripts.rs
+-- puts it before each body, after clock.lua, which defines server_now_us).
 --
 -- Mirrors src/store/memory.rs, the reference semantics. Keys (all share the group's hash tag):
 --   KEYS[1] meta    hash: buckets, protocol, ver (membership version), token (last fencing
@@ -24,10 +24,18 @@
 -- arguments to redis.call may print them with too few digits, so every number that is
 -- stored or compared as text goes through fmt().
 
-local K_META, K_EXP, K_SESS, K_SINCE = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local K_WEIGHT, K_WCOUNT, K_OWNER, K_FREE = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local TAG = ARGV[1]
-local CHANNEL = TAG .. ':events'
+-- The call's keys and tag. Declared here and set by bind(), which every script runs first: as
+-- an EVAL script (scripts.rs puts `bind(KEYS, ARGV)` before the body) and as a function of the
+-- library, whose text is loaded once, when no call's KEYS and ARGV exist.
+local K_META, K_EXP, K_SESS, K_SINCE
+local K_WEIGHT, K_WCOUNT, K_OWNER, K_FREE
+local TAG, CHANNEL
+local function bind(keys, argv)
+  K_META, K_EXP, K_SESS, K_SINCE = keys[1], keys[2], keys[3], keys[4]
+  K_WEIGHT, K_WCOUNT, K_OWNER, K_FREE = keys[5], keys[6], keys[7], keys[8]
+  TAG = argv[1]
+  CHANNEL = TAG .. ':events'
+end
 -- The heartbeat purges at most this many expired sessions per call, so it never stalls Redis.
 -- Every other script purges all of them (as MemoryStore does), so the per-weight counts it
 -- reads describe exactly the live members; that work is proportional to the buckets freed.
@@ -143,10 +151,18 @@ local function load_meta()
   return meta
 end
 
--- The id of this Redis process: it changes on every restart and on a failover.
+-- The id of this Redis process: it changes on every restart and on a failover. Cached in a
+-- local of the text: in the function library that local lives as long as the library's Lua
+-- state, which a restart, a FUNCTION FLUSH or a replica loads afresh, so INFO runs once per
+-- Redis process; an EVAL script's locals are new on every call, so there it runs once per call.
+-- Never taken from the client: one that reconnected to a restarted server would present the
+-- old id and hide the very staleness the id is for.
+local RUN_ID = nil
 local function server_run_id()
-  local info = redis.call('INFO', 'server')
-  return string.match(info, 'run_id:(%x+)') or ''
+  if not RUN_ID then
+    RUN_ID = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
+  end
+  return RUN_ID
 end
 
 local function held_key(member)
@@ -228,11 +244,14 @@ local function remove_member(meta, member)
   bump(meta)
 end
 
--- The type each key of the group must have (or not exist).
-local KEY_TYPES = {
-  { K_META, 'hash' }, { K_EXP, 'zset' }, { K_SESS, 'hash' }, { K_SINCE, 'hash' },
-  { K_WEIGHT, 'hash' }, { K_WCOUNT, 'hash' }, { K_OWNER, 'hash' }, { K_FREE, 'set' },
-}
+-- The type each key of the group must have (or not exist). A function: the keys are the
+-- call's (see bind), unknown when the library's text runs.
+local function key_types()
+  return {
+    { K_META, 'hash' }, { K_EXP, 'zset' }, { K_SESS, 'hash' }, { K_SINCE, 'hash' },
+    { K_WEIGHT, 'hash' }, { K_WCOUNT, 'hash' }, { K_OWNER, 'hash' }, { K_FREE, 'set' },
+  }
+end
 
 local function check_type(key, want)
   local t = redis.call('TYPE', key)
@@ -248,7 +267,7 @@ end
 -- every key it may touch has the right type: a WRONGTYPE halfway would leave buckets in no set.
 -- `member` adds that member's held set and the committed-count sets of every weight.
 local function check_types(member)
-  for _, kt in ipairs(KEY_TYPES) do
+  for _, kt in ipairs(key_types()) do
     check_type(kt[1], kt[2])
   end
   if member then

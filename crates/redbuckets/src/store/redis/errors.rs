@@ -43,6 +43,45 @@ impl RedisStore {
     }
 }
 
+/// The server refuses to run redbuckets as a function library, so the store must use EVALSHA:
+/// FCALL or FUNCTION is unknown (Redis < 7.0, or renamed), or the ACL user may not run it. With
+/// `loading`, the error answered `FUNCTION LOAD`: then any refusal counts but a passing state
+/// (a replica, loading, busy, out of memory, ...), which EVALSHA would meet as well.
+pub(super) fn refuses_functions(e: &RedisError, loading: bool) -> bool {
+    let message = e.to_string().to_ascii_lowercase();
+    // "unknown command 'FCALL'" (`FCALL` before Redis 7), "no permissions to run the
+    // 'function|load' command"; not a command the function itself calls, nor a key.
+    let names_ours = ["'fcall", "`fcall", "'function", "`function"]
+        .iter()
+        .any(|name| message.contains(name));
+    if message.contains("unknown command") {
+        return names_ours;
+    }
+    let no_perm = e.kind() == ErrorKind::Server(ServerErrorKind::NoPerm)
+        || e.code() == Some("NOPERM")
+        || message.contains("no permissions");
+    if no_perm {
+        return names_ours;
+    }
+    if !loading || e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
+        return false;
+    }
+    let passing = matches!(
+        e.kind(),
+        ErrorKind::Server(
+            ServerErrorKind::ReadOnly
+                | ServerErrorKind::BusyLoading
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::ClusterDown
+                | ServerErrorKind::MasterDown
+        )
+    ) || matches!(
+        e.code(),
+        Some("READONLY" | "LOADING" | "BUSY" | "OOM" | "MASTERDOWN" | "TRYAGAIN" | "MOVED" | "ASK")
+    );
+    !passing && matches!(e.kind(), ErrorKind::Server(_) | ErrorKind::Extension)
+}
+
 /// Maps a failure of the first connection. `hint` comes from [`probe_protocol`]: what the
 /// port answered when asked in the other protocol (TLS for a plain URL, or the reverse).
 pub(super) fn connect_error(
@@ -159,8 +198,9 @@ pub(super) fn classify(url: &str, e: &RedisError, secrets: &[String]) -> Error {
         }
         ErrorKind::Server(ServerErrorKind::NoPerm) => {
             return refused(
-                "the ACL user may not run this command (NOPERM); it needs EVALSHA, \
-                            SCRIPT LOAD, PUBLISH and SUBSCRIBE on the group's keys",
+                "the ACL user may not run this command (NOPERM); it needs FCALL and \
+                 FUNCTION LOAD (or EVALSHA and SCRIPT LOAD), PUBLISH and SUBSCRIBE on the \
+                 group's keys",
             )
         }
         ErrorKind::Server(ServerErrorKind::NoScript) => {
@@ -239,6 +279,46 @@ mod tests {
             scrub("bad s3cret here", &["s3cret".to_string()]),
             "bad *** here"
         );
+    }
+
+    #[test]
+    fn only_refusals_of_functions_fall_back() {
+        let server = |code: &str, detail: &str| {
+            RedisError::from((
+                ErrorKind::Server(ServerErrorKind::ResponseError),
+                "server",
+                format!("{code} {detail}"),
+            ))
+        };
+        let refused = [
+            server(
+                "ERR",
+                "unknown command 'fcall', with args beginning with: 'rb_x' '8'",
+            ),
+            server(
+                "ERR",
+                "unknown command `FCALL`, with args beginning with: `rb_x`",
+            ),
+            server(
+                "NOPERM",
+                "this user has no permissions to run the 'fcall' command",
+            ),
+        ];
+        for e in &refused {
+            assert!(refuses_functions(e, false), "{e}");
+        }
+        let ours = [
+            server("NOPERM", "this user has no permissions to run the 'publish' command script: rb_x_register, on @user_function:3."),
+            server("NOPERM", "No permissions to access a key"),
+            server("ERR", "Function not found"),
+        ];
+        for e in &ours {
+            assert!(!refuses_functions(e, false), "{e}");
+        }
+        assert!(refuses_functions(
+            &server("ERR", "Error compiling function: too many upvalues"),
+            true
+        ));
     }
 
     #[test]

@@ -2,16 +2,37 @@
 //!
 //! The scripts live in `store/lua/`: `clock.lua` (the server's clock, the one place a script
 //! reads time) and `common.lua` (key layout, validation of stored data, purge, the share rule)
-//! are prepended to each method's body; `heartbeat_fast.lua` gets `clock.lua` only. They mirror
+//! come before each method's body; `heartbeat_fast.lua` needs `clock.lua` only. They mirror
 //! [`crate::MemoryStore`], the reference semantics, step for step; the share rule is a port of
 //! [`crate::share`].
+//!
+//! # Functions, and EVALSHA where they are refused
+//! `scripts.rs` composes them into one Redis function library, `redbuckets_<version>` (the
+//! version: the first 12 hex digits of the SHA1 of its text), with one function
+//! `rb_<version>_<script>` per script; `snapshot` is flagged `no-writes`, so Redis refuses any
+//! write in it. A call is one `FCALL`. The prelude is compiled once, when the library loads,
+//! instead of on every call (~11 µs of server time each as an EVAL script), and
+//! `server_run_id()`, the `INFO server` (~13 µs) behind the staleness check, runs once per Redis
+//! process: the library's Lua state keeps it, and a restart, a `FUNCTION FLUSH` or another server
+//! starts afresh. It is never sent by the client, which could hold a restarted server's old id.
+//! When the server answers that the function does not exist (a restart without persistence,
+//! `FUNCTION FLUSH`, a failover to a replica without it) the store loads the library, taking
+//! "already exists" from a concurrent loader as success, and calls once more. Versioned names
+//! let two redbuckets versions (a rolling upgrade) or the two clock variants load side by side;
+//! old versions stay loaded until someone deletes them (`FUNCTION DELETE`).
+//!
+//! Where functions are refused (FCALL or FUNCTION unknown or renamed, an ACL user without them,
+//! any other refusal of `FUNCTION LOAD`), the store logs a warning and uses the EVAL form
+//! of each script (prelude and body as one text, `EVALSHA`, loaded on `NOSCRIPT`) on that server
+//! from then on; a server it moves to after a Sentinel failover is asked again. In that form the
+//! run id is read on every granting call. A server that refuses both gets the usual clear error.
 //!
 //! # Time in tests
 //! Lua reads `TIME`, which a test cannot control. A doc-hidden switch,
 //! [`RedisOptions::frozen_clock_for_tests`], makes a store load the same scripts with
-//! `clock_frozen.lua` instead of `clock.lua`: its clock reads a µs value from
-//! `{prefix:group}:test-clock` when that key exists. `MemoryStore` gets the same value
-//! (`MemoryStore::set_clock_us`), so both stores see the same time and every reply, tokens and
+//! `clock_frozen.lua` instead of `clock.lua` (a library of its own, under another version): its
+//! clock reads a µs value from `{prefix:group}:test-clock` when that key exists. `MemoryStore`
+//! gets the same value (`MemoryStore::set_clock_us`), so both stores see the same time and every reply, tokens and
 //! expiries included, can be compared exactly (`tests/differential.rs`). The default store loads
 //! the normal variants: their text differs from before only by the clock function, and they
 //! never read the test key. A time-offset argument was the other candidate; it would have put a
@@ -54,11 +75,13 @@
 
 mod errors;
 mod options;
+mod scripts;
 mod sentinel;
 pub(crate) mod url;
 
 pub use options::RedisOptions;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -66,11 +89,12 @@ use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 use redis::sentinel::SentinelClient;
 use redis::{
-    AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo, RedisError, Script,
-    TlsCertificates, Value,
+    AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo, RedisError, TlsCertificates,
+    Value,
 };
 
-use self::errors::{connect_error, probe_protocol, scrub};
+use self::errors::{connect_error, probe_protocol, refuses_functions, scrub};
+use self::scripts::{ScriptId, Scripts};
 use self::sentinel::watch_switches;
 use self::url::{check_url, parse_sentinel_url, password_secrets, url_reason};
 pub use self::url::{redact_url, scrub_password};
@@ -82,7 +106,6 @@ use crate::store::{
     Registration, SessionRef, Store,
 };
 
-const COMMON: &str = include_str!("../lua/common.lua");
 /// The server's clock: `TIME`.
 const CLOCK: &str = include_str!("../lua/clock.lua");
 /// Tests only: the clock that reads `<tag>:test-clock` ([`RedisOptions::frozen_clock_for_tests`]).
@@ -90,49 +113,13 @@ const FROZEN_CLOCK: &str = include_str!("../lua/clock_frozen.lua");
 
 const CERT_PEM_HEADER: &[u8] = b"-----BEGIN CERTIFICATE-----";
 
-/// The compiled scripts; their SHA1s are computed once per process.
-struct Scripts {
-    register: Script,
-    heartbeat: Script,
-    /// The steady-state heartbeat, standalone: it hands over to `heartbeat` when it must purge.
-    heartbeat_fast: Script,
-    rebalance: Script,
-    release: Script,
-    deregister: Script,
-    snapshot: Script,
-}
-
-impl Scripts {
-    /// Every script with `clock` (the Lua text that defines `server_now_us`) prepended.
-    fn with_clock(clock: &str) -> Self {
-        let script = |body: &str| Script::new(&format!("{clock}\n{COMMON}\n{body}"));
-        Scripts {
-            register: script(include_str!("../lua/register.lua")),
-            heartbeat: script(include_str!("../lua/heartbeat.lua")),
-            heartbeat_fast: Script::new(&format!(
-                "{clock}\n{}",
-                include_str!("../lua/heartbeat_fast.lua")
-            )),
-            rebalance: script(include_str!("../lua/rebalance.lua")),
-            release: script(include_str!("../lua/release.lua")),
-            deregister: script(include_str!("../lua/deregister.lua")),
-            // Flagged no-writes: Redis itself refuses any write in it, so looking never changes
-            // the group. The flag must be the script's first line.
-            snapshot: Script::new(&format!(
-                "#!lua flags=no-writes\n{clock}\n{COMMON}\n{}",
-                include_str!("../lua/snapshot.lua")
-            )),
-        }
-    }
-}
-
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts::with_clock(CLOCK));
-/// Loaded only by a store made with [`RedisOptions::frozen_clock_for_tests`].
+/// Loaded only by a store made with [`RedisOptions::frozen_clock_for_tests`]: its own library.
 static FROZEN_CLOCK_SCRIPTS: LazyLock<Scripts> =
     LazyLock::new(|| Scripts::with_clock(FROZEN_CLOCK));
 
-/// The store on Redis (≥ 7.0): each [`Store`] call is one Lua script, run atomically with the
-/// server's clock. Clones share one connection.
+/// The store on Redis (≥ 7.0): each [`Store`] call is one Lua function (or script), run
+/// atomically with the server's clock. Clones share one connection.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), redbuckets::Error> {
@@ -165,6 +152,19 @@ struct Inner {
 struct Node {
     client: Client,
     manager: ConnectionManager,
+    /// Set once the server refused functions: from then on this server gets EVALSHA. A new
+    /// `Node` (after a Sentinel move) asks again.
+    eval_only: AtomicBool,
+}
+
+impl Node {
+    fn new(client: Client, manager: ConnectionManager) -> Self {
+        Node {
+            client,
+            manager,
+            eval_only: AtomicBool::new(false),
+        }
+    }
 }
 
 impl Inner {
@@ -248,7 +248,7 @@ impl RedisStore {
         let stop = tokio_util::sync::CancellationToken::new();
         let (sentinel, service) = sentinel.unzip();
         let inner = Arc::new(Inner {
-            node: std::sync::RwLock::new(Arc::new(Node { client, manager })),
+            node: std::sync::RwLock::new(Arc::new(Node::new(client, manager))),
             sentinel: sentinel.map(tokio::sync::Mutex::new),
             moved: tokio::sync::watch::Sender::new(0),
             _stop_watching: stop.clone().drop_guard(),
@@ -321,29 +321,20 @@ impl RedisStore {
         }
     }
 
-    /// Runs one script against the group's keys; `args` follow the tag (ARGV[1]).
+    /// Runs one script against the group's keys; `args` follow the tag (ARGV[1]). `call` names
+    /// the store call in errors.
     async fn run(
         &self,
         group: &GroupKey,
         call: &'static str,
-        script: &Script,
+        script: ScriptId,
         args: &[String],
     ) -> Result<Value, Error> {
-        let tag = group.tag();
-        let mut invocation = script.prepare_invoke();
-        for key in protocol::keys(&tag) {
-            invocation.key(key);
-        }
-        invocation.arg(tag);
-        for arg in args {
-            invocation.arg(arg);
-        }
         let node = self.inner.node();
-        let mut con = node.manager.clone();
         // A call made while the manager reconnects waits through its backoff; cut it here so a
         // dead primary is noticed (and, through Sentinel, replaced) before the member's deadline.
         let budget = self.inner.options.call_budget();
-        let result = tokio::time::timeout(budget, invocation.invoke_async::<Value>(&mut con))
+        let result = tokio::time::timeout(budget, self.invoke(&node, &group.tag(), script, args))
             .await
             .unwrap_or_else(|_| {
                 Err(RedisError::from(std::io::Error::from(
@@ -355,6 +346,80 @@ impl RedisStore {
             self.call_error(group, call, &e)
         })
     }
+
+    /// One script call: `FCALL` of the library's function, loading the library when the server
+    /// does not have it (a restart without persistence, `FUNCTION FLUSH`, a failover to a
+    /// replica without it) and retrying once; `EVALSHA` on a server that refuses functions.
+    async fn invoke(
+        &self,
+        node: &Node,
+        tag: &str,
+        script: ScriptId,
+        args: &[String],
+    ) -> Result<Value, RedisError> {
+        let scripts = self.scripts();
+        let keys = protocol::keys(tag);
+        let mut con = node.manager.clone();
+        if !node.eval_only.load(Ordering::Relaxed) {
+            let mut fcall = redis::cmd("FCALL");
+            fcall
+                .arg(scripts.function(script))
+                .arg(keys.len())
+                .arg(&keys)
+                .arg(tag)
+                .arg(args);
+            let refusal = match fcall.query_async::<Value>(&mut con).await {
+                Err(e) if is_missing_function(&e) => {
+                    match redis::cmd("FUNCTION")
+                        .arg("LOAD")
+                        .arg(scripts.library())
+                        .query_async::<Value>(&mut con)
+                        .await
+                    {
+                        Ok(_) => return fcall.query_async(&mut con).await,
+                        // Another call (or another member) loaded it first.
+                        Err(e) if is_already_loaded(&e) => {
+                            return fcall.query_async(&mut con).await
+                        }
+                        Err(e) if refuses_functions(&e, true) => e,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(e) if refuses_functions(&e, false) => e,
+                other => return other,
+            };
+            if !node.eval_only.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    url = %self.inner.url,
+                    library = scripts.library_name(),
+                    reason = %scrub(&refusal.to_string(), &self.inner.secrets),
+                    "Redis refused functions; this server gets EVALSHA from now on \
+                     (more server time per call)"
+                );
+            }
+        }
+        let mut invocation = scripts.eval(script).prepare_invoke();
+        for key in keys {
+            invocation.key(key);
+        }
+        invocation.arg(tag);
+        for arg in args {
+            invocation.arg(arg);
+        }
+        invocation.invoke_async::<Value>(&mut con).await
+    }
+}
+
+/// Redis does not know the function: the library is not loaded on this server.
+fn is_missing_function(e: &RedisError) -> bool {
+    e.detail()
+        .is_some_and(|d| d.to_ascii_lowercase().starts_with("function not found"))
+}
+
+/// `FUNCTION LOAD` of a library that a concurrent call loaded first.
+fn is_already_loaded(e: &RedisError) -> bool {
+    e.detail()
+        .is_some_and(|d| d.to_ascii_lowercase().contains("already exists"))
 }
 
 impl Store for RedisStore {
@@ -378,7 +443,7 @@ impl Store for RedisStore {
             PROTOCOL_VERSION.to_string(),
         ];
         let reply = self
-            .run(group, "register", &self.scripts().register, &args)
+            .run(group, "register", ScriptId::Register, &args)
             .await?;
         match protocol::register(&reply).map_err(|e| e.into_error(group))? {
             RegisterReply::Registered { version } => Ok(Registration::Registered { version }),
@@ -412,12 +477,10 @@ impl Store for RedisStore {
         ];
         // Both scripts are safe to run in a row: each renews the session only if it is ours.
         let mut reply = self
-            .run(group, CALL, &self.scripts().heartbeat_fast, &args)
+            .run(group, CALL, ScriptId::HeartbeatFast, &args)
             .await?;
         if protocol::heartbeat_wants_full(&reply) {
-            reply = self
-                .run(group, CALL, &self.scripts().heartbeat, &args)
-                .await?;
+            reply = self.run(group, CALL, ScriptId::Heartbeat, &args).await?;
         }
         protocol::heartbeat(&reply).map_err(|e| e.into_error(group))
     }
@@ -434,7 +497,7 @@ impl Store for RedisStore {
             max_take.to_string(),
         ];
         let reply = self
-            .run(group, "rebalance", &self.scripts().rebalance, &args)
+            .run(group, "rebalance", ScriptId::Rebalance, &args)
             .await?;
         protocol::rebalance(&reply).map_err(|e| e.into_error(group))
     }
@@ -452,23 +515,19 @@ impl Store for RedisStore {
         args.push(session.member.clone());
         args.push(session.session.clone());
         args.extend(buckets.iter().map(u32::to_string));
-        let reply = self
-            .run(group, "release", &self.scripts().release, &args)
-            .await?;
+        let reply = self.run(group, "release", ScriptId::Release, &args).await?;
         protocol::release(&reply).map_err(|e| e.into_error(group))
     }
 
     async fn deregister(&self, group: &GroupKey, session: &SessionRef) -> Result<(), Error> {
         let args = [session.member.clone(), session.session.clone()];
-        self.run(group, "deregister", &self.scripts().deregister, &args)
+        self.run(group, "deregister", ScriptId::Deregister, &args)
             .await
             .map(|_| ())
     }
 
     async fn snapshot(&self, group: &GroupKey) -> Result<Option<GroupSnapshot>, Error> {
-        let reply = self
-            .run(group, "snapshot", &self.scripts().snapshot, &[])
-            .await?;
+        let reply = self.run(group, "snapshot", ScriptId::Snapshot, &[]).await?;
         protocol::snapshot(&reply).map_err(|e| e.into_error(group))
     }
 
@@ -541,32 +600,12 @@ mod tests {
         }
     }
 
-    /// Each script's hash (what EVALSHA sends) is the SHA1 Redis computes of the exact text
-    /// the script loads, and no two scripts share one, in both clock variants. The
-    /// destructuring lists every script, so a new one cannot be left out.
+    /// Each EVAL script's hash (what EVALSHA sends) is the SHA1 Redis computes of the exact
+    /// text it loads, and no two scripts share one, in both clock variants. Each library loads
+    /// under the name its text carries and registers one function per script; the two clock
+    /// variants are two libraries that coexist.
     #[tokio::test]
     async fn every_script_hash_is_the_sha1_of_its_text() {
-        let mut all = Vec::new();
-        for scripts in [&*SCRIPTS, &*FROZEN_CLOCK_SCRIPTS] {
-            let Scripts {
-                register,
-                heartbeat,
-                heartbeat_fast,
-                rebalance,
-                release,
-                deregister,
-                snapshot,
-            } = scripts;
-            all.extend([
-                ("register", register),
-                ("heartbeat", heartbeat),
-                ("heartbeat_fast", heartbeat_fast),
-                ("rebalance", rebalance),
-                ("release", release),
-                ("deregister", deregister),
-                ("snapshot", snapshot),
-            ]);
-        }
         let server = redbuckets_testkit::RedisServer::start();
         let mut con = Client::open(server.url())
             .expect("url")
@@ -574,18 +613,42 @@ mod tests {
             .await
             .expect("connect");
         let mut seen = std::collections::BTreeMap::new();
-        for (name, script) in all {
-            let loaded = script.load_async(&mut con).await.expect(name);
-            assert_eq!(
-                loaded,
-                script.get_hash(),
-                "{name}: the hash is not the text's SHA1"
-            );
-            if let Some(other) = seen.insert(loaded, name) {
-                panic!("{name} and {other} have the same text");
+        for scripts in [&*SCRIPTS, &*FROZEN_CLOCK_SCRIPTS] {
+            for (name, script) in scripts.all_eval() {
+                let loaded = script.load_async(&mut con).await.expect(name);
+                assert_eq!(
+                    loaded,
+                    script.get_hash(),
+                    "{name}: the hash is not the text's SHA1"
+                );
+                if let Some(other) = seen.insert(loaded, name) {
+                    panic!("{name} and {other} have the same text");
+                }
             }
+            let loaded: String = redis::cmd("FUNCTION")
+                .arg("LOAD")
+                .arg(scripts.library())
+                .query_async(&mut con)
+                .await
+                .expect("FUNCTION LOAD");
+            assert_eq!(loaded, scripts.library_name());
         }
         assert_eq!(seen.len(), 14);
+        assert_ne!(SCRIPTS.library_name(), FROZEN_CLOCK_SCRIPTS.library_name());
+
+        let libraries: Value = redis::cmd("FUNCTION")
+            .arg("LIST")
+            .query_async(&mut con)
+            .await
+            .expect("FUNCTION LIST");
+        let listed = format!("{libraries:?}");
+        for scripts in [&*SCRIPTS, &*FROZEN_CLOCK_SCRIPTS] {
+            for id in ScriptId::ALL {
+                let name = scripts.function(id);
+                assert!(name.starts_with(&format!("rb_{}_", &scripts.library_name()[11..])));
+                assert!(listed.contains(name), "{name} not registered: {listed}");
+            }
+        }
     }
 
     /// The frozen clock is for tests: no production script may read its key, and each of them
@@ -594,18 +657,11 @@ mod tests {
     fn production_scripts_never_read_the_test_clock() {
         assert!(!CLOCK.contains("test-clock"));
         assert!(FROZEN_CLOCK.contains("test-clock"));
-        for body in [
-            COMMON,
-            include_str!("../lua/register.lua"),
-            include_str!("../lua/heartbeat.lua"),
-            include_str!("../lua/heartbeat_fast.lua"),
-            include_str!("../lua/rebalance.lua"),
-            include_str!("../lua/release.lua"),
-            include_str!("../lua/deregister.lua"),
-            include_str!("../lua/snapshot.lua"),
-        ] {
+        for body in Scripts::bodies().chain([scripts::COMMON]) {
             assert!(!body.contains("test-clock"));
             assert!(!body.contains("'TIME'"), "TIME outside clock.lua");
         }
+        assert!(!SCRIPTS.library().contains("test-clock"));
+        assert!(FROZEN_CLOCK_SCRIPTS.library().contains("test-clock"));
     }
 }

@@ -171,7 +171,8 @@ impl RedisStore {
             }
         };
         tracing::warn!(primary = %addr, "Sentinel names another primary; moving there");
-        *inner.node.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Node { client, manager });
+        *inner.node.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(Node::new(client, manager));
         inner.moved.send_modify(|n| *n += 1);
     }
 

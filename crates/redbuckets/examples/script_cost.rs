@@ -1,0 +1,179 @@
+//! Server time per store call, by call type, as `INFO commandstats` counts it: FCALL (the
+//! function library, the default) against EVALSHA (what a server that refuses functions gets;
+//! here one with FCALL renamed away). Each call type runs alone against a fresh, otherwise idle
+//! `redis-server`, so its `usec_per_call` is that call's alone.
+//!
+//! ```text
+//! cargo run -p redbuckets --example script_cost                # 4 members × 1,024 buckets
+//! cargo run -p redbuckets --example script_cost -- 10 16384    # members, buckets
+//! ```
+//! Phases: `rebalance (settle)` (the steps that spread a new group's buckets: each member takes
+//! its share, then stays), `renewal` (steady-state heartbeats), `rebalance (stay)` (steady-state
+//! steps: nothing to move), then one more member joins: `rebalance (release)` (the others are
+//! told to release), `release`, `rebalance (take)` (the newcomer takes, then all stay).
+
+use std::time::Duration;
+
+use redbuckets::store::{Action, RegisterRequest, SessionRef};
+use redbuckets::{GroupKey, RedisStore, Store};
+use redbuckets_testkit::RedisServer;
+
+/// The default session ttl.
+const TTL: Duration = Duration::from_secs(10);
+const ROUNDS: usize = 500;
+
+/// The script command, its calls that ran, and their µs since the last `CONFIG RESETSTAT`.
+fn script_stats(server: &RedisServer) -> (String, u64, u64) {
+    let info = server.cli(&["INFO", "commandstats"]);
+    let mut found = (String::from("none"), 0, 0);
+    for cmd in ["fcall", "evalsha"] {
+        let Some(stats) = info
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:")))
+        else {
+            continue;
+        };
+        let field = |key: &str| -> u64 {
+            stats
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        // A NOSCRIPT answer (the first EVALSHA of a script) fails at once and would pull the
+        // mean down: count the calls that ran.
+        found = (
+            cmd.to_string(),
+            field("calls") - field("failed_calls"),
+            field("usec"),
+        );
+    }
+    found
+}
+
+fn report(server: &RedisServer, phase: &str) {
+    let (cmd, calls, usec) = script_stats(server);
+    let per = if calls > 0 {
+        usec as f64 / calls as f64
+    } else {
+        0.0
+    };
+    println!("  {phase:<20} {cmd:<8} {calls:>6} calls  {per:>7.1} µs/call");
+    server.cli(&["CONFIG", "RESETSTAT"]);
+}
+
+fn session(i: usize) -> SessionRef {
+    SessionRef {
+        member: format!("m{i}"),
+        session: "1".to_string(),
+    }
+}
+
+/// Rebalances every member until all of them stay, releasing what a member is told to; the
+/// buckets each member holds are tracked in `held`.
+async fn settle(store: &RedisStore, g: &GroupKey, members: &[SessionRef], held: &mut Held) {
+    for _ in 0..100 {
+        let mut quiet = true;
+        for m in members {
+            quiet &= step(store, g, m, held).await;
+        }
+        if quiet {
+            return;
+        }
+    }
+    panic!("not settled after 100 rounds");
+}
+
+type Held = std::collections::BTreeMap<String, Vec<u32>>;
+
+/// One rebalance step of `m` (and the release it asks for); true when it says stay.
+async fn step(store: &RedisStore, g: &GroupKey, m: &SessionRef, held: &mut Held) -> bool {
+    let r = store.rebalance(g, m, u32::MAX).await.expect("rebalance");
+    let mine = held.entry(m.member.clone()).or_default();
+    match r.action {
+        Action::Acquired { buckets, .. } => mine.extend(buckets),
+        Action::Release(n) => {
+            let gone: Vec<u32> = mine.split_off(mine.len() - n as usize);
+            store.release(g, m, &gone).await.expect("release");
+        }
+        Action::Stay => return true,
+        _ => {}
+    }
+    false
+}
+
+async fn measure(extra: &[&str], n: usize, buckets: u32) {
+    let server = RedisServer::start_with(extra);
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let g = GroupKey::new("cost", "g");
+    let members: Vec<SessionRef> = (0..n).map(session).collect();
+    for m in &members {
+        store
+            .register(&g, &RegisterRequest::new(m.clone(), 1, buckets, TTL))
+            .await
+            .expect("register");
+    }
+    server.cli(&["HSET", &format!("{}:meta", g.tag()), "grant_after_us", "0"]);
+    let mut held = Held::new();
+
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    settle(&store, &g, &members, &mut held).await;
+    report(&server, "rebalance (settle)");
+
+    for _ in 0..ROUNDS {
+        for m in &members {
+            assert!(store.heartbeat(&g, m, TTL).await.expect("heartbeat").alive);
+        }
+    }
+    report(&server, "renewal");
+
+    for _ in 0..ROUNDS {
+        for m in &members {
+            assert!(step(&store, &g, m, &mut held).await, "not settled");
+        }
+    }
+    report(&server, "rebalance (stay)");
+
+    // One more member: the others are told to release, release, and it takes.
+    let newcomer = session(n);
+    store
+        .register(&g, &RegisterRequest::new(newcomer.clone(), 1, buckets, TTL))
+        .await
+        .expect("register");
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    let mut told = Vec::new();
+    for m in &members {
+        let r = store.rebalance(&g, m, u32::MAX).await.expect("rebalance");
+        if let Action::Release(k) = r.action {
+            told.push((m, k));
+        }
+    }
+    report(&server, "rebalance (release)");
+    for (m, k) in told {
+        let mine = held.get_mut(&m.member).expect("held");
+        let gone: Vec<u32> = mine.split_off(mine.len() - k as usize);
+        store.release(&g, m, &gone).await.expect("release");
+    }
+    report(&server, "release");
+    let mut all = members.clone();
+    all.push(newcomer);
+    settle(&store, &g, &all, &mut held).await;
+    report(&server, "rebalance (take)");
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<u32> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().expect("members and buckets are numbers"))
+        .collect();
+    let (n, buckets) = match args[..] {
+        [n, b] => (n as usize, b),
+        _ => (4, 1024),
+    };
+    println!("{n} members × {buckets} buckets, ttl {TTL:?}, {ROUNDS} rounds per steady phase");
+    println!("EVALSHA (a server with FCALL renamed away):");
+    measure(&["--rename-command", "FCALL", ""], n, buckets).await;
+    println!("FCALL (the function library):");
+    measure(&[], n, buckets).await;
+}

@@ -1,0 +1,221 @@
+//! The Lua texts a store sends, composed from `store/lua/`: one function library (what `FCALL`
+//! runs) and, for servers that refuse functions, one EVAL script per call. Pure text: no I/O.
+//!
+//! Each script is a body (`<name>.lua`) run after `clock.lua` and, unless it stands alone,
+//! `common.lua`, whose `bind(keys, argv)` sets the call's keys and tag. Body files are plain
+//! chunks that read `KEYS` and `ARGV`, so the same text works in both forms:
+//! - **EVAL:** `clock + common + "bind(KEYS, ARGV)" + body`, one script per body, run with
+//!   `EVALSHA` (the prelude is compiled again on every call: ~11 µs of server time).
+//! - **Function library:** `clock + common` once, then each body as the callback of
+//!   `rb_<version>_<name>`, which first stores its `keys` and `argv` in the library's `KEYS` and
+//!   `ARGV` locals (a library has no such globals; `clock_frozen.lua` and `heartbeat_fast.lua`
+//!   read them directly) and calls `bind`. The library is named `redbuckets_<version>`, where
+//!   `<version>` is the first 12 hex digits of the SHA1 of its text (with the version left out),
+//!   so two versions of redbuckets, or the two clock variants, load side by side on one server
+//!   during a rolling upgrade.
+
+use redis::Script;
+
+/// One script of the store protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ScriptId {
+    Register,
+    Heartbeat,
+    /// The steady-state heartbeat: it hands over to `Heartbeat` when it must purge.
+    HeartbeatFast,
+    Rebalance,
+    Release,
+    Deregister,
+    Snapshot,
+}
+
+impl ScriptId {
+    /// Every script (for tests).
+    #[cfg(test)]
+    pub(super) const ALL: [ScriptId; 7] = [
+        ScriptId::Register,
+        ScriptId::Heartbeat,
+        ScriptId::HeartbeatFast,
+        ScriptId::Rebalance,
+        ScriptId::Release,
+        ScriptId::Deregister,
+        ScriptId::Snapshot,
+    ];
+}
+
+/// A script's body file and how it runs.
+struct Body {
+    id: ScriptId,
+    name: &'static str,
+    text: &'static str,
+    /// Flagged `no-writes`: Redis itself refuses any write in it, so looking never changes the
+    /// group.
+    read_only: bool,
+    /// Runs after `common.lua` (and `bind`); otherwise after `clock.lua` only.
+    needs_common: bool,
+}
+
+/// Every script, in `ScriptId` order.
+const BODIES: [Body; 7] = [
+    Body {
+        id: ScriptId::Register,
+        name: "register",
+        text: include_str!("../lua/register.lua"),
+        read_only: false,
+        needs_common: true,
+    },
+    Body {
+        id: ScriptId::Heartbeat,
+        name: "heartbeat",
+        text: include_str!("../lua/heartbeat.lua"),
+        read_only: false,
+        needs_common: true,
+    },
+    // Standalone: as an EVAL script it skips compiling the prelude on every renewal.
+    Body {
+        id: ScriptId::HeartbeatFast,
+        name: "heartbeat_fast",
+        text: include_str!("../lua/heartbeat_fast.lua"),
+        read_only: false,
+        needs_common: false,
+    },
+    Body {
+        id: ScriptId::Rebalance,
+        name: "rebalance",
+        text: include_str!("../lua/rebalance.lua"),
+        read_only: false,
+        needs_common: true,
+    },
+    Body {
+        id: ScriptId::Release,
+        name: "release",
+        text: include_str!("../lua/release.lua"),
+        read_only: false,
+        needs_common: true,
+    },
+    Body {
+        id: ScriptId::Deregister,
+        name: "deregister",
+        text: include_str!("../lua/deregister.lua"),
+        read_only: false,
+        needs_common: true,
+    },
+    Body {
+        id: ScriptId::Snapshot,
+        name: "snapshot",
+        text: include_str!("../lua/snapshot.lua"),
+        read_only: true,
+        needs_common: true,
+    },
+];
+
+pub(super) const COMMON: &str = include_str!("../lua/common.lua");
+
+/// Stands for the version in the library's text while its hash is computed.
+const VERSION_SLOT: &str = "@VERSION@";
+
+/// The scripts of one clock variant, in both forms; composed once per process.
+pub(super) struct Scripts {
+    /// EVAL form, in `ScriptId` order.
+    eval: Vec<Script>,
+    /// `FUNCTION LOAD` text.
+    library: String,
+    /// `redbuckets_<version>`.
+    library_name: String,
+    /// Function names, in `ScriptId` order.
+    functions: Vec<String>,
+}
+
+impl Scripts {
+    /// Every script with `clock` (the Lua text that defines `server_now_us`) first.
+    pub(super) fn with_clock(clock: &str) -> Self {
+        debug_assert!(BODIES.iter().enumerate().all(|(i, b)| b.id as usize == i));
+        let eval = BODIES
+            .iter()
+            .map(|body| {
+                // The flag must be the script's first line.
+                let flags = if body.read_only {
+                    "#!lua flags=no-writes\n"
+                } else {
+                    ""
+                };
+                let prelude = if body.needs_common {
+                    format!("{COMMON}\nbind(KEYS, ARGV)\n")
+                } else {
+                    String::new()
+                };
+                Script::new(&format!("{flags}{clock}\n{prelude}{}", body.text))
+            })
+            .collect();
+
+        let mut text = format!(
+            "#!lua name=redbuckets_{VERSION_SLOT}\n\
+             -- redbuckets' store scripts (src/store/redis/scripts.rs). The call's keys and\n\
+             -- arguments, set by each function: a library has no KEYS and ARGV globals.\n\
+             local KEYS, ARGV\n\
+             {clock}\n{COMMON}\n"
+        );
+        for body in &BODIES {
+            let bind = if body.needs_common {
+                "bind(keys, argv)\n"
+            } else {
+                ""
+            };
+            let flags = if body.read_only {
+                "{ 'no-writes' }"
+            } else {
+                "{}"
+            };
+            text.push_str(&format!(
+                "redis.register_function{{ function_name = 'rb_{VERSION_SLOT}_{name}', \
+                 flags = {flags}, callback = function(keys, argv)\n\
+                 KEYS, ARGV = keys, argv\n{bind}{body}\nend }}\n",
+                name = body.name,
+                body = body.text,
+            ));
+        }
+        // The SHA1 of the text, as Redis computes a script's.
+        let version = Script::new(&text).get_hash()[..12].to_string();
+        Scripts {
+            eval,
+            library: text.replace(VERSION_SLOT, &version),
+            library_name: format!("redbuckets_{version}"),
+            functions: BODIES
+                .iter()
+                .map(|b| format!("rb_{version}_{}", b.name))
+                .collect(),
+        }
+    }
+
+    /// The EVAL form of a script.
+    pub(super) fn eval(&self, id: ScriptId) -> &Script {
+        &self.eval[id as usize]
+    }
+
+    /// The function that runs a script.
+    pub(super) fn function(&self, id: ScriptId) -> &str {
+        &self.functions[id as usize]
+    }
+
+    /// The library's text, for `FUNCTION LOAD`.
+    pub(super) fn library(&self) -> &str {
+        &self.library
+    }
+
+    /// `redbuckets_<version>`.
+    pub(super) fn library_name(&self) -> &str {
+        &self.library_name
+    }
+
+    /// Every script's name and EVAL form (for tests).
+    #[cfg(test)]
+    pub(super) fn all_eval(&self) -> impl Iterator<Item = (&'static str, &Script)> {
+        BODIES.iter().map(|b| b.name).zip(&self.eval)
+    }
+
+    /// Every body's text (for tests).
+    #[cfg(test)]
+    pub(super) fn bodies() -> impl Iterator<Item = &'static str> {
+        BODIES.iter().map(|b| b.text)
+    }
+}
