@@ -11,7 +11,8 @@ use std::ops::Deref;
 use std::time::Duration;
 
 use redbuckets::store::{
-    HeartbeatReply, Notifications, RebalanceReply, RegisterRequest, Registration, SessionRef,
+    Channel, HeartbeatReply, Notifications, RebalanceReply, RegisterRequest, Registration,
+    SessionRef,
 };
 use redbuckets::{Error, GroupKey, GroupSnapshot, Store};
 
@@ -68,6 +69,8 @@ pub enum Call {
     Subscribe {
         /// The group.
         group: GroupKey,
+        /// The member whose wake-ups are asked for, or `None` for the group's channel.
+        member: Option<String>,
     },
 }
 
@@ -109,7 +112,10 @@ impl Call {
                 Reply::Deregister(store.deregister(&group, &session).await?)
             }
             Call::Snapshot { group } => Reply::Snapshot(store.snapshot(&group).await?),
-            Call::Subscribe { group } => Reply::Subscribe(store.subscribe(&group).await?),
+            Call::Subscribe { group, member } => {
+                let channel = member.as_deref().map_or(Channel::Group, Channel::Member);
+                Reply::Subscribe(store.subscribe(&group, channel).await?)
+            }
         })
     }
 }
@@ -282,9 +288,17 @@ impl<S: Store, H: Intercept<S>> Store for Intercepted<S, H> {
         self.ask(Call::Snapshot { group }).await
     }
 
-    async fn subscribe(&self, group: &GroupKey) -> Result<Notifications, Error> {
+    async fn subscribe(
+        &self,
+        group: &GroupKey,
+        channel: Channel<'_>,
+    ) -> Result<Notifications, Error> {
         let group = group.clone();
-        self.ask(Call::Subscribe { group }).await
+        let member = match channel {
+            Channel::Member(id) => Some(id.to_string()),
+            _ => None,
+        };
+        self.ask(Call::Subscribe { group, member }).await
     }
 }
 
@@ -342,7 +356,10 @@ mod tests {
         store.release(&group, &session, &[]).await.expect("release");
         let snapshot = store.snapshot(&group).await.expect("snapshot");
         assert_eq!(snapshot.expect("the group").members.len(), 1);
-        store.subscribe(&group).await.expect("subscribe");
+        store
+            .subscribe(&group, Channel::Group)
+            .await
+            .expect("subscribe");
         store
             .deregister(&group, &session)
             .await

@@ -41,8 +41,8 @@ use crate::ledger::Reconcile;
 use crate::member::{ErrorHook, Shared};
 use crate::session::Session;
 use crate::store::{
-    Action, GroupKey, GroupSnapshot, Notifications, RegisterRequest, Registration, SessionRef,
-    Store,
+    Action, Channel, GroupKey, GroupSnapshot, Notifications, RegisterRequest, Registration,
+    SessionRef, Store,
 };
 
 /// The most buckets one rebalance step takes; bounds the time a script runs.
@@ -76,8 +76,6 @@ pub(crate) struct Driver<S> {
     rebalance: Option<Instant>,
     /// Paces the retries of a failed release.
     release_retry_at: Instant,
-    /// The membership version last seen; a change means shares may have changed.
-    seen_version: u64,
     subscription: Subscription,
 }
 
@@ -104,7 +102,6 @@ impl<S: Store> Driver<S> {
             session: Session::new(now),
             rebalance: Some(now),
             release_retry_at: now,
-            seen_version: 0,
             subscription: Subscription::Down { retry_at: now },
         }
     }
@@ -360,7 +357,8 @@ impl<S: Store> Driver<S> {
             &self.graceful,
             self.call_deadline(),
             "subscribe",
-            self.store.subscribe(&self.group),
+            self.store
+                .subscribe(&self.group, Channel::Member(&self.config.member_id)),
         )
         .await
         {
@@ -407,7 +405,6 @@ impl<S: Store> Driver<S> {
                     .registered(&self.config.member_id, deadline, renew_at);
                 self.shared.forget_expiry();
                 self.publish(Some((sent.at, version)));
-                self.seen_version = version;
                 self.rebalance = Some(Instant::now());
                 Ok(None)
             }
@@ -461,10 +458,17 @@ impl<S: Store> Driver<S> {
                 let next = self.next_check(sent.at, reply.next_expiry);
                 self.session.renewed(until, next);
                 self.publish(Some((sent.at, reply.version)));
-                if reply.version != self.seen_version || reply.free > 0 {
+                // The safety net under the wake-ups (the store wakes only the members that must
+                // act, and a wake-up can be lost): free buckets to take, or counts that say the
+                // store committed a release for us (a join) that we have not made.
+                let counts = self
+                    .shared
+                    .lock()
+                    .ledger
+                    .reconcile(reply.held as usize, reply.committed as usize);
+                if reply.free > 0 || counts != Reconcile::InSync {
                     self.want_rebalance();
                 }
-                self.seen_version = reply.version;
             }
             Ok(_) => {
                 tracing::warn!("the store no longer knows our session");
@@ -1006,9 +1010,13 @@ mod tests {
             self.gate().await;
             self.inner.snapshot(group).await
         }
-        async fn subscribe(&self, group: &GroupKey) -> Result<Notifications, Error> {
+        async fn subscribe(
+            &self,
+            group: &GroupKey,
+            channel: Channel<'_>,
+        ) -> Result<Notifications, Error> {
             self.gate().await;
-            self.inner.subscribe(group).await
+            self.inner.subscribe(group, channel).await
         }
     }
 

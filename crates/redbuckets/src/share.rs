@@ -94,6 +94,104 @@ pub fn step(buckets: u32, loads: &[Load], me: usize, free: u32) -> Step {
     }
 }
 
+/// Bases and the remainder of a group: each member's base share, and how many members may hold
+/// one bucket above it.
+fn bases(buckets: u32, loads: &[Load]) -> (Vec<u32>, u64) {
+    let total: u64 = loads.iter().map(|l| u64::from(l.weight)).sum();
+    let base: Vec<u32> = loads
+        .iter()
+        .map(|l| base_share(buckets, l.weight, total))
+        .collect();
+    let assigned: u64 = base.iter().map(|&b| u64::from(b)).sum();
+    (base, u64::from(buckets).saturating_sub(assigned))
+}
+
+/// The order in which the stores visit members when they pick whom to wake: by weight, then by
+/// committed count, then by id (`loads` must be in id order, as the stores keep them). The Lua
+/// twin gets it from one `ZRANGEBYSCORE` per weight, weights ascending.
+fn visit_order(loads: &[Load], key: impl Fn(usize) -> u32) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..loads.len()).collect();
+    order.sort_by_key(|&i| (loads[i].weight, key(i), i));
+    order
+}
+
+/// After a member joined: the members now above their share, and the count each must come down
+/// to, in the order the stores wake them. The store commits these counts at once (as if each had
+/// run [`step`] and been told to release), and wakes exactly these members: a join costs work
+/// in proportion to the buckets that move, not to the group's size.
+///
+/// Every member above `base + 1` comes down to `base + 1`; then, if more members hold one above
+/// their base than the remainder allows, the first of those in id order come down to `base`.
+/// Afterwards [`step`] tells no member to release. Mirrored by `commit_givers` in `common.lua`.
+#[must_use]
+pub fn givers(buckets: u32, loads: &[Load]) -> Vec<(usize, u32)> {
+    let (base, remainder) = bases(buckets, loads);
+    let mut counts: Vec<u32> = loads.iter().map(|l| l.held).collect();
+    let mut out: Vec<(usize, u32)> = Vec::new();
+    for i in visit_order(loads, |i| loads[i].held) {
+        if counts[i] > base[i] + 1 {
+            counts[i] = base[i] + 1;
+            out.push((i, counts[i]));
+        }
+    }
+    let above = (0..loads.len()).filter(|&i| counts[i] > base[i]).count() as u64;
+    let mut excess = above.saturating_sub(remainder);
+    for i in visit_order(loads, |_| 0) {
+        if excess == 0 {
+            break;
+        }
+        if counts[i] == base[i] + 1 {
+            counts[i] = base[i];
+            excess -= 1;
+            match out.iter_mut().find(|(j, _)| *j == i) {
+                Some(entry) => entry.1 = counts[i],
+                None => out.push((i, counts[i])),
+            }
+        }
+    }
+    out
+}
+
+/// After `free` buckets became free (a release, a leave, a purge): the members to wake so that
+/// they take them, in order. First members below their base share, fewest first, until their
+/// room covers `free`; then, while the remainder allows more members one bucket above their
+/// base, members at their base. It never counts on more room than a member surely has, so every
+/// free bucket has a woken taker when the group has room for it (L1), at the price of waking a
+/// few members that find nothing left. Mirrored by `wake_takers` in `common.lua`.
+#[must_use]
+pub fn takers(buckets: u32, loads: &[Load], free: u32) -> Vec<usize> {
+    let (base, remainder) = bases(buckets, loads);
+    let above = (0..loads.len())
+        .filter(|&i| loads[i].held > base[i])
+        .count() as u64;
+    let mut extras = remainder.saturating_sub(above);
+    let mut need = u64::from(free);
+    let mut out = Vec::new();
+    if need == 0 {
+        return out;
+    }
+    for i in visit_order(loads, |i| loads[i].held) {
+        if loads[i].held < base[i] {
+            out.push(i);
+            need = need.saturating_sub(u64::from(base[i] - loads[i].held));
+            if need == 0 {
+                return out;
+            }
+        }
+    }
+    for i in visit_order(loads, |_| 0) {
+        if need == 0 || extras == 0 {
+            break;
+        }
+        if loads[i].held == base[i] {
+            out.push(i);
+            need -= 1;
+            extras -= 1;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     //! Property tests: a model group where members step in random order and releases land late
@@ -371,5 +469,94 @@ mod tests {
         loads[0].held = 1;
         assert_eq!(step(1, &loads, 1, 0), Step::Stay);
         assert_eq!(step(1, &loads, 0, 0), Step::Stay);
+    }
+
+    fn loads_strategy() -> impl Strategy<Value = (u32, Vec<Load>)> {
+        (
+            1u32..2000,
+            prop::collection::vec((1u32..4, 0u32..600), 1..12),
+        )
+            .prop_map(|(b, raw)| {
+                let loads = raw
+                    .into_iter()
+                    .map(|(weight, held)| Load {
+                        weight,
+                        held: held.min(b),
+                    })
+                    .collect();
+                (b, loads)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        /// After a join the store commits the givers' counts: then no member is told to
+        /// release, and only the members named moved.
+        #[test]
+        fn after_the_givers_commit_nobody_must_release((buckets, loads) in loads_strategy()) {
+            let mut after = loads.clone();
+            for (i, count) in givers(buckets, &loads) {
+                prop_assert!(count < loads[i].held, "member {i} named but not lowered");
+                after[i].held = count;
+            }
+            for me in 0..after.len() {
+                prop_assert!(
+                    !matches!(step(buckets, &after, me, 0), Step::Release(_)),
+                    "member {me} must still release: {after:?}"
+                );
+            }
+        }
+
+        /// The members woken for `free` buckets can take all of them whenever the group has
+        /// room for them: stepping only the woken members, in any order, leaves no bucket
+        /// free that some member could still take.
+        #[test]
+        fn the_woken_takers_take_every_free_bucket(
+            (buckets, loads) in loads_strategy(),
+            free in 1u32..300,
+            order in any::<u64>(),
+        ) {
+            // Scale the holdings down so that they fit, some buckets free.
+            let sum: u64 = loads.iter().map(|l| u64::from(l.held)).sum::<u64>() + 1;
+            let mut loads: Vec<Load> = loads
+                .into_iter()
+                .map(|l| Load {
+                    weight: l.weight,
+                    held: u32::try_from(u64::from(l.held) * u64::from(buckets) / sum)
+                        .unwrap_or(0)
+                        .saturating_sub(1),
+                })
+                .collect();
+            let held: u32 = loads.iter().map(|l| l.held).sum();
+            let mut free = free.min(buckets - held);
+            prop_assume!(free > 0);
+            let woken = takers(buckets, &loads, free);
+            // Each woken member steps until it stays, in a rotating order.
+            let mut pending = woken.clone();
+            let mut turn = order as usize;
+            while !pending.is_empty() {
+                turn = turn.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let k = (turn >> 33) % pending.len();
+                let me = pending[k];
+                match step(buckets, &loads, me, free) {
+                    Step::Take(n) => {
+                        loads[me].held += n;
+                        free -= n;
+                    }
+                    _ => {
+                        pending.swap_remove(k);
+                    }
+                }
+            }
+            if free > 0 {
+                for me in 0..loads.len() {
+                    prop_assert!(
+                        !matches!(step(buckets, &loads, me, free), Step::Take(_)),
+                        "{free} buckets left free, member {me} could take (woken: {woken:?}, {loads:?})"
+                    );
+                }
+            }
+        }
     }
 }

@@ -16,9 +16,11 @@
 //! restart (run id).
 //!
 //! Compared after each operation: the whole reply (`Registration`, `HeartbeatReply` with
-//! `next_expiry`, `RebalanceReply`, release counts, errors, snapshots) and the number of notices
-//! it published. Redis: `PUBLISH` calls counted by `INFO commandstats` (commands run inside
-//! scripts count there); `MemoryStore`: the notices queued on a subscription right after it.
+//! `next_expiry`, `RebalanceReply`, release counts, errors, snapshots) and the notices it
+//! published, counted per channel: the group's channel and each member's wake-ups, so the two
+//! stores must wake exactly the same members. Redis: one `PSUBSCRIBE *` connection, read up to
+//! a marker the test publishes after each op; `MemoryStore`: the notices queued on a
+//! subscription per channel right after it.
 //!
 //! Time. The scripts read the server's clock, so the test freezes it: the store is connected
 //! with [`RedisOptions::frozen_clock_for_tests`], which loads the script variants whose clock
@@ -52,7 +54,7 @@ use futures_util::FutureExt;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use redbuckets::store::{
-    Action, GroupSnapshot, Notifications, RebalanceReply, RegisterRequest, SessionRef,
+    Action, Channel, GroupSnapshot, Notifications, RebalanceReply, RegisterRequest, SessionRef,
 };
 use redbuckets::{Error, GroupKey, MemoryStore, RedisOptions, RedisStore, Store};
 use redbuckets_testkit::RedisServer;
@@ -231,7 +233,12 @@ struct Harness {
     memory_rt: tokio::runtime::Runtime,
     redis: RedisStore,
     raw: RefCell<redis::Connection>,
+    /// Subscribed to every channel (`PSUBSCRIBE *`).
+    watch: RefCell<redis::Connection>,
 }
+
+/// The channel the test publishes on after each op, to know it has read every notice before.
+const MARKER: &str = "diff-marker";
 
 impl Harness {
     fn start() -> Self {
@@ -253,31 +260,59 @@ impl Harness {
         let redis = redis_rt
             .block_on(RedisStore::connect_with(&server.url(), options))
             .unwrap();
-        let raw = redis::Client::open(server.url())
-            .unwrap()
-            .get_connection()
+        let client = redis::Client::open(server.url()).unwrap();
+        let raw = client.get_connection().unwrap();
+        // Every message on every channel, in order: the notices the scripts publish.
+        let mut watch = client.get_connection().unwrap();
+        watch
+            .send_packed_command(&redis::cmd("PSUBSCRIBE").arg("*").get_packed_command())
             .unwrap();
+        watch.recv_response().unwrap();
         Harness {
             _server: server,
             redis_rt,
             memory_rt,
             redis,
             raw: RefCell::new(raw),
+            watch: RefCell::new(watch),
+        }
+    }
+
+    /// The notices published since the last call, counted per channel (`group` for the
+    /// group's channel, the member's id for its wake-ups): a marker published after them comes
+    /// after them on the subscription.
+    fn published(&self, g: &GroupKey) -> BTreeMap<String, u64> {
+        let _: () = self.cmd(redis::cmd("PUBLISH").arg(MARKER).arg("end"));
+        let mut counts = BTreeMap::new();
+        let mut watch = self.watch.borrow_mut();
+        let group = format!("{}:events", g.tag());
+        let wake = format!("{}:wake:", g.tag());
+        loop {
+            let message = watch.recv_response().unwrap();
+            let parts = match message {
+                redis::Value::Array(parts) | redis::Value::Push { data: parts, .. } => parts,
+                other => panic!("not a pub/sub message: {other:?}"),
+            };
+            let channel = match parts.get(2) {
+                Some(redis::Value::BulkString(c)) => String::from_utf8_lossy(c).into_owned(),
+                other => panic!("no channel in a pub/sub message: {other:?}"),
+            };
+            if channel == MARKER {
+                return counts;
+            }
+            let label = if channel == group {
+                "group".to_string()
+            } else if let Some(member) = channel.strip_prefix(&wake) {
+                member.to_string()
+            } else {
+                panic!("a notice on a channel of no group: {channel}");
+            };
+            *counts.entry(label).or_default() += 1;
         }
     }
 
     fn cmd<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
         cmd.query(&mut *self.raw.borrow_mut()).unwrap()
-    }
-
-    /// `PUBLISH` calls so far, scripts' included.
-    fn publishes(&self) -> u64 {
-        let info: String = self.cmd(redis::cmd("INFO").arg("commandstats"));
-        info.lines()
-            .find_map(|l| l.strip_prefix("cmdstat_publish:calls="))
-            .and_then(|rest| rest.split(',').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
     }
 
     /// `(token, bucket)` of every bucket in the member's held set, ascending.
@@ -312,15 +347,14 @@ struct Run<'h> {
     h: &'h Harness,
     g: GroupKey,
     memory: MemoryStore,
-    notices: Notifications,
+    /// The group's channel (`group`) and each member's wake-ups, on `MemoryStore`.
+    notices: Vec<(String, Notifications)>,
     now_us: u64,
     buckets: u32,
     ttl: Duration,
     /// Per member: its current nonce (None before its first registration) and the one before.
     nonces: Vec<(Option<u64>, Option<u64>)>,
     next_nonce: u64,
-    /// Redis' `PUBLISH` count after the last op.
-    published: u64,
 }
 
 fn member(m: usize) -> String {
@@ -398,7 +432,15 @@ impl<'h> Run<'h> {
         let (memory, notices) = h.memory_rt.block_on(async {
             let memory = MemoryStore::new();
             memory.set_clock_us(now_us);
-            let notices = memory.subscribe(&g).await.unwrap();
+            let mut notices = vec![(
+                "group".to_string(),
+                memory.subscribe(&g, Channel::Group).await.unwrap(),
+            )];
+            for m in 0..MEMBERS {
+                let id = member(m);
+                let wakes = memory.subscribe(&g, Channel::Member(&id)).await.unwrap();
+                notices.push((id, wakes));
+            }
             (memory, notices)
         });
         Run {
@@ -411,7 +453,6 @@ impl<'h> Run<'h> {
             ttl: Duration::from_millis(case.ttl_ms),
             nonces: vec![(None, None); MEMBERS],
             next_nonce: 1,
-            published: h.publishes(),
         }
     }
 
@@ -424,12 +465,15 @@ impl<'h> Run<'h> {
         }
     }
 
-    fn memory_notices(&mut self) -> u64 {
-        let mut count = 0;
-        while let Some(Some(())) = self.notices.next().now_or_never() {
-            count += 1;
+    /// The notices queued on `MemoryStore`'s subscriptions, counted per channel.
+    fn memory_notices(&mut self) -> BTreeMap<String, u64> {
+        let mut counts = BTreeMap::new();
+        for (label, notices) in &mut self.notices {
+            while let Some(Some(())) = notices.next().now_or_never() {
+                *counts.entry(label.clone()).or_default() += 1;
+            }
         }
-        count
+        counts
     }
 
     /// Runs one op on both stores: (memory outcome, redis outcome).
@@ -592,9 +636,7 @@ fn run_case(h: &Harness, index: u64, case: &Case) -> Result<(), TestCaseError> {
 fn run_step(h: &Harness, run: &mut Run<'_>, i: usize, op: &Op) -> Result<(), TestCaseError> {
     let (memory, redis) = run.apply(op);
     let memory_notices = run.memory_notices();
-    let published = h.publishes();
-    let redis_notices = published - run.published;
-    run.published = published;
+    let redis_notices = h.published(&run.g);
     prop_assert_eq!(
         &memory,
         &redis,

@@ -174,8 +174,14 @@ struct Losses {
     joiner: Mutex<Option<&'static str>>,
 }
 
-/// Picks the rebalance actions whose replies get lost.
-type PickAction = fn(&redbuckets::store::Action) -> bool;
+/// Picks the rebalance replies that get lost.
+type PickAction = fn(&redbuckets::store::RebalanceReply) -> bool;
+
+/// A reply that tells the member to release: the step's own decision, or a release the store
+/// committed for it when a member joined (its counts show it).
+fn tells_to_release(reply: &redbuckets::store::RebalanceReply) -> bool {
+    matches!(reply.action, redbuckets::store::Action::Release(_)) || reply.committed < reply.held
+}
 
 fn lose_replies(inner: &redbuckets::MemoryStore, plan: Vec<PickAction>) -> LoseReplies {
     let losses = Losses {
@@ -210,7 +216,7 @@ impl Intercept<redbuckets::MemoryStore> for Losses {
         };
         let lost = {
             let mut plan = self.plan.lock().unwrap_or_else(|e| e.into_inner());
-            let lost = plan.first().is_some_and(|lose| lose(&rebalanced.action));
+            let lost = plan.first().is_some_and(|lose| lose(rebalanced));
             if lost {
                 plan.remove(0);
             }
@@ -279,7 +285,7 @@ fn lost_grant_reply_does_not_orphan_buckets() {
         let store = redbuckets::MemoryStore::new();
         let lossy = lose_replies(
             &store,
-            vec![|action| matches!(action, redbuckets::store::Action::Acquired { .. })],
+            vec![|reply| matches!(reply.action, redbuckets::store::Action::Acquired { .. })],
         );
         let a = start(lossy.clone(), "a").await;
         tokio::time::sleep(Duration::from_secs(10)).await;
@@ -302,10 +308,7 @@ fn lost_grant_reply_does_not_orphan_buckets() {
 fn lost_release_reply_does_not_block_balance() {
     paused_runtime().block_on(async {
         let store = redbuckets::MemoryStore::new();
-        let lossy = lose_replies(
-            &store,
-            vec![|action| matches!(action, redbuckets::store::Action::Release(_))],
-        );
+        let lossy = lose_replies(&store, vec![tells_to_release]);
         let a = start(lossy.clone(), "a").await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(a.buckets().len(), 4);
@@ -348,8 +351,8 @@ fn lost_grant_then_lost_release_do_not_orphan_buckets() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!((a.buckets().len(), b.buckets().len()), (2, 2));
         *lossy.plan.lock().unwrap_or_else(|e| e.into_inner()) = vec![
-            |action| matches!(action, redbuckets::store::Action::Acquired { .. }),
-            |action| matches!(action, redbuckets::store::Action::Release(_)),
+            |reply| matches!(reply.action, redbuckets::store::Action::Acquired { .. }),
+            tells_to_release,
         ];
         *lossy.joiner.lock().unwrap_or_else(|e| e.into_inner()) = Some("c");
         b.shutdown().await.expect("b leaves");

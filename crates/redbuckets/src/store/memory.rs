@@ -14,7 +14,7 @@ use crate::config::PROTOCOL_VERSION;
 use crate::error::Error;
 use crate::share::{self, Load};
 use crate::store::{
-    Action, GroupKey, GroupSnapshot, HeartbeatReply, MemberInfo, Notifications, Owner,
+    Action, Channel, GroupKey, GroupSnapshot, HeartbeatReply, MemberInfo, Notifications, Owner,
     RebalanceReply, RegisterRequest, Registration, SessionRef, Store,
 };
 
@@ -28,7 +28,8 @@ pub struct MemoryStore {
 #[derive(Debug)]
 struct Inner {
     groups: HashMap<GroupKey, GroupState>,
-    channels: HashMap<GroupKey, broadcast::Sender<()>>,
+    /// Subscriptions: the group's channel (`None`) and each member's (`Some(id)`).
+    channels: HashMap<(GroupKey, Option<String>), broadcast::Sender<()>>,
     /// Server clock: Unix µs at `epoch`, advanced by tokio's clock.
     base_us: u64,
     epoch: Instant,
@@ -96,6 +97,67 @@ impl GroupState {
         }
         self.version += 1;
         true
+    }
+
+    /// Every live member's load in id order, with the ids.
+    fn loads(&self) -> (Vec<&String>, Vec<Load>) {
+        self.members
+            .iter()
+            .map(|(id, m)| {
+                (
+                    id,
+                    Load {
+                        weight: m.weight,
+                        held: m.committed,
+                    },
+                )
+            })
+            .unzip()
+    }
+
+    /// After a change: the members that must act, to be woken (see the module docs of
+    /// `store`). `joined`: a member joined, so some may be above their new share; their lower
+    /// counts are committed here. Then, if buckets are free, the members to take them. Nobody
+    /// during the quarantine. Mirrors `settle` in `common.lua`.
+    fn settle(&mut self, now: Instant, joined: bool) -> Vec<String> {
+        if now < self.grant_after {
+            return Vec::new();
+        }
+        let mut woken: Vec<String> = Vec::new();
+        if joined {
+            let (ids, loads) = self.loads();
+            let commits: Vec<(String, u32)> = share::givers(self.buckets, &loads)
+                .into_iter()
+                .map(|(i, count)| (ids[i].clone(), count))
+                .collect();
+            for (id, count) in commits {
+                if let Some(m) = self.members.get_mut(&id) {
+                    m.committed = count;
+                }
+                woken.push(id);
+            }
+        }
+        let free = u32::try_from(self.free.len()).unwrap_or(u32::MAX);
+        if free > 0 {
+            let (ids, loads) = self.loads();
+            for i in share::takers(self.buckets, &loads, free) {
+                if !woken.contains(ids[i]) {
+                    woken.push(ids[i].clone());
+                }
+            }
+        }
+        woken
+    }
+
+    /// The sessions `member` watches for expiry: the next two members after it in id order,
+    /// wrapping around. Mirrors `watched` in `common.lua`.
+    fn watched(&self, member: &str) -> impl Iterator<Item = &MemberState> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let after = self
+            .members
+            .range::<str, _>((Excluded(member), Unbounded))
+            .chain(self.members.range::<str, _>((Unbounded, Excluded(member))));
+        after.take(2).map(|(_, m)| m)
     }
 
     /// Purges expired sessions; returns true if any was removed.
@@ -185,9 +247,17 @@ impl Inner {
         self.base_us.saturating_add(elapsed)
     }
 
-    fn notify(&mut self, group: &GroupKey) {
-        if let Some(tx) = self.channels.get(group) {
+    /// A change of `group`: a notice on its channel, and a wake-up for each of `woken`.
+    fn notify(&mut self, group: &GroupKey, woken: &[String]) {
+        let mut key = (group.clone(), None);
+        if let Some(tx) = self.channels.get(&key) {
             let _ = tx.send(());
+        }
+        for member in woken {
+            key.1 = Some(member.clone());
+            if let Some(tx) = self.channels.get(&key) {
+                let _ = tx.send(());
+            }
         }
     }
 }
@@ -239,7 +309,8 @@ impl Store for MemoryStore {
             };
             if let Some(outcome) = early {
                 if purged {
-                    inner.notify(group);
+                    let woken = state.settle(now, false);
+                    inner.notify(group, &woken);
                 }
                 return Ok(outcome);
             }
@@ -258,7 +329,8 @@ impl Store for MemoryStore {
         );
         state.version += 1;
         let version = state.version;
-        inner.notify(group);
+        let woken = state.settle(now, true);
+        inner.notify(group, &woken);
         Ok(Registration::Registered { version })
     }
 
@@ -276,30 +348,38 @@ impl Store for MemoryStore {
                 version: 0,
                 free: 0,
                 next_expiry: None,
+                committed: 0,
+                held: 0,
             });
         };
         let purged = state.purge(now);
-        let alive = match state.live(session, now) {
+        let woken = if purged {
+            state.settle(now, false)
+        } else {
+            Vec::new()
+        };
+        let (alive, committed, held) = match state.live(session, now) {
             Some(m) => {
                 m.expires = now + ttl;
-                true
+                let held = u32::try_from(m.held.len()).unwrap_or(u32::MAX);
+                (true, m.committed, held)
             }
-            None => false,
+            None => (false, 0, 0),
         };
         let next_expiry = state
-            .members
-            .iter()
-            .filter(|(id, _)| **id != session.member)
-            .map(|(_, m)| m.expires.saturating_duration_since(now))
+            .watched(&session.member)
+            .map(|m| m.expires.saturating_duration_since(now))
             .min();
         let reply = HeartbeatReply {
             alive,
             version: state.version,
             free: u32::try_from(state.free.len()).unwrap_or(u32::MAX),
             next_expiry,
+            committed,
+            held,
         };
         if purged {
-            inner.notify(group);
+            inner.notify(group, &woken);
         }
         Ok(reply)
     }
@@ -317,9 +397,14 @@ impl Store for MemoryStore {
             return Ok(RebalanceReply::session_lost());
         };
         let purged = state.purge(now);
+        let woken = if purged {
+            state.settle(now, false)
+        } else {
+            Vec::new()
+        };
         if state.live(session, now).is_none() {
             if purged {
-                inner.notify(group);
+                inner.notify(group, &woken);
             }
             return Ok(RebalanceReply::session_lost());
         }
@@ -385,7 +470,7 @@ impl Store for MemoryStore {
             held,
         };
         if notify {
-            inner.notify(group);
+            inner.notify(group, &woken);
         }
         Ok(reply)
     }
@@ -420,7 +505,8 @@ impl Store for MemoryStore {
             state.free.insert(b);
         }
         if !freed.is_empty() {
-            inner.notify(group);
+            let woken = state.settle(Instant::now(), false);
+            inner.notify(group, &woken);
         }
         Ok(u32::try_from(freed.len()).unwrap_or(u32::MAX))
     }
@@ -435,7 +521,8 @@ impl Store for MemoryStore {
             .get(&session.member)
             .is_some_and(|m| m.session == session.session);
         if ours && state.remove_member(&session.member) {
-            inner.notify(group);
+            let woken = state.settle(Instant::now(), false);
+            inner.notify(group, &woken);
         }
         Ok(())
     }
@@ -491,11 +578,19 @@ impl Store for MemoryStore {
         }))
     }
 
-    async fn subscribe(&self, group: &GroupKey) -> Result<Notifications, Error> {
+    async fn subscribe(
+        &self,
+        group: &GroupKey,
+        channel: Channel<'_>,
+    ) -> Result<Notifications, Error> {
+        let member = match channel {
+            Channel::Group => None,
+            Channel::Member(id) => Some(id.to_string()),
+        };
         let mut inner = self.lock();
         let rx = inner
             .channels
-            .entry(group.clone())
+            .entry((group.clone(), member))
             .or_insert_with(|| broadcast::channel(64).0)
             .subscribe();
         Ok(Notifications::new(futures_util::stream::unfold(
@@ -538,7 +633,7 @@ mod tests {
     async fn a_registration_that_purges_notifies_on_every_outcome() {
         let store = MemoryStore::new();
         let g = GroupKey::new("p", "g");
-        let mut notices = store.subscribe(&g).await.unwrap();
+        let mut notices = store.subscribe(&g, Channel::Group).await.unwrap();
         let a = request("a", "a1");
         let ttl = a.ttl;
         for (member, nonce) in [("a", "a1"), ("b", "b1"), ("c", "c1")] {
@@ -605,7 +700,7 @@ mod tests {
         assert!(store.heartbeat(&g, &a.session, ttl).await.unwrap().alive);
         // b's session ends; a's does not.
         tokio::time::advance(ttl * 3 / 5).await;
-        let mut notices = store.subscribe(&g).await.unwrap();
+        let mut notices = store.subscribe(&g, Channel::Group).await.unwrap();
         let before = store.lock().groups[&g].version;
 
         let seen = store.snapshot(&g).await.unwrap().unwrap();

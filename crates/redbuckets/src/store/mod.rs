@@ -16,7 +16,15 @@
 //!   local deadline (S3) before the buckets can be granted again.
 //! - **Purge.** Expired sessions are removed, with their buckets freed, by any call that touches
 //!   the group (C2), except [`Store::snapshot`], which only looks.
-//! - **Push.** Whenever buckets are freed or membership changes, subscribers are notified.
+//! - **Push, to whom must act.** Whenever buckets are freed or membership changes, the group's
+//!   channel ([`Channel::Group`], for tools that watch) gets a notice, and the members that must
+//!   act get a wake-up on their own channel ([`Channel::Member`]), nobody else: after a join, the
+//!   members above their new share (the store commits their lower counts at once, see
+//!   [`crate::share::givers`]); after buckets were freed, enough members below their share to
+//!   take them all ([`crate::share::takers`]). During the quarantine of a new group nobody is
+//!   woken. So a change costs work in proportion to the members that give or take, not to the
+//!   group's size (C1b). A member that misses its wake-up learns at its next heartbeat
+//!   ([`HeartbeatReply`] carries its counts and the free count).
 
 pub(crate) mod memory;
 pub(crate) mod protocol;
@@ -122,10 +130,27 @@ pub struct HeartbeatReply {
     pub version: u64,
     /// Free buckets in the group.
     pub free: u32,
-    /// Time from the store's now until the earliest expiry of another member's session, if
-    /// another member is registered. Members check the group again at that moment, so a crashed
-    /// peer's buckets are freed when its session ends, without polling.
+    /// Time from the store's now until the earliest expiry of the sessions this member watches:
+    /// the next two members after it in id order (wrapping around), if there are others. The
+    /// member checks the group again at that moment, so a crashed peer's buckets are freed when
+    /// its session ends, by two checkers, not by every member at once.
     pub next_expiry: Option<Duration>,
+    /// The member's committed holdings, as in [`RebalanceReply::committed`] (0 when not alive).
+    /// Lower than what the member keeps: the store committed a release for it (a join), and the
+    /// member must rebalance, even if the wake-up that said so was lost.
+    pub committed: u32,
+    /// Buckets the store lists as the session's, as in [`RebalanceReply::held`].
+    pub held: u32,
+}
+
+/// Which notices a subscription receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Channel<'a> {
+    /// Every change of the group (membership, freed buckets): for tools that watch it.
+    Group,
+    /// The wake-ups of one member: the store needs this member to act (take or release).
+    Member(&'a str),
 }
 
 /// What a rebalance step did for the calling member.
@@ -328,9 +353,10 @@ pub trait Store: Clone + Send + Sync + 'static {
         group: &GroupKey,
     ) -> impl Future<Output = Result<Option<GroupSnapshot>, Error>> + Send;
 
-    /// Subscribes to the group's change notices.
+    /// Subscribes to the group's change notices, or to one member's wake-ups.
     fn subscribe(
         &self,
         group: &GroupKey,
+        channel: Channel<'_>,
     ) -> impl Future<Output = Result<Notifications, Error>> + Send;
 }

@@ -11,13 +11,13 @@
 //! `KEYS` are the group's tag followed by each of [`KEY_SUFFIXES`], in that order
 //! (`KEYS[1]` = `<tag>:meta` ... `KEYS[8]` = `<tag>:free`); `ARGV[1]` is the tag itself, from
 //! which a script builds the keys whose names hold a member or a weight (`:held:<member>`,
-//! `:count:<weight>`) and the channel `:events`. The script's own arguments follow from
+//! `:count:<weight>`, `:ids`) and the channels `:events` and `:wake:<member>`. The script's own arguments follow from
 //! `ARGV[2]`. Numbers travel as decimal text; durations are µs unless the name says ms.
 //!
 //! | script | `ARGV[2..]` | reply |
 //! |---|---|---|
 //! | register | member, nonce, weight, buckets, ttl µs, `1`/`0` (replaces given), replaced nonce, protocol | `{'registered', ver}` \| `{'inuse', expires_in_ms}` \| `{'mismatch', buckets, protocol}` \| `{'ttl', group_ttl_us}` |
-//! | heartbeat, heartbeat_fast | member, nonce, ttl µs | `{alive 0\|1, ver, free, next_ms}`, next_ms `-1` with no other session; heartbeat_fast may instead answer `{'full'}`: run heartbeat |
+//! | heartbeat, heartbeat_fast | member, nonce, ttl µs | `{alive 0\|1, ver, free, next_ms, committed, held}`, next_ms `-1` with no watched session, counts 0 when not alive; heartbeat_fast may instead answer `{'full'}`: run heartbeat |
 //! | rebalance | member, nonce, max_take | `{kind, value, share_min, share_max, ver, free, committed, held, bucket...}`, kind `acquired` (value = token, buckets follow), `release` (value = count), `stay`, `wait` (value = µs left); or `{'lost'}` |
 //! | release | member, nonce, bucket... | count freed |
 //! | deregister | member, nonce | `1` if removed, else `0` |
@@ -263,6 +263,8 @@ pub(crate) fn heartbeat(reply: &Value) -> Result<HeartbeatReply, ReplyError> {
         // The free count cannot exceed MAX_BUCKETS in a sound group; never wrap it.
         free: f.u32(2, "free")?,
         next_expiry,
+        committed: f.u32(4, "committed")?,
+        held: f.u32(5, "held")?,
     })
 }
 
@@ -510,19 +512,21 @@ mod tests {
     #[test]
     fn heartbeat_replies() {
         assert_eq!(
-            heartbeat(&a(vec![int(1), s("4"), int(3), s("250")])),
+            heartbeat(&a(vec![int(1), s("4"), int(3), s("250"), int(7), int(8)])),
             Ok(HeartbeatReply {
                 alive: true,
                 version: 4,
                 free: 3,
                 next_expiry: Some(Duration::from_millis(250)),
+                committed: 7,
+                held: 8,
             })
         );
-        let lone = heartbeat(&a(vec![int(0), s("0"), int(0), s("-1")])).unwrap();
+        let lone = heartbeat(&a(vec![int(0), s("0"), int(0), s("-1"), int(0), int(0)])).unwrap();
         assert!(!lone.alive);
         assert_eq!(lone.next_expiry, None);
         assert_eq!(
-            heartbeat(&a(vec![int(0), s("0"), int(0), int(-1)]))
+            heartbeat(&a(vec![int(0), s("0"), int(0), int(-1), int(0), int(0)]))
                 .unwrap()
                 .next_expiry,
             None
@@ -550,6 +554,10 @@ mod tests {
             (
                 a(vec![int(1), s("4"), int(0), s("-7")]),
                 "not a count of ms or -1",
+            ),
+            (
+                a(vec![int(1), s("4"), int(0), s("-1"), int(3)]),
+                "held (field 5) is missing",
             ),
             (s("OK"), "not an array but text"),
         ] {

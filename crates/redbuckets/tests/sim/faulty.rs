@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use redbuckets::store::{Action, GroupKey, HeartbeatReply, Notifications};
+use redbuckets::store::{Action, Channel, GroupKey, HeartbeatReply, Notifications};
 use redbuckets::{Error, MemoryStore, Store};
 use redbuckets_testkit::{Call, Intercept, Intercepted, Reply};
 use tokio::sync::{oneshot, watch};
@@ -35,6 +35,10 @@ pub struct Profile {
     pub delay: f64,
     /// The longest delay.
     pub max_delay: Duration,
+    /// A wake-up (a notice on the member's channel) is lost.
+    pub lose_notice: f64,
+    /// A wake-up is delivered twice.
+    pub dup_notice: f64,
 }
 
 impl Profile {
@@ -44,6 +48,8 @@ impl Profile {
         fail_after: 0.0,
         delay: 0.0,
         max_delay: Duration::ZERO,
+        lose_notice: 0.0,
+        dup_notice: 0.0,
     };
 }
 
@@ -75,6 +81,9 @@ pub struct Counters {
     pub ran_unheard: AtomicU64,
     /// Snapshots read by members (resynchronisations after a lost reply).
     pub snapshots: AtomicU64,
+    /// Wake-ups lost, and delivered twice.
+    pub lost_notices: AtomicU64,
+    pub duplicated_notices: AtomicU64,
     /// When a registration last ran while its caller no longer waited: a session the member
     /// may never use (its process may even be gone) joined the group, a membership change.
     pub unheard_registration: Mutex<Option<Instant>>,
@@ -286,25 +295,72 @@ impl Link {
         }
     }
 
-    /// A subscription through the link: it breaks when the link does.
-    async fn subscribe(&self, inner: &MemoryStore, g: &GroupKey) -> Result<Reply, Error> {
+    /// What happens to one notice: lost (`None`), or delivered once or twice after a delay.
+    fn notice_fate(&self) -> Option<(u32, Duration)> {
+        let mut ctl = self.ctl();
+        let p = ctl.profile;
+        if p.lose_notice > 0.0 && ctl.rng.gen_bool(p.lose_notice) {
+            Counters::bump(&self.counters.lost_notices);
+            return None;
+        }
+        let times = if p.dup_notice > 0.0 && ctl.rng.gen_bool(p.dup_notice) {
+            Counters::bump(&self.counters.duplicated_notices);
+            2
+        } else {
+            1
+        };
+        let late = if p.delay > 0.0 && ctl.rng.gen_bool(p.delay) && !p.max_delay.is_zero() {
+            ctl.rng.gen_range(Duration::ZERO..=p.max_delay)
+        } else {
+            Duration::ZERO
+        };
+        Some((times, late))
+    }
+
+    /// A subscription through the link: it breaks when the link does. Each notice may be lost,
+    /// duplicated or late (the profile's `lose_notice`, `dup_notice`, `delay`).
+    async fn subscribe(
+        &self,
+        inner: &MemoryStore,
+        g: &GroupKey,
+        member: Option<&str>,
+    ) -> Result<Reply, Error> {
         if self.ctl().lie == Lie::Heartbeat {
             // A liar never tells the member that anything changed.
             let never = futures_util::stream::pending();
             return Ok(Reply::Subscribe(Notifications::new(never)));
         }
         self.plan()?;
-        let inner = inner.subscribe(g).await?;
+        let channel = member.map_or(Channel::Group, Channel::Member);
+        let inner = inner.subscribe(g, channel).await?;
         let mut breaks = self.breaks.subscribe();
         breaks.borrow_and_update();
+        let link = self.clone();
         Ok(Reply::Subscribe(Notifications::new(
-            futures_util::stream::unfold((inner, breaks), |(mut inner, mut breaks)| async move {
-                tokio::select! {
-                    biased;
-                    _ = breaks.changed() => None,
-                    notice = inner.next() => notice.map(|()| ((), (inner, breaks))),
-                }
-            }),
+            futures_util::stream::unfold(
+                (inner, breaks, link, 0u32),
+                |(mut inner, mut breaks, link, again)| async move {
+                    if again > 0 {
+                        return Some(((), (inner, breaks, link, again - 1)));
+                    }
+                    loop {
+                        tokio::select! {
+                            biased;
+                            _ = breaks.changed() => return None,
+                            notice = inner.next() => {
+                                notice?;
+                                let Some((times, late)) = link.notice_fate() else {
+                                    continue;
+                                };
+                                if !late.is_zero() {
+                                    tokio::time::sleep(late).await;
+                                }
+                                return Some(((), (inner, breaks, link, times - 1)));
+                            }
+                        }
+                    }
+                },
+            ),
         )))
     }
 
@@ -363,7 +419,9 @@ impl Intercept<MemoryStore> for Link {
                     return Ok(Reply::Heartbeat(reply));
                 }
             }
-            Call::Subscribe { group } => return self.subscribe(inner, &group).await,
+            Call::Subscribe { group, member } => {
+                return self.subscribe(inner, &group, member.as_deref()).await
+            }
             _ => {}
         }
         // Members read snapshots to resynchronise after a lost reply; those reads meet the

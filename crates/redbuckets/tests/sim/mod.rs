@@ -665,10 +665,12 @@ impl World {
             0 => Profile::CALM,
             1 => Profile {
                 fail_before: rng.gen_range(0.0..0.5),
+                lose_notice: rng.gen_range(0.0..0.5),
                 ..Profile::CALM
             },
             2 => Profile {
                 fail_after: rng.gen_range(0.0..0.5),
+                dup_notice: rng.gen_range(0.0..0.5),
                 ..Profile::CALM
             },
             _ => Profile {
@@ -676,6 +678,8 @@ impl World {
                 fail_after: rng.gen_range(0.0..0.2),
                 delay: rng.gen_range(0.0..0.5),
                 max_delay: ct.mul_f64(rng.gen_range(0.5..2.0)),
+                lose_notice: rng.gen_range(0.0..0.3),
+                dup_notice: rng.gen_range(0.0..0.3),
             },
         }
     }
@@ -1064,6 +1068,8 @@ impl World {
             ("partitioned calls", &c.partitioned),
             ("ran unheard", &c.ran_unheard),
             ("resync snapshots", &c.snapshots),
+            ("lost wake-ups", &c.lost_notices),
+            ("duplicated wake-ups", &c.duplicated_notices),
         ] {
             counts.insert(name, counter.load(Ordering::Relaxed));
         }

@@ -17,7 +17,10 @@
 --                        releases). Per weight, so the share rule counts the members above
 --                        their base share with one ZCOUNT per distinct weight, not a scan.
 --   <tag>:held:<member>  set of the member's buckets
---   <tag>:events         pub/sub channel
+--   <tag>:ids            zset, every score 0: the live members in id order, so that each
+--                        member watches the expiry of the next two (watched_next_ms)
+--   <tag>:events         pub/sub channel: every change, for tools that watch the group
+--   <tag>:wake:<member>  pub/sub channel: the member must act (settle)
 -- Keys built here from ARGV[1] (the tag) share the hash tag, so they are on the same slot.
 --
 -- Lua numbers are doubles: µs timestamps (~1.7e15) are exact, but tostring() and number
@@ -174,6 +177,10 @@ local function count_key(w)
   return TAG .. ':count:' .. w
 end
 
+local function ids_key()
+  return TAG .. ':ids'
+end
+
 local function publish()
   redis.call('PUBLISH', CHANNEL, 'changed')
 end
@@ -238,6 +245,7 @@ local function remove_member(meta, member)
     end
   end
   redis.call('ZREM', K_EXP, member)
+  redis.call('ZREM', ids_key(), member)
   redis.call('HDEL', K_SESS, member)
   redis.call('HDEL', K_SINCE, member)
   redis.call('HDEL', K_WEIGHT, member)
@@ -270,6 +278,7 @@ local function check_types(member)
   for _, kt in ipairs(key_types()) do
     check_type(kt[1], kt[2])
   end
+  check_type(ids_key(), 'zset')
   if member then
     check_type(held_key(member), 'set')
   end
@@ -359,7 +368,7 @@ local function wipe_group()
       redis.call('DEL', count_key(w))
     end
   end
-  redis.call('DEL', K_META, K_EXP, K_SESS, K_SINCE, K_WEIGHT, K_WCOUNT, K_OWNER, K_FREE)
+  redis.call('DEL', K_META, K_EXP, K_SESS, K_SINCE, K_WEIGHT, K_WCOUNT, K_OWNER, K_FREE, ids_key())
 end
 
 -- True when the group's data was written by another Redis process (see load_current_meta).
@@ -387,3 +396,140 @@ local function load_current_meta()
   return meta
 end
 
+
+-- The live members grouped by weight, weights ascending (the order settle visits them in, as
+-- share.rs does): { w, text (as stored), n (members), base (base share) }, and the remainder:
+-- how many members may hold one bucket above their base share.
+local function weight_groups(B)
+  local flat = redis.call('HGETALL', K_WCOUNT)
+  local groups, total = {}, 0
+  for i = 1, #flat, 2 do
+    local w = uint(flat[i], 'weight in wcount')
+    local n = uint(flat[i + 1], 'wcount of weight ' .. flat[i])
+    groups[#groups + 1] = { w = w, text = flat[i], n = n }
+    total = total + w * n
+  end
+  table.sort(groups, function(a, b)
+    return a.w < b.w
+  end)
+  local assigned = 0
+  for _, g in ipairs(groups) do
+    g.base = base_share(B, g.w, total)
+    assigned = assigned + g.n * g.base
+  end
+  return groups, math.max(B - assigned, 0)
+end
+
+-- Members of `groups` whose committed count is above their base share.
+local function count_above(groups)
+  local above = 0
+  for _, g in ipairs(groups) do
+    above = above + redis.call('ZCOUNT', count_key(g.text), '(' .. fmt(g.base), '+inf')
+  end
+  return above
+end
+
+-- After a change, wakes the members that must act, and nobody else (memory.rs `settle`,
+-- share.rs `givers` and `takers`): a change costs work in proportion to the members that give
+-- or take, not to the group's size. Nobody during the quarantine.
+-- `joined`: a member joined, so some may be above their new share. Their lower counts are
+-- committed here: every member above base + 1 comes down to base + 1, then, while more members
+-- hold one above their base than the remainder allows, the first at base + 1 in id order come
+-- down to base. Then, if buckets are free, members below their base (fewest first) until their
+-- room covers the free count, then members at their base while the remainder has room.
+local function settle(meta, now, joined)
+  if now < meta.grant_after then
+    return
+  end
+  local groups, remainder = weight_groups(meta.buckets)
+  local woken, seen = {}, {}
+  local function add(m)
+    if not seen[m] then
+      seen[m] = true
+      woken[#woken + 1] = m
+    end
+  end
+  if joined then
+    for _, g in ipairs(groups) do
+      local k = count_key(g.text)
+      for _, m in ipairs(redis.call('ZRANGEBYSCORE', k, '(' .. fmt(g.base + 1), '+inf')) do
+        redis.call('ZADD', k, fmt(g.base + 1), m)
+        add(m)
+      end
+    end
+    local excess = count_above(groups) - remainder
+    for _, g in ipairs(groups) do
+      if excess <= 0 then
+        break
+      end
+      local k = count_key(g.text)
+      local top = fmt(g.base + 1)
+      for _, m in ipairs(redis.call('ZRANGEBYSCORE', k, top, top, 'LIMIT', 0, excess)) do
+        redis.call('ZADD', k, fmt(g.base), m)
+        add(m)
+        excess = excess - 1
+      end
+    end
+  end
+  local need = redis.call('SCARD', K_FREE)
+  if need > 0 then
+    local extras = math.max(remainder - count_above(groups), 0)
+    for _, g in ipairs(groups) do
+      if need <= 0 then
+        break
+      end
+      local below = redis.call('ZRANGEBYSCORE', count_key(g.text), '-inf', '(' .. fmt(g.base),
+        'WITHSCORES', 'LIMIT', 0, need)
+      for i = 1, #below, 2 do
+        add(below[i])
+        need = need - (g.base - (tonumber(below[i + 1]) or 0))
+        if need <= 0 then
+          break
+        end
+      end
+    end
+    for _, g in ipairs(groups) do
+      if need <= 0 or extras <= 0 then
+        break
+      end
+      local base = fmt(g.base)
+      local at = redis.call('ZRANGEBYSCORE', count_key(g.text), base, base, 'LIMIT', 0,
+        math.min(need, extras))
+      for _, m in ipairs(at) do
+        add(m)
+        need = need - 1
+        extras = extras - 1
+      end
+    end
+  end
+  for _, m in ipairs(woken) do
+    redis.call('PUBLISH', TAG .. ':wake:' .. m, 'act')
+  end
+end
+
+-- ms from now_ms until the earliest expiry of the sessions `member` watches: the next two
+-- members after it in id order, wrapping around (memory.rs `watched`); -1 if there are none.
+-- Each crashed member is checked by two peers when its session ends, not by all of them.
+local function watched_next_ms(member, now_ms)
+  local k = ids_key()
+  local ids = redis.call('ZRANGEBYLEX', k, '(' .. member, '+', 'LIMIT', 0, 2)
+  if #ids < 2 then
+    for _, m in ipairs(redis.call('ZRANGEBYLEX', k, '-', '(' .. member, 'LIMIT', 0, 2 - #ids)) do
+      ids[#ids + 1] = m
+    end
+  end
+  local next_ms = -1
+  if #ids == 0 then
+    return next_ms
+  end
+  for _, e in ipairs(redis.call('ZMSCORE', K_EXP, unpack(ids))) do
+    local at = tonumber(e)
+    if at then
+      local d = math.max(at - now_ms, 0)
+      if next_ms < 0 or d < next_ms then
+        next_ms = d
+      end
+    end
+  end
+  return next_ms
+end

@@ -8,4 +8,5 @@ if not meta then
 end
 remove_member(meta, member)
 publish()
+settle(meta, server_now_us(), false)
 return 1

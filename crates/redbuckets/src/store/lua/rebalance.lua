@@ -15,14 +15,12 @@ check_types(member)
 local now = server_now_us()
 local now_ms = idiv(now, 1000)
 local purged = purge(meta, now_ms) > 0
-if not live(member, nonce, now_ms) then
-  if purged then
-    publish()
-  end
-  return { 'lost' }
-end
 if purged then
   publish()
+  settle(meta, now, false)
+end
+if not live(member, nonce, now_ms) then
+  return { 'lost' }
 end
 
 local B = meta.buckets
@@ -30,20 +28,12 @@ local my_w = weight_of(member)
 local count_k = count_key(my_w)
 local mine = committed(member, my_w)
 
--- The live members grouped by weight (wcount), with how many of each weight hold more than
--- their base share: one ZCOUNT per distinct weight (d = 1 in the common equal-weight case).
-local groups, texts = {}, {}
-local total = 0
-local flat = redis.call('HGETALL', K_WCOUNT)
-for i = 1, #flat, 2 do
-  local w = uint(flat[i], 'weight in wcount')
-  local c = uint(flat[i + 1], 'wcount of weight ' .. flat[i])
-  groups[#groups + 1] = { w, c, 0 }
-  texts[#texts + 1] = flat[i]
-  total = total + w * c
-end
-for i, g in ipairs(groups) do
-  g[3] = redis.call('ZCOUNT', count_key(texts[i]), '(' .. fmt(base_share(B, g[1], total)), '+inf')
+-- The live members grouped by weight, with how many of each weight hold more than their base
+-- share: one ZCOUNT per distinct weight (d = 1 in the common equal-weight case).
+local groups = {}
+for _, g in ipairs(weight_groups(B)) do
+  local above = redis.call('ZCOUNT', count_key(g.text), '(' .. fmt(g.base), '+inf')
+  groups[#groups + 1] = { g.w, g.n, above }
 end
 local free = redis.call('SCARD', K_FREE)
 local kind, count, base, share_max = share_rule(B, groups, tonumber(my_w), mine, free)

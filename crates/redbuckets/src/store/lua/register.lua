@@ -63,12 +63,14 @@ if existing then
     redis.call('ZADD', K_EXP, fmt(exp_ms), member)
     if changed then
       publish()
+      settle(meta, now, false)
     end
     return { 'registered', fmt(meta.ver) }
   end
   if alive and existing ~= replaces then
     if changed then
       publish()
+      settle(meta, now, false)
     end
     return { 'inuse', fmt(e - now_ms) }
   end
@@ -91,6 +93,7 @@ if #stale > 0 then
 end
 
 redis.call('ZADD', K_EXP, fmt(exp_ms), member)
+redis.call('ZADD', ids_key(), 0, member)
 redis.call('HSET', K_SESS, member, nonce)
 redis.call('HSET', K_SINCE, member, fmt(now_ms))
 redis.call('HSET', K_WEIGHT, member, w)
@@ -98,4 +101,6 @@ redis.call('HSET', K_WCOUNT, w, fmt((tonumber(same_weight or '0') or 0) + 1))
 redis.call('ZADD', count_key(w), '0', member)
 bump(meta)
 publish()
+-- Members above their new share are committed to release and woken; free buckets find takers.
+settle(meta, now, true)
 return { 'registered', fmt(meta.ver) }

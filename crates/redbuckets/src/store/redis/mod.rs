@@ -2,7 +2,7 @@
 //!
 //! The scripts live in `store/lua/`: `clock.lua` (the server's clock, the one place a script
 //! reads time) and `common.lua` (key layout, validation of stored data, purge, the share rule)
-//! come before each method's body; `heartbeat_fast.lua` needs `clock.lua` only. They mirror
+//! come before each method's body. They mirror
 //! [`crate::MemoryStore`], the reference semantics, step for step; the share rule is a port of
 //! [`crate::share`].
 //!
@@ -102,8 +102,8 @@ use crate::config::PROTOCOL_VERSION;
 use crate::error::Error;
 use crate::store::protocol::{self, RegisterReply};
 use crate::store::{
-    GroupKey, GroupSnapshot, HeartbeatReply, Notifications, RebalanceReply, RegisterRequest,
-    Registration, SessionRef, Store,
+    Channel, GroupKey, GroupSnapshot, HeartbeatReply, Notifications, RebalanceReply,
+    RegisterRequest, Registration, SessionRef, Store,
 };
 
 /// The server's clock: `TIME`.
@@ -531,8 +531,15 @@ impl Store for RedisStore {
         protocol::snapshot(&reply).map_err(|e| e.into_error(group))
     }
 
-    async fn subscribe(&self, group: &GroupKey) -> Result<Notifications, Error> {
-        let channel = format!("{}:events", group.tag());
+    async fn subscribe(
+        &self,
+        group: &GroupKey,
+        channel: Channel<'_>,
+    ) -> Result<Notifications, Error> {
+        let channel = match channel {
+            Channel::Group => format!("{}:events", group.tag()),
+            Channel::Member(member) => format!("{}:wake:{member}", group.tag()),
+        };
         let node = self.inner.node();
         let mut moved = self.inner.moved.subscribe();
         let open = async {

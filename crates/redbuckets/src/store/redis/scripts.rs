@@ -1,15 +1,13 @@
 //! The Lua texts a store sends, composed from `store/lua/`: one function library (what `FCALL`
 //! runs) and, for servers that refuse functions, one EVAL script per call. Pure text: no I/O.
 //!
-//! Each script is a body (`<name>.lua`) run after `clock.lua` and, unless it stands alone,
-//! `common.lua`, whose `bind(keys, argv)` sets the call's keys and tag. Body files are plain
+//! Each script is a body (`<name>.lua`) run after `clock.lua` and `common.lua`, whose `bind(keys, argv)` sets the call's keys and tag. Body files are plain
 //! chunks that read `KEYS` and `ARGV`, so the same text works in both forms:
 //! - **EVAL:** `clock + common + "bind(KEYS, ARGV)" + body`, one script per body, run with
 //!   `EVALSHA` (the prelude is compiled again on every call: ~11 µs of server time).
 //! - **Function library:** `clock + common` once, then each body as the callback of
 //!   `rb_<version>_<name>`, which first stores its `keys` and `argv` in the library's `KEYS` and
-//!   `ARGV` locals (a library has no such globals; `clock_frozen.lua` and `heartbeat_fast.lua`
-//!   read them directly) and calls `bind`. The library is named `redbuckets_<version>`, where
+//!   `ARGV` locals (a library has no such globals; `clock_frozen.lua` reads them directly) and calls `bind`. The library is named `redbuckets_<version>`, where
 //!   `<version>` is the first 12 hex digits of the SHA1 of its text (with the version left out),
 //!   so two versions of redbuckets, or the two clock variants, load side by side on one server
 //!   during a rolling upgrade.
@@ -51,8 +49,6 @@ struct Body {
     /// Flagged `no-writes`: Redis itself refuses any write in it, so looking never changes the
     /// group.
     read_only: bool,
-    /// Runs after `common.lua` (and `bind`); otherwise after `clock.lua` only.
-    needs_common: bool,
 }
 
 /// Every script, in `ScriptId` order.
@@ -62,50 +58,44 @@ const BODIES: [Body; 7] = [
         name: "register",
         text: include_str!("../lua/register.lua"),
         read_only: false,
-        needs_common: true,
     },
     Body {
         id: ScriptId::Heartbeat,
         name: "heartbeat",
         text: include_str!("../lua/heartbeat.lua"),
         read_only: false,
-        needs_common: true,
     },
-    // Standalone: as an EVAL script it skips compiling the prelude on every renewal.
+    // With common.lua, as every body, since the renewal reports the sessions the member
+    // watches and its counts (issue 10): free as a function, the prelude as an EVAL script.
     Body {
         id: ScriptId::HeartbeatFast,
         name: "heartbeat_fast",
         text: include_str!("../lua/heartbeat_fast.lua"),
         read_only: false,
-        needs_common: false,
     },
     Body {
         id: ScriptId::Rebalance,
         name: "rebalance",
         text: include_str!("../lua/rebalance.lua"),
         read_only: false,
-        needs_common: true,
     },
     Body {
         id: ScriptId::Release,
         name: "release",
         text: include_str!("../lua/release.lua"),
         read_only: false,
-        needs_common: true,
     },
     Body {
         id: ScriptId::Deregister,
         name: "deregister",
         text: include_str!("../lua/deregister.lua"),
         read_only: false,
-        needs_common: true,
     },
     Body {
         id: ScriptId::Snapshot,
         name: "snapshot",
         text: include_str!("../lua/snapshot.lua"),
         read_only: true,
-        needs_common: true,
     },
 ];
 
@@ -139,12 +129,10 @@ impl Scripts {
                 } else {
                     ""
                 };
-                let prelude = if body.needs_common {
-                    format!("{COMMON}\nbind(KEYS, ARGV)\n")
-                } else {
-                    String::new()
-                };
-                Script::new(&format!("{flags}{clock}\n{prelude}{}", body.text))
+                Script::new(&format!(
+                    "{flags}{clock}\n{COMMON}\nbind(KEYS, ARGV)\n{}",
+                    body.text
+                ))
             })
             .collect();
 
@@ -156,11 +144,6 @@ impl Scripts {
              {clock}\n{COMMON}\n"
         );
         for body in &BODIES {
-            let bind = if body.needs_common {
-                "bind(keys, argv)\n"
-            } else {
-                ""
-            };
             let flags = if body.read_only {
                 "{ 'no-writes' }"
             } else {
@@ -169,7 +152,7 @@ impl Scripts {
             text.push_str(&format!(
                 "redis.register_function{{ function_name = 'rb_{VERSION_SLOT}_{name}', \
                  flags = {flags}, callback = function(keys, argv)\n\
-                 KEYS, ARGV = keys, argv\n{bind}{body}\nend }}\n",
+                 KEYS, ARGV = keys, argv\nbind(keys, argv)\n{body}\nend }}\n",
                 name = body.name,
                 body = body.text,
             ));
