@@ -50,6 +50,14 @@ pub struct Config {
     /// Deadline of each store call. Default 3 s; capped at a third of the ttl, and a call never
     /// runs past the local lease deadline.
     pub call_timeout: Duration,
+    /// How long [`crate::MemberBuilder::start`] keeps retrying its registration while the store
+    /// times out or is unavailable (connection refused or reset, `BUSY`, `LOADING`, a replica
+    /// not yet promoted), with exponential backoff and jitter between attempts. Errors a retry
+    /// cannot cure (configuration, auth, a group of another shape, corrupt data) fail at once.
+    /// Default 30 s: longer than a Redis restart or a Sentinel failover usually takes, and than a
+    /// thousand members starting at once keep one Redis busy; short enough that a deployment
+    /// against a Redis that is down fails visibly within a typical readiness check.
+    pub start_timeout: Duration,
     /// Graceful shutdown budget: drain, release everything, deregister. `Member::shutdown`
     /// returns within it, also when the store does not answer. The drain ends two call timeouts
     /// before it (at once if the budget is shorter), so the release and the deregistration keep
@@ -87,6 +95,7 @@ impl Config {
             heartbeat: Duration::from_secs(1),
             renew_interval: None,
             call_timeout: Duration::from_secs(3),
+            start_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(1),
             max_drain: Duration::from_secs(10),
@@ -123,6 +132,7 @@ impl Config {
         for (field, value) in [
             ("heartbeat", self.heartbeat),
             ("call_timeout", self.call_timeout),
+            ("start_timeout", self.start_timeout),
             ("shutdown_timeout", self.shutdown_timeout),
             ("drain_timeout", self.drain_timeout),
             ("max_drain", self.max_drain),
@@ -160,6 +170,9 @@ impl Config {
         }
         if self.call_timeout.is_zero() {
             return Err(Error::config("call_timeout", "must be above zero"));
+        }
+        if self.start_timeout.is_zero() {
+            return Err(Error::config("start_timeout", "must be above zero"));
         }
         if self.lease_validity().is_zero() {
             return Err(Error::config(
@@ -289,6 +302,7 @@ mod tests {
         assert_eq!(c.ttl, Duration::from_secs(10));
         assert_eq!(c.heartbeat, Duration::from_secs(1));
         assert_eq!(c.prefix, "red-buckets");
+        assert_eq!(c.start_timeout, Duration::from_secs(30));
         assert_eq!(c.lease_validity(), Duration::from_millis(9895));
         assert_eq!(c.effective_renew_interval(), Duration::from_secs(5));
         let c = with(|c| c.renew_interval = Some(Duration::from_secs(1)));
@@ -324,6 +338,16 @@ mod tests {
                 with(|c| c.call_timeout = Duration::ZERO),
                 "call_timeout",
                 "above zero",
+            ),
+            (
+                with(|c| c.start_timeout = Duration::ZERO),
+                "start_timeout",
+                "above zero",
+            ),
+            (
+                with(|c| c.start_timeout = Duration::MAX),
+                "start_timeout",
+                "24h",
             ),
             (with(|c| c.max_clock_drift = 0.0), "max_clock_drift", "0.01"),
             (with(|c| c.heartbeat = Duration::MAX), "heartbeat", "24h"),

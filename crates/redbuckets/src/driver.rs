@@ -34,6 +34,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::{Backoff, Jitter};
 use crate::config::Config;
 use crate::error::Error;
 use crate::event::{Deadline, LostReason, Sent};
@@ -77,6 +78,40 @@ pub(crate) struct Driver<S> {
     /// Paces the retries of a failed release.
     release_retry_at: Instant,
     subscription: Subscription,
+    /// Paces the retries of failed calls, per kind of call (`backoff.rs`).
+    retries: Retries,
+    /// Draws the retries' jitter; seeded per member so a simulation replays.
+    jitter: Jitter,
+}
+
+/// One backoff per kind of store call: a failing kind slows down without slowing the others,
+/// and a success resets only its own.
+struct Retries {
+    register: Backoff,
+    heartbeat: Backoff,
+    /// The rebalance step, and the resync it may need.
+    rebalance: Backoff,
+    release: Backoff,
+    subscribe: Backoff,
+}
+
+impl Retries {
+    /// The first retry comes a quarter heartbeat after a failure (the fixed delay this replaced)
+    /// or later, and none later than a heartbeat: the pace polling keeps anyway, and what the
+    /// lease deadline leaves time for (heartbeat retries are also cut by the deadline, see
+    /// `Driver::heartbeat_retry_at`). A resubscription starts at the heartbeat, as before, and
+    /// may wait up to four: polling covers the gap, and each attempt may cost Redis a connection.
+    fn new(config: &Config) -> Self {
+        let base = (config.heartbeat / 4).max(Duration::from_millis(5));
+        let calls = Backoff::new(base, config.heartbeat);
+        Retries {
+            register: calls.clone(),
+            heartbeat: calls.clone(),
+            rebalance: calls.clone(),
+            release: calls,
+            subscribe: Backoff::new(config.heartbeat, config.heartbeat * 4),
+        }
+    }
 }
 
 impl<S: Store> Driver<S> {
@@ -90,7 +125,14 @@ impl<S: Store> Driver<S> {
         freeze: tokio::sync::mpsc::UnboundedReceiver<Duration>,
     ) -> Self {
         let now = Instant::now();
+        let jitter = Jitter::new(Jitter::seed_from(&[
+            &config.prefix,
+            &config.group,
+            &config.member_id,
+        ]));
         Driver {
+            retries: Retries::new(&config),
+            jitter,
             store,
             group: GroupKey::new(config.prefix.clone(), config.group.clone()),
             config,
@@ -107,26 +149,39 @@ impl<S: Store> Driver<S> {
     }
 
     /// The first registration, done before `start` returns so configuration and connection
-    /// errors reach the caller. Waits once for another session of the same id to expire (a
-    /// crashed process restarted); fails if that session was renewed meanwhile (a live
-    /// duplicate), or would outlast two ttls.
+    /// errors reach the caller. A timeout or an unavailable store (a briefly busy Redis, a
+    /// thousand members starting at once) is retried with backoff until the start timeout,
+    /// then fails with `StartTimeout` and the last error; other errors fail at once. Waits once
+    /// for another session of the same id to expire (a crashed process restarted); fails if
+    /// that session was renewed meanwhile (a live duplicate), or would outlast two ttls.
     pub(crate) async fn join(&mut self) -> Result<(), Error> {
-        self.subscribe().await;
-        let give_up = Instant::now() + self.config.ttl * 2;
-        let mut timeouts = 0;
+        let started = Instant::now();
+        let start_by = started + self.config.start_timeout;
+        let give_up = started + self.config.ttl * 2;
+        // Cut at the start timeout: a subscription not made here is retried by the loop.
+        let _ = tokio::time::timeout_at(start_by, self.subscribe()).await;
         let mut waited = None;
         loop {
-            let outcome = match self.register().await {
+            let deadline = self.call_deadline().min(start_by);
+            let outcome = match self.register(deadline).await {
+                Ok(outcome) => outcome,
                 // It may have run: retry with the same nonce, which finds it instead of leaving
                 // a session nobody heartbeats behind.
-                Err(e @ Error::Timeout { .. }) if timeouts < 2 && Instant::now() < give_up => {
-                    timeouts += 1;
+                Err(e) if e.is_transient() => {
+                    let retry_at = Instant::now() + self.retries.register.next(&mut self.jitter);
+                    tokio::time::sleep_until(retry_at.min(start_by)).await;
+                    if Instant::now() >= start_by {
+                        return Err(Error::StartTimeout {
+                            after: self.config.start_timeout,
+                            last: Box::new(e),
+                        });
+                    }
                     self.report(e);
-                    tokio::time::sleep(self.retry_delay()).await;
                     continue;
                 }
-                other => other?,
+                Err(e) => return Err(e),
             };
+            self.retries.register.reset();
             match outcome {
                 None => return Ok(()),
                 Some(expires_in) => {
@@ -297,6 +352,8 @@ impl<S: Store> Driver<S> {
         d.div_f64(self.config.clock_rate)
     }
 
+    /// A quarter heartbeat: the first resubscription after the stream broke (not a failed
+    /// call: failed calls are paced by `retries`), and the slack of the id-in-use check.
     fn retry_delay(&self) -> Duration {
         (self.config.heartbeat / 4).max(Duration::from_millis(5))
     }
@@ -362,11 +419,15 @@ impl<S: Store> Driver<S> {
         )
         .await
         {
-            Ok(notifications) => self.subscription = Subscription::Active(notifications),
+            Ok(notifications) => {
+                self.retries.subscribe.reset();
+                self.subscription = Subscription::Active(notifications);
+            }
             Err(e) => {
                 self.report(e);
+                let delay = self.retries.subscribe.next(&mut self.jitter);
                 self.subscription = Subscription::Down {
-                    retry_at: Instant::now() + self.on_my_clock(self.config.heartbeat),
+                    retry_at: Instant::now() + self.on_my_clock(delay),
                 };
                 self.poll_soon();
             }
@@ -375,7 +436,7 @@ impl<S: Store> Driver<S> {
 
     /// One registration attempt: `Ok(None)` when registered, `Ok(Some(expires_in))` when another
     /// live session holds the id.
-    async fn register(&mut self) -> Result<Option<Duration>, Error> {
+    async fn register(&mut self, deadline: Instant) -> Result<Option<Duration>, Error> {
         let Some((session, previous)) = self.session.request(&self.config.member_id) else {
             return Ok(None);
         };
@@ -390,7 +451,7 @@ impl<S: Store> Driver<S> {
         let sent = Sent::now();
         match call(
             &self.graceful,
-            self.call_deadline(),
+            deadline,
             "register",
             self.store.register(&self.group, &req),
         )
@@ -414,7 +475,11 @@ impl<S: Store> Driver<S> {
 
     /// Registration after a lost session, from the loop: errors are reported and retried.
     async fn reregister(&mut self) {
-        match self.register().await {
+        let result = self.register(self.call_deadline()).await;
+        if result.is_ok() {
+            self.retries.register.reset();
+        }
+        match result {
             Ok(None) => {}
             Ok(Some(expires_in)) => {
                 self.report(self.id_in_use(expires_in));
@@ -426,7 +491,8 @@ impl<S: Store> Driver<S> {
             }
             Err(e) => {
                 self.report(e);
-                self.session.retry_at(Instant::now() + self.retry_delay());
+                let delay = self.retries.register.next(&mut self.jitter);
+                self.session.retry_at(Instant::now() + delay);
             }
         }
     }
@@ -445,6 +511,9 @@ impl<S: Store> Driver<S> {
         )
         .await;
         let now = Instant::now();
+        if result.is_ok() {
+            self.retries.heartbeat.reset();
+        }
         match result {
             Ok(reply) if reply.alive && self.deadline_passed(now) => {
                 // The session is alive, but the reply came after our deadline: the leases have
@@ -476,9 +545,26 @@ impl<S: Store> Driver<S> {
             }
             Err(e) => {
                 self.report(e);
-                self.session.retry_at(Instant::now() + self.retry_delay());
+                let at = self.heartbeat_retry_at(Instant::now());
+                self.session.retry_at(at);
             }
         }
+    }
+
+    /// When to retry a failed heartbeat: after the backoff, but never so late that no full call
+    /// fits before the lease deadline (S3 keeps its retries). Within that last call timeout,
+    /// at the backoff's base pace: each call there is cut at the deadline anyway.
+    fn heartbeat_retry_at(&mut self, now: Instant) -> Instant {
+        let at = now + self.retries.heartbeat.next(&mut self.jitter);
+        let Some(until) = self.session.deadline() else {
+            return at;
+        };
+        let latest = until
+            .wake_at(now)
+            .checked_sub(self.config.effective_call_timeout())
+            .filter(|&latest| latest > now)
+            .unwrap_or(now + self.retries.heartbeat.base());
+        at.min(latest)
     }
 
     /// The store no longer knows the session: everything is lost; register again at once.
@@ -501,10 +587,14 @@ impl<S: Store> Driver<S> {
         )
         .await;
         let reply = match result {
-            Ok(reply) => reply,
+            Ok(reply) => {
+                self.retries.rebalance.reset();
+                reply
+            }
             Err(e) => {
                 self.report(e);
-                self.rebalance = Some(Instant::now() + self.retry_delay());
+                self.rebalance =
+                    Some(Instant::now() + self.retries.rebalance.next(&mut self.jitter));
                 return;
             }
         };
@@ -606,7 +696,8 @@ impl<S: Store> Driver<S> {
             Err(e) => {
                 // Try again: the next rebalance reply shows the mismatch again.
                 self.report(e);
-                self.rebalance = Some(Instant::now() + self.retry_delay());
+                self.rebalance =
+                    Some(Instant::now() + self.retries.rebalance.next(&mut self.jitter));
                 return;
             }
         };
@@ -650,6 +741,7 @@ impl<S: Store> Driver<S> {
         .await
         {
             Ok(freed) => {
+                self.retries.release.reset();
                 self.shared
                     .apply(|l| l.released(&buckets, freed, Instant::now()));
                 if (freed as usize) < buckets.len() {
@@ -664,7 +756,8 @@ impl<S: Store> Driver<S> {
             Err(e) => {
                 self.shared.lock().ledger.release_failed(&buckets);
                 self.report(e);
-                self.release_retry_at = Instant::now() + self.retry_delay();
+                self.release_retry_at =
+                    Instant::now() + self.retries.release.next(&mut self.jitter);
             }
         }
     }
@@ -927,6 +1020,12 @@ mod tests {
         registered_unheard: Arc<AtomicUsize>,
         /// Release calls made (counted as they are sent).
         releases_sent: Arc<AtomicUsize>,
+        /// The next this many registrations hang (time out), then registrations answer.
+        register_hangs: Arc<AtomicUsize>,
+        /// Registration calls made (counted as they are sent).
+        registers_sent: Arc<AtomicUsize>,
+        /// Heartbeat calls made, and when (counted as they are sent).
+        heartbeats_sent: Arc<Mutex<Vec<Instant>>>,
     }
 
     impl TestStore {
@@ -948,6 +1047,14 @@ mod tests {
             group: &GroupKey,
             req: &RegisterRequest,
         ) -> Result<Registration, Error> {
+            self.registers_sent.fetch_add(1, Ordering::SeqCst);
+            let hang = self
+                .register_hangs
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if hang {
+                std::future::pending::<()>().await;
+            }
             self.gate().await;
             if self.register_unheard.load(Ordering::SeqCst) {
                 self.inner.register(group, req).await?;
@@ -962,6 +1069,10 @@ mod tests {
             session: &SessionRef,
             ttl: Duration,
         ) -> Result<HeartbeatReply, Error> {
+            self.heartbeats_sent
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Instant::now());
             self.gate().await;
             let sent = Instant::now();
             let reply = self.inner.heartbeat(group, session, ttl).await;
@@ -1396,5 +1507,149 @@ mod tests {
         let lease = member.lease(0).expect("owned");
         assert_eq!(lease.token(), token);
         assert!(lease.is_valid());
+    }
+
+    /// Issue 10, 2: a start against a briefly busy store. Before, `start` gave up after two
+    /// register timeouts; now it retries (same nonce) with backoff until the start timeout.
+    #[tokio::test(start_paused = true)]
+    async fn a_start_retries_registrations_that_time_out() {
+        let store = TestStore::default();
+        store.register_hangs.store(5, Ordering::SeqCst);
+        let began = Instant::now();
+        let member = builder(&store, "a")
+            .call_timeout(Duration::from_millis(500))
+            .start()
+            .await
+            .expect("start survives five register timeouts");
+        assert_eq!(store.registers_sent.load(Ordering::SeqCst), 6);
+        // Five timeouts of 500 ms, and five backoffs of 25..=100 ms (heartbeat 100 ms).
+        let took = began.elapsed();
+        assert!(
+            took >= Duration::from_millis(2625) && took <= Duration::from_millis(3000),
+            "{took:?}"
+        );
+        assert_eq!(member.status().errors, 5);
+        tokio::time::sleep(TTL + Duration::from_secs(1)).await;
+        assert_eq!(member.buckets().len(), 4);
+        let group = GroupKey::new(crate::config::DEFAULT_PREFIX, "g");
+        let snapshot = store.inner.snapshot(&group).await.expect("snapshot");
+        assert_eq!(
+            snapshot.map(|s| s.members.len()),
+            Some(1),
+            "one session: every retry used the same nonce"
+        );
+    }
+
+    /// Issue 10, 2: a store that never answers fails the start at the start timeout, naming it
+    /// and the last error.
+    #[tokio::test(start_paused = true)]
+    async fn a_start_against_a_store_that_never_answers_fails_at_the_start_timeout() {
+        let store = TestStore::default();
+        store.hang.store(true, Ordering::SeqCst);
+        let began = Instant::now();
+        let err = builder(&store, "a")
+            .start_timeout(Duration::from_secs(5))
+            .start()
+            .await
+            .expect_err("the store never answers");
+        assert_eq!(began.elapsed(), Duration::from_secs(5));
+        match &err {
+            Error::StartTimeout { after, last } => {
+                assert_eq!(*after, Duration::from_secs(5));
+                assert!(
+                    matches!(
+                        **last,
+                        Error::Timeout {
+                            call: "register",
+                            ..
+                        }
+                    ),
+                    "{last}"
+                );
+            }
+            other => panic!("{other}"),
+        }
+        let message = err.to_string();
+        assert!(
+            message.contains("start timeout of 5s") && message.contains("register timed out"),
+            "{message}"
+        );
+        // Calls of 1 s (a third of the ttl) with backoff between them: a handful, not a storm.
+        let attempts = store.registers_sent.load(Ordering::SeqCst);
+        assert!((4..=5).contains(&attempts), "{attempts} registrations");
+    }
+
+    /// Errors a retry cannot cure fail the start at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_start_does_not_retry_a_group_of_another_shape() {
+        let store = TestStore::default();
+        let _first = builder(&store, "a").start().await.expect("start");
+        let began = Instant::now();
+        let err = builder(&store, "b")
+            .buckets(8)
+            .start()
+            .await
+            .expect_err("another bucket count");
+        assert!(matches!(err, Error::GroupMismatch { .. }), "{err}");
+        assert_eq!(began.elapsed(), Duration::ZERO);
+    }
+
+    /// Issue 10, 3: failed heartbeats back off (fewer calls than the fixed quarter-heartbeat
+    /// retry made), and the last retry still comes a call timeout before the lease deadline.
+    #[tokio::test(start_paused = true)]
+    async fn failed_heartbeats_back_off_within_the_lease_deadline() {
+        let store = TestStore::default();
+        let member = owner_from(
+            builder(&store, "a")
+                .heartbeat(Duration::from_millis(400))
+                .call_timeout(Duration::from_millis(100)),
+        )
+        .await;
+        let config = member.config().clone();
+        let sent = |store: &TestStore| {
+            store
+                .heartbeats_sent
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        };
+        let last_ok = *sent(&store).last().expect("heartbeats ran");
+        store.hang.store(true, Ordering::SeqCst);
+        let deadline = last_ok + config.lease_validity();
+        while Instant::now() < deadline + Duration::from_millis(1) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(member.buckets().is_empty(), "the deadline passed");
+        let failed: Vec<Instant> = sent(&store)
+            .into_iter()
+            .filter(|&t| t > last_ok && t < deadline)
+            .collect();
+        // The first failure comes at the renewal (1.5 s after the last success); the 100 ms
+        // timeouts and the old fixed 100 ms retry made a call every 200 ms until the deadline,
+        // about 7; the backoff (100..=400 ms) makes fewer.
+        let fixed = (deadline - failed[0]).as_millis() / 200 + 1;
+        assert!(
+            failed.len() >= 2 && (failed.len() as u128) < fixed,
+            "{} heartbeats after the last success, {fixed} with the fixed retry",
+            failed.len()
+        );
+        let last = *failed.last().expect("failed heartbeats");
+        assert!(
+            deadline - last >= config.effective_call_timeout()
+                || deadline - last <= Duration::from_millis(100),
+            "the last retry came {:?} before the deadline",
+            deadline - last
+        );
+        // After a call timeout before the deadline, nothing waits past it: a retry was sent
+        // within the last call timeout plus the backoff base before the deadline.
+        assert!(
+            failed
+                .iter()
+                .any(|&t| deadline - t
+                    <= config.effective_call_timeout() + Duration::from_millis(100)),
+            "no retry in the last stretch before the deadline: {:?}",
+            failed.iter().map(|&t| deadline - t).collect::<Vec<_>>()
+        );
+        member.abort();
     }
 }

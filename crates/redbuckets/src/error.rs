@@ -94,6 +94,16 @@ pub enum Error {
         after: Duration,
     },
 
+    /// `start` could not register within [`crate::Config::start_timeout`]: every attempt timed
+    /// out or found the store unavailable.
+    #[error("could not join within the start timeout of {after:?}; last error: {last}")]
+    StartTimeout {
+        /// The start timeout.
+        after: Duration,
+        /// The error of the last attempt.
+        last: Box<Error>,
+    },
+
     /// Another live session uses this member id.
     #[error(
         "member id {member:?} is in use by another live session in group {group:?} \

@@ -40,12 +40,14 @@
 //! - `driver` — the member's task: heartbeats, rebalancing, drains, the local deadline; a thin
 //!   async loop over the session and the ledger.
 //! - `event` — [`Event`]s and [`Lease`] handles.
+//! - `backoff` — retry pacing: exponential backoff with jitter, seeded per member; pure.
 //! - `ledger` — the held buckets (owned or draining) and the events each change emits; pure.
 //! - [`check`] — the external S1/S2 checker over what members reported (the CLI's demo and the
 //!   tests use it). Pure.
 #![deny(missing_docs, missing_debug_implementations)]
 #![warn(clippy::unwrap_used)]
 
+mod backoff;
 pub mod check;
 mod config;
 mod driver;

@@ -82,6 +82,12 @@ impl<S: Store> MemberBuilder<S> {
         self.config.call_timeout = timeout;
         self
     }
+    /// How long [`MemberBuilder::start`] retries its registration, with backoff, while the store
+    /// times out or is unavailable. Default 30 s.
+    pub fn start_timeout(mut self, timeout: Duration) -> Self {
+        self.config.start_timeout = timeout;
+        self
+    }
     /// Graceful shutdown budget: [`Member::shutdown`] returns within it, also when the store
     /// does not answer. Default 10 s.
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
@@ -123,7 +129,9 @@ impl<S: Store> MemberBuilder<S> {
     /// Validates the configuration, joins the group and starts the member's task.
     ///
     /// Fails when the configuration is invalid, the store cannot be reached, or the group exists
-    /// with another bucket count. When another session holds this member id (a crashed process
+    /// with another bucket count. While the store times out or is unavailable (a briefly busy
+    /// or restarting Redis), the registration is retried with backoff and jitter for up to
+    /// [`crate::Config::start_timeout`], then fails with [`Error::StartTimeout`]. When another session holds this member id (a crashed process
     /// of the same id whose session has not expired yet), `start` waits for it to expire, up to
     /// one ttl, logging that once at INFO; if that session is renewed meanwhile, another live
     /// process uses the id, and `start` fails with [`Error::IdInUse`] naming when it expires.

@@ -40,6 +40,9 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
     if let Some(drain) = args.drain {
         config.drain_timeout = drain;
     }
+    if let Some(start) = args.start_timeout {
+        config.start_timeout = start;
+    }
     // Bad options are reported before anything touches the network.
     config.validate()?;
 
