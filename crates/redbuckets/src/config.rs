@@ -34,8 +34,10 @@ pub struct Config {
     /// How long a session (and with it every lease of the member) lives without a heartbeat.
     /// Default 10 s; at least 3 heartbeats.
     pub ttl: Duration,
-    /// Heartbeat period: the poll period while the notification stream is down (retries after a
-    /// failed call come at a quarter of it). Default 1 s. While notifications flow, a healthy
+    /// Heartbeat period: the poll period while the notification stream is down. It also paces
+    /// retries: a failed call is retried with exponential backoff and jitter, from a quarter of
+    /// it up to all of it (and a failed renewal in time for one more attempt before the lease
+    /// deadline). Default 1 s. While notifications flow, a healthy
     /// member needs no poll: it renews its session every [`Config::renew_interval`], and checks
     /// the group at the moment a peer's session would expire.
     pub heartbeat: Duration,
