@@ -625,8 +625,11 @@ impl<S: Store> Driver<S> {
         }
         match action {
             Action::Acquired { buckets, token } => {
-                // Keep stepping: the next call answers Stay once the share is reached.
-                self.rebalance = (!buckets.is_empty()).then_some(now);
+                // A step takes all the rule allows, up to MAX_TAKE: step again only when that
+                // cap cut it short. Otherwise the member is at its share or took every free
+                // bucket; a later change that lets it take more wakes it (or its heartbeat sees
+                // free buckets). One call per taker, not a second one that answers Stay.
+                self.rebalance = (buckets.len() >= MAX_TAKE as usize).then_some(now);
                 self.shared.apply(|l| l.grant(&buckets, token, now));
             }
             Action::Release(count) => {
