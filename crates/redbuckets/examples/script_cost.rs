@@ -9,8 +9,9 @@
 //! ```
 //! Phases: `rebalance (settle)` (the steps that spread a new group's buckets: each member takes
 //! its share, then stays), `renewal` (steady-state heartbeats), `rebalance (stay)` (steady-state
-//! steps: nothing to move), then one more member joins: `rebalance (release)` (the others are
-//! told to release), `release`, `rebalance (take)` (the newcomer takes, then all stay).
+//! steps: nothing to move), then one more member joins: `register (join)` (it commits the
+//! others' releases and wakes them), `rebalance (release)` (their steps report it), `release`,
+//! `rebalance (take)` (the newcomer takes, then all stay).
 
 use std::time::Duration;
 
@@ -134,17 +135,24 @@ async fn measure(extra: &[&str], n: usize, buckets: u32) {
     }
     report(&server, "rebalance (stay)");
 
-    // One more member: the others are told to release, release, and it takes.
+    // One more member: its registration commits the others' releases (`register (join)`),
+    // their next step reports them in its counts, they release, and it takes.
     let newcomer = session(n);
+    server.cli(&["CONFIG", "RESETSTAT"]);
     store
         .register(&g, &RegisterRequest::new(newcomer.clone(), 1, buckets, TTL))
         .await
         .expect("register");
-    server.cli(&["CONFIG", "RESETSTAT"]);
+    report(&server, "register (join)");
     let mut told = Vec::new();
     for m in &members {
         let r = store.rebalance(&g, m, u32::MAX).await.expect("rebalance");
-        if let Action::Release(k) = r.action {
+        let asked = match r.action {
+            Action::Release(k) => k,
+            _ => 0,
+        };
+        let k = asked.max(r.held.saturating_sub(r.committed));
+        if k > 0 {
             told.push((m, k));
         }
     }
