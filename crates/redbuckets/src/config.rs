@@ -36,8 +36,8 @@ pub struct Config {
     pub ttl: Duration,
     /// Heartbeat period: the poll period while the notification stream is down. It also paces
     /// retries: a failed call is retried with exponential backoff and jitter, from a quarter of
-    /// it up to all of it (and a failed renewal in time for one more attempt before the lease
-    /// deadline). Default 1 s. While notifications flow, a healthy
+    /// it up to all of it (a registration up to half the ttl; a failed renewal always in time
+    /// for one more attempt before the lease deadline). Default 1 s. While notifications flow, a healthy
     /// member needs no poll: it renews its session every [`Config::renew_interval`], and checks
     /// the group at the moment a peer's session would expire.
     pub heartbeat: Duration,

@@ -101,11 +101,14 @@ impl Retries {
     /// lease deadline leaves time for (heartbeat retries are also cut by the deadline, see
     /// `Driver::heartbeat_retry_at`). A resubscription starts at the heartbeat, as before, and
     /// may wait up to four: polling covers the gap, and each attempt may cost Redis a connection.
+    /// A registration may wait up to half the ttl: no lease waits on it (a lost session's
+    /// buckets go to the peers when it expires), and it is what a whole fleet retries at once
+    /// after Redis comes back or when it starts together.
     fn new(config: &Config) -> Self {
         let base = (config.heartbeat / 4).max(Duration::from_millis(5));
         let calls = Backoff::new(base, config.heartbeat);
         Retries {
-            register: calls.clone(),
+            register: Backoff::new(base, (config.ttl / 2).max(config.heartbeat)),
             heartbeat: calls.clone(),
             rebalance: calls.clone(),
             release: calls,
@@ -1525,10 +1528,11 @@ mod tests {
             .await
             .expect("start survives five register timeouts");
         assert_eq!(store.registers_sent.load(Ordering::SeqCst), 6);
-        // Five timeouts of 500 ms, and five backoffs of 25..=100 ms (heartbeat 100 ms).
+        // Five timeouts of 500 ms, and five growing backoffs (heartbeat 100 ms: 25..=50 ms,
+        // 50..=100, 100..=200, 200..=400, 400..=800; capped at half the ttl).
         let took = began.elapsed();
         assert!(
-            took >= Duration::from_millis(2625) && took <= Duration::from_millis(3000),
+            took >= Duration::from_millis(3275) && took <= Duration::from_millis(4050),
             "{took:?}"
         );
         assert_eq!(member.status().errors, 5);
