@@ -234,7 +234,7 @@ impl Config {
     }
 
     /// The longest renewal interval that leaves one call timeout of lease time for a retry.
-    fn latest_renewal(&self) -> Duration {
+    pub(crate) fn latest_renewal(&self) -> Duration {
         self.lease_validity()
             .saturating_sub(self.effective_call_timeout())
     }

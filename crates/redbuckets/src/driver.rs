@@ -46,6 +46,9 @@ use crate::store::{
     SessionRef, Store,
 };
 
+/// A renewal comes up to this fraction of the interval early, drawn per renewal.
+const RENEW_JITTER: f64 = 0.1;
+
 /// The most buckets one rebalance step takes; bounds the time a script runs.
 const MAX_TAKE: u32 = 4096;
 
@@ -316,24 +319,39 @@ impl<S: Store> Driver<S> {
         wake
     }
 
-    /// When to call the store after a successful heartbeat sent at `sent`: at the renewal
-    /// interval, or the heartbeat while notifications are down (polling), or just after the
-    /// earliest expiry of a peer's session (`next_expiry` after the store's now, which came after
-    /// `sent`, stretched by the clock-drift allowance so it lands after it), whichever comes
-    /// first. A crashed peer is purged at that check, so its buckets move within a round trip
-    /// (plus that stretch, ≤ 1% of the wait) of its session ending, while a healthy group sees
-    /// one call per member per renewal interval.
-    fn next_check(&self, sent: Instant, next_expiry: Option<Duration>) -> Instant {
+    /// When to call the store after a successful heartbeat sent at `sent`: a renewal interval
+    /// (up to [`RENEW_JITTER`] shorter) after its reply, or the heartbeat while notifications
+    /// are down (polling), or just after the earliest expiry of the sessions this member
+    /// watches (`next_expiry` after the store's now, which came after `sent`, stretched by the
+    /// clock-drift allowance so it lands after it) when the renewal would come more than a
+    /// heartbeat after it. A crashed peer is purged at that check or that renewal, so its
+    /// buckets move within a heartbeat of its session ending (L1), while a healthy group sees
+    /// one call per member per renewal interval, spread out: members started together (pods of
+    /// one deployment) would otherwise renew together, in bursts of n calls, for as long as
+    /// they run.
+    fn next_check(&mut self, sent: Instant, next_expiry: Option<Duration>) -> Instant {
         let period = match self.subscription {
             Subscription::Active(_) => self.config.effective_renew_interval(),
             Subscription::Down { .. } => self.config.heartbeat,
         };
-        let mut at = sent + self.on_my_clock(period);
+        let period = period.mul_f64(1.0 - RENEW_JITTER * self.jitter.fraction());
+        // Paced from the reply, not the send: a Redis that answers slowly is called less often
+        // (closed loop), down to the latest renewal that still leaves a retry before the lease
+        // deadline, which counts from the send.
+        let latest = sent + self.on_my_clock(self.config.latest_renewal().max(period));
+        let mut at = (Instant::now() + self.on_my_clock(period)).min(latest);
         if let Some(d) = next_expiry {
             // Measured on our clock, which may run fast by up to the drift: wait that much
             // longer so the check lands after the expiry.
             let wait = d.mul_f64(1.0 + self.config.max_clock_drift) + Duration::from_millis(1);
-            at = at.min(Instant::now() + self.on_my_clock(wait));
+            let check = Instant::now() + self.on_my_clock(wait);
+            // A renewal due within a heartbeat after that expiry purges it too (L1 allows a
+            // heartbeat): no extra call. A peer whose renewal a slow Redis delayed past our
+            // renewal is the common case of an "early" expiry, and checking it would add calls
+            // exactly when Redis can least take them.
+            if at > check + self.on_my_clock(self.config.heartbeat) {
+                at = check;
+            }
         }
         at
     }
