@@ -46,7 +46,9 @@ use crate::store::{
     SessionRef, Store,
 };
 
-/// A renewal comes up to this fraction of the interval early, drawn per renewal.
+/// The spread of renewal intervals, drawn per renewal around the configured one (±5%), so a
+/// fleet started together does not renew in bursts of n calls for as long as it runs, and
+/// still renews once per interval on average.
 const RENEW_JITTER: f64 = 0.1;
 
 /// The most buckets one rebalance step takes; bounds the time a script runs.
@@ -320,7 +322,7 @@ impl<S: Store> Driver<S> {
     }
 
     /// When to call the store after a successful heartbeat sent at `sent`: a renewal interval
-    /// (up to [`RENEW_JITTER`] shorter) after its reply, or the heartbeat while notifications
+    /// (± [`RENEW_JITTER`] / 2) after its reply, or the heartbeat while notifications
     /// are down (polling), or just after the earliest expiry of the sessions this member
     /// watches (`next_expiry` after the store's now, which came after `sent`, stretched by the
     /// clock-drift allowance so it lands after it) when the renewal would come more than a
@@ -334,7 +336,7 @@ impl<S: Store> Driver<S> {
             Subscription::Active(_) => self.config.effective_renew_interval(),
             Subscription::Down { .. } => self.config.heartbeat,
         };
-        let period = period.mul_f64(1.0 - RENEW_JITTER * self.jitter.fraction());
+        let period = period.mul_f64(1.0 + RENEW_JITTER * (self.jitter.fraction() - 0.5));
         // Paced from the reply, not the send: a Redis that answers slowly is called less often
         // (closed loop), down to the latest renewal that still leaves a retry before the lease
         // deadline, which counts from the send.
