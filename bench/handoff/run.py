@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Handoff gap with real `redbuckets join` processes (issue 10): 4 members × 1,024 buckets at the
+defaults (heartbeat 1 s, ttl 10 s) on a redis-server of its own, then a fifth joins and, once
+balanced, leaves gracefully (SIGTERM). From every process's `--json` events it computes, per moved
+bucket, the time it spent unowned: from the end of the old owner's ownership (`revoked`, or
+`lost`) to the new owner's `acquired`. Prints the mean and the largest gap of the join and of
+the leave, and the bucket-seconds.
+
+    cargo build --release -p redbuckets-cli
+    python3 bench/handoff/run.py [path/to/redbuckets] [rounds]
+"""
+import json, os, signal, socket, subprocess, sys, tempfile, threading, time
+
+BIN = sys.argv[1] if len(sys.argv) > 1 else "target/release/redbuckets"
+ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+BUCKETS = 1024
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def start_join(url, group, member, events):
+    p = subprocess.Popen(
+        [BIN, "join", "--redis", url, "--group", group, "--id", member,
+         "--buckets", str(BUCKETS), "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def read():
+        for line in p.stdout:
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                pass
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    return p, t
+
+
+def owners(events):
+    held = {}
+    for e in events:
+        if e.get("event") == "acquired":
+            held[e["bucket"]] = e["member"]
+        elif e.get("event") in ("revoked", "lost"):
+            held.pop(e["bucket"], None)
+    return held
+
+
+def wait_balanced(events, n, limit=30):
+    end = time.time() + limit
+    while time.time() < end:
+        held = owners(sorted(list(events), key=lambda e: e.get("at_us", 0)))
+        counts = {}
+        for m in held.values():
+            counts[m] = counts.get(m, 0) + 1
+        if len(held) == BUCKETS and len(counts) == n and max(counts.values()) - min(counts.values()) <= 1:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def gaps(events, since_us):
+    """Per bucket handed over after since_us: acquired.at - previous end.at (µs)."""
+    ended = {}
+    out = []
+    for e in sorted(events, key=lambda e: e.get("at_us", 0)):
+        kind = e.get("event")
+        if kind in ("revoked", "lost") and e["at_us"] >= since_us:
+            ended[e["bucket"]] = e["at_us"]
+        elif kind == "acquired" and e["bucket"] in ended:
+            out.append(e["at_us"] - ended.pop(e["bucket"]))
+    return out
+
+
+def main():
+    port = free_port()
+    d = tempfile.mkdtemp()
+    redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                              "--save", "", "--appendonly", "no", "--dir", d],
+                             stdout=subprocess.DEVNULL)
+    time.sleep(0.3)
+    url = f"redis://127.0.0.1:{port}/"
+    results = {"join": [], "leave": []}
+    try:
+        for r in range(ROUNDS):
+            group = f"handoff-{os.getpid()}-{r}"
+            events = []
+            procs = [start_join(url, group, f"m{i}", events) for i in range(1, 5)]
+            # The group's quarantine (ttl) first.
+            if not wait_balanced(events, 4, limit=40):
+                sys.exit("not balanced with 4 members")
+            time.sleep(1)
+            t_join = int(time.time() * 1e6)
+            fifth = start_join(url, group, "m5", events)
+            if not wait_balanced(events, 5):
+                sys.exit("not balanced after the join")
+            time.sleep(1)
+            results["join"].extend(gaps(events, t_join))
+            t_leave = int(time.time() * 1e6)
+            fifth[0].send_signal(signal.SIGTERM)
+            fifth[0].wait(timeout=20)
+            if not wait_balanced(events, 4):
+                sys.exit("not balanced after the leave")
+            time.sleep(1)
+            results["leave"].extend(gaps(events, t_leave))
+            for p, _ in procs:
+                p.send_signal(signal.SIGTERM)
+            for p, _ in procs:
+                p.wait(timeout=20)
+    finally:
+        redis.kill()
+    for phase, g in results.items():
+        if not g:
+            print(f"{phase}: no handoff seen")
+            continue
+        g.sort()
+        mean = sum(g) / len(g)
+        print(f"{phase}: {len(g)} buckets over {ROUNDS} rounds, unowned mean {mean / 1000:.2f} ms, "
+              f"median {g[len(g) // 2] / 1000:.2f} ms, max {g[-1] / 1000:.2f} ms, "
+              f"{sum(g) / 1e6:.3f} bucket-s")
+
+
+main()
