@@ -2,7 +2,7 @@
 //! the CLI's) uses one implementation of each thing instead of copies or `#[path]` includes.
 //!
 //! # Layout
-//! - `redis` — [`RedisServer`] and [`Sentinel`]: real `redis-server` processes on free ports,
+//! - `redis` — [`RedisServer`], [`Sentinel`] and [`RedisCluster`]: real `redis-server` processes on free ports,
 //!   with plain fault verbs (`stop`, `restart`, `pause`, `resume`), killed on drop. Without
 //!   `redis-server` on the PATH they panic with how to install it: tests never skip silently.
 //! - `events` — [`EventLog`]: members' events in arrival order, checked for S1/S2 by the
@@ -18,4 +18,4 @@ mod redis;
 
 pub use events::EventLog;
 pub use intercept::{Call, Intercept, Intercepted, Reply};
-pub use redis::{RedisServer, Sentinel};
+pub use redis::{RedisCluster, RedisServer, Sentinel};

@@ -284,3 +284,252 @@ fn answers_ping(port: u16) -> bool {
         _ => false,
     }
 }
+
+/// A Redis Cluster of 3 primaries and 3 replicas (`redis-server --cluster-enabled yes`), each
+/// on a free port of 127.0.0.1, joined with `redis-cli --cluster create --cluster-replicas 1`.
+/// [`RedisCluster::start`] returns once every node reports `cluster_state:ok` and agrees on
+/// the slot owners. `cluster-require-full-coverage no`: the primaries that are up serve their
+/// slots while another one fails over. Every node is killed on drop.
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+    dir: std::path::PathBuf,
+}
+
+/// How long the cluster may take to form, or to recover after a fault.
+const CLUSTER_BUDGET: Duration = Duration::from_secs(30);
+
+impl RedisCluster {
+    /// Starts 6 nodes and joins them: 3 primaries, one replica each. Node timeout 1 s, so a
+    /// killed primary's replica takes over within ~2 s.
+    pub fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "redbuckets-cluster-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).expect("create the cluster's directory");
+        let dir_arg = dir.display().to_string();
+        let mut nodes = Vec::new();
+        for i in 0..6 {
+            let conf = dir.join(format!("nodes-{i}.conf")).display().to_string();
+            nodes.push(RedisServer::start_with(&[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                "1000",
+                "--cluster-config-file",
+                &conf,
+                // Replicas sync at once instead of 5 s later: one without data cannot fail over.
+                "--repl-diskless-sync-delay",
+                "0",
+                // While a primary is down, the others keep serving their slots (the default
+                // refuses every query until the failover ends: all groups would stall).
+                "--cluster-require-full-coverage",
+                "no",
+                "--dir",
+                &dir_arg,
+            ]));
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let mut args = vec!["--cluster".to_string(), "create".to_string()];
+        args.extend(addrs);
+        args.extend(["--cluster-replicas", "1", "--cluster-yes"].map(String::from));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        nodes[0].cli(&args);
+        let cluster = RedisCluster { nodes, dir };
+        cluster.wait_ok();
+        // A replica that never synced cannot be promoted.
+        let deadline = Instant::now() + CLUSTER_BUDGET;
+        for node in &cluster.nodes {
+            while node.cli(&["ROLE"]).starts_with("slave")
+                && !node
+                    .cli(&["INFO", "replication"])
+                    .contains("master_link_status:up")
+            {
+                assert!(Instant::now() < deadline, "a replica did not sync");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        cluster
+    }
+
+    /// `redis+cluster://127.0.0.1:<port>,...` with every node.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+
+    /// Every node, primaries and replicas, stopped ones included.
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+
+    /// The running nodes.
+    fn running(&self) -> impl Iterator<Item = &RedisServer> {
+        self.nodes.iter().filter(|n| n.child.is_some())
+    }
+
+    /// The hash slot of `key` (`CLUSTER KEYSLOT`).
+    pub fn keyslot(&self, key: &str) -> u16 {
+        let node = self.running().next().expect("a running node");
+        node.cli(&["CLUSTER", "KEYSLOT", key])
+            .trim()
+            .parse()
+            .expect("CLUSTER KEYSLOT answers a number")
+    }
+
+    /// The port of the primary that owns `slot`, as the running nodes see it.
+    pub fn primary_of(&self, slot: u16) -> u16 {
+        let node = self.running().next().expect("a running node");
+        primary_in(&node.cli(&["CLUSTER", "NODES"]), slot)
+            .unwrap_or_else(|| panic!("no primary owns slot {slot}"))
+    }
+
+    /// The ports of the running primaries.
+    pub fn primaries(&self) -> Vec<u16> {
+        self.running()
+            .filter(|n| n.cli(&["ROLE"]).starts_with("master"))
+            .map(RedisServer::port)
+            .collect()
+    }
+
+    /// Kills the node on `port` (SIGKILL), as a crash. Its replica (if it was a primary) takes
+    /// over once the others mark it failed; see [`RedisCluster::wait_ok`].
+    pub fn kill(&mut self, port: u16) {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.port() == port)
+            .unwrap_or_else(|| panic!("no node on port {port}"));
+        node.stop();
+    }
+
+    /// Moves `slot` to the primary on `to`, keys included, with `CLUSTER SETSLOT` and one
+    /// `MIGRATE` of all its keys (atomic on the source: a script sees them all on one side).
+    pub fn migrate_slot(&self, slot: u16, to: u16) {
+        let from = self.primary_of(slot);
+        assert_ne!(from, to, "slot {slot} is on {to} already");
+        let node = |port: u16| {
+            self.nodes
+                .iter()
+                .find(|n| n.port() == port)
+                .expect("a node on that port")
+        };
+        let (src, dst) = (node(from), node(to));
+        let id = |n: &RedisServer| n.cli(&["CLUSTER", "MYID"]).trim().to_string();
+        let (src_id, dst_id) = (id(src), id(dst));
+        let slot_arg = slot.to_string();
+        dst.cli(&["CLUSTER", "SETSLOT", &slot_arg, "IMPORTING", &src_id]);
+        src.cli(&["CLUSTER", "SETSLOT", &slot_arg, "MIGRATING", &dst_id]);
+        let keys: Vec<String> = src
+            .cli(&["CLUSTER", "GETKEYSINSLOT", &slot_arg, "100000"])
+            .lines()
+            .map(str::to_string)
+            .filter(|k| !k.is_empty())
+            .collect();
+        if !keys.is_empty() {
+            let port = to.to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            args.extend(keys.iter().map(String::as_str));
+            let out = src.cli(&args);
+            assert!(out.contains("OK"), "MIGRATE: {out}");
+        }
+        for n in [dst, src] {
+            n.cli(&["CLUSTER", "SETSLOT", &slot_arg, "NODE", &dst_id]);
+        }
+        // Tell the others at once rather than through gossip.
+        for n in self
+            .running()
+            .filter(|n| n.port() != from && n.port() != to)
+        {
+            if n.cli(&["ROLE"]).starts_with("master") {
+                n.cli(&["CLUSTER", "SETSLOT", &slot_arg, "NODE", &dst_id]);
+            }
+        }
+        let deadline = Instant::now() + CLUSTER_BUDGET;
+        while self
+            .running()
+            .any(|n| primary_in(&n.cli(&["CLUSTER", "NODES"]), slot) != Some(to))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "slot {slot} did not move to {to}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until every running node reports `cluster_state:ok`, every slot has a running
+    /// primary, and the nodes agree on the owners. Panics after 30 s.
+    pub fn wait_ok(&self) {
+        let deadline = Instant::now() + CLUSTER_BUDGET;
+        let running: Vec<u16> = self.running().map(RedisServer::port).collect();
+        loop {
+            let views: Vec<String> = self
+                .running()
+                .map(|n| n.cli(&["CLUSTER", "NODES"]))
+                .collect();
+            let ok = self
+                .running()
+                .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"));
+            let owners: Vec<Vec<Option<u16>>> = views
+                .iter()
+                .map(|v| {
+                    [0, 5461, 5462, 10922, 10923, 16383]
+                        .map(|s| primary_in(v, s))
+                        .to_vec()
+                })
+                .collect();
+            let agreed = owners.windows(2).all(|w| w[0] == w[1])
+                && owners
+                    .first()
+                    .is_some_and(|o| o.iter().all(|p| p.is_some_and(|p| running.contains(&p))));
+            if ok && agreed {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster is not ok after {CLUSTER_BUDGET:?}: {views:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The port of the primary owning `slot` in a `CLUSTER NODES` listing (`<id> <ip:port@bus>
+/// <flags> <primary> ... <slot ranges>`), skipping failed nodes.
+fn primary_in(nodes: &str, slot: u16) -> Option<u16> {
+    for line in nodes.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() < 8 || !fields[2].contains("master") || fields[2].contains("fail") {
+            continue;
+        }
+        let owns = fields[8..].iter().any(|range| {
+            if range.starts_with('[') {
+                return false; // a migrating or importing marker
+            }
+            let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+            matches!((lo.parse::<u16>(), hi.parse::<u16>()), (Ok(lo), Ok(hi)) if (lo..=hi).contains(&slot))
+        });
+        if owns {
+            let addr = fields[1].split('@').next()?;
+            return addr.rsplit_once(':')?.1.parse().ok();
+        }
+    }
+    None
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        self.nodes.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -181,8 +181,13 @@ local function ids_key()
   return TAG .. ':ids'
 end
 
+-- The publish command: PUBLISH, or SPUBLISH in the variant loaded on a Redis Cluster, where a
+-- plain PUBLISH goes to every node and sharded pub/sub stays on the group's slot (scripts.rs
+-- replaces this line; nothing else differs).
+local PUBLISH = 'PUBLISH'
+
 local function publish()
-  redis.call('PUBLISH', CHANNEL, 'changed')
+  redis.call(PUBLISH, CHANNEL, 'changed')
 end
 
 local function bump(meta)
@@ -503,7 +508,7 @@ local function settle(meta, now, joined)
     end
   end
   for _, m in ipairs(woken) do
-    redis.call('PUBLISH', TAG .. ':wake:' .. m, 'act')
+    redis.call(PUBLISH, TAG .. ':wake:' .. m, 'act')
   end
 end
 

@@ -56,6 +56,18 @@
 //! retries a failed call; the member does, and every script is safe to repeat.
 //! [`Store::subscribe`] opens a dedicated pub/sub connection per subscription.
 //!
+//! # Redis Cluster
+//! With a `redis+cluster://` URL (or [`RedisStore::connect_cluster`]) the store routes each
+//! call to the primary of its group's slot (`cluster.rs`: its own slot table and one
+//! connection per primary; why not the redis crate's cluster client is written there). The
+//! scripts are the same but for one line: the library variant loaded on a cluster publishes
+//! with `SPUBLISH`, and [`Store::subscribe`] opens a sharded subscription (`SSUBSCRIBE`) on the
+//! slot's primary, which ends when the slot moves or the node fails, so members resubscribe.
+//! A missing library is loaded on the node that answered "function not found". A replica
+//! promoted after a failover is another Redis process, so the group is re-created there with
+//! its quarantine, as through Sentinel; so is a group whose slot was migrated to another
+//! primary.
+//!
 //! # Sentinel
 //! With a `redis+sentinel://` URL the store asks the sentinels for the primary at connect time,
 //! again when they announce a new one (`+switch-master`, which a background task listens to),
@@ -73,6 +85,7 @@
 //! `min-replicas-max-lag` below Sentinel's `down-after-milliseconds`, so an isolated old primary
 //! refuses the renewals and its members stop at their local deadline.
 
+mod cluster;
 mod errors;
 mod options;
 mod scripts;
@@ -93,10 +106,11 @@ use redis::{
     Value,
 };
 
+use self::cluster::{key_slot, Cluster};
 use self::errors::{connect_error, probe_protocol, refuses_functions, scrub};
-use self::scripts::{ScriptId, Scripts};
+use self::scripts::{Publish, ScriptId, Scripts};
 use self::sentinel::watch_switches;
-use self::url::{check_url, parse_sentinel_url, password_secrets, url_reason};
+use self::url::{check_url, parse_cluster_url, parse_sentinel_url, password_secrets, url_reason};
 pub use self::url::{redact_url, scrub_password};
 use crate::config::PROTOCOL_VERSION;
 use crate::error::Error;
@@ -113,10 +127,14 @@ const FROZEN_CLOCK: &str = include_str!("../lua/clock_frozen.lua");
 
 const CERT_PEM_HEADER: &[u8] = b"-----BEGIN CERTIFICATE-----";
 
-static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts::with_clock(CLOCK));
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts::new(CLOCK, Publish::Plain));
 /// Loaded only by a store made with [`RedisOptions::frozen_clock_for_tests`]: its own library.
 static FROZEN_CLOCK_SCRIPTS: LazyLock<Scripts> =
-    LazyLock::new(|| Scripts::with_clock(FROZEN_CLOCK));
+    LazyLock::new(|| Scripts::new(FROZEN_CLOCK, Publish::Plain));
+/// On a Redis Cluster: `SPUBLISH` on the group's slot.
+static CLUSTER_SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts::new(CLOCK, Publish::Sharded));
+static FROZEN_CLOCK_CLUSTER_SCRIPTS: LazyLock<Scripts> =
+    LazyLock::new(|| Scripts::new(FROZEN_CLOCK, Publish::Sharded));
 
 /// The store on Redis (≥ 7.0): each [`Store`] call is one Lua function (or script), run
 /// atomically with the server's clock. Clones share one connection.
@@ -148,21 +166,81 @@ struct Inner {
     options: RedisOptions,
 }
 
-/// One Redis server and the auto-reconnecting connection to it.
+/// Where the calls go: one Redis server, or a Redis Cluster.
 struct Node {
-    client: Client,
-    manager: ConnectionManager,
+    link: Link,
     /// Set once the server refused functions: from then on this server gets EVALSHA. A new
     /// `Node` (after a Sentinel move) asks again.
     eval_only: AtomicBool,
 }
 
+// One per store, behind an Arc: the size of the larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
+enum Link {
+    /// One server and the auto-reconnecting connection to it.
+    Server {
+        client: Client,
+        manager: ConnectionManager,
+    },
+    /// A Redis Cluster: each call goes to the primary of its group's slot.
+    Cluster(Arc<Cluster>),
+}
+
 impl Node {
     fn new(client: Client, manager: ConnectionManager) -> Self {
+        Self::with(Link::Server { client, manager })
+    }
+
+    fn with(link: Link) -> Self {
         Node {
-            client,
-            manager,
+            link,
             eval_only: AtomicBool::new(false),
+        }
+    }
+
+    /// The client of the one server (`None` on a cluster).
+    fn client(&self) -> Option<&Client> {
+        match &self.link {
+            Link::Server { client, .. } => Some(client),
+            Link::Cluster(_) => None,
+        }
+    }
+
+    /// Runs `cmd`; on a cluster, on the primary of `key`'s slot.
+    async fn query(&self, cmd: &redis::Cmd, key: &str) -> Result<Value, RedisError> {
+        match &self.link {
+            Link::Server { manager, .. } => cmd.query_async(&mut manager.clone()).await,
+            Link::Cluster(cluster) => cluster.query(cmd, key_slot(key)).await,
+        }
+    }
+
+    /// `FUNCTION LOAD` where the call for `key` runs.
+    async fn load_library(&self, text: &str, key: &str) -> Result<Value, RedisError> {
+        match &self.link {
+            Link::Server { manager, .. } => {
+                redis::cmd("FUNCTION")
+                    .arg("LOAD")
+                    .arg(text)
+                    .query_async(&mut manager.clone())
+                    .await
+            }
+            Link::Cluster(cluster) => {
+                let mut load = redis::cmd("FUNCTION");
+                load.arg("LOAD").arg(text);
+                cluster.query(&load, key_slot(key)).await
+            }
+        }
+    }
+
+    /// `EVALSHA`, loading the script on `NOSCRIPT`; on a cluster, on `key`'s slot.
+    async fn invoke_script(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+        key: &str,
+    ) -> Result<Value, RedisError> {
+        match &self.link {
+            Link::Server { manager, .. } => invocation.invoke_async(&mut manager.clone()).await,
+            Link::Cluster(cluster) => cluster.invoke(invocation, key_slot(key)).await,
         }
     }
 }
@@ -195,13 +273,26 @@ impl RedisStore {
     /// they monitor the primary under. The credentials are the primary's; the sentinels are
     /// reached without them. A custom [`RedisOptions::tls_root_cert`] is not supported there.
     ///
+    /// Or to a Redis Cluster (Redis ≥ 7.0) with
+    /// `redis+cluster://[user:password@]host[:port][,host[:port]...]` (`rediss+cluster://` for
+    /// TLS): some of its nodes (port 6379 by default), from which the client learns the rest;
+    /// see [`RedisStore::connect_cluster`].
+    ///
     /// One connection attempt is made at once, so a wrong address or password fails here with
-    /// [`Error::Unavailable`] or [`Error::Refused`]; a URL that does not parse gives
-    /// [`Error::Url`]. After that the connection reconnects by itself, and through Sentinel it
-    /// follows the primary after a failover.
+    /// [`Error::Unavailable`] or [`Error::Refused`]; a URL that does not parse, or the wrong
+    /// kind of URL for the server (a plain URL at a cluster node, or the reverse), gives
+    /// [`Error::Url`]. After that the connection reconnects by itself, through Sentinel it
+    /// follows the primary after a failover, and on a cluster it follows the slots.
     pub async fn connect_with(url: &str, options: RedisOptions) -> Result<RedisStore, Error> {
         let redacted = redact_url(url);
         let secrets = password_secrets(url);
+        let cluster = parse_cluster_url(url).map_err(|reason| Error::Url {
+            url: redacted.clone(),
+            reason: scrub(&reason, &secrets),
+        })?;
+        if let Some(nodes) = cluster {
+            return Self::cluster_with(&nodes, options, redacted, secrets).await;
+        }
         let sentinel = parse_sentinel_url(url).map_err(|reason| Error::Url {
             url: redacted.clone(),
             reason: scrub(&reason, &secrets),
@@ -225,7 +316,15 @@ impl RedisStore {
             let mut con = client
                 .get_multiplexed_async_connection_with_config(&config)
                 .await?;
-            redis::cmd("PING").query_async::<Value>(&mut con).await
+            redis::cmd("PING").query_async::<Value>(&mut con).await?;
+            // A cluster node would answer MOVED for most groups: say so now. A server that
+            // refuses INFO is not a cluster node we can tell; let it be.
+            let info = redis::cmd("INFO")
+                .arg("cluster")
+                .query_async::<String>(&mut con)
+                .await
+                .unwrap_or_default();
+            Ok::<bool, RedisError>(info.contains("cluster_enabled:1"))
         };
         let budget = options.call_budget();
         match tokio::time::timeout(budget, probe).await {
@@ -239,7 +338,15 @@ impl RedisStore {
                 let hint = probe_protocol(addr, &e, options.connection_timeout).await;
                 return Err(connect_error(&redacted, &e, &secrets, hint));
             }
-            Ok(Ok(_)) => {}
+            Ok(Ok(true)) => {
+                return Err(Error::Url {
+                    url: redacted,
+                    reason: "the server is a Redis Cluster node (cluster_enabled:1): use \
+                             redis+cluster://host:port[,host:port...]"
+                        .into(),
+                })
+            }
+            Ok(Ok(false)) => {}
         }
 
         let manager = client
@@ -260,6 +367,62 @@ impl RedisStore {
             tokio::spawn(watch_switches(Arc::downgrade(&inner), service, stop));
         }
         Ok(RedisStore { inner })
+    }
+
+    /// Connects to a Redis Cluster (Redis ≥ 7.0) through some of its nodes, each a
+    /// `redis://[user:password@]host:port` (or `rediss://`) URL with the same credentials; the
+    /// client learns the other nodes from them. The code form of a `redis+cluster://` URL:
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), redbuckets::Error> {
+    /// use redbuckets::{RedisOptions, RedisStore};
+    /// let store = RedisStore::connect_cluster(
+    ///     ["redis://10.0.0.1:7000", "redis://10.0.0.2:7000"],
+    ///     RedisOptions::default(),
+    /// )
+    /// .await?;
+    /// # let _ = store; Ok(()) }
+    /// ```
+    ///
+    /// Each group lives on the primary that owns its hash slot (its keys share the tag
+    /// `{prefix:name}`); calls follow `MOVED` and `ASK` redirections and topology changes, and
+    /// the scripts publish with `SPUBLISH` to subscribers on the slot's primary. A node that
+    /// answers but is not a cluster node gives [`Error::Url`]; a node older than Redis 7.0
+    /// gives [`Error::Refused`].
+    pub async fn connect_cluster<S: AsRef<str>>(
+        nodes: impl IntoIterator<Item = S>,
+        options: RedisOptions,
+    ) -> Result<RedisStore, Error> {
+        let nodes: Vec<String> = nodes.into_iter().map(|n| n.as_ref().to_string()).collect();
+        let redacted = nodes
+            .iter()
+            .map(|n| redact_url(n))
+            .collect::<Vec<_>>()
+            .join(",");
+        let secrets = nodes.iter().flat_map(|n| password_secrets(n)).collect();
+        Self::cluster_with(&nodes, options, redacted, secrets).await
+    }
+
+    async fn cluster_with(
+        nodes: &[String],
+        options: RedisOptions,
+        redacted: String,
+        secrets: Vec<String>,
+    ) -> Result<RedisStore, Error> {
+        let cluster = Cluster::connect(nodes, &options, &redacted, &secrets).await?;
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                node: std::sync::RwLock::new(Arc::new(Node::with(Link::Cluster(Arc::new(
+                    cluster,
+                ))))),
+                sentinel: None,
+                moved: tokio::sync::watch::Sender::new(0),
+                _stop_watching: tokio_util::sync::CancellationToken::new().drop_guard(),
+                url: redacted,
+                secrets,
+                options,
+            }),
+        })
     }
 
     /// The client of a plain `redis://` or `rediss://` URL.
@@ -314,10 +477,12 @@ impl RedisStore {
 
     /// The scripts this store runs: the normal ones, or the frozen-clock variants in tests.
     fn scripts(&self) -> &'static Scripts {
-        if self.inner.options.frozen_clock {
-            &FROZEN_CLOCK_SCRIPTS
-        } else {
-            &SCRIPTS
+        let cluster = matches!(self.inner.node().link, Link::Cluster(_));
+        match (self.inner.options.frozen_clock, cluster) {
+            (false, false) => &SCRIPTS,
+            (true, false) => &FROZEN_CLOCK_SCRIPTS,
+            (false, true) => &CLUSTER_SCRIPTS,
+            (true, true) => &FROZEN_CLOCK_CLUSTER_SCRIPTS,
         }
     }
 
@@ -359,7 +524,6 @@ impl RedisStore {
     ) -> Result<Value, RedisError> {
         let scripts = self.scripts();
         let keys = protocol::keys(tag);
-        let mut con = node.manager.clone();
         if !node.eval_only.load(Ordering::Relaxed) {
             let mut fcall = redis::cmd("FCALL");
             fcall
@@ -368,18 +532,14 @@ impl RedisStore {
                 .arg(&keys)
                 .arg(tag)
                 .arg(args);
-            let refusal = match fcall.query_async::<Value>(&mut con).await {
+            let refusal = match node.query(&fcall, &keys[0]).await {
                 Err(e) if is_missing_function(&e) => {
-                    match redis::cmd("FUNCTION")
-                        .arg("LOAD")
-                        .arg(scripts.library())
-                        .query_async::<Value>(&mut con)
-                        .await
-                    {
-                        Ok(_) => return fcall.query_async(&mut con).await,
+                    // On a cluster: the primary of the group's slot, which the FCALL reached.
+                    match node.load_library(scripts.library(), &keys[0]).await {
+                        Ok(_) => return node.query(&fcall, &keys[0]).await,
                         // Another call (or another member) loaded it first.
                         Err(e) if is_already_loaded(&e) => {
-                            return fcall.query_async(&mut con).await
+                            return node.query(&fcall, &keys[0]).await
                         }
                         Err(e) if refuses_functions(&e, true) => e,
                         Err(e) => return Err(e),
@@ -399,14 +559,14 @@ impl RedisStore {
             }
         }
         let mut invocation = scripts.eval(script).prepare_invoke();
-        for key in keys {
+        for key in &keys {
             invocation.key(key);
         }
         invocation.arg(tag);
         for arg in args {
             invocation.arg(arg);
         }
-        invocation.invoke_async::<Value>(&mut con).await
+        node.invoke_script(&invocation, &keys[0]).await
     }
 }
 
@@ -542,12 +702,29 @@ impl Store for RedisStore {
         };
         let node = self.inner.node();
         let mut moved = self.inner.moved.subscribe();
+        let budget = self.inner.options.call_budget();
+        let client = match &node.link {
+            Link::Server { client, .. } => client,
+            Link::Cluster(cluster) => {
+                // Sharded: on the slot's primary, ending when the slot moves or the node fails.
+                let stream = tokio::time::timeout(budget, cluster.subscribe(&channel))
+                    .await
+                    .map_err(|_| {
+                        cluster.refresh_later();
+                        Error::Timeout {
+                            call: "subscribe",
+                            after: budget,
+                        }
+                    })?
+                    .map_err(|e| self.call_error(group, "subscribe", &e))?;
+                return Ok(Notifications::new(stream));
+            }
+        };
         let open = async {
-            let mut pubsub = node.client.get_async_pubsub().await?;
+            let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;
             Ok::<_, RedisError>(pubsub)
         };
-        let budget = self.inner.options.call_budget();
         let pubsub = tokio::time::timeout(budget, open)
             .await
             .map_err(|_| Error::Timeout {

@@ -101,6 +101,20 @@ const BODIES: [Body; 7] = [
 
 pub(super) const COMMON: &str = include_str!("../lua/common.lua");
 
+/// The line of `common.lua` that names the publish command.
+const PUBLISH_LINE: &str = "local PUBLISH = 'PUBLISH'";
+
+/// How the scripts publish their notices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Publish {
+    /// `PUBLISH`: one server (or Sentinel).
+    Plain,
+    /// `SPUBLISH` (Redis ≥ 7.0): on a Redis Cluster, where `PUBLISH` reaches every node and a
+    /// sharded channel stays on the group's slot. A variant of its own (another library
+    /// version), so the standalone scripts are unchanged.
+    Sharded,
+}
+
 /// Stands for the version in the library's text while its hash is computed.
 const VERSION_SLOT: &str = "@VERSION@";
 
@@ -117,9 +131,15 @@ pub(super) struct Scripts {
 }
 
 impl Scripts {
-    /// Every script with `clock` (the Lua text that defines `server_now_us`) first.
-    pub(super) fn with_clock(clock: &str) -> Self {
+    /// Every script with `clock` (the Lua text that defines `server_now_us`) first, publishing
+    /// with `publish`.
+    pub(super) fn new(clock: &str, publish: Publish) -> Self {
         debug_assert!(BODIES.iter().enumerate().all(|(i, b)| b.id as usize == i));
+        debug_assert_eq!(COMMON.matches(PUBLISH_LINE).count(), 1);
+        let common = match publish {
+            Publish::Plain => COMMON.to_string(),
+            Publish::Sharded => COMMON.replace(PUBLISH_LINE, "local PUBLISH = 'SPUBLISH'"),
+        };
         let eval = BODIES
             .iter()
             .map(|body| {
@@ -130,7 +150,7 @@ impl Scripts {
                     ""
                 };
                 Script::new(&format!(
-                    "{flags}{clock}\n{COMMON}\nbind(KEYS, ARGV)\n{}",
+                    "{flags}{clock}\n{common}\nbind(KEYS, ARGV)\n{}",
                     body.text
                 ))
             })
@@ -141,7 +161,7 @@ impl Scripts {
              -- redbuckets' store scripts (src/store/redis/scripts.rs). The call's keys and\n\
              -- arguments, set by each function: a library has no KEYS and ARGV globals.\n\
              local KEYS, ARGV\n\
-             {clock}\n{COMMON}\n"
+             {clock}\n{common}\n"
         );
         for body in &BODIES {
             let flags = if body.read_only {

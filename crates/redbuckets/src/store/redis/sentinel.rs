@@ -7,9 +7,10 @@ use futures_util::StreamExt;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{Client, ErrorKind, RedisError, ServerErrorKind, TlsMode};
 
+use super::cluster::moved_or_failed;
 use super::errors::{classify, scrub};
 use super::url::SentinelUrl;
-use super::{Inner, Node, RedisOptions, RedisStore};
+use super::{Inner, Link, Node, RedisOptions, RedisStore};
 use crate::error::Error;
 
 /// Whether a call's error may mean the primary moved: it went read-only or away.
@@ -159,7 +160,10 @@ impl RedisStore {
             }
         };
         let addr = client.get_connection_info().addr().to_string();
-        if addr == failed.client.get_connection_info().addr().to_string() {
+        if failed
+            .client()
+            .is_some_and(|c| addr == c.get_connection_info().addr().to_string())
+        {
             return;
         }
         let manager = match client.get_connection_manager_lazy(inner.options.manager_config()) {
@@ -201,8 +205,17 @@ impl RedisStore {
     }
 
     /// Starts [`RedisStore::follow_primary`] in the background after a failover-like error, so
-    /// the lookup is not cut short with the call that failed.
+    /// the lookup is not cut short with the call that failed; on a cluster, a refresh of the
+    /// slot table.
     pub(super) fn follow_primary_later(&self, failed: Arc<Node>, e: &RedisError) {
+        // On a cluster: read the slot table again (a call cut by the store's deadline never
+        // reached the cluster code with its error).
+        if let Link::Cluster(cluster) = &failed.link {
+            if moved_or_failed(e) {
+                cluster.refresh_later();
+            }
+            return;
+        }
         if self.inner.sentinel.is_none() || !primary_may_have_moved(e) {
             return;
         }

@@ -100,6 +100,54 @@ pub(super) fn parse_sentinel_url(url: &str) -> Result<Option<SentinelUrl>, Strin
     }))
 }
 
+/// Parses `redis+cluster://[user:password@]host[:port][,host[:port]...]` (`rediss+cluster://`
+/// for TLS) into one `redis://[user:password@]host:port` (or `rediss://`) URL per seed node;
+/// `Ok(None)` for any other scheme. The port defaults to 6379. A cluster has one database, so
+/// the only path allowed is an empty one, `/` or `/0`.
+pub(super) fn parse_cluster_url(url: &str) -> Result<Option<Vec<String>>, String> {
+    let (scheme, rest) = if let Some(rest) = url.strip_prefix("redis+cluster://") {
+        ("redis", rest)
+    } else if let Some(rest) = url.strip_prefix("rediss+cluster://") {
+        ("rediss", rest)
+    } else {
+        return Ok(None);
+    };
+    check_url(url)?;
+    let (userinfo, rest) = match rest.rfind('@') {
+        Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+        None => (None, rest),
+    };
+    if rest.contains(['?', '#']) {
+        return Err("query parameters and fragments are not supported in a cluster URL".into());
+    }
+    let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if !matches!(path, "" | "0") {
+        return Err(format!(
+            "a Redis Cluster has only database 0: remove {:?} after the node addresses",
+            format!("/{path}")
+        ));
+    }
+    let userinfo = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
+    let mut nodes = Vec::new();
+    for host in hosts.split(',') {
+        if host.is_empty() {
+            return Err("a node address is empty (expected host[:port],...)".into());
+        }
+        let has_port = if host.starts_with('[') {
+            host.contains("]:")
+        } else {
+            host.contains(':')
+        };
+        let port = if has_port { "" } else { ":6379" };
+        let node = format!("{scheme}://{userinfo}{host}{port}");
+        node.as_str()
+            .into_connection_info()
+            .map_err(|e| format!("bad node address {host:?}: {e}"))?;
+        nodes.push(node);
+    }
+    Ok(Some(nodes))
+}
+
 /// Splits `url` at the end of its credentials: `(scheme, userinfo, rest)`, the userinfo being
 /// everything between `://` and the last `@` (raw, not percent-decoded). `None` without `://`.
 fn split(url: &str) -> Option<(&str, Option<&str>, &str)> {
@@ -123,7 +171,7 @@ pub(super) fn raw_password(url: &str) -> Option<&str> {
 /// Replaces the credentials of a Redis URL by `***` (keeping the user name), so the URL can be
 /// shown: everything from the scheme to the last `@` before the host, whatever the password
 /// holds. Works for every form: `redis://`, `rediss://`, `redis+sentinel://`,
-/// `rediss+sentinel://` (and any `scheme://user:password@hosts...`). Without `://`, everything
+/// `rediss+sentinel://`, `redis+cluster://`, `rediss+cluster://` (and any `scheme://user:password@hosts...`). Without `://`, everything
 /// before the last `@` is masked.
 ///
 /// ```
@@ -251,7 +299,10 @@ pub(super) fn url_reason(url: &str, e: &RedisError, secrets: &[String]) -> Strin
             if known.contains(&scheme) {
                 scrub(&e.to_string(), secrets)
             } else {
-                format!("unsupported scheme {scheme:?}: use redis:// or rediss://")
+                format!(
+                    "unsupported scheme {scheme:?}: use redis://, rediss://, \
+                     redis+sentinel:// or redis+cluster://"
+                )
             }
         }
     }
@@ -262,8 +313,7 @@ mod tests {
     use super::*;
 
     /// Every URL form, with user names and passwords holding each character that could be read
-    /// as the end of the credentials. (The cluster form, when it exists, takes the same rule:
-    /// add it here.)
+    /// as the end of the credentials.
     #[test]
     fn redact_url_masks_every_password() {
         let passwords = [
@@ -282,6 +332,8 @@ mod tests {
             ("rediss", "h:6380"),
             ("redis+sentinel", "s1:26379,s2/mymaster/1"),
             ("rediss+sentinel", "[::1]:5000/svc"),
+            ("redis+cluster", "10.0.0.1:7000,10.0.0.2:7001"),
+            ("rediss+cluster", "[::1]:7000"),
         ];
         for (scheme, hosts) in forms {
             for pw in passwords {
@@ -378,6 +430,43 @@ mod tests {
         ] {
             match parse_sentinel_url(bad) {
                 Err(reason) => assert!(reason.contains(needle), "{bad}: {reason}"),
+                Ok(_) => panic!("{bad} parsed"),
+            }
+        }
+    }
+
+    #[test]
+    fn cluster_urls_parse() {
+        let nodes = parse_cluster_url("redis+cluster://u:p%40ss@10.0.0.1,h2:7001/")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            nodes,
+            ["redis://u:p%40ss@10.0.0.1:6379", "redis://u:p%40ss@h2:7001"]
+        );
+        let nodes = parse_cluster_url("rediss+cluster://[::1]:7000/0")
+            .unwrap()
+            .unwrap();
+        assert_eq!(nodes, ["rediss://[::1]:7000"]);
+        assert!(parse_cluster_url("redis://h:1").unwrap().is_none());
+        assert!(parse_cluster_url("redis+sentinel://h:1/m")
+            .unwrap()
+            .is_none());
+        for (bad, needle) in [
+            ("redis+cluster://h:1,,h:2", "empty"),
+            ("redis+cluster://", "empty"),
+            ("redis+cluster://h:1/3", "only database 0"),
+            ("redis+cluster://h:1?x=1", "not supported"),
+            ("redis+cluster://h:notaport", "bad port \"notaport\""),
+            ("redis+cluster://h:1,h:99999", "bad port \"99999\""),
+            ("redis+cluster://u:p#w@h", "percent-encode it as %23"),
+            ("rediss+cluster://u:pa/ss@h", "percent-encode"),
+        ] {
+            match parse_cluster_url(bad) {
+                Err(reason) => {
+                    assert!(reason.contains(needle), "{bad}: {reason}");
+                    assert!(!reason.contains("pa/ss"), "{reason}");
+                }
                 Ok(_) => panic!("{bad} parsed"),
             }
         }

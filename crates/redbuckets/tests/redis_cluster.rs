@@ -1,0 +1,335 @@
+//! Members on a real Redis Cluster the test starts (3 primaries, 3 replicas, free ports of
+//! 127.0.0.1): groups spread over every primary, a primary killed (its replica takes over),
+//! a group's slot migrated while it runs, a node that lost the function library, and the
+//! errors for a cluster URL at a standalone server and the reverse.
+
+mod group;
+
+use std::time::{Duration, Instant};
+
+use group::Members;
+use redbuckets::{Error, Event, Member, RedisStore};
+use redbuckets_testkit::{RedisCluster, RedisServer};
+
+const HEARTBEAT: Duration = Duration::from_millis(100);
+const TTL: Duration = Duration::from_millis(1000);
+
+/// One group's members and where its slot is.
+type Group = Members<Target>;
+
+struct Target {
+    store: RedisStore,
+    name: String,
+    slot: u16,
+}
+
+impl Group {
+    /// The members share one cluster connection (clones of one store): the client routes each
+    /// call to the primary of the group's slot.
+    fn on(store: &RedisStore, cluster: &RedisCluster, name: &str, buckets: u32) -> Self {
+        let slot = cluster.keyslot(&format!("red-buckets:{name}"));
+        let target = Target {
+            store: store.clone(),
+            name: name.to_string(),
+            slot,
+        };
+        Members::with(target, buckets)
+    }
+
+    async fn join(&mut self, id: &str) {
+        let member = Member::builder(self.ctx.store.clone(), self.ctx.name.clone())
+            .id(id)
+            .buckets(self.buckets)
+            .heartbeat(HEARTBEAT)
+            .ttl(TTL)
+            .drain_timeout(Duration::from_millis(200))
+            .start()
+            .await
+            .expect("start");
+        self.add(member);
+    }
+
+    fn meta(&self) -> String {
+        format!("{{red-buckets:{}}}:meta", self.ctx.name)
+    }
+
+    /// Grants, losses and releases since event `mark`: what a moved bucket leaves.
+    fn moves_since(&self, mark: usize) -> usize {
+        self.timeline.events[mark..]
+            .iter()
+            .filter(|(_, e)| {
+                matches!(
+                    e,
+                    Event::Acquired { .. } | Event::Lost { .. } | Event::Released { .. }
+                )
+            })
+            .count()
+    }
+
+    async fn shutdown(self) {
+        for m in self.members {
+            m.shutdown().await.expect("graceful leave");
+        }
+    }
+}
+
+/// `RUST_LOG=redbuckets=debug` shows the members' and the store's logs.
+fn init_tracing() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_ansi(false)
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// Names `prefix-0`, `prefix-1`, ... until each primary owns the slots of `per_primary` of them.
+fn names_on_every_primary(cluster: &RedisCluster, prefix: &str, per_primary: usize) -> Vec<String> {
+    let primaries = cluster.primaries();
+    assert_eq!(primaries.len(), 3);
+    let mut chosen: Vec<(u16, String)> = Vec::new();
+    for i in 0.. {
+        let name = format!("{prefix}-{i}");
+        let primary = cluster.primary_of(cluster.keyslot(&format!("red-buckets:{name}")));
+        if chosen.iter().filter(|(p, _)| *p == primary).count() < per_primary {
+            chosen.push((primary, name));
+        }
+        if chosen.len() == per_primary * primaries.len() {
+            break;
+        }
+    }
+    chosen.into_iter().map(|(_, n)| n).collect()
+}
+
+async fn start_groups(
+    store: &RedisStore,
+    cluster: &RedisCluster,
+    names: &[String],
+    buckets: u32,
+) -> Vec<Group> {
+    let mut groups = Vec::new();
+    for name in names {
+        let mut g = Group::on(store, cluster, name, buckets);
+        for i in 0..3 {
+            g.join(&format!("m{i}")).await;
+        }
+        groups.push(g);
+    }
+    for g in &mut groups {
+        g.until_balanced(TTL * 10).await;
+        g.assert_exclusive();
+    }
+    groups
+}
+
+/// Waits until every bucket of `g` was granted again since event `mark` and it is balanced;
+/// returns how long that took.
+async fn until_regranted(g: &mut Group, mark: usize, limit: Duration, what: &str) -> Duration {
+    let began = Instant::now();
+    loop {
+        g.collect();
+        let tokens = g.timeline.grant_tokens_since(mark);
+        if tokens.len() >= g.buckets as usize && g.balanced() {
+            return began.elapsed();
+        }
+        assert!(
+            began.elapsed() < limit,
+            "{}: not re-granted {limit:?} after {what}: {} grants, {:?}",
+            g.ctx.name,
+            tokens.len(),
+            g.counts()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// 12 groups × 3 members, 4 groups on each primary: every group reaches balance with one owner
+/// per bucket and increasing tokens (the event checker), its keys are on its slot's primary,
+/// members listen on sharded channels there, and a primary that lost the library
+/// (`FUNCTION FLUSH`) gets it back from the next call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_spread_over_every_primary() {
+    let cluster = RedisCluster::start();
+    let store = RedisStore::connect(&cluster.url()).await.expect("connect");
+    let names = names_on_every_primary(&cluster, "spread", 4);
+    let mut groups = start_groups(&store, &cluster, &names, 256).await;
+
+    let mut per_primary = std::collections::BTreeMap::new();
+    for g in &groups {
+        let primary = cluster.primary_of(g.ctx.slot);
+        *per_primary.entry(primary).or_insert(0) += 1;
+        let node = cluster
+            .nodes()
+            .iter()
+            .find(|n| n.port() == primary)
+            .expect("primary");
+        assert_eq!(node.cli(&["HGET", &g.meta(), "buckets"]).trim(), "256");
+        // Each member's wake-up channel is a sharded channel on the slot's primary.
+        let wake = format!("{{red-buckets:{}}}:wake:m0", g.ctx.name);
+        let subscribed = node.cli(&["PUBSUB", "SHARDNUMSUB", &wake]);
+        assert!(
+            subscribed.lines().nth(1).map(str::trim) == Some("1"),
+            "{wake}: {subscribed}"
+        );
+    }
+    assert_eq!(per_primary.values().copied().collect::<Vec<_>>(), [4, 4, 4]);
+
+    // A node without the library (a restart without persistence, FUNCTION FLUSH): the next
+    // call loads it there, on that node only, and the groups never notice.
+    let flushed = cluster.primary_of(groups[0].ctx.slot);
+    let node = cluster
+        .nodes()
+        .iter()
+        .find(|n| n.port() == flushed)
+        .expect("primary");
+    let marks: Vec<usize> = groups.iter().map(|g| g.timeline.events.len()).collect();
+    node.cli(&["FUNCTION", "FLUSH"]);
+    let began = Instant::now();
+    while !node.cli(&["FUNCTION", "LIST"]).contains("redbuckets_") {
+        assert!(
+            began.elapsed() < TTL * 3,
+            "the library was not loaded again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(TTL).await;
+    for (g, mark) in groups.iter_mut().zip(marks) {
+        g.collect();
+        assert_eq!(g.moves_since(mark), 0, "{} moved buckets", g.ctx.name);
+        assert!(g.balanced());
+    }
+    for g in groups {
+        g.shutdown().await;
+    }
+}
+
+/// `kill -9` of one primary: its replica takes over (node timeout 1 s), the groups on it are
+/// re-created there (another Redis process: their data may be stale) and recover with larger
+/// tokens and no overlap; the groups on the other primaries move no bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_primary_is_replaced_and_only_its_groups_recover() {
+    init_tracing();
+    let mut cluster = RedisCluster::start();
+    let store = RedisStore::connect(&cluster.url()).await.expect("connect");
+    let names = names_on_every_primary(&cluster, "failover", 2);
+    let mut groups = start_groups(&store, &cluster, &names, 64).await;
+
+    let victim = cluster.primary_of(groups[0].ctx.slot);
+    let before: Vec<u64> = groups.iter().map(Group::max_token).collect();
+    let marks: Vec<usize> = groups.iter().map(|g| g.timeline.events.len()).collect();
+    let on_victim: Vec<bool> = groups
+        .iter()
+        .map(|g| cluster.primary_of(g.ctx.slot) == victim)
+        .collect();
+    assert_eq!(on_victim.iter().filter(|v| **v).count(), 2);
+
+    let killed = Instant::now();
+    cluster.kill(victim);
+    let mut recovered = Vec::new();
+    for (i, g) in groups.iter_mut().enumerate() {
+        if on_victim[i] {
+            let took = until_regranted(g, marks[i], Duration::from_secs(20), "kill -9").await;
+            recovered.push(killed.elapsed());
+            eprintln!(
+                "{}: re-granted and balanced {took:?} after kill -9",
+                g.ctx.name
+            );
+            g.assert_grants_above(marks[i], before[i]);
+            g.assert_exclusive();
+        }
+    }
+    eprintln!("groups of the killed primary recovered after {recovered:?}");
+    cluster.wait_ok();
+    let promoted = cluster.primary_of(groups[0].ctx.slot);
+    assert_ne!(promoted, victim);
+    // Let the others run through the whole episode, then check they never moved.
+    tokio::time::sleep(TTL).await;
+    for (i, g) in groups.iter_mut().enumerate() {
+        g.collect();
+        if !on_victim[i] {
+            assert_eq!(g.moves_since(marks[i]), 0, "{} moved buckets", g.ctx.name);
+            assert!(g.balanced(), "{}: {:?}", g.ctx.name, g.counts());
+        }
+    }
+    for g in groups {
+        g.shutdown().await;
+    }
+}
+
+/// A running group's slot moves to another primary (`CLUSTER SETSLOT` and one `MIGRATE` of its
+/// keys). Calls follow the redirection; the new primary is another Redis process, so the group
+/// is re-created there with a quarantine, like after a failover: ownership stays exclusive,
+/// tokens grow, and the group is balanced again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_migrated_under_a_running_group() {
+    let cluster = RedisCluster::start();
+    let store = RedisStore::connect(&cluster.url()).await.expect("connect");
+    let names = vec!["migrating".to_string()];
+    let mut groups = start_groups(&store, &cluster, &names, 128).await;
+    let mut g = groups.remove(0);
+    let slot = g.ctx.slot;
+    let from = cluster.primary_of(slot);
+    let to = *cluster
+        .primaries()
+        .iter()
+        .find(|p| **p != from)
+        .expect("another primary");
+    let before = g.max_token();
+    let mark = g.timeline.events.len();
+    let moved = Instant::now();
+    cluster.migrate_slot(slot, to);
+    let took = until_regranted(&mut g, mark, Duration::from_secs(20), "the migration").await;
+    eprintln!(
+        "slot {slot} moved {from} -> {to}; re-granted and balanced {took:?} after it ({:?} in all)",
+        moved.elapsed()
+    );
+    g.assert_grants_above(mark, before);
+    g.assert_exclusive();
+    let node = cluster
+        .nodes()
+        .iter()
+        .find(|n| n.port() == to)
+        .expect("target");
+    assert_eq!(node.cli(&["HGET", &g.meta(), "buckets"]).trim(), "128");
+    // Wake-ups follow: the members subscribed again on the new primary.
+    let wake = format!("{{red-buckets:{}}}:wake:m1", g.ctx.name);
+    let began = Instant::now();
+    while node.cli(&["PUBSUB", "SHARDNUMSUB", &wake]).lines().nth(1) != Some("1") {
+        assert!(
+            began.elapsed() < TTL * 5,
+            "not subscribed on the new primary"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    g.shutdown().await;
+}
+
+/// The wrong kind of URL for the server says which kind to use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wrong_url_kind_is_a_clear_error() {
+    let server = RedisServer::start();
+    let url = format!("redis+cluster://127.0.0.1:{}", server.port());
+    match RedisStore::connect(&url).await {
+        Err(Error::Url { reason, .. }) => {
+            assert!(reason.contains("not a Redis Cluster node"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let cluster = RedisCluster::start();
+    let node = cluster.nodes()[0].url();
+    match RedisStore::connect(&node).await {
+        Err(Error::Url { reason, .. }) => {
+            assert!(reason.contains("redis+cluster://"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // The code form reaches the same cluster.
+    let store = RedisStore::connect_cluster([node], redbuckets::RedisOptions::default())
+        .await
+        .expect("connect_cluster");
+    let mut g = Group::on(&store, &cluster, "code-form", 16);
+    g.join("m0").await;
+    g.until_balanced(TTL * 5).await;
+    g.shutdown().await;
+}
