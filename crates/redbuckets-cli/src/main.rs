@@ -85,7 +85,8 @@ Examples:
 /// Where the group lives.
 #[derive(Debug, Args)]
 struct GroupArgs {
-    /// Redis URL, e.g. redis://:password@host:6379/0 or rediss://... for TLS.
+    /// Redis URL, e.g. redis://:password@host:6379/0 or rediss://... for TLS,
+    /// redis+sentinel://host:26379/mymaster, or redis+cluster://host:7000,host:7001.
     #[arg(
         long,
         value_name = "URL",

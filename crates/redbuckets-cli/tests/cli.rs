@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use process::{command, drain, run_cmd, Run};
 use redbuckets::check::{Change, Timeline};
-use redbuckets_testkit::RedisServer;
+use redbuckets_testkit::{RedisCluster, RedisServer};
 use serde_json::Value;
 
 fn run(args: &[&str], limit: Duration) -> Run {
@@ -32,9 +32,13 @@ struct Joined {
 
 impl Joined {
     fn spawn(redis: &RedisServer, group: &str, id: &str, extra: &[&str]) -> Joined {
-        let url = redis.url();
+        Self::spawn_at(&redis.url(), group, id, extra)
+    }
+
+    /// `join` against any Redis URL (a cluster's, say).
+    fn spawn_at(url: &str, group: &str, id: &str, extra: &[&str]) -> Joined {
         let mut args = vec![
-            "join", "--json", "--redis", &url, "--group", group, "--id", id,
+            "join", "--json", "--redis", url, "--group", group, "--id", id,
         ];
         args.extend_from_slice(extra);
         let mut child = command(&args)
@@ -133,12 +137,16 @@ impl Drop for Joined {
 
 /// `status --check` until it passes, at most `limit`.
 fn wait_converged(redis: &RedisServer, group: &str, members: usize, limit: Duration) -> Value {
+    wait_converged_at(&redis.url(), group, members, limit)
+}
+
+/// `status --check` against any Redis URL until it passes, at most `limit`.
+fn wait_converged_at(url: &str, group: &str, members: usize, limit: Duration) -> Value {
     let deadline = Instant::now() + limit;
     loop {
-        let url = redis.url();
         let r = run(
             &[
-                "status", "--redis", &url, "--group", group, "--json", "--check",
+                "status", "--redis", url, "--group", group, "--json", "--check",
             ],
             Duration::from_secs(10),
         );
@@ -274,6 +282,59 @@ fn two_members_hand_over_on_sigterm() {
             "b did not pick up bucket {bucket}: {list:?}"
         );
     }
+}
+
+/// Issue 11: `join` and `status` through a `redis+cluster://` URL. The group lives on the
+/// primary that owns its slot; two members balance and hand over on SIGTERM without overlap.
+#[test]
+fn join_and_status_on_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    let url = cluster.url();
+    let opts = ["--buckets", "32", "--heartbeat", "100ms", "--ttl", "1s"];
+    let mut a = Joined::spawn_at(&url, "orders", "a", &opts);
+    let mut b = Joined::spawn_at(&url, "orders", "b", &opts);
+    a.wait_for("joined", Duration::from_secs(10));
+    b.wait_for("joined", Duration::from_secs(10));
+    let status = wait_converged_at(&url, "orders", 2, Duration::from_secs(15));
+    for m in status["members"].as_array().expect("members") {
+        assert_eq!(m["held"], 16, "{status}");
+    }
+    let primary = cluster.primary_of(cluster.keyslot("red-buckets:orders"));
+    let node = cluster
+        .nodes()
+        .iter()
+        .find(|n| n.port() == primary)
+        .expect("the slot's primary");
+    assert_eq!(
+        node.cli(&["HGET", "{red-buckets:orders}:meta", "buckets"])
+            .trim(),
+        "32"
+    );
+
+    a.signal("-TERM");
+    let (code, stderr) = a.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "a's stderr: {stderr}");
+    let status = wait_converged_at(&url, "orders", 1, Duration::from_secs(10));
+    assert_eq!(status["members"][0]["held"], 32, "{status}");
+    b.signal("-TERM");
+    let (code, stderr) = b.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "b's stderr: {stderr}");
+    let violations = timeline(&[&a.seen, &b.seen]).violations();
+    assert!(violations.is_empty(), "{violations:#?}");
+
+    // A plain URL at a cluster node says which form to use.
+    let r = run(
+        &[
+            "status",
+            "--redis",
+            &cluster.nodes()[0].url(),
+            "--group",
+            "orders",
+        ],
+        Duration::from_secs(10),
+    );
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(r.stderr.contains("redis+cluster://"), "{r:?}");
 }
 
 #[test]
