@@ -53,6 +53,15 @@ pub enum Call {
         /// The buckets released.
         buckets: Vec<u32>,
     },
+    /// [`Store::leave`]; answered with a [`Reply::Release`].
+    Leave {
+        /// The group.
+        group: GroupKey,
+        /// The session that leaves.
+        session: SessionRef,
+        /// The buckets released.
+        buckets: Vec<u32>,
+    },
     /// [`Store::deregister`].
     Deregister {
         /// The group.
@@ -75,7 +84,7 @@ pub enum Call {
 }
 
 impl Call {
-    /// The call's name: `register`, `heartbeat`, `rebalance`, `release`, `deregister`,
+    /// The call's name: `register`, `heartbeat`, `rebalance`, `release`, `leave`, `deregister`,
     /// `snapshot` or `subscribe`.
     pub fn name(&self) -> &'static str {
         match self {
@@ -83,6 +92,7 @@ impl Call {
             Call::Heartbeat { .. } => "heartbeat",
             Call::Rebalance { .. } => "rebalance",
             Call::Release { .. } => "release",
+            Call::Leave { .. } => "leave",
             Call::Deregister { .. } => "deregister",
             Call::Snapshot { .. } => "snapshot",
             Call::Subscribe { .. } => "subscribe",
@@ -108,6 +118,11 @@ impl Call {
                 session,
                 buckets,
             } => Reply::Release(store.release(&group, &session, &buckets).await?),
+            Call::Leave {
+                group,
+                session,
+                buckets,
+            } => Reply::Release(store.leave(&group, &session, &buckets).await?),
             Call::Deregister { group, session } => {
                 Reply::Deregister(store.deregister(&group, &session).await?)
             }
@@ -259,6 +274,21 @@ impl<S: Store, H: Intercept<S>> Store for Intercepted<S, H> {
             group,
             session,
             max_take,
+        })
+        .await
+    }
+
+    async fn leave(
+        &self,
+        group: &GroupKey,
+        session: &SessionRef,
+        buckets: &[u32],
+    ) -> Result<u32, Error> {
+        let (group, session, buckets) = (group.clone(), session.clone(), buckets.to_vec());
+        self.ask(Call::Leave {
+            group,
+            session,
+            buckets,
         })
         .await
     }

@@ -7,9 +7,10 @@
 //! `InUse`, a replacement under the same id via `replaces`, a wrong bucket count or ttl),
 //! heartbeat (own or stale session, other ttls), rebalance steps (max_take 0, 1, 2, 8,
 //! unbounded), release (the i-th bucket the member holds, buckets another member holds, ids
-//! beyond B, stale sessions), deregister, snapshots, and time advancing (so sessions expire and
-//! get purged, and the quarantine of a new group ends; also as "time passes while every member
-//! heartbeats" and "every member takes a rebalance step", which the test runs as plain ops);
+//! beyond B, stale sessions), the same as a leave (release and deregister in one step),
+//! deregister, snapshots, and time advancing (so sessions expire and get purged, and the
+//! quarantine of a new group ends; also as "time passes while every member heartbeats" and
+//! "every member takes a rebalance step", which the test runs as plain ops);
 //! up to 5 members, weights 1 to 1,000,000, B from 1 to 65,536 (mostly small).
 //! Not covered: the heartbeat's cap of 100 purged sessions per call (`HEARTBEAT_PURGE` in
 //! common.lua, where `MemoryStore` purges all), and the re-creation of a group after a Redis
@@ -113,10 +114,12 @@ enum Op {
         stale: bool,
         max_take: u32,
     },
+    /// A release, or with `leave` the graceful leave's one step (release and deregister).
     Release {
         m: usize,
         stale: bool,
         picks: Vec<Pick>,
+        leave: bool,
     },
     Deregister {
         m: usize,
@@ -172,8 +175,22 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(m, stale, extra_ttl_ms)| Op::Heartbeat { m, stale, extra_ttl_ms }),
         8 => (m.clone(), stale, max_take)
             .prop_map(|(m, stale, max_take)| Op::Rebalance { m, stale, max_take }),
-        3 => (m.clone(), stale, prop::collection::vec(pick, 0..5))
-            .prop_map(|(m, stale, picks)| Op::Release { m, stale, picks }),
+        3 => (m.clone(), stale, prop::collection::vec(pick.clone(), 0..5)).prop_map(
+            |(m, stale, picks)| Op::Release {
+                m,
+                stale,
+                picks,
+                leave: false
+            }
+        ),
+        1 => (m.clone(), stale, prop::collection::vec(pick, 0..5)).prop_map(
+            |(m, stale, picks)| Op::Release {
+                m,
+                stale,
+                picks,
+                leave: true
+            }
+        ),
         1 => (m, stale).prop_map(|(m, stale)| Op::Deregister { m, stale }),
         4 => ms.prop_map(|ms| Op::Advance { ms }),
         3 => (1u64..=6).prop_map(|thirds| Op::Pass { thirds }),
@@ -539,7 +556,12 @@ impl<'h> Run<'h> {
                 let b = h.redis_rt.block_on(red.rebalance(g, &s, *max_take));
                 (rebalance_outcome(a), rebalance_outcome(b))
             }
-            Op::Release { m, stale, picks } => {
+            Op::Release {
+                m,
+                stale,
+                picks,
+                leave,
+            } => {
                 let s = self.session(*m, *stale);
                 // Buckets in grant order (token, then id): the i-th bucket of a member then
                 // has the same token in both stores, though not the same id.
@@ -560,8 +582,17 @@ impl<'h> Run<'h> {
                 };
                 let mem_ids = resolve(&|id: &str| mem.held_buckets(g, id));
                 let red_ids = resolve(&|id: &str| h.redis_held(g, id));
-                let a = h.memory_rt.block_on(mem.release(g, &s, &mem_ids));
-                let b = h.redis_rt.block_on(red.release(g, &s, &red_ids));
+                let (a, b) = if *leave {
+                    (
+                        h.memory_rt.block_on(mem.leave(g, &s, &mem_ids)),
+                        h.redis_rt.block_on(red.leave(g, &s, &red_ids)),
+                    )
+                } else {
+                    (
+                        h.memory_rt.block_on(mem.release(g, &s, &mem_ids)),
+                        h.redis_rt.block_on(red.release(g, &s, &red_ids)),
+                    )
+                };
                 (
                     format!("{} of {} named", outcome(a), mem_ids.len()),
                     format!("{} of {} named", outcome(b), red_ids.len()),

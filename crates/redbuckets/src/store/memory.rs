@@ -511,6 +511,31 @@ impl Store for MemoryStore {
         Ok(u32::try_from(freed.len()).unwrap_or(u32::MAX))
     }
 
+    async fn leave(
+        &self,
+        group: &GroupKey,
+        session: &SessionRef,
+        buckets: &[u32],
+    ) -> Result<u32, Error> {
+        let mut inner = self.lock();
+        let Some(state) = inner.groups.get_mut(group) else {
+            return Ok(0);
+        };
+        let Some(m) = state
+            .members
+            .get(&session.member)
+            .filter(|m| m.session == session.session)
+        else {
+            return Ok(0);
+        };
+        let mut held = m.held.clone();
+        let freed = buckets.iter().filter(|b| held.remove(b)).count();
+        state.remove_member(&session.member);
+        let woken = state.settle(Instant::now(), false);
+        inner.notify(group, &woken);
+        Ok(u32::try_from(freed).unwrap_or(u32::MAX))
+    }
+
     async fn deregister(&self, group: &GroupKey, session: &SessionRef) -> Result<(), Error> {
         let mut inner = self.lock();
         let Some(state) = inner.groups.get_mut(group) else {

@@ -337,6 +337,26 @@ pub trait Store: Clone + Send + Sync + 'static {
         buckets: &[u32],
     ) -> impl Future<Output = Result<u32, Error>> + Send;
 
+    /// The graceful leave's last step: frees the given buckets if the session owns them and
+    /// ends the session (freeing whatever else it still owns), as one atomic step; returns how
+    /// many of `buckets` it freed. One step, not [`Store::release`] then [`Store::deregister`]:
+    /// the members that take the freed buckets are woken once, with the membership after the
+    /// leave (a release alone counts the leaving member in everyone's share, so the others are
+    /// at their share and nobody is woken until the deregistration, a round trip later).
+    /// The default runs the two calls, for stores that have no such step.
+    fn leave(
+        &self,
+        group: &GroupKey,
+        session: &SessionRef,
+        buckets: &[u32],
+    ) -> impl Future<Output = Result<u32, Error>> + Send {
+        async move {
+            let freed = self.release(group, session, buckets).await?;
+            self.deregister(group, session).await?;
+            Ok(freed)
+        }
+    }
+
     /// Ends the session: frees whatever it still owns and removes it from the group.
     fn deregister(
         &self,

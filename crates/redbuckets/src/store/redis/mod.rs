@@ -679,6 +679,20 @@ impl Store for RedisStore {
         protocol::release(&reply).map_err(|e| e.into_error(group))
     }
 
+    async fn leave(
+        &self,
+        group: &GroupKey,
+        session: &SessionRef,
+        buckets: &[u32],
+    ) -> Result<u32, Error> {
+        let mut args = Vec::with_capacity(buckets.len() + 2);
+        args.push(session.member.clone());
+        args.push(session.session.clone());
+        args.extend(buckets.iter().map(u32::to_string));
+        let reply = self.run(group, "leave", ScriptId::Leave, &args).await?;
+        protocol::release(&reply).map_err(|e| e.into_error(group))
+    }
+
     async fn deregister(&self, group: &GroupKey, session: &SessionRef) -> Result<(), Error> {
         let args = [session.member.clone(), session.session.clone()];
         self.run(group, "deregister", ScriptId::Deregister, &args)
@@ -817,7 +831,7 @@ mod tests {
                 .expect("FUNCTION LOAD");
             assert_eq!(loaded, scripts.library_name());
         }
-        assert_eq!(seen.len(), 14);
+        assert_eq!(seen.len(), 2 * ScriptId::ALL.len());
         assert_ne!(SCRIPTS.library_name(), FROZEN_CLOCK_SCRIPTS.library_name());
 
         let libraries: Value = redis::cmd("FUNCTION")

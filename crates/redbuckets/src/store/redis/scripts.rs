@@ -23,6 +23,8 @@ pub(super) enum ScriptId {
     HeartbeatFast,
     Rebalance,
     Release,
+    /// Release and deregistration in one step: the graceful leave.
+    Leave,
     Deregister,
     Snapshot,
 }
@@ -30,12 +32,13 @@ pub(super) enum ScriptId {
 impl ScriptId {
     /// Every script (for tests).
     #[cfg(test)]
-    pub(super) const ALL: [ScriptId; 7] = [
+    pub(super) const ALL: [ScriptId; 8] = [
         ScriptId::Register,
         ScriptId::Heartbeat,
         ScriptId::HeartbeatFast,
         ScriptId::Rebalance,
         ScriptId::Release,
+        ScriptId::Leave,
         ScriptId::Deregister,
         ScriptId::Snapshot,
     ];
@@ -52,7 +55,7 @@ struct Body {
 }
 
 /// Every script, in `ScriptId` order.
-const BODIES: [Body; 7] = [
+const BODIES: [Body; 8] = [
     Body {
         id: ScriptId::Register,
         name: "register",
@@ -83,6 +86,12 @@ const BODIES: [Body; 7] = [
         id: ScriptId::Release,
         name: "release",
         text: include_str!("../lua/release.lua"),
+        read_only: false,
+    },
+    Body {
+        id: ScriptId::Leave,
+        name: "leave",
+        text: include_str!("../lua/leave.lua"),
         read_only: false,
     },
     Body {

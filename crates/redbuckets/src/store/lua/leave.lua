@@ -1,0 +1,25 @@
+-- leave: ARGV[2] member, [3] nonce, [4..] buckets. The graceful leave's last step: frees the
+-- given buckets if the session holds them and ends the session (freeing anything else it
+-- held), as one step, so the members that take them are woken once, with the membership after
+-- the leave. Returns how many of the given buckets left the session's held set (0 when the
+-- session is not this one).
+local member, nonce = ARGV[2], ARGV[3]
+
+local meta = own_session(member, nonce)
+if not meta then
+  return 0
+end
+local hk = held_key(member)
+local seen, released = {}, 0
+for i = 4, #ARGV do
+  local b = ARGV[i]
+  if not seen[b] then
+    seen[b] = true
+    released = released + redis.call('SISMEMBER', hk, b)
+  end
+end
+-- Frees every bucket of the held set, checking each owner record as release does.
+remove_member(meta, member)
+publish()
+settle(meta, server_now_us(), false)
+return released
