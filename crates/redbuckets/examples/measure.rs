@@ -6,8 +6,12 @@
 //! cargo run --release --example measure -- 4 1024      # one configuration
 //! REDIS_URL=redis://127.0.0.1:6379/ cargo run --release --example measure
 //! MEASURE_PING=1 cargo run --release --example measure -- 4 1024   # also: the cost of PINGs
+//! MEASURE_CLUSTER=1 cargo run --release --example measure -- 4 1024   # on a Redis Cluster
 //! ```
-//! Without `REDIS_URL` it starts its own `redis-server` on a free port (and stops it at the end).
+//! Without `REDIS_URL` it starts its own `redis-server` on a free port (and stops it at the end);
+//! with `MEASURE_CLUSTER=1`, its own Redis Cluster (3 primaries, 3 replicas: the testkit's),
+//! reached with a `redis+cluster://` URL; the Redis figures are then the group's primary's, and
+//! it also measures what `WAIT 1` (one replica acknowledged) adds to a write there.
 //! Heartbeat 1 s and ttl 10 s, the defaults. Redis CPU is taken over a steady-state window of
 //! `MEASURE_WINDOW` seconds (default 30) and compared with idle windows of the same length
 //! before the members join and after they leave: an idle Redis on a VM wanders by ±0.1 ms/s.
@@ -15,7 +19,7 @@
 use std::time::{Duration, Instant};
 
 use redbuckets::{Event, Member, RedisStore};
-use redbuckets_testkit::RedisServer;
+use redbuckets_testkit::{RedisCluster, RedisServer};
 
 fn window() -> Duration {
     let secs = std::env::var("MEASURE_WINDOW")
@@ -169,8 +173,69 @@ fn ms(d: Option<Duration>) -> String {
     })
 }
 
-async fn scenario(url: &str, n: usize, buckets: u32) {
+/// The `redis://` URL of the cluster's primary for `group`'s slot.
+fn primary_url(cluster: &RedisCluster, group: &str) -> String {
+    let port = cluster.primary_of(cluster.keyslot(&format!("red-buckets:{group}")));
+    format!("redis://127.0.0.1:{port}/")
+}
+
+/// Mean round trip of a write alone and of the write followed by `WAIT 1` (one replica
+/// acknowledged), on the group's primary: what waiting for a replica after a grant would add.
+async fn wait_cost(url: &str, group: &str) {
     let client = redis::Client::open(url).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let key = format!("{{red-buckets:{group}}}:wait-probe");
+    const N: u32 = 2000;
+    let mut plain = Duration::ZERO;
+    let mut waited = Duration::ZERO;
+    for i in 0..N {
+        let began = Instant::now();
+        let _: i64 = redis::cmd("HSET")
+            .arg(&key)
+            .arg("i")
+            .arg(i)
+            .query_async(&mut conn)
+            .await
+            .expect("HSET");
+        plain += began.elapsed();
+        let began = Instant::now();
+        let _: i64 = redis::cmd("HSET")
+            .arg(&key)
+            .arg("i")
+            .arg(i)
+            .query_async(&mut conn)
+            .await
+            .expect("HSET");
+        let acked: i64 = redis::cmd("WAIT")
+            .arg(1)
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .expect("WAIT");
+        assert_eq!(acked, 1, "the replica did not acknowledge");
+        waited += began.elapsed();
+    }
+    let _: i64 = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+    println!(
+        "WAIT 1: a write takes {:.1} µs alone, {:.1} µs with WAIT 1 after it ({N} of each, \
+         one connection, in a row)",
+        plain.as_secs_f64() * 1e6 / f64::from(N),
+        waited.as_secs_f64() * 1e6 / f64::from(N)
+    );
+}
+
+async fn scenario(url: &str, cluster: Option<&RedisCluster>, n: usize, buckets: u32) {
+    let group = format!("measure-{}-{n}x{buckets}", std::process::id());
+    // On a cluster, the figures are those of the primary that owns the group's slot.
+    let stats_url = cluster.map_or_else(|| url.to_string(), |c| primary_url(c, &group));
+    let client = redis::Client::open(stats_url.as_str()).expect("url");
     let mut conn = client
         .get_multiplexed_async_connection()
         .await
@@ -207,9 +272,12 @@ async fn scenario(url: &str, n: usize, buckets: u32) {
         );
     }
 
+    if cluster.is_some() {
+        wait_cost(&stats_url, &group).await;
+    }
     let mut run = Run {
         url: url.to_string(),
-        group: format!("measure-{}-{n}x{buckets}", std::process::id()),
+        group,
         buckets,
         members: Vec::new(),
         events: Vec::new(),
@@ -317,9 +385,13 @@ async fn main() {
         [n, b] => vec![(*n as usize, *b)],
         _ => vec![(4, 1024), (10, 16_384)],
     };
-    let (_server, url) = start_server();
+    let cluster = std::env::var_os("MEASURE_CLUSTER").map(|_| RedisCluster::start());
+    let (_server, url) = match &cluster {
+        Some(cluster) => (None, cluster.url()),
+        None => start_server(),
+    };
     println!("Redis at {}", redbuckets::redact_url(&url));
     for (n, b) in configs {
-        scenario(&url, n, b).await;
+        scenario(&url, cluster.as_ref(), n, b).await;
     }
 }
