@@ -415,6 +415,13 @@ impl RedisCluster {
     /// Moves `slot` to the primary on `to`, keys included, with `CLUSTER SETSLOT` and one
     /// `MIGRATE` of all its keys (atomic on the source: a script sees them all on one side).
     pub fn migrate_slot(&self, slot: u16, to: u16) {
+        self.migrate_slot_in_batches(slot, to, usize::MAX, Duration::ZERO);
+    }
+
+    /// Moves `slot` to the primary on `to` as `redis-cli --cluster reshard` does: its keys in
+    /// `MIGRATE` batches of `batch` keys, here with `pause` between batches, so calls meet the
+    /// slot half moved (`ASK`, `TRYAGAIN`).
+    pub fn migrate_slot_in_batches(&self, slot: u16, to: u16, batch: usize, pause: Duration) {
         let from = self.primary_of(slot);
         assert_ne!(from, to, "slot {slot} is on {to} already");
         let node = |port: u16| {
@@ -435,12 +442,45 @@ impl RedisCluster {
             .map(str::to_string)
             .filter(|k| !k.is_empty())
             .collect();
-        if !keys.is_empty() {
-            let port = to.to_string();
+        let port = to.to_string();
+        for chunk in keys.chunks(batch.max(1)) {
             let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
-            args.extend(keys.iter().map(String::as_str));
+            args.extend(chunk.iter().map(String::as_str));
             let out = src.cli(&args);
-            assert!(out.contains("OK"), "MIGRATE: {out}");
+            // NOKEY: a member's call deleted the keys of this batch meanwhile.
+            assert!(
+                out.contains("OK") || out.contains("NOKEY"),
+                "MIGRATE: {out}"
+            );
+            std::thread::sleep(pause);
+        }
+        // Keys created on the source meanwhile (a call that ran there) follow too.
+        loop {
+            let left: Vec<String> = src
+                .cli(&["CLUSTER", "GETKEYSINSLOT", &slot_arg, "100000"])
+                .lines()
+                .map(str::to_string)
+                .filter(|k| !k.is_empty())
+                .collect();
+            if left.is_empty() {
+                break;
+            }
+            let mut args = vec![
+                "MIGRATE",
+                "127.0.0.1",
+                &port,
+                "",
+                "0",
+                "5000",
+                "REPLACE",
+                "KEYS",
+            ];
+            args.extend(left.iter().map(String::as_str));
+            let out = src.cli(&args);
+            assert!(
+                out.contains("OK") || out.contains("NOKEY"),
+                "MIGRATE: {out}"
+            );
         }
         for n in [dst, src] {
             n.cli(&["CLUSTER", "SETSLOT", &slot_arg, "NODE", &dst_id]);

@@ -305,6 +305,50 @@ async fn a_slot_migrated_under_a_running_group() {
     g.shutdown().await;
 }
 
+/// The slot moves in batches of one key, 50 ms apart (as `redis-cli --cluster reshard` moves
+/// keys in batches), so calls meet it half moved: declared keys on both sides (`TRYAGAIN`,
+/// `ASK`), or a script's undeclared keys (a member's `:held:` set) already gone. Whatever the
+/// calls meet, ownership stays exclusive, tokens grow, and the group is balanced afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_migrated_key_by_key_under_a_running_group() {
+    init_tracing();
+    let cluster = RedisCluster::start();
+    let store = RedisStore::connect(&cluster.url()).await.expect("connect");
+    let names = vec!["batched".to_string()];
+    let mut groups = start_groups(&store, &cluster, &names, 128).await;
+    let mut g = groups.remove(0);
+    let slot = g.ctx.slot;
+    let from = cluster.primary_of(slot);
+    let to = *cluster
+        .primaries()
+        .iter()
+        .find(|p| **p != from)
+        .expect("another primary");
+    let before = g.max_token();
+    let mark = g.timeline.events.len();
+    let moving = tokio::task::spawn_blocking(move || {
+        cluster.migrate_slot_in_batches(slot, to, 1, Duration::from_millis(50));
+        cluster
+    });
+    // Keep the members busy meanwhile: one leaves, one joins.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let leaving = g.members.remove(0);
+    leaving.shutdown().await.ok();
+    g.collect();
+    g.receivers.remove(0);
+    g.join("m3").await;
+    let cluster = moving.await.expect("migrated");
+    let took = until_regranted(&mut g, mark, Duration::from_secs(20), "the migration").await;
+    eprintln!("slot {slot} moved key by key {from} -> {to}; balanced {took:?} after");
+    g.assert_grants_above(mark, before);
+    g.assert_exclusive();
+    tokio::time::sleep(TTL).await;
+    g.collect();
+    assert!(g.balanced(), "{:?}", g.counts());
+    g.shutdown().await;
+    drop(cluster);
+}
+
 /// The wrong kind of URL for the server says which kind to use.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wrong_url_kind_is_a_clear_error() {

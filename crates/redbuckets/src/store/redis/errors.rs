@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use redis::{ConnectionAddr, ErrorKind, RedisError, ServerErrorKind};
 
+use super::cluster::key_slot;
 use super::RedisStore;
 use crate::error::Error;
 use crate::store::GroupKey;
@@ -37,6 +38,25 @@ impl RedisStore {
             return Error::Timeout {
                 call,
                 after: self.inner.options.response_timeout,
+            };
+        }
+        // A redirection that could not be followed (the slot moved again, or is half moved):
+        // name the slot, so a resharding shows in the error.
+        let message = e.to_string();
+        if e.is_cluster_error()
+            || ["TryAgain", "TRYAGAIN", "Moved:", "MOVED ", "Ask:", "ASK "]
+                .iter()
+                .any(|m| message.contains(m))
+        {
+            return Error::Unavailable {
+                detail: format!(
+                    "{}: slot {} of group {:?} is moving between primaries or has none \
+                     serving it: {}",
+                    self.inner.url,
+                    key_slot(&group.tag()),
+                    group.name,
+                    scrub(&strip_script_suffix(&message), secrets)
+                ),
             };
         }
         classify(&self.inner.url, e, secrets)
