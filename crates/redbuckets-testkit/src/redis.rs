@@ -507,6 +507,38 @@ impl RedisCluster {
         }
     }
 
+    /// Marks `slot` as moving to the primary on `to` (`CLUSTER SETSLOT ... IMPORTING` there,
+    /// `MIGRATING` on its owner) without moving any key, until [`RedisCluster::cancel_migration`].
+    pub fn begin_migration(&self, slot: u16, to: u16) {
+        let from = self.primary_of(slot);
+        let node = |port: u16| {
+            self.nodes
+                .iter()
+                .find(|n| n.port() == port)
+                .expect("a node on that port")
+        };
+        let id = |n: &RedisServer| n.cli(&["CLUSTER", "MYID"]).trim().to_string();
+        let slot_arg = slot.to_string();
+        node(to).cli(&[
+            "CLUSTER",
+            "SETSLOT",
+            &slot_arg,
+            "IMPORTING",
+            &id(node(from)),
+        ]);
+        node(from).cli(&["CLUSTER", "SETSLOT", &slot_arg, "MIGRATING", &id(node(to))]);
+    }
+
+    /// Ends a migration that [`RedisCluster::begin_migration`] began: `slot` stays where it is.
+    pub fn cancel_migration(&self, slot: u16) {
+        let slot_arg = slot.to_string();
+        for n in self.running() {
+            if n.cli(&["ROLE"]).starts_with("master") {
+                n.cli(&["CLUSTER", "SETSLOT", &slot_arg, "STABLE"]);
+            }
+        }
+    }
+
     /// Waits until every running node reports `cluster_state:ok`, every slot has a running
     /// primary, and the nodes agree on the owners. Panics after 30 s.
     pub fn wait_ok(&self) {

@@ -8,7 +8,8 @@ mod group;
 use std::time::{Duration, Instant};
 
 use group::Members;
-use redbuckets::{Error, Event, Member, RedisStore};
+use redbuckets::store::{Channel, Store};
+use redbuckets::{Error, Event, GroupKey, Member, RedisStore};
 use redbuckets_testkit::{RedisCluster, RedisServer};
 
 const HEARTBEAT: Duration = Duration::from_millis(100);
@@ -347,6 +348,118 @@ async fn a_slot_migrated_key_by_key_under_a_running_group() {
     assert!(g.balanced(), "{:?}", g.counts());
     g.shutdown().await;
     drop(cluster);
+}
+
+/// While a group's slot is marked migrating (no key moved yet), no call runs on it, even one
+/// whose declared keys are all there (which Redis itself would let run): the cluster scripts
+/// first read a key that never exists, which Redis refuses in a migrating slot before the
+/// script has written anything, and the error names the slot. Once the migration is called
+/// off, the same call runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_call_runs_on_a_migrating_slot() {
+    let cluster = RedisCluster::start();
+    let store = RedisStore::connect(&cluster.url()).await.expect("connect");
+    let group = GroupKey::new("t", "held-still");
+    let slot = cluster.keyslot("t:held-still");
+    let from = cluster.primary_of(slot);
+    let to = *cluster
+        .primaries()
+        .iter()
+        .find(|p| **p != from)
+        .expect("another primary");
+    let node = cluster
+        .nodes()
+        .iter()
+        .find(|n| n.port() == from)
+        .expect("the slot's primary");
+    // Every declared key exists (with data no script wrote: whatever the call makes of it,
+    // it is not a refusal of the slot).
+    let tag = group.tag();
+    node.cli(&["HSET", &format!("{tag}:meta"), "buckets", "8"]);
+    node.cli(&["ZADD", &format!("{tag}:exp"), "1", "x"]);
+    for key in ["sess", "since", "weight", "wcount", "owner"] {
+        node.cli(&["HSET", &format!("{tag}:{key}"), "x", "1"]);
+    }
+    node.cli(&["SADD", &format!("{tag}:free"), "0"]);
+
+    cluster.begin_migration(slot, to);
+    match store.snapshot(&group).await {
+        Err(Error::Unavailable { detail }) => {
+            assert!(detail.contains(&format!("slot {slot}")), "{detail}");
+            assert!(detail.contains("non local key"), "{detail}");
+        }
+        other => panic!("{other:?}"),
+    }
+    cluster.cancel_migration(slot);
+    if let Err(Error::Unavailable { detail }) = store.snapshot(&group).await {
+        panic!("still refused: {detail}");
+    }
+}
+
+/// A tool's subscription to the group's events is a sharded one on the slot's primary: a
+/// change arrives, and the stream ends when the slot moves away (the server unsubscribes it)
+/// and when that primary dies, so the subscriber resubscribes where the slot is now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_notifications_arrive_and_end_when_the_slot_moves_or_its_primary_dies() {
+    let mut cluster = RedisCluster::start();
+    let store = RedisStore::connect(&cluster.url()).await.expect("connect");
+    let group = GroupKey::new("red-buckets", "notices");
+    let slot = cluster.keyslot("red-buckets:notices");
+
+    let mut notes = store
+        .subscribe(&group, Channel::Group)
+        .await
+        .expect("subscribe");
+    let mut g = Group::on(&store, &cluster, "notices", 8);
+    g.join("m0").await;
+    assert_eq!(next(&mut notes).await, Some(()), "a notice within 5 s");
+
+    let from = cluster.primary_of(slot);
+    let to = *cluster
+        .primaries()
+        .iter()
+        .find(|p| **p != from)
+        .expect("another primary");
+    cluster.migrate_slot(slot, to);
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while notes.next().await.is_some() {}
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the stream must end when the slot moves away"
+    );
+
+    // Subscribed again (the first try may meet the old table), on the new primary.
+    let began = Instant::now();
+    let mut notes = loop {
+        match store.subscribe(&group, Channel::Group).await {
+            Ok(notes) => break notes,
+            Err(e) => {
+                assert!(began.elapsed() < TTL * 5, "cannot subscribe again: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    g.join("m1").await;
+    assert_eq!(next(&mut notes).await, Some(()), "a notice within 5 s");
+    cluster.kill(to);
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while notes.next().await.is_some() {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream must end when the primary dies");
+    for m in g.members {
+        m.abort();
+    }
+}
+
+/// The next notice, `None` when the stream ended or none came within 5 s.
+async fn next(notes: &mut redbuckets::store::Notifications) -> Option<()> {
+    tokio::time::timeout(Duration::from_secs(5), notes.next())
+        .await
+        .ok()
+        .flatten()
 }
 
 /// The wrong kind of URL for the server says which kind to use.

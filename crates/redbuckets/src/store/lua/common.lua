@@ -33,11 +33,22 @@
 local K_META, K_EXP, K_SESS, K_SINCE
 local K_WEIGHT, K_WCOUNT, K_OWNER, K_FREE
 local TAG, CHANNEL
+-- True in the variant loaded on a Redis Cluster (scripts.rs replaces this line; nothing else
+-- differs). There, notices go out with SPUBLISH (a plain PUBLISH reaches every node; a sharded
+-- channel stays on the group's slot), and every call first reads a key that never exists:
+-- while the slot migrates, Redis refuses that read ("non local key") before the script has
+-- written anything. Without it a script could write, then fail on a key of the group that
+-- moved already, or on one it creates, and leave the group half changed.
+local CLUSTER = false
+local PUBLISH = CLUSTER and 'SPUBLISH' or 'PUBLISH'
 local function bind(keys, argv)
   K_META, K_EXP, K_SESS, K_SINCE = keys[1], keys[2], keys[3], keys[4]
   K_WEIGHT, K_WCOUNT, K_OWNER, K_FREE = keys[5], keys[6], keys[7], keys[8]
   TAG = argv[1]
   CHANNEL = TAG .. ':events'
+  if CLUSTER then
+    redis.call('EXISTS', TAG .. ':migration-probe')
+  end
 end
 -- The heartbeat purges at most this many expired sessions per call, so it never stalls Redis.
 -- Every other script purges all of them (as MemoryStore does), so the per-weight counts it
@@ -180,11 +191,6 @@ end
 local function ids_key()
   return TAG .. ':ids'
 end
-
--- The publish command: PUBLISH, or SPUBLISH in the variant loaded on a Redis Cluster, where a
--- plain PUBLISH goes to every node and sharded pub/sub stays on the group's slot (scripts.rs
--- replaces this line; nothing else differs).
-local PUBLISH = 'PUBLISH'
 
 local function publish()
   redis.call(PUBLISH, CHANNEL, 'changed')

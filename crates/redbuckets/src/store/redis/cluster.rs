@@ -4,7 +4,7 @@
 //! Every key of a group shares its hash tag, so a group lives on one slot. The store keeps
 //! the slot table (`CLUSTER SLOTS`) and one auto-reconnecting [`ConnectionManager`] per
 //! primary, and routes by itself: a call goes to its slot's primary; `MOVED` updates the table
-//! and is followed once, `ASK` is followed once with `ASKING`; a call that fails in a way a
+//! and is followed once; `ASK` is not followed (see [`Cluster::query`]); a call that fails in a way a
 //! failover or a resharding explains (connection lost, `CLUSTERDOWN`, `TRYAGAIN`, `READONLY`)
 //! starts a background refresh of the table, at most one at a time, and the member retries.
 //!
@@ -382,7 +382,10 @@ impl Cluster {
         });
     }
 
-    /// Runs `cmd` on the primary of `slot`, following one `MOVED` or `ASK`.
+    /// Runs `cmd` on the primary of `slot`, following one `MOVED`. An `ASK` (the slot is
+    /// migrating and the call's keys are gone from here) is not followed: on the importing
+    /// node a script would see the group's keys half moved. The call fails, naming the slot
+    /// (`RedisStore::call_error`), and the member retries until the move ends.
     pub(super) async fn query(self: &Arc<Self>, cmd: &redis::Cmd, slot: u16) -> RedisResult<Value> {
         let Some(addr) = self.owner(slot) else {
             self.refresh_later();
@@ -402,16 +405,6 @@ impl Cluster {
                 // Other slots probably moved with it.
                 self.refresh_later();
                 cmd.query_async(&mut self.connection(&target)?).await
-            }
-            ErrorKind::Server(ServerErrorKind::Ask) => {
-                let Some(target) = redirect(&e) else {
-                    return Err(e);
-                };
-                let mut pipe = redis::pipe();
-                pipe.cmd("ASKING").ignore().add_command(cmd.clone());
-                let mut replies: Vec<Value> =
-                    pipe.query_async(&mut self.connection(&target)?).await?;
-                replies.pop().ok_or_else(|| no_owner(slot))
             }
             _ => {
                 if moved_or_failed(&e) {

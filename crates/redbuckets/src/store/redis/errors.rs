@@ -44,7 +44,8 @@ impl RedisStore {
         // name the slot, so a resharding shows in the error.
         let message = e.to_string();
         if e.is_cluster_error()
-            || ["TryAgain", "TRYAGAIN", "Moved:", "MOVED ", "Ask:", "ASK "]
+            // "non local key": a cluster script's first read, refused in a migrating slot.
+            || ["TryAgain", "TRYAGAIN", "Moved:", "MOVED ", "Ask:", "ASK ", "non local key"]
                 .iter()
                 .any(|m| message.contains(m))
         {

@@ -61,7 +61,9 @@
 //! call to the primary of its group's slot (`cluster.rs`: its own slot table and one
 //! connection per primary; why not the redis crate's cluster client is written there). The
 //! scripts are the same but for one line: the library variant loaded on a cluster publishes
-//! with `SPUBLISH`, and [`Store::subscribe`] opens a sharded subscription (`SSUBSCRIBE`) on the
+//! with `SPUBLISH` and first reads a key that never exists, which Redis refuses while the slot
+//! migrates, so no script runs on a half-moved slot (an `ASK` is not followed either: the call
+//! fails with an error naming the slot, and the member retries); and [`Store::subscribe`] opens a sharded subscription (`SSUBSCRIBE`) on the
 //! slot's primary, which ends when the slot moves or the node fails, so members resubscribe.
 //! A missing library is loaded on the node that answered "function not found". A replica
 //! promoted after a failover is another Redis process, so the group is re-created there with
@@ -108,7 +110,7 @@ use redis::{
 
 use self::cluster::{key_slot, Cluster};
 use self::errors::{connect_error, probe_protocol, refuses_functions, scrub};
-use self::scripts::{Publish, ScriptId, Scripts};
+use self::scripts::{Deployment, ScriptId, Scripts};
 use self::sentinel::watch_switches;
 use self::url::{check_url, parse_cluster_url, parse_sentinel_url, password_secrets, url_reason};
 pub use self::url::{redact_url, scrub_password};
@@ -127,14 +129,15 @@ const FROZEN_CLOCK: &str = include_str!("../lua/clock_frozen.lua");
 
 const CERT_PEM_HEADER: &[u8] = b"-----BEGIN CERTIFICATE-----";
 
-static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts::new(CLOCK, Publish::Plain));
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts::new(CLOCK, Deployment::Server));
 /// Loaded only by a store made with [`RedisOptions::frozen_clock_for_tests`]: its own library.
 static FROZEN_CLOCK_SCRIPTS: LazyLock<Scripts> =
-    LazyLock::new(|| Scripts::new(FROZEN_CLOCK, Publish::Plain));
+    LazyLock::new(|| Scripts::new(FROZEN_CLOCK, Deployment::Server));
 /// On a Redis Cluster: `SPUBLISH` on the group's slot.
-static CLUSTER_SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts::new(CLOCK, Publish::Sharded));
+static CLUSTER_SCRIPTS: LazyLock<Scripts> =
+    LazyLock::new(|| Scripts::new(CLOCK, Deployment::Cluster));
 static FROZEN_CLOCK_CLUSTER_SCRIPTS: LazyLock<Scripts> =
-    LazyLock::new(|| Scripts::new(FROZEN_CLOCK, Publish::Sharded));
+    LazyLock::new(|| Scripts::new(FROZEN_CLOCK, Deployment::Cluster));
 
 /// The store on Redis (≥ 7.0): each [`Store`] call is one Lua function (or script), run
 /// atomically with the server's clock. Clones share one connection.

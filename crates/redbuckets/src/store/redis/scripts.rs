@@ -110,18 +110,18 @@ const BODIES: [Body; 8] = [
 
 pub(super) const COMMON: &str = include_str!("../lua/common.lua");
 
-/// The line of `common.lua` that names the publish command.
-const PUBLISH_LINE: &str = "local PUBLISH = 'PUBLISH'";
+/// The line of `common.lua` that says whether the scripts run on a Redis Cluster.
+const CLUSTER_LINE: &str = "local CLUSTER = false";
 
-/// How the scripts publish their notices.
+/// Where the scripts run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Publish {
-    /// `PUBLISH`: one server (or Sentinel).
-    Plain,
-    /// `SPUBLISH` (Redis ≥ 7.0): on a Redis Cluster, where `PUBLISH` reaches every node and a
-    /// sharded channel stays on the group's slot. A variant of its own (another library
-    /// version), so the standalone scripts are unchanged.
-    Sharded,
+pub(super) enum Deployment {
+    /// One server (or Sentinel): `PUBLISH`.
+    Server,
+    /// A Redis Cluster (Redis ≥ 7.0): `SPUBLISH` on the group's slot, and a read of a missing
+    /// key first, which Redis refuses while the slot migrates (see `common.lua`). A variant of
+    /// its own (another library version), so the standalone scripts are unchanged by it.
+    Cluster,
 }
 
 /// Stands for the version in the library's text while its hash is computed.
@@ -140,14 +140,14 @@ pub(super) struct Scripts {
 }
 
 impl Scripts {
-    /// Every script with `clock` (the Lua text that defines `server_now_us`) first, publishing
-    /// with `publish`.
-    pub(super) fn new(clock: &str, publish: Publish) -> Self {
+    /// Every script with `clock` (the Lua text that defines `server_now_us`) first, for
+    /// `deployment`.
+    pub(super) fn new(clock: &str, deployment: Deployment) -> Self {
         debug_assert!(BODIES.iter().enumerate().all(|(i, b)| b.id as usize == i));
-        debug_assert_eq!(COMMON.matches(PUBLISH_LINE).count(), 1);
-        let common = match publish {
-            Publish::Plain => COMMON.to_string(),
-            Publish::Sharded => COMMON.replace(PUBLISH_LINE, "local PUBLISH = 'SPUBLISH'"),
+        debug_assert_eq!(COMMON.matches(CLUSTER_LINE).count(), 1);
+        let common = match deployment {
+            Deployment::Server => COMMON.to_string(),
+            Deployment::Cluster => COMMON.replace(CLUSTER_LINE, "local CLUSTER = true"),
         };
         let eval = BODIES
             .iter()
