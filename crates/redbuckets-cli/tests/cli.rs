@@ -284,8 +284,9 @@ fn two_members_hand_over_on_sigterm() {
     }
 }
 
-/// Issue 11: `join` and `status` through a `redis+cluster://` URL. The group lives on the
-/// primary that owns its slot; two members balance and hand over on SIGTERM without overlap.
+/// Issue 11: `join`, `status` and `demo` through a `redis+cluster://` URL. The group lives on
+/// the primary that owns its slot; two members balance and hand over on SIGTERM without
+/// overlap.
 #[test]
 fn join_and_status_on_a_redis_cluster() {
     let cluster = RedisCluster::start();
@@ -321,6 +322,30 @@ fn join_and_status_on_a_redis_cluster() {
     assert_eq!(code, Some(0), "b's stderr: {stderr}");
     let violations = timeline(&[&a.seen, &b.seen]).violations();
     assert!(violations.is_empty(), "{violations:#?}");
+
+    // The demo runs there too (its members and its checker through the cluster URL).
+    let r = run(
+        &[
+            "demo",
+            "--redis",
+            &url,
+            "--members",
+            "2",
+            "--buckets",
+            "32",
+            "--heartbeat",
+            "50ms",
+            "--ttl",
+            "500ms",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(
+        r.stdout.contains("no bucket ever had two owners"),
+        "{}",
+        r.stdout
+    );
 
     // A plain URL at a cluster node says which form to use.
     let r = run(

@@ -303,6 +303,12 @@ impl RedisCluster {
     /// Starts 6 nodes and joins them: 3 primaries, one replica each. Node timeout 1 s, so a
     /// killed primary's replica takes over within ~2 s.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// [`RedisCluster::start`] with extra arguments for every node, e.g.
+    /// `["--requirepass", "pw", "--masterauth", "pw"]`.
+    pub fn start_with(extra: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "redbuckets-cluster-{}-{}",
             std::process::id(),
@@ -313,7 +319,7 @@ impl RedisCluster {
         let mut nodes = Vec::new();
         for i in 0..6 {
             let conf = dir.join(format!("nodes-{i}.conf")).display().to_string();
-            nodes.push(RedisServer::start_with(&[
+            let mut args = vec![
                 "--cluster-enabled",
                 "yes",
                 "--cluster-node-timeout",
@@ -329,7 +335,9 @@ impl RedisCluster {
                 "no",
                 "--dir",
                 &dir_arg,
-            ]));
+            ];
+            args.extend_from_slice(extra);
+            nodes.push(RedisServer::start_with(&args));
         }
         let addrs: Vec<String> = nodes
             .iter()
@@ -357,7 +365,7 @@ impl RedisCluster {
         cluster
     }
 
-    /// `redis+cluster://127.0.0.1:<port>,...` with every node.
+    /// `redis+cluster://127.0.0.1:<port>,...` with every node (no credentials).
     pub fn url(&self) -> String {
         let hosts: Vec<String> = self
             .nodes

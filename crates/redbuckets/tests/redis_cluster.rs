@@ -244,6 +244,24 @@ async fn a_killed_primary_is_replaced_and_only_its_groups_recover() {
     cluster.wait_ok();
     let promoted = cluster.primary_of(groups[0].ctx.slot);
     assert_ne!(promoted, victim);
+    // The group was re-created by the promoted replica itself: the library's cached run id is
+    // that process's (it read its own INFO), not the dead primary's that replication copied.
+    let node = cluster
+        .nodes()
+        .iter()
+        .find(|n| n.port() == promoted)
+        .expect("the promoted replica");
+    let run_id = node
+        .cli(&["INFO", "server"])
+        .lines()
+        .find_map(|l| l.strip_prefix("run_id:"))
+        .map(|id| id.trim().to_string())
+        .expect("run_id");
+    for (i, g) in groups.iter().enumerate() {
+        if on_victim[i] {
+            assert_eq!(node.cli(&["HGET", &g.meta(), "run_id"]).trim(), run_id);
+        }
+    }
     // Let the others run through the whole episode, then check they never moved.
     tokio::time::sleep(TTL).await;
     for (i, g) in groups.iter_mut().enumerate() {
@@ -460,6 +478,46 @@ async fn next(notes: &mut redbuckets::store::Notifications) -> Option<()> {
         .await
         .ok()
         .flatten()
+}
+
+/// A cluster that wants a password: the URL's credentials reach every node (calls and the
+/// subscriptions' own connections), and a wrong password is refused without showing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_protected_cluster() {
+    let cluster =
+        RedisCluster::start_with(&["--requirepass", "s3cretPW", "--masterauth", "s3cretPW"]);
+    let url = cluster
+        .url()
+        .replace("redis+cluster://", "redis+cluster://:s3cretPW@");
+    let store = RedisStore::connect(&url).await.expect("connect");
+    let names = names_on_every_primary(&cluster, "auth", 1);
+    let groups = start_groups(&store, &cluster, &names, 16).await;
+    for g in &groups {
+        let wake = format!("{{red-buckets:{}}}:wake:m0", g.ctx.name);
+        let node = cluster
+            .nodes()
+            .iter()
+            .find(|n| n.port() == cluster.primary_of(g.ctx.slot))
+            .expect("primary");
+        assert_eq!(
+            node.cli(&["PUBSUB", "SHARDNUMSUB", &wake]).lines().nth(1),
+            Some("1")
+        );
+    }
+    for g in groups {
+        g.shutdown().await;
+    }
+    let wrong = cluster
+        .url()
+        .replace("redis+cluster://", "redis+cluster://:wrongPW@");
+    match RedisStore::connect(&wrong).await {
+        Err(e @ Error::Refused { .. }) => {
+            let shown = format!("{e} {e:?}");
+            assert!(!shown.contains("wrongPW"), "{shown}");
+            assert!(shown.contains("WRONGPASS"), "{shown}");
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 /// The wrong kind of URL for the server says which kind to use.
