@@ -9,7 +9,7 @@ the leave, and the bucket-seconds.
     cargo build --release -p redbuckets-cli
     python3 bench/handoff/run.py [path/to/redbuckets] [rounds]
 """
-import json, os, signal, socket, subprocess, sys, tempfile, threading, time
+import json, os, signal, socket, subprocess, sys, tempfile, time
 
 BIN = sys.argv[1] if len(sys.argv) > 1 else "target/release/redbuckets"
 ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 3
@@ -24,21 +24,27 @@ def free_port():
     return port
 
 
-def start_join(url, group, member, events):
+def start_join(url, group, member, out_dir):
+    """A `join --json` process writing to a file: nothing reads its output during the run, so
+    the measurement's own parsing takes no CPU from the members while buckets move."""
+    path = os.path.join(out_dir, f"{group}-{member}.jsonl")
     p = subprocess.Popen(
         [BIN, "join", "--redis", url, "--group", group, "--id", member,
          "--buckets", str(BUCKETS), "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        stdout=open(path, "w"), stderr=subprocess.DEVNULL)
+    return p, path
 
-    def read():
-        for line in p.stdout:
-            try:
-                events.append(json.loads(line))
-            except ValueError:
-                pass
-    t = threading.Thread(target=read, daemon=True)
-    t.start()
-    return p, t
+
+def read_events(paths):
+    events = []
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                try:
+                    events.append(json.loads(line))
+                except ValueError:
+                    pass
+    return events
 
 
 def owners(events):
@@ -51,17 +57,21 @@ def owners(events):
     return held
 
 
-def wait_balanced(events, n, limit=30):
-    end = time.time() + limit
-    while time.time() < end:
-        held = owners(sorted(list(events), key=lambda e: e.get("at_us", 0)))
-        counts = {}
-        for m in held.values():
-            counts[m] = counts.get(m, 0) + 1
-        if len(held) == BUCKETS and len(counts) == n and max(counts.values()) - min(counts.values()) <= 1:
-            return True
-        time.sleep(0.05)
-    return False
+def balanced(events, n):
+    held = owners(sorted(events, key=lambda e: e.get("at_us", 0)))
+    counts = {}
+    for m in held.values():
+        counts[m] = counts.get(m, 0) + 1
+    return len(held) == BUCKETS and len(counts) == n and max(counts.values()) - min(counts.values()) <= 1
+
+
+def settle(paths, n, quiet):
+    """Sleeps `quiet` s (the members run undisturbed), then checks the balance from the files."""
+    time.sleep(quiet)
+    events = read_events(paths)
+    if not balanced(events, n):
+        sys.exit(f"not balanced with {n} members after {quiet} s")
+    return events
 
 
 def gaps(events, since_us):
@@ -80,6 +90,7 @@ def gaps(events, since_us):
 def main():
     port = free_port()
     d = tempfile.mkdtemp()
+    out_dir = tempfile.mkdtemp()
     redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
                               "--save", "", "--appendonly", "no", "--dir", d],
                              stdout=subprocess.DEVNULL)
@@ -89,24 +100,19 @@ def main():
     try:
         for r in range(ROUNDS):
             group = f"handoff-{os.getpid()}-{r}"
-            events = []
-            procs = [start_join(url, group, f"m{i}", events) for i in range(1, 5)]
-            # The group's quarantine (ttl) first.
-            if not wait_balanced(events, 4, limit=40):
-                sys.exit("not balanced with 4 members")
-            time.sleep(1)
+            procs = [start_join(url, group, f"m{i}", out_dir) for i in range(1, 5)]
+            paths = [p for _, p in procs]
+            # The group's quarantine (ttl, 10 s) first.
+            settle(paths, 4, 12)
             t_join = int(time.time() * 1e6)
-            fifth = start_join(url, group, "m5", events)
-            if not wait_balanced(events, 5):
-                sys.exit("not balanced after the join")
-            time.sleep(1)
+            fifth = start_join(url, group, "m5", out_dir)
+            paths.append(fifth[1])
+            events = settle(paths, 5, 3)
             results["join"].extend(gaps(events, t_join))
             t_leave = int(time.time() * 1e6)
             fifth[0].send_signal(signal.SIGTERM)
             fifth[0].wait(timeout=20)
-            if not wait_balanced(events, 4):
-                sys.exit("not balanced after the leave")
-            time.sleep(1)
+            events = settle(paths, 4, 3)
             results["leave"].extend(gaps(events, t_leave))
             for p, _ in procs:
                 p.send_signal(signal.SIGTERM)

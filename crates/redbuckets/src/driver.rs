@@ -865,7 +865,16 @@ impl<S: Store> Driver<S> {
             // Release and deregistration in one step: the members that take the buckets are
             // woken with the membership after the leave, a round trip sooner.
             let leave = self.store.leave(&self.group, &session, &buckets);
-            match call(&self.abort, self.leave_deadline(give_up), "leave", leave).await {
+            let mut result = call(&self.abort, self.leave_deadline(give_up), "leave", leave).await;
+            if matches!(result, Err(Error::Unavailable { .. })) && Instant::now() < give_up {
+                // A connection that died while the member was idle (a Redis restart, `CLIENT
+                // KILL`) fails the first call at once and reconnects on the next: try once more.
+                // The leave is safe to repeat; if the first one ran, this one frees nothing and
+                // the buckets end `Lost { Disowned }` instead of `Released`.
+                let again = self.store.leave(&self.group, &session, &buckets);
+                result = call(&self.abort, self.leave_deadline(give_up), "leave", again).await;
+            }
+            match result {
                 Ok(freed) => {
                     // Released only what the store freed (issue 8, bug 6).
                     self.shared
@@ -934,11 +943,23 @@ impl<S: Store> Driver<S> {
         give_up: Instant,
     ) -> Result<(), Error> {
         let deregister = self.store.deregister(&self.group, session);
-        call(
+        let result = call(
             &self.abort,
             self.leave_deadline(give_up),
             "deregister",
             deregister,
+        )
+        .await;
+        if !matches!(result, Err(Error::Unavailable { .. })) || Instant::now() >= give_up {
+            return result;
+        }
+        // A connection that died while idle fails the first call at once (see `leave`).
+        let again = self.store.deregister(&self.group, session);
+        call(
+            &self.abort,
+            self.leave_deadline(give_up),
+            "deregister",
+            again,
         )
         .await
     }
@@ -1050,6 +1071,9 @@ mod tests {
         registers_sent: Arc<AtomicUsize>,
         /// Heartbeat calls made, and when (counted as they are sent).
         heartbeats_sent: Arc<Mutex<Vec<Instant>>>,
+        /// The next this many leave calls fail at once, without running (a connection that
+        /// died while idle: broken pipe).
+        leave_fails: Arc<AtomicUsize>,
     }
 
     impl TestStore {
@@ -1136,6 +1160,25 @@ mod tests {
                 self.inner.release(group, session, &buckets[..1]).await?;
             }
             self.inner.release(group, session, buckets).await
+        }
+        async fn leave(
+            &self,
+            group: &GroupKey,
+            session: &SessionRef,
+            buckets: &[u32],
+        ) -> Result<u32, Error> {
+            self.gate().await;
+            let failing = self.leave_fails.load(Ordering::SeqCst);
+            if failing > 0 {
+                self.leave_fails.store(failing - 1, Ordering::SeqCst);
+                return Err(Error::Unavailable {
+                    detail: "broken pipe".into(),
+                });
+            }
+            // As the trait's default: the release's own knobs apply.
+            let freed = self.release(group, session, buckets).await?;
+            self.deregister(group, session).await?;
+            Ok(freed)
         }
         async fn deregister(&self, group: &GroupKey, session: &SessionRef) -> Result<(), Error> {
             self.gate().await;
@@ -1260,6 +1303,32 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(5)).await;
         let after = errors.lock().unwrap_or_else(|e| e.into_inner()).clone();
         assert_eq!(after, before, "errors reported after the abort");
+    }
+
+    /// Regression (CI, session 4): the first call after the member's connection was killed
+    /// while idle (`CLIENT KILL`) fails at once with a broken pipe; when that call was the
+    /// leave, the shutdown failed and the buckets idled until the session expired. The leave is
+    /// tried once more (the connection reconnects on the next call).
+    #[tokio::test(start_paused = true)]
+    async fn a_leave_survives_a_connection_that_died_while_idle() {
+        let store = TestStore::default();
+        let member = owner(&store).await;
+        let mut events = member.events();
+        store.leave_fails.store(1, Ordering::SeqCst);
+        let result = member.shutdown().await;
+        assert!(result.is_ok(), "{result:?}");
+        let events = drain(&mut events);
+        assert_eq!(
+            count(&events, |e| matches!(e, Event::Released { .. })),
+            4,
+            "{events:?}"
+        );
+        let group = GroupKey::new(crate::config::DEFAULT_PREFIX, "g");
+        let snapshot = store.inner.snapshot(&group).await.expect("snapshot");
+        assert!(
+            snapshot.is_some_and(|s| s.members.is_empty() && s.owners.iter().all(Option::is_none)),
+            "the store still holds the member or its buckets"
+        );
     }
 
     /// Regression (issue 8, bug 6): the leave's release freed 3 of 4 buckets (the fourth was
