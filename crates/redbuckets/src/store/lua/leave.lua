@@ -10,12 +10,20 @@ if not meta then
   return 0
 end
 local hk = held_key(member)
-local seen, released = {}, 0
+-- How many of the named buckets (each counted once) the session holds: one SMISMEMBER per
+-- batch, not a command per bucket.
+local names, seen = {}, {}
 for i = 4, #ARGV do
-  local b = ARGV[i]
-  if not seen[b] then
-    seen[b] = true
-    released = released + redis.call('SISMEMBER', hk, b)
+  if not seen[ARGV[i]] then
+    seen[ARGV[i]] = true
+    names[#names + 1] = ARGV[i]
+  end
+end
+local released = 0
+for i = 1, #names, BATCH do
+  local hits = redis.call('SMISMEMBER', hk, unpack(names, i, math.min(i + BATCH - 1, #names)))
+  for _, hit in ipairs(hits) do
+    released = released + hit
   end
 end
 -- Frees every bucket of the held set, checking each owner record as release does.
