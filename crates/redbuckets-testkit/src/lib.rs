@@ -8,14 +8,17 @@
 //! - `events` — [`EventLog`]: members' events in arrival order, checked for S1/S2 by the
 //!   library's one checker, [`redbuckets::check`] (the CLI's demo runs it too, which is why it
 //!   lives in the library and not here).
+//! - `info` — [`RedisInfo`]: the fields of an `INFO` reply the benchmarks and tests read.
 //! - `intercept` — [`Intercepted`]: one generic [`redbuckets::Store`] wrapper that hands each of
 //!   the seven calls to a test's [`Intercept`] hook (fail, delay, count, lose or rewrite).
 #![deny(missing_docs, missing_debug_implementations)]
 
 mod events;
+mod info;
 mod intercept;
 mod redis;
 
 pub use events::EventLog;
+pub use info::{RedisInfo, SCRIPT_COMMANDS};
 pub use intercept::{Call, Intercept, Intercepted, Reply};
 pub use redis::{RedisCluster, RedisServer, Sentinel};

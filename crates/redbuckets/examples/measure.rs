@@ -19,7 +19,7 @@
 use std::time::{Duration, Instant};
 
 use redbuckets::{Event, Member, RedisStore};
-use redbuckets_testkit::{RedisCluster, RedisServer};
+use redbuckets_testkit::{RedisCluster, RedisInfo, RedisServer};
 
 fn window() -> Duration {
     let secs = std::env::var("MEASURE_WINDOW")
@@ -49,36 +49,17 @@ struct Stats {
 }
 
 async fn redis_stats(conn: &mut redis::aio::MultiplexedConnection) -> Stats {
-    let info: String = redis::cmd("INFO")
+    let text: String = redis::cmd("INFO")
         .arg("everything")
         .query_async(conn)
         .await
         .expect("INFO");
-    let field = |name: &str| -> f64 {
-        info.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}:")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
-    };
-    let scripts = |key: &str| -> f64 {
-        ["fcall", "evalsha"]
-            .iter()
-            .filter_map(|cmd| {
-                info.lines()
-                    .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:")))
-                    .and_then(|v| {
-                        v.split(',')
-                            .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-                    })
-                    .and_then(|v| v.trim().parse::<f64>().ok())
-            })
-            .sum()
-    };
+    let info = RedisInfo::parse(text);
     Stats {
-        commands: field("total_commands_processed"),
-        script_calls: scripts("calls"),
-        script_usec: scripts("usec"),
-        cpu_s: field("used_cpu_sys") + field("used_cpu_user"),
+        commands: info.field("total_commands_processed"),
+        script_calls: info.scripts("calls"),
+        script_usec: info.scripts("usec"),
+        cpu_s: info.cpu_s(),
     }
 }
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use redbuckets::store::{Action, RegisterRequest, SessionRef};
 use redbuckets::{GroupKey, RedisStore, Store};
-use redbuckets_testkit::RedisServer;
+use redbuckets_testkit::{RedisInfo, RedisServer};
 
 /// The default session ttl.
 const TTL: Duration = Duration::from_secs(10);
@@ -25,28 +25,19 @@ const ROUNDS: usize = 500;
 
 /// The script command, its calls that ran, and their µs since the last `CONFIG RESETSTAT`.
 fn script_stats(server: &RedisServer) -> (String, u64, u64) {
-    let info = server.cli(&["INFO", "commandstats"]);
+    let info = RedisInfo::parse(server.cli(&["INFO", "commandstats"]));
     let mut found = (String::from("none"), 0, 0);
     for cmd in ["fcall", "evalsha"] {
-        let Some(stats) = info
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:")))
-        else {
+        let calls = info.command(cmd, "calls");
+        if calls == 0.0 {
             continue;
-        };
-        let field = |key: &str| -> u64 {
-            stats
-                .split(',')
-                .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        };
+        }
         // A NOSCRIPT answer (the first EVALSHA of a script) fails at once and would pull the
         // mean down: count the calls that ran.
         found = (
             cmd.to_string(),
-            field("calls") - field("failed_calls"),
-            field("usec"),
+            (calls - info.command(cmd, "failed_calls")) as u64,
+            info.command(cmd, "usec") as u64,
         );
     }
     found

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use redbuckets::store::{Action, RegisterRequest, SessionRef};
 use redbuckets::{GroupKey, RedisOptions, RedisStore, Store};
-use redbuckets_testkit::RedisServer;
+use redbuckets_testkit::{RedisInfo, RedisServer};
 
 const TTL: Duration = Duration::from_secs(10);
 
@@ -44,13 +44,7 @@ async fn calls_work(store: &RedisStore, g: &GroupKey) {
 
 /// `calls=` of one command in `INFO commandstats`.
 fn calls(server: &RedisServer, command: &str) -> u64 {
-    server
-        .cli(&["INFO", "commandstats"])
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
+    RedisInfo::parse(server.cli(&["INFO", "commandstats"])).command(command, "calls") as u64
 }
 
 /// The names of the libraries loaded on the server.

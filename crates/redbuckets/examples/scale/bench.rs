@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use redbuckets::check::Timeline;
 use redbuckets::{Event, Events, Member, RedisStore};
+use redbuckets_testkit::{RedisInfo, SCRIPT_COMMANDS};
 use tokio::time::Instant;
 
 /// What to run.
@@ -63,38 +64,21 @@ impl std::ops::Sub for RedisCounters {
     }
 }
 
-const SCRIPT_COMMANDS: [&str; 5] = ["evalsha", "eval", "fcall", "fcall_ro", "evalsha_ro"];
-
 /// Reads the counters (one INFO call).
 pub async fn counters(
     conn: &mut redis::aio::MultiplexedConnection,
 ) -> Result<RedisCounters, String> {
-    let info: String = redis::cmd("INFO")
+    let text: String = redis::cmd("INFO")
         .arg("everything")
         .query_async(conn)
         .await
         .map_err(|e| format!("INFO: {e}"))?;
-    let field = |name: &str| -> f64 {
-        info.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}:")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
-    };
-    let stat = |cmd: &str, key: &str| -> f64 {
-        info.lines()
-            .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:")))
-            .and_then(|v| {
-                v.split(',')
-                    .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-            })
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
-    };
+    let info = RedisInfo::parse(text);
     Ok(RedisCounters {
-        calls: SCRIPT_COMMANDS.iter().map(|c| stat(c, "calls")).sum(),
-        usec: SCRIPT_COMMANDS.iter().map(|c| stat(c, "usec")).sum(),
-        publish: stat("publish", "calls"),
-        cpu_s: field("used_cpu_sys") + field("used_cpu_user"),
+        calls: info.scripts("calls"),
+        usec: info.scripts("usec"),
+        publish: info.command("publish", "calls"),
+        cpu_s: info.cpu_s(),
     })
 }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use redbuckets::check::Timeline;
 use redbuckets::{Event, Events, Member, RedisStore};
+use redbuckets_testkit::RedisInfo;
 use tokio::time::Instant;
 
 /// What one run does.
@@ -66,37 +67,16 @@ pub struct Report {
     pub lost: usize,
 }
 
-const SCRIPT_COMMANDS: [&str; 6] = [
-    "evalsha",
-    "eval",
-    "fcall",
-    "fcall_ro",
-    "evalsha_ro",
-    "eval_ro",
-];
-
 pub async fn counters(conn: &mut redis::aio::MultiplexedConnection) -> Result<Counters, String> {
-    let info: String = redis::cmd("INFO")
+    let text: String = redis::cmd("INFO")
         .arg("everything")
         .query_async(conn)
         .await
         .map_err(|e| format!("INFO: {e}"))?;
-    let field = |name: &str| -> f64 {
-        info.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}:")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
-    };
-    let calls = |cmd: &str| -> f64 {
-        info.lines()
-            .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:")))
-            .and_then(|v| v.split(',').find_map(|kv| kv.strip_prefix("calls=")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
-    };
+    let info = RedisInfo::parse(text);
     Ok(Counters {
-        calls: SCRIPT_COMMANDS.iter().map(|c| calls(c)).sum(),
-        cpu_s: field("used_cpu_sys") + field("used_cpu_user"),
+        calls: info.scripts("calls"),
+        cpu_s: info.cpu_s(),
     })
 }
 
