@@ -864,16 +864,14 @@ impl<S: Store> Driver<S> {
         if !buckets.is_empty() {
             // Release and deregistration in one step: the members that take the buckets are
             // woken with the membership after the leave, a round trip sooner.
-            let leave = self.store.leave(&self.group, &session, &buckets);
-            let mut result = call(&self.abort, self.leave_deadline(give_up), "leave", leave).await;
-            if matches!(result, Err(Error::Unavailable { .. })) && Instant::now() < give_up {
-                // A connection that died while the member was idle (a Redis restart, `CLIENT
-                // KILL`) fails the first call at once and reconnects on the next: try once more.
-                // The leave is safe to repeat; if the first one ran, this one frees nothing and
-                // the buckets end `Lost { Disowned }` instead of `Released`.
-                let again = self.store.leave(&self.group, &session, &buckets);
-                result = call(&self.abort, self.leave_deadline(give_up), "leave", again).await;
-            }
+            // If a first attempt ran unheard, the second frees nothing and the buckets end
+            // `Lost { Disowned }` instead of `Released`.
+            let (store, group) = (&self.store, &self.group);
+            let timeout = self.config.effective_call_timeout();
+            let result = leave_call(&self.abort, timeout, give_up, "leave", || {
+                store.leave(group, &session, &buckets)
+            })
+            .await;
             match result {
                 Ok(freed) => {
                     // Released only what the store freed (issue 8, bug 6).
@@ -942,25 +940,11 @@ impl<S: Store> Driver<S> {
         session: &SessionRef,
         give_up: Instant,
     ) -> Result<(), Error> {
-        let deregister = self.store.deregister(&self.group, session);
-        let result = call(
-            &self.abort,
-            self.leave_deadline(give_up),
-            "deregister",
-            deregister,
-        )
-        .await;
-        if !matches!(result, Err(Error::Unavailable { .. })) || Instant::now() >= give_up {
-            return result;
-        }
-        // A connection that died while idle fails the first call at once (see `leave`).
-        let again = self.store.deregister(&self.group, session);
-        call(
-            &self.abort,
-            self.leave_deadline(give_up),
-            "deregister",
-            again,
-        )
+        let (store, group) = (&self.store, &self.group);
+        let timeout = self.config.effective_call_timeout();
+        leave_call(&self.abort, timeout, give_up, "deregister", || {
+            store.deregister(group, session)
+        })
         .await
     }
 
@@ -975,11 +959,6 @@ impl<S: Store> Driver<S> {
             }
             None => Ok(()),
         }
-    }
-
-    /// The deadline of a store call of the leave: the call timeout, within the shutdown budget.
-    fn leave_deadline(&self, give_up: Instant) -> Instant {
-        (Instant::now() + self.config.effective_call_timeout()).min(give_up)
     }
 }
 
@@ -1001,6 +980,28 @@ async fn call<T>(
             Err(_) => Err(Error::Timeout { call: name, after: deadline.saturating_duration_since(started) }),
         }
     }
+}
+
+/// One call of the graceful leave: each attempt within the call timeout and the shutdown budget
+/// (`give_up`); `abort` interrupts it. A connection that died while the member was idle (a Redis
+/// restart, `CLIENT KILL`) fails the first call at once and reconnects on the next, so an
+/// immediate `Unavailable` is tried once more: every call of the leave is safe to repeat.
+async fn leave_call<T, Fut>(
+    abort: &CancellationToken,
+    timeout: Duration,
+    give_up: Instant,
+    name: &'static str,
+    make: impl Fn() -> Fut,
+) -> Result<T, Error>
+where
+    Fut: Future<Output = Result<T, Error>>,
+{
+    let deadline = || (Instant::now() + timeout).min(give_up);
+    let result = call(abort, deadline(), name, make()).await;
+    if !matches!(result, Err(Error::Unavailable { .. })) || Instant::now() >= give_up {
+        return result;
+    }
+    call(abort, deadline(), name, make()).await
 }
 
 async fn next_notice(subscription: &mut Subscription) -> Option<()> {
@@ -1323,12 +1324,7 @@ mod tests {
             4,
             "{events:?}"
         );
-        let group = GroupKey::new(crate::config::DEFAULT_PREFIX, "g");
-        let snapshot = store.inner.snapshot(&group).await.expect("snapshot");
-        assert!(
-            snapshot.is_some_and(|s| s.members.is_empty() && s.owners.iter().all(Option::is_none)),
-            "the store still holds the member or its buckets"
-        );
+        assert_store_left_empty(&store).await;
     }
 
     /// Regression (issue 8, bug 6): the leave's release freed 3 of 4 buckets (the fourth was
@@ -1357,6 +1353,16 @@ mod tests {
             released + count(&events, |e| matches!(e, Event::Lost { .. })),
             4,
             "every revoked bucket ends: {events:?}"
+        );
+    }
+
+    /// The store holds no member and no owned bucket of group `g`: the leave completed.
+    async fn assert_store_left_empty(store: &TestStore) {
+        let group = GroupKey::new(crate::config::DEFAULT_PREFIX, "g");
+        let snapshot = store.inner.snapshot(&group).await.expect("snapshot");
+        assert!(
+            snapshot.is_some_and(|s| s.members.is_empty() && s.owners.iter().all(Option::is_none)),
+            "the store still holds the member or its buckets"
         );
     }
 
@@ -1482,12 +1488,7 @@ mod tests {
             4,
             "{events:?}"
         );
-        let group = GroupKey::new(crate::config::DEFAULT_PREFIX, "g");
-        let snapshot = store.inner.snapshot(&group).await.expect("snapshot");
-        assert!(
-            snapshot.is_some_and(|s| s.members.is_empty() && s.owners.iter().all(Option::is_none)),
-            "the store still holds the member or its buckets"
-        );
+        assert_store_left_empty(&store).await;
     }
 
     /// Regression (review, 3): a leave without a live session returned without deregistering.
