@@ -28,45 +28,15 @@ pub(super) struct SentinelUrl {
 /// (`rediss+sentinel://` for TLS); `Ok(None)` for any other scheme. Credentials are for the
 /// primary; the sentinels are reached without them. The sentinel port defaults to 26379.
 pub(super) fn parse_sentinel_url(url: &str) -> Result<Option<SentinelUrl>, String> {
-    let (tls, rest) = if let Some(rest) = url.strip_prefix("redis+sentinel://") {
-        (false, rest)
-    } else if let Some(rest) = url.strip_prefix("rediss+sentinel://") {
-        (true, rest)
-    } else {
+    let Some(HostList {
+        tls,
+        userinfo,
+        path,
+        urls: sentinels,
+    }) = parse_host_list(url, "sentinel", "sentinel", 26379, false)?
+    else {
         return Ok(None);
     };
-    // Credentials (up to the last '@') without a raw '/', '?' or '#', and good ports.
-    check_url(url)?;
-    let (userinfo, rest) = match rest.rfind('@') {
-        Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
-        None => (None, rest),
-    };
-    if rest.contains(['?', '#']) {
-        return Err("query parameters and fragments are not supported in a sentinel URL".into());
-    }
-    let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let scheme = if tls { "rediss" } else { "redis" };
-    let mut sentinels = Vec::new();
-    for host in hosts.split(',') {
-        if host.is_empty() {
-            return Err("a sentinel address is empty (expected host[:port],...)".into());
-        }
-        let has_port = if host.starts_with('[') {
-            host.contains("]:")
-        } else {
-            host.contains(':')
-        };
-        let sentinel = if has_port {
-            format!("{scheme}://{host}")
-        } else {
-            format!("{scheme}://{host}:26379")
-        };
-        sentinel
-            .as_str()
-            .into_connection_info()
-            .map_err(|e| format!("bad sentinel address {host:?}: {e}"))?;
-        sentinels.push(sentinel);
-    }
     let mut segments = path.split('/');
     let service = segments.next().unwrap_or("");
     if service.is_empty() {
@@ -105,47 +75,94 @@ pub(super) fn parse_sentinel_url(url: &str) -> Result<Option<SentinelUrl>, Strin
 /// `Ok(None)` for any other scheme. The port defaults to 6379. A cluster has one database, so
 /// the only path allowed is an empty one, `/` or `/0`.
 pub(super) fn parse_cluster_url(url: &str) -> Result<Option<Vec<String>>, String> {
-    let (scheme, rest) = if let Some(rest) = url.strip_prefix("redis+cluster://") {
-        ("redis", rest)
-    } else if let Some(rest) = url.strip_prefix("rediss+cluster://") {
-        ("rediss", rest)
-    } else {
+    let Some(HostList { path, urls, .. }) = parse_host_list(url, "cluster", "node", 6379, true)?
+    else {
         return Ok(None);
     };
-    check_url(url)?;
-    let (userinfo, rest) = match rest.rfind('@') {
-        Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
-        None => (None, rest),
-    };
-    if rest.contains(['?', '#']) {
-        return Err("query parameters and fragments are not supported in a cluster URL".into());
-    }
-    let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
     if !matches!(path, "" | "0") {
         return Err(format!(
             "a Redis Cluster has only database 0: remove {:?} after the node addresses",
             format!("/{path}")
         ));
     }
-    let userinfo = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
-    let mut nodes = Vec::new();
+    Ok(Some(urls))
+}
+
+/// A URL naming several servers, `redis+<kind>://[user:password@]host[:port][,host[:port]...][/path]`
+/// (`rediss+<kind>://` for TLS), taken apart.
+struct HostList<'a> {
+    tls: bool,
+    /// Everything before the last `@`, raw (not percent-decoded).
+    userinfo: Option<&'a str>,
+    /// What follows the first `/` after the hosts.
+    path: &'a str,
+    /// One `redis://host:port` (or `rediss://`) URL per host, the default port filled in, each
+    /// checked; with `with_credentials`, the userinfo goes into each.
+    urls: Vec<String>,
+}
+
+/// Parses a [`HostList`] of scheme `redis+<kind>` or `rediss+<kind>`; `Ok(None)` for any other
+/// scheme. `what` names one host in errors ("a sentinel address is empty").
+fn parse_host_list<'a>(
+    url: &'a str,
+    kind: &str,
+    what: &str,
+    default_port: u16,
+    with_credentials: bool,
+) -> Result<Option<HostList<'a>>, String> {
+    let (tls, rest) = if let Some(rest) = url.strip_prefix(&format!("redis+{kind}://")) {
+        (false, rest)
+    } else if let Some(rest) = url.strip_prefix(&format!("rediss+{kind}://")) {
+        (true, rest)
+    } else {
+        return Ok(None);
+    };
+    // Credentials (up to the last '@') without a raw '/', '?' or '#', and good ports.
+    check_url(url)?;
+    let (userinfo, rest) = match rest.rfind('@') {
+        Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+        None => (None, rest),
+    };
+    if rest.contains(['?', '#']) {
+        return Err(format!(
+            "query parameters and fragments are not supported in a {kind} URL"
+        ));
+    }
+    let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let scheme = if tls { "rediss" } else { "redis" };
+    let credentials = match userinfo {
+        Some(u) if with_credentials => format!("{u}@"),
+        _ => String::new(),
+    };
+    let mut urls = Vec::new();
     for host in hosts.split(',') {
         if host.is_empty() {
-            return Err("a node address is empty (expected host[:port],...)".into());
+            return Err(format!(
+                "a {what} address is empty (expected host[:port],...)"
+            ));
         }
         let has_port = if host.starts_with('[') {
             host.contains("]:")
         } else {
             host.contains(':')
         };
-        let port = if has_port { "" } else { ":6379" };
-        let node = format!("{scheme}://{userinfo}{host}{port}");
-        node.as_str()
+        let port = if has_port {
+            String::new()
+        } else {
+            format!(":{default_port}")
+        };
+        let one = format!("{scheme}://{credentials}{host}{port}");
+        one.as_str()
             .into_connection_info()
-            .map_err(|e| format!("bad node address {host:?}: {e}"))?;
-        nodes.push(node);
+            .map_err(|e| format!("bad {what} address {host:?}: {e}"))?;
+        urls.push(one);
     }
-    Ok(Some(nodes))
+    Ok(Some(HostList {
+        tls,
+        userinfo,
+        path,
+        urls,
+    }))
 }
 
 /// Splits `url` at the end of its credentials: `(scheme, userinfo, rest)`, the userinfo being
