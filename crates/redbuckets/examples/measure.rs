@@ -173,23 +173,13 @@ async fn wait_cost(url: &str, group: &str) {
     let mut plain = Duration::ZERO;
     let mut waited = Duration::ZERO;
     for i in 0..N {
+        let mut write = redis::cmd("HSET");
+        write.arg(&key).arg("i").arg(i);
         let began = Instant::now();
-        let _: i64 = redis::cmd("HSET")
-            .arg(&key)
-            .arg("i")
-            .arg(i)
-            .query_async(&mut conn)
-            .await
-            .expect("HSET");
+        let _: i64 = write.query_async(&mut conn).await.expect("HSET");
         plain += began.elapsed();
         let began = Instant::now();
-        let _: i64 = redis::cmd("HSET")
-            .arg(&key)
-            .arg("i")
-            .arg(i)
-            .query_async(&mut conn)
-            .await
-            .expect("HSET");
+        let _: i64 = write.query_async(&mut conn).await.expect("HSET");
         let acked: i64 = redis::cmd("WAIT")
             .arg(1)
             .arg(1000)
