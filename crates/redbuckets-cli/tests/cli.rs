@@ -301,11 +301,7 @@ fn join_and_status_on_a_redis_cluster() {
         assert_eq!(m["held"], 16, "{status}");
     }
     let primary = cluster.primary_of(cluster.keyslot("red-buckets:orders"));
-    let node = cluster
-        .nodes()
-        .iter()
-        .find(|n| n.port() == primary)
-        .expect("the slot's primary");
+    let node = cluster.node(primary);
     assert_eq!(
         node.cli(&["HGET", "{red-buckets:orders}:meta", "buckets"])
             .trim(),

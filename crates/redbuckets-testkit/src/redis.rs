@@ -401,6 +401,22 @@ impl RedisCluster {
             .unwrap_or_else(|| panic!("no primary owns slot {slot}"))
     }
 
+    /// The node on `port`.
+    pub fn node(&self, port: u16) -> &RedisServer {
+        self.nodes
+            .iter()
+            .find(|n| n.port() == port)
+            .unwrap_or_else(|| panic!("no node of this cluster on port {port}"))
+    }
+
+    /// A running primary other than the one on `port` (to move a slot to).
+    pub fn another_primary(&self, port: u16) -> u16 {
+        self.primaries()
+            .into_iter()
+            .find(|&p| p != port)
+            .expect("another primary")
+    }
+
     /// The ports of the running primaries.
     pub fn primaries(&self) -> Vec<u16> {
         self.running()
