@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use group::Members;
 use redbuckets::store::{Channel, Store};
-use redbuckets::{Error, Event, GroupKey, Member, RedisStore};
+use redbuckets::{Error, Event, GroupKey, RedisStore};
 use redbuckets_testkit::{RedisCluster, RedisServer};
 
 const HEARTBEAT: Duration = Duration::from_millis(100);
@@ -38,16 +38,8 @@ impl Group {
     }
 
     async fn join(&mut self, id: &str) {
-        let member = Member::builder(self.ctx.store.clone(), self.ctx.name.clone())
-            .id(id)
-            .buckets(self.buckets)
-            .heartbeat(HEARTBEAT)
-            .ttl(TTL)
-            .drain_timeout(Duration::from_millis(200))
-            .start()
-            .await
-            .expect("start");
-        self.add(member);
+        let (store, name) = (self.ctx.store.clone(), self.ctx.name.clone());
+        self.start_on(store, &name, id, HEARTBEAT, TTL).await;
     }
 
     fn meta(&self) -> String {
@@ -65,12 +57,6 @@ impl Group {
                 )
             })
             .count()
-    }
-
-    async fn shutdown(self) {
-        for m in self.members {
-            m.shutdown().await.expect("graceful leave");
-        }
     }
 }
 
@@ -160,11 +146,7 @@ async fn groups_spread_over_every_primary() {
     for g in &groups {
         let primary = cluster.primary_of(g.ctx.slot);
         *per_primary.entry(primary).or_insert(0) += 1;
-        let node = cluster
-            .nodes()
-            .iter()
-            .find(|n| n.port() == primary)
-            .expect("primary");
+        let node = cluster.node(primary);
         assert_eq!(node.cli(&["HGET", &g.meta(), "buckets"]).trim(), "256");
         // Each member's wake-up channel is a sharded channel on the slot's primary.
         let wake = format!("{{red-buckets:{}}}:wake:m0", g.ctx.name);
@@ -179,11 +161,7 @@ async fn groups_spread_over_every_primary() {
     // A node without the library (a restart without persistence, FUNCTION FLUSH): the next
     // call loads it there, on that node only, and the groups never notice.
     let flushed = cluster.primary_of(groups[0].ctx.slot);
-    let node = cluster
-        .nodes()
-        .iter()
-        .find(|n| n.port() == flushed)
-        .expect("primary");
+    let node = cluster.node(flushed);
     let marks: Vec<usize> = groups.iter().map(|g| g.timeline.events.len()).collect();
     node.cli(&["FUNCTION", "FLUSH"]);
     let began = Instant::now();
@@ -246,11 +224,7 @@ async fn a_killed_primary_is_replaced_and_only_its_groups_recover() {
     assert_ne!(promoted, victim);
     // The group was re-created by the promoted replica itself: the library's cached run id is
     // that process's (it read its own INFO), not the dead primary's that replication copied.
-    let node = cluster
-        .nodes()
-        .iter()
-        .find(|n| n.port() == promoted)
-        .expect("the promoted replica");
+    let node = cluster.node(promoted);
     let run_id = node
         .cli(&["INFO", "server"])
         .lines()
@@ -289,11 +263,7 @@ async fn a_slot_migrated_under_a_running_group() {
     let mut g = groups.remove(0);
     let slot = g.ctx.slot;
     let from = cluster.primary_of(slot);
-    let to = *cluster
-        .primaries()
-        .iter()
-        .find(|p| **p != from)
-        .expect("another primary");
+    let to = cluster.another_primary(from);
     let before = g.max_token();
     let mark = g.timeline.events.len();
     let moved = Instant::now();
@@ -305,11 +275,7 @@ async fn a_slot_migrated_under_a_running_group() {
     );
     g.assert_grants_above(mark, before);
     g.assert_exclusive();
-    let node = cluster
-        .nodes()
-        .iter()
-        .find(|n| n.port() == to)
-        .expect("target");
+    let node = cluster.node(to);
     assert_eq!(node.cli(&["HGET", &g.meta(), "buckets"]).trim(), "128");
     // Wake-ups follow: the members subscribed again on the new primary.
     let wake = format!("{{red-buckets:{}}}:wake:m1", g.ctx.name);
@@ -338,11 +304,7 @@ async fn a_slot_migrated_key_by_key_under_a_running_group() {
     let mut g = groups.remove(0);
     let slot = g.ctx.slot;
     let from = cluster.primary_of(slot);
-    let to = *cluster
-        .primaries()
-        .iter()
-        .find(|p| **p != from)
-        .expect("another primary");
+    let to = cluster.another_primary(from);
     let before = g.max_token();
     let mark = g.timeline.events.len();
     let moving = tokio::task::spawn_blocking(move || {
@@ -380,16 +342,8 @@ async fn no_call_runs_on_a_migrating_slot() {
     let group = GroupKey::new("t", "held-still");
     let slot = cluster.keyslot("t:held-still");
     let from = cluster.primary_of(slot);
-    let to = *cluster
-        .primaries()
-        .iter()
-        .find(|p| **p != from)
-        .expect("another primary");
-    let node = cluster
-        .nodes()
-        .iter()
-        .find(|n| n.port() == from)
-        .expect("the slot's primary");
+    let to = cluster.another_primary(from);
+    let node = cluster.node(from);
     // Every declared key exists (with data no script wrote: whatever the call makes of it,
     // it is not a refusal of the slot).
     let tag = group.tag();
@@ -433,11 +387,7 @@ async fn sharded_notifications_arrive_and_end_when_the_slot_moves_or_its_primary
     assert_eq!(next(&mut notes).await, Some(()), "a notice within 5 s");
 
     let from = cluster.primary_of(slot);
-    let to = *cluster
-        .primaries()
-        .iter()
-        .find(|p| **p != from)
-        .expect("another primary");
+    let to = cluster.another_primary(from);
     cluster.migrate_slot(slot, to);
     let ended = tokio::time::timeout(Duration::from_secs(5), async {
         while notes.next().await.is_some() {}

@@ -33,22 +33,8 @@ impl Group {
 
     async fn join(&mut self, id: &str) {
         let store = RedisStore::connect(&self.ctx.url).await.expect("connect");
-        let member = Member::builder(store, self.ctx.name.clone())
-            .id(id)
-            .buckets(self.buckets)
-            .heartbeat(HEARTBEAT)
-            .ttl(TTL)
-            .drain_timeout(Duration::from_millis(200))
-            .start()
-            .await
-            .expect("start");
-        self.add(member);
-    }
-
-    async fn shutdown(self) {
-        for m in self.members {
-            m.shutdown().await.expect("graceful leave");
-        }
+        let name = self.ctx.name.clone();
+        self.start_on(store, &name, id, HEARTBEAT, TTL).await;
     }
 }
 

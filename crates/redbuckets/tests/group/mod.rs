@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use redbuckets::{Events, Member};
+use redbuckets::{Events, Member, Store};
 use tokio::time::Instant;
 
 use redbuckets_testkit::EventLog;
@@ -44,6 +44,34 @@ impl<C> Members<C> {
         self.receivers
             .push((member.id().to_string(), member.events()));
         self.members.push(member);
+    }
+
+    /// Starts member `id` of group `name` on `store` (a 200 ms drain) and adds it.
+    pub async fn start_on<S: Store>(
+        &mut self,
+        store: S,
+        name: &str,
+        id: &str,
+        heartbeat: Duration,
+        ttl: Duration,
+    ) {
+        let member = Member::builder(store, name)
+            .id(id)
+            .buckets(self.buckets)
+            .heartbeat(heartbeat)
+            .ttl(ttl)
+            .drain_timeout(Duration::from_millis(200))
+            .start()
+            .await
+            .expect("start");
+        self.add(member);
+    }
+
+    /// Every member leaves gracefully, and each leave succeeds.
+    pub async fn shutdown(self) {
+        for m in self.members {
+            m.shutdown().await.expect("graceful leave");
+        }
     }
 
     /// Drains the members' events and checks S1 and S2 over everything seen so far.
