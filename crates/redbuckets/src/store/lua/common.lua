@@ -330,6 +330,12 @@ local function purge(meta, now_ms, limit)
   return #dead
 end
 
+-- The expiry, in server ms, of a session renewed at `now` (µs) for `ttl_us`: rounded up, so the
+-- store never expires a session before the member's own deadline.
+local function expiry_ms(now, ttl_us)
+  return idiv(now + ttl_us + 999, 1000)
+end
+
 -- Expiry of a member's session in ms, or nil if it has none.
 local function expiry(member)
   local s = redis.call('ZSCORE', K_EXP, member)
@@ -543,4 +549,11 @@ local function watched_next_ms(member, now_ms)
     end
   end
   return next_ms
+end
+
+-- The heartbeat's reply, from heartbeat.lua and heartbeat_fast.lua: {alive, ver, free, next,
+-- committed, held} (see heartbeat.lua).
+local function heartbeat_reply(alive, ver, member, now_ms, mine, held)
+  return { alive, ver, redis.call('SCARD', K_FREE), fmt(watched_next_ms(member, now_ms)), mine,
+    held }
 end

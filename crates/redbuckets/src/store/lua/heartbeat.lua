@@ -22,11 +22,9 @@ if purged > 0 then
 end
 local alive, mine, held = 0, 0, 0
 if live(member, nonce, now_ms) then
-  -- Rounded up: the store never expires a session before the member's own deadline.
-  redis.call('ZADD', K_EXP, fmt(idiv(now + ttl_us + 999, 1000)), member)
+  redis.call('ZADD', K_EXP, fmt(expiry_ms(now, ttl_us)), member)
   alive = 1
   mine = committed(member, weight_of(member))
   held = redis.call('SCARD', held_key(member))
 end
-return { alive, fmt(meta.ver), redis.call('SCARD', K_FREE), fmt(watched_next_ms(member, now_ms)),
-  mine, held }
+return heartbeat_reply(alive, fmt(meta.ver), member, now_ms, mine, held)

@@ -9,7 +9,7 @@ if not ttl_us then
   return { 'full' }
 end
 local now = server_now_us()
-local now_ms = math.floor(now / 1000)
+local now_ms = idiv(now, 1000)
 -- The earliest session: if it has expired, purge (full script). Otherwise every session is
 -- live, so the nonce alone says the session is ours.
 local first = redis.call('ZRANGE', K_EXP, 0, 0, 'WITHSCORES')
@@ -34,7 +34,5 @@ local mine = tonumber(redis.call('ZSCORE', count_key(w), member) or '')
 if not mine then
   return { 'full' }
 end
--- Rounded up: the store never expires a session before the member's own deadline.
-redis.call('ZADD', K_EXP, fmt(math.floor((now + ttl_us + 999) / 1000)), member)
-return { 1, ver, redis.call('SCARD', K_FREE), fmt(watched_next_ms(member, now_ms)), mine,
-  redis.call('SCARD', held_key(member)) }
+redis.call('ZADD', K_EXP, fmt(expiry_ms(now, ttl_us)), member)
+return heartbeat_reply(1, ver, member, now_ms, mine, redis.call('SCARD', held_key(member)))

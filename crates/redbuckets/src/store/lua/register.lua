@@ -14,8 +14,7 @@ local protocol = uint(ARGV[9], 'protocol argument')
 
 local now = server_now_us()
 local now_ms = idiv(now, 1000)
--- Rounded up: the store never expires a session before the member's own deadline.
-local exp_ms = idiv(now + ttl_us + 999, 1000)
+local exp_ms = expiry_ms(now, ttl_us)
 
 local meta = load_current_meta()
 if not meta then
