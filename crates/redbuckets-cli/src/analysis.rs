@@ -164,7 +164,10 @@ mod tests {
     async fn end_quarantine(store: &MemoryStore, key: &GroupKey, ids: &[&str]) {
         tokio::time::advance(TTL - Duration::from_secs(1)).await;
         for id in ids {
-            store.heartbeat(key, &session(id), TTL).await.unwrap();
+            store
+                .heartbeat(key, &session(id), TTL, Duration::MAX)
+                .await
+                .unwrap();
         }
         tokio::time::advance(Duration::from_secs(2)).await;
     }

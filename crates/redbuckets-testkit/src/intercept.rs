@@ -34,6 +34,8 @@ pub enum Call {
         session: SessionRef,
         /// For how long.
         ttl: Duration,
+        /// How far ahead it looks for the watched sessions' expiry.
+        watch: Duration,
     },
     /// [`Store::rebalance`].
     Rebalance {
@@ -107,7 +109,8 @@ impl Call {
                 group,
                 session,
                 ttl,
-            } => Reply::Heartbeat(store.heartbeat(&group, &session, ttl).await?),
+                watch,
+            } => Reply::Heartbeat(store.heartbeat(&group, &session, ttl, watch).await?),
             Call::Rebalance {
                 group,
                 session,
@@ -253,12 +256,14 @@ impl<S: Store, H: Intercept<S>> Store for Intercepted<S, H> {
         group: &GroupKey,
         session: &SessionRef,
         ttl: Duration,
+        watch: Duration,
     ) -> Result<HeartbeatReply, Error> {
         let (group, session) = (group.clone(), session.clone());
         self.ask(Call::Heartbeat {
             group,
             session,
             ttl,
+            watch,
         })
         .await
     }
@@ -376,7 +381,7 @@ mod tests {
         let req = RegisterRequest::new(session.clone(), 1, 4, Duration::from_secs(1));
         store.register(&group, &req).await.expect("register");
         assert!(store
-            .heartbeat(&group, &session, Duration::from_secs(1))
+            .heartbeat(&group, &session, Duration::from_secs(1), Duration::MAX)
             .await
             .is_err());
         store
@@ -399,7 +404,7 @@ mod tests {
         let plain = Intercepted::new(inner, Plain);
         plain.register(&group, &req).await.expect("register");
         let reply = plain
-            .heartbeat(&group, &session, Duration::from_secs(1))
+            .heartbeat(&group, &session, Duration::from_secs(1), Duration::MAX)
             .await;
         assert!(reply.expect("heartbeat").alive);
     }

@@ -114,7 +114,13 @@ async fn measure(extra: &[&str], n: usize, buckets: u32) {
 
     for _ in 0..ROUNDS {
         for m in &members {
-            assert!(store.heartbeat(&g, m, TTL).await.expect("heartbeat").alive);
+            assert!(
+                store
+                    .heartbeat(&g, m, TTL, Duration::MAX)
+                    .await
+                    .expect("heartbeat")
+                    .alive
+            );
         }
     }
     report(&server, "renewal");

@@ -358,6 +358,20 @@ impl<S: Store> Driver<S> {
         at
     }
 
+    /// How far ahead a heartbeat looks for the expiry of the sessions this member watches: a
+    /// watched session that ends later than this ends when `next_check` would not check it
+    /// anyway (the renewal, at most a period (+ jitter) away, comes within a heartbeat of it),
+    /// so the store need not look them up (a healthy group's steady state). The longer
+    /// period: notifications may go down during the call.
+    fn watch(&self) -> Duration {
+        let period = self
+            .config
+            .effective_renew_interval()
+            .max(self.config.heartbeat)
+            .mul_f64(1.0 + RENEW_JITTER / 2.0);
+        period.saturating_sub(self.config.heartbeat)
+    }
+
     /// Without notifications, changes are learnt by polling: the next call comes within a
     /// heartbeat (and `next_check` keeps that pace until the stream is back).
     fn poll_soon(&mut self) {
@@ -530,7 +544,8 @@ impl<S: Store> Driver<S> {
             &self.graceful,
             self.call_deadline(),
             "heartbeat",
-            self.store.heartbeat(&self.group, &session, self.config.ttl),
+            self.store
+                .heartbeat(&self.group, &session, self.config.ttl, self.watch()),
         )
         .await;
         let now = Instant::now();
@@ -1117,6 +1132,7 @@ mod tests {
             group: &GroupKey,
             session: &SessionRef,
             ttl: Duration,
+            watch: Duration,
         ) -> Result<HeartbeatReply, Error> {
             self.heartbeats_sent
                 .lock()
@@ -1124,7 +1140,7 @@ mod tests {
                 .push(Instant::now());
             self.gate().await;
             let sent = Instant::now();
-            let reply = self.inner.heartbeat(group, session, ttl).await;
+            let reply = self.inner.heartbeat(group, session, ttl, watch).await;
             let suspend = self
                 .suspend_after_heartbeat
                 .lock()

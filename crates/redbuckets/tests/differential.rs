@@ -108,6 +108,8 @@ enum Op {
         stale: bool,
         /// Extra ms on the group's ttl (heartbeats may pass any ttl).
         extra_ttl_ms: u64,
+        /// How far ahead the heartbeat looks for watched expiries (ms; `None`: always).
+        watch_ms: Option<u64>,
     },
     Rebalance {
         m: usize,
@@ -171,8 +173,20 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (m.clone(), weight, who, mismatch).prop_map(|(m, weight, who, mismatch)| {
             Op::Register { m, weight, who, mismatch }
         }),
-        4 => (m.clone(), stale, prop_oneof![4 => Just(0u64), 1 => 0u64..=2_000])
-            .prop_map(|(m, stale, extra_ttl_ms)| Op::Heartbeat { m, stale, extra_ttl_ms }),
+        4 => (
+            m.clone(),
+            stale,
+            prop_oneof![4 => Just(0u64), 1 => 0u64..=2_000],
+            // Around the ttl (500..=3,000 ms), so both "someone ends within it" and "nobody
+            // does" come up; and 0.
+            prop_oneof![2 => Just(None), 1 => Just(Some(0u64)), 3 => (1u64..=3_000).prop_map(Some)],
+        )
+            .prop_map(|(m, stale, extra_ttl_ms, watch_ms)| Op::Heartbeat {
+                m,
+                stale,
+                extra_ttl_ms,
+                watch_ms,
+            }),
         8 => (m.clone(), stale, max_take)
             .prop_map(|(m, stale, max_take)| Op::Rebalance { m, stale, max_take }),
         3 => (m.clone(), stale, prop::collection::vec(pick.clone(), 0..5)).prop_map(
@@ -543,11 +557,13 @@ impl<'h> Run<'h> {
                 m,
                 stale,
                 extra_ttl_ms,
+                watch_ms,
             } => {
                 let s = self.session(*m, *stale);
                 let ttl = self.ttl + Duration::from_millis(*extra_ttl_ms);
-                let a = h.memory_rt.block_on(mem.heartbeat(g, &s, ttl));
-                let b = h.redis_rt.block_on(red.heartbeat(g, &s, ttl));
+                let watch = watch_ms.map_or(Duration::MAX, Duration::from_millis);
+                let a = h.memory_rt.block_on(mem.heartbeat(g, &s, ttl, watch));
+                let b = h.redis_rt.block_on(red.heartbeat(g, &s, ttl, watch));
                 (outcome(a), outcome(b))
             }
             Op::Rebalance { m, stale, max_take } => {
@@ -642,6 +658,7 @@ fn run_case(h: &Harness, index: u64, case: &Case) -> Result<(), TestCaseError> {
                         m,
                         stale: false,
                         extra_ttl_ms: 0,
+                        watch_ms: None,
                     });
                     beats.chain(std::iter::once(Op::Advance { ms: third }))
                 })

@@ -32,7 +32,13 @@ async fn join(store: &RedisStore, server: &RedisServer, g: &GroupKey) {
 /// A heartbeat, a rebalance and a snapshot of `a`'s live session.
 async fn calls_work(store: &RedisStore, g: &GroupKey) {
     let a = session("a");
-    assert!(store.heartbeat(g, &a, TTL).await.expect("heartbeat").alive);
+    assert!(
+        store
+            .heartbeat(g, &a, TTL, Duration::MAX)
+            .await
+            .expect("heartbeat")
+            .alive
+    );
     let r = store.rebalance(g, &a, 4).await.expect("rebalance");
     assert!(
         matches!(r.action, Action::Acquired { .. } | Action::Stay),
@@ -80,7 +86,7 @@ async fn calls_survive_function_flush_script_flush_and_a_restart() {
     // exists", and every call is answered.
     server.cli(&["FUNCTION", "FLUSH"]);
     let a = session("a");
-    let beats = (0..8).map(|_| store.heartbeat(&g, &a, TTL));
+    let beats = (0..8).map(|_| store.heartbeat(&g, &a, TTL, Duration::MAX));
     for hb in futures_util::future::join_all(beats).await {
         assert!(hb.expect("heartbeat").alive);
     }
@@ -95,7 +101,7 @@ async fn calls_survive_function_flush_script_flush_and_a_restart() {
     let a = session("a");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     let hb = loop {
-        match store.heartbeat(&g, &a, TTL).await {
+        match store.heartbeat(&g, &a, TTL, Duration::MAX).await {
             Ok(hb) => break hb,
             Err(e) if tokio::time::Instant::now() < deadline => {
                 let _ = e;
@@ -175,9 +181,21 @@ async fn two_library_versions_coexist() {
         .register(&g, &RegisterRequest::new(b.clone(), 1, 4, TTL))
         .await
         .expect("register b");
-    assert!(other.heartbeat(&g, &b, TTL).await.expect("hb").alive);
+    assert!(
+        other
+            .heartbeat(&g, &b, TTL, Duration::MAX)
+            .await
+            .expect("hb")
+            .alive
+    );
     let a = session("a");
-    assert!(normal.heartbeat(&g, &a, TTL).await.expect("hb").alive);
+    assert!(
+        normal
+            .heartbeat(&g, &a, TTL, Duration::MAX)
+            .await
+            .expect("hb")
+            .alive
+    );
     // b's join (through the other library) committed a's release; a's step says so.
     let r = normal.rebalance(&g, &a, 4).await.expect("rebalance a");
     assert!(

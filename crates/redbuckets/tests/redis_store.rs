@@ -90,7 +90,7 @@ impl<S: Store> Probe<S> {
     async fn heartbeat(&mut self, s: &SessionRef, log: bool) -> bool {
         let hb = self
             .store
-            .heartbeat(&self.group, s, TTL)
+            .heartbeat(&self.group, s, TTL, Duration::MAX)
             .await
             .expect("heartbeat");
         if log {
@@ -449,7 +449,11 @@ async fn foreign_data_gives_clear_errors_not_panics() {
         store.register(&g, &request(&a, 1, 8)).await,
         "wrong",
     );
-    expect_corrupt("heartbeat", store.heartbeat(&g, &a, TTL).await, "wrong");
+    expect_corrupt(
+        "heartbeat",
+        store.heartbeat(&g, &a, TTL, Duration::MAX).await,
+        "wrong",
+    );
     expect_corrupt("rebalance", store.rebalance(&g, &a, 8).await, "wrong");
     expect_corrupt("snapshot", store.snapshot(&g).await, "wrong");
 
@@ -462,7 +466,10 @@ async fn foreign_data_gives_clear_errors_not_panics() {
     redis_cmd(&mut con, &["HSET", "{t:garbage}:meta", "buckets", "abc"]).await;
     // The steady-state heartbeat reads only what it needs (the version), so it renews the
     // session; every call that uses the bucket count reports the garbage.
-    let hb = store.heartbeat(&g, &a, TTL).await.expect("heartbeat");
+    let hb = store
+        .heartbeat(&g, &a, TTL, Duration::MAX)
+        .await
+        .expect("heartbeat");
     assert!(hb.alive);
     expect_corrupt(
         "register",
@@ -480,12 +487,16 @@ async fn foreign_data_gives_clear_errors_not_panics() {
         &["HSET", "{t:garbage}:meta", "buckets", "8", "ver", "-1"],
     )
     .await;
-    expect_corrupt("heartbeat", store.heartbeat(&g, &a, TTL).await, "meta.ver");
+    expect_corrupt(
+        "heartbeat",
+        store.heartbeat(&g, &a, TTL, Duration::MAX).await,
+        "meta.ver",
+    );
     redis_cmd(&mut con, &["DEL", "{t:garbage}:meta"]).await;
     redis_cmd(&mut con, &["HSET", "{t:garbage}:meta", "colour", "blue"]).await;
     expect_corrupt(
         "heartbeat",
-        store.heartbeat(&g, &a, TTL).await,
+        store.heartbeat(&g, &a, TTL, Duration::MAX).await,
         "none of the fields",
     );
 
@@ -562,7 +573,10 @@ async fn data_loss_quarantines_the_group_and_tokens_keep_growing() {
         .await
         .expect("register");
     tokio::time::sleep(TTL / 2).await;
-    store.heartbeat(&group, &a, TTL).await.expect("heartbeat");
+    store
+        .heartbeat(&group, &a, TTL, Duration::MAX)
+        .await
+        .expect("heartbeat");
     tokio::time::sleep(TTL / 2 + Duration::from_millis(50)).await;
     let before = match store
         .rebalance(&group, &a, 4)
@@ -578,7 +592,10 @@ async fn data_loss_quarantines_the_group_and_tokens_keep_growing() {
     };
 
     server.restart();
-    let hb = until_ok("heartbeat", || store.heartbeat(&group, &a, TTL)).await;
+    let hb = until_ok("heartbeat", || {
+        store.heartbeat(&group, &a, TTL, Duration::MAX)
+    })
+    .await;
     assert!(!hb.alive, "the session died with the data");
     let a2 = session("a", "2");
     let req = request(&a2, 1, 4);
@@ -599,7 +616,10 @@ async fn data_loss_quarantines_the_group_and_tokens_keep_growing() {
         .expect("group");
     assert!(snap.quarantine > Duration::ZERO);
     tokio::time::sleep(TTL / 2).await;
-    store.heartbeat(&group, &a2, TTL).await.expect("heartbeat");
+    store
+        .heartbeat(&group, &a2, TTL, Duration::MAX)
+        .await
+        .expect("heartbeat");
     tokio::time::sleep(TTL / 2 + Duration::from_millis(50)).await;
     match store
         .rebalance(&group, &a2, 4)
@@ -722,7 +742,10 @@ async fn refused_scripts_are_reported_clearly() {
     .await;
     let url = format!("redis://limited:pw@127.0.0.1:{}", server.port());
     let store = RedisStore::connect(&url).await.expect("connect");
-    match store.heartbeat(&g, &session("a", "1"), TTL).await {
+    match store
+        .heartbeat(&g, &session("a", "1"), TTL, Duration::MAX)
+        .await
+    {
         Err(e @ Error::Refused { .. }) => assert!(e.to_string().contains("NOPERM"), "{e}"),
         other => panic!("expected Refused, got {other:?}"),
     }
@@ -781,7 +804,10 @@ async fn steady_state_heartbeat_is_one_round_trip_of_constant_work() {
             );
             let mut quiet = true;
             for m in &members {
-                let hb = store.heartbeat(&g, m, TTL).await.expect("heartbeat");
+                let hb = store
+                    .heartbeat(&g, m, TTL, Duration::MAX)
+                    .await
+                    .expect("heartbeat");
                 assert!(hb.alive, "{} lost its session while settling", m.member);
                 let r = store.rebalance(&g, m, u32::MAX).await.expect("rebalance");
                 quiet &= matches!(r.action, Action::Stay);
@@ -793,19 +819,23 @@ async fn steady_state_heartbeat_is_one_round_trip_of_constant_work() {
         const N: u64 = 20;
         // The first call on a server loads the library (FCALL, FUNCTION LOAD, FCALL): not steady.
         store
-            .heartbeat(&g, &members[0], TTL)
+            .heartbeat(&g, &members[0], TTL, Duration::MAX)
             .await
             .expect("heartbeat");
         redis_cmd(&mut con, &["CONFIG", "RESETSTAT"]).await;
         for _ in 0..N {
             let hb = store
-                .heartbeat(&g, &members[0], TTL)
+                .heartbeat(&g, &members[0], TTL, Duration::MAX)
                 .await
                 .expect("heartbeat");
             assert!(hb.alive);
-            // The three peers renewed moments ago: their sessions end about a ttl from now.
+            // The three peers renewed moments ago: their sessions end about a ttl from now (up
+            // to 1 ms more: expiries are rounded up to the ms, the script's now down).
             let next = hb.next_expiry.expect("the peers' expiry");
-            assert!(next <= TTL && next >= TTL / 2, "{next:?}");
+            assert!(
+                next <= TTL + Duration::from_millis(1) && next >= TTL / 2,
+                "{next:?}"
+            );
         }
         let calls = command_calls(&mut con).await;
         assert_eq!(
@@ -873,7 +903,10 @@ async fn a_frozen_server_times_out_and_recovers() {
         .expect("register");
     server.pause();
     let started = Instant::now();
-    let err = store.heartbeat(&g, &a, long).await.expect_err("frozen");
+    let err = store
+        .heartbeat(&g, &a, long, Duration::MAX)
+        .await
+        .expect_err("frozen");
     assert!(err.is_transient(), "{err:?}");
     assert!(
         started.elapsed() < Duration::from_secs(2),
@@ -881,7 +914,7 @@ async fn a_frozen_server_times_out_and_recovers() {
         started.elapsed()
     );
     server.resume();
-    let hb = until_ok("heartbeat", || store.heartbeat(&g, &a, long)).await;
+    let hb = until_ok("heartbeat", || store.heartbeat(&g, &a, long, Duration::MAX)).await;
     assert!(hb.alive);
 }
 
@@ -1123,7 +1156,7 @@ async fn a_snapshot_changes_no_key_and_publishes_nothing() {
     // The purge, when a call makes it, leaves what the snapshot showed, and publishes.
     assert!(
         store
-            .heartbeat(&g, &a, LOOK_TTL)
+            .heartbeat(&g, &a, LOOK_TTL, Duration::MAX)
             .await
             .expect("heartbeat")
             .alive

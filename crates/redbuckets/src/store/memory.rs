@@ -339,6 +339,7 @@ impl Store for MemoryStore {
         group: &GroupKey,
         session: &SessionRef,
         ttl: Duration,
+        watch: Duration,
     ) -> Result<HeartbeatReply, Error> {
         let now = Instant::now();
         let mut inner = self.lock();
@@ -366,10 +367,19 @@ impl Store for MemoryStore {
             }
             None => (false, 0, 0),
         };
-        let next_expiry = state
-            .watched(&session.member)
-            .map(|m| m.expires.saturating_duration_since(now))
-            .min();
+        // Only when some other session ends within `watch`: otherwise every watched one ends
+        // later, and the caller would not check them before its next renewal.
+        let soon = state.members.iter().any(|(id, m)| {
+            *id != session.member && m.expires.saturating_duration_since(now) < watch
+        });
+        let next_expiry = if soon {
+            state
+                .watched(&session.member)
+                .map(|m| m.expires.saturating_duration_since(now))
+                .min()
+        } else {
+            None
+        };
         let reply = HeartbeatReply {
             alive,
             version: state.version,
@@ -652,6 +662,45 @@ mod tests {
         RegisterRequest::new(session, 1, 8, Duration::from_secs(1))
     }
 
+    /// A heartbeat looks up the watched sessions' expiry only when some other session ends
+    /// within its `watch`: in a healthy group every other session ends after the member's next
+    /// renewal, and the reply says `None` (redis: heartbeat.lua, heartbeat_fast.lua).
+    #[tokio::test(start_paused = true)]
+    async fn a_heartbeat_looks_at_watched_expiries_only_within_its_watch() {
+        let store = MemoryStore::new();
+        let g = GroupKey::new("p", "g");
+        let (a, b, c) = (request("a", "a1"), request("b", "b1"), request("c", "c1"));
+        let ttl = a.ttl;
+        for r in [&a, &b, &c] {
+            store.register(&g, r).await.unwrap();
+        }
+        tokio::time::advance(Duration::from_millis(400)).await;
+        store
+            .heartbeat(&g, &c.session, ttl, Duration::MAX)
+            .await
+            .unwrap();
+        // b ends in 600 ms, c in 1,000 ms: a watches both.
+        let ms = Duration::from_millis;
+        let next = |watch| {
+            let (store, g, a) = (store.clone(), g.clone(), a.session.clone());
+            async move {
+                let reply = store.heartbeat(&g, &a, ttl, watch).await.unwrap();
+                reply.next_expiry
+            }
+        };
+        assert_eq!(next(Duration::MAX).await, Some(ms(600)));
+        assert_eq!(next(ms(601)).await, Some(ms(600)));
+        assert_eq!(
+            next(ms(600)).await,
+            None,
+            "b ends exactly at the watch: later than it"
+        );
+        assert_eq!(next(Duration::ZERO).await, None);
+        // a's own expiry (renewed just now) does not count.
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(next(ms(200)).await, Some(ms(100)));
+    }
+
     /// Issue 8, bug 4: a registration that purges expired sessions notifies even when it ends
     /// `InUse` or refreshes the same session, as register.lua does.
     #[tokio::test(start_paused = true)]
@@ -668,9 +717,15 @@ mod tests {
 
         // b expires; a registers again under another nonce while its session lives: InUse.
         tokio::time::advance(Duration::from_millis(600)).await;
-        store.heartbeat(&g, &a.session, ttl).await.unwrap();
+        store
+            .heartbeat(&g, &a.session, ttl, Duration::MAX)
+            .await
+            .unwrap();
         let c = request("c", "c1");
-        store.heartbeat(&g, &c.session, ttl).await.unwrap();
+        store
+            .heartbeat(&g, &c.session, ttl, Duration::MAX)
+            .await
+            .unwrap();
         tokio::time::advance(Duration::from_millis(600)).await;
         assert_eq!(drain(&mut notices), 0);
         let reply = store.register(&g, &request("a", "a2")).await.unwrap();
@@ -680,7 +735,10 @@ mod tests {
         // c's heartbeat lapses too; a retried registration of c (same nonce) refreshes it,
         // while a's lapsed session is purged.
         tokio::time::advance(Duration::from_millis(300)).await;
-        store.heartbeat(&g, &c.session, ttl).await.unwrap();
+        store
+            .heartbeat(&g, &c.session, ttl, Duration::MAX)
+            .await
+            .unwrap();
         tokio::time::advance(Duration::from_millis(800)).await;
         assert_eq!(drain(&mut notices), 0);
         let reply = store.register(&g, &c).await.unwrap();
@@ -715,14 +773,26 @@ mod tests {
         // Past the quarantine, with both sessions renewed on the way.
         tokio::time::advance(ttl * 3 / 5).await;
         for r in [&a, &b] {
-            assert!(store.heartbeat(&g, &r.session, ttl).await.unwrap().alive);
+            assert!(
+                store
+                    .heartbeat(&g, &r.session, ttl, Duration::MAX)
+                    .await
+                    .unwrap()
+                    .alive
+            );
         }
         tokio::time::advance(ttl * 3 / 5).await;
         for r in [&a, &b] {
             let reply = store.rebalance(&g, &r.session, u32::MAX).await.unwrap();
             assert!(matches!(reply.action, Action::Acquired { .. }), "{reply:?}");
         }
-        assert!(store.heartbeat(&g, &a.session, ttl).await.unwrap().alive);
+        assert!(
+            store
+                .heartbeat(&g, &a.session, ttl, Duration::MAX)
+                .await
+                .unwrap()
+                .alive
+        );
         // b's session ends; a's does not.
         tokio::time::advance(ttl * 3 / 5).await;
         let mut notices = store.subscribe(&g, Channel::Group).await.unwrap();
@@ -746,7 +816,13 @@ mod tests {
         assert!(!seen.stale);
 
         // A heartbeat purges: the group then is what the snapshot showed.
-        assert!(store.heartbeat(&g, &a.session, ttl).await.unwrap().alive);
+        assert!(
+            store
+                .heartbeat(&g, &a.session, ttl, Duration::MAX)
+                .await
+                .unwrap()
+                .alive
+        );
         assert_eq!(drain(&mut notices), 1);
         let after = store.snapshot(&g).await.unwrap().unwrap();
         assert_eq!(after.version, seen.version);

@@ -133,7 +133,8 @@ pub struct HeartbeatReply {
     /// Time from the store's now until the earliest expiry of the sessions this member watches:
     /// the next two members after it in id order (wrapping around), if there are others. The
     /// member checks the group again at that moment, so a crashed peer's buckets are freed when
-    /// its session ends, by two checkers, not by every member at once.
+    /// its session ends, by two checkers, not by every member at once. `None` also when no
+    /// other session expires within the heartbeat's `watch` (see [`Store::heartbeat`]).
     pub next_expiry: Option<Duration>,
     /// The member's committed holdings, as in [`RebalanceReply::committed`] (0 when not alive).
     /// Lower than what the member keeps: the store committed a release for it (a join), and the
@@ -312,11 +313,17 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// Renews the session for one more ttl and purges expired sessions.
     /// `Ok(alive: false)` means every lease of the session is gone.
+    /// `watch` is how far ahead the caller looks for the expiry of the sessions it watches
+    /// ([`HeartbeatReply::next_expiry`]): when no other session expires within `watch` of the
+    /// store's now, the reply says `None` without looking them up (`Duration::MAX`: always
+    /// look). A healthy group's sessions all expire later than a member's next renewal, so the
+    /// steady-state renewal skips the lookup.
     fn heartbeat(
         &self,
         group: &GroupKey,
         session: &SessionRef,
         ttl: Duration,
+        watch: Duration,
     ) -> impl Future<Output = Result<HeartbeatReply, Error>> + Send;
 
     /// Applies the share rule ([`crate::share::step`]) for the session: takes up to `max_take`

@@ -551,9 +551,31 @@ local function watched_next_ms(member, now_ms)
   return next_ms
 end
 
+-- Whether a session other than `member`'s ends within `watch_ms` of now_ms (a negative
+-- `watch_ms`: always true). `first` is K_EXP's first two entries with their scores, if the
+-- caller read them already. Only then are the watched sessions looked up: otherwise all of
+-- them end later than the member would check them (memory.rs heartbeat), and a healthy
+-- group's renewal skips the lookup, most of its cost.
+local function others_end_within(member, now_ms, watch_ms, first)
+  if watch_ms < 0 then
+    return true
+  end
+  first = first or redis.call('ZRANGE', K_EXP, 0, 1, 'WITHSCORES')
+  for i = 1, #first, 2 do
+    if first[i] ~= member then
+      local at = tonumber(first[i + 1])
+      return not at or math.max(at - now_ms, 0) < watch_ms
+    end
+  end
+  return false
+end
+
 -- The heartbeat's reply, from heartbeat.lua and heartbeat_fast.lua: {alive, ver, free, next,
--- committed, held} (see heartbeat.lua).
-local function heartbeat_reply(alive, ver, member, now_ms, mine, held)
-  return { alive, ver, redis.call('SCARD', K_FREE), fmt(watched_next_ms(member, now_ms)), mine,
-    held }
+-- committed, held} (see heartbeat.lua). `watch_ms` and `first`: others_end_within.
+local function heartbeat_reply(alive, ver, member, now_ms, mine, held, watch_ms, first)
+  local next_ms = -1
+  if others_end_within(member, now_ms, watch_ms, first) then
+    next_ms = watched_next_ms(member, now_ms)
+  end
+  return { alive, ver, redis.call('SCARD', K_FREE), fmt(next_ms), mine, held }
 end

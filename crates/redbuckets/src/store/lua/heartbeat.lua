@@ -1,11 +1,13 @@
--- heartbeat: ARGV[2] member, [3] nonce, [4] ttl µs. Returns {alive 0|1, ver, free, next,
--- committed, held}: next is the ms until the earliest expiry of the sessions this member watches
--- (the next two in id order; 0 if some are left to purge; -1 if there are none); committed and
+-- heartbeat: ARGV[2] member, [3] nonce, [4] ttl µs, [5] watch ms (-1: always). Returns
+-- {alive 0|1, ver, free, next, committed, held}: next is the ms until the earliest expiry of the
+-- sessions this member watches (the next two in id order; 0 if some are left to purge; -1 if
+-- there are none, or if no other session ends within the watch ms); committed and
 -- held are the member's counts (0 when not alive), so a member that missed a wake-up learns here
 -- that it must release.
 -- Steady state (nothing expired): O(log n) work, independent of the bucket count.
 local member, nonce = ARGV[2], ARGV[3]
 local ttl_us = uint(ARGV[4], 'ttl argument')
+local watch_ms = tonumber(ARGV[5]) or -1
 
 local meta = load_meta()
 if not meta then
@@ -27,4 +29,4 @@ if live(member, nonce, now_ms) then
   mine = committed(member, weight_of(member))
   held = redis.call('SCARD', held_key(member))
 end
-return heartbeat_reply(alive, fmt(meta.ver), member, now_ms, mine, held)
+return heartbeat_reply(alive, fmt(meta.ver), member, now_ms, mine, held, watch_ms)

@@ -2,17 +2,20 @@
 -- with the group. ARGV[2] member, [3] nonce, [4] ttl µs.
 -- Returns the reply of heartbeat.lua when the session is renewed, or {'full'} when heartbeat.lua
 -- must run: a session has expired and must be purged, the session is not ours, or the group's
--- data is missing or odd (the full script validates it and says what is wrong).
+-- data is missing or odd (the full script validates it and says what is wrong). ARGV[5] watch
+-- ms, as in heartbeat.lua.
 local member, nonce = ARGV[2], ARGV[3]
 local ttl_us = tonumber(ARGV[4])
-if not ttl_us then
+local watch_ms = tonumber(ARGV[5])
+if not ttl_us or not watch_ms then
   return { 'full' }
 end
 local now = server_now_us()
 local now_ms = idiv(now, 1000)
 -- The earliest session: if it has expired, purge (full script). Otherwise every session is
--- live, so the nonce alone says the session is ours.
-local first = redis.call('ZRANGE', K_EXP, 0, 0, 'WITHSCORES')
+-- live, so the nonce alone says the session is ours. The second is the earliest of the others'
+-- when the first is ours (heartbeat_reply).
+local first = redis.call('ZRANGE', K_EXP, 0, 1, 'WITHSCORES')
 if #first > 0 then
   local at = tonumber(first[2])
   if not at or at <= now_ms then
@@ -35,4 +38,5 @@ if not mine then
   return { 'full' }
 end
 redis.call('ZADD', K_EXP, fmt(expiry_ms(now, ttl_us)), member)
-return heartbeat_reply(1, ver, member, now_ms, mine, redis.call('SCARD', held_key(member)))
+return heartbeat_reply(1, ver, member, now_ms, mine, redis.call('SCARD', held_key(member)),
+  watch_ms, first)

@@ -631,12 +631,19 @@ impl Store for RedisStore {
         group: &GroupKey,
         session: &SessionRef,
         ttl: Duration,
+        watch: Duration,
     ) -> Result<HeartbeatReply, Error> {
         const CALL: &str = "heartbeat";
+        // Whole ms, rounded up (the scripts' expiries are ms); -1: always look.
+        let watch_ms = u64::try_from(watch.as_micros().div_ceil(1000))
+            .ok()
+            .filter(|ms| *ms < 1 << 53)
+            .map_or_else(|| "-1".to_string(), |ms| ms.to_string());
         let args = [
             session.member.clone(),
             session.session.clone(),
             duration_us(ttl).to_string(),
+            watch_ms,
         ];
         // Both scripts are safe to run in a row: each renews the session only if it is ours.
         let mut reply = self
