@@ -1251,3 +1251,56 @@ async fn no_tls_hint_without_tls_bytes() {
         other => panic!("expected Unavailable, got {other:?}"),
     }
 }
+
+/// The scripts look up the watched sessions' expiry only when another session ends within the
+/// heartbeat's `watch`, as `MemoryStore` does (its unit test of the same name), to the ms: on
+/// the test clock (`frozen_clock_for_tests`), so the boundary is exact.
+#[tokio::test]
+async fn a_heartbeat_looks_at_watched_expiries_only_within_its_watch() {
+    let server = RedisServer::start();
+    let options = RedisOptions::default().frozen_clock_for_tests();
+    let store = RedisStore::connect_with(&server.url(), options)
+        .await
+        .expect("connect");
+    let mut con = raw(&server.url()).await;
+    let g = GroupKey::new("t", "watch");
+    let clock = format!("{}:test-clock", g.tag());
+    let t0: u64 = 1_700_000_000_000_000;
+    let set_clock = |ms: u64| (t0 + ms * 1000).to_string();
+    redis_cmd(&mut con, &["SET", &clock, &set_clock(0)]).await;
+    let ttl = Duration::from_secs(1);
+    let (a, b, c) = (session("a", "1"), session("b", "1"), session("c", "1"));
+    for s in [&a, &b, &c] {
+        store
+            .register(&g, &RegisterRequest::new(s.clone(), 1, 8, ttl))
+            .await
+            .expect("register");
+    }
+    redis_cmd(&mut con, &["SET", &clock, &set_clock(400)]).await;
+    store
+        .heartbeat(&g, &c, ttl, Duration::MAX)
+        .await
+        .expect("heartbeat");
+    // b ends in 600 ms, c in 1,000 ms: a watches both.
+    let ms = Duration::from_millis;
+    for (watch, want) in [
+        (Duration::MAX, Some(ms(600))),
+        (ms(601), Some(ms(600))),
+        (ms(600), None),
+        (Duration::ZERO, None),
+    ] {
+        let reply = store
+            .heartbeat(&g, &a, ttl, watch)
+            .await
+            .expect("heartbeat");
+        assert!(reply.alive);
+        assert_eq!(reply.next_expiry, want, "watch {watch:?}");
+    }
+    // a's own expiry (renewed just now) does not count.
+    redis_cmd(&mut con, &["SET", &clock, &set_clock(900)]).await;
+    let reply = store
+        .heartbeat(&g, &a, ttl, ms(200))
+        .await
+        .expect("heartbeat");
+    assert_eq!(reply.next_expiry, Some(ms(100)));
+}
