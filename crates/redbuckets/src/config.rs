@@ -10,7 +10,8 @@ pub const MAX_BUCKETS: u32 = 65_536;
 pub const MAX_WEIGHT: u32 = 1_000_000;
 /// Version of the data layout and scripts; stored with the group so mixed versions are refused.
 /// 2: targeted wake-ups (members listen on their own channel; a join commits the givers).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: the store grants freed buckets to the takers itself and tells them in their notice.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The longest ttl, heartbeat or timeout: keeps every deadline computation far from overflow.
 const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 /// The default key prefix.

@@ -42,7 +42,7 @@ use crate::ledger::Reconcile;
 use crate::member::{ErrorHook, Shared};
 use crate::session::Session;
 use crate::store::{
-    Action, Channel, GroupKey, GroupSnapshot, Notifications, RegisterRequest, Registration,
+    Action, Channel, GroupKey, GroupSnapshot, Notice, Notifications, RegisterRequest, Registration,
     SessionRef, Store,
 };
 
@@ -282,7 +282,15 @@ impl<S: Store> Driver<S> {
                 }
                 notice = next_notice(&mut self.subscription) => {
                     let now = Instant::now();
-                    self.rebalance = Some(self.rebalance.map_or(now, |at| at.min(now)));
+                    let applied = match &notice {
+                        Some(Notice::Granted { session, token, buckets }) => {
+                            self.granted(session, *token, buckets, now)
+                        }
+                        _ => false,
+                    };
+                    if !applied {
+                        self.rebalance = Some(self.rebalance.map_or(now, |at| at.min(now)));
+                    }
                     if notice.is_none() {
                         // The subscription broke: notices may be lost, so resync and resubscribe.
                         tracing::debug!("notification stream ended; resubscribing");
@@ -494,8 +502,11 @@ impl<S: Store> Driver<S> {
         )
         .await?
         {
-            Registration::Registered { version } => {
+            Registration::Registered { version, token } => {
                 tracing::info!(session = %session.session, "registered");
+                // Grant notices at or below the group's token at this registration were for an
+                // earlier session under this nonce: never ours.
+                self.shared.lock().ledger.seen_token(token);
                 // The first heartbeat comes soon: it learns when the peers' sessions expire.
                 let renew_at = sent.at + self.on_my_clock(self.config.heartbeat);
                 let deadline = self.deadline_after(sent);
@@ -690,6 +701,20 @@ impl<S: Store> Driver<S> {
         true
     }
 
+    /// A grant the store made when it freed buckets ([`Notice::Granted`]): applied when it
+    /// names our live session, our deadline has not passed, and its token is above every token
+    /// we applied (a repeated or late notice is not: its buckets may have been released since).
+    /// Returns false otherwise, and the caller takes a rebalance step, whose reply shows any
+    /// difference (a grant we dropped because a newer one overtook it is then found and resynced).
+    fn granted(&mut self, session: &str, token: u64, buckets: &[u32], now: Instant) -> bool {
+        let ours = self.session.live().is_some_and(|s| s.session == session);
+        if !ours || self.deadline_passed(now) || !self.shared.lock().ledger.is_new_grant(token) {
+            return false;
+        }
+        self.shared.apply(|l| l.grant(buckets, token, now));
+        true
+    }
+
     /// The store's count of what we hold and keep must match ours; if not, an earlier reply was
     /// lost: a release decision we never heard of (revoke now), or a grant or a release (resync).
     async fn reconcile(&mut self, store_held: usize, committed: usize, now: Instant) {
@@ -699,7 +724,12 @@ impl<S: Store> Driver<S> {
             Reconcile::Revoke(n) => n,
             Reconcile::Resync => {
                 tracing::info!(store_held, "holdings differ from the store's; resyncing");
-                self.resync().await;
+                // The snapshot's committed count, not the reply's: the store may have granted
+                // us more since the reply (a grant notice not yet heard), or a join may have
+                // lowered it, and the snapshot's owner records are as of then too.
+                let Some(committed) = self.resync().await else {
+                    return;
+                };
                 if self.session.live().is_none() {
                     return;
                 }
@@ -714,11 +744,10 @@ impl<S: Store> Driver<S> {
 
     /// Aligns the ledger with the store's owner records after a lost reply: adopts grants we did
     /// not hear of (they are ours, and our deadline has not passed), and drops buckets the store
-    /// no longer lists as ours (a release that ran, or foreign edits).
-    async fn resync(&mut self) {
-        let Some(session) = self.session.live().cloned() else {
-            return;
-        };
+    /// no longer lists as ours (a release that ran, or foreign edits). Returns the store's
+    /// committed count of ours, as of the same snapshot, when the ledger was aligned.
+    async fn resync(&mut self) -> Option<usize> {
+        let session = self.session.live().cloned()?;
         let snapshot = match call(
             &self.graceful,
             self.call_deadline(),
@@ -732,26 +761,27 @@ impl<S: Store> Driver<S> {
             Ok(Some(snapshot)) if !snapshot.stale => snapshot,
             Ok(_) => {
                 self.session_gone(Instant::now());
-                return;
+                return None;
             }
             Err(e) => {
                 // Try again: the next rebalance reply shows the mismatch again.
                 self.report(e);
                 self.rebalance =
                     Some(Instant::now() + self.retries.rebalance.next(&mut self.jitter));
-                return;
+                return None;
             }
         };
         let now = Instant::now();
-        let Some(stored) = recorded(&snapshot, &session) else {
+        let Some((stored, committed)) = recorded(&snapshot, &session) else {
             self.session_gone(now);
-            return;
+            return None;
         };
         if self.session.live().is_none() || self.deadline_passed(now) {
-            return;
+            return None;
         }
         self.shared.apply(|l| l.adopt(&stored, now));
         self.want_rebalance();
+        Some(committed)
     }
 
     /// Revokes `count` owned buckets (all if `None`): the most recently granted first.
@@ -1019,7 +1049,7 @@ where
     call(abort, deadline(), name, make()).await
 }
 
-async fn next_notice(subscription: &mut Subscription) -> Option<()> {
+async fn next_notice(subscription: &mut Subscription) -> Option<Notice> {
     match subscription {
         Subscription::Active(n) => n.next().await,
         Subscription::Down { .. } => std::future::pending().await,
@@ -1028,23 +1058,19 @@ async fn next_notice(subscription: &mut Subscription) -> Option<()> {
 
 /// The owner records of `session`'s member in a snapshot (bucket → token), or `None` when the
 /// snapshot does not list the session: it ended in the store.
-fn recorded(snapshot: &GroupSnapshot, session: &SessionRef) -> Option<BTreeMap<u32, u64>> {
+fn recorded(snapshot: &GroupSnapshot, session: &SessionRef) -> Option<(BTreeMap<u32, u64>, usize)> {
     let ours = snapshot
         .members
         .iter()
-        .any(|m| m.id == session.member && m.session == session.session);
-    if !ours {
-        return None;
-    }
-    Some(
-        (0u32..)
-            .zip(&snapshot.owners)
-            .filter_map(|(b, o)| {
-                let o = o.as_ref()?;
-                (o.member == session.member).then_some((b, o.token))
-            })
-            .collect(),
-    )
+        .find(|m| m.id == session.member && m.session == session.session)?;
+    let stored = (0u32..)
+        .zip(&snapshot.owners)
+        .filter_map(|(b, o)| {
+            let o = o.as_ref()?;
+            (o.member == session.member).then_some((b, o.token))
+        })
+        .collect();
+    Some((stored, ours.committed as usize))
 }
 
 #[cfg(test)]

@@ -110,9 +110,27 @@ pub(crate) enum Reconcile {
 #[derive(Debug, Default)]
 pub(crate) struct Ledger {
     held: BTreeMap<u32, Held>,
+    /// The highest token of any grant this member applied (granted or adopted): a grant
+    /// notice with a token not above it is old news (a repeat, or one that came after the
+    /// member released those buckets) and must not be applied.
+    highest_token: u64,
 }
 
 impl Ledger {
+    /// Whether a grant notice with `token` is news: above every token applied so far. Tokens
+    /// only grow (S2), so a notice at or below it was applied, or its buckets were since
+    /// released (a repeated or late notice), or a newer grant overtook it (the member's checks
+    /// then find the difference and resync).
+    pub(crate) fn is_new_grant(&self, token: u64) -> bool {
+        token > self.highest_token
+    }
+
+    /// Raises the floor of [`Ledger::is_new_grant`] to `token` (a registration's: the group's
+    /// last token when the session began).
+    pub(crate) fn seen_token(&mut self, token: u64) {
+        self.highest_token = self.highest_token.max(token);
+    }
+
     /// Every held bucket, in bucket order.
     pub(crate) fn buckets(&self) -> Vec<u32> {
         self.held.keys().copied().collect()
@@ -157,6 +175,7 @@ impl Ledger {
     /// lost) and granted back: that grant ends with `Released` first. A bucket still owned was
     /// freed and granted again without the member hearing of it: that grant ends with `Lost`.
     pub(crate) fn grant(&mut self, buckets: &[u32], token: u64, now: Instant) -> Vec<Event> {
+        self.highest_token = self.highest_token.max(token);
         let mut closed = Vec::new();
         let mut acquired = Vec::with_capacity(buckets.len());
         for &bucket in buckets {
@@ -311,6 +330,7 @@ impl Ledger {
             }
         }
         for (&bucket, &token) in stored {
+            self.highest_token = self.highest_token.max(token);
             if let std::collections::btree_map::Entry::Vacant(slot) = self.held.entry(bucket) {
                 slot.insert(Held::new(token, now));
                 events.push(Event::Acquired {
@@ -434,6 +454,26 @@ mod tests {
         LeaseGuard {
             dropped: Arc::new(Notify::new()),
         }
+    }
+
+    /// A grant notice is news only above every token applied, granted or adopted: a repeat, or
+    /// one that comes after its buckets were released, is not applied again.
+    #[test]
+    fn a_grant_notice_is_new_only_above_every_applied_token() {
+        let now = t0();
+        let mut l = Ledger::default();
+        assert!(l.is_new_grant(1));
+        l.grant(&[1, 2], 10, now);
+        assert!(!l.is_new_grant(10), "a repeat");
+        assert!(!l.is_new_grant(9), "an older one");
+        assert!(l.is_new_grant(11));
+        l.revoke(None, now, now);
+        l.released(&[1, 2], 2, now);
+        assert!(!l.is_new_grant(10), "released since: must not come back");
+        let stored: BTreeMap<u32, u64> = [(7, 30)].into_iter().collect();
+        l.adopt(&stored, now);
+        assert!(!l.is_new_grant(30), "adopted from the owner records");
+        assert!(l.is_new_grant(31));
     }
 
     #[test]

@@ -55,7 +55,8 @@ use futures_util::FutureExt;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use redbuckets::store::{
-    Action, Channel, GroupSnapshot, Notifications, RebalanceReply, RegisterRequest, SessionRef,
+    Action, Channel, GroupSnapshot, Notice, Notifications, RebalanceReply, RegisterRequest,
+    SessionRef,
 };
 use redbuckets::{Error, GroupKey, MemoryStore, RedisOptions, RedisStore, Store};
 use redbuckets_testkit::RedisServer;
@@ -309,10 +310,10 @@ impl Harness {
         }
     }
 
-    /// The notices published since the last call, counted per channel (`group` for the
-    /// group's channel, the member's id for its wake-ups): a marker published after them comes
-    /// after them on the subscription.
-    fn published(&self, g: &GroupKey) -> BTreeMap<String, u64> {
+    /// The notices published since the last call, per channel (`group` for the group's
+    /// channel, the member's id for its wake-ups), each as [`summary`] gives it: a marker
+    /// published after them comes after them on the subscription.
+    fn published(&self, g: &GroupKey) -> BTreeMap<String, Vec<String>> {
         let _: () = self.cmd(redis::cmd("PUBLISH").arg(MARKER).arg("end"));
         let mut counts = BTreeMap::new();
         let mut watch = self.watch.borrow_mut();
@@ -331,14 +332,21 @@ impl Harness {
             if channel == MARKER {
                 return counts;
             }
-            let label = if channel == group {
-                "group".to_string()
+            let (label, notice) = if channel == group {
+                ("group".to_string(), Notice::Act)
             } else if let Some(member) = channel.strip_prefix(&wake) {
-                member.to_string()
+                let payload = match parts.get(3) {
+                    Some(redis::Value::BulkString(p)) => String::from_utf8_lossy(p).into_owned(),
+                    other => panic!("no payload in a pub/sub message: {other:?}"),
+                };
+                (member.to_string(), parse_notice(&payload))
             } else {
                 panic!("a notice on a channel of no group: {channel}");
             };
-            *counts.entry(label).or_default() += 1;
+            counts
+                .entry(label)
+                .or_insert_with(Vec::new)
+                .push(summary(&notice));
         }
     }
 
@@ -496,12 +504,15 @@ impl<'h> Run<'h> {
         }
     }
 
-    /// The notices queued on `MemoryStore`'s subscriptions, counted per channel.
-    fn memory_notices(&mut self) -> BTreeMap<String, u64> {
+    /// The notices queued on `MemoryStore`'s subscriptions, per channel (see `published`).
+    fn memory_notices(&mut self) -> BTreeMap<String, Vec<String>> {
         let mut counts = BTreeMap::new();
         for (label, notices) in &mut self.notices {
-            while let Some(Some(())) = notices.next().now_or_never() {
-                *counts.entry(label.clone()).or_default() += 1;
+            while let Some(Some(notice)) = notices.next().now_or_never() {
+                counts
+                    .entry(label.clone())
+                    .or_insert_with(Vec::new)
+                    .push(summary(&notice));
             }
         }
         counts
@@ -678,6 +689,36 @@ fn run_case(h: &Harness, index: u64, case: &Case) -> Result<(), TestCaseError> {
         }
     }
     Ok(())
+}
+
+/// A wake-up's payload as the scripts publish it: `act`, or `grant <nonce> <token> <bucket>...`.
+fn parse_notice(payload: &str) -> Notice {
+    let words: Vec<&str> = payload.split(' ').collect();
+    match words.as_slice() {
+        ["act"] => Notice::Act,
+        ["grant", session, token, buckets @ ..] => Notice::Granted {
+            session: session.to_string(),
+            token: token.parse().expect("a grant's token"),
+            buckets: buckets
+                .iter()
+                .map(|b| b.parse().expect("a bucket id"))
+                .collect(),
+        },
+        _ => panic!("a wake-up that is neither act nor grant: {payload:?}"),
+    }
+}
+
+/// A notice, compared across the stores: a grant by session, token and bucket count (Lua
+/// `SPOP`s random free buckets where `MemoryStore` takes the lowest, see the module docs).
+fn summary(notice: &Notice) -> String {
+    match notice {
+        Notice::Act => "act".into(),
+        Notice::Granted {
+            session,
+            token,
+            buckets,
+        } => format!("grant {session} {token} ×{}", buckets.len()),
+    }
 }
 
 /// Runs one plain op on both stores and compares replies and notices.

@@ -134,6 +134,60 @@ async fn members_reach_balance_after_the_quarantine() {
     assert_eq!(snap.members.len(), 3);
 }
 
+/// Counts the rebalance calls made through it.
+#[derive(Debug, Default)]
+struct CountSteps {
+    steps: AtomicU32,
+}
+
+impl Intercept<MemoryStore> for CountSteps {
+    async fn call(&self, inner: &MemoryStore, call: Call) -> Result<Reply, Error> {
+        if matches!(call, Call::Rebalance { .. }) {
+            self.steps.fetch_add(1, Ordering::SeqCst);
+        }
+        call.run(inner.clone()).await
+    }
+}
+
+/// Protocol 3: the buckets a graceful leave frees are granted to the members below their share
+/// by the leave itself, and reach them in their notices: balanced again with no rebalance call,
+/// the leaver's buckets moved once each, tokens above every earlier grant.
+#[tokio::test(start_paused = true)]
+async fn a_leave_grants_its_buckets_to_the_takers_in_their_notices() {
+    let store = Intercepted::new(MemoryStore::new(), CountSteps::default());
+    let mut g = Members::with(store.clone(), 300);
+    for i in 0..4 {
+        let member = start(store.clone(), &format!("m{i}"), 300).await;
+        g.add(member);
+    }
+    g.until_balanced(TTL * 2).await;
+    let earlier = g.timeline.grant_tokens_since(0);
+    let leaving = g.members.remove(0);
+    let held = leaving.buckets();
+    g.collect();
+    let mark = g.timeline.events.len();
+    let steps = store.steps.load(Ordering::SeqCst);
+    leaving.shutdown().await.expect("graceful leave");
+    // The leaver's events (revoked, released) go into the timeline, then it is dropped.
+    g.collect();
+    g.receivers.remove(0);
+    let took = g.until_balanced(TTL).await;
+    assert!(took < HEARTBEAT, "balanced {took:?} after the leave");
+    assert_eq!(
+        store.steps.load(Ordering::SeqCst),
+        steps,
+        "no rebalance call: the takers heard their grants"
+    );
+    assert_eq!(g.timeline.acquisitions_since(mark), held.len());
+    let tokens = g.timeline.grant_tokens_since(mark);
+    let highest = earlier.iter().max().copied().unwrap_or(0);
+    assert!(
+        tokens.iter().all(|t| *t > highest),
+        "{tokens:?} after {highest}"
+    );
+    g.assert_exclusive();
+}
+
 #[tokio::test(start_paused = true)]
 async fn join_moves_the_optimal_number_within_a_few_milliseconds() {
     let mut g = Group::new(4, 1024).await;

@@ -384,7 +384,11 @@ async fn sharded_notifications_arrive_and_end_when_the_slot_moves_or_its_primary
         .expect("subscribe");
     let mut g = Group::on(&store, &cluster, "notices", 8);
     g.join("m0").await;
-    assert_eq!(next(&mut notes).await, Some(()), "a notice within 5 s");
+    assert_eq!(
+        next(&mut notes).await,
+        Some(redbuckets::store::Notice::Act),
+        "a notice within 5 s"
+    );
 
     let from = cluster.primary_of(slot);
     let to = cluster.another_primary(from);
@@ -410,7 +414,11 @@ async fn sharded_notifications_arrive_and_end_when_the_slot_moves_or_its_primary
         }
     };
     g.join("m1").await;
-    assert_eq!(next(&mut notes).await, Some(()), "a notice within 5 s");
+    assert_eq!(
+        next(&mut notes).await,
+        Some(redbuckets::store::Notice::Act),
+        "a notice within 5 s"
+    );
     cluster.kill(to);
     let ended = tokio::time::timeout(Duration::from_secs(5), async {
         while notes.next().await.is_some() {}
@@ -423,7 +431,7 @@ async fn sharded_notifications_arrive_and_end_when_the_slot_moves_or_its_primary
 }
 
 /// The next notice, `None` when the stream ended or none came within 5 s.
-async fn next(notes: &mut redbuckets::store::Notifications) -> Option<()> {
+async fn next(notes: &mut redbuckets::store::Notifications) -> Option<redbuckets::store::Notice> {
     tokio::time::timeout(Duration::from_secs(5), notes.next())
         .await
         .ok()

@@ -5,7 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use redbuckets::store::{Action, Channel, RegisterRequest, Registration, SessionRef};
+use redbuckets::store::{
+    Action, Channel, Notice, Notifications, RegisterRequest, Registration, SessionRef,
+};
 use redbuckets::{Error, GroupKey, MemoryStore, RedisOptions, RedisStore, Store};
 use redbuckets_testkit::RedisServer;
 
@@ -51,16 +53,74 @@ struct Probe<S> {
     group: GroupKey,
     buckets: u32,
     trace: Vec<String>,
+    /// Tokens of the grants in rebalance replies, in order.
     tokens: Vec<u64>,
+    /// Tokens of the grants in notices (`Notice::Granted`), as taken in.
+    pushed: Vec<u64>,
     held: BTreeMap<String, BTreeSet<u32>>,
+    /// Each member's wake-ups, from its first registration on.
+    wakes: BTreeMap<String, Notifications>,
 }
 
 impl<S: Store> Probe<S> {
+    fn new(store: S, group: GroupKey, buckets: u32) -> Self {
+        Probe {
+            store,
+            group,
+            buckets,
+            trace: Vec::new(),
+            tokens: Vec::new(),
+            pushed: Vec::new(),
+            held: BTreeMap::new(),
+            wakes: BTreeMap::new(),
+        }
+    }
+
+    /// Takes in the grants the store made session `s` in its notices until `s` knows of
+    /// `count` buckets (the store's count), as a member does when it hears them.
+    async fn catch_up(&mut self, s: &SessionRef, count: u32) {
+        loop {
+            let known = self.held.get(&s.member).map_or(0, BTreeSet::len);
+            if known >= count as usize {
+                return;
+            }
+            let wakes = self.wakes.get_mut(&s.member).expect("subscribed");
+            let notice = tokio::time::timeout(Duration::from_secs(5), wakes.next())
+                .await
+                .unwrap_or_else(|_| panic!("{} holds {count}, knows {known}", s.member))
+                .expect("subscription open");
+            if let Notice::Granted {
+                session,
+                token,
+                buckets,
+            } = notice
+            {
+                if session != s.session {
+                    continue;
+                }
+                self.pushed.push(token);
+                let held = self.held.entry(s.member.clone()).or_default();
+                for b in &buckets {
+                    assert!(held.insert(*b), "bucket {b} granted twice");
+                }
+                self.log(format!("granted {} {} by notice", s.member, buckets.len()));
+            }
+        }
+    }
+
     fn log(&mut self, line: String) {
         self.trace.push(line);
     }
 
     async fn register(&mut self, s: &SessionRef, weight: u32, replaces: Option<&str>) {
+        if !self.wakes.contains_key(&s.member) {
+            let wakes = self
+                .store
+                .subscribe(&self.group, Channel::Member(&s.member))
+                .await
+                .expect("subscribe");
+            self.wakes.insert(s.member.clone(), wakes);
+        }
         let mut req = request(s, weight, self.buckets);
         req.replaces = replaces.map(str::to_string);
         let reply = self
@@ -69,7 +129,7 @@ impl<S: Store> Probe<S> {
             .await
             .expect("register");
         let line = match &reply {
-            Registration::Registered { version } => format!("registered v{version}"),
+            Registration::Registered { version, .. } => format!("registered v{version}"),
             Registration::InUse { expires_in } => {
                 // Expiries are rounded up to the next ms.
                 assert!(
@@ -124,6 +184,13 @@ impl<S: Store> Probe<S> {
             .rebalance(&self.group, s, 3)
             .await
             .expect("rebalance");
+        if !matches!(reply.action, Action::SessionLost) {
+            let acquired = match &reply.action {
+                Action::Acquired { buckets, .. } => buckets.len() as u32,
+                _ => 0,
+            };
+            self.catch_up(s, reply.held - acquired).await;
+        }
         let (min, max) = reply.share;
         let tail = format!("share {min}..={max} v{} free {}", reply.version, reply.free);
         let what = match &reply.action {
@@ -209,6 +276,9 @@ impl<S: Store> Probe<S> {
             .expect("snapshot")
             .expect("group exists");
         assert_eq!(snap.owners.len(), self.buckets as usize);
+        for m in &snap.members {
+            self.catch_up(&session(&m.id, &m.session), m.held).await;
+        }
         let mut owned: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
         for (b, owner) in snap.owners.iter().enumerate() {
             if let Some(o) = owner {
@@ -243,14 +313,7 @@ impl<S: Store> Probe<S> {
 /// The conformance history: join, quarantine, converge, foreign releases, leave, replace,
 /// crash (expiry), and leave again.
 async fn history<S: Store>(store: S, group: GroupKey, weights: [u32; 3]) -> Probe<S> {
-    let mut p = Probe {
-        store,
-        group,
-        buckets: 10,
-        trace: Vec::new(),
-        tokens: Vec::new(),
-        held: BTreeMap::new(),
-    };
+    let mut p = Probe::new(store, group, 10);
     let (a, b, c) = (session("a", "a1"), session("b", "b1"), session("c c", "c1"));
     p.register(&a, weights[0], None).await;
     p.register(&b, weights[1], None).await;
@@ -341,10 +404,19 @@ async fn redis_store_behaves_like_memory_store() {
             memory.trace, redis.trace,
             "weights {weights:?}: MemoryStore and RedisStore disagree"
         );
-        assert_increasing(&memory.tokens);
-        assert_increasing(&redis.tokens);
+        for (tokens, pushed) in [
+            (&memory.tokens, &memory.pushed),
+            (&redis.tokens, &redis.pushed),
+        ] {
+            assert_increasing(tokens);
+            // A grant's token is used once, whichever way the member heard of it.
+            let mut all: Vec<u64> = tokens.iter().chain(pushed).copied().collect();
+            all.sort_unstable();
+            assert_increasing(&all);
+        }
         // Spot checks that the history did what it says.
         let trace = redis.trace.join("\n");
+        assert!(trace.contains("by notice"), "{trace}");
         assert!(trace.contains("rebalance a: wait"), "{trace}");
         assert!(trace.contains("foreign releases freed 0 and 0"), "{trace}");
         assert!(trace.contains("register a/a2: in use"), "{trace}");

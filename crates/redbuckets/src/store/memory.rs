@@ -14,8 +14,8 @@ use crate::config::PROTOCOL_VERSION;
 use crate::error::Error;
 use crate::share::{self, Load};
 use crate::store::{
-    Action, Channel, GroupKey, GroupSnapshot, HeartbeatReply, MemberInfo, Notifications, Owner,
-    RebalanceReply, RegisterRequest, Registration, SessionRef, Store,
+    Action, Channel, GroupKey, GroupSnapshot, HeartbeatReply, MemberInfo, Notice, Notifications,
+    Owner, RebalanceReply, RegisterRequest, Registration, SessionRef, Store,
 };
 
 /// An in-process store with the semantics of [`crate::RedisStore`]: for tests, simulations,
@@ -29,7 +29,7 @@ pub struct MemoryStore {
 struct Inner {
     groups: HashMap<GroupKey, GroupState>,
     /// Subscriptions: the group's channel (`None`) and each member's (`Some(id)`).
-    channels: HashMap<(GroupKey, Option<String>), broadcast::Sender<()>>,
+    channels: HashMap<(GroupKey, Option<String>), broadcast::Sender<Notice>>,
     /// Server clock: Unix µs at `epoch`, advanced by tokio's clock.
     base_us: u64,
     epoch: Instant,
@@ -115,11 +115,41 @@ impl GroupState {
             .unzip()
     }
 
-    /// After a change: the members that must act, to be woken (see the module docs of
-    /// `store`). `joined`: a member joined, so some may be above their new share; their lower
-    /// counts are committed here. Then, if buckets are free, the members to take them. Nobody
+    /// Grants up to `k` free buckets (the lowest) to member `id` under a new token. Returns
+    /// the token and the buckets. Mirrors `grant` in `common.lua`.
+    fn grant(&mut self, id: &str, k: u32, now_us: u64) -> (u64, Vec<u32>) {
+        let token = now_us.max(self.last_token + 1);
+        self.last_token = token;
+        let mut taken = Vec::with_capacity(k as usize);
+        for _ in 0..k {
+            let Some(b) = self.free.pop_first() else {
+                break;
+            };
+            self.owners[b as usize] = Some((id.to_string(), token));
+            taken.push(b);
+        }
+        if let Some(m) = self.members.get_mut(id) {
+            m.held.extend(taken.iter().copied());
+            m.committed += u32::try_from(taken.len()).unwrap_or(0);
+        }
+        (token, taken)
+    }
+
+    /// After a change: the members that must act, and what each is told (see the module docs
+    /// of `store`). `joined`: a member joined, so some may be above their new share; their
+    /// lower counts are committed here, and they are woken ([`Notice::Act`]). Then, if buckets
+    /// are free, the members to take them ([`share::takers`]), in that order, are each granted
+    /// what [`share::step`] lets them take now, and told the grant ([`Notice::Granted`]):
+    /// a freed bucket gets its next owner without a call of its own. `caller`, the member whose
+    /// call this is, is woken instead of granted: it is in the middle of its call. Nobody
     /// during the quarantine. Mirrors `settle` in `common.lua`.
-    fn settle(&mut self, now: Instant, joined: bool) -> Vec<String> {
+    fn settle(
+        &mut self,
+        now: Instant,
+        now_us: u64,
+        joined: bool,
+        caller: &str,
+    ) -> Vec<(String, Notice)> {
         if now < self.grant_after {
             return Vec::new();
         }
@@ -137,16 +167,46 @@ impl GroupState {
                 woken.push(id);
             }
         }
+        let mut takers: Vec<String> = Vec::new();
         let free = u32::try_from(self.free.len()).unwrap_or(u32::MAX);
         if free > 0 {
             let (ids, loads) = self.loads();
             for i in share::takers(self.buckets, &loads, free) {
-                if !woken.contains(ids[i]) {
-                    woken.push(ids[i].clone());
+                let id = ids[i];
+                if woken.contains(id) || takers.contains(id) {
+                    continue;
+                }
+                if id == caller {
+                    woken.push(id.clone());
+                } else {
+                    takers.push(id.clone());
                 }
             }
         }
-        woken
+        let mut told: Vec<(String, Notice)> =
+            woken.into_iter().map(|id| (id, Notice::Act)).collect();
+        for id in takers {
+            let (ids, loads) = self.loads();
+            let Some(me) = ids.iter().position(|m| **m == id) else {
+                continue;
+            };
+            let free = u32::try_from(self.free.len()).unwrap_or(u32::MAX);
+            if let share::Step::Take(k) = share::step(self.buckets, &loads, me, free) {
+                let (token, buckets) = self.grant(&id, k, now_us);
+                let session = self.members.get(&id).map(|m| m.session.clone());
+                if let (false, Some(session)) = (buckets.is_empty(), session) {
+                    told.push((
+                        id,
+                        Notice::Granted {
+                            session,
+                            token,
+                            buckets,
+                        },
+                    ));
+                }
+            }
+        }
+        told
     }
 
     /// The sessions `member` watches for expiry: the next two members after it in id order,
@@ -193,7 +253,7 @@ impl MemoryStore {
         let mut inner = self.lock();
         inner.groups.clear();
         for tx in inner.channels.values() {
-            let _ = tx.send(());
+            let _ = tx.send(Notice::Act);
         }
     }
 
@@ -248,15 +308,15 @@ impl Inner {
     }
 
     /// A change of `group`: a notice on its channel, and a wake-up for each of `woken`.
-    fn notify(&mut self, group: &GroupKey, woken: &[String]) {
+    fn notify(&mut self, group: &GroupKey, woken: &[(String, Notice)]) {
         let mut key = (group.clone(), None);
         if let Some(tx) = self.channels.get(&key) {
-            let _ = tx.send(());
+            let _ = tx.send(Notice::Act);
         }
-        for member in woken {
+        for (member, notice) in woken {
             key.1 = Some(member.clone());
             if let Some(tx) = self.channels.get(&key) {
-                let _ = tx.send(());
+                let _ = tx.send(notice.clone());
             }
         }
     }
@@ -270,6 +330,7 @@ impl Store for MemoryStore {
     ) -> Result<Registration, Error> {
         let now = Instant::now();
         let mut inner = self.lock();
+        let now_us = inner.now_us(now);
         let state = inner
             .groups
             .entry(group.clone())
@@ -299,6 +360,7 @@ impl Store for MemoryStore {
                 existing.expires = now + req.ttl;
                 Some(Registration::Registered {
                     version: state.version,
+                    token: state.last_token,
                 })
             } else if req.replaces.as_deref() != Some(existing.session.as_str()) {
                 Some(Registration::InUse {
@@ -307,9 +369,13 @@ impl Store for MemoryStore {
             } else {
                 None
             };
-            if let Some(outcome) = early {
+            if let Some(mut outcome) = early {
                 if purged {
-                    let woken = state.settle(now, false);
+                    let woken = state.settle(now, now_us, false, id);
+                    // The token after the grants the purge made, as register.lua reads it.
+                    if let Registration::Registered { token, .. } = &mut outcome {
+                        *token = state.last_token;
+                    }
                     inner.notify(group, &woken);
                 }
                 return Ok(outcome);
@@ -329,9 +395,10 @@ impl Store for MemoryStore {
         );
         state.version += 1;
         let version = state.version;
-        let woken = state.settle(now, true);
+        let woken = state.settle(now, now_us, true, &req.session.member);
+        let token = state.last_token;
         inner.notify(group, &woken);
-        Ok(Registration::Registered { version })
+        Ok(Registration::Registered { version, token })
     }
 
     async fn heartbeat(
@@ -343,6 +410,7 @@ impl Store for MemoryStore {
     ) -> Result<HeartbeatReply, Error> {
         let now = Instant::now();
         let mut inner = self.lock();
+        let now_us = inner.now_us(now);
         let Some(state) = inner.groups.get_mut(group) else {
             return Ok(HeartbeatReply {
                 alive: false,
@@ -355,7 +423,7 @@ impl Store for MemoryStore {
         };
         let purged = state.purge(now);
         let woken = if purged {
-            state.settle(now, false)
+            state.settle(now, now_us, false, &session.member)
         } else {
             Vec::new()
         };
@@ -408,7 +476,7 @@ impl Store for MemoryStore {
         };
         let purged = state.purge(now);
         let woken = if purged {
-            state.settle(now, false)
+            state.settle(now, now_us, false, &session.member)
         } else {
             Vec::new()
         };
@@ -446,25 +514,9 @@ impl Store for MemoryStore {
                     Action::Release(k)
                 }
                 share::Step::Take(k) => {
-                    let k = k.min(max_take.max(1));
-                    let token = now_us.max(state.last_token + 1);
-                    state.last_token = token;
-                    let mut taken = Vec::with_capacity(k as usize);
-                    for _ in 0..k {
-                        let Some(b) = state.free.pop_first() else {
-                            break;
-                        };
-                        state.owners[b as usize] = Some((session.member.clone(), token));
-                        taken.push(b);
-                    }
-                    if let Some(m) = state.members.get_mut(&session.member) {
-                        m.held.extend(taken.iter().copied());
-                        m.committed += u32::try_from(taken.len()).unwrap_or(0);
-                    }
-                    Action::Acquired {
-                        buckets: taken,
-                        token,
-                    }
+                    let (token, buckets) =
+                        state.grant(&session.member, k.min(max_take.max(1)), now_us);
+                    Action::Acquired { buckets, token }
                 }
             }
         };
@@ -492,6 +544,8 @@ impl Store for MemoryStore {
         buckets: &[u32],
     ) -> Result<u32, Error> {
         let mut inner = self.lock();
+        let now = Instant::now();
+        let now_us = inner.now_us(now);
         let Some(state) = inner.groups.get_mut(group) else {
             return Ok(0);
         };
@@ -515,7 +569,7 @@ impl Store for MemoryStore {
             state.free.insert(b);
         }
         if !freed.is_empty() {
-            let woken = state.settle(Instant::now(), false);
+            let woken = state.settle(now, now_us, false, &session.member);
             inner.notify(group, &woken);
         }
         Ok(u32::try_from(freed.len()).unwrap_or(u32::MAX))
@@ -528,6 +582,8 @@ impl Store for MemoryStore {
         buckets: &[u32],
     ) -> Result<u32, Error> {
         let mut inner = self.lock();
+        let now = Instant::now();
+        let now_us = inner.now_us(now);
         let Some(state) = inner.groups.get_mut(group) else {
             return Ok(0);
         };
@@ -541,13 +597,15 @@ impl Store for MemoryStore {
         let mut held = m.held.clone();
         let freed = buckets.iter().filter(|b| held.remove(b)).count();
         state.remove_member(&session.member);
-        let woken = state.settle(Instant::now(), false);
+        let woken = state.settle(now, now_us, false, &session.member);
         inner.notify(group, &woken);
         Ok(u32::try_from(freed).unwrap_or(u32::MAX))
     }
 
     async fn deregister(&self, group: &GroupKey, session: &SessionRef) -> Result<(), Error> {
         let mut inner = self.lock();
+        let now = Instant::now();
+        let now_us = inner.now_us(now);
         let Some(state) = inner.groups.get_mut(group) else {
             return Ok(());
         };
@@ -556,7 +614,7 @@ impl Store for MemoryStore {
             .get(&session.member)
             .is_some_and(|m| m.session == session.session);
         if ours && state.remove_member(&session.member) {
-            let woken = state.settle(Instant::now(), false);
+            let woken = state.settle(now, now_us, false, &session.member);
             inner.notify(group, &woken);
         }
         Ok(())
@@ -632,7 +690,9 @@ impl Store for MemoryStore {
             rx,
             |mut rx| async move {
                 match rx.recv().await {
-                    Ok(()) | Err(broadcast::error::RecvError::Lagged(_)) => Some(((), rx)),
+                    Ok(notice) => Some((notice, rx)),
+                    // Notices were lost: a grant among them is found by the member's checks.
+                    Err(broadcast::error::RecvError::Lagged(_)) => Some((Notice::Act, rx)),
                     Err(broadcast::error::RecvError::Closed) => None,
                 }
             },
@@ -648,7 +708,7 @@ mod tests {
     /// Notices queued on `n` right now.
     fn drain(n: &mut Notifications) -> usize {
         let mut count = 0;
-        while let Some(Some(())) = n.next().now_or_never() {
+        while let Some(Some(_)) = n.next().now_or_never() {
             count += 1;
         }
         count

@@ -21,10 +21,13 @@
 //!   act get a wake-up on their own channel ([`Channel::Member`]), nobody else: after a join, the
 //!   members above their new share (the store commits their lower counts at once, see
 //!   [`crate::share::givers`]); after buckets were freed, enough members below their share to
-//!   take them all ([`crate::share::takers`]). During the quarantine of a new group nobody is
-//!   woken. So a change costs work in proportion to the members that give or take, not to the
-//!   group's size (C1b). A member that misses its wake-up learns at its next heartbeat
-//!   ([`HeartbeatReply`] carries its counts and the free count).
+//!   take them all ([`crate::share::takers`]), which the store grants them right there, each
+//!   what [`crate::share::step`] lets it take, and tells them so ([`Notice::Granted`]): a freed
+//!   bucket has its next owner one notice after the call that freed it, with no call of the
+//!   taker's own. During the quarantine of a new group nobody is woken. So a change costs work
+//!   in proportion to the members that give or take, not to the group's size (C1b). A member
+//!   that misses its wake-up or its grant learns at its next heartbeat ([`HeartbeatReply`]
+//!   carries its counts and the free count).
 
 pub(crate) mod memory;
 pub(crate) mod protocol;
@@ -112,6 +115,11 @@ pub enum Registration {
     Registered {
         /// Membership version after the join.
         version: u64,
+        /// The group's last fencing token at this registration: every grant to this session
+        /// comes later, with a higher token. A grant notice at or below it was for an earlier
+        /// session under the same nonce (a registration that ran unheard, expired, and was
+        /// made again), and must not be applied.
+        token: u64,
     },
     /// Another live session holds this member id; it expires in `expires_in` unless renewed.
     InUse {
@@ -271,22 +279,44 @@ impl GroupSnapshot {
     }
 }
 
-/// A stream of "something changed in the group" notices. When it ends, the subscription broke
-/// and notices may have been missed: the member resynchronises and subscribes again.
+/// A notice on a subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// Something changed: on the group's channel, anything; on a member's, that it must act
+    /// (rebalance).
+    Act,
+    /// On a member's channel: the store granted `buckets` to its session `session` under
+    /// fencing token `token`, as a rebalance step would have (the member had room, and the
+    /// buckets were freed). The member owns them from the moment it hears this, if `session` is
+    /// its live session and `token` is above every token it has seen: a notice can come late
+    /// or twice, after the member released those buckets. A lost one is found by the member's
+    /// checks (the store's held count differs), and costs a resync.
+    Granted {
+        /// The session the buckets were granted to.
+        session: String,
+        /// The grant's fencing token.
+        token: u64,
+        /// The buckets.
+        buckets: Vec<u32>,
+    },
+}
+
+/// A stream of notices ([`Notice`]). When it ends, the subscription broke and notices may have
+/// been missed: the member resynchronises and subscribes again.
 pub struct Notifications {
-    inner: Pin<Box<dyn Stream<Item = ()> + Send>>,
+    inner: Pin<Box<dyn Stream<Item = Notice> + Send>>,
 }
 
 impl Notifications {
     /// Wraps any stream of notices.
-    pub fn new(stream: impl Stream<Item = ()> + Send + 'static) -> Self {
+    pub fn new(stream: impl Stream<Item = Notice> + Send + 'static) -> Self {
         Notifications {
             inner: Box::pin(stream),
         }
     }
 
     /// The next notice, or `None` when the subscription ended.
-    pub async fn next(&mut self) -> Option<()> {
+    pub async fn next(&mut self) -> Option<Notice> {
         self.inner.next().await
     }
 }

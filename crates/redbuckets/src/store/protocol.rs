@@ -31,7 +31,7 @@ use ::redis::Value;
 use crate::config::MAX_BUCKETS;
 use crate::error::Error;
 use crate::store::{
-    Action, GroupKey, GroupSnapshot, HeartbeatReply, MemberInfo, Owner, RebalanceReply,
+    Action, GroupKey, GroupSnapshot, HeartbeatReply, MemberInfo, Notice, Owner, RebalanceReply,
 };
 
 /// The suffixes of the keys every script gets as `KEYS`, in order: `<tag>:<suffix>`.
@@ -77,8 +77,8 @@ impl ReplyError {
 /// configured values they are compared with are known.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum RegisterReply {
-    /// The session is live at this membership version.
-    Registered { version: u64 },
+    /// The session is live at this membership version; the group's last token.
+    Registered { version: u64, token: u64 },
     /// Another live session holds the member id.
     InUse { expires_in: Duration },
     /// The group exists with another bucket count or protocol.
@@ -210,6 +210,7 @@ pub(crate) fn register(reply: &Value) -> Result<RegisterReply, ReplyError> {
     match f.text(0, "kind")?.as_str() {
         "registered" => Ok(RegisterReply::Registered {
             version: f.u64(1, "version")?,
+            token: f.u64(2, "token")?,
         }),
         "inuse" => Ok(RegisterReply::InUse {
             expires_in: Duration::from_millis(f.u64(1, "expires_in")?),
@@ -417,6 +418,30 @@ fn parse_owner(record: &str) -> Option<Owner> {
     })
 }
 
+/// Decodes a notice on a member's channel: `act`, or `grant <nonce> <token> <bucket>...`
+/// (common.lua `settle`). Anything else, from a foreign publisher or a newer version, counts as
+/// `act`: the member then calls the store, whose replies settle whatever the notice meant.
+pub(crate) fn notice(payload: &[u8]) -> Notice {
+    let granted = || {
+        let text = std::str::from_utf8(payload).ok()?;
+        let mut words = text.split(' ');
+        if words.next()? != "grant" {
+            return None;
+        }
+        let session = words.next()?.to_string();
+        let token = words.next()?.parse().ok()?;
+        let buckets = words
+            .map(|w| w.parse::<u32>().ok().filter(|b| *b < MAX_BUCKETS))
+            .collect::<Option<Vec<u32>>>()?;
+        (!session.is_empty() && !buckets.is_empty()).then_some(Notice::Granted {
+            session,
+            token,
+            buckets,
+        })
+    };
+    granted().unwrap_or(Notice::Act)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -466,8 +491,11 @@ mod tests {
     #[test]
     fn register_replies() {
         assert_eq!(
-            register(&a(vec![s("registered"), s("7")])),
-            Ok(RegisterReply::Registered { version: 7 })
+            register(&a(vec![s("registered"), s("7"), s("1700000000000000")])),
+            Ok(RegisterReply::Registered {
+                version: 7,
+                token: 1_700_000_000_000_000
+            })
         );
         assert_eq!(
             register(&a(vec![s("inuse"), s("1500")])),
@@ -507,6 +535,31 @@ mod tests {
         ] {
             let m = message(register(&bad));
             assert!(m.contains("register script") && m.contains(needle), "{m}");
+        }
+    }
+
+    #[test]
+    fn notices() {
+        assert_eq!(notice(b"act"), Notice::Act);
+        assert_eq!(
+            notice(b"grant 9f2c 1700000000000001 5 17 3"),
+            Notice::Granted {
+                session: "9f2c".into(),
+                token: 1_700_000_000_000_001,
+                buckets: vec![5, 17, 3],
+            }
+        );
+        for odd in [
+            &b"grant"[..],
+            b"grant n 12",
+            b"grant n x 1",
+            b"grant n 12 1 y",
+            b"grant n 12 70000",
+            b"grant  12 1",
+            b"\xff\xfe",
+            b"",
+        ] {
+            assert_eq!(notice(odd), Notice::Act, "{odd:?}");
         }
     }
 

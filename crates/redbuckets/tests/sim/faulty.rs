@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use redbuckets::store::{Action, Channel, GroupKey, HeartbeatReply, Notifications};
+use redbuckets::store::{Action, Channel, GroupKey, HeartbeatReply, Notice, Notifications};
 use redbuckets::{Error, MemoryStore, Store};
 use redbuckets_testkit::{Call, Intercept, Intercepted, Reply};
 use tokio::sync::{oneshot, watch};
@@ -295,6 +295,14 @@ impl Link {
         }
     }
 
+    /// How much later a repeated notice arrives than the first: up to the profile's largest
+    /// delay, or half a second when it has none (several heartbeats of the simulation).
+    fn repeat_delay(&self) -> Duration {
+        let mut ctl = self.ctl();
+        let most = ctl.profile.max_delay.max(Duration::from_millis(500));
+        ctl.rng.gen_range(Duration::ZERO..=most)
+    }
+
     /// What happens to one notice: lost (`None`), or delivered once or twice after a delay.
     fn notice_fate(&self) -> Option<(u32, Duration)> {
         let mut ctl = self.ctl();
@@ -336,27 +344,42 @@ impl Link {
         let mut breaks = self.breaks.subscribe();
         breaks.borrow_and_update();
         let link = self.clone();
+        // Notices in flight, each with the time it arrives: a late one may arrive after later
+        // ones, and a repeat arrives after the first, possibly after the member acted on it
+        // (a grant it released since must not come back).
+        let queue: Vec<(Instant, Notice)> = Vec::new();
         Ok(Reply::Subscribe(Notifications::new(
             futures_util::stream::unfold(
-                (inner, breaks, link, 0u32),
-                |(mut inner, mut breaks, link, again)| async move {
-                    if again > 0 {
-                        return Some(((), (inner, breaks, link, again - 1)));
-                    }
+                (inner, breaks, link, queue),
+                |(mut inner, mut breaks, link, mut queue)| async move {
                     loop {
+                        // The earliest first; among equals, the first sent.
+                        let first = (0..queue.len()).min_by_key(|&i| queue[i].0);
+                        if let Some(i) = first.filter(|&i| queue[i].0 <= Instant::now()) {
+                            let (_, notice) = queue.remove(i);
+                            return Some((notice, (inner, breaks, link, queue)));
+                        }
+                        let due = first.map(|i| queue[i].0);
                         tokio::select! {
                             biased;
                             _ = breaks.changed() => return None,
                             notice = inner.next() => {
-                                notice?;
+                                let notice = notice?;
                                 let Some((times, late)) = link.notice_fate() else {
                                     continue;
                                 };
-                                if !late.is_zero() {
-                                    tokio::time::sleep(late).await;
+                                let at = Instant::now() + late;
+                                queue.push((at, notice.clone()));
+                                if times > 1 {
+                                    queue.push((at + link.repeat_delay(), notice));
                                 }
-                                return Some(((), (inner, breaks, link, times - 1)));
                             }
+                            () = async {
+                                match due {
+                                    Some(at) => tokio::time::sleep_until(at).await,
+                                    None => std::future::pending().await,
+                                }
+                            } => {}
                         }
                     }
                 },

@@ -446,6 +446,44 @@ local function count_above(groups)
   return above
 end
 
+-- The live members grouped by weight, with how many of each weight hold more than their base
+-- share, as share_rule takes them: one ZCOUNT per distinct weight.
+local function rule_groups(B)
+  local groups = {}
+  for _, g in ipairs(weight_groups(B)) do
+    local above = redis.call('ZCOUNT', count_key(g.text), '(' .. fmt(g.base), '+inf')
+    groups[#groups + 1] = { g.w, g.n, above }
+  end
+  return groups
+end
+
+-- Grants up to k free buckets to `member` (weight `w` as stored, committed count `mine`) under a
+-- new token (memory.rs `GroupState::grant`). Returns the token and the bucket ids granted.
+local function grant(meta, member, w, mine, k, now)
+  local token = math.max(now, meta.token + 1)
+  meta.token = token
+  redis.call('HSET', K_META, 'token', fmt(token))
+  local popped = redis.call('SPOP', K_FREE, k)
+  local record = fmt(token) .. ' ' .. member
+  local taken, pairs_ = {}, {}
+  for i = 1, #popped, BATCH do
+    local chunk = { unpack(popped, i, math.min(i + BATCH - 1, #popped)) }
+    local owners = redis.call('HMGET', K_OWNER, unpack(chunk))
+    for j, b in ipairs(chunk) do
+      -- Garbage or already-owned ids in the free set (foreign edits) are dropped, not granted.
+      if not owners[j] and string.match(b, '^%d+$') and #b <= 6 and tonumber(b) < meta.buckets then
+        taken[#taken + 1] = b
+        pairs_[#pairs_ + 1] = b
+        pairs_[#pairs_ + 1] = record
+      end
+    end
+  end
+  batched('HSET', K_OWNER, pairs_)
+  batched('SADD', held_key(member), taken)
+  redis.call('ZADD', count_key(w), fmt(mine + #taken), member)
+  return token, taken
+end
+
 -- After a change, wakes the members that must act, and nobody else (memory.rs `settle`,
 -- share.rs `givers` and `takers`): a change costs work in proportion to the members that give
 -- or take, not to the group's size. Nobody during the quarantine.
@@ -454,16 +492,24 @@ end
 -- hold one above their base than the remainder allows, the first at base + 1 in id order come
 -- down to base. Then, if buckets are free, members below their base (fewest first) until their
 -- room covers the free count, then members at their base while the remainder has room.
-local function settle(meta, now, joined)
+-- Those takers are not woken to call: each is granted, in that order, what the share rule lets
+-- it take now, and its notice carries the grant ('grant <nonce> <token> <bucket>...'), so a
+-- freed bucket has its next owner one round trip sooner. `caller`, the member whose call this
+-- is, is woken ('act') instead: it is in the middle of its own call.
+local function settle(meta, now, joined, caller)
   if now < meta.grant_after then
     return
   end
   local groups, remainder = weight_groups(meta.buckets)
-  local woken, seen = {}, {}
-  local function add(m)
+  local woken, seen, takers = {}, {}, {}
+  local function add(m, taker)
     if not seen[m] then
       seen[m] = true
-      woken[#woken + 1] = m
+      if taker and m ~= caller then
+        takers[#takers + 1] = m
+      else
+        woken[#woken + 1] = m
+      end
     end
   end
   if joined then
@@ -498,7 +544,7 @@ local function settle(meta, now, joined)
       local below = redis.call('ZRANGEBYSCORE', count_key(g.text), '-inf', '(' .. fmt(g.base),
         'WITHSCORES', 'LIMIT', 0, need)
       for i = 1, #below, 2 do
-        add(below[i])
+        add(below[i], true)
         need = need - (g.base - (tonumber(below[i + 1]) or 0))
         if need <= 0 then
           break
@@ -513,7 +559,7 @@ local function settle(meta, now, joined)
       local at = redis.call('ZRANGEBYSCORE', count_key(g.text), base, base, 'LIMIT', 0,
         math.min(need, extras))
       for _, m in ipairs(at) do
-        add(m)
+        add(m, true)
         need = need - 1
         extras = extras - 1
       end
@@ -521,6 +567,19 @@ local function settle(meta, now, joined)
   end
   for _, m in ipairs(woken) do
     redis.call(PUBLISH, TAG .. ':wake:' .. m, 'act')
+  end
+  for _, m in ipairs(takers) do
+    local w = redis.call('HGET', K_WEIGHT, m)
+    local mine = committed(m, w)
+    local kind, count = share_rule(meta.buckets, rule_groups(meta.buckets), tonumber(w), mine,
+      redis.call('SCARD', K_FREE))
+    if kind == 'take' then
+      local token, taken = grant(meta, m, w, mine, count, now)
+      if #taken > 0 then
+        redis.call(PUBLISH, TAG .. ':wake:' .. m, 'grant ' .. redis.call('HGET', K_SESS, m) .. ' '
+          .. fmt(token) .. ' ' .. table.concat(taken, ' '))
+      end
+    end
   end
 end
 

@@ -8,5 +8,5 @@ if not meta then
 end
 remove_member(meta, member)
 publish()
-settle(meta, server_now_us(), false)
+settle(meta, server_now_us(), false, member)
 return 1

@@ -20,7 +20,7 @@ local now_ms = idiv(now, 1000)
 local purged = purge(meta, now_ms, HEARTBEAT_PURGE)
 if purged > 0 then
   publish()
-  settle(meta, now, false)
+  settle(meta, now, false, member)
 end
 local alive, mine, held = 0, 0, 0
 if live(member, nonce, now_ms) then

@@ -29,5 +29,5 @@ end
 -- Frees every bucket of the held set, checking each owner record as release does.
 remove_member(meta, member)
 publish()
-settle(meta, server_now_us(), false)
+settle(meta, server_now_us(), false, member)
 return released

@@ -17,7 +17,7 @@ local now_ms = idiv(now, 1000)
 local purged = purge(meta, now_ms) > 0
 if purged then
   publish()
-  settle(meta, now, false)
+  settle(meta, now, false, member)
 end
 if not live(member, nonce, now_ms) then
   return { 'lost' }
@@ -30,11 +30,7 @@ local mine = committed(member, my_w)
 
 -- The live members grouped by weight, with how many of each weight hold more than their base
 -- share: one ZCOUNT per distinct weight (d = 1 in the common equal-weight case).
-local groups = {}
-for _, g in ipairs(weight_groups(B)) do
-  local above = redis.call('ZCOUNT', count_key(g.text), '(' .. fmt(g.base), '+inf')
-  groups[#groups + 1] = { g.w, g.n, above }
-end
+local groups = rule_groups(B)
 local free = redis.call('SCARD', K_FREE)
 local kind, count, base, share_max = share_rule(B, groups, tonumber(my_w), mine, free)
 
@@ -54,27 +50,7 @@ if kind == 'release' then
 end
 
 if kind == 'take' then
-  local k = math.min(count, math.max(max_take, 1))
-  local token = math.max(now, meta.token + 1)
-  redis.call('HSET', K_META, 'token', fmt(token))
-  local popped = redis.call('SPOP', K_FREE, k)
-  local record = fmt(token) .. ' ' .. member
-  local taken, pairs_ = {}, {}
-  for i = 1, #popped, BATCH do
-    local chunk = { unpack(popped, i, math.min(i + BATCH - 1, #popped)) }
-    local owners = redis.call('HMGET', K_OWNER, unpack(chunk))
-    for j, b in ipairs(chunk) do
-      -- Garbage or already-owned ids in the free set (foreign edits) are dropped, not granted.
-      if not owners[j] and string.match(b, '^%d+$') and #b <= 6 and tonumber(b) < B then
-        taken[#taken + 1] = b
-        pairs_[#pairs_ + 1] = b
-        pairs_[#pairs_ + 1] = record
-      end
-    end
-  end
-  batched('HSET', K_OWNER, pairs_)
-  batched('SADD', held_key(member), taken)
-  redis.call('ZADD', count_k, fmt(mine + #taken), member)
+  local token, taken = grant(meta, member, my_w, mine, math.min(count, math.max(max_take, 1)), now)
   local granted = reply('acquired', fmt(token), redis.call('SCARD', K_FREE), mine + #taken)
   for _, b in ipairs(taken) do
     granted[#granted + 1] = b

@@ -1,6 +1,6 @@
 -- register: ARGV[2] member, [3] nonce, [4] weight, [5] buckets, [6] ttl µs,
 -- [7] '1' if [8] is a session this registration may replace, [9] protocol.
--- Returns {'registered', ver} | {'inuse', expires_in_ms} | {'mismatch', buckets, protocol}
+-- Returns {'registered', ver, token (the group's last)} | {'inuse', expires_in_ms} | {'mismatch', buckets, protocol}
 -- | {'ttl', group_ttl_us} (the group exists with another session ttl).
 local member, nonce = ARGV[2], ARGV[3]
 local weight = uint(ARGV[4], 'weight argument')
@@ -62,14 +62,14 @@ if existing then
     redis.call('ZADD', K_EXP, fmt(exp_ms), member)
     if changed then
       publish()
-      settle(meta, now, false)
+      settle(meta, now, false, member)
     end
-    return { 'registered', fmt(meta.ver) }
+    return { 'registered', fmt(meta.ver), fmt(meta.token) }
   end
   if alive and existing ~= replaces then
     if changed then
       publish()
-      settle(meta, now, false)
+      settle(meta, now, false, member)
     end
     return { 'inuse', fmt(e - now_ms) }
   end
@@ -101,5 +101,5 @@ redis.call('ZADD', count_key(w), '0', member)
 bump(meta)
 publish()
 -- Members above their new share are committed to release and woken; free buckets find takers.
-settle(meta, now, true)
-return { 'registered', fmt(meta.ver) }
+settle(meta, now, true, member)
+return { 'registered', fmt(meta.ver), fmt(meta.token) }

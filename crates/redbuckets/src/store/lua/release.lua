@@ -23,5 +23,5 @@ if w and committed(member, w) > held then
   redis.call('ZADD', count_key(w), fmt(held), member)
 end
 publish()
-settle(meta, server_now_us(), false)
+settle(meta, server_now_us(), false, member)
 return #released

@@ -34,6 +34,8 @@ use super::errors::{connect_error, probe_protocol, scrub};
 use super::url::{check_url, url_reason};
 use super::RedisOptions;
 use crate::error::Error;
+use crate::store::protocol;
+use crate::store::Notice;
 
 /// The oldest Redis a cluster store runs on: sharded pub/sub and functions came with 7.0.
 const MIN_VERSION: (u32, u32) = (7, 0);
@@ -440,7 +442,7 @@ impl Cluster {
     pub(super) async fn subscribe(
         self: &Arc<Self>,
         channel: &str,
-    ) -> RedisResult<impl Stream<Item = ()> + Send + 'static> {
+    ) -> RedisResult<impl Stream<Item = Notice> + Send + 'static> {
         let slot = key_slot(channel);
         let Some(addr) = self.owner(slot) else {
             self.refresh_later();
@@ -490,7 +492,14 @@ impl Cluster {
             .filter_map(move |push| {
                 // Keeps the connection open as long as the stream lives.
                 let _ = &con;
-                std::future::ready((push.kind == PushKind::SMessage).then_some(()))
+                let notice = match (&push.kind, push.data.get(1)) {
+                    (PushKind::SMessage, Some(Value::BulkString(payload))) => {
+                        Some(protocol::notice(payload))
+                    }
+                    (PushKind::SMessage, _) => Some(Notice::Act),
+                    _ => None,
+                };
+                std::future::ready(notice)
             });
         Ok(stream)
     }

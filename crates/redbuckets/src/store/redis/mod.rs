@@ -609,7 +609,9 @@ impl Store for RedisStore {
             .run(group, "register", ScriptId::Register, &args)
             .await?;
         match protocol::register(&reply).map_err(|e| e.into_error(group))? {
-            RegisterReply::Registered { version } => Ok(Registration::Registered { version }),
+            RegisterReply::Registered { version, token } => {
+                Ok(Registration::Registered { version, token })
+            }
             RegisterReply::InUse { expires_in } => Ok(Registration::InUse { expires_in }),
             RegisterReply::Ttl { stored } => Err(Error::TtlMismatch {
                 group: group.name.clone(),
@@ -761,9 +763,12 @@ impl Store for RedisStore {
             })?;
         // The stream ends when the connection drops, or when the store moves to another server;
         // the member then resynchronises and subscribes again.
-        let stream = pubsub.into_on_message().map(|_| ()).take_until(async move {
-            let _ = moved.changed().await;
-        });
+        let stream = pubsub
+            .into_on_message()
+            .map(|msg| protocol::notice(msg.get_payload_bytes()))
+            .take_until(async move {
+                let _ = moved.changed().await;
+            });
         Ok(Notifications::new(stream))
     }
 }
