@@ -115,6 +115,15 @@ fn seeds_shard_3() {
     run_seeds(&seeds(3));
 }
 
+/// Seeds the soak found failing while protocol 3 (grants in the notices) was built: two owners
+/// of a bucket, from a grant notice for an earlier session under the same nonce (a registration
+/// that ran unheard, then expired or was lost with the store's data, and was made again),
+/// applied by the session made again. The registration's token floor rejects them now.
+#[test]
+fn seeds_that_found_bugs() {
+    run_seeds(&[1_013_545, 1_016_431, 1_041_028, 1_049_182, 1_052_547]);
+}
+
 /// The same seed gives the same run: every event, time, token and action.
 #[test]
 fn a_seed_replays_exactly() {

@@ -115,6 +115,16 @@ impl GroupState {
             .unzip()
     }
 
+    /// What a registration tells the member about tokens (`Registration::Registered::token`):
+    /// every grant to the session comes later with a higher token, and every grant to an
+    /// earlier session under its nonce came before with one not higher. The group's last token,
+    /// or the server's now - 1 µs if later: tokens follow the server's clock (`grant`), and a
+    /// group re-created after a data loss starts again from 0, where grants to the sessions
+    /// it lost had tokens of their time. Mirrors register.lua.
+    fn token_floor(&self, now_us: u64) -> u64 {
+        self.last_token.max(now_us.saturating_sub(1))
+    }
+
     /// Grants up to `k` free buckets (the lowest) to member `id` under a new token. Returns
     /// the token and the buckets. Mirrors `grant` in `common.lua`.
     fn grant(&mut self, id: &str, k: u32, now_us: u64) -> (u64, Vec<u32>) {
@@ -360,7 +370,7 @@ impl Store for MemoryStore {
                 existing.expires = now + req.ttl;
                 Some(Registration::Registered {
                     version: state.version,
-                    token: state.last_token,
+                    token: state.token_floor(now_us),
                 })
             } else if req.replaces.as_deref() != Some(existing.session.as_str()) {
                 Some(Registration::InUse {
@@ -374,7 +384,7 @@ impl Store for MemoryStore {
                     let woken = state.settle(now, now_us, false, id);
                     // The token after the grants the purge made, as register.lua reads it.
                     if let Registration::Registered { token, .. } = &mut outcome {
-                        *token = state.last_token;
+                        *token = state.token_floor(now_us);
                     }
                     inner.notify(group, &woken);
                 }
@@ -396,7 +406,7 @@ impl Store for MemoryStore {
         state.version += 1;
         let version = state.version;
         let woken = state.settle(now, now_us, true, &req.session.member);
-        let token = state.last_token;
+        let token = state.token_floor(now_us);
         inner.notify(group, &woken);
         Ok(Registration::Registered { version, token })
     }

@@ -115,10 +115,12 @@ pub enum Registration {
     Registered {
         /// Membership version after the join.
         version: u64,
-        /// The group's last fencing token at this registration: every grant to this session
-        /// comes later, with a higher token. A grant notice at or below it was for an earlier
-        /// session under the same nonce (a registration that ran unheard, expired, and was
-        /// made again), and must not be applied.
+        /// A floor for this session's grant tokens: every grant to this session comes later,
+        /// with a higher token, and every grant to an earlier session under the same nonce (a
+        /// registration that ran unheard, then expired or was lost with the store's data, and
+        /// was made again) had one not higher. The group's last token, or the store's clock
+        /// (µs) less one if later (tokens follow the store's clock). A grant notice at or below
+        /// it must not be applied.
         token: u64,
     },
     /// Another live session holds this member id; it expires in `expires_in` unless renewed.
