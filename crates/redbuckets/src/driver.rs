@@ -31,6 +31,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -50,6 +51,9 @@ use crate::store::{
 /// fleet started together does not renew in bursts of n calls for as long as it runs, and
 /// still renews once per interval on average.
 const RENEW_JITTER: f64 = 0.1;
+/// The longest a member waits for a grant notice that a reply's counts show is on its way,
+/// before it reads the group's owner records instead (a tenth of the heartbeat if shorter).
+const GRANT_NOTICE_WAIT: Duration = Duration::from_millis(20);
 
 /// The most buckets one rebalance step takes; bounds the time a script runs.
 const MAX_TAKE: u32 = 4096;
@@ -82,6 +86,11 @@ pub(crate) struct Driver<S> {
     rebalance: Option<Instant>,
     /// Paces the retries of a failed release.
     release_retry_at: Instant,
+    /// A release failed with its outcome unknown: it may have run, and the store may since
+    /// have granted those buckets back to us (a grant notice on its way). Read the owner
+    /// records before releasing again, or the retry could free that new grant while its
+    /// notice makes us its owner.
+    release_unknown: bool,
     subscription: Subscription,
     /// Paces the retries of failed calls, per kind of call (`backoff.rs`).
     retries: Retries,
@@ -152,6 +161,7 @@ impl<S: Store> Driver<S> {
             session: Session::new(now),
             rebalance: Some(now),
             release_retry_at: now,
+            release_unknown: false,
             subscription: Subscription::Down { retry_at: now },
         }
     }
@@ -280,28 +290,46 @@ impl<S: Store> Driver<S> {
                         () = tokio::time::sleep(frozen) => {}
                     }
                 }
-                notice = next_notice(&mut self.subscription) => {
-                    let now = Instant::now();
-                    let applied = match &notice {
-                        Some(Notice::Granted { session, token, buckets }) => {
-                            self.granted(session, *token, buckets, now)
-                        }
-                        _ => false,
-                    };
-                    if !applied {
-                        self.rebalance = Some(self.rebalance.map_or(now, |at| at.min(now)));
-                    }
-                    if notice.is_none() {
-                        // The subscription broke: notices may be lost, so resync and resubscribe.
-                        tracing::debug!("notification stream ended; resubscribing");
-                        self.subscription = Subscription::Down {
-                            retry_at: now + self.retry_delay(),
-                        };
-                        self.poll_soon();
-                    }
-                }
+                notice = next_notice(&mut self.subscription) => self.on_notice(notice),
                 () = dropped.notified() => {}
                 () = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    /// A notice from the subscription (`None`: it ended): a grant is applied if it is ours
+    /// ([`Driver::granted`]); anything else, or a grant that is not, asks for a rebalance step.
+    fn on_notice(&mut self, notice: Option<Notice>) {
+        let now = Instant::now();
+        let applied = match &notice {
+            Some(Notice::Granted {
+                session,
+                token,
+                buckets,
+            }) => self.granted(session, *token, buckets, now),
+            _ => false,
+        };
+        if !applied {
+            self.rebalance = Some(self.rebalance.map_or(now, |at| at.min(now)));
+        }
+        if notice.is_none() {
+            // The subscription broke: notices may be lost, so resync and resubscribe.
+            tracing::debug!("notification stream ended; resubscribing");
+            self.subscription = Subscription::Down {
+                retry_at: now + self.retry_delay(),
+            };
+            self.poll_soon();
+        }
+    }
+
+    /// Takes in the notices that have already come (without waiting): a reply can come before
+    /// a grant notice that was published before the call ran (another connection), and its
+    /// counts include that grant.
+    fn absorb_notices(&mut self) {
+        while let Subscription::Active(n) = &mut self.subscription {
+            match n.next().now_or_never() {
+                Some(notice) => self.on_notice(notice),
+                None => return,
             }
         }
     }
@@ -576,6 +604,7 @@ impl<S: Store> Driver<S> {
                 let next = self.next_check(sent.at, reply.next_expiry);
                 self.session.renewed(until, next);
                 self.publish(Some((sent.at, reply.version)));
+                self.absorb_notices();
                 // The safety net under the wake-ups (the store wakes only the members that must
                 // act, and a wake-up can be lost): free buckets to take, or counts that say the
                 // store committed a release for us (a join) that we have not made.
@@ -628,6 +657,9 @@ impl<S: Store> Driver<S> {
         let Some(session) = self.session.live().cloned() else {
             return;
         };
+        // This step answers every request so far; a notice heard from now on asks again (one
+        // taken in right after the reply, below, is not overwritten by the step's action).
+        self.rebalance = None;
         let result = call(
             &self.graceful,
             self.call_deadline(),
@@ -652,6 +684,8 @@ impl<S: Store> Driver<S> {
             local.share = reply.share;
             local.version = reply.version;
         }
+        // Grants published before this step ran are in its counts: take them in first.
+        self.absorb_notices();
         let now = Instant::now();
         if self.apply_step(reply.action, now) {
             self.reconcile(reply.held as usize, reply.committed as usize, now)
@@ -678,14 +712,15 @@ impl<S: Store> Driver<S> {
                 // cap cut it short. Otherwise the member is at its share or took every free
                 // bucket; a later change that lets it take more wakes it (or its heartbeat sees
                 // free buckets). One call per taker, not a second one that answers Stay.
-                self.rebalance = (buckets.len() >= MAX_TAKE as usize).then_some(now);
+                if buckets.len() >= MAX_TAKE as usize {
+                    self.want_rebalance();
+                }
                 self.shared.apply(|l| l.grant(&buckets, token, now));
             }
             Action::Release(count) => {
-                self.rebalance = None;
                 self.revoke(Some(count as usize), now + self.config.drain_timeout);
             }
-            Action::Stay => self.rebalance = None,
+            Action::Stay => {}
             // Capped: a store clock stepped backwards must not stall grants for longer.
             Action::Wait(wait) => {
                 let at = now + wait.min(self.config.ttl);
@@ -711,6 +746,14 @@ impl<S: Store> Driver<S> {
         if !ours || self.deadline_passed(now) || !self.shared.lock().ledger.is_new_grant(token) {
             return false;
         }
+        // Odd contents (a bucket out of range, one named twice: not from our scripts) are not
+        // applied either; the step that follows finds what the store holds.
+        let mut sorted = buckets.to_vec();
+        sorted.sort_unstable();
+        let distinct = sorted.windows(2).all(|w| w[0] < w[1]);
+        if !distinct || sorted.last().is_some_and(|b| *b >= self.config.buckets) {
+            return false;
+        }
         self.shared.apply(|l| l.grant(buckets, token, now));
         true
     }
@@ -718,7 +761,22 @@ impl<S: Store> Driver<S> {
     /// The store's count of what we hold and keep must match ours; if not, an earlier reply was
     /// lost: a release decision we never heard of (revoke now), or a grant or a release (resync).
     async fn reconcile(&mut self, store_held: usize, committed: usize, now: Instant) {
-        let verdict = self.shared.lock().ledger.reconcile(store_held, committed);
+        let mut verdict = self.shared.lock().ledger.reconcile(store_held, committed);
+        // More held than we know: most likely a grant notice still on its way (published
+        // before the step ran, on another connection). Wait a little for it before reading
+        // the whole group's owner records.
+        let until = Instant::now() + (self.config.heartbeat / 10).min(GRANT_NOTICE_WAIT);
+        while verdict == Reconcile::Resync
+            && self.shared.lock().ledger.held_count() < store_held
+            && matches!(self.subscription, Subscription::Active(_))
+        {
+            match tokio::time::timeout_at(until, next_notice(&mut self.subscription)).await {
+                Ok(notice) => self.on_notice(notice),
+                Err(_) => break,
+            }
+            verdict = self.shared.lock().ledger.reconcile(store_held, committed);
+        }
+        let now = now.max(Instant::now());
         let surplus = match verdict {
             Reconcile::InSync => 0,
             Reconcile::Revoke(n) => n,
@@ -799,6 +857,17 @@ impl<S: Store> Driver<S> {
         let Some(session) = self.session.live().cloned() else {
             return;
         };
+        if self.release_unknown && self.shared.lock().ledger.draining_count() > 0 {
+            // Ends what the store freed already (`Released`) and raises the grant floor past
+            // any grant of those buckets back to us; retried on failure.
+            if self.resync().await.is_none() {
+                self.release_retry_at =
+                    Instant::now() + self.retries.release.next(&mut self.jitter);
+                return;
+            }
+        }
+        self.release_unknown = false;
+        let now = Instant::now();
         let buckets = self.shared.lock().ledger.begin_release(Some(now));
         if buckets.is_empty() {
             return;
@@ -826,6 +895,7 @@ impl<S: Store> Driver<S> {
             }
             Err(e) => {
                 self.shared.lock().ledger.release_failed(&buckets);
+                self.release_unknown = true;
                 self.report(e);
                 self.release_retry_at =
                     Instant::now() + self.retries.release.next(&mut self.jitter);

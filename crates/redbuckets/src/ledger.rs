@@ -131,6 +131,11 @@ impl Ledger {
         self.highest_token = self.highest_token.max(token);
     }
 
+    /// Buckets held: owned or draining (what the store lists as ours).
+    pub(crate) fn held_count(&self) -> usize {
+        self.held.len()
+    }
+
     /// Every held bucket, in bucket order.
     pub(crate) fn buckets(&self) -> Vec<u32> {
         self.held.keys().copied().collect()

@@ -1376,3 +1376,56 @@ async fn a_heartbeat_looks_at_watched_expiries_only_within_its_watch() {
         .expect("heartbeat");
     assert_eq!(reply.next_expiry, Some(ms(100)));
 }
+
+/// Data another Redis process wrote (a restart that reloaded a file, a failover to a replica)
+/// is never granted from: a release on such data wakes the member below its share (`act`; its
+/// step re-creates the group) instead of granting it the freed buckets, as it is granted on
+/// current data.
+#[tokio::test]
+async fn freed_buckets_are_granted_in_the_notice_but_never_from_stale_data() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let mut con = raw(&server.url()).await;
+    for stale in [false, true] {
+        let g = GroupKey::new("t", format!("stale-{stale}"));
+        let (a, b) = (session("a", "1"), session("b", "1"));
+        for s in [&a, &b] {
+            store
+                .register(&g, &request(s, 1, 4))
+                .await
+                .expect("register");
+        }
+        let mut wakes = store
+            .subscribe(&g, Channel::Member("b"))
+            .await
+            .expect("subscribe");
+        lift_quarantine(&mut con, &g).await;
+        // a takes its share; b, below its share, has not stepped yet.
+        let r = store.rebalance(&g, &a, u32::MAX).await.expect("rebalance");
+        let Action::Acquired { buckets, .. } = r.action else {
+            panic!("{r:?}");
+        };
+        if stale {
+            let meta = format!("{}:meta", g.tag());
+            redis_cmd(&mut con, &["HSET", &meta, "run_id", "another-process"]).await;
+        }
+        let freed = store.release(&g, &a, &buckets[..1]).await.expect("release");
+        assert_eq!(freed, 1);
+        let notice = tokio::time::timeout(Duration::from_secs(5), wakes.next())
+            .await
+            .expect("a notice for b")
+            .expect("subscribed");
+        match (stale, notice) {
+            (
+                false,
+                Notice::Granted {
+                    session, buckets, ..
+                },
+            ) => {
+                assert_eq!((session.as_str(), buckets.len()), ("1", 2));
+            }
+            (true, Notice::Act) => {}
+            (stale, other) => panic!("stale data {stale}: {other:?}"),
+        }
+    }
+}

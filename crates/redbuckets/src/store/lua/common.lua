@@ -398,8 +398,10 @@ end
 -- a failover to a replica, the data may be stale: members may hold leases it does not show,
 -- and granting from it could give one bucket to two members (S1) with an older token (S2).
 -- Such a group is forgotten, so it is re-created with the quarantine, as after a total loss.
--- Checked on every path that can grant or adopt buckets (register, rebalance, snapshot), not
--- on the heartbeat, which grants nothing; INFO costs about as much as the heartbeat itself.
+-- Checked on every path that can grant or adopt buckets: register, rebalance and snapshot
+-- here, and settle before it grants freed buckets (the heartbeat, release, leave and
+-- deregister reach it); not on the steady renewal, which grants nothing (INFO, cached per
+-- library, would cost about as much as the renewal itself through EVALSHA).
 local function load_current_meta()
   local meta = load_meta()
   if not meta then
@@ -568,16 +570,26 @@ local function settle(meta, now, joined, caller)
   for _, m in ipairs(woken) do
     redis.call(PUBLISH, TAG .. ':wake:' .. m, 'act')
   end
+  -- Data another Redis process wrote (a restart that reloaded a file, a failover) must not be
+  -- granted from (load_current_meta): the takers are woken instead, and their steps re-create
+  -- the group. Nor is a member whose records are odd (foreign edits) granted anything: this
+  -- runs after the call's writes, so it must not raise.
+  local stale = #takers > 0 and is_stale()
   for _, m in ipairs(takers) do
     local w = redis.call('HGET', K_WEIGHT, m)
-    local mine = committed(m, w)
-    local kind, count = share_rule(meta.buckets, rule_groups(meta.buckets), tonumber(w), mine,
-      redis.call('SCARD', K_FREE))
-    if kind == 'take' then
-      local token, taken = grant(meta, m, w, mine, count, now)
-      if #taken > 0 then
-        redis.call(PUBLISH, TAG .. ':wake:' .. m, 'grant ' .. redis.call('HGET', K_SESS, m) .. ' '
-          .. fmt(token) .. ' ' .. table.concat(taken, ' '))
+    local nonce = redis.call('HGET', K_SESS, m)
+    local mine = w and tonumber(redis.call('ZSCORE', count_key(w), m) or '')
+    if stale or not nonce or not mine or not tonumber(w) then
+      redis.call(PUBLISH, TAG .. ':wake:' .. m, 'act')
+    else
+      local kind, count = share_rule(meta.buckets, rule_groups(meta.buckets), tonumber(w), mine,
+        redis.call('SCARD', K_FREE))
+      if kind == 'take' then
+        local token, taken = grant(meta, m, w, mine, count, now)
+        if #taken > 0 then
+          redis.call(PUBLISH, TAG .. ':wake:' .. m, 'grant ' .. nonce .. ' ' .. fmt(token) .. ' '
+            .. table.concat(taken, ' '))
+        end
       end
     end
   end
