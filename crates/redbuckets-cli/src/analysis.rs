@@ -213,7 +213,10 @@ mod tests {
             .map(|(b, _)| b as u32)
             .take(4)
             .collect();
-        store.release(&key, &session("a"), &give).await.unwrap();
+        store
+            .release(&key, &session("a"), &give, u64::MAX)
+            .await
+            .unwrap();
         store.rebalance(&key, &session("b"), 8).await.unwrap();
         let a = analyze(&snapshot(&store, &key).await);
         assert!(a.converged(), "{a:?}");

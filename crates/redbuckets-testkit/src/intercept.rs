@@ -54,6 +54,8 @@ pub enum Call {
         session: SessionRef,
         /// The buckets released.
         buckets: Vec<u32>,
+        /// The highest token the member has applied.
+        known: u64,
     },
     /// [`Store::leave`]; answered with a [`Reply::Release`].
     Leave {
@@ -120,7 +122,8 @@ impl Call {
                 group,
                 session,
                 buckets,
-            } => Reply::Release(store.release(&group, &session, &buckets).await?),
+                known,
+            } => Reply::Release(store.release(&group, &session, &buckets, known).await?),
             Call::Leave {
                 group,
                 session,
@@ -303,12 +306,14 @@ impl<S: Store, H: Intercept<S>> Store for Intercepted<S, H> {
         group: &GroupKey,
         session: &SessionRef,
         buckets: &[u32],
+        known: u64,
     ) -> Result<u32, Error> {
         let (group, session, buckets) = (group.clone(), session.clone(), buckets.to_vec());
         self.ask(Call::Release {
             group,
             session,
             buckets,
+            known,
         })
         .await
     }
@@ -388,7 +393,10 @@ mod tests {
             .rebalance(&group, &session, 4)
             .await
             .expect("rebalance");
-        store.release(&group, &session, &[]).await.expect("release");
+        store
+            .release(&group, &session, &[], u64::MAX)
+            .await
+            .expect("release");
         let snapshot = store.snapshot(&group).await.expect("snapshot");
         assert_eq!(snapshot.expect("the group").members.len(), 1);
         store

@@ -86,7 +86,7 @@ async fn step(store: &RedisStore, g: &GroupKey, m: &SessionRef, held: &mut Held)
         Action::Acquired { buckets, .. } => mine.extend(buckets),
         Action::Release(n) => {
             let gone: Vec<u32> = mine.split_off(mine.len() - n as usize);
-            store.release(g, m, &gone).await.expect("release");
+            store.release(g, m, &gone, u64::MAX).await.expect("release");
         }
         Action::Stay => return true,
         _ => {}
@@ -157,7 +157,10 @@ async fn measure(extra: &[&str], n: usize, buckets: u32) {
     for (m, k) in told {
         let mine = held.get_mut(&m.member).expect("held");
         let gone: Vec<u32> = mine.split_off(mine.len() - k as usize);
-        store.release(&g, m, &gone).await.expect("release");
+        store
+            .release(&g, m, &gone, u64::MAX)
+            .await
+            .expect("release");
     }
     report(&server, "release");
     let mut all = members.clone();

@@ -86,11 +86,6 @@ pub(crate) struct Driver<S> {
     rebalance: Option<Instant>,
     /// Paces the retries of a failed release.
     release_retry_at: Instant,
-    /// A release failed with its outcome unknown: it may have run, and the store may since
-    /// have granted those buckets back to us (a grant notice on its way). Read the owner
-    /// records before releasing again, or the retry could free that new grant while its
-    /// notice makes us its owner.
-    release_unknown: bool,
     subscription: Subscription,
     /// Paces the retries of failed calls, per kind of call (`backoff.rs`).
     retries: Retries,
@@ -161,7 +156,6 @@ impl<S: Store> Driver<S> {
             session: Session::new(now),
             rebalance: Some(now),
             release_retry_at: now,
-            release_unknown: false,
             subscription: Subscription::Down { retry_at: now },
         }
     }
@@ -687,8 +681,11 @@ impl<S: Store> Driver<S> {
         // Grants published before this step ran are in its counts: take them in first.
         self.absorb_notices();
         let now = Instant::now();
+        // After a grant in the reply, a grant notice published before the step has a lower
+        // token and would be dropped: no use waiting for one.
+        let wait = !matches!(reply.action, Action::Acquired { .. });
         if self.apply_step(reply.action, now) {
-            self.reconcile(reply.held as usize, reply.committed as usize, now)
+            self.reconcile(reply.held as usize, reply.committed as usize, now, wait)
                 .await;
         }
     }
@@ -760,13 +757,14 @@ impl<S: Store> Driver<S> {
 
     /// The store's count of what we hold and keep must match ours; if not, an earlier reply was
     /// lost: a release decision we never heard of (revoke now), or a grant or a release (resync).
-    async fn reconcile(&mut self, store_held: usize, committed: usize, now: Instant) {
+    async fn reconcile(&mut self, store_held: usize, committed: usize, now: Instant, wait: bool) {
         let mut verdict = self.shared.lock().ledger.reconcile(store_held, committed);
         // More held than we know: most likely a grant notice still on its way (published
         // before the step ran, on another connection). Wait a little for it before reading
         // the whole group's owner records.
         let until = Instant::now() + (self.config.heartbeat / 10).min(GRANT_NOTICE_WAIT);
-        while verdict == Reconcile::Resync
+        while wait
+            && verdict == Reconcile::Resync
             && self.shared.lock().ledger.held_count() < store_held
             && matches!(self.subscription, Subscription::Active(_))
         {
@@ -857,18 +855,13 @@ impl<S: Store> Driver<S> {
         let Some(session) = self.session.live().cloned() else {
             return;
         };
-        if self.release_unknown && self.shared.lock().ledger.draining_count() > 0 {
-            // Ends what the store freed already (`Released`) and raises the grant floor past
-            // any grant of those buckets back to us; retried on failure.
-            if self.resync().await.is_none() {
-                self.release_retry_at =
-                    Instant::now() + self.retries.release.next(&mut self.jitter);
-                return;
-            }
-        }
-        self.release_unknown = false;
-        let now = Instant::now();
-        let buckets = self.shared.lock().ledger.begin_release(Some(now));
+        let (buckets, known) = {
+            let mut local = self.shared.lock();
+            (
+                local.ledger.begin_release(Some(now)),
+                local.ledger.highest_token(),
+            )
+        };
         if buckets.is_empty() {
             return;
         }
@@ -876,7 +869,7 @@ impl<S: Store> Driver<S> {
             &self.graceful,
             self.call_deadline(),
             "release",
-            self.store.release(&self.group, &session, &buckets),
+            self.store.release(&self.group, &session, &buckets, known),
         )
         .await
         {
@@ -895,7 +888,6 @@ impl<S: Store> Driver<S> {
             }
             Err(e) => {
                 self.shared.lock().ledger.release_failed(&buckets);
-                self.release_unknown = true;
                 self.report(e);
                 self.release_retry_at =
                     Instant::now() + self.retries.release.next(&mut self.jitter);
@@ -1266,13 +1258,16 @@ mod tests {
             group: &GroupKey,
             session: &SessionRef,
             buckets: &[u32],
+            known: u64,
         ) -> Result<u32, Error> {
             self.releases_sent.fetch_add(1, Ordering::SeqCst);
             self.gate().await;
             if self.release_unheard.swap(false, Ordering::SeqCst) {
-                self.inner.release(group, session, &buckets[..1]).await?;
+                self.inner
+                    .release(group, session, &buckets[..1], known)
+                    .await?;
             }
-            self.inner.release(group, session, buckets).await
+            self.inner.release(group, session, buckets, known).await
         }
         async fn leave(
             &self,
@@ -1289,7 +1284,7 @@ mod tests {
                 });
             }
             // As the trait's default: the release's own knobs apply.
-            let freed = self.release(group, session, buckets).await?;
+            let freed = self.release(group, session, buckets, u64::MAX).await?;
             self.deregister(group, session).await?;
             Ok(freed)
         }

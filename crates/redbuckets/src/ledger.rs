@@ -125,6 +125,12 @@ impl Ledger {
         token > self.highest_token
     }
 
+    /// The highest token applied (see [`Ledger::is_new_grant`]): what a release tells the store
+    /// this member knows of.
+    pub(crate) fn highest_token(&self) -> u64 {
+        self.highest_token
+    }
+
     /// Raises the floor of [`Ledger::is_new_grant`] to `token` (a registration's: the group's
     /// last token when the session began).
     pub(crate) fn seen_token(&mut self, token: u64) {

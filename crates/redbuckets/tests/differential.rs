@@ -123,6 +123,8 @@ enum Op {
         stale: bool,
         picks: Vec<Pick>,
         leave: bool,
+        /// The release says the member knows tokens only up to its oldest grant's (else all).
+        known_oldest: bool,
     },
     Deregister {
         m: usize,
@@ -190,20 +192,26 @@ fn op() -> impl Strategy<Value = Op> {
             }),
         8 => (m.clone(), stale, max_take)
             .prop_map(|(m, stale, max_take)| Op::Rebalance { m, stale, max_take }),
-        3 => (m.clone(), stale, prop::collection::vec(pick.clone(), 0..5)).prop_map(
-            |(m, stale, picks)| Op::Release {
+        3 => (
+            m.clone(),
+            stale,
+            prop::collection::vec(pick.clone(), 0..5),
+            prop::bool::weighted(0.3)
+        )
+            .prop_map(|(m, stale, picks, known_oldest)| Op::Release {
                 m,
                 stale,
                 picks,
-                leave: false
-            }
-        ),
+                leave: false,
+                known_oldest,
+            }),
         1 => (m.clone(), stale, prop::collection::vec(pick, 0..5)).prop_map(
             |(m, stale, picks)| Op::Release {
                 m,
                 stale,
                 picks,
-                leave: true
+                leave: true,
+                known_oldest: false,
             }
         ),
         1 => (m, stale).prop_map(|(m, stale)| Op::Deregister { m, stale }),
@@ -588,6 +596,7 @@ impl<'h> Run<'h> {
                 stale,
                 picks,
                 leave,
+                known_oldest,
             } => {
                 let s = self.session(*m, *stale);
                 // Buckets in grant order (token, then id): the i-th bucket of a member then
@@ -609,6 +618,12 @@ impl<'h> Run<'h> {
                 };
                 let mem_ids = resolve(&|id: &str| mem.held_buckets(g, id));
                 let red_ids = resolve(&|id: &str| h.redis_held(g, id));
+                // The member's oldest grant's token (the same in both stores, by grant order):
+                // buckets granted to it later are not freed.
+                let known = match mem.held_buckets(g, &member(*m)).first() {
+                    Some((token, _)) if *known_oldest => *token,
+                    _ => u64::MAX,
+                };
                 let (a, b) = if *leave {
                     (
                         h.memory_rt.block_on(mem.leave(g, &s, &mem_ids)),
@@ -616,8 +631,8 @@ impl<'h> Run<'h> {
                     )
                 } else {
                     (
-                        h.memory_rt.block_on(mem.release(g, &s, &mem_ids)),
-                        h.redis_rt.block_on(red.release(g, &s, &red_ids)),
+                        h.memory_rt.block_on(mem.release(g, &s, &mem_ids, known)),
+                        h.redis_rt.block_on(red.release(g, &s, &red_ids, known)),
                     )
                 };
                 (

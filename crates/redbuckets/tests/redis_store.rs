@@ -210,7 +210,7 @@ impl<S: Store> Probe<S> {
                 }
                 let freed = self
                     .store
-                    .release(&self.group, s, &give)
+                    .release(&self.group, s, &give, u64::MAX)
                     .await
                     .expect("release");
                 assert_eq!(freed, *k);
@@ -240,7 +240,7 @@ impl<S: Store> Probe<S> {
             }
             let freed = self
                 .store
-                .release(&self.group, s, &give)
+                .release(&self.group, s, &give, u64::MAX)
                 .await
                 .expect("release");
             assert_eq!(freed, surplus);
@@ -338,10 +338,14 @@ async fn history<S: Store>(store: S, group: GroupKey, weights: [u32; 3]) -> Prob
 
     // Releases of buckets the session does not hold, or with a wrong nonce, free nothing.
     let of_b: Vec<u32> = p.held["b"].iter().copied().collect();
-    let n = p.store.release(&p.group, &a, &of_b).await.expect("release");
+    let n = p
+        .store
+        .release(&p.group, &a, &of_b, u64::MAX)
+        .await
+        .expect("release");
     let m = p
         .store
-        .release(&p.group, &session("b", "nope"), &of_b)
+        .release(&p.group, &session("b", "nope"), &of_b, u64::MAX)
         .await
         .expect("release");
     p.log(format!("foreign releases freed {n} and {m}"));
@@ -369,7 +373,7 @@ async fn history<S: Store>(store: S, group: GroupKey, weights: [u32; 3]) -> Prob
     p.step(&c).await;
     let n = p
         .store
-        .release(&p.group, &c, &[0, 1, 2])
+        .release(&p.group, &c, &[0, 1, 2], u64::MAX)
         .await
         .expect("release");
     p.log(format!("release by expired c freed {n}"));
@@ -1095,11 +1099,21 @@ async fn a_call_that_fails_on_foreign_data_changes_nothing() {
     let r = store.rebalance(&g, &a, 8).await.expect("rebalance");
     assert!(matches!(r.action, Action::Acquired { ref buckets, .. } if buckets.len() == 8));
     redis_cmd(&mut con, &["SET", &format!("{tag}:owner"), "garbage"]).await;
-    expect_corrupt("release", store.release(&g, &a, &[0, 1]).await, "owner");
+    expect_corrupt(
+        "release",
+        store.release(&g, &a, &[0, 1], u64::MAX).await,
+        "owner",
+    );
     let held = redis_cmd(&mut con, &["SCARD", &format!("{tag}:held:a")]).await;
     assert_eq!(count(held), 8, "the failed release kept its buckets");
     redis_cmd(&mut con, &["DEL", &format!("{tag}:owner")]).await;
-    assert_eq!(store.release(&g, &a, &[0, 1]).await.expect("release"), 2);
+    assert_eq!(
+        store
+            .release(&g, &a, &[0, 1], u64::MAX)
+            .await
+            .expect("release"),
+        2
+    );
     let free = redis_cmd(&mut con, &["SCARD", &format!("{tag}:free")]).await;
     assert_eq!(count(free), 2, "the retry after the repair freed both");
 
@@ -1409,7 +1423,10 @@ async fn freed_buckets_are_granted_in_the_notice_but_never_from_stale_data() {
             let meta = format!("{}:meta", g.tag());
             redis_cmd(&mut con, &["HSET", &meta, "run_id", "another-process"]).await;
         }
-        let freed = store.release(&g, &a, &buckets[..1]).await.expect("release");
+        let freed = store
+            .release(&g, &a, &buckets[..1], u64::MAX)
+            .await
+            .expect("release");
         assert_eq!(freed, 1);
         let notice = tokio::time::timeout(Duration::from_secs(5), wakes.next())
             .await

@@ -552,6 +552,7 @@ impl Store for MemoryStore {
         group: &GroupKey,
         session: &SessionRef,
         buckets: &[u32],
+        known: u64,
     ) -> Result<u32, Error> {
         let mut inner = self.lock();
         let now = Instant::now();
@@ -567,7 +568,13 @@ impl Store for MemoryStore {
         }
         let mut freed = Vec::new();
         for &b in buckets {
-            if m.held.remove(&b) {
+            // Not a bucket granted since under a token the member has not seen (release.lua).
+            let newer = state
+                .owners
+                .get(b as usize)
+                .and_then(|o| o.as_ref())
+                .is_some_and(|(_, token)| *token > known);
+            if !newer && m.held.remove(&b) {
                 freed.push(b);
             }
         }
@@ -730,6 +737,42 @@ mod tests {
             session: nonce.into(),
         };
         RegisterRequest::new(session, 1, 8, Duration::from_secs(1))
+    }
+
+    /// A release frees a bucket only under a token the member says it knows: a bucket granted
+    /// to it again since (whose notice may still be on its way) stays (release.lua).
+    #[tokio::test(start_paused = true)]
+    async fn a_release_never_frees_a_grant_newer_than_the_member_knows() {
+        let store = MemoryStore::new();
+        let g = GroupKey::new("p", "g");
+        let a = request("a", "a1");
+        store.register(&g, &a).await.unwrap();
+        // Past the quarantine (a ttl), with the session renewed halfway.
+        tokio::time::advance(a.ttl / 2).await;
+        let ttl = a.ttl;
+        store
+            .heartbeat(&g, &a.session, ttl, Duration::MAX)
+            .await
+            .unwrap();
+        tokio::time::advance(a.ttl / 2).await;
+        let take = |store: MemoryStore| {
+            let (g, s) = (g.clone(), a.session.clone());
+            async move {
+                match store.rebalance(&g, &s, u32::MAX).await.unwrap().action {
+                    Action::Acquired { buckets, token } => (buckets, token),
+                    other => panic!("{other:?}"),
+                }
+            }
+        };
+        let (buckets, t1) = take(store.clone()).await;
+        assert_eq!(buckets.len(), 8);
+        let b = buckets[0];
+        assert_eq!(store.release(&g, &a.session, &[b], t1).await.unwrap(), 1);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let (again, t2) = take(store.clone()).await;
+        assert_eq!((again, t2 > t1), (vec![b], true));
+        assert_eq!(store.release(&g, &a.session, &[b], t1).await.unwrap(), 0);
+        assert_eq!(store.release(&g, &a.session, &[b], t2).await.unwrap(), 1);
     }
 
     /// A heartbeat looks up the watched sessions' expiry only when some other session ends

@@ -367,13 +367,18 @@ pub trait Store: Clone + Send + Sync + 'static {
         max_take: u32,
     ) -> impl Future<Output = Result<RebalanceReply, Error>> + Send;
 
-    /// Frees the given buckets if the session owns them; returns how many it freed.
-    /// Buckets released beyond the committed surplus lower the member's count too.
+    /// Frees the given buckets if the session owns them under a token not above `known` (the
+    /// highest token the member has applied); returns how many it freed. A bucket the store
+    /// granted the session since, under a higher token, stays: a release retried after its
+    /// first attempt ran unheard must not free a grant whose notice is still on its way to the
+    /// member ([`Notice::Granted`]), which would make the member its owner after all. Buckets
+    /// released beyond the committed surplus lower the member's count too.
     fn release(
         &self,
         group: &GroupKey,
         session: &SessionRef,
         buckets: &[u32],
+        known: u64,
     ) -> impl Future<Output = Result<u32, Error>> + Send;
 
     /// The graceful leave's last step: frees the given buckets if the session owns them and
@@ -390,7 +395,7 @@ pub trait Store: Clone + Send + Sync + 'static {
         buckets: &[u32],
     ) -> impl Future<Output = Result<u32, Error>> + Send {
         async move {
-            let freed = self.release(group, session, buckets).await?;
+            let freed = self.release(group, session, buckets, u64::MAX).await?;
             self.deregister(group, session).await?;
             Ok(freed)
         }

@@ -585,6 +585,10 @@ fn is_already_loaded(e: &RedisError) -> bool {
         .is_some_and(|d| d.to_ascii_lowercase().contains("already exists"))
 }
 
+/// The largest token the scripts take (below 2^53: Lua numbers are doubles): a release's `known`
+/// above it means "any token".
+const TOKEN_LIMIT: u64 = 9_007_199_254_740_991;
+
 impl Store for RedisStore {
     async fn register(
         &self,
@@ -679,13 +683,16 @@ impl Store for RedisStore {
         group: &GroupKey,
         session: &SessionRef,
         buckets: &[u32],
+        known: u64,
     ) -> Result<u32, Error> {
         if buckets.is_empty() {
             return Ok(0);
         }
-        let mut args = Vec::with_capacity(buckets.len() + 2);
+        let mut args = Vec::with_capacity(buckets.len() + 3);
         args.push(session.member.clone());
         args.push(session.session.clone());
+        // Tokens are below 2^53 (µs timestamps); u64::MAX (any token) is sent as that.
+        args.push(known.min(TOKEN_LIMIT).to_string());
         args.extend(buckets.iter().map(u32::to_string));
         let reply = self.run(group, "release", ScriptId::Release, &args).await?;
         protocol::release(&reply).map_err(|e| e.into_error(group))
