@@ -391,13 +391,13 @@ impl<S: Store> Driver<S> {
     /// How far ahead a heartbeat looks for the expiry of the sessions this member watches: a
     /// watched session that ends later than this ends when `next_check` would not check it
     /// anyway (the renewal, at most a period (+ jitter) away, comes within a heartbeat of it),
-    /// so the store need not look them up (a healthy group's steady state). The longer
-    /// period: notifications may go down during the call.
+    /// so the store need not look them up (a healthy group's steady state). The renewal
+    /// interval, never shorter than the heartbeat (the polling period while notifications are
+    /// down, which may happen during the call), is the longer period.
     fn watch(&self) -> Duration {
         let period = self
             .config
             .effective_renew_interval()
-            .max(self.config.heartbeat)
             .mul_f64(1.0 + RENEW_JITTER / 2.0);
         period.saturating_sub(self.config.heartbeat)
     }

@@ -131,8 +131,8 @@ impl Ledger {
         self.highest_token
     }
 
-    /// Raises the floor of [`Ledger::is_new_grant`] to `token` (a registration's: the group's
-    /// last token when the session began).
+    /// Raises the floor of [`Ledger::is_new_grant`] to `token`: a grant or adoption applied, or
+    /// a registration's floor (`Registration::Registered::token`).
     pub(crate) fn seen_token(&mut self, token: u64) {
         self.highest_token = self.highest_token.max(token);
     }
@@ -186,7 +186,7 @@ impl Ledger {
     /// lost) and granted back: that grant ends with `Released` first. A bucket still owned was
     /// freed and granted again without the member hearing of it: that grant ends with `Lost`.
     pub(crate) fn grant(&mut self, buckets: &[u32], token: u64, now: Instant) -> Vec<Event> {
-        self.highest_token = self.highest_token.max(token);
+        self.seen_token(token);
         let mut closed = Vec::new();
         let mut acquired = Vec::with_capacity(buckets.len());
         for &bucket in buckets {
@@ -341,7 +341,7 @@ impl Ledger {
             }
         }
         for (&bucket, &token) in stored {
-            self.highest_token = self.highest_token.max(token);
+            self.seen_token(token);
             if let std::collections::btree_map::Entry::Vacant(slot) = self.held.entry(bucket) {
                 slot.insert(Held::new(token, now));
                 events.push(Event::Acquired {
