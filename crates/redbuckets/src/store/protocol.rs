@@ -16,10 +16,10 @@
 //!
 //! | script | `ARGV[2..]` | reply |
 //! |---|---|---|
-//! | register | member, nonce, weight, buckets, ttl µs, `1`/`0` (replaces given), replaced nonce, protocol | `{'registered', ver}` \| `{'inuse', expires_in_ms}` \| `{'mismatch', buckets, protocol}` \| `{'ttl', group_ttl_us}` |
+//! | register | member, nonce, weight, buckets, ttl µs, `1`/`0` (replaces given), replaced nonce, protocol | `{'registered', ver, token floor}` \| `{'inuse', expires_in_ms}` \| `{'mismatch', buckets, protocol}` \| `{'ttl', group_ttl_us}` |
 //! | heartbeat, heartbeat_fast | member, nonce, ttl µs, watch ms (`-1`: always) | `{alive 0\|1, ver, free, next_ms, committed, held}`, next_ms `-1` with no watched session or when no other session ends within the watch, counts 0 when not alive; heartbeat_fast may instead answer `{'full'}`: run heartbeat |
 //! | rebalance | member, nonce, max_take | `{kind, value, share_min, share_max, ver, free, committed, held, bucket...}`, kind `acquired` (value = token, buckets follow), `release` (value = count), `stay`, `wait` (value = µs left); or `{'lost'}` |
-//! | release | member, nonce, bucket... | count freed |
+//! | release | member, nonce, known (highest token applied), bucket... | count freed (none granted under a higher token) |
 //! | leave | member, nonce, bucket... | count of the named buckets freed (the session ends, freeing all it held) |
 //! | deregister | member, nonce | `1` if removed, else `0` |
 //! | snapshot | none | `{}` (no group) or `{buckets, protocol, ver, quarantine_us, members, owner_flat, stale 0\|1}`: members = `{id, nonce, weight, held, committed, expires_in_ms, age_ms}...`, owner_flat = `bucket, "<token> <member>", ...` |

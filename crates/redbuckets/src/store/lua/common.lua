@@ -330,6 +330,14 @@ local function purge(meta, now_ms, limit)
   return #dead
 end
 
+-- What a registration at `now` (µs) tells the member about tokens (memory.rs `token_floor`):
+-- the group's last token, or now - 1 µs if later. Every grant to the session comes later with a
+-- higher token; every grant to an earlier session under its nonce (lost with the store's data,
+-- whose re-created group starts its tokens from 0) had one not higher.
+local function token_floor(meta, now)
+  return math.max(meta.token, now - 1)
+end
+
 -- The expiry, in server ms, of a session renewed at `now` (µs) for `ttl_us`: rounded up, so the
 -- store never expires a session before the member's own deadline.
 local function expiry_ms(now, ttl_us)
@@ -448,11 +456,11 @@ local function count_above(groups)
   return above
 end
 
--- The live members grouped by weight, with how many of each weight hold more than their base
--- share, as share_rule takes them: one ZCOUNT per distinct weight.
-local function rule_groups(B)
+-- The weight groups (weight_groups) as share_rule takes them, with how many members of each
+-- weight hold more than their base share now: one ZCOUNT per distinct weight.
+local function rule_groups(wgroups)
   local groups = {}
-  for _, g in ipairs(weight_groups(B)) do
+  for _, g in ipairs(wgroups) do
     local above = redis.call('ZCOUNT', count_key(g.text), '(' .. fmt(g.base), '+inf')
     groups[#groups + 1] = { g.w, g.n, above }
   end
@@ -582,7 +590,7 @@ local function settle(meta, now, joined, caller)
     if stale or not nonce or not mine or not tonumber(w) then
       redis.call(PUBLISH, TAG .. ':wake:' .. m, 'act')
     else
-      local kind, count = share_rule(meta.buckets, rule_groups(meta.buckets), tonumber(w), mine,
+      local kind, count = share_rule(meta.buckets, rule_groups(groups), tonumber(w), mine,
         redis.call('SCARD', K_FREE))
       if kind == 'take' then
         local token, taken = grant(meta, m, w, mine, count, now)

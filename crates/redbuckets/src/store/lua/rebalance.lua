@@ -30,7 +30,7 @@ local mine = committed(member, my_w)
 
 -- The live members grouped by weight, with how many of each weight hold more than their base
 -- share: one ZCOUNT per distinct weight (d = 1 in the common equal-weight case).
-local groups = rule_groups(B)
+local groups = rule_groups(weight_groups(B))
 local free = redis.call('SCARD', K_FREE)
 local kind, count, base, share_max = share_rule(B, groups, tonumber(my_w), mine, free)
 

@@ -1,7 +1,6 @@
 -- register: ARGV[2] member, [3] nonce, [4] weight, [5] buckets, [6] ttl µs,
 -- [7] '1' if [8] is a session this registration may replace, [9] protocol.
--- Returns {'registered', ver, token floor (see memory.rs: the group's last token, or the
--- server's now - 1 µs if later)} | {'inuse', expires_in_ms} | {'mismatch', buckets, protocol}
+-- Returns {'registered', ver, token floor (token_floor)} | {'inuse', expires_in_ms} | {'mismatch', buckets, protocol}
 -- | {'ttl', group_ttl_us} (the group exists with another session ttl).
 local member, nonce = ARGV[2], ARGV[3]
 local weight = uint(ARGV[4], 'weight argument')
@@ -65,7 +64,7 @@ if existing then
       publish()
       settle(meta, now, false, member)
     end
-    return { 'registered', fmt(meta.ver), fmt(math.max(meta.token, now - 1)) }
+    return { 'registered', fmt(meta.ver), fmt(token_floor(meta, now)) }
   end
   if alive and existing ~= replaces then
     if changed then
@@ -103,4 +102,4 @@ bump(meta)
 publish()
 -- Members above their new share are committed to release and woken; free buckets find takers.
 settle(meta, now, true, member)
-return { 'registered', fmt(meta.ver), fmt(math.max(meta.token, now - 1)) }
+return { 'registered', fmt(meta.ver), fmt(token_floor(meta, now)) }
