@@ -195,14 +195,17 @@ impl GroupState {
         }
         let mut told: Vec<(String, Notice)> =
             woken.into_iter().map(|id| (id, Notice::Act)).collect();
+        // The loads once, in id order, kept up to date as each taker is granted.
+        let (ids, mut loads) = self.loads();
+        let ids: Vec<String> = ids.into_iter().cloned().collect();
         for id in takers {
-            let (ids, loads) = self.loads();
-            let Some(me) = ids.iter().position(|m| **m == id) else {
+            let Some(me) = ids.iter().position(|m| *m == id) else {
                 continue;
             };
             let free = u32::try_from(self.free.len()).unwrap_or(u32::MAX);
             if let share::Step::Take(k) = share::step(self.buckets, &loads, me, free) {
                 let (token, buckets) = self.grant(&id, k, now_us);
+                loads[me].held += u32::try_from(buckets.len()).unwrap_or(0);
                 let session = self.members.get(&id).map(|m| m.session.clone());
                 if let (false, Some(session)) = (buckets.is_empty(), session) {
                     told.push((
@@ -722,6 +725,12 @@ mod tests {
     use super::*;
     use futures_util::FutureExt;
 
+    /// Renews session `s` (looking up every watched expiry); whether it is alive.
+    async fn renew(store: &MemoryStore, g: &GroupKey, s: &SessionRef, ttl: Duration) -> bool {
+        let reply = store.heartbeat(g, s, ttl, Duration::MAX).await.unwrap();
+        reply.alive
+    }
+
     /// Notices queued on `n` right now.
     fn drain(n: &mut Notifications) -> usize {
         let mut count = 0;
@@ -750,10 +759,7 @@ mod tests {
         // Past the quarantine (a ttl), with the session renewed halfway.
         tokio::time::advance(a.ttl / 2).await;
         let ttl = a.ttl;
-        store
-            .heartbeat(&g, &a.session, ttl, Duration::MAX)
-            .await
-            .unwrap();
+        renew(&store, &g, &a.session, ttl).await;
         tokio::time::advance(a.ttl / 2).await;
         let take = |store: MemoryStore| {
             let (g, s) = (g.clone(), a.session.clone());
@@ -788,10 +794,7 @@ mod tests {
             store.register(&g, r).await.unwrap();
         }
         tokio::time::advance(Duration::from_millis(400)).await;
-        store
-            .heartbeat(&g, &c.session, ttl, Duration::MAX)
-            .await
-            .unwrap();
+        renew(&store, &g, &c.session, ttl).await;
         // b ends in 600 ms, c in 1,000 ms: a watches both.
         let ms = Duration::from_millis;
         let next = |watch| {
@@ -830,15 +833,9 @@ mod tests {
 
         // b expires; a registers again under another nonce while its session lives: InUse.
         tokio::time::advance(Duration::from_millis(600)).await;
-        store
-            .heartbeat(&g, &a.session, ttl, Duration::MAX)
-            .await
-            .unwrap();
+        renew(&store, &g, &a.session, ttl).await;
         let c = request("c", "c1");
-        store
-            .heartbeat(&g, &c.session, ttl, Duration::MAX)
-            .await
-            .unwrap();
+        renew(&store, &g, &c.session, ttl).await;
         tokio::time::advance(Duration::from_millis(600)).await;
         assert_eq!(drain(&mut notices), 0);
         let reply = store.register(&g, &request("a", "a2")).await.unwrap();
@@ -848,10 +845,7 @@ mod tests {
         // c's heartbeat lapses too; a retried registration of c (same nonce) refreshes it,
         // while a's lapsed session is purged.
         tokio::time::advance(Duration::from_millis(300)).await;
-        store
-            .heartbeat(&g, &c.session, ttl, Duration::MAX)
-            .await
-            .unwrap();
+        renew(&store, &g, &c.session, ttl).await;
         tokio::time::advance(Duration::from_millis(800)).await;
         assert_eq!(drain(&mut notices), 0);
         let reply = store.register(&g, &c).await.unwrap();
@@ -886,26 +880,14 @@ mod tests {
         // Past the quarantine, with both sessions renewed on the way.
         tokio::time::advance(ttl * 3 / 5).await;
         for r in [&a, &b] {
-            assert!(
-                store
-                    .heartbeat(&g, &r.session, ttl, Duration::MAX)
-                    .await
-                    .unwrap()
-                    .alive
-            );
+            assert!(renew(&store, &g, &r.session, ttl).await);
         }
         tokio::time::advance(ttl * 3 / 5).await;
         for r in [&a, &b] {
             let reply = store.rebalance(&g, &r.session, u32::MAX).await.unwrap();
             assert!(matches!(reply.action, Action::Acquired { .. }), "{reply:?}");
         }
-        assert!(
-            store
-                .heartbeat(&g, &a.session, ttl, Duration::MAX)
-                .await
-                .unwrap()
-                .alive
-        );
+        assert!(renew(&store, &g, &a.session, ttl).await);
         // b's session ends; a's does not.
         tokio::time::advance(ttl * 3 / 5).await;
         let mut notices = store.subscribe(&g, Channel::Group).await.unwrap();
@@ -929,13 +911,7 @@ mod tests {
         assert!(!seen.stale);
 
         // A heartbeat purges: the group then is what the snapshot showed.
-        assert!(
-            store
-                .heartbeat(&g, &a.session, ttl, Duration::MAX)
-                .await
-                .unwrap()
-                .alive
-        );
+        assert!(renew(&store, &g, &a.session, ttl).await);
         assert_eq!(drain(&mut notices), 1);
         let after = store.snapshot(&g).await.unwrap().unwrap();
         assert_eq!(after.version, seen.version);
