@@ -993,6 +993,14 @@ impl World {
         if stored != ids {
             return Err(format!("C2: store lists {stored:?}, live are {ids:?}"));
         }
+        // A release the store still expects (a join lowered the member's committed count, and
+        // the joiner may be gone again) is a move yet to come: not converged.
+        if let Some(m) = snap.members.iter().find(|m| m.committed != m.held) {
+            return Err(format!(
+                "store expects a release: {} holds {}, committed {}",
+                m.id, m.held, m.committed
+            ));
+        }
         for (live, view) in self.live.iter().zip(&views) {
             let id = live.process.id.as_str();
             let recorded: Vec<u32> = (0u32..)
