@@ -1446,3 +1446,52 @@ async fn freed_buckets_are_granted_in_the_notice_but_never_from_stale_data() {
         }
     }
 }
+
+/// A bucket that two members' held sets name (a foreign edit), both purged in one call, is
+/// freed twice but granted once: the buckets a call frees go to its grants first, each once,
+/// with no second owner and no repeated id in the grant.
+#[tokio::test]
+async fn a_bucket_freed_twice_in_one_call_is_granted_once() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let mut con = raw(&server.url()).await;
+    let g = GroupKey::new("t", "twice");
+    let (a, b, c) = (session("a", "1"), session("b", "1"), session("c", "1"));
+    for s in [&a, &b, &c] {
+        store
+            .register(&g, &request(s, 1, 6))
+            .await
+            .expect("register");
+    }
+    lift_quarantine(&mut con, &g).await;
+    let r = store.rebalance(&g, &a, u32::MAX).await.expect("rebalance");
+    let Action::Acquired { buckets, .. } = r.action else {
+        panic!("{r:?}");
+    };
+    let tag = g.tag();
+    let shared = buckets[0].to_string();
+    redis_cmd(&mut con, &["SADD", &format!("{tag}:held:b"), &shared]).await;
+    // a and b expire; c's next step purges both, then takes what they held.
+    let exp = format!("{tag}:exp");
+    for m in ["a", "b"] {
+        redis_cmd(&mut con, &["ZADD", &exp, "1", m]).await;
+    }
+    let r = store.rebalance(&g, &c, u32::MAX).await.expect("rebalance");
+    let Action::Acquired { buckets: taken, .. } = r.action else {
+        panic!("{r:?}");
+    };
+    let distinct: BTreeSet<u32> = taken.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        taken.len(),
+        "a bucket granted twice: {taken:?}"
+    );
+    assert_eq!(taken.len(), 6, "c, alone now, takes all six: {taken:?}");
+    assert_eq!((r.committed, r.held), (6, 6));
+    let snap = store.snapshot(&g).await.expect("snapshot").expect("group");
+    assert_eq!(snap.free(), 0);
+    assert!(snap
+        .owners
+        .iter()
+        .all(|o| o.as_ref().is_some_and(|o| o.member == "c")));
+}

@@ -33,6 +33,11 @@
 local K_META, K_EXP, K_SESS, K_SINCE
 local K_WEIGHT, K_WCOUNT, K_OWNER, K_FREE
 local TAG, CHANNEL
+-- The buckets this call freed (free_buckets), not yet granted: valid ids with no owner record,
+-- in the free set. grant() takes them first, and so skips the SPOP and the owner-record check
+-- a bucket from the free set needs. Each bucket once (FRESH_SET): with foreign edits, two
+-- members' held sets may name one bucket. Reset by bind(): a library's locals outlive its calls.
+local FRESH, FRESH_SET = {}, {}
 -- True in the variant loaded on a Redis Cluster (scripts.rs replaces this line; nothing else
 -- differs). There, notices go out with SPUBLISH (a plain PUBLISH reaches every node; a sharded
 -- channel stays on the group's slot), and every call first reads a key that never exists:
@@ -46,6 +51,7 @@ local function bind(keys, argv)
   K_WEIGHT, K_WCOUNT, K_OWNER, K_FREE = keys[5], keys[6], keys[7], keys[8]
   TAG = argv[1]
   CHANNEL = TAG .. ':events'
+  FRESH, FRESH_SET = {}, {}
   if CLUSTER then
     redis.call('EXISTS', TAG .. ':migration-probe')
   end
@@ -220,14 +226,21 @@ end
 -- Frees buckets that left `member`'s held set: deletes the owner record and adds the bucket
 -- to the free set, unless the owner record names another member (foreign edits must never
 -- make one bucket free while someone else owns it). Garbage bucket ids are dropped.
-local function free_buckets(meta, member, buckets)
+-- `records`: the buckets' owner records (false for none), when the caller read them already.
+local function free_buckets(meta, member, buckets, records)
   local freed = {}
   for i = 1, #buckets, BATCH do
-    local chunk = { unpack(buckets, i, math.min(i + BATCH - 1, #buckets)) }
-    local records = redis.call('HMGET', K_OWNER, unpack(chunk))
-    for j, b in ipairs(chunk) do
+    local last = math.min(i + BATCH - 1, #buckets)
+    local read = not records and redis.call('HMGET', K_OWNER, unpack(buckets, i, last))
+    for j = i, last do
+      local b = buckets[j]
       local valid = string.match(b, '^%d+$') and #b <= 6 and tonumber(b) < meta.buckets
-      local record = records[j]
+      local record
+      if records then
+        record = records[j]
+      else
+        record = read[j - i + 1]
+      end
       local named = owner_member(record)
       if valid and (not record or named == nil or named == member) then
         freed[#freed + 1] = b
@@ -236,6 +249,12 @@ local function free_buckets(meta, member, buckets)
   end
   batched('HDEL', K_OWNER, freed)
   batched('SADD', K_FREE, freed)
+  for _, b in ipairs(freed) do
+    if not FRESH_SET[b] then
+      FRESH_SET[b] = true
+      FRESH[#FRESH + 1] = b
+    end
+  end
   return #freed
 end
 
@@ -473,9 +492,20 @@ local function grant(meta, member, w, mine, k, now)
   local token = math.max(now, meta.token + 1)
   meta.token = token
   redis.call('HSET', K_META, 'token', fmt(token))
-  local popped = redis.call('SPOP', K_FREE, k)
   local record = fmt(token) .. ' ' .. member
   local taken, pairs_ = {}, {}
+  -- First the buckets this call freed: they are known to be valid and unowned.
+  while #taken < k and #FRESH > 0 do
+    local b = table.remove(FRESH)
+    taken[#taken + 1] = b
+    pairs_[#pairs_ + 1] = b
+    pairs_[#pairs_ + 1] = record
+  end
+  batched('SREM', K_FREE, taken)
+  local popped = {}
+  if #taken < k then
+    popped = redis.call('SPOP', K_FREE, k - #taken)
+  end
   for i = 1, #popped, BATCH do
     local chunk = { unpack(popped, i, math.min(i + BATCH - 1, #popped)) }
     local owners = redis.call('HMGET', K_OWNER, unpack(chunk))

@@ -10,21 +10,38 @@ if not meta then
   return 0
 end
 local hk = held_key(member)
-local released = {}
+-- The named buckets, each once, that were not granted to the session since under a token
+-- above `known`, with their owner records (free_buckets checks them, without a second read).
+local names, records, seen = {}, {}, {}
 for i = 5, #ARGV, BATCH do
   local chunk = { unpack(ARGV, i, math.min(i + BATCH - 1, #ARGV)) }
-  local records = redis.call('HMGET', K_OWNER, unpack(chunk))
+  local got = redis.call('HMGET', K_OWNER, unpack(chunk))
   for j, b in ipairs(chunk) do
-    local t = type(records[j]) == 'string' and tonumber(string.match(records[j], '^(%d+) '))
-    if not (t and t > known) and redis.call('SREM', hk, b) == 1 then
-      released[#released + 1] = b
+    local t = type(got[j]) == 'string' and tonumber(string.match(got[j], '^(%d+) '))
+    if not seen[b] and not (t and t > known) then
+      seen[b] = true
+      names[#names + 1] = b
+      records[#names] = got[j]
+    end
+  end
+end
+-- Of those, the ones the session holds: one SMISMEMBER and one SREM per batch, not a command
+-- per bucket.
+local released, released_records = {}, {}
+for i = 1, #names, BATCH do
+  local hits = redis.call('SMISMEMBER', hk, unpack(names, i, math.min(i + BATCH - 1, #names)))
+  for j, hit in ipairs(hits) do
+    if hit == 1 then
+      released[#released + 1] = names[i + j - 1]
+      released_records[#released] = records[i + j - 1]
     end
   end
 end
 if #released == 0 then
   return 0
 end
-free_buckets(meta, member, released)
+batched('SREM', hk, released)
+free_buckets(meta, member, released, released_records)
 local held = redis.call('SCARD', hk)
 local w = redis.call('HGET', K_WEIGHT, member)
 if w and committed(member, w) > held then
