@@ -11,7 +11,8 @@
 //! its share, then stays), `renewal` (steady-state heartbeats), `rebalance (stay)` (steady-state
 //! steps: nothing to move), then one more member joins: `register (join)` (it commits the
 //! others' releases and wakes them), `rebalance (release)` (their steps report it), `release`,
-//! `rebalance (take)` (the newcomer takes, then all stay).
+//! `rebalance (take)` (the newcomer takes, then all stay), and `leave` (the newcomer leaves
+//! gracefully: its buckets are freed and granted to the others in one call).
 
 use std::time::Duration;
 
@@ -169,9 +170,15 @@ async fn measure(extra: &[&str], n: usize, buckets: u32) {
     }
     report(&server, "release");
     let mut all = members.clone();
-    all.push(newcomer);
+    all.push(newcomer.clone());
     settle(&store, &g, &all, &mut held).await;
     report(&server, "rebalance (take)");
+
+    // The newcomer leaves gracefully: one call frees its buckets, ends its session and grants
+    // the buckets to the others in their notices.
+    let mine = held.remove(&newcomer.member).unwrap_or_default();
+    store.leave(&g, &newcomer, &mine).await.expect("leave");
+    report(&server, "leave");
 }
 
 #[tokio::main]
