@@ -4,7 +4,9 @@ defaults (heartbeat 1 s, ttl 10 s) on a redis-server of its own, then a fifth jo
 balanced, leaves gracefully (SIGTERM). From every process's `--json` events it computes, per moved
 bucket, the time it spent unowned: from the end of the old owner's ownership (`revoked`, or
 `lost`) to the new owner's `acquired`. Prints the mean and the largest gap of the join and of
-the leave, and the bucket-seconds.
+the leave, and the bucket-seconds. Redis's slow log (threshold 0) records every call's server
+time during each change, so it also prints the server µs of the scripts that moved the buckets
+(renewals left out), per change: where the gap's milliseconds go on the Redis side.
 
     cargo build --release -p redbuckets-cli
     python3 bench/handoff/run.py [path/to/redbuckets] [rounds]
@@ -87,6 +89,21 @@ def gaps(events, since_us):
     return out
 
 
+def redis_cli(port, *args):
+    out = subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True,
+                         check=True)
+    return out.stdout
+
+
+def script_calls(port):
+    """The slow log's scripts since the last reset but renewals: [(name, µs)], oldest first.
+    Each entry is [id, time, µs, [command words], client, name]."""
+    entries = json.loads(redis_cli(port, "--json", "slowlog", "get", "1024"))
+    calls = [(e[3][1], e[2]) for e in entries
+             if e[3][0].lower() in ("fcall", "evalsha") and "heartbeat" not in e[3][1]]
+    return list(reversed(calls))
+
+
 def main():
     port = free_port()
     d = tempfile.mkdtemp()
@@ -97,6 +114,9 @@ def main():
     time.sleep(0.3)
     url = f"redis://127.0.0.1:{port}/"
     results = {"join": [], "leave": []}
+    server = {"join": [], "leave": []}
+    redis_cli(port, "config", "set", "slowlog-log-slower-than", "0")
+    redis_cli(port, "config", "set", "slowlog-max-len", "1024")
     try:
         for r in range(ROUNDS):
             group = f"handoff-{os.getpid()}-{r}"
@@ -104,16 +124,20 @@ def main():
             paths = [p for _, p in procs]
             # The group's quarantine (ttl, 10 s) first.
             settle(paths, 4, 12)
+            redis_cli(port, "slowlog", "reset")
             t_join = int(time.time() * 1e6)
             fifth = start_join(url, group, "m5", out_dir)
             paths.append(fifth[1])
             events = settle(paths, 5, 3)
             results["join"].extend(gaps(events, t_join))
+            server["join"].append(script_calls(port))
+            redis_cli(port, "slowlog", "reset")
             t_leave = int(time.time() * 1e6)
             fifth[0].send_signal(signal.SIGTERM)
             fifth[0].wait(timeout=20)
             events = settle(paths, 4, 3)
             results["leave"].extend(gaps(events, t_leave))
+            server["leave"].append(script_calls(port))
             for p, _ in procs:
                 p.send_signal(signal.SIGTERM)
             for p, _ in procs:
@@ -129,6 +153,10 @@ def main():
         print(f"{phase}: {len(g)} buckets over {ROUNDS} rounds, unowned mean {mean / 1000:.2f} ms, "
               f"median {g[len(g) // 2] / 1000:.2f} ms, max {g[-1] / 1000:.2f} ms, "
               f"{sum(g) / 1e6:.3f} bucket-s")
+        for calls in server[phase]:
+            total = sum(us for _, us in calls)
+            listed = ", ".join(f"{name} {us}" for name, us in calls[:12])
+            print(f"  server µs: {total} in {len(calls)} calls: {listed}")
 
 
 main()
