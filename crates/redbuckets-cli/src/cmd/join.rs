@@ -263,11 +263,13 @@ impl Output {
             // One reading of both clocks per burst: events of the same instant get the same
             // `at_us` (converting each on its own would jitter by a microsecond or two).
             let clock = Clock::now();
-            let mut stdout = std::io::stdout().lock();
+            // One write for the burst: stdout alone flushes at every line, and a step's burst
+            // has a line per bucket, written while buckets are moving.
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             for event in burst {
-                writeln!(stdout, "{}", event_json(&self.member, event, clock))?;
-                stdout.flush()?;
+                writeln!(out, "{}", event_json(&self.member, event, clock))?;
             }
+            out.flush()?;
             return Ok(());
         }
         // Text: one line per kind of change in the burst (a rebalance step comes as a burst).
