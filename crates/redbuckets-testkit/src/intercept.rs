@@ -1,6 +1,6 @@
-//! One generic intercepting [`Store`]: [`Intercepted`] forwards each of the seven calls to an
+//! One generic intercepting [`Store`]: [`Intercepted`] forwards each of the store's calls to an
 //! inner store through a hook ([`Intercept`]), so that a test can fail, delay, count or drop
-//! calls, lose or rewrite their replies, without writing the seven forwarding methods again.
+//! calls, lose or rewrite their replies, without writing the forwarding methods again.
 //!
 //! A call goes to the hook as a value ([`Call`], owning its arguments, so a hook may also spawn
 //! it: a request on the wire runs even if the caller stops waiting), and the hook answers with a
@@ -11,8 +11,8 @@ use std::ops::Deref;
 use std::time::Duration;
 
 use redbuckets::store::{
-    Channel, HeartbeatReply, Notifications, RebalanceReply, RegisterRequest, Registration,
-    SessionRef,
+    Channel, HeartbeatReply, Holdings, Notifications, RebalanceReply, RegisterRequest,
+    Registration, SessionRef,
 };
 use redbuckets::{Error, GroupKey, GroupSnapshot, Store};
 
@@ -73,6 +73,13 @@ pub enum Call {
         /// The session that ends.
         session: SessionRef,
     },
+    /// [`Store::holdings`].
+    Holdings {
+        /// The group.
+        group: GroupKey,
+        /// The session whose buckets are read.
+        session: SessionRef,
+    },
     /// [`Store::snapshot`].
     Snapshot {
         /// The group.
@@ -89,7 +96,7 @@ pub enum Call {
 
 impl Call {
     /// The call's name: `register`, `heartbeat`, `rebalance`, `release`, `leave`, `deregister`,
-    /// `snapshot` or `subscribe`.
+    /// `holdings`, `snapshot` or `subscribe`.
     pub fn name(&self) -> &'static str {
         match self {
             Call::Register { .. } => "register",
@@ -98,6 +105,7 @@ impl Call {
             Call::Release { .. } => "release",
             Call::Leave { .. } => "leave",
             Call::Deregister { .. } => "deregister",
+            Call::Holdings { .. } => "holdings",
             Call::Snapshot { .. } => "snapshot",
             Call::Subscribe { .. } => "subscribe",
         }
@@ -132,6 +140,9 @@ impl Call {
             Call::Deregister { group, session } => {
                 Reply::Deregister(store.deregister(&group, &session).await?)
             }
+            Call::Holdings { group, session } => {
+                Reply::Holdings(store.holdings(&group, &session).await?)
+            }
             Call::Snapshot { group } => Reply::Snapshot(store.snapshot(&group).await?),
             Call::Subscribe { group, member } => {
                 let channel = member.as_deref().map_or(Channel::Group, Channel::Member);
@@ -154,6 +165,8 @@ pub enum Reply {
     Release(u32),
     /// To [`Call::Deregister`].
     Deregister(()),
+    /// To [`Call::Holdings`].
+    Holdings(Option<Holdings>),
     /// To [`Call::Snapshot`].
     Snapshot(Option<GroupSnapshot>),
     /// To [`Call::Subscribe`].
@@ -232,6 +245,7 @@ reply_of! {
     Rebalance => RebalanceReply,
     Release => u32,
     Deregister => (),
+    Holdings => Option<Holdings>,
     Snapshot => Option<GroupSnapshot>,
     Subscribe => Notifications,
 }
@@ -321,6 +335,15 @@ impl<S: Store, H: Intercept<S>> Store for Intercepted<S, H> {
     async fn deregister(&self, group: &GroupKey, session: &SessionRef) -> Result<(), Error> {
         let (group, session) = (group.clone(), session.clone());
         self.ask(Call::Deregister { group, session }).await
+    }
+
+    async fn holdings(
+        &self,
+        group: &GroupKey,
+        session: &SessionRef,
+    ) -> Result<Option<Holdings>, Error> {
+        let (group, session) = (group.clone(), session.clone());
+        self.ask(Call::Holdings { group, session }).await
     }
 
     async fn snapshot(&self, group: &GroupKey) -> Result<Option<GroupSnapshot>, Error> {

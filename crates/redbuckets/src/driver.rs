@@ -26,7 +26,6 @@
 //! then sleeps until the next of these is due, a notice arrives, a lease handle is dropped, or
 //! the user asks to shut down (`leave`) or aborts.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,8 +42,8 @@ use crate::ledger::Reconcile;
 use crate::member::{ErrorHook, Shared};
 use crate::session::Session;
 use crate::store::{
-    Action, Channel, GroupKey, GroupSnapshot, Notice, Notifications, RegisterRequest, Registration,
-    SessionRef, Store,
+    Action, Channel, GroupKey, Notice, Notifications, RegisterRequest, Registration, SessionRef,
+    Store,
 };
 
 /// The spread of renewal intervals, drawn per renewal around the configured one (±5%), so a
@@ -801,21 +800,23 @@ impl<S: Store> Driver<S> {
     /// Aligns the ledger with the store's owner records after a lost reply: adopts grants we did
     /// not hear of (they are ours, and our deadline has not passed), and drops buckets the store
     /// no longer lists as ours (a release that ran, or foreign edits). Returns the store's
-    /// committed count of ours, as of the same snapshot, when the ledger was aligned.
+    /// committed count of ours, read with the same records, when the ledger was aligned. It
+    /// reads only our own buckets ([`Store::holdings`]), not the group's snapshot.
     async fn resync(&mut self) -> Option<usize> {
         let session = self.session.live().cloned()?;
-        let snapshot = match call(
+        let holdings = match call(
             &self.graceful,
             self.call_deadline(),
-            "snapshot",
-            self.store.snapshot(&self.group),
+            "holdings",
+            self.store.holdings(&self.group, &session),
         )
         .await
         {
-            // A stale group (written by another Redis process) counts as gone: its owners may be
-            // out of date, and the next registration re-creates it.
-            Ok(Some(snapshot)) if !snapshot.stale => snapshot,
-            Ok(_) => {
+            Ok(Some(holdings)) => holdings,
+            // The session ended in the store, or the group is gone or stale (written by another
+            // Redis process: its owners may be out of date, and the next registration
+            // re-creates it).
+            Ok(None) => {
                 self.session_gone(Instant::now());
                 return None;
             }
@@ -828,16 +829,12 @@ impl<S: Store> Driver<S> {
             }
         };
         let now = Instant::now();
-        let Some((stored, committed)) = recorded(&snapshot, &session) else {
-            self.session_gone(now);
-            return None;
-        };
         if self.session.live().is_none() || self.deadline_passed(now) {
             return None;
         }
-        self.shared.apply(|l| l.adopt(&stored, now));
+        self.shared.apply(|l| l.adopt(&holdings.owned, now));
         self.want_rebalance();
-        Some(committed)
+        Some(holdings.committed as usize)
     }
 
     /// Revokes `count` owned buckets (all if `None`): the most recently granted first.
@@ -1118,23 +1115,6 @@ async fn next_notice(subscription: &mut Subscription) -> Option<Notice> {
     }
 }
 
-/// The owner records of `session`'s member in a snapshot (bucket → token), or `None` when the
-/// snapshot does not list the session: it ended in the store.
-fn recorded(snapshot: &GroupSnapshot, session: &SessionRef) -> Option<(BTreeMap<u32, u64>, usize)> {
-    let ours = snapshot
-        .members
-        .iter()
-        .find(|m| m.id == session.member && m.session == session.session)?;
-    let stored = (0u32..)
-        .zip(&snapshot.owners)
-        .filter_map(|(b, o)| {
-            let o = o.as_ref()?;
-            (o.member == session.member).then_some((b, o.token))
-        })
-        .collect();
-    Some((stored, ours.committed as usize))
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -1142,7 +1122,7 @@ mod tests {
 
     use super::*;
     use crate::event::suspend;
-    use crate::store::{HeartbeatReply, RebalanceReply};
+    use crate::store::{HeartbeatReply, Holdings, RebalanceReply};
     use crate::{Event, GroupSnapshot, Member, MemoryStore};
 
     /// A `MemoryStore` with two faults: a host suspend right after a heartbeat ran in the store
@@ -1295,6 +1275,14 @@ mod tests {
         async fn snapshot(&self, group: &GroupKey) -> Result<Option<GroupSnapshot>, Error> {
             self.gate().await;
             self.inner.snapshot(group).await
+        }
+        async fn holdings(
+            &self,
+            group: &GroupKey,
+            session: &SessionRef,
+        ) -> Result<Option<Holdings>, Error> {
+            self.gate().await;
+            self.inner.holdings(group, session).await
         }
         async fn subscribe(
             &self,

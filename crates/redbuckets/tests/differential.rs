@@ -8,20 +8,20 @@
 //! heartbeat (own or stale session, other ttls), rebalance steps (max_take 0, 1, 2, 8,
 //! unbounded), release (the i-th bucket the member holds, buckets another member holds, ids
 //! beyond B, stale sessions), the same as a leave (release and deregister in one step),
-//! deregister, snapshots, and time advancing (so sessions expire and get purged, and the
-//! quarantine of a new group ends; also as "time passes while every member heartbeats" and
-//! "every member takes a rebalance step", which the test runs as plain ops);
-//! up to 5 members, weights 1 to 1,000,000, B from 1 to 65,536 (mostly small).
-//! Not covered: the heartbeat's cap of 100 purged sessions per call (`HEARTBEAT_PURGE` in
-//! common.lua, where `MemoryStore` purges all), and the re-creation of a group after a Redis
+//! deregister, snapshots, a member's holdings (its resync read), and time advancing (so
+//! sessions expire and get purged, and the quarantine of a new group ends; also as "time passes
+//! while every member heartbeats" and "every member takes a rebalance step", which the test
+//! runs as plain ops); up to 5 members, weights 1 to 1,000,000, B from 1 to 65,536 (mostly
+//! small). Not covered: the heartbeat's cap of 100 purged sessions per call (`HEARTBEAT_PURGE`
+//! in common.lua, where `MemoryStore` purges all), and the re-creation of a group after a Redis
 //! restart (run id).
 //!
 //! Compared after each operation: the whole reply (`Registration`, `HeartbeatReply` with
-//! `next_expiry`, `RebalanceReply`, release counts, errors, snapshots) and the notices it
-//! published, counted per channel: the group's channel and each member's wake-ups, so the two
-//! stores must wake exactly the same members. Redis: one `PSUBSCRIBE *` connection, read up to
-//! a marker the test publishes after each op; `MemoryStore`: the notices queued on a
-//! subscription per channel right after it.
+//! `next_expiry`, `RebalanceReply`, release counts, errors, snapshots, holdings by token) and
+//! the notices it published, counted per channel: the group's channel and each member's
+//! wake-ups, so the two stores must wake exactly the same members. Redis: one `PSUBSCRIBE *`
+//! connection, read up to a marker the test publishes after each op; `MemoryStore`: the notices
+//! queued on a subscription per channel right after it.
 //!
 //! Time. The scripts read the server's clock, so the test freezes it: the store is connected
 //! with [`RedisOptions::frozen_clock_for_tests`], which loads the script variants whose clock
@@ -55,8 +55,8 @@ use futures_util::FutureExt;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use redbuckets::store::{
-    Action, Channel, GroupSnapshot, Notice, Notifications, RebalanceReply, RegisterRequest,
-    SessionRef,
+    Action, Channel, GroupSnapshot, Holdings, Notice, Notifications, RebalanceReply,
+    RegisterRequest, SessionRef,
 };
 use redbuckets::{Error, GroupKey, MemoryStore, RedisOptions, RedisStore, Store};
 use redbuckets_testkit::RedisServer;
@@ -141,6 +141,11 @@ enum Op {
     /// Every member that registered takes a rebalance step (as members do after a change).
     Round,
     Snapshot,
+    /// A member's resync read (`stale`: with a nonce that is not its session's).
+    Holdings {
+        m: usize,
+        stale: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -214,7 +219,8 @@ fn op() -> impl Strategy<Value = Op> {
                 known_oldest: false,
             }
         ),
-        1 => (m, stale).prop_map(|(m, stale)| Op::Deregister { m, stale }),
+        1 => (m.clone(), stale).prop_map(|(m, stale)| Op::Deregister { m, stale }),
+        1 => (m, stale).prop_map(|(m, stale)| Op::Holdings { m, stale }),
         4 => ms.prop_map(|ms| Op::Advance { ms }),
         3 => (1u64..=6).prop_map(|thirds| Op::Pass { thirds }),
         2 => Just(Op::Round),
@@ -438,6 +444,21 @@ fn rebalance_outcome(r: Result<RebalanceReply, Error>) -> String {
 }
 
 /// A snapshot with owners reduced to each member's tokens.
+/// A session's holdings by token (bucket ids differ between the stores, see the module docs).
+fn holdings_outcome(r: Result<Option<Holdings>, Error>) -> String {
+    match r {
+        Ok(Some(h)) => {
+            let mut tokens: BTreeMap<u64, usize> = BTreeMap::new();
+            for token in h.owned.values() {
+                *tokens.entry(*token).or_default() += 1;
+            }
+            format!("committed {} tokens {tokens:?}", h.committed)
+        }
+        Ok(None) => "not live".into(),
+        Err(e) => format!("error: {e}"),
+    }
+}
+
 fn snapshot_outcome(r: Result<Option<GroupSnapshot>, Error>) -> String {
     match r {
         Ok(Some(s)) => {
@@ -662,6 +683,12 @@ impl<'h> Run<'h> {
                 let a = h.memory_rt.block_on(mem.snapshot(g));
                 let b = h.redis_rt.block_on(red.snapshot(g));
                 (snapshot_outcome(a), snapshot_outcome(b))
+            }
+            Op::Holdings { m, stale } => {
+                let s = self.session(*m, *stale);
+                let a = h.memory_rt.block_on(mem.holdings(g, &s));
+                let b = h.redis_rt.block_on(red.holdings(g, &s));
+                (holdings_outcome(a), holdings_outcome(b))
             }
         }
     }

@@ -1495,3 +1495,57 @@ async fn a_bucket_freed_twice_in_one_call_is_granted_once() {
         .iter()
         .all(|o| o.as_ref().is_some_and(|o| o.member == "c")));
 }
+
+/// A member's resync read: its own buckets with their tokens and its committed count, the same
+/// as the snapshot tells; nothing for another nonce, an expired session or stale data; and it
+/// writes nothing (no purge of the expired session, no re-creation of the stale group).
+#[tokio::test]
+async fn holdings_are_a_sessions_own_buckets_read_without_a_write() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let mut con = raw(&server.url()).await;
+    let g = GroupKey::new("t", "holdings");
+    let (a, b) = (session("a", "1"), session("b", "1"));
+    for s in [&a, &b] {
+        store
+            .register(&g, &request(s, 1, 8))
+            .await
+            .expect("register");
+    }
+    lift_quarantine(&mut con, &g).await;
+    for s in [&a, &b] {
+        store.rebalance(&g, s, u32::MAX).await.expect("rebalance");
+    }
+    let snap = store.snapshot(&g).await.expect("snapshot").expect("group");
+    for s in [&a, &b] {
+        let held = store.holdings(&g, s).await.expect("holdings");
+        assert_eq!(held, snap.holdings(s), "{}", s.member);
+        let held = held.expect("live");
+        assert_eq!((held.owned.len(), held.committed), (4, 4));
+    }
+    assert_eq!(
+        store
+            .holdings(&g, &session("a", "2"))
+            .await
+            .expect("holdings"),
+        None
+    );
+
+    let tag = g.tag();
+    redis_cmd(&mut con, &["ZADD", &format!("{tag}:exp"), "1", "b"]).await;
+    assert_eq!(store.holdings(&g, &b).await.expect("holdings"), None);
+    assert_eq!(
+        redis_cmd(&mut con, &["SCARD", &format!("{tag}:held:b")]).await,
+        redis::Value::Int(4),
+        "the expired session was purged"
+    );
+
+    let meta = format!("{tag}:meta");
+    redis_cmd(&mut con, &["HSET", &meta, "run_id", "another-process"]).await;
+    assert_eq!(store.holdings(&g, &a).await.expect("holdings"), None);
+    assert_eq!(
+        redis_cmd(&mut con, &["HGET", &meta, "run_id"]).await,
+        redis::Value::BulkString(b"another-process".to_vec()),
+        "the stale group was re-created"
+    );
+}

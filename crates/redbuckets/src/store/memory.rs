@@ -14,8 +14,8 @@ use crate::config::PROTOCOL_VERSION;
 use crate::error::Error;
 use crate::share::{self, Load};
 use crate::store::{
-    Action, Channel, GroupKey, GroupSnapshot, HeartbeatReply, MemberInfo, Notice, Notifications,
-    Owner, RebalanceReply, RegisterRequest, Registration, SessionRef, Store,
+    Action, Channel, GroupKey, GroupSnapshot, HeartbeatReply, Holdings, MemberInfo, Notice,
+    Notifications, Owner, RebalanceReply, RegisterRequest, Registration, SessionRef, Store,
 };
 
 /// An in-process store with the semantics of [`crate::RedisStore`]: for tests, simulations,
@@ -643,6 +643,38 @@ impl Store for MemoryStore {
     /// Read-only, as snapshot.lua: nothing is purged and nobody notified; the group is shown as
     /// the next purge would leave it (expired members left out, their buckets free, the version
     /// bumped once per such member).
+    /// The session's held set with each owner record's token, O(held) (mirrors `holdings.lua`).
+    async fn holdings(
+        &self,
+        group: &GroupKey,
+        session: &SessionRef,
+    ) -> Result<Option<Holdings>, Error> {
+        let now = Instant::now();
+        let inner = self.lock();
+        let Some(state) = inner.groups.get(group) else {
+            return Ok(None);
+        };
+        let Some(m) = state
+            .members
+            .get(&session.member)
+            .filter(|m| m.session == session.session && m.expires > now)
+        else {
+            return Ok(None);
+        };
+        let owned = m
+            .held
+            .iter()
+            .filter_map(|&b| match state.owners.get(b as usize) {
+                Some(Some((owner, token))) if *owner == session.member => Some((b, *token)),
+                _ => None,
+            })
+            .collect();
+        Ok(Some(Holdings {
+            owned,
+            committed: m.committed,
+        }))
+    }
+
     async fn snapshot(&self, group: &GroupKey) -> Result<Option<GroupSnapshot>, Error> {
         let now = Instant::now();
         let inner = self.lock();

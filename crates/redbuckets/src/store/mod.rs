@@ -33,6 +33,7 @@ pub(crate) mod memory;
 pub(crate) mod protocol;
 pub(crate) mod redis;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
@@ -279,6 +280,43 @@ impl GroupSnapshot {
     pub fn free(&self) -> usize {
         self.owners.iter().filter(|o| o.is_none()).count()
     }
+
+    /// What `session` holds, as this snapshot records it: `None` when the snapshot does not
+    /// list the session (it ended, or expired) or its data is [`stale`](Self::stale). The
+    /// default of [`Store::holdings`].
+    #[must_use]
+    pub fn holdings(&self, session: &SessionRef) -> Option<Holdings> {
+        if self.stale {
+            return None;
+        }
+        let ours = self
+            .members
+            .iter()
+            .find(|m| m.id == session.member && m.session == session.session)?;
+        let owned = (0u32..)
+            .zip(&self.owners)
+            .filter_map(|(b, o)| {
+                let o = o.as_ref()?;
+                (o.member == session.member).then_some((b, o.token))
+            })
+            .collect();
+        Some(Holdings {
+            owned,
+            committed: ours.committed,
+        })
+    }
+}
+
+/// What one live session holds, as the store records it ([`Store::holdings`]): what a member
+/// reads to align itself with the store after a lost reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Holdings {
+    /// Each bucket of the session whose owner record names its member, with the token of that
+    /// record.
+    pub owned: BTreeMap<u32, u64>,
+    /// The session's committed count: what it holds minus the releases the store expects.
+    pub committed: u32,
 }
 
 /// A notice on a subscription.
@@ -416,6 +454,22 @@ pub trait Store: Clone + Send + Sync + 'static {
         &self,
         group: &GroupKey,
     ) -> impl Future<Output = Result<Option<GroupSnapshot>, Error>> + Send;
+
+    /// What `session` holds as the store records it, read without changing anything; `None`
+    /// when the session is not live in the store (it ended or expired, the group is gone, or
+    /// its data is stale, as [`GroupSnapshot::stale`] tells). A member reads it to align
+    /// itself after a lost reply. The default reads the whole [`Store::snapshot`], O(B); a
+    /// store should read only the session's own buckets.
+    fn holdings(
+        &self,
+        group: &GroupKey,
+        session: &SessionRef,
+    ) -> impl Future<Output = Result<Option<Holdings>, Error>> + Send {
+        async move {
+            let snapshot = self.snapshot(group).await?;
+            Ok(snapshot.and_then(|s| s.holdings(session)))
+        }
+    }
 
     /// Subscribes to the group's change notices, or to one member's wake-ups.
     fn subscribe(

@@ -22,8 +22,10 @@
 //! | release | member, nonce, known (highest token applied), bucket... | count freed (none granted under a higher token) |
 //! | leave | member, nonce, bucket... | count of the named buckets freed (the session ends, freeing all it held) |
 //! | deregister | member, nonce | `1` if removed, else `0` |
+//! | holdings | member, nonce | `{}` (the session is not live, or the data is stale) or `{committed, bucket, token, ...}`: the buckets of the session's held set whose owner record names the member |
 //! | snapshot | none | `{}` (no group) or `{buckets, protocol, ver, quarantine_us, members, owner_flat, stale 0\|1}`: members = `{id, nonce, weight, held, committed, expires_in_ms, age_ms}...`, owner_flat = `bucket, "<token> <member>", ...` |
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ::redis::Value;
@@ -31,7 +33,8 @@ use ::redis::Value;
 use crate::config::MAX_BUCKETS;
 use crate::error::Error;
 use crate::store::{
-    Action, GroupKey, GroupSnapshot, HeartbeatReply, MemberInfo, Notice, Owner, RebalanceReply,
+    Action, GroupKey, GroupSnapshot, HeartbeatReply, Holdings, MemberInfo, Notice, Owner,
+    RebalanceReply,
 };
 
 /// The suffixes of the keys every script gets as `KEYS`, in order: `<tag>:<suffix>`.
@@ -320,6 +323,28 @@ pub(crate) fn release(reply: &Value) -> Result<u32, ReplyError> {
     uint(reply)
         .and_then(|n| u32::try_from(n).ok())
         .ok_or_else(|| layout("release", format!("not a count: {}", short(reply))))
+}
+
+/// Decodes the holdings script's reply; `None` when the session is not live in the store.
+pub(crate) fn holdings(reply: &Value) -> Result<Option<Holdings>, ReplyError> {
+    const CALL: &str = "holdings";
+    let f = Fields::of(CALL, reply)?;
+    if f.items.is_empty() {
+        return Ok(None);
+    }
+    let committed = f.u32(0, "committed")?;
+    if f.items.len() % 2 != 1 {
+        return Err(layout(CALL, "odd bucket list".into()));
+    }
+    let mut owned = BTreeMap::new();
+    for i in (1..f.items.len()).step_by(2) {
+        let bucket = f.u32(i, "bucket")?;
+        if bucket >= MAX_BUCKETS {
+            return Err(layout(CALL, format!("bucket {bucket} is out of range")));
+        }
+        owned.insert(bucket, f.u64(i + 1, "token")?);
+    }
+    Ok(Some(Holdings { owned, committed }))
 }
 
 /// Decodes the snapshot script's reply; `None` when the group does not exist.
@@ -715,6 +740,21 @@ mod tests {
             a(owners),
             int(stale),
         ])
+    }
+
+    #[test]
+    fn holdings_replies() {
+        assert_eq!(holdings(&a(vec![])), Ok(None));
+        let h = holdings(&a(vec![s("1"), s("5"), s("17"), int(9), s("18")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.committed, 1);
+        assert_eq!(h.owned, BTreeMap::from([(5, 17), (9, 18)]));
+        assert!(message(holdings(&a(vec![s("1"), s("5")]))).contains("odd bucket list"));
+        assert!(message(holdings(&a(vec![s("1"), s("70000"), s("3")]))).contains("out of range"));
+        assert!(message(holdings(&a(vec![s("1"), s("x"), s("3")]))).contains("bucket"));
+        assert!(message(holdings(&a(vec![s("-1")]))).contains("committed"));
+        assert!(message(holdings(&s("lost"))).contains("not an array"));
     }
 
     #[test]

@@ -79,8 +79,8 @@ pub struct Counters {
     pub delayed: AtomicU64,
     pub partitioned: AtomicU64,
     pub ran_unheard: AtomicU64,
-    /// Snapshots read by members (resynchronisations after a lost reply).
-    pub snapshots: AtomicU64,
+    /// Holdings read by members (resynchronisations after a lost reply).
+    pub resyncs: AtomicU64,
     /// Wake-ups lost, and delivered twice.
     pub lost_notices: AtomicU64,
     pub duplicated_notices: AtomicU64,
@@ -391,8 +391,8 @@ impl Link {
     async fn wire_call(&self, inner: &MemoryStore, call: Call) -> Result<Reply, Error> {
         let name = call.name();
         let inner = inner.clone();
-        if name == "snapshot" {
-            Counters::bump(&self.counters.snapshots);
+        if name == "holdings" {
+            Counters::bump(&self.counters.resyncs);
         }
         let _busy = Busy::new(&self.busy);
         let mut plan = self.plan()?;
@@ -447,7 +447,7 @@ impl Intercept<MemoryStore> for Link {
             }
             _ => {}
         }
-        // Members read snapshots to resynchronise after a lost reply; those reads meet the
+        // Members read their holdings to resynchronise after a lost reply; those reads meet the
         // same faults as every other call.
         let mut reply = self.wire_call(inner, call).await?;
         match &mut reply {

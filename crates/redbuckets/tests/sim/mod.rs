@@ -1075,7 +1075,7 @@ impl World {
             ("delayed", &c.delayed),
             ("partitioned calls", &c.partitioned),
             ("ran unheard", &c.ran_unheard),
-            ("resync snapshots", &c.snapshots),
+            ("resyncs", &c.resyncs),
             ("lost wake-ups", &c.lost_notices),
             ("duplicated wake-ups", &c.duplicated_notices),
         ] {

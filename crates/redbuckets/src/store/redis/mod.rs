@@ -7,19 +7,19 @@
 //! [`crate::share`].
 //!
 //! # Functions, and EVALSHA where they are refused
-//! `scripts.rs` composes them into one Redis function library, `redbuckets_<version>` (the
-//! version: the first 12 hex digits of the SHA1 of its text), with one function
-//! `rb_<version>_<script>` per script; `snapshot` is flagged `no-writes`, so Redis refuses any
-//! write in it. A call is one `FCALL`. The prelude is compiled once, when the library loads,
-//! instead of on every call (~11 µs of server time each as an EVAL script), and
-//! `server_run_id()`, the `INFO server` (~13 µs) behind the staleness check, runs once per Redis
-//! process: the library's Lua state keeps it, and a restart, a `FUNCTION FLUSH` or another server
-//! starts afresh. It is never sent by the client, which could hold a restarted server's old id.
-//! When the server answers that the function does not exist (a restart without persistence,
-//! `FUNCTION FLUSH`, a failover to a replica without it) the store loads the library, taking
-//! "already exists" from a concurrent loader as success, and calls once more. Versioned names
-//! let two redbuckets versions (a rolling upgrade) or the two clock variants load side by side;
-//! old versions stay loaded until someone deletes them (`FUNCTION DELETE`).
+//! `scripts.rs` composes them into one Redis function library, `redbuckets_<version>` (the version:
+//! the first 12 hex digits of the SHA1 of its text), with one function `rb_<version>_<script>` per
+//! script; `snapshot` and `holdings` are flagged `no-writes`, so Redis refuses any write in them. A
+//! call is one `FCALL`. The prelude is compiled once, when the library loads, instead of on every
+//! call (~11 µs of server time each as an EVAL script), and `server_run_id()`, the `INFO server`
+//! (~13 µs) behind the staleness check, runs once per Redis process: the library's Lua state keeps
+//! it, and a restart, a `FUNCTION FLUSH` or another server starts afresh. It is never sent by the
+//! client, which could hold a restarted server's old id. When the server answers that the function
+//! does not exist (a restart without persistence, `FUNCTION FLUSH`, a failover to a replica without
+//! it) the store loads the library, taking "already exists" from a concurrent loader as success,
+//! and calls once more. Versioned names let two redbuckets versions (a rolling upgrade) or the two
+//! clock variants load side by side; old versions stay loaded until someone deletes them (`FUNCTION
+//! DELETE`).
 //!
 //! Where functions are refused (FCALL or FUNCTION unknown or renamed, an ACL user without them,
 //! any other refusal of `FUNCTION LOAD`), the store logs a warning and uses the EVAL form
@@ -118,7 +118,7 @@ use crate::config::PROTOCOL_VERSION;
 use crate::error::Error;
 use crate::store::protocol::{self, RegisterReply};
 use crate::store::{
-    Channel, GroupKey, GroupSnapshot, HeartbeatReply, Notifications, RebalanceReply,
+    Channel, GroupKey, GroupSnapshot, HeartbeatReply, Holdings, Notifications, RebalanceReply,
     RegisterRequest, Registration, SessionRef, Store,
 };
 
@@ -717,6 +717,18 @@ impl Store for RedisStore {
         self.run(group, "deregister", ScriptId::Deregister, &args)
             .await
             .map(|_| ())
+    }
+
+    async fn holdings(
+        &self,
+        group: &GroupKey,
+        session: &SessionRef,
+    ) -> Result<Option<Holdings>, Error> {
+        let args = [session.member.clone(), session.session.clone()];
+        let reply = self
+            .run(group, "holdings", ScriptId::Holdings, &args)
+            .await?;
+        protocol::holdings(&reply).map_err(|e| e.into_error(group))
     }
 
     async fn snapshot(&self, group: &GroupKey) -> Result<Option<GroupSnapshot>, Error> {

@@ -27,12 +27,14 @@ pub(super) enum ScriptId {
     Leave,
     Deregister,
     Snapshot,
+    /// A session's own buckets, read-only: the member's resync.
+    Holdings,
 }
 
 impl ScriptId {
     /// Every script (for tests).
     #[cfg(test)]
-    pub(super) const ALL: [ScriptId; 8] = [
+    pub(super) const ALL: [ScriptId; 9] = [
         ScriptId::Register,
         ScriptId::Heartbeat,
         ScriptId::HeartbeatFast,
@@ -41,6 +43,7 @@ impl ScriptId {
         ScriptId::Leave,
         ScriptId::Deregister,
         ScriptId::Snapshot,
+        ScriptId::Holdings,
     ];
 }
 
@@ -55,7 +58,7 @@ struct Body {
 }
 
 /// Every script, in `ScriptId` order.
-const BODIES: [Body; 8] = [
+const BODIES: [Body; 9] = [
     Body {
         id: ScriptId::Register,
         name: "register",
@@ -104,6 +107,12 @@ const BODIES: [Body; 8] = [
         id: ScriptId::Snapshot,
         name: "snapshot",
         text: include_str!("../lua/snapshot.lua"),
+        read_only: true,
+    },
+    Body {
+        id: ScriptId::Holdings,
+        name: "holdings",
+        text: include_str!("../lua/holdings.lua"),
         read_only: true,
     },
 ];
