@@ -12,7 +12,8 @@
 //! steps: nothing to move), then one more member joins: `register (join)` (it commits the
 //! others' releases and wakes them), `rebalance (release)` (their steps report it), `release`,
 //! `rebalance (take)` (the newcomer takes, then all stay), and `leave` (the newcomer leaves
-//! gracefully: its buckets are freed and granted to the others in one call).
+//! gracefully: its buckets are freed and granted to the others in one call), then each member's
+//! `holdings (resync)` read and one `snapshot`, the read it replaces.
 
 use std::time::Duration;
 
@@ -179,6 +180,15 @@ async fn measure(extra: &[&str], n: usize, buckets: u32) {
     let mine = held.remove(&newcomer.member).unwrap_or_default();
     store.leave(&g, &newcomer, &mine).await.expect("leave");
     report(&server, "leave");
+
+    // A member's resync read after a lost reply: its own buckets, against the whole snapshot
+    // it read before `Store::holdings`.
+    for m in &members {
+        store.holdings(&g, m).await.expect("holdings");
+    }
+    report(&server, "holdings (resync)");
+    store.snapshot(&g).await.expect("snapshot");
+    report(&server, "snapshot");
 }
 
 #[tokio::main]
