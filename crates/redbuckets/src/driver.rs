@@ -884,7 +884,8 @@ impl<S: Store> Driver<S> {
                 }
             }
             Err(e) => {
-                self.shared.lock().ledger.release_failed(&buckets);
+                // No drain extension from now on (`Ledger::begin_release`): the release may
+                // have run unheard.
                 self.report(e);
                 self.release_retry_at =
                     Instant::now() + self.retries.release.next(&mut self.jitter);
@@ -1139,6 +1140,8 @@ mod tests {
         /// The next release frees its first bucket in a call of its own first, whose reply is
         /// lost: a release that ran unheard. The release itself then frees one fewer.
         release_unheard: Arc<AtomicBool>,
+        /// The next release runs in the store, and its reply is lost (an error).
+        release_reply_lost: Arc<AtomicBool>,
         /// Calls waiting on the hung store.
         hanging: Arc<AtomicUsize>,
         /// Every call takes this long (ms), as over a network.
@@ -1247,7 +1250,13 @@ mod tests {
                     .release(group, session, &buckets[..1], known)
                     .await?;
             }
-            self.inner.release(group, session, buckets, known).await
+            let freed = self.inner.release(group, session, buckets, known).await;
+            if self.release_reply_lost.swap(false, Ordering::SeqCst) {
+                return Err(Error::Unavailable {
+                    detail: "test: reply lost".into(),
+                });
+            }
+            freed
         }
         async fn leave(
             &self,
@@ -1649,6 +1658,43 @@ mod tests {
                 lease.extend_drain(Duration::from_secs(5)),
                 None,
                 "bucket {bucket}: a drain promised while its release is in flight"
+            );
+        }
+        drop(leases);
+        other.abort();
+        member.abort();
+    }
+
+    /// Regression (review, session 5): after a release whose reply was lost, a lease asking
+    /// for more drain was promised it, while the store had freed the bucket and granted it to
+    /// another member, whose work would not wait. Once a release was sent, none is promised.
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_extension_after_a_failed_release_is_refused() {
+        let store = TestStore::default();
+        let member = owner(&store).await;
+        let leases: Vec<_> = (0..4).map(|b| member.lease(b).expect("owned")).collect();
+        let mut events = member.events();
+        store.release_reply_lost.store(true, Ordering::SeqCst);
+        let other = builder(&store, "b").start().await.expect("start b");
+        while store.release_reply_lost.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // The failed call's error is taken in; its retry comes after a backoff.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(store.releases_sent.load(Ordering::SeqCst), 1);
+        let revoked: Vec<u32> = drain(&mut events)
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Revoked { bucket, .. } => Some(bucket),
+                _ => None,
+            })
+            .collect();
+        assert!(!revoked.is_empty(), "nothing revoked");
+        for bucket in &revoked {
+            assert_eq!(
+                leases[*bucket as usize].extend_drain(Duration::from_secs(5)),
+                None,
+                "bucket {bucket}: a drain promised after its release may have run"
             );
         }
         drop(leases);

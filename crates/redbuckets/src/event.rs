@@ -378,7 +378,8 @@ impl Lease {
     /// once it is revoked, for in-flight work longer than the member's drain time. Capped at the
     /// member's `max_drain`; never shortens the drain. Callable before or after the revoke.
     /// Returns the drain this grant now has, or `None` if the grant has ended (released, lost),
-    /// its release is already under way, or the member has stopped. A graceful shutdown does
+    /// its release was sent already (also when that call failed: it may have run unheard, and
+    /// the bucket moved on), or the member has stopped. A graceful shutdown does
     /// not wait for extensions: its drain stays the drain time, within the shutdown timeout.
     ///
     /// Ownership still ends at the revoke (the lease is cancelled then): the extension only

@@ -44,7 +44,7 @@ pub(crate) struct Held {
     pub(crate) cancel: CancellationToken,
     /// The lease handles given out for this grant; none alive once every one is dropped.
     pub(crate) guard: Weak<LeaseGuard>,
-    /// A release of it is in flight (the store is called without the lock): a drain
+    /// A release of it was sent (in flight, or failed and maybe run unheard): a drain
     /// extension can no longer be kept, so none is promised.
     pub(crate) releasing: bool,
 }
@@ -234,8 +234,10 @@ impl Ledger {
 
     /// Picks the buckets the driver releases now — the releasable ones at `ready_at`, or every
     /// held bucket (the leave) — and marks them: the store call runs without the lock, and a
-    /// drain extension meanwhile is refused, not promised time the bucket no longer has, until
-    /// `release_failed`.
+    /// drain extension meanwhile is refused, not promised time the bucket no longer has. Also
+    /// after a failed release: a call that timed out may have run unheard, and the store may
+    /// have given the bucket to another member already, whose work would not wait for it. The
+    /// bucket drains on until a retried release frees it.
     pub(crate) fn begin_release(&mut self, ready_at: Option<Instant>) -> Vec<u32> {
         let buckets = match ready_at {
             Some(now) => self.releasable(now),
@@ -247,15 +249,6 @@ impl Ledger {
             }
         }
         buckets
-    }
-
-    /// The release of `buckets` failed: they drain on, and may be extended again.
-    pub(crate) fn release_failed(&mut self, buckets: &[u32]) {
-        for bucket in buckets {
-            if let Some(held) = self.held.get_mut(bucket) {
-                held.releasing = false;
-            }
-        }
     }
 
     /// Draining buckets ready for their release: no live handle, or the drain time is over.
@@ -382,7 +375,7 @@ impl Ledger {
 
     /// A lease of grant `token` of `bucket` asks for a drain of `drain` (capped by the caller)
     /// from its revoke; `base` is the member's drain time. Returns the grant's drain now, or
-    /// `None` if the grant has ended or its release is in flight (the time could not be kept).
+    /// `None` if the grant has ended or its release was sent (the time could not be kept).
     /// A draining bucket's release moves out; never in.
     pub(crate) fn extend_drain(
         &mut self,
@@ -644,12 +637,12 @@ mod tests {
         assert_eq!(l.extend_drain(2, 10, ms(50), ms(100)), Some(ms(300)));
         assert_eq!(l.releasable(now + ms(299)), Vec::<u32>::new());
         assert_eq!(l.next_release(now), Some(now + ms(300)));
-        // While its release is in flight, no extension is promised; after a failed release the
-        // bucket drains on and may be extended again.
-        l.begin_release(Some(now + ms(300)));
+        // Once its release was sent, no extension is promised: not while it is in flight, nor
+        // after it failed (it may have run unheard, and the bucket moved on).
+        assert_eq!(l.begin_release(Some(now + ms(300))), vec![2]);
         assert_eq!(l.extend_drain(2, 10, ms(900), ms(100)), None);
-        l.release_failed(&[2]);
-        assert_eq!(l.extend_drain(2, 10, ms(900), ms(100)), Some(ms(900)));
+        assert_eq!(l.begin_release(Some(now + ms(300))), vec![2], "retried");
+        assert_eq!(l.extend_drain(2, 10, ms(900), ms(100)), None);
     }
 
     #[test]
