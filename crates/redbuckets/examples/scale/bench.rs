@@ -431,7 +431,12 @@ impl Fleet {
         problems
     }
 
-    fn acquisitions(&self, from: Instant, to: Instant) -> usize {
+    /// Buckets acquired in `[from, to]` (the members' own event times). Counted a moment
+    /// later: the balance is read from the members, and their events reach the timeline
+    /// through channels that may still hold the last of them (a cold start at 100 members
+    /// once counted 50,529 of 65,536).
+    async fn acquisitions(&self, from: Instant, to: Instant) -> usize {
+        tokio::time::sleep(Duration::from_millis(300)).await;
         self.timeline
             .lock()
             .map(|t| t.acquisitions(from, to))
@@ -559,9 +564,9 @@ pub async fn run(cfg: Config) -> Result<Report, String> {
         redis_cpu_s: d.cpu_s,
         usec_per_call: if d.calls > 0.0 { d.usec / d.calls } else { 0.0 },
         publish: d.publish,
-        moved: fleet.acquisitions(began, balanced_at),
-        optimal: cfg.buckets as usize,
         member_cpu_s: process_cpu_s() - cpu_at_start,
+        moved: fleet.acquisitions(began, balanced_at).await,
+        optimal: cfg.buckets as usize,
         by_script: ByScript::new(),
     };
     if cold_balanced.is_none() {
@@ -699,9 +704,9 @@ async fn measure_change(
         redis_cpu_s: d.cpu_s,
         usec_per_call: if d.calls > 0.0 { d.usec / d.calls } else { 0.0 },
         publish: d.publish,
-        moved: fleet.acquisitions(began, balanced_at),
-        optimal,
         member_cpu_s: process_cpu_s() - cpu_a,
+        moved: fleet.acquisitions(began, balanced_at).await,
+        optimal,
         by_script,
     })
 }
