@@ -16,14 +16,14 @@
 //!   lone `PING` round trip under the same idle conditions.
 //! - `renewals` (defaults 1,000 members, 667 calls/s = 1,000 renewals every 1.5 s, the ttl-3 s
 //!   setting of the scale benchmark): Redis CPU for that many `PING`s a second from that many
-//!   connections (and as many idle ones, as each member also holds a subscription), each
-//!   connection calling once per interval with a random phase and ±5% jitter, as renewals do.
-//!   `PING` is the least a round trip can cost Redis: what the renewals cost above it is the
-//!   script. With a slot (ms), each call waits for the next multiple of it, so calls that fall
-//!   in one slot reach Redis together and it wakes once for all of them. `call` is `ping`
-//!   (default), or `fcall`: a function that returns at once, called with a renewal's 8 keys and
-//!   4 arguments, the least a script round trip can cost (what a renewal costs above it is the
-//!   work in its body).
+//!   connections (and as many idle ones, each subscribed to a channel of its own, as each
+//!   member holds a subscription), each connection calling once per interval with a random
+//!   phase and ±5% jitter, as renewals do. `PING` is the least a round trip can cost Redis:
+//!   what the renewals cost above it is the script. With a slot (ms), each call waits for the
+//!   next multiple of it, so calls that fall in one slot reach Redis together and it wakes once
+//!   for all of them. `call` is `ping` (default), or `fcall`: a function that returns at once,
+//!   called with a renewal's 8 keys and 4 arguments, the least a script round trip can cost
+//!   (what a renewal costs above it is the work in its body).
 //!
 //! Each run starts a `redis-server` of its own (the testkit's).
 
@@ -205,10 +205,15 @@ async fn renewals(
         .query_async(&mut client.get_multiplexed_async_connection().await?)
         .await?;
     let mut conns = Vec::with_capacity(members);
+    // Each member's second connection: subscribed to a channel of its own, as a member's
+    // wake-up subscription is (Redis accounts a subscriber's memory in its cron, every client
+    // each second).
     let mut idle = Vec::with_capacity(members);
-    for _ in 0..members {
+    for i in 0..members {
         conns.push(client.get_multiplexed_async_connection().await?);
-        idle.push(client.get_multiplexed_async_connection().await?);
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(format!("floor:wake:m{i}")).await?;
+        idle.push(pubsub);
     }
     let info = || RedisInfo::parse(server.cli(&["INFO", "all"]));
     let window = Duration::from_secs(10);
@@ -227,9 +232,10 @@ async fn renewals(
     let interval = Duration::from_secs_f64(members as f64 / rate);
     let epoch = Instant::now();
     let slot = Duration::from_millis(slot_ms);
+    let mut callers = Vec::with_capacity(members);
     for mut conn in conns {
         let cmd = cmd.clone();
-        tokio::spawn(async move {
+        callers.push(tokio::spawn(async move {
             let mut rng = rand::rngs::StdRng::from_entropy();
             let mut at = epoch + interval.mul_f64(rng.gen::<f64>());
             loop {
@@ -247,12 +253,16 @@ async fn renewals(
                 }
                 at += interval.mul_f64(1.0 + 0.1 * (rng.gen::<f64>() - 0.5));
             }
-        });
+        }));
     }
     tokio::time::sleep(interval * 2).await;
     let a = info();
     tokio::time::sleep(window).await;
     let (calls, cpu) = measure(a, info());
+    // Stopped before the server is: their calls would fail (and say so) as it goes.
+    for caller in callers {
+        caller.abort();
+    }
     drop(idle);
     let slot = if slot_ms == 0 {
         "spread (no slot)".to_string()
