@@ -34,6 +34,7 @@ python3 bench/handoff/run.py target/release/redbuckets 3
 
 echo "== 3. floors"
 target/release/examples/floor handoff
+target/release/examples/floor handover 204 4
 for rate in 667 200; do
   for call in ping fcall; do
     target/release/examples/floor renewals 1000 "$rate" 0 "$call"

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! cargo run --release -p redbuckets --example floor -- handoff [rounds]
+//! cargo run --release -p redbuckets --example floor -- handover [buckets] [takers] [rounds]
 //! cargo run --release -p redbuckets --example floor -- renewals [members] [calls/s] [slot ms] [call]
 //! ```
 //!
@@ -14,6 +15,11 @@
 //!   process, subscribed, answers each notice with a `PING` on its other connection, and the
 //!   time from the publisher's send to the subscriber's `PING` reply is the floor. Also prints a
 //!   lone `PING` round trip under the same idle conditions.
+//! - `handover` (defaults 204 buckets, 4 takers, 100 rounds): the least a graceful leave's
+//!   handover can take. One process calls a function that does only the writes an atomic
+//!   handover needs (each bucket's new owner record, the takers' held sets) and publishes one
+//!   notice per taker with its buckets; the takers are processes of their own, subscribed, and
+//!   each bucket's time runs from the call's send to its taker's receipt of the notice.
 //! - `renewals` (defaults 1,000 members, 667 calls/s = 1,000 renewals every 1.5 s, the ttl-3 s
 //!   setting of the scale benchmark): Redis CPU for that many `PING`s a second from that many
 //!   connections (and as many idle ones, each subscribed to a channel of its own, as each
@@ -74,12 +80,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let call = std::env::args().nth(5).unwrap_or_else(|| "ping".into());
             renewals(arg(2, 1000), arg(3, 667.0), arg(4, 0), &call).await
         }
+        Some("handover") => handover(arg(2, 204), arg(3, 4), arg(4, 100)).await,
         // The second process of `handoff`.
         Some("taker") => {
             let url = std::env::args().nth(2).ok_or("taker needs the URL")?;
             taker(&url).await
         }
-        Some(other) => Err(format!("unknown probe {other}: handoff or renewals").into()),
+        // One taker process of `handover`.
+        Some("handover-taker") => {
+            let url = std::env::args()
+                .nth(2)
+                .ok_or("handover-taker needs the URL")?;
+            handover_taker(&url, arg(3, 0)).await
+        }
+        Some(other) => Err(format!("unknown probe {other}: handoff, handover or renewals").into()),
     }
 }
 
@@ -104,6 +118,141 @@ async fn taker(url: &str) -> Result<(), Box<dyn std::error::Error>> {
         writeln!(out, "{sent} {done}")?;
         out.flush()?;
     }
+    Ok(())
+}
+
+/// The least work of an atomic handover of `buckets` buckets to `takers` members, as one
+/// function: each bucket's new owner record, each taker's held set, the leaver's set deleted,
+/// and one notice per taker naming its buckets. No reads, no checks: what redbuckets' `leave`
+/// does beyond this (it checks each owner record, frees the buckets, counts the shares and
+/// picks the takers) is its own cost.
+const HANDOVER_LIBRARY: &str = "#!lua name=floor_handover
+redis.register_function('floor_handover', function(keys, args)
+  local sent, buckets, takers = args[1], tonumber(args[2]), tonumber(args[3])
+  local pairs_, ids = {}, {}
+  for k = 0, takers - 1 do
+    pairs_[k], ids[k] = {}, {}
+  end
+  for b = 0, buckets - 1 do
+    local k = b % takers
+    local id = tostring(b)
+    table.insert(pairs_[k], id)
+    table.insert(pairs_[k], sent .. ' t' .. k)
+    table.insert(ids[k], id)
+  end
+  for k = 0, takers - 1 do
+    redis.call('HSET', keys[1], unpack(pairs_[k]))
+    redis.call('SADD', keys[2] .. k, unpack(ids[k]))
+  end
+  redis.call('DEL', keys[3])
+  for k = 0, takers - 1 do
+    redis.call('PUBLISH', 'floor:t' .. k, sent .. ' ' .. table.concat(ids[k], ' '))
+  end
+  return buckets
+end)";
+
+/// A taker of `handover`: prints `<sent µs> <received µs> <buckets>` for each notice.
+async fn handover_taker(url: &str, k: usize) -> Result<(), Box<dyn std::error::Error>> {
+    use futures_util::StreamExt;
+    let client = redis::Client::open(url)?;
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(format!("floor:t{k}")).await?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ready")?;
+    out.flush()?;
+    let mut messages = pubsub.on_message();
+    while let Some(msg) = messages.next().await {
+        let payload: String = msg.get_payload()?;
+        if payload == "end" {
+            break;
+        }
+        // Read as a member reads a grant: the token, then every bucket id.
+        let mut words = payload.split(' ');
+        let sent = words.next().unwrap_or("0").to_string();
+        let ids: Vec<u32> = words.filter_map(|w| w.parse().ok()).collect();
+        let received = unix_us();
+        writeln!(out, "{sent} {received} {}", ids.len())?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// `handover`: one process calls the handover function (100 ms apart, so every process is idle
+/// as in a real leave), `takers` subscribed processes receive their notices; per bucket, the
+/// time from the call's send to its taker's receipt, as the handoff bench counts a bucket's
+/// time unowned from the old owner's `revoked`.
+async fn handover(
+    buckets: usize,
+    takers: usize,
+    rounds: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let server = RedisServer::start();
+    let url = server.url();
+    let client = redis::Client::open(url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let _: String = redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg(HANDOVER_LIBRARY)
+        .query_async(&mut conn)
+        .await?;
+    let mut children = Vec::with_capacity(takers);
+    for k in 0..takers {
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["handover-taker", &url, &k.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+        if lines.next().transpose()?.as_deref() != Some("ready") {
+            return Err("a taker did not start".into());
+        }
+        children.push((child, lines));
+    }
+    let tag = "{floor:handover}";
+    let mut server_us = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let sent = unix_us();
+        let _: i64 = redis::cmd("FCALL")
+            .arg("floor_handover")
+            .arg(3)
+            .arg(format!("{tag}:owner"))
+            .arg(format!("{tag}:held:t"))
+            .arg(format!("{tag}:held:leaver"))
+            .arg(sent.to_string())
+            .arg(buckets)
+            .arg(takers)
+            .query_async(&mut conn)
+            .await?;
+        server_us.push(unix_us() - sent);
+    }
+    let mut gaps = Vec::with_capacity(rounds * buckets);
+    for (k, (mut child, lines)) in children.into_iter().enumerate() {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(format!("floor:t{k}"))
+            .arg("end")
+            .query_async(&mut conn)
+            .await?;
+        for line in lines {
+            let line = line?;
+            let mut parts = line.split(' ').map(str::parse::<u64>);
+            if let (Some(Ok(sent)), Some(Ok(received)), Some(Ok(n))) =
+                (parts.next(), parts.next(), parts.next())
+            {
+                // Every bucket of the notice waited as long.
+                gaps.extend(std::iter::repeat_n(
+                    received.saturating_sub(sent),
+                    n as usize,
+                ));
+            }
+        }
+        child.wait()?;
+    }
+    println!(
+        "a handover of {buckets} buckets to {takers} takers, idle processes 100 ms apart, \
+         loopback, Redis of its own:"
+    );
+    summary("  the caller's round trip (send to reply)", server_us);
+    summary("  per bucket, send to its taker's receipt", gaps);
     Ok(())
 }
 
