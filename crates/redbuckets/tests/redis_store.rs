@@ -1549,3 +1549,50 @@ async fn holdings_are_a_sessions_own_buckets_read_without_a_write() {
         "the stale group was re-created"
     );
 }
+
+/// A release grants nothing to a session that expired and is not purged yet (a release does
+/// not purge): it would never take the grant in, and the buckets would wait for its purge
+/// while owned by nobody who works on them. They stay free, and nobody is woken for them.
+#[tokio::test]
+async fn a_release_grants_nothing_to_an_expired_session() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let mut con = raw(&server.url()).await;
+    let g = GroupKey::new("t", "expired-taker");
+    let (a, b) = (session("a", "1"), session("b", "1"));
+    for s in [&a, &b] {
+        store
+            .register(&g, &request(s, 1, 4))
+            .await
+            .expect("register");
+    }
+    let mut wakes = store
+        .subscribe(&g, Channel::Member("b"))
+        .await
+        .expect("subscribe");
+    lift_quarantine(&mut con, &g).await;
+    // a takes its share; b, below its share, has not stepped, and its session ends.
+    let r = store.rebalance(&g, &a, u32::MAX).await.expect("rebalance");
+    let Action::Acquired { buckets, .. } = r.action else {
+        panic!("{r:?}");
+    };
+    let tag = g.tag();
+    redis_cmd(&mut con, &["ZADD", &format!("{tag}:exp"), "1", "b"]).await;
+    let freed = store
+        .release(&g, &a, &buckets[..1], u64::MAX)
+        .await
+        .expect("release");
+    assert_eq!(freed, 1);
+    assert_eq!(
+        redis_cmd(&mut con, &["SCARD", &format!("{tag}:held:b")]).await,
+        redis::Value::Int(0),
+        "granted to the expired session"
+    );
+    assert_eq!(
+        redis_cmd(&mut con, &["SCARD", &format!("{tag}:free")]).await,
+        redis::Value::Int(3),
+        "the two b never took, and the one released"
+    );
+    let notice = tokio::time::timeout(Duration::from_millis(200), wakes.next()).await;
+    assert!(notice.is_err(), "b was told: {notice:?}");
+}

@@ -151,8 +151,9 @@ impl GroupState {
     /// are free, the members to take them ([`share::takers`]), in that order, are each granted
     /// what [`share::step`] lets them take now, and told the grant ([`Notice::Granted`]):
     /// a freed bucket gets its next owner without a call of its own. `caller`, the member whose
-    /// call this is, is woken instead of granted: it is in the middle of its call. Nobody
-    /// during the quarantine. Mirrors `settle` in `common.lua`.
+    /// call this is, is woken instead of granted: it is in the middle of its call. A taker whose
+    /// session expired and is not purged yet gets nothing. Nobody during the quarantine.
+    /// Mirrors `settle` in `common.lua`.
     fn settle(
         &mut self,
         now: Instant,
@@ -202,6 +203,12 @@ impl GroupState {
             let Some(me) = ids.iter().position(|m| *m == id) else {
                 continue;
             };
+            // A session that expired and is not purged yet (release, leave and deregister do
+            // not purge) would never take the grant in: nothing for it (`settle` in
+            // common.lua).
+            if self.members.get(&id).is_none_or(|m| m.expires <= now) {
+                continue;
+            }
             let free = u32::try_from(self.free.len()).unwrap_or(u32::MAX);
             if let share::Step::Take(k) = share::step(self.buckets, &loads, me, free) {
                 let (token, buckets) = self.grant(&id, k, now_us);

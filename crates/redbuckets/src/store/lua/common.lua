@@ -535,7 +535,8 @@ end
 -- Those takers are not woken to call: each is granted, in that order, what the share rule lets
 -- it take now, and its notice carries the grant ('grant <nonce> <token> <bucket>...'), so a
 -- freed bucket has its next owner one round trip sooner. `caller`, the member whose call this
--- is, is woken ('act') instead: it is in the middle of its own call.
+-- is, is woken ('act') instead: it is in the middle of its own call. A taker whose session
+-- expired and is not purged yet gets nothing: it would never take the grant in.
 local function settle(meta, now, joined, caller)
   if now < meta.grant_after then
     return
@@ -613,11 +614,17 @@ local function settle(meta, now, joined, caller)
   -- the group. Nor is a member whose records are odd (foreign edits) granted anything: this
   -- runs after the call's writes, so it must not raise.
   local stale = #takers > 0 and is_stale()
+  local now_ms = idiv(now, 1000)
   for _, m in ipairs(takers) do
     local w = redis.call('HGET', K_WEIGHT, m)
     local nonce = redis.call('HGET', K_SESS, m)
     local mine = w and tonumber(redis.call('ZSCORE', count_key(w), m) or '')
-    if stale or not nonce or not mine or not tonumber(w) then
+    local ends = tonumber(redis.call('ZSCORE', K_EXP, m) or '')
+    if ends and ends <= now_ms then
+      -- A session that expired and is not purged yet (this call does not purge, or the
+      -- heartbeat's purge stopped at its cap): it will never take them in. Nothing for it, and
+      -- nobody to wake; the buckets stay free for the live members, and its purge frees its own.
+    elseif stale or not nonce or not mine or not tonumber(w) or not ends then
       redis.call(PUBLISH, TAG .. ':wake:' .. m, 'act')
     else
       local kind, count = share_rule(meta.buckets, rule_groups(groups), tonumber(w), mine,
