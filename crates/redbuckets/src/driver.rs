@@ -1337,6 +1337,19 @@ mod tests {
         std::iter::from_fn(|| events.try_recv()).collect()
     }
 
+    /// The buckets revoked among the events waiting in `events`; at least one.
+    fn revoked_buckets(events: &mut crate::Events) -> Vec<u32> {
+        let revoked: Vec<u32> = drain(events)
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Revoked { bucket, .. } => Some(bucket),
+                _ => None,
+            })
+            .collect();
+        assert!(!revoked.is_empty(), "nothing revoked");
+        revoked
+    }
+
     /// Regression (issue 8, bug 1; S3 under host suspend): the store renews the session, then
     /// the host sleeps 1.2 s before the reply is handled, and wakes to a store that no longer
     /// answers. The session expires in the store 3 s after the send, 1.2 s of which the host
@@ -1644,14 +1657,7 @@ mod tests {
         while store.releases_sent.load(Ordering::SeqCst) == 0 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        let revoked: Vec<u32> = drain(&mut events)
-            .into_iter()
-            .filter_map(|e| match e {
-                Event::Revoked { bucket, .. } => Some(bucket),
-                _ => None,
-            })
-            .collect();
-        assert!(!revoked.is_empty(), "nothing revoked");
+        let revoked = revoked_buckets(&mut events);
         for bucket in &revoked {
             let lease = &leases[*bucket as usize];
             assert_eq!(
@@ -1682,14 +1688,7 @@ mod tests {
         // The failed call's error is taken in; its retry comes after a backoff.
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(store.releases_sent.load(Ordering::SeqCst), 1);
-        let revoked: Vec<u32> = drain(&mut events)
-            .into_iter()
-            .filter_map(|e| match e {
-                Event::Revoked { bucket, .. } => Some(bucket),
-                _ => None,
-            })
-            .collect();
-        assert!(!revoked.is_empty(), "nothing revoked");
+        let revoked = revoked_buckets(&mut events);
         for bucket in &revoked {
             assert_eq!(
                 leases[*bucket as usize].extend_drain(Duration::from_secs(5)),

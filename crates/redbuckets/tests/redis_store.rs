@@ -38,6 +38,34 @@ async fn lift_quarantine(con: &mut redis::aio::MultiplexedConnection, g: &GroupK
     redis_cmd(con, &["HSET", &meta, "grant_after_us", "0"]).await;
 }
 
+/// Members a and b (weight 1) of `g` with `buckets` buckets, past the quarantine, b's wake-ups
+/// subscribed: a has taken its share, b (below its share) has not stepped. Returns a, the
+/// buckets it took, and b's wake-ups.
+async fn a_took_its_share(
+    store: &RedisStore,
+    con: &mut redis::aio::MultiplexedConnection,
+    g: &GroupKey,
+    buckets: u32,
+) -> (SessionRef, Vec<u32>, Notifications) {
+    let (a, b) = (session("a", "1"), session("b", "1"));
+    for s in [&a, &b] {
+        store
+            .register(g, &request(s, 1, buckets))
+            .await
+            .expect("register");
+    }
+    let wakes = store
+        .subscribe(g, Channel::Member("b"))
+        .await
+        .expect("subscribe");
+    lift_quarantine(con, g).await;
+    let r = store.rebalance(g, &a, u32::MAX).await.expect("rebalance");
+    let Action::Acquired { buckets, .. } = r.action else {
+        panic!("{r:?}");
+    };
+    (a, buckets, wakes)
+}
+
 async fn redis_cmd(con: &mut redis::aio::MultiplexedConnection, args: &[&str]) -> redis::Value {
     let mut cmd = redis::cmd(args[0]);
     for a in &args[1..] {
@@ -1402,23 +1430,7 @@ async fn freed_buckets_are_granted_in_the_notice_but_never_from_stale_data() {
     let mut con = raw(&server.url()).await;
     for stale in [false, true] {
         let g = GroupKey::new("t", format!("stale-{stale}"));
-        let (a, b) = (session("a", "1"), session("b", "1"));
-        for s in [&a, &b] {
-            store
-                .register(&g, &request(s, 1, 4))
-                .await
-                .expect("register");
-        }
-        let mut wakes = store
-            .subscribe(&g, Channel::Member("b"))
-            .await
-            .expect("subscribe");
-        lift_quarantine(&mut con, &g).await;
-        // a takes its share; b, below its share, has not stepped yet.
-        let r = store.rebalance(&g, &a, u32::MAX).await.expect("rebalance");
-        let Action::Acquired { buckets, .. } = r.action else {
-            panic!("{r:?}");
-        };
+        let (a, buckets, mut wakes) = a_took_its_share(&store, &mut con, &g, 4).await;
         if stale {
             let meta = format!("{}:meta", g.tag());
             redis_cmd(&mut con, &["HSET", &meta, "run_id", "another-process"]).await;
@@ -1559,23 +1571,8 @@ async fn a_release_grants_nothing_to_an_expired_session() {
     let store = RedisStore::connect(&server.url()).await.expect("connect");
     let mut con = raw(&server.url()).await;
     let g = GroupKey::new("t", "expired-taker");
-    let (a, b) = (session("a", "1"), session("b", "1"));
-    for s in [&a, &b] {
-        store
-            .register(&g, &request(s, 1, 4))
-            .await
-            .expect("register");
-    }
-    let mut wakes = store
-        .subscribe(&g, Channel::Member("b"))
-        .await
-        .expect("subscribe");
-    lift_quarantine(&mut con, &g).await;
-    // a takes its share; b, below its share, has not stepped, and its session ends.
-    let r = store.rebalance(&g, &a, u32::MAX).await.expect("rebalance");
-    let Action::Acquired { buckets, .. } = r.action else {
-        panic!("{r:?}");
-    };
+    let (a, buckets, mut wakes) = a_took_its_share(&store, &mut con, &g, 4).await;
+    // b's session ends before it steps.
     let tag = g.tag();
     redis_cmd(&mut con, &["ZADD", &format!("{tag}:exp"), "1", "b"]).await;
     let freed = store
