@@ -779,9 +779,9 @@ impl<S: Store> Driver<S> {
             Reconcile::Revoke(n) => n,
             Reconcile::Resync => {
                 tracing::info!(store_held, "holdings differ from the store's; resyncing");
-                // The snapshot's committed count, not the reply's: the store may have granted
-                // us more since the reply (a grant notice not yet heard), or a join may have
-                // lowered it, and the snapshot's owner records are as of then too.
+                // The committed count read with the holdings, not the reply's: the store may
+                // have granted us more since the reply (a grant notice not yet heard), or a join
+                // may have lowered it, and the holdings' owner records are as of then too.
                 let Some(committed) = self.resync().await else {
                     return;
                 };

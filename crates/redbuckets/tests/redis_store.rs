@@ -1593,3 +1593,34 @@ async fn a_release_grants_nothing_to_an_expired_session() {
     let notice = tokio::time::timeout(Duration::from_millis(200), wakes.next()).await;
     assert!(notice.is_err(), "b was told: {notice:?}");
 }
+
+/// A bucket id written with a leading zero (a foreign edit: "01" in the free set) is not a
+/// second bucket 1: it is never granted, so no grant names bucket 1 twice.
+#[tokio::test]
+async fn a_bucket_id_with_a_leading_zero_is_never_granted() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let mut con = raw(&server.url()).await;
+    let g = GroupKey::new("t", "leading-zero");
+    let a = session("a", "1");
+    store
+        .register(&g, &request(&a, 1, 4))
+        .await
+        .expect("register");
+    lift_quarantine(&mut con, &g).await;
+    let tag = g.tag();
+    redis_cmd(&mut con, &["SADD", &format!("{tag}:free"), "01", "001"]).await;
+    let mut granted = Vec::new();
+    for _ in 0..3 {
+        let r = store.rebalance(&g, &a, u32::MAX).await.expect("rebalance");
+        if let Action::Acquired { buckets, .. } = r.action {
+            granted.extend(buckets);
+        }
+    }
+    granted.sort_unstable();
+    assert_eq!(granted, [0, 1, 2, 3]);
+    assert_eq!(
+        redis_cmd(&mut con, &["HEXISTS", &format!("{tag}:owner"), "01"]).await,
+        redis::Value::Int(0)
+    );
+}

@@ -647,9 +647,6 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    /// Read-only, as snapshot.lua: nothing is purged and nobody notified; the group is shown as
-    /// the next purge would leave it (expired members left out, their buckets free, the version
-    /// bumped once per such member).
     /// The session's held set with each owner record's token, O(held) (mirrors `holdings.lua`).
     async fn holdings(
         &self,
@@ -682,6 +679,9 @@ impl Store for MemoryStore {
         }))
     }
 
+    /// Read-only, as snapshot.lua: nothing is purged and nobody notified; the group is shown as
+    /// the next purge would leave it (expired members left out, their buckets free, the version
+    /// bumped once per such member).
     async fn snapshot(&self, group: &GroupKey) -> Result<Option<GroupSnapshot>, Error> {
         let now = Instant::now();
         let inner = self.lock();

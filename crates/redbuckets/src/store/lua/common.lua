@@ -214,6 +214,13 @@ local function batched(cmd, key, items)
   end
 end
 
+-- Whether `b` (text) is a bucket id of a group of `buckets`: canonical decimal (no sign, no
+-- leading zero: "07" would be a second owner record of bucket 7), below the bucket count.
+local function bucket_id(b, buckets)
+  return string.match(b, '^%d+$') and #b <= 6 and tonumber(b) < buckets
+    and (#b == 1 or string.byte(b, 1) ~= 48)
+end
+
 -- The member named by an owner record "<token> <member>", or nil for garbage.
 local function owner_member(record)
   if type(record) ~= 'string' then
@@ -234,7 +241,7 @@ local function free_buckets(meta, member, buckets, records)
     local read = not records and redis.call('HMGET', K_OWNER, unpack(buckets, i, last))
     for j = i, last do
       local b = buckets[j]
-      local valid = string.match(b, '^%d+$') and #b <= 6 and tonumber(b) < meta.buckets
+      local valid = bucket_id(b, meta.buckets)
       local record
       if records then
         record = records[j]
@@ -511,7 +518,7 @@ local function grant(meta, member, w, mine, k, now)
     local owners = redis.call('HMGET', K_OWNER, unpack(chunk))
     for j, b in ipairs(chunk) do
       -- Garbage or already-owned ids in the free set (foreign edits) are dropped, not granted.
-      if not owners[j] and string.match(b, '^%d+$') and #b <= 6 and tonumber(b) < meta.buckets then
+      if not owners[j] and bucket_id(b, meta.buckets) then
         taken[#taken + 1] = b
         pairs_[#pairs_ + 1] = b
         pairs_[#pairs_ + 1] = record

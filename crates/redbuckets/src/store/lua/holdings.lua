@@ -23,7 +23,7 @@ for i = 1, #held, BATCH do
   local records = redis.call('HMGET', K_OWNER, unpack(held, i, last))
   for j = i, last do
     local b, record = held[j], records[j - i + 1]
-    local valid = string.match(b, '^%d+$') and #b <= 6 and tonumber(b) < meta.buckets
+    local valid = bucket_id(b, meta.buckets)
     if valid and owner_member(record) == member then
       out[#out + 1] = b
       out[#out + 1] = string.match(record, '^(%d+) ')
