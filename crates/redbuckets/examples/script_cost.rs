@@ -9,11 +9,12 @@
 //! ```
 //! Phases: `rebalance (settle)` (the steps that spread a new group's buckets: each member takes
 //! its share, then stays), `renewal` (steady-state heartbeats), `rebalance (stay)` (steady-state
-//! steps: nothing to move), then one more member joins: `register (join)` (it commits the
-//! others' releases and wakes them), `rebalance (release)` (their steps report it), `release`,
-//! `rebalance (take)` (the newcomer takes, then all stay), and `leave` (the newcomer leaves
-//! gracefully: its buckets are freed and granted to the others in one call), then each member's
-//! `holdings (resync)` read and one `snapshot`, the read it replaces.
+//! steps: nothing to move), then one more member joins and leaves, ten times over:
+//! `register (join)` (it commits the others' releases and wakes them), `rebalance (release)`
+//! (their steps report it), `release` (each grants its buckets to the newcomer in its notice),
+//! `rebalance (take)` (every member steps: all stay), and `leave` (the newcomer leaves
+//! gracefully: its buckets are freed and granted to the others in one call); then each
+//! member's `holdings (resync)` read and one `snapshot`, the read it replaces.
 
 use std::time::Duration;
 
@@ -24,6 +25,9 @@ use redbuckets_testkit::{RedisInfo, RedisServer};
 /// Long enough that no session expires while the phases run (at 1,000 members the first
 /// settle alone takes longer than the default 10 s); a call's server time does not depend on it.
 const TTL: Duration = Duration::from_secs(3600);
+
+/// Joins and leaves of one more member, each phase of them summed over all.
+const CHANGES: usize = 10;
 
 /// Rounds per steady phase: about 2,000 calls of each kind, at least 2 rounds, at most 500.
 fn rounds(n: usize) -> usize {
@@ -50,14 +54,38 @@ fn script_stats(server: &RedisServer) -> (String, u64, u64) {
     found
 }
 
-fn report(server: &RedisServer, phase: &str) {
-    let (cmd, calls, usec) = script_stats(server);
-    let per = if calls > 0 {
-        usec as f64 / calls as f64
-    } else {
-        0.0
-    };
-    println!("  {phase:<20} {cmd:<8} {calls:>6} calls  {per:>7.1} µs/call");
+/// Calls and server µs per phase, summed over the rounds that run it, in the order first run.
+#[derive(Default)]
+struct Tally(Vec<(&'static str, String, u64, u64)>);
+
+impl Tally {
+    /// Adds what ran since the last reset to `phase`, and resets the counts.
+    fn add(&mut self, server: &RedisServer, phase: &'static str) {
+        let (cmd, calls, usec) = script_stats(server);
+        server.cli(&["CONFIG", "RESETSTAT"]);
+        match self.0.iter_mut().find(|p| p.0 == phase) {
+            Some(p) => {
+                p.2 += calls;
+                p.3 += usec;
+            }
+            None => self.0.push((phase, cmd, calls, usec)),
+        }
+    }
+
+    fn print(&self) {
+        for (phase, cmd, calls, usec) in &self.0 {
+            let per = if *calls > 0 {
+                *usec as f64 / *calls as f64
+            } else {
+                0.0
+            };
+            println!("  {phase:<20} {cmd:<8} {calls:>6} calls  {per:>7.1} µs/call");
+        }
+    }
+}
+
+/// Forgets the counts of what ran since the last reset (reads the test makes for itself).
+fn discard(server: &RedisServer) {
     server.cli(&["CONFIG", "RESETSTAT"]);
 }
 
@@ -115,9 +143,10 @@ async fn measure(extra: &[&str], n: usize, buckets: u32) {
     server.cli(&["HSET", &format!("{}:meta", g.tag()), "grant_after_us", "0"]);
     let mut held = Held::new();
 
-    server.cli(&["CONFIG", "RESETSTAT"]);
+    let mut tally = Tally::default();
+    discard(&server);
     settle(&store, &g, &members, &mut held).await;
-    report(&server, "rebalance (settle)");
+    tally.add(&server, "rebalance (settle)");
 
     for _ in 0..rounds(n) {
         for m in &members {
@@ -130,65 +159,86 @@ async fn measure(extra: &[&str], n: usize, buckets: u32) {
             );
         }
     }
-    report(&server, "renewal");
+    tally.add(&server, "renewal");
 
     for _ in 0..rounds(n) {
         for m in &members {
             assert!(step(&store, &g, m, &mut held).await, "not settled");
         }
     }
-    report(&server, "rebalance (stay)");
+    tally.add(&server, "rebalance (stay)");
 
-    // One more member: its registration commits the others' releases (`register (join)`),
-    // their next step reports them in its counts, they release, and it takes.
+    // One more member joins and leaves, CHANGES times: its registration commits the others'
+    // releases (`register (join)`), their next step reports them in its counts, they release,
+    // granting it their buckets in its notice, and its step then stays (`rebalance (take)`);
+    // then it leaves gracefully: one call frees its buckets, ends its session and grants the
+    // buckets to the others in their notices.
     let newcomer = session(n);
-    server.cli(&["CONFIG", "RESETSTAT"]);
-    store
-        .register(&g, &RegisterRequest::new(newcomer.clone(), 1, buckets, TTL))
-        .await
-        .expect("register");
-    report(&server, "register (join)");
-    let mut told = Vec::new();
-    for m in &members {
-        let r = store.rebalance(&g, m, u32::MAX).await.expect("rebalance");
-        let asked = match r.action {
-            Action::Release(k) => k,
-            _ => 0,
-        };
-        let k = asked.max(r.held.saturating_sub(r.committed));
-        if k > 0 {
-            told.push((m, k));
-        }
-    }
-    report(&server, "rebalance (release)");
-    for (m, k) in told {
-        let mine = held.get_mut(&m.member).expect("held");
-        let gone: Vec<u32> = mine.split_off(mine.len() - k as usize);
-        store
-            .release(&g, m, &gone, u64::MAX)
-            .await
-            .expect("release");
-    }
-    report(&server, "release");
     let mut all = members.clone();
     all.push(newcomer.clone());
-    settle(&store, &g, &all, &mut held).await;
-    report(&server, "rebalance (take)");
+    for _ in 0..CHANGES {
+        store
+            .register(&g, &RegisterRequest::new(newcomer.clone(), 1, buckets, TTL))
+            .await
+            .expect("register");
+        tally.add(&server, "register (join)");
+        let mut told = Vec::new();
+        for m in &members {
+            let r = store.rebalance(&g, m, u32::MAX).await.expect("rebalance");
+            let asked = match r.action {
+                Action::Release(k) => k,
+                _ => 0,
+            };
+            let k = asked.max(r.held.saturating_sub(r.committed));
+            if k > 0 {
+                told.push((m, k));
+            }
+        }
+        tally.add(&server, "rebalance (release)");
+        for (m, k) in told {
+            let mine = held.get_mut(&m.member).expect("held");
+            let gone: Vec<u32> = mine.split_off(mine.len() - k as usize);
+            store
+                .release(&g, m, &gone, u64::MAX)
+                .await
+                .expect("release");
+        }
+        tally.add(&server, "release");
+        settle(&store, &g, &all, &mut held).await;
+        tally.add(&server, "rebalance (take)");
 
-    // The newcomer leaves gracefully: one call frees its buckets, ends its session and grants
-    // the buckets to the others in their notices.
-    let mine = held.remove(&newcomer.member).unwrap_or_default();
-    store.leave(&g, &newcomer, &mine).await.expect("leave");
-    report(&server, "leave");
+        // What each member holds now (grants in notices are not in `held`), not counted.
+        refresh(&store, &g, &all, &mut held).await;
+        discard(&server);
+        let mine = held.remove(&newcomer.member).unwrap_or_default();
+        store.leave(&g, &newcomer, &mine).await.expect("leave");
+        tally.add(&server, "leave");
+        refresh(&store, &g, &members, &mut held).await;
+        discard(&server);
+    }
 
     // A member's resync read after a lost reply: its own buckets, against the whole snapshot
     // it read before `Store::holdings`.
     for m in &members {
         store.holdings(&g, m).await.expect("holdings");
     }
-    report(&server, "holdings (resync)");
+    tally.add(&server, "holdings (resync)");
     store.snapshot(&g).await.expect("snapshot");
-    report(&server, "snapshot");
+    tally.add(&server, "snapshot");
+    tally.print();
+}
+
+/// Sets `held` to what each of `members` holds in the store.
+async fn refresh(store: &RedisStore, g: &GroupKey, members: &[SessionRef], held: &mut Held) {
+    for m in members {
+        let owned = store
+            .holdings(g, m)
+            .await
+            .expect("holdings")
+            .map(|h| h.owned.into_keys().collect())
+            .unwrap_or_default();
+        held.insert(m.member.clone(), owned);
+    }
 }
 
 #[tokio::main]
