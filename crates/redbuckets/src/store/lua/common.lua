@@ -265,10 +265,11 @@ local function free_buckets(meta, member, buckets, records)
   return #freed
 end
 
--- Removes a member and frees its buckets (memory.rs: GroupState::remove_member).
-local function remove_member(meta, member)
+-- Removes a member and frees its buckets (memory.rs: GroupState::remove_member). `held`: its
+-- held set's members, when the caller read them already.
+local function remove_member(meta, member, held)
   local hk = held_key(member)
-  free_buckets(meta, member, redis.call('SMEMBERS', hk))
+  free_buckets(meta, member, held or redis.call('SMEMBERS', hk))
   redis.call('DEL', hk)
   local w = redis.call('HGET', K_WEIGHT, member)
   if w then
@@ -289,15 +290,6 @@ local function remove_member(meta, member)
   bump(meta)
 end
 
--- The type each key of the group must have (or not exist). A function: the keys are the
--- call's (see bind), unknown when the library's text runs.
-local function key_types()
-  return {
-    { K_META, 'hash' }, { K_EXP, 'zset' }, { K_SESS, 'hash' }, { K_SINCE, 'hash' },
-    { K_WEIGHT, 'hash' }, { K_WCOUNT, 'hash' }, { K_OWNER, 'hash' }, { K_FREE, 'set' },
-  }
-end
-
 local function check_type(key, want)
   local t = redis.call('TYPE', key)
   if type(t) == 'table' then
@@ -312,9 +304,15 @@ end
 -- every key it may touch has the right type: a WRONGTYPE halfway would leave buckets in no set.
 -- `member` adds that member's held set and the committed-count sets of every weight.
 local function check_types(member)
-  for _, kt in ipairs(key_types()) do
-    check_type(kt[1], kt[2])
-  end
+  -- The type each key of the group must have (or not exist); one call each, no table built.
+  check_type(K_META, 'hash')
+  check_type(K_EXP, 'zset')
+  check_type(K_SESS, 'hash')
+  check_type(K_SINCE, 'hash')
+  check_type(K_WEIGHT, 'hash')
+  check_type(K_WCOUNT, 'hash')
+  check_type(K_OWNER, 'hash')
+  check_type(K_FREE, 'set')
   check_type(ids_key(), 'zset')
   if member then
     check_type(held_key(member), 'set')

@@ -9,25 +9,22 @@ local meta = own_session(member, nonce)
 if not meta then
   return 0
 end
-local hk = held_key(member)
--- How many of the named buckets (each counted once) the session holds: one SMISMEMBER per
--- batch, not a command per bucket.
-local names, seen = {}, {}
-for i = 4, #ARGV do
-  if not seen[ARGV[i]] then
-    seen[ARGV[i]] = true
-    names[#names + 1] = ARGV[i]
-  end
+-- How many of the named buckets (each counted once) the session holds, from its held set,
+-- which the removal reads anyway: no command per bucket, nor a second read of the set.
+local held = redis.call('SMEMBERS', held_key(member))
+local holds = {}
+for _, b in ipairs(held) do
+  holds[b] = true
 end
 local released = 0
-for i = 1, #names, BATCH do
-  local hits = redis.call('SMISMEMBER', hk, unpack(names, i, math.min(i + BATCH - 1, #names)))
-  for _, hit in ipairs(hits) do
-    released = released + hit
+for i = 4, #ARGV do
+  if holds[ARGV[i]] then
+    holds[ARGV[i]] = false
+    released = released + 1
   end
 end
 -- Frees every bucket of the held set, checking each owner record as release does.
-remove_member(meta, member)
+remove_member(meta, member, held)
 publish()
 settle(meta, server_now_us(), false, member)
 return released
