@@ -16,9 +16,10 @@
 //!   time from the publisher's send to the subscriber's `PING` reply is the floor. Also prints a
 //!   lone `PING` round trip under the same idle conditions.
 //! - `handover` (defaults 204 buckets, 4 takers, 100 rounds): the least a graceful leave's
-//!   handover can take. One process calls a function that does only the writes an atomic
-//!   handover needs (each bucket's new owner record, the takers' held sets) and publishes one
-//!   notice per taker with its buckets; the takers are processes of their own, subscribed, and
+//!   handover can take. One process calls a function that does only what an atomic handover
+//!   needs (read the leaver's held set and each bucket's owner record, write each bucket's new
+//!   owner record and the takers' held sets) and publishes one notice per taker with its
+//!   buckets; the takers are processes of their own, subscribed, and
 //!   each bucket's time runs from the call's send to its taker's receipt of the notice.
 //! - `renewals` (defaults 1,000 members, 667 calls/s = 1,000 renewals every 1.5 s, the ttl-3 s
 //!   setting of the scale benchmark): Redis CPU for that many `PING`s a second from that many
@@ -122,13 +123,20 @@ async fn taker(url: &str) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// The least work of an atomic handover of `buckets` buckets to `takers` members, as one
-/// function: each bucket's new owner record, each taker's held set, the leaver's set deleted,
-/// and one notice per taker naming its buckets. No reads, no checks: what redbuckets' `leave`
-/// does beyond this (it checks each owner record, frees the buckets, counts the shares and
-/// picks the takers) is its own cost.
+/// function: a read of the leaver's held set and of each bucket's owner record (a handover
+/// that does not check them could hand over a bucket someone else owns), each bucket's new
+/// owner record, each taker's held set, the leaver's set deleted, and one notice per taker
+/// naming its buckets. What redbuckets' `leave` does beyond this (it checks each record, frees
+/// the buckets, counts the shares and picks the takers) is its own cost.
 const HANDOVER_LIBRARY: &str = "#!lua name=floor_handover
 redis.register_function('floor_handover', function(keys, args)
   local sent, buckets, takers = args[1], tonumber(args[2]), tonumber(args[3])
+  local held = redis.call('SMEMBERS', keys[3])
+  local all = {}
+  for b = 0, buckets - 1 do
+    all[b + 1] = tostring(b)
+  end
+  local records = redis.call('HMGET', keys[1], unpack(all))
   local pairs_, ids = {}, {}
   for k = 0, takers - 1 do
     pairs_[k], ids[k] = {}, {}
@@ -209,7 +217,14 @@ async fn handover(
     }
     let tag = "{floor:handover}";
     let mut server_us = Vec::with_capacity(rounds);
+    let ids: Vec<String> = (0..buckets).map(|b| b.to_string()).collect();
     for _ in 0..rounds {
+        // The leaver's held set, as it is before a leave (not timed).
+        let _: i64 = redis::cmd("SADD")
+            .arg(format!("{tag}:held:leaver"))
+            .arg(&ids)
+            .query_async(&mut conn)
+            .await?;
         tokio::time::sleep(Duration::from_millis(100)).await;
         let sent = unix_us();
         let _: i64 = redis::cmd("FCALL")
