@@ -1,6 +1,6 @@
 -- snapshot: no further arguments. Read-only: it never purges, publishes or wipes (redis/mod.rs
 -- runs it with the no-writes flag, so Redis refuses any write), because looking at a group
--- (`redbuckets status`, `watch`, a member's resync) must never change it.
+-- (`redbuckets status`, `watch`) must never change it.
 -- Returns {} when the group does not exist, else
 -- {buckets, protocol, ver, quarantine_us, {member, nonce, weight, held, committed,
 --  expires_in_ms, age_ms}..., owner_flat, stale} where owner_flat is the owner hash as
