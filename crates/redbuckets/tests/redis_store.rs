@@ -1562,9 +1562,9 @@ async fn holdings_are_a_sessions_own_buckets_read_without_a_write() {
     );
 }
 
-/// A release grants nothing to a session that expired and is not purged yet (a release does
-/// not purge): it would never take the grant in, and the buckets would wait for its purge
-/// while owned by nobody who works on them. They stay free, and nobody is woken for them.
+/// A release purges expired sessions first: a session that expired before it stepped is not
+/// granted the freed buckets (it would never take them in, and they would wait for its purge,
+/// owned by nobody who works on them), nor woken.
 #[tokio::test]
 async fn a_release_grants_nothing_to_an_expired_session() {
     let server = RedisServer::start();
@@ -1622,5 +1622,55 @@ async fn a_bucket_id_with_a_leading_zero_is_never_granted() {
     assert_eq!(
         redis_cmd(&mut con, &["HEXISTS", &format!("{tag}:owner"), "01"]).await,
         redis::Value::Int(0)
+    );
+}
+
+/// A renewal purges at most 100 expired sessions; the freed buckets it then grants go to no
+/// session among the expired ones left for the next call.
+#[tokio::test]
+async fn a_renewal_that_purges_at_its_cap_grants_nothing_to_the_expired_rest() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let mut con = raw(&server.url()).await;
+    let g = GroupKey::new("t", "purge-cap");
+    let a = session("a", "1");
+    let others: Vec<SessionRef> = (0..102)
+        .map(|i| session(&format!("x{i:03}"), "1"))
+        .collect();
+    for s in std::iter::once(&a).chain(&others) {
+        store
+            .register(&g, &request(s, 1, 1030))
+            .await
+            .expect("register");
+    }
+    lift_quarantine(&mut con, &g).await;
+    let r = store.rebalance(&g, &a, u32::MAX).await.expect("rebalance");
+    assert!(matches!(r.action, Action::Acquired { .. }), "{r:?}");
+    // Every other session expires: 100 are purged by the next renewal, two are left.
+    let exp = format!("{}:exp", g.tag());
+    for (i, s) in others.iter().enumerate() {
+        redis_cmd(&mut con, &["ZADD", &exp, &(i + 1).to_string(), &s.member]).await;
+    }
+    let beat = store
+        .heartbeat(&g, &a, TTL, Duration::MAX)
+        .await
+        .expect("heartbeat");
+    assert!(beat.alive);
+    for s in &others[100..] {
+        assert_eq!(
+            redis_cmd(
+                &mut con,
+                &["SCARD", &format!("{}:held:{}", g.tag(), s.member)]
+            )
+            .await,
+            redis::Value::Int(0),
+            "granted to the expired {}",
+            s.member
+        );
+    }
+    assert_eq!(
+        redis_cmd(&mut con, &["ZCARD", &exp]).await,
+        redis::Value::Int(3),
+        "a and the two expired sessions the cap left"
     );
 }

@@ -203,9 +203,8 @@ impl GroupState {
             let Some(me) = ids.iter().position(|m| *m == id) else {
                 continue;
             };
-            // A session that expired and is not purged yet (release, leave and deregister do
-            // not purge) would never take the grant in: nothing for it (`settle` in
-            // common.lua).
+            // A session that expired and is not purged yet would never take the grant in:
+            // nothing for it (`settle` in common.lua, where a renewal's purge stops at 100).
             if self.members.get(&id).is_none_or(|m| m.expires <= now) {
                 continue;
             }
@@ -238,6 +237,14 @@ impl GroupState {
             .range::<str, _>((Excluded(member), Unbounded))
             .chain(self.members.range::<str, _>((Unbounded, Excluded(member))));
         after.take(2).map(|(_, m)| m)
+    }
+
+    /// Whether `s` is the member's current session (expired or not: what the scripts' nonce
+    /// check sees).
+    fn is_session(&self, s: &SessionRef) -> bool {
+        self.members
+            .get(&s.member)
+            .is_some_and(|m| m.session == s.session)
     }
 
     /// Purges expired sessions; returns true if any was removed.
@@ -570,32 +577,35 @@ impl Store for MemoryStore {
         let Some(state) = inner.groups.get_mut(group) else {
             return Ok(0);
         };
-        let Some(m) = state.members.get_mut(&session.member) else {
-            return Ok(0);
-        };
-        if m.session != session.session {
+        // Nothing named: no call at all (RedisStore does not run the script either).
+        if buckets.is_empty() || !state.is_session(session) {
             return Ok(0);
         }
+        // Expired sessions first, so the freed buckets go by the live members' shares; the
+        // caller's own, if it expired, with them (release.lua).
+        let purged = state.purge(now);
         let mut freed = Vec::new();
-        for &b in buckets {
-            // Not a bucket granted since under a token the member has not seen (release.lua).
-            let newer = state
-                .owners
-                .get(b as usize)
-                .and_then(|o| o.as_ref())
-                .is_some_and(|(_, token)| *token > known);
-            if !newer && m.held.remove(&b) {
-                freed.push(b);
+        if let Some(m) = state.members.get_mut(&session.member) {
+            for &b in buckets {
+                // Not a bucket granted since under a token the member has not seen.
+                let newer = state
+                    .owners
+                    .get(b as usize)
+                    .and_then(|o| o.as_ref())
+                    .is_some_and(|(_, token)| *token > known);
+                if !newer && m.held.remove(&b) {
+                    freed.push(b);
+                }
             }
+            m.committed = m
+                .committed
+                .min(u32::try_from(m.held.len()).unwrap_or(u32::MAX));
         }
-        m.committed = m
-            .committed
-            .min(u32::try_from(m.held.len()).unwrap_or(u32::MAX));
         for &b in &freed {
             state.owners[b as usize] = None;
             state.free.insert(b);
         }
-        if !freed.is_empty() {
+        if purged || !freed.is_empty() {
             let woken = state.settle(now, now_us, false, &session.member);
             inner.notify(group, &woken);
         }
@@ -614,16 +624,21 @@ impl Store for MemoryStore {
         let Some(state) = inner.groups.get_mut(group) else {
             return Ok(0);
         };
-        let Some(m) = state
-            .members
-            .get(&session.member)
-            .filter(|m| m.session == session.session)
-        else {
+        if !state.is_session(session) {
             return Ok(0);
+        }
+        // Expired sessions first (leave.lua); if the caller's own had expired, the purge ended
+        // it and freed what it held, and the leave frees nothing more.
+        state.purge(now);
+        let freed = match state.members.get(&session.member) {
+            Some(m) => {
+                let mut held = m.held.clone();
+                let freed = buckets.iter().filter(|b| held.remove(b)).count();
+                state.remove_member(&session.member);
+                freed
+            }
+            None => 0,
         };
-        let mut held = m.held.clone();
-        let freed = buckets.iter().filter(|b| held.remove(b)).count();
-        state.remove_member(&session.member);
         let woken = state.settle(now, now_us, false, &session.member);
         inner.notify(group, &woken);
         Ok(u32::try_from(freed).unwrap_or(u32::MAX))
@@ -636,11 +651,13 @@ impl Store for MemoryStore {
         let Some(state) = inner.groups.get_mut(group) else {
             return Ok(());
         };
-        let ours = state
-            .members
-            .get(&session.member)
-            .is_some_and(|m| m.session == session.session);
-        if ours && state.remove_member(&session.member) {
+        if !state.is_session(session) {
+            return Ok(());
+        }
+        // Expired sessions first (deregister.lua), the caller's own with them if it expired.
+        let purged = state.purge(now);
+        let removed = state.is_session(session) && state.remove_member(&session.member);
+        if purged || removed {
             let woken = state.settle(now, now_us, false, &session.member);
             inner.notify(group, &woken);
         }

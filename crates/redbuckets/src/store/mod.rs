@@ -14,11 +14,10 @@
 //!   `max(server time in µs, last token + 1)`, and a group that is (re)created grants nothing
 //!   during its first ttl, so any member still holding leases from before the loss has passed its
 //!   local deadline (S3) before the buckets can be granted again.
-//! - **Purge.** Expired sessions are removed, with their buckets freed (C2), by a registration,
-//!   a rebalance step and a renewal (in Redis at most 100 per renewal, so that one never stalls
-//!   the server).
-//!   A release, a leave and a deregistration do not purge, and grant nothing to a session that
-//!   expired unpurged. [`Store::snapshot`] and [`Store::holdings`] only look.
+//! - **Purge.** Expired sessions are removed, with their buckets freed (C2), first thing by
+//!   every call that writes (in Redis a renewal purges at most 100, so that one never stalls
+//!   the server), and a freed bucket is never granted to a session that expired unpurged.
+//!   [`Store::snapshot`] and [`Store::holdings`] only look.
 //! - **Push, to whom must act.** Whenever buckets are freed or membership changes, the group's
 //!   channel ([`Channel::Group`], for tools that watch) gets a notice, and the members that must
 //!   act get a wake-up on their own channel ([`Channel::Member`]), nobody else: after a join, the

@@ -626,9 +626,9 @@ local function settle(meta, now, joined, caller)
     local mine = w and tonumber(redis.call('ZSCORE', count_key(w), m) or '')
     local ends = tonumber(redis.call('ZSCORE', K_EXP, m) or '')
     if ends and ends <= now_ms then
-      -- A session that expired and is not purged yet (this call does not purge, or the
-      -- heartbeat's purge stopped at its cap): it will never take them in. Nothing for it, and
-      -- nobody to wake; the buckets stay free for the live members, and its purge frees its own.
+      -- A session that expired and is not purged yet (the heartbeat's purge stopped at its
+      -- cap): it will never take them in. Nothing for it, and nobody to wake; the buckets stay
+      -- free for the live members, and its purge frees its own.
     elseif stale or not nonce or not mine or not tonumber(w) or not ends then
       redis.call(PUBLISH, TAG .. ':wake:' .. m, 'act')
     else

@@ -9,6 +9,15 @@ local meta = own_session(member, nonce)
 if not meta then
   return 0
 end
+-- Expired sessions first, so the takers are chosen by the live members' shares. If this
+-- session itself had expired, the purge ended it and freed what it held: nothing more to free.
+local now = server_now_us()
+purge(meta, idiv(now, 1000))
+if redis.call('HGET', K_SESS, member) ~= nonce then
+  publish()
+  settle(meta, now, false, member)
+  return 0
+end
 -- How many of the named buckets (each counted once) the session holds, from its held set,
 -- which the removal reads anyway: no command per bucket, nor a second read of the set.
 local held = redis.call('SMEMBERS', held_key(member))
@@ -26,5 +35,5 @@ end
 -- Frees every bucket of the held set, checking each owner record as release does.
 remove_member(meta, member, held)
 publish()
-settle(meta, server_now_us(), false, member)
+settle(meta, now, false, member)
 return released

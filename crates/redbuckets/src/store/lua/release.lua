@@ -9,6 +9,16 @@ local meta = own_session(member, nonce)
 if not meta then
   return 0
 end
+-- Expired sessions first, so the freed buckets go by the live members' shares (and none to a
+-- session that will never take them in). If this session itself had expired, the purge ended
+-- it and freed what it held.
+local now = server_now_us()
+local purged = purge(meta, idiv(now, 1000)) > 0
+if redis.call('HGET', K_SESS, member) ~= nonce then
+  publish()
+  settle(meta, now, false, member)
+  return 0
+end
 local hk = held_key(member)
 -- The named buckets, each once, that were not granted to the session since under a token
 -- above `known`, with their owner records (free_buckets checks them, without a second read).
@@ -38,6 +48,10 @@ for i = 1, #names, BATCH do
   end
 end
 if #released == 0 then
+  if purged then
+    publish()
+    settle(meta, now, false, member)
+  end
   return 0
 end
 batched('SREM', hk, released)
@@ -48,5 +62,5 @@ if w and committed(member, w) > held then
   redis.call('ZADD', count_key(w), fmt(held), member)
 end
 publish()
-settle(meta, server_now_us(), false, member)
+settle(meta, now, false, member)
 return #released
