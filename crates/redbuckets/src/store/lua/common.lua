@@ -221,12 +221,18 @@ local function bucket_id(b, buckets)
     and (#b == 1 or string.byte(b, 1) ~= 48)
 end
 
--- The member named by an owner record "<token> <member>", or nil for garbage.
-local function owner_member(record)
+-- The token (as text) and the member of an owner record "<token> <member>", or nil for
+-- garbage or no record.
+local function owner_record(record)
   if type(record) ~= 'string' then
     return nil
   end
-  local _, member = string.match(record, '^(%d+) (.*)$')
+  return string.match(record, '^(%d+) (.*)$')
+end
+
+-- The member named by an owner record, or nil for garbage.
+local function owner_member(record)
+  local _, member = owner_record(record)
   return member
 end
 
@@ -235,23 +241,21 @@ end
 -- make one bucket free while someone else owns it). Garbage bucket ids are dropped.
 -- `records`: the buckets' owner records (false for none), when the caller read them already.
 local function free_buckets(meta, member, buckets, records)
+  if not records then
+    records = {}
+    for i = 1, #buckets, BATCH do
+      local got = redis.call('HMGET', K_OWNER, unpack(buckets, i, math.min(i + BATCH - 1, #buckets)))
+      for j, record in ipairs(got) do
+        records[i + j - 1] = record
+      end
+    end
+  end
   local freed = {}
-  for i = 1, #buckets, BATCH do
-    local last = math.min(i + BATCH - 1, #buckets)
-    local read = not records and redis.call('HMGET', K_OWNER, unpack(buckets, i, last))
-    for j = i, last do
-      local b = buckets[j]
-      local valid = bucket_id(b, meta.buckets)
-      local record
-      if records then
-        record = records[j]
-      else
-        record = read[j - i + 1]
-      end
-      local named = owner_member(record)
-      if valid and (not record or named == nil or named == member) then
-        freed[#freed + 1] = b
-      end
+  for j, b in ipairs(buckets) do
+    local record = records[j]
+    local named = owner_member(record)
+    if bucket_id(b, meta.buckets) and (not record or named == nil or named == member) then
+      freed[#freed + 1] = b
     end
   end
   batched('HDEL', K_OWNER, freed)

@@ -22,11 +22,11 @@ for i = 1, #held, BATCH do
   local last = math.min(i + BATCH - 1, #held)
   local records = redis.call('HMGET', K_OWNER, unpack(held, i, last))
   for j = i, last do
-    local b, record = held[j], records[j - i + 1]
-    local valid = bucket_id(b, meta.buckets)
-    if valid and owner_member(record) == member then
+    local b = held[j]
+    local token, named = owner_record(records[j - i + 1])
+    if bucket_id(b, meta.buckets) and named == member then
       out[#out + 1] = b
-      out[#out + 1] = string.match(record, '^(%d+) ')
+      out[#out + 1] = token
     end
   end
 end

@@ -13,27 +13,24 @@ end
 -- session itself had expired, the purge ended it and freed what it held: nothing more to free.
 local now = server_now_us()
 purge(meta, idiv(now, 1000))
-if redis.call('HGET', K_SESS, member) ~= nonce then
-  publish()
-  settle(meta, now, false, member)
-  return 0
-end
--- How many of the named buckets (each counted once) the session holds, from its held set,
--- which the removal reads anyway: no command per bucket, nor a second read of the set.
-local held = redis.call('SMEMBERS', held_key(member))
-local holds = {}
-for _, b in ipairs(held) do
-  holds[b] = true
-end
 local released = 0
-for i = 4, #ARGV do
-  if holds[ARGV[i]] then
-    holds[ARGV[i]] = false
-    released = released + 1
+if redis.call('HGET', K_SESS, member) == nonce then
+  -- How many of the named buckets (each counted once) the session holds, from its held set,
+  -- which the removal reads anyway: no command per bucket, nor a second read of the set.
+  local held = redis.call('SMEMBERS', held_key(member))
+  local holds = {}
+  for _, b in ipairs(held) do
+    holds[b] = true
   end
+  for i = 4, #ARGV do
+    if holds[ARGV[i]] then
+      holds[ARGV[i]] = false
+      released = released + 1
+    end
+  end
+  -- Frees every bucket of the held set, checking each owner record as release does.
+  remove_member(meta, member, held)
 end
--- Frees every bucket of the held set, checking each owner record as release does.
-remove_member(meta, member, held)
 publish()
 settle(meta, now, false, member)
 return released
