@@ -151,9 +151,8 @@ impl GroupState {
     /// are free, the members to take them ([`share::takers`]), in that order, are each granted
     /// what [`share::step`] lets them take now, and told the grant ([`Notice::Granted`]):
     /// a freed bucket gets its next owner without a call of its own. `caller`, the member whose
-    /// call this is, is woken instead of granted: it is in the middle of its call. A taker whose
-    /// session expired and is not purged yet gets nothing. Nobody during the quarantine.
-    /// Mirrors `settle` in `common.lua`.
+    /// call this is, is woken instead of granted: it is in the middle of its call. Nobody during
+    /// the quarantine. Mirrors `settle` in `common.lua`.
     fn settle(
         &mut self,
         now: Instant,
@@ -178,44 +177,38 @@ impl GroupState {
                 woken.push(id);
             }
         }
-        let mut takers: Vec<String> = Vec::new();
+        // The loads once (after the commits above), in id order, kept up to date as each taker
+        // is granted.
+        let (ids, mut loads) = self.loads();
+        let ids: Vec<String> = ids.into_iter().cloned().collect();
+        let mut takers: Vec<usize> = Vec::new();
         let free = u32::try_from(self.free.len()).unwrap_or(u32::MAX);
         if free > 0 {
-            let (ids, loads) = self.loads();
             for i in share::takers(self.buckets, &loads, free) {
-                let id = ids[i];
-                if woken.contains(id) || takers.contains(id) {
+                if woken.contains(&ids[i]) || takers.contains(&i) {
                     continue;
                 }
-                if id == caller {
-                    woken.push(id.clone());
+                if ids[i] == caller {
+                    woken.push(ids[i].clone());
                 } else {
-                    takers.push(id.clone());
+                    takers.push(i);
                 }
             }
         }
         let mut told: Vec<(String, Notice)> =
             woken.into_iter().map(|id| (id, Notice::Act)).collect();
-        // The loads once, in id order, kept up to date as each taker is granted.
-        let (ids, mut loads) = self.loads();
-        let ids: Vec<String> = ids.into_iter().cloned().collect();
-        for id in takers {
-            let Some(me) = ids.iter().position(|m| *m == id) else {
-                continue;
-            };
-            // A session that expired and is not purged yet would never take the grant in:
-            // nothing for it (`settle` in common.lua, where a renewal's purge stops at 100).
-            if self.members.get(&id).is_none_or(|m| m.expires <= now) {
-                continue;
-            }
+        // Every call purges expired sessions before it settles here, so no taker has expired
+        // (common.lua's settle skips one: a renewal's purge there stops at 100).
+        for me in takers {
             let free = u32::try_from(self.free.len()).unwrap_or(u32::MAX);
             if let share::Step::Take(k) = share::step(self.buckets, &loads, me, free) {
-                let (token, buckets) = self.grant(&id, k, now_us);
+                let id = &ids[me];
+                let (token, buckets) = self.grant(id, k, now_us);
                 loads[me].held += u32::try_from(buckets.len()).unwrap_or(0);
-                let session = self.members.get(&id).map(|m| m.session.clone());
+                let session = self.members.get(id).map(|m| m.session.clone());
                 if let (false, Some(session)) = (buckets.is_empty(), session) {
                     told.push((
-                        id,
+                        id.clone(),
                         Notice::Granted {
                             session,
                             token,
