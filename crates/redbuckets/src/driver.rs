@@ -51,7 +51,7 @@ use crate::store::{
 /// still renews once per interval on average.
 const RENEW_JITTER: f64 = 0.1;
 /// The longest a member waits for a grant notice that a reply's counts show is on its way,
-/// before it reads the group's owner records instead (a tenth of the heartbeat if shorter).
+/// before it reads its holdings from the store instead (a tenth of the heartbeat if shorter).
 const GRANT_NOTICE_WAIT: Duration = Duration::from_millis(20);
 
 /// The most buckets one rebalance step takes; bounds the time a script runs.
@@ -759,8 +759,8 @@ impl<S: Store> Driver<S> {
     async fn reconcile(&mut self, store_held: usize, committed: usize, now: Instant, wait: bool) {
         let mut verdict = self.shared.lock().ledger.reconcile(store_held, committed);
         // More held than we know: most likely a grant notice still on its way (published
-        // before the step ran, on another connection). Wait a little for it before reading
-        // the whole group's owner records.
+        // before the step ran, on another connection). Wait a little for it before a round
+        // trip to read our holdings.
         let until = Instant::now() + (self.config.heartbeat / 10).min(GRANT_NOTICE_WAIT);
         while wait
             && verdict == Reconcile::Resync

@@ -80,7 +80,7 @@ impl ReplyError {
 /// configured values they are compared with are known.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum RegisterReply {
-    /// The session is live at this membership version; the group's last token.
+    /// The session is live at this membership version; the floor of its grant tokens.
     Registered { version: u64, token: u64 },
     /// Another live session holds the member id.
     InUse { expires_in: Duration },
