@@ -35,7 +35,7 @@
 //! Each run starts a `redis-server` of its own (the testkit's).
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rand::{Rng, SeedableRng};
@@ -98,16 +98,43 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 }
 
+type ChildLines = std::io::Lines<BufReader<std::process::ChildStdout>>;
+
+/// Starts this program again as `args` (a probe's second process) and waits for its `ready`;
+/// returns it with the rest of its output, line by line.
+fn spawn_ready(args: &[&str]) -> Result<(Child, ChildLines), Box<dyn std::error::Error>> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+    if lines.next().transpose()?.as_deref() != Some("ready") {
+        return Err(format!("{} did not start", args[0]).into());
+    }
+    Ok((child, lines))
+}
+
+/// A second process's subscription to `channel`, then `ready` on its output for
+/// [`spawn_ready`].
+async fn subscribe_ready(
+    client: &redis::Client,
+    channel: &str,
+) -> Result<redis::aio::PubSub, Box<dyn std::error::Error>> {
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(channel).await?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ready")?;
+    out.flush()?;
+    Ok(pubsub)
+}
+
 /// The subscriber: answers each notice with a `PING` and prints `<sent µs> <answered µs>`.
 async fn taker(url: &str) -> Result<(), Box<dyn std::error::Error>> {
     use futures_util::StreamExt;
     let client = redis::Client::open(url)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
-    let mut pubsub = client.get_async_pubsub().await?;
-    pubsub.subscribe(CHANNEL).await?;
+    let mut pubsub = subscribe_ready(&client, CHANNEL).await?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "ready")?;
-    out.flush()?;
     let mut messages = pubsub.on_message();
     while let Some(msg) = messages.next().await {
         let sent: String = msg.get_payload()?;
@@ -163,11 +190,8 @@ end)";
 async fn handover_taker(url: &str, k: usize) -> Result<(), Box<dyn std::error::Error>> {
     use futures_util::StreamExt;
     let client = redis::Client::open(url)?;
-    let mut pubsub = client.get_async_pubsub().await?;
-    pubsub.subscribe(format!("floor:t{k}")).await?;
+    let mut pubsub = subscribe_ready(&client, &format!("floor:t{k}")).await?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "ready")?;
-    out.flush()?;
     let mut messages = pubsub.on_message();
     while let Some(msg) = messages.next().await {
         let payload: String = msg.get_payload()?;
@@ -205,15 +229,7 @@ async fn handover(
         .await?;
     let mut children = Vec::with_capacity(takers);
     for k in 0..takers {
-        let mut child = Command::new(std::env::current_exe()?)
-            .args(["handover-taker", &url, &k.to_string()])
-            .stdout(Stdio::piped())
-            .spawn()?;
-        let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
-        if lines.next().transpose()?.as_deref() != Some("ready") {
-            return Err("a taker did not start".into());
-        }
-        children.push((child, lines));
+        children.push(spawn_ready(&["handover-taker", &url, &k.to_string()])?);
     }
     let tag = "{floor:handover}";
     let mut server_us = Vec::with_capacity(rounds);
@@ -274,14 +290,7 @@ async fn handover(
 async fn handoff(rounds: usize) -> Result<(), Box<dyn std::error::Error>> {
     let server = RedisServer::start();
     let url = server.url();
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(["taker", &url])
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
-    if lines.next().transpose()?.as_deref() != Some("ready") {
-        return Err("the taker did not start".into());
-    }
+    let (mut child, lines) = spawn_ready(&["taker", &url])?;
     let client = redis::Client::open(url.as_str())?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     let mut ping = Vec::with_capacity(rounds);
