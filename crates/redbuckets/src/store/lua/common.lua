@@ -496,7 +496,8 @@ local function rule_groups(wgroups)
 end
 
 -- Grants up to k free buckets to `member` (weight `w` as stored, committed count `mine`) under a
--- new token (memory.rs `GroupState::grant`). Returns the token and the bucket ids granted.
+-- new token (memory.rs `GroupState::grant`). Returns the token, the bucket ids granted, and how
+-- many left the free set (garbage ids popped from it are dropped, not granted).
 local function grant(meta, member, w, mine, k, now)
   local token = math.max(now, meta.token + 1)
   meta.token = token
@@ -511,6 +512,7 @@ local function grant(meta, member, w, mine, k, now)
     pairs_[#pairs_ + 1] = record
   end
   batched('SREM', K_FREE, taken)
+  local fresh = #taken
   local popped = {}
   if #taken < k then
     popped = redis.call('SPOP', K_FREE, k - #taken)
@@ -530,7 +532,7 @@ local function grant(meta, member, w, mine, k, now)
   batched('HSET', K_OWNER, pairs_)
   batched('SADD', held_key(member), taken)
   redis.call('ZADD', count_key(w), fmt(mine + #taken), member)
-  return token, taken
+  return token, taken, fresh + #popped
 end
 
 -- After a change, wakes the members that must act, and nobody else (memory.rs `settle`,
@@ -622,8 +624,15 @@ local function settle(meta, now, joined, caller)
   -- granted from (load_current_meta): the takers are woken instead, and their steps re-create
   -- the group. Nor is a member whose records are odd (foreign edits) granted anything: this
   -- runs after the call's writes, so it must not raise.
-  local stale = #takers > 0 and is_stale()
+  if #takers == 0 then
+    return
+  end
+  local stale = is_stale()
   local now_ms = idiv(now, 1000)
+  -- The share rule's view, read once and kept up to date as each taker is granted (as
+  -- memory.rs keeps its loads): the free count, and per weight how many are above base.
+  local rule = rule_groups(groups)
+  local free = redis.call('SCARD', K_FREE)
   for _, m in ipairs(takers) do
     local w = redis.call('HGET', K_WEIGHT, m)
     local nonce = redis.call('HGET', K_SESS, m)
@@ -636,10 +645,15 @@ local function settle(meta, now, joined, caller)
     elseif stale or not nonce or not mine or not tonumber(w) or not ends then
       redis.call(PUBLISH, TAG .. ':wake:' .. m, 'act')
     else
-      local kind, count = share_rule(meta.buckets, rule_groups(groups), tonumber(w), mine,
-        redis.call('SCARD', K_FREE))
+      local kind, count = share_rule(meta.buckets, rule, tonumber(w), mine, free)
       if kind == 'take' then
-        local token, taken = grant(meta, m, w, mine, count, now)
+        local token, taken, removed = grant(meta, m, w, mine, count, now)
+        free = free - removed
+        for i, g in ipairs(groups) do
+          if g.text == w and mine <= g.base and mine + #taken > g.base then
+            rule[i][3] = rule[i][3] + 1
+          end
+        end
         if #taken > 0 then
           redis.call(PUBLISH, TAG .. ':wake:' .. m, 'grant ' .. nonce .. ' ' .. fmt(token) .. ' '
             .. table.concat(taken, ' '))
