@@ -38,6 +38,21 @@ async fn lift_quarantine(con: &mut redis::aio::MultiplexedConnection, g: &GroupK
     redis_cmd(con, &["HSET", &meta, "grant_after_us", "0"]).await;
 }
 
+/// Registers each of `sessions` (weight 1) in `g`, a group of `buckets` buckets.
+async fn register_all<'a>(
+    store: &RedisStore,
+    g: &GroupKey,
+    sessions: impl IntoIterator<Item = &'a SessionRef>,
+    buckets: u32,
+) {
+    for s in sessions {
+        store
+            .register(g, &request(s, 1, buckets))
+            .await
+            .expect("register");
+    }
+}
+
 /// Members a and b (weight 1) of `g` with `buckets` buckets, past the quarantine, b's wake-ups
 /// subscribed: a has taken its share, b (below its share) has not stepped. Returns a, the
 /// buckets it took, and b's wake-ups.
@@ -48,12 +63,7 @@ async fn a_took_its_share(
     buckets: u32,
 ) -> (SessionRef, Vec<u32>, Notifications) {
     let (a, b) = (session("a", "1"), session("b", "1"));
-    for s in [&a, &b] {
-        store
-            .register(g, &request(s, 1, buckets))
-            .await
-            .expect("register");
-    }
+    register_all(store, g, [&a, &b], buckets).await;
     let wakes = store
         .subscribe(g, Channel::Member("b"))
         .await
@@ -1469,12 +1479,7 @@ async fn a_bucket_freed_twice_in_one_call_is_granted_once() {
     let mut con = raw(&server.url()).await;
     let g = GroupKey::new("t", "twice");
     let (a, b, c) = (session("a", "1"), session("b", "1"), session("c", "1"));
-    for s in [&a, &b, &c] {
-        store
-            .register(&g, &request(s, 1, 6))
-            .await
-            .expect("register");
-    }
+    register_all(&store, &g, [&a, &b, &c], 6).await;
     lift_quarantine(&mut con, &g).await;
     let r = store.rebalance(&g, &a, u32::MAX).await.expect("rebalance");
     let Action::Acquired { buckets, .. } = r.action else {
@@ -1518,12 +1523,7 @@ async fn holdings_are_a_sessions_own_buckets_read_without_a_write() {
     let mut con = raw(&server.url()).await;
     let g = GroupKey::new("t", "holdings");
     let (a, b) = (session("a", "1"), session("b", "1"));
-    for s in [&a, &b] {
-        store
-            .register(&g, &request(s, 1, 8))
-            .await
-            .expect("register");
-    }
+    register_all(&store, &g, [&a, &b], 8).await;
     lift_quarantine(&mut con, &g).await;
     for s in [&a, &b] {
         store.rebalance(&g, s, u32::MAX).await.expect("rebalance");
@@ -1637,12 +1637,7 @@ async fn a_renewal_that_purges_at_its_cap_grants_nothing_to_the_expired_rest() {
     let others: Vec<SessionRef> = (0..102)
         .map(|i| session(&format!("x{i:03}"), "1"))
         .collect();
-    for s in std::iter::once(&a).chain(&others) {
-        store
-            .register(&g, &request(s, 1, 1030))
-            .await
-            .expect("register");
-    }
+    register_all(&store, &g, std::iter::once(&a).chain(&others), 1030).await;
     lift_quarantine(&mut con, &g).await;
     let r = store.rebalance(&g, &a, u32::MAX).await.expect("rebalance");
     assert!(matches!(r.action, Action::Acquired { .. }), "{r:?}");
