@@ -1669,3 +1669,102 @@ async fn a_renewal_that_purges_at_its_cap_grants_nothing_to_the_expired_rest() {
         "a and the two expired sessions the cap left"
     );
 }
+
+/// A rebalance of `s`'s first step in `g`: the buckets granted, or the quarantine left.
+async fn first_step(store: &RedisStore, g: &GroupKey, s: &SessionRef) -> Result<usize, Duration> {
+    match store
+        .rebalance(g, s, u32::MAX)
+        .await
+        .expect("rebalance")
+        .action
+    {
+        Action::Acquired { buckets, .. } => Ok(buckets.len()),
+        Action::Wait(left) => Err(left),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Issue 17: a primary that hangs (SIGSTOP) for longer than a ttl and comes back does not know
+/// yet whether its replica was promoted meanwhile and granted the group's buckets. Every
+/// session has expired on its clock; the group is re-created with its quarantine instead of
+/// granting at once to the first member that registers there (two owners, seen on a cluster).
+#[tokio::test]
+async fn a_primary_that_hung_for_a_ttl_grants_nothing_when_it_comes_back() {
+    let mut server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let mut con = raw(&server.url()).await;
+    let g = GroupKey::new("t", "hung");
+    let a = session("a", "1");
+    register_all(&store, &g, [&a], 4).await;
+    lift_quarantine(&mut con, &g).await;
+    assert_eq!(first_step(&store, &g, &a).await, Ok(4));
+
+    server.pause();
+    tokio::time::sleep(TTL + Duration::from_millis(100)).await;
+    server.resume();
+
+    let b = session("b", "1");
+    let req = request(&b, 1, 4);
+    let registered = until_ok("register", || store.register(&g, &req)).await;
+    assert!(
+        matches!(registered, Registration::Registered { version: 1, .. }),
+        "{registered:?}"
+    );
+    let left = first_step(&store, &g, &b).await.expect_err("quarantined");
+    assert!(left > TTL / 2 && left <= TTL, "{left:?}");
+    let hb = store
+        .heartbeat(&g, &a, TTL, Duration::MAX)
+        .await
+        .expect("heartbeat");
+    assert!(!hb.alive);
+}
+
+/// A group whose last member left gracefully less than a ttl ago grants at once (a restart of a
+/// one-instance service); one nobody was seen in for a ttl is re-created with its quarantine,
+/// and a snapshot, which changes nothing, calls it stale meanwhile.
+#[tokio::test]
+async fn a_group_nobody_was_seen_in_for_a_ttl_is_quarantined_again() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let mut con = raw(&server.url()).await;
+    let g = GroupKey::new("t", "unattended");
+    let a = session("a", "1");
+    register_all(&store, &g, [&a], 4).await;
+    lift_quarantine(&mut con, &g).await;
+    assert_eq!(first_step(&store, &g, &a).await, Ok(4));
+    assert_eq!(store.leave(&g, &a, &[0, 1, 2, 3]).await.expect("leave"), 4);
+
+    let b = session("b", "1");
+    register_all(&store, &g, [&b], 4).await;
+    assert_eq!(first_step(&store, &g, &b).await, Ok(4), "left just now");
+    store.deregister(&g, &b).await.expect("deregister");
+
+    tokio::time::sleep(TTL + Duration::from_millis(50)).await;
+    let snap = store.snapshot(&g).await.expect("snapshot").expect("group");
+    assert!(snap.stale, "{snap:?}");
+    let c = session("c", "1");
+    register_all(&store, &g, [&c], 4).await;
+    let left = first_step(&store, &g, &c).await.expect_err("quarantined");
+    assert!(left > TTL / 2 && left <= TTL, "{left:?}");
+}
+
+/// Data another Redis process wrote (a failover, a restart that reloaded a file) is forgotten,
+/// and the group waits twice the ttl: until then the old primary, back from a hang, might still
+/// renew a session that was live when it stopped, for one more ttl.
+#[tokio::test]
+async fn stale_data_is_quarantined_for_two_ttls() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let mut con = raw(&server.url()).await;
+    let g = GroupKey::new("t", "stale-twice");
+    let a = session("a", "1");
+    register_all(&store, &g, [&a], 4).await;
+    lift_quarantine(&mut con, &g).await;
+    assert_eq!(first_step(&store, &g, &a).await, Ok(4));
+    let meta = format!("{}:meta", g.tag());
+    redis_cmd(&mut con, &["HSET", &meta, "run_id", "another-process"]).await;
+    let b = session("b", "1");
+    register_all(&store, &g, [&b], 4).await;
+    let left = first_step(&store, &g, &b).await.expect_err("quarantined");
+    assert!(left > TTL * 3 / 2 && left <= TTL * 2, "{left:?}");
+}

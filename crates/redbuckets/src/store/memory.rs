@@ -56,6 +56,8 @@ struct GroupState {
     ttl: Duration,
     version: u64,
     grant_after: Instant,
+    /// When a live session last left (leave, deregister), or the creation: see `unattended`.
+    seen: Instant,
     last_token: u64,
     members: BTreeMap<String, MemberState>,
     owners: Vec<Option<(String, u64)>>,
@@ -79,11 +81,21 @@ impl GroupState {
             ttl,
             version: 0,
             grant_after: now + ttl,
+            seen: now,
             last_token: 0,
             members: BTreeMap::new(),
             owners: vec![None; buckets as usize],
             free: (0..buckets).collect(),
         }
+    }
+
+    /// True when nobody has been seen in the group for a ttl: no session is live at `now`, and
+    /// no live session left within the ttl. Such a group is re-created with the quarantine by
+    /// the next registration (and a rebalance finds no session), as after a total loss. Mirrors
+    /// `is_unattended` in `common.lua`, whose comment tells why: a Redis primary that hung for
+    /// longer than a ttl and came back may have been replaced meanwhile.
+    fn unattended(&self, now: Instant) -> bool {
+        self.members.values().all(|m| m.expires <= now) && self.seen + self.ttl <= now
     }
 
     /// Removes a member and frees its buckets.
@@ -351,6 +363,12 @@ impl Store for MemoryStore {
         let now = Instant::now();
         let mut inner = self.lock();
         let now_us = inner.now_us(now);
+        // A group nobody was seen in for a ttl is forgotten and re-created (register.lua,
+        // load_current_meta), its subscribers told.
+        if inner.groups.get(group).is_some_and(|g| g.unattended(now)) {
+            inner.groups.remove(group);
+            inner.notify(group, &[]);
+        }
         let state = inner
             .groups
             .entry(group.clone())
@@ -491,6 +509,10 @@ impl Store for MemoryStore {
         let now = Instant::now();
         let mut inner = self.lock();
         let now_us = inner.now_us(now);
+        if inner.groups.get(group).is_some_and(|g| g.unattended(now)) {
+            inner.groups.remove(group);
+            inner.notify(group, &[]);
+        }
         let Some(state) = inner.groups.get_mut(group) else {
             return Ok(RebalanceReply::session_lost());
         };
@@ -628,6 +650,7 @@ impl Store for MemoryStore {
                 let mut held = m.held.clone();
                 let freed = buckets.iter().filter(|b| held.remove(b)).count();
                 state.remove_member(&session.member);
+                state.seen = now;
                 freed
             }
             None => 0,
@@ -650,6 +673,9 @@ impl Store for MemoryStore {
         // Expired sessions first (deregister.lua), the caller's own with them if it expired.
         let purged = state.purge(now);
         let removed = state.is_session(session) && state.remove_member(&session.member);
+        if removed {
+            state.seen = now;
+        }
         if purged || removed {
             let woken = state.settle(now, now_us, false, &session.member);
             inner.notify(group, &woken);
@@ -736,7 +762,7 @@ impl Store for MemoryStore {
             members,
             owners,
             quarantine: state.grant_after.saturating_duration_since(now),
-            stale: false,
+            stale: state.unattended(now),
         }))
     }
 

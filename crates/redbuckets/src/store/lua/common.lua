@@ -4,7 +4,8 @@
 -- Mirrors src/store/memory.rs, the reference semantics. Keys (all share the group's hash tag):
 --   KEYS[1] meta    hash: buckets, protocol, ver (membership version), token (last fencing
 --                   token), grant_after_us (end of the quarantine), created_us, ttl_us (the
---                   group's one session ttl), run_id (the Redis process that wrote the group;
+--                   group's one session ttl), seen_us (when a live session last left), run_id
+--                   (the Redis process that wrote the group;
 --                   another one means the data may be stale, see load_current_meta)
 --   KEYS[2] exp     zset: member -> session expiry (server ms)
 --   KEYS[3] sess    hash: member -> session nonce
@@ -429,28 +430,60 @@ local function is_stale()
   return redis.call('HGET', K_META, 'run_id') ~= server_run_id()
 end
 
--- The group's parameters, or nil when the group does not exist or its data was written by
--- another Redis process. After a restart that reloaded a snapshot or an append-only file, or
--- a failover to a replica, the data may be stale: members may hold leases it does not show,
--- and granting from it could give one bucket to two members (S1) with an older token (S2).
--- Such a group is forgotten, so it is re-created with the quarantine, as after a total loss.
+-- True when nobody has been seen in the group for a ttl: no session is live at `now` (µs), and no
+-- live session left (leave, deregister) within the group's ttl; created_us stands in for a group
+-- nobody left yet. memory.rs `GroupState::unattended`. Either every member stopped, or this
+-- Redis process was frozen or cut off (a hung VM, a stall, a black hole) for longer than a ttl
+-- while its replica may have been promoted and granted the group's buckets: a primary that
+-- comes back does not know yet that it was replaced, and the group's data, which it wrote
+-- itself, passes is_stale. Its server clock went on, so every session has expired.
+local function is_unattended(now)
+  local last = redis.call('ZRANGE', K_EXP, -1, -1, 'WITHSCORES')
+  if #last > 0 and (tonumber(last[2]) or 0) > idiv(now, 1000) then
+    return false
+  end
+  local v = redis.call('HMGET', K_META, 'seen_us', 'created_us', 'ttl_us')
+  local seen = tonumber(v[1] or v[2] or '0') or 0
+  local ttl = tonumber(v[3] or '0') or 0
+  return seen + ttl <= now
+end
+
+-- Records that a live session left the group at `now` (µs): is_unattended counts from here.
+local function seen_leaving(now)
+  redis.call('HSET', K_META, 'seen_us', fmt(now))
+end
+
+-- The group's parameters at `now` (µs), or nil and why not: 'absent' (no group), 'stale' (its
+-- data was written by another Redis process) or 'unattended' (is_unattended). After a restart
+-- that reloaded a snapshot or an append-only file, or a failover to a replica, the data may be
+-- stale: members may hold leases it does not show, and granting from it could give one bucket to
+-- two members (S1) with an older token (S2). A primary that hung for longer than a ttl and came
+-- back may have been replaced meanwhile: what it grants before it learns so could overlap what
+-- the new primary grants. Such a group is forgotten, so it is re-created with the quarantine
+-- (twice the ttl after stale data, see register.lua), as after a total loss.
 -- Checked on every path that can grant or adopt buckets: register, rebalance and snapshot
 -- here, and settle before it grants freed buckets (the heartbeat, release, leave and
--- deregister reach it); not on the steady renewal, which grants nothing (INFO, cached per
--- library, would cost about as much as the renewal itself through EVALSHA).
-local function load_current_meta()
+-- deregister reach it; a group with a live taker is never unattended); not on the steady
+-- renewal, which grants nothing (INFO, cached per library, would cost about as much as the
+-- renewal itself through EVALSHA).
+local function load_current_meta(now)
   local meta = load_meta()
   if not meta then
-    return nil
+    return nil, 'absent'
   end
+  local why = nil
   if is_stale() then
+    why = 'stale'
+  elseif is_unattended(now) then
+    why = 'unattended'
+  end
+  if why then
     wipe_group()
     publish()
-    return nil
+    return nil, why
   end
   return meta
 end
-
 
 -- The live members grouped by weight, weights ascending (the order settle visits them in, as
 -- share.rs does): { w, text (as stored), n (members), base (base share) }, and the remainder:

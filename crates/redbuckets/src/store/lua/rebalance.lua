@@ -7,13 +7,13 @@
 local member, nonce = ARGV[2], ARGV[3]
 local max_take = uint(ARGV[4], 'max_take argument')
 
-local meta = load_current_meta()
+local now = server_now_us()
+local now_ms = idiv(now, 1000)
+local meta = load_current_meta(now)
 if not meta then
   return { 'lost' }
 end
 check_types(member)
-local now = server_now_us()
-local now_ms = idiv(now, 1000)
 local purged = purge(meta, now_ms) > 0
 if purged then
   publish()

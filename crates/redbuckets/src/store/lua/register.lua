@@ -16,7 +16,7 @@ local now = server_now_us()
 local now_ms = idiv(now, 1000)
 local exp_ms = expiry_ms(now, ttl_us)
 
-local meta = load_current_meta()
+local meta, why = load_current_meta(now)
 if not meta then
   -- (Re)create the group. Anything left under its other keys belongs to a group that no longer
   -- exists; clear it so no stale owner record survives next to a full free set.
@@ -33,11 +33,19 @@ if not meta then
     redis.call('SADD', K_FREE, unpack(ids))
   end
   -- grant_after: the quarantine. After data loss, members that still hold leases from before
-  -- reach their local deadline (S3) before any bucket is granted again.
+  -- reach their local deadline (S3) before any bucket is granted again. After stale data (a
+  -- failover, a restart that reloaded a file) twice the ttl: the old primary may come back
+  -- and, until it learns it was replaced, renew a session that was live when it stopped (for
+  -- up to a ttl after its last renewal) for one more ttl.
+  local quarantine = ttl_us
+  if why == 'stale' then
+    quarantine = 2 * ttl_us
+  end
   redis.call('HSET', K_META, 'buckets', fmt(buckets), 'protocol', fmt(protocol), 'ver', '0',
-    'token', '0', 'grant_after_us', fmt(now + ttl_us), 'created_us', fmt(now),
+    'token', '0', 'grant_after_us', fmt(now + quarantine), 'created_us', fmt(now),
     'ttl_us', fmt(ttl_us), 'run_id', server_run_id())
-  meta = { buckets = buckets, protocol = protocol, ver = 0, token = 0, grant_after = now + ttl_us }
+  meta = { buckets = buckets, protocol = protocol, ver = 0, token = 0,
+    grant_after = now + quarantine }
 end
 
 check_types(member)

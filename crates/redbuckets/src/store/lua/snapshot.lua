@@ -7,20 +7,20 @@
 -- bucket, record pairs. It shows the group as the next purge would leave it: members whose
 -- session expired are left out, the buckets that purge would free are left out of owner_flat,
 -- and ver counts their removal. stale is 1 when the group's data was written by another Redis
--- process (load_current_meta): the data is shown as stored, and the next registration or
--- rebalance re-creates the group.
+-- process or nobody was seen in it for a ttl (load_current_meta): the data is shown as stored,
+-- and the next registration or rebalance re-creates the group.
 local meta = load_meta()
 if not meta then
   return {}
 end
 -- Check first, as the writing scripts do: a foreign type is a corrupt-state error.
 check_types(nil)
-local stale = 0
-if is_stale() then
-  stale = 1
-end
 local now = server_now_us()
 local now_ms = idiv(now, 1000)
+local stale = 0
+if is_stale() or is_unattended(now) then
+  stale = 1
+end
 
 -- One read of the owner hash and of the sessions, each used twice below.
 local all = redis.call('HGETALL', K_OWNER)
