@@ -380,9 +380,29 @@ impl RedisCluster {
         &self.nodes
     }
 
-    /// The running nodes.
+    /// The running nodes that answer (not killed, not paused).
     fn running(&self) -> impl Iterator<Item = &RedisServer> {
-        self.nodes.iter().filter(|n| n.child.is_some())
+        self.nodes.iter().filter(|n| n.child.is_some() && !n.paused)
+    }
+
+    fn node_mut(&mut self, port: u16) -> &mut RedisServer {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port() == port)
+            .unwrap_or_else(|| panic!("no node on port {port}"))
+    }
+
+    /// Freezes the node on `port` (SIGSTOP), as a hung VM or a long stall: its connections stay
+    /// open and nothing answers. If it was a primary, its replica takes over once the others
+    /// mark it failed; resumed, it still believes it is the primary until the cluster tells it
+    /// otherwise. Queries of the cluster's state skip it meanwhile.
+    pub fn pause(&mut self, port: u16) {
+        self.node_mut(port).pause();
+    }
+
+    /// Thaws a node frozen with [`RedisCluster::pause`] (SIGCONT).
+    pub fn resume(&mut self, port: u16) {
+        self.node_mut(port).resume();
     }
 
     /// The hash slot of `key` (`CLUSTER KEYSLOT`).
@@ -396,9 +416,15 @@ impl RedisCluster {
 
     /// The port of the primary that owns `slot`, as the running nodes see it.
     pub fn primary_of(&self, slot: u16) -> u16 {
+        self.try_primary_of(slot)
+            .unwrap_or_else(|| panic!("no primary owns slot {slot}"))
+    }
+
+    /// [`RedisCluster::primary_of`], or `None` while no primary serves `slot` (its primary
+    /// failed and no replica was promoted yet).
+    pub fn try_primary_of(&self, slot: u16) -> Option<u16> {
         let node = self.running().next().expect("a running node");
         primary_in(&node.cli(&["CLUSTER", "NODES"]), slot)
-            .unwrap_or_else(|| panic!("no primary owns slot {slot}"))
     }
 
     /// The node on `port`.
@@ -428,12 +454,7 @@ impl RedisCluster {
     /// Kills the node on `port` (SIGKILL), as a crash. Its replica (if it was a primary) takes
     /// over once the others mark it failed; see [`RedisCluster::wait_ok`].
     pub fn kill(&mut self, port: u16) {
-        let node = self
-            .nodes
-            .iter_mut()
-            .find(|n| n.port() == port)
-            .unwrap_or_else(|| panic!("no node on port {port}"));
-        node.stop();
+        self.node_mut(port).stop();
     }
 
     /// Moves `slot` to the primary on `to`, keys included, with `CLUSTER SETSLOT` and one

@@ -62,6 +62,9 @@ pub(super) struct Cluster {
     topology: RwLock<Topology>,
     /// Held while a refresh runs (one at a time), with the time the last one started.
     refreshing: tokio::sync::Mutex<Option<Instant>>,
+    /// Bumped whenever a slot's primary changes: a subscription on a node that no longer owns
+    /// its channel's slot ends, and the member subscribes again on the new primary.
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Default)]
@@ -164,6 +167,7 @@ impl Cluster {
                 connections: HashMap::new(),
             }),
             refreshing: tokio::sync::Mutex::new(None),
+            changed: tokio::sync::watch::Sender::new(0),
         };
         let budget = options.call_budget();
         match tokio::time::timeout(budget, cluster.refresh()).await {
@@ -309,6 +313,14 @@ impl Cluster {
         self.read().owners[usize::from(slot)].clone()
     }
 
+    /// The primary of `slot` as last learned, as `host:port`, for messages.
+    pub(super) fn owner_name(&self, slot: u16) -> String {
+        self.owner(slot).map_or_else(
+            || "no known node".to_string(),
+            |a| format!("{}:{}", a.0, a.1),
+        )
+    }
+
     /// Reads the slot table from the first node that answers (known primaries first, then the
     /// seeds), all asked at once so a dead node costs no wait.
     async fn refresh(&self) -> RedisResult<()> {
@@ -354,6 +366,9 @@ impl Cluster {
         primaries.dedup();
         tracing::debug!(?primaries, "read the cluster's slot table");
         let mut topology = self.write();
+        if topology.owners != owners {
+            self.changed.send_modify(|n| *n += 1);
+        }
         topology.owners = owners;
         // Connections to nodes that own nothing now are dropped.
         let live: std::collections::HashSet<Addr> = topology
@@ -404,6 +419,7 @@ impl Cluster {
                     return Err(e);
                 };
                 self.write().owners[usize::from(slot)] = Some(Arc::new(target.clone()));
+                self.changed.send_modify(|n| *n += 1);
                 // Other slots probably moved with it.
                 self.refresh_later();
                 cmd.query_async(&mut self.connection(&target)?).await
@@ -482,7 +498,21 @@ impl Cluster {
                 return Err(e);
             }
         };
+        // Ends when the slot table names another primary for the slot: a demoted node may keep
+        // the subscription open without a word (seen after a primary hung and came back as a
+        // replica), and notices are published on the new primary.
+        let mut changes = self.changed.subscribe();
+        let cluster = Arc::clone(self);
+        let moved_away = async move {
+            while changes.changed().await.is_ok() {
+                if cluster.owner(slot).as_deref() != Some(&*addr) {
+                    tracing::debug!(slot, "the slot has another primary; subscribing again");
+                    return;
+                }
+            }
+        };
         let stream = push_stream(rx)
+            .take_until(moved_away)
             .take_while(|push| {
                 std::future::ready(!matches!(
                     push.kind,

@@ -6,13 +6,19 @@ use std::time::Duration;
 use redis::{ConnectionAddr, ErrorKind, RedisError, ServerErrorKind};
 
 use super::cluster::key_slot;
-use super::RedisStore;
+use super::{Link, Node, RedisStore};
 use crate::error::Error;
 use crate::store::GroupKey;
 
 impl RedisStore {
     /// Maps an error of a store call. Expected server replies of our own scripts come first.
-    pub(super) fn call_error(&self, group: &GroupKey, call: &'static str, e: &RedisError) -> Error {
+    pub(super) fn call_error(
+        &self,
+        node: &Node,
+        group: &GroupKey,
+        call: &'static str,
+        e: &RedisError,
+    ) -> Error {
         let secrets = &self.inner.secrets;
         let detail = || scrub(&strip_script_suffix(e.detail().unwrap_or("")), secrets);
         match e.code() {
@@ -35,6 +41,18 @@ impl RedisStore {
             _ => {}
         }
         if e.is_timeout() {
+            if let Link::Cluster(cluster) = &node.link {
+                // Which node hangs, and for which slot: a cluster has several.
+                let slot = key_slot(&group.tag());
+                return Error::Unavailable {
+                    detail: format!(
+                        "store call {call} timed out after {:?} at {}, the primary of slot                          {slot} of group {:?} as last read from the cluster; the store reads                          the slot table again",
+                        self.inner.options.call_budget(),
+                        cluster.owner_name(slot),
+                        group.name,
+                    ),
+                };
+            }
             return Error::Timeout {
                 call,
                 after: self.inner.options.response_timeout,

@@ -248,6 +248,27 @@ impl Node {
     }
 }
 
+/// An I/O timeout, as the redis crate reports one.
+fn timed_out() -> RedisError {
+    RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+}
+
+/// Armed while a call runs: dropped with `node` still set, the call was cut by its caller
+/// before any answer, which is reported as a timeout of that node.
+struct Unanswered<'a> {
+    store: &'a RedisStore,
+    node: Option<Arc<Node>>,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        // Not while the runtime shuts down (nothing to follow then, and no task to start).
+        if let (Some(node), Ok(_)) = (self.node.take(), tokio::runtime::Handle::try_current()) {
+            self.store.follow_primary_later(node, &timed_out());
+        }
+    }
+}
+
 impl Inner {
     fn node(&self) -> Arc<Node> {
         Arc::clone(&self.node.read().unwrap_or_else(|e| e.into_inner()))
@@ -502,16 +523,20 @@ impl RedisStore {
         // A call made while the manager reconnects waits through its backoff; cut it here so a
         // dead primary is noticed (and, through Sentinel, replaced) before the member's deadline.
         let budget = self.inner.options.call_budget();
+        // The member cuts its calls at its own deadline (a third of the ttl at most), often
+        // before this budget: a call dropped unanswered counts as a timeout too, or a primary
+        // that hangs would never be abandoned (issue 17: no slot table read for a 5 s freeze).
+        let mut unanswered = Unanswered {
+            store: self,
+            node: Some(Arc::clone(&node)),
+        };
         let result = tokio::time::timeout(budget, self.invoke(&node, &group.tag(), script, args))
             .await
-            .unwrap_or_else(|_| {
-                Err(RedisError::from(std::io::Error::from(
-                    std::io::ErrorKind::TimedOut,
-                )))
-            });
+            .unwrap_or_else(|_| Err(timed_out()));
+        unanswered.node = None;
         result.map_err(|e| {
-            self.follow_primary_later(node, &e);
-            self.call_error(group, call, &e)
+            self.follow_primary_later(Arc::clone(&node), &e);
+            self.call_error(&node, group, call, &e)
         })
     }
 
@@ -761,7 +786,7 @@ impl Store for RedisStore {
                             after: budget,
                         }
                     })?
-                    .map_err(|e| self.call_error(group, "subscribe", &e))?;
+                    .map_err(|e| self.call_error(&node, group, "subscribe", &e))?;
                 return Ok(Notifications::new(stream));
             }
         };
@@ -778,7 +803,7 @@ impl Store for RedisStore {
             })?
             .map_err(|e| {
                 self.follow_primary_later(Arc::clone(&node), &e);
-                self.call_error(group, "subscribe", &e)
+                self.call_error(&node, group, "subscribe", &e)
             })?;
         // The stream ends when the connection drops, or when the store moves to another server;
         // the member then resynchronises and subscribes again.
