@@ -506,3 +506,44 @@ async fn the_wrong_url_kind_is_a_clear_error() {
     g.until_balanced(TTL * 5).await;
     g.shutdown().await;
 }
+
+/// Issue 17: a call to a frozen primary (SIGSTOP) fails naming the node and the slot; calls
+/// its caller cuts before any answer (as a member does, at a third of its ttl) count as
+/// timeouts of that node, so the store reads the slot table again and reaches the promoted
+/// replica while the old primary is still frozen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_cut_at_a_frozen_primary_lead_the_store_to_its_replica() {
+    let mut cluster = RedisCluster::start();
+    let options = redbuckets::RedisOptions::default().response_timeout(Duration::from_millis(300));
+    let store = RedisStore::connect_with(&cluster.url(), options)
+        .await
+        .expect("connect");
+    let group = GroupKey::new("red-buckets", "frozen");
+    let slot = cluster.keyslot("red-buckets:frozen");
+    let victim = cluster.primary_of(slot);
+    assert!(store.snapshot(&group).await.expect("snapshot").is_none());
+
+    cluster.pause(victim);
+    let err = store.snapshot(&group).await.expect_err("frozen");
+    let text = err.to_string();
+    assert!(err.is_transient(), "{err:?}");
+    assert!(
+        text.contains(&format!(":{victim}")) && text.contains(&format!("slot {slot}")),
+        "{text}"
+    );
+    // Cut every call at 100 ms, far below the store's own budget: only the cut tells the store.
+    let began = Instant::now();
+    loop {
+        let cut = tokio::time::timeout(Duration::from_millis(100), store.snapshot(&group)).await;
+        if matches!(cut, Ok(Ok(_))) {
+            break;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(15),
+            "the store never reached the promoted replica"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_ne!(cluster.primary_of(slot), victim);
+    eprintln!("a snapshot answered {:?} after the freeze", began.elapsed());
+}

@@ -46,7 +46,9 @@ impl RedisStore {
                 let slot = key_slot(&group.tag());
                 return Error::Unavailable {
                     detail: format!(
-                        "store call {call} timed out after {:?} at {}, the primary of slot                          {slot} of group {:?} as last read from the cluster; the store reads                          the slot table again",
+                        "store call {call} timed out after {:?} at {}, the primary of slot \
+                         {slot} of group {:?} as last read from the cluster; the store reads \
+                         the slot table again",
                         self.inner.options.call_budget(),
                         cluster.owner_name(slot),
                         group.name,
