@@ -1767,4 +1767,16 @@ async fn stale_data_is_quarantined_for_two_ttls() {
     register_all(&store, &g, [&b], 4).await;
     let left = first_step(&store, &g, &b).await.expect_err("quarantined");
     assert!(left > TTL * 3 / 2 && left <= TTL * 2, "{left:?}");
+
+    // Found stale by a rebalance, which forgets the group: the registration that re-creates
+    // it keeps the two ttls, counted from then.
+    lift_quarantine(&mut con, &g).await;
+    assert_eq!(first_step(&store, &g, &b).await, Ok(4));
+    redis_cmd(&mut con, &["HSET", &meta, "run_id", "another-process"]).await;
+    let r = store.rebalance(&g, &b, 4).await.expect("rebalance");
+    assert!(matches!(r.action, Action::SessionLost), "{r:?}");
+    let c = session("c", "1");
+    register_all(&store, &g, [&c], 4).await;
+    let left = first_step(&store, &g, &c).await.expect_err("quarantined");
+    assert!(left > TTL * 3 / 2 && left <= TTL * 2, "{left:?}");
 }

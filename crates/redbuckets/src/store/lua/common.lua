@@ -20,6 +20,8 @@
 --   <tag>:held:<member>  set of the member's buckets
 --   <tag>:ids            zset, every score 0: the live members in id order, so that each
 --                        member watches the expiry of the next two (watched_next_ms)
+--   <tag>:requarantine   string, expiring: the end of the quarantine (µs) of a group forgotten
+--                        for stale data, for the call that re-creates it (load_current_meta)
 --   <tag>:events         pub/sub channel: every change, for tools that watch the group
 --   <tag>:wake:<member>  pub/sub channel: the member must act (settle)
 -- Keys built here from ARGV[1] (the tag) share the hash tag, so they are on the same slot.
@@ -197,6 +199,10 @@ end
 
 local function ids_key()
   return TAG .. ':ids'
+end
+
+local function requarantine_key()
+  return TAG .. ':requarantine'
 end
 
 local function publish()
@@ -478,7 +484,13 @@ local function load_current_meta(now)
     why = 'unattended'
   end
   if why then
+    local ttl = tonumber(redis.call('HGET', K_META, 'ttl_us') or '')
     wipe_group()
+    if why == 'stale' and ttl then
+      -- Kept past the wipe, for whichever call re-creates the group (register.lua): the
+      -- rebalance or the heartbeat that finds stale data comes before the registration.
+      redis.call('SET', requarantine_key(), fmt(now + 2 * ttl), 'PX', fmt(idiv(2 * ttl, 1000) + 1))
+    end
     publish()
     return nil, why
   end

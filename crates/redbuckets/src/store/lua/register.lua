@@ -16,7 +16,7 @@ local now = server_now_us()
 local now_ms = idiv(now, 1000)
 local exp_ms = expiry_ms(now, ttl_us)
 
-local meta, why = load_current_meta(now)
+local meta = load_current_meta(now)
 if not meta then
   -- (Re)create the group. Anything left under its other keys belongs to a group that no longer
   -- exists; clear it so no stale owner record survives next to a full free set.
@@ -34,18 +34,19 @@ if not meta then
   end
   -- grant_after: the quarantine. After data loss, members that still hold leases from before
   -- reach their local deadline (S3) before any bucket is granted again. After stale data (a
-  -- failover, a restart that reloaded a file) twice the ttl: the old primary may come back
-  -- and, until it learns it was replaced, renew a session that was live when it stopped (for
-  -- up to a ttl after its last renewal) for one more ttl.
-  local quarantine = ttl_us
-  if why == 'stale' then
-    quarantine = 2 * ttl_us
+  -- failover, a restart that reloaded a file) twice the ttl, from when it was found stale
+  -- (load_current_meta): the old primary may come back and, until it learns it was replaced,
+  -- renew a session that was live when it stopped (for up to a ttl after its last renewal)
+  -- for one more ttl.
+  local grant_after = now + ttl_us
+  local floor = tonumber(redis.call('GET', requarantine_key()) or '')
+  if floor and floor > grant_after then
+    grant_after = floor
   end
   redis.call('HSET', K_META, 'buckets', fmt(buckets), 'protocol', fmt(protocol), 'ver', '0',
-    'token', '0', 'grant_after_us', fmt(now + quarantine), 'created_us', fmt(now),
+    'token', '0', 'grant_after_us', fmt(grant_after), 'created_us', fmt(now),
     'ttl_us', fmt(ttl_us), 'run_id', server_run_id())
-  meta = { buckets = buckets, protocol = protocol, ver = 0, token = 0,
-    grant_after = now + quarantine }
+  meta = { buckets = buckets, protocol = protocol, ver = 0, token = 0, grant_after = grant_after }
 end
 
 check_types(member)
