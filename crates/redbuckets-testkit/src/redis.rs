@@ -10,6 +10,17 @@ use std::time::{Duration, Instant};
 const NOT_FOUND: &str = "redis-server not found: install it (apt-get install -y redis-server) or \
                          run ./scripts/test.sh which installs it";
 
+/// The server binary: `redis-server`, or the one `REDBUCKETS_REDIS_SERVER` names (a Valkey or
+/// an older Redis for the compatibility job, `scripts/compat.sh`).
+fn server_bin() -> String {
+    std::env::var("REDBUCKETS_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into())
+}
+
+/// The command-line client: `redis-cli`, or the one `REDBUCKETS_REDIS_CLI` names.
+fn cli_bin() -> String {
+    std::env::var("REDBUCKETS_REDIS_CLI").unwrap_or_else(|_| "redis-cli".into())
+}
+
 /// How long a fresh server may take to answer PING.
 const START_BUDGET: Duration = Duration::from_secs(5);
 
@@ -96,7 +107,7 @@ impl RedisServer {
     /// Runs one command through `redis-cli` against this server and returns its output
     /// (for setting up foreign data, killing clients, reading INFO). Panics if it fails.
     pub fn cli(&self, args: &[&str]) -> String {
-        let mut cmd = Command::new("redis-cli");
+        let mut cmd = Command::new(cli_bin());
         cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string()]);
         if let Some(pw) = self
             .extra
@@ -135,7 +146,7 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) -> Result<(), String> {
-        let mut cmd = Command::new("redis-server");
+        let mut cmd = Command::new(server_bin());
         cmd.args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
@@ -208,7 +219,7 @@ impl Sentinel {
                 ),
             )
             .expect("write the sentinel's config");
-            let mut cmd = Command::new("redis-server");
+            let mut cmd = Command::new(server_bin());
             cmd.arg(&conf).arg("--sentinel");
             match spawn_answering(cmd, port) {
                 Ok(child) => {
@@ -232,7 +243,7 @@ impl Sentinel {
 
     /// Runs one command through `redis-cli` against the sentinel and returns its output.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
+        let out = Command::new(cli_bin())
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
             .args(args)
             .stdin(Stdio::null())

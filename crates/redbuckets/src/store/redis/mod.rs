@@ -175,6 +175,9 @@ struct Node {
     /// Set once the server refused functions: from then on this server gets EVALSHA. A new
     /// `Node` (after a Sentinel move) asks again.
     eval_only: AtomicBool,
+    /// Set once the server failed to compile a script's `#!lua flags=` line (Redis < 7.0):
+    /// from then on it gets the read-only scripts without it.
+    no_script_flags: AtomicBool,
 }
 
 // One per store, behind an Arc: the size of the larger variant costs nothing.
@@ -198,6 +201,7 @@ impl Node {
         Node {
             link,
             eval_only: AtomicBool::new(false),
+            no_script_flags: AtomicBool::new(false),
         }
     }
 
@@ -586,8 +590,34 @@ impl RedisStore {
                 );
             }
         }
-        let mut invocation = scripts.eval(script).prepare_invoke();
-        for key in &keys {
+        let flagged = !node.no_script_flags.load(Ordering::Relaxed);
+        let result = self
+            .eval(node, scripts.eval(script, flagged), &keys, tag, args)
+            .await;
+        match result {
+            // Redis < 7.0 knows no `#!lua flags=` line (a read-only script's first line):
+            // the unflagged text reads the same, only Redis no longer enforces it.
+            Err(e) if flagged && refuses_script_flags(&e) => {
+                node.no_script_flags.store(true, Ordering::Relaxed);
+                self.eval(node, scripts.eval(script, false), &keys, tag, args)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    /// `EVALSHA` of `script` (loading it on `NOSCRIPT`) with the group's keys, its tag and
+    /// `args`.
+    async fn eval(
+        &self,
+        node: &Node,
+        script: &redis::Script,
+        keys: &[String],
+        tag: &str,
+        args: &[String],
+    ) -> Result<Value, RedisError> {
+        let mut invocation = script.prepare_invoke();
+        for key in keys {
             invocation.key(key);
         }
         invocation.arg(tag);
@@ -596,6 +626,11 @@ impl RedisStore {
         }
         node.invoke_script(&invocation, &keys[0]).await
     }
+}
+
+/// A server older than Redis 7.0 failed to compile a script that starts with `#!lua flags=`.
+fn refuses_script_flags(e: &RedisError) -> bool {
+    e.to_string().contains("unexpected symbol near '#'")
 }
 
 /// Redis does not know the function: the library is not loaded on this server.

@@ -140,6 +140,9 @@ const VERSION_SLOT: &str = "@VERSION@";
 pub(super) struct Scripts {
     /// EVAL form, in `ScriptId` order.
     eval: Vec<Script>,
+    /// EVAL form without the `#!lua flags=` line, for Redis < 7.0, in `ScriptId` order (the
+    /// same script as in `eval` where a body has no flags).
+    eval_unflagged: Vec<Script>,
     /// `FUNCTION LOAD` text.
     library: String,
     /// `redbuckets_<version>`.
@@ -158,21 +161,20 @@ impl Scripts {
             Deployment::Server => COMMON.to_string(),
             Deployment::Cluster => COMMON.replace(CLUSTER_LINE, "local CLUSTER = true"),
         };
-        let eval = BODIES
-            .iter()
-            .map(|body| {
-                // The flag must be the script's first line.
-                let flags = if body.read_only {
-                    "#!lua flags=no-writes\n"
-                } else {
-                    ""
-                };
-                Script::new(&format!(
-                    "{flags}{clock}\n{common}\nbind(KEYS, ARGV)\n{}",
-                    body.text
-                ))
-            })
-            .collect();
+        let eval_form = |body: &Body, flags: bool| {
+            // The flag must be the script's first line.
+            let flags = if flags && body.read_only {
+                "#!lua flags=no-writes\n"
+            } else {
+                ""
+            };
+            Script::new(&format!(
+                "{flags}{clock}\n{common}\nbind(KEYS, ARGV)\n{}",
+                body.text
+            ))
+        };
+        let eval = BODIES.iter().map(|b| eval_form(b, true)).collect();
+        let eval_unflagged = BODIES.iter().map(|b| eval_form(b, false)).collect();
 
         let mut text = format!(
             "#!lua name=redbuckets_{VERSION_SLOT}\n\
@@ -199,6 +201,7 @@ impl Scripts {
         let version = Script::new(&text).get_hash()[..12].to_string();
         Scripts {
             eval,
+            eval_unflagged,
             library: text.replace(VERSION_SLOT, &version),
             library_name: format!("redbuckets_{version}"),
             functions: BODIES
@@ -208,9 +211,13 @@ impl Scripts {
         }
     }
 
-    /// The EVAL form of a script.
-    pub(super) fn eval(&self, id: ScriptId) -> &Script {
-        &self.eval[id as usize]
+    /// The EVAL form of a script, with its `#!lua flags=` line (Redis ≥ 7.0) or without.
+    pub(super) fn eval(&self, id: ScriptId, flagged: bool) -> &Script {
+        if flagged {
+            &self.eval[id as usize]
+        } else {
+            &self.eval_unflagged[id as usize]
+        }
     }
 
     /// The function that runs a script.
