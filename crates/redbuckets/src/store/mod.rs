@@ -133,8 +133,9 @@ pub enum Registration {
     },
 }
 
-/// Reply to a heartbeat.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Reply to a heartbeat. A store outside this crate builds one from
+/// [`HeartbeatReply::default`] (a session that is not alive) and sets the fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct HeartbeatReply {
     /// False when the session is unknown or expired: every lease of it is gone.
@@ -210,16 +211,24 @@ pub struct RebalanceReply {
 }
 
 impl RebalanceReply {
-    /// The reply when the session is unknown or expired: nothing else in it means anything.
-    pub(crate) fn session_lost() -> Self {
+    /// A reply with `action` and every count zero; a store outside this crate sets the other
+    /// fields.
+    #[must_use]
+    pub fn new(action: Action) -> Self {
         RebalanceReply {
-            action: Action::SessionLost,
+            action,
             share: (0, 0),
             version: 0,
             free: 0,
             committed: 0,
             held: 0,
         }
+    }
+
+    /// The reply when the session is unknown or expired: nothing else in it means anything.
+    #[must_use]
+    pub fn session_lost() -> Self {
+        Self::new(Action::SessionLost)
     }
 }
 
@@ -232,7 +241,8 @@ pub struct Owner {
     pub token: u64,
 }
 
-/// One live member as the store holds it.
+/// One live member as the store holds it. A store outside this crate builds one with
+/// [`MemberInfo::new`] and sets the fields.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct MemberInfo {
@@ -252,7 +262,24 @@ pub struct MemberInfo {
     pub session_age: Duration,
 }
 
-/// The whole state of a group, for status tools and tests.
+impl MemberInfo {
+    /// Member `id` with session `session`, weight 1, holding nothing, expiring now.
+    #[must_use]
+    pub fn new(id: impl Into<String>, session: impl Into<String>) -> Self {
+        MemberInfo {
+            id: id.into(),
+            session: session.into(),
+            weight: 1,
+            held: 0,
+            committed: 0,
+            expires_in: Duration::ZERO,
+            session_age: Duration::ZERO,
+        }
+    }
+}
+
+/// The whole state of a group, for status tools and tests. A store outside this crate builds
+/// one with [`GroupSnapshot::new`] and sets the fields.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct GroupSnapshot {
@@ -277,6 +304,21 @@ pub struct GroupSnapshot {
 }
 
 impl GroupSnapshot {
+    /// A group of `buckets` buckets, all free, with no member, at this crate's protocol
+    /// version, version 0, no quarantine, not stale.
+    #[must_use]
+    pub fn new(buckets: u32) -> Self {
+        GroupSnapshot {
+            buckets,
+            protocol: crate::config::PROTOCOL_VERSION,
+            version: 0,
+            members: Vec::new(),
+            owners: vec![None; buckets as usize],
+            quarantine: Duration::ZERO,
+            stale: false,
+        }
+    }
+
     /// Number of buckets without an owner.
     #[must_use]
     pub fn free(&self) -> usize {
@@ -310,8 +352,9 @@ impl GroupSnapshot {
 }
 
 /// What one live session holds, as the store records it ([`Store::holdings`]): what a member
-/// reads to align itself with the store after a lost reply.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// reads to align itself with the store after a lost reply. A store outside this crate builds
+/// one from [`Holdings::default`] (nothing held) and sets the fields.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct Holdings {
     /// Each bucket of the session whose owner record names its member, with the token of that
@@ -374,6 +417,18 @@ impl std::fmt::Debug for Notifications {
 /// Errors: any `Err` means "the outcome is unknown" — the call may or may not have run. The member
 /// treats a failed heartbeat as not renewing its leases (S3), retries idempotent calls, and never
 /// claims a bucket it has not seen granted.
+///
+/// # Implementing it
+/// The trait is open: a store written outside this crate is a first-class store. The common
+/// case wraps another store, to count, time, trace or fault its calls
+/// (`examples/instrumented_store.rs`); a store of its own must keep every guarantee in the
+/// [module docs](self), method by method as documented here, or the members' guarantees
+/// (one owner per bucket, growing tokens) do not hold. Replies are `#[non_exhaustive]` (they
+/// may gain fields): build them from their constructors ([`HeartbeatReply::default`],
+/// [`RebalanceReply::new`], [`Holdings::default`], [`MemberInfo::new`],
+/// [`GroupSnapshot::new`]) and set the public fields. To carry the protocol over another Redis
+/// client, hand [`crate::RedisStore`] a `redis::Client` instead: its Lua scripts are the
+/// protocol, checked against [`crate::MemoryStore`] by a differential test.
 pub trait Store: Clone + Send + Sync + 'static {
     /// Joins `group` with a new session, creating the group if needed. Fails with
     /// [`Error::GroupMismatch`] when the group's bucket count differs.
