@@ -128,7 +128,8 @@ struct JoinArgs {
     /// How long a revoked bucket waits for its lease handles [default: 1s].
     #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
     drain: Option<Duration>,
-    /// How long joining retries while Redis times out or is unavailable [default: 30s].
+    /// How long joining (connecting, then registering) retries while Redis is not up yet, times
+    /// out or is unavailable [default: 30s].
     #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
     start_timeout: Option<Duration>,
     /// One JSON object per line on stdout instead of text.

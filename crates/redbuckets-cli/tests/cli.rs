@@ -384,6 +384,71 @@ fn status_reports_warm_up_free_buckets_and_missing_groups() {
     assert_eq!(code, Some(0), "{stderr}");
 }
 
+/// Issue 18, defect 1: a `join` started 2 s before its Redis waits for it (as workers do in
+/// Docker Compose and Kubernetes) and joins; the start timeout bounds connecting too.
+#[test]
+fn join_started_before_redis_joins_when_it_comes_up() {
+    let mut redis = RedisServer::start();
+    redis.stop();
+    let began = Instant::now();
+    let mut a = Joined::spawn(
+        &redis,
+        "early",
+        "a",
+        &[
+            "--buckets",
+            "8",
+            "--ttl",
+            "600ms",
+            "--heartbeat",
+            "200ms",
+            "--start-timeout",
+            "10s",
+        ],
+    );
+    thread::sleep(Duration::from_secs(2));
+    assert!(
+        a.child.try_wait().expect("try_wait").is_none(),
+        "join gave up"
+    );
+    redis.restart();
+    a.wait_for("joined", Duration::from_secs(8));
+    a.wait_for("acquired", Duration::from_secs(5));
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        began.elapsed()
+    );
+    a.signal("-TERM");
+    let (code, stderr) = a.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{stderr}");
+    // One WARN when it starts waiting, not one per attempt.
+    let warns = stderr.lines().filter(|l| l.contains("WARN")).count();
+    assert_eq!(warns, 1, "{stderr}");
+
+    // Nothing comes up: it gives up after the start timeout, with one error line.
+    let r = run(
+        &[
+            "join",
+            "--redis",
+            &redis
+                .url()
+                .replace(&redis.port().to_string(), &closed_port().to_string()),
+            "--group",
+            "g",
+            "--start-timeout",
+            "2s",
+        ],
+        Duration::from_secs(10),
+    );
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(
+        r.took >= Duration::from_millis(1500) && r.took < Duration::from_secs(4),
+        "{r:?}"
+    );
+    assert!(r.stderr.contains("attempts"), "{r:?}");
+}
+
 /// A port on 127.0.0.1 that nothing listens on.
 fn closed_port() -> u16 {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
@@ -399,8 +464,9 @@ fn bad_input_gets_one_clear_line() {
         args.extend_from_slice(extra);
         args.iter().map(|s| (*s).to_string()).collect::<Vec<_>>()
     };
+    // `join` waits for a Redis that is not up yet, for its start timeout (30 s by default).
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (join(&closed, &[]), "cannot connect"),
+        (join(&closed, &["--start-timeout", "1s"]), "cannot connect"),
         (
             vec![
                 "status".into(),
@@ -411,7 +477,10 @@ fn bad_input_gets_one_clear_line() {
             ],
             "cannot connect",
         ),
-        (join(&secret, &[]), "redis://user:***@127.0.0.1"),
+        (
+            join(&secret, &["--start-timeout", "1s"]),
+            "redis://user:***@127.0.0.1",
+        ),
         (join("not a url", &[]), "invalid Redis URL"),
         (join("http://127.0.0.1:6379", &[]), "invalid Redis URL"),
         (
@@ -451,7 +520,12 @@ fn bad_input_gets_one_clear_line() {
             !r.stderr.contains("hunter2"),
             "{args:?} printed the password"
         );
-        let lines: Vec<&str> = r.stderr.lines().collect();
+        // A `join` that waits for Redis says so once, in a log line (RUST_LOG) before the error.
+        let lines: Vec<&str> = r
+            .stderr
+            .lines()
+            .filter(|l| !l.contains(" WARN redbuckets"))
+            .collect();
         assert_eq!(lines.len(), 1, "{args:?}: one line, got {:?}", r.stderr);
         assert!(lines[0].starts_with("error: "), "{args:?}: {}", r.stderr);
         assert!(

@@ -60,6 +60,11 @@ pub struct Config {
     /// Default 30 s: longer than a Redis restart or a Sentinel failover usually takes, and than a
     /// thousand members starting at once keep one Redis busy; short enough that a deployment
     /// against a Redis that is down fails visibly within a typical readiness check.
+    ///
+    /// Connecting comes before, in the store: [`crate::RedisStore::connect`] waits the same
+    /// way for a Redis that is not up yet, for [`crate::RedisOptions::connect_retry`] (also
+    /// 30 s by default). To bound both by one budget, as `redbuckets join --start-timeout`
+    /// does, give the connect the budget and `start` what is left of it.
     pub start_timeout: Duration,
     /// Graceful shutdown budget: drain, release everything, deregister. `Member::shutdown`
     /// returns within it, also when the store does not answer. The drain ends two call timeouts

@@ -83,7 +83,8 @@ impl<S: Store> MemberBuilder<S> {
         self
     }
     /// How long [`MemberBuilder::start`] retries its registration, with backoff, while the store
-    /// times out or is unavailable. Default 30 s.
+    /// times out or is unavailable. Default 30 s. Connecting is the store's, before: see
+    /// [`crate::RedisOptions::connect_retry`] (also 30 s).
     pub fn start_timeout(mut self, timeout: Duration) -> Self {
         self.config.start_timeout = timeout;
         self

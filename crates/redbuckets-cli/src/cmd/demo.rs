@@ -44,7 +44,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
                 .await
         }
         Some(url) => {
-            let store = connect(url).await?;
+            let store = connect(url, Duration::ZERO).await?;
             // A fresh group per run: a demo must not join someone's real group, nor an earlier
             // demo's with another bucket count.
             let group = format!("demo-{}", std::process::id());

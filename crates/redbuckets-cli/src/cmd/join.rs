@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::process::ExitCode;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, Context as _};
 use redbuckets::{Config, Event, Events, Member};
@@ -48,7 +48,16 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
 
     let mut signals = Signals::install()?;
     let url = args.group.redis.clone();
-    let store = connect(&url).await?;
+    // One start budget for both: connecting (Redis may not be up yet), then registering.
+    let began = Instant::now();
+    let budget = config.start_timeout;
+    let store = tokio::select! {
+        store = connect(&url, budget) => store?,
+        name = signals.recv() => return Err(anyhow!("{name} before the member had joined")),
+    };
+    config.start_timeout = budget
+        .saturating_sub(began.elapsed())
+        .max(Duration::from_millis(100));
     let builder = Member::builder(store, key.name.clone()).config(config);
     let member = tokio::select! {
         started = builder.start() => started

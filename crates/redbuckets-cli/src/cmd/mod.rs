@@ -9,18 +9,22 @@ pub mod watch;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context as _};
-use redbuckets::{redact_url, Config, GroupKey, RedisStore};
+use redbuckets::{redact_url, Config, GroupKey, RedisOptions, RedisStore};
 
 use crate::GroupArgs;
 
-/// How long connecting may take before we give up (the client's own timeout covers one
-/// attempt; this bounds everything, DNS included).
+/// How long connecting may take beyond its retry budget before we give up (the client's own
+/// timeout covers one attempt; this bounds everything, DNS included).
 const CONNECT_BUDGET: Duration = Duration::from_secs(10);
 
-/// Connects to the Redis at `url`. Errors name the URL with its password replaced by `***`.
-pub async fn connect(url: &str) -> anyhow::Result<RedisStore> {
+/// Connects to the Redis at `url`, retrying for `retry` while Redis is not up yet (`join`: its
+/// start timeout; the commands that only look: zero, they report at once). Errors name the URL
+/// with its password replaced by `***`.
+pub async fn connect(url: &str, retry: Duration) -> anyhow::Result<RedisStore> {
     let shown = redact_url(url);
-    match tokio::time::timeout(CONNECT_BUDGET, RedisStore::connect(url)).await {
+    let options = RedisOptions::default().connect_retry(retry);
+    let budget = retry + CONNECT_BUDGET;
+    match tokio::time::timeout(budget, RedisStore::connect_with(url, options)).await {
         Ok(Ok(store)) => Ok(store),
         Ok(Err(e)) => {
             let message = scrub(&e.to_string(), url);
@@ -33,7 +37,7 @@ pub async fn connect(url: &str) -> anyhow::Result<RedisStore> {
         }
         Err(_) => Err(anyhow!(
             "cannot connect to {shown}: no answer within {}",
-            crate::render::fmt_duration(CONNECT_BUDGET)
+            crate::render::fmt_duration(budget)
         )),
     }
 }

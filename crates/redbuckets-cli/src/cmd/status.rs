@@ -2,6 +2,7 @@
 //! with `--check` an exit code saying whether every bucket is owned and the load is even.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::anyhow;
 use redbuckets::{redact_url, GroupSnapshot, Store};
@@ -21,7 +22,7 @@ const STALE: &str = "stale: the group's data was written by another Redis proces
 pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let key = group_key(&args.group);
     let url = &args.group.redis;
-    let store = connect(url).await?;
+    let store = connect(url, Duration::ZERO).await?;
     let snapshot = store
         .snapshot(&key)
         .await

@@ -3,7 +3,7 @@
 
 use std::io::{IsTerminal as _, Write as _};
 use std::process::ExitCode;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use redbuckets::{redact_url, Store};
 
@@ -38,7 +38,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
     let url = &args.group.redis;
     let shown = redact_url(url);
     let mut signals = Signals::install()?;
-    let store = connect(url).await?;
+    let store = connect(url, Duration::ZERO).await?;
     let tty = std::io::stdout().is_terminal();
     let _screen = tty.then(Screen::enter);
     let mut palette = Palette::default();
