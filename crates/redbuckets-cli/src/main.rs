@@ -10,9 +10,11 @@
 //!   what they share (connecting, signals, the clock).
 //! - `analysis` — what a [`redbuckets::GroupSnapshot`] says about balance and coverage. Pure.
 //! - `render` — the bucket grid, colors, and duration formatting for terminals.
+//! - `out` — stdout that never panics: a closed stdout (`| head`) ends a command with exit 0.
 
 mod analysis;
 mod cmd;
+mod out;
 mod render;
 
 use std::io::IsTerminal as _;
@@ -199,6 +201,8 @@ fn main() -> ExitCode {
     runtime.shutdown_timeout(Duration::from_millis(100));
     match result {
         Ok(code) => code,
+        // `| head` has read enough: not an error.
+        Err(e) if e.is::<out::StdoutClosed>() => ExitCode::SUCCESS,
         Err(e) => {
             // `{:#}` puts the whole context chain on one line.
             eprintln!("error: {e:#}");

@@ -902,3 +902,60 @@ fn status_and_watch_change_no_key() {
     assert!(r.stderr.contains("check failed: stale"), "{r:?}");
     assert_eq!(state(), before, "status of a stale group changed a key");
 }
+
+/// `sh -c "<redbuckets> <args> | head -<lines>"` with bash's pipefail, so the exit code is the
+/// binary's: 0 when it stopped quietly because `head` was done.
+fn piped_into_head(args: &[&str], lines: usize, limit: Duration) -> Run {
+    let script = format!(
+        "set -o pipefail; \"$0\" {} | head -{lines}",
+        args.iter()
+            .map(|a| format!("'{a}'"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let mut cmd = Command::new("bash");
+    cmd.args(["-c", &script, process::BIN])
+        .env_remove("REDBUCKETS_REDIS_URL")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    run_cmd(cmd, limit)
+}
+
+/// Issue 18, defect 2: a closed stdout ends the demo and watch quietly, with exit 0.
+#[test]
+fn demo_and_watch_stop_quietly_when_head_is_done() {
+    let r = piped_into_head(&["demo"], 2, Duration::from_secs(20));
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert_eq!(r.stdout.lines().count(), 2, "{r:?}");
+    assert!(!r.stderr.contains("panicked"), "{r:?}");
+    // Its members left: no "dropped without shutdown()" WARN.
+    assert!(r.stderr.is_empty(), "{r:?}");
+
+    let redis = RedisServer::start();
+    let mut a = Joined::spawn(&redis, "piped", "a", &["--buckets", "4"]);
+    a.wait_for("joined", Duration::from_secs(10));
+    let url = redis.url();
+    let r = piped_into_head(
+        &[
+            "watch",
+            "--redis",
+            &url,
+            "--group",
+            "piped",
+            "--interval",
+            "50ms",
+        ],
+        1,
+        Duration::from_secs(10),
+    );
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert_eq!(r.stdout.lines().count(), 1, "{r:?}");
+    assert!(!r.stderr.contains("panicked"), "{r:?}");
+    let r = piped_into_head(
+        &["status", "--redis", &url, "--group", "piped"],
+        1,
+        Duration::from_secs(10),
+    );
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(!r.stderr.contains("panicked"), "{r:?}");
+}

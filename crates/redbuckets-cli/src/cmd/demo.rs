@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::io::{IsTerminal as _, Write as _};
+use std::io::IsTerminal as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use super::{connect, scrub, Signals};
 use crate::analysis::{analyze, digest, holdings, Digest};
+use crate::out::{self, StdoutClosed};
 use crate::render::{self, fmt_bucket_time, fmt_duration, Palette};
 use crate::DemoArgs;
 use redbuckets::check::Timeline;
@@ -145,6 +146,23 @@ impl<S: Store> Demo<S> {
 
     async fn run(mut self) -> anyhow::Result<ExitCode> {
         let _cursor = self.tty.then(HiddenCursor::new);
+        let result = self.phases().await;
+        if result.is_err() {
+            // Interrupted (Ctrl-C, SIGTERM, a closed stdout) or failed: the members still
+            // running leave, as a library user's would, instead of being dropped (a crash for
+            // the group, which leaves their keys in Redis until their sessions expire).
+            let leaving: Vec<_> = self.live.drain(..).map(|(_, m)| m.shutdown()).collect();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                futures_util::future::join_all(leaving),
+            )
+            .await;
+        }
+        result
+    }
+
+    /// The demo itself: start, join, leave, crash, then the summary.
+    async fn phases(&mut self) -> anyhow::Result<ExitCode> {
         let b = self.args.buckets;
         let n = self.args.members as usize;
         // Long enough to see each state on a terminal; short in pipes.
@@ -252,7 +270,7 @@ impl<S: Store> Demo<S> {
         self.collect();
 
         let violations = self.timeline.violations();
-        print!("{}", self.summary(&phases, &violations));
+        out::print(&self.summary(&phases, &violations))?;
         if self.lagged > 0 {
             bail!(
                 "the checker missed {} events; the safety check is incomplete",
@@ -320,6 +338,9 @@ impl<S: Store> Demo<S> {
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
             name = self.signals.recv() => bail!("{name}: demo interrupted"),
+        }
+        if out::reader_gone() {
+            return Err(StdoutClosed.into());
         }
         self.collect();
         let snapshot = self
@@ -394,7 +415,8 @@ impl<S: Store> Demo<S> {
     fn say(&mut self, line: String) {
         let line = format!("[{:>6.2}s] {line}", self.started.elapsed().as_secs_f64());
         if !self.tty {
-            println!("{line}");
+            // A closed stdout ends the demo at its next tick.
+            let _ = out::println(&line);
         }
         self.log.push(line);
     }
@@ -428,8 +450,7 @@ impl<S: Store> Demo<S> {
         header.extend(self.log[shown..].iter().cloned());
         header.push(state);
         let frame = render::frame(&header, s, &mut self.palette, render::terminal_size());
-        print!("{}{frame}", render::CLEAR);
-        let _ = std::io::stdout().flush();
+        let _ = out::print(&format!("{}{frame}", render::CLEAR));
     }
 
     fn summary(&self, phases: &[Phase], violations: &[String]) -> String {
@@ -522,14 +543,13 @@ struct HiddenCursor;
 
 impl HiddenCursor {
     fn new() -> Self {
-        print!("{}", render::HIDE_CURSOR);
+        let _ = out::print(render::HIDE_CURSOR);
         HiddenCursor
     }
 }
 
 impl Drop for HiddenCursor {
     fn drop(&mut self) {
-        print!("{}", render::SHOW_CURSOR);
-        let _ = std::io::stdout().flush();
+        let _ = out::print(render::SHOW_CURSOR);
     }
 }

@@ -44,9 +44,9 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         })?;
     let analysis = analyze(&snapshot);
     if args.json {
-        println!("{}", to_json(&key.name, &key.prefix, &snapshot, &analysis));
+        crate::out::println(&to_json(&key.name, &key.prefix, &snapshot, &analysis).to_string())?;
     } else {
-        print!("{}", to_text(&key.name, &key.prefix, &snapshot, &analysis));
+        crate::out::print(&to_text(&key.name, &key.prefix, &snapshot, &analysis))?;
     }
     if args.check && (snapshot.stale || !analysis.problems.is_empty()) {
         if snapshot.stale {
