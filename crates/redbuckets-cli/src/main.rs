@@ -42,8 +42,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Join a group and report every ownership change until SIGTERM or Ctrl-C, then leave
-    /// gracefully.
+    /// Join a group and report every ownership change until SIGTERM, SIGHUP or Ctrl-C, then
+    /// leave gracefully.
     #[command(after_help = "\
 Examples:
   redbuckets join --redis redis://127.0.0.1/ --group orders

@@ -959,3 +959,17 @@ fn demo_and_watch_stop_quietly_when_head_is_done() {
     assert_eq!(r.code, Some(0), "{r:?}");
     assert!(!r.stderr.contains("panicked"), "{r:?}");
 }
+
+/// Issue 18, defect 3: SIGHUP (a closed terminal) makes `join` leave too, instead of killing it
+/// (exit 129) with its buckets still owned.
+#[test]
+fn join_leaves_on_sighup() {
+    let redis = RedisServer::start();
+    let mut a = Joined::spawn(&redis, "hup", "a", &["--buckets", "4"]);
+    a.wait_for("joined", Duration::from_secs(10));
+    a.signal("-HUP");
+    let (code, stderr) = a.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{stderr}");
+    let left = a.wait_for("left", Duration::from_secs(1));
+    assert_eq!(left["clean"], true, "{left}");
+}

@@ -57,12 +57,14 @@ mod ledger;
 mod member;
 mod session;
 pub mod share;
+mod signal;
 pub mod store;
 
 pub use config::{Config, DEFAULT_PREFIX, MAX_BUCKETS, MAX_WEIGHT, PROTOCOL_VERSION};
 pub use error::Error;
 pub use event::{instant_to_system, Event, Lease, LostReason};
 pub use member::{ErrorHook, Events, Leases, Member, MemberBuilder, MemberHandle, Status};
+pub use signal::shutdown_signal;
 pub use store::memory::MemoryStore;
 pub use store::redis::{redact_url, scrub_password, RedisOptions, RedisStore};
 pub use store::{GroupKey, GroupSnapshot, Store};

@@ -57,12 +57,17 @@ pub fn scrub(message: &str, url: &str) -> String {
     redbuckets::scrub_password(message, url)
 }
 
-/// Completes on the first SIGTERM or SIGINT (Ctrl-C).
+/// The signals that stop a command: SIGTERM and SIGINT (Ctrl-C), as the library's
+/// [`redbuckets::shutdown_signal`], and SIGHUP (the terminal closed), which would otherwise kill
+/// a `join` without leaving. Unlike that future it names the signal and sees a second one
+/// (`join` stops without releasing on it).
 pub struct Signals {
     #[cfg(unix)]
     term: tokio::signal::unix::Signal,
     #[cfg(unix)]
     int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -74,6 +79,7 @@ impl Signals {
             Ok(Signals {
                 term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
                 int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+                hup: signal(SignalKind::hangup()).context("cannot handle SIGHUP")?,
             })
         }
         #[cfg(not(unix))]
@@ -87,6 +93,7 @@ impl Signals {
             tokio::select! {
                 _ = self.term.recv() => "SIGTERM",
                 _ = self.int.recv() => "SIGINT",
+                _ = self.hup.recv() => "SIGHUP",
             }
         }
         #[cfg(not(unix))]
