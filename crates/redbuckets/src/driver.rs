@@ -1334,7 +1334,7 @@ mod tests {
     }
 
     fn drain(events: &mut crate::Events) -> Vec<Event> {
-        std::iter::from_fn(|| events.try_recv()).collect()
+        std::iter::from_fn(|| events.try_next()).collect()
     }
 
     /// The buckets revoked among the events waiting in `events`; at least one.

@@ -13,11 +13,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures_util::Stream;
-use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, ReusableBoxFuture, WaitForCancellationFutureOwned};
 
 use crate::config::Config;
 use crate::driver::Driver;
@@ -396,7 +399,7 @@ impl MemberHandle {
         local.leases.push(tx);
         Leases {
             rx,
-            stopped: self.shared.stopped.clone(),
+            stopped: Box::pin(self.shared.stopped.clone().cancelled_owned()),
         }
     }
 
@@ -412,7 +415,8 @@ impl MemberHandle {
         let rx = self.shared.events.subscribe();
         let mut events = Events {
             shared: Arc::clone(&self.shared),
-            rx,
+            rx: PollRecv::new(rx),
+            stopped: Box::pin(self.shared.stopped.clone().cancelled_owned()),
             queue: VecDeque::new(),
             announced: HashMap::new(),
         };
@@ -480,12 +484,14 @@ impl MemberHandle {
 
 /// Ownership events of one member, from [`MemberHandle::events`]: first an `Acquired` for every
 /// bucket owned at the subscription, then live events; after a lag, [`Event::Lagged`] and a
-/// fresh snapshot. Read it with [`Events::recv`], [`Events::try_recv`], or as a `Stream`
-/// ([`Events::into_stream`]).
-#[derive(Debug)]
+/// fresh snapshot. A [`Stream`] (use `StreamExt`'s combinators), which ends once the member has
+/// stopped and every event was read; [`Events::next`] and [`Events::try_next`] read it without
+/// importing a trait, as [`Leases`] does.
 pub struct Events {
     shared: Arc<Shared>,
-    rx: broadcast::Receiver<Event>,
+    rx: PollRecv,
+    /// Completes when the member's task has ended.
+    stopped: Pin<Box<WaitForCancellationFutureOwned>>,
     /// The snapshot (and a `Lagged`) not yet read.
     queue: VecDeque<Event>,
     /// The grants this subscriber was told of (bucket → token): the end of any other is not
@@ -493,58 +499,55 @@ pub struct Events {
     announced: HashMap<u32, u64>,
 }
 
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Events")
+            .field("group", &self.shared.config.group)
+            .field("member", &self.shared.config.member_id)
+            .field("queued", &self.queue.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A broadcast receiver that can be polled (tokio's has only `recv().await`): the receive future
+/// owns the receiver and hands it back with the result, in one reused allocation.
+struct PollRecv {
+    next: ReusableBoxFuture<'static, (Result<Event, RecvError>, broadcast::Receiver<Event>)>,
+}
+
+impl PollRecv {
+    fn new(rx: broadcast::Receiver<Event>) -> Self {
+        PollRecv {
+            next: ReusableBoxFuture::new(Self::recv(rx)),
+        }
+    }
+
+    async fn recv(
+        mut rx: broadcast::Receiver<Event>,
+    ) -> (Result<Event, RecvError>, broadcast::Receiver<Event>) {
+        let received = rx.recv().await;
+        (received, rx)
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, RecvError>> {
+        let (received, rx) = std::task::ready!(self.next.poll(cx));
+        self.next.set(Self::recv(rx));
+        Poll::Ready(received)
+    }
+}
+
 impl Events {
     /// The next event; `None` once the member has stopped and every event was read.
-    pub async fn recv(&mut self) -> Option<Event> {
-        loop {
-            if let Some(event) = self.queue.pop_front() {
-                return Some(event);
-            }
-            let received = tokio::select! {
-                biased;
-                received = self.rx.recv() => received,
-                () = self.shared.stopped.cancelled() => match self.rx.try_recv() {
-                    Ok(event) => Ok(event),
-                    Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
-                    Err(TryRecvError::Empty | TryRecvError::Closed) => return None,
-                },
-            };
-            match received {
-                Ok(event) => {
-                    if let Some(event) = self.accept(event) {
-                        return Some(event);
-                    }
-                }
-                Err(RecvError::Lagged(missed)) => self.lagged(missed),
-                Err(RecvError::Closed) => return None,
-            }
-        }
+    /// The same as `StreamExt::next`.
+    pub async fn next(&mut self) -> Option<Event> {
+        std::future::poll_fn(|cx| Pin::new(&mut *self).poll_next(cx)).await
     }
 
     /// The next event if one is ready, without waiting.
-    pub fn try_recv(&mut self) -> Option<Event> {
-        loop {
-            if let Some(event) = self.queue.pop_front() {
-                return Some(event);
-            }
-            match self.rx.try_recv() {
-                Ok(event) => {
-                    if let Some(event) = self.accept(event) {
-                        return Some(event);
-                    }
-                }
-                Err(TryRecvError::Lagged(missed)) => self.lagged(missed),
-                Err(TryRecvError::Empty | TryRecvError::Closed) => return None,
-            }
-        }
-    }
-
-    /// The events as a `Stream`, which ends once the member has stopped.
-    pub fn into_stream(self) -> impl Stream<Item = Event> + Send + 'static {
-        futures_util::stream::unfold(self, |mut events| async move {
-            let event = events.recv().await?;
-            Some((event, events))
-        })
+    pub fn try_next(&mut self) -> Option<Event> {
+        // Unconstrained: tokio's cooperative budget would otherwise make a broadcast receive
+        // look pending after 128 of them in one task poll, and a loop of `try_next` stop early.
+        futures_util::FutureExt::now_or_never(tokio::task::unconstrained(self.next())).flatten()
     }
 
     /// Keeps what this subscriber should see: the end of a grant it was not told of is dropped.
@@ -575,7 +578,7 @@ impl Events {
         let now = Instant::now();
         let shared = Arc::clone(&self.shared);
         let local = shared.lock();
-        self.rx = shared.events.subscribe();
+        self.rx = PollRecv::new(shared.events.subscribe());
         self.queue.clear();
         self.queue.push_back(Event::Lagged { missed, at: now });
         self.snapshot(&local, now);
@@ -598,40 +601,88 @@ impl Events {
     }
 }
 
+impl Stream for Events {
+    type Item = Event;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(event) = this.queue.pop_front() {
+                return Poll::Ready(Some(event));
+            }
+            let received = match this.rx.poll(cx) {
+                Poll::Ready(received) => received,
+                Poll::Pending => {
+                    if this.stopped.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    // The task ended after emitting its last events: read what is buffered
+                    // (the poll above may have come just before the last ones), then end.
+                    match this.rx.poll(cx) {
+                        Poll::Ready(received) => received,
+                        Poll::Pending => return Poll::Ready(None),
+                    }
+                }
+            };
+            match received {
+                Ok(event) => {
+                    if let Some(event) = this.accept(event) {
+                        return Poll::Ready(Some(event));
+                    }
+                }
+                Err(RecvError::Lagged(missed)) => this.lagged(missed),
+                Err(RecvError::Closed) => return Poll::Ready(None),
+            }
+        }
+    }
+}
+
 /// Leases of one member, from [`MemberHandle::leases`]: one for every bucket owned at the
 /// subscription, then one per new grant, each made at the grant (so its guard holds the drain
-/// from the moment ownership begins). Read it with
-/// [`Leases::next`], [`Leases::try_next`], or as a `Stream` ([`Leases::into_stream`]).
-#[derive(Debug)]
+/// from the moment ownership begins). A [`Stream`] (use `StreamExt`'s combinators), which ends
+/// once the member has stopped and every lease was read; [`Leases::next`] and
+/// [`Leases::try_next`] read it without importing a trait, as [`Events`] does.
 pub struct Leases {
     rx: mpsc::UnboundedReceiver<Lease>,
-    stopped: CancellationToken,
+    /// Completes when the member's task has ended.
+    stopped: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl std::fmt::Debug for Leases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Leases")
+            .field("queued", &self.rx.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Leases {
     /// The next lease, in grant order; `None` once the member has stopped and every lease was
     /// read. A lease whose grant has ended already is yielded too (check
     /// [`Lease::is_valid`], or let [`Lease::cancelled`] complete at once): dropping it ends its
-    /// drain.
+    /// drain. The same as `StreamExt::next`.
     pub async fn next(&mut self) -> Option<Lease> {
-        tokio::select! {
-            biased;
-            lease = self.rx.recv() => lease,
-            () = self.stopped.cancelled() => self.rx.try_recv().ok(),
-        }
+        std::future::poll_fn(|cx| Pin::new(&mut *self).poll_next(cx)).await
     }
 
     /// The next lease if one is ready, without waiting.
     pub fn try_next(&mut self) -> Option<Lease> {
         self.rx.try_recv().ok()
     }
+}
 
-    /// The leases as a `Stream`, which ends once the member has stopped.
-    pub fn into_stream(self) -> impl Stream<Item = Lease> + Send + 'static {
-        futures_util::stream::unfold(self, |mut leases| async move {
-            let lease = leases.next().await?;
-            Some((lease, leases))
-        })
+impl Stream for Leases {
+    type Item = Lease;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Lease>> {
+        let this = self.get_mut();
+        if let Poll::Ready(lease) = this.rx.poll_recv(cx) {
+            return Poll::Ready(lease);
+        }
+        match this.stopped.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(this.rx.try_recv().ok()),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 

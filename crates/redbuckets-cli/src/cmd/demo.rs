@@ -303,7 +303,7 @@ impl<S: Store> Demo<S> {
         let member_id = id.clone();
         let forwarder = tokio::spawn(async move {
             loop {
-                let item = match rx.recv().await {
+                let item = match rx.next().await {
                     Some(Event::Lagged { missed, .. }) => Err(missed),
                     Some(event) => Ok(event),
                     None => return,

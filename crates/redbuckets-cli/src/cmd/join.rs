@@ -75,7 +75,7 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
     let signal = loop {
         tokio::select! {
             name = signals.recv() => break name,
-            received = events.recv() => match received {
+            received = events.next() => match received {
                 Some(Event::Lagged { missed, .. }) => out.lagged(missed, Some(member.buckets())),
                 Some(event) => {
                     let mut burst = vec![event];
@@ -104,7 +104,7 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
     let result = loop {
         tokio::select! {
             result = &mut shutdown => break result,
-            received = events.recv(), if !closed => match received {
+            received = events.next(), if !closed => match received {
                 Some(Event::Lagged { missed, .. }) => out.lagged(missed, None),
                 Some(event) => {
                     let mut burst = vec![event];
@@ -144,7 +144,7 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
 fn drain_ready(events: &mut Events, burst: &mut Vec<Event>) -> Option<u64> {
     let mut missed = None;
     loop {
-        match events.try_recv() {
+        match events.try_next() {
             Some(Event::Lagged { missed: n, .. }) => *missed.get_or_insert(0) += n,
             Some(event) => burst.push(event),
             None => return missed,
