@@ -338,6 +338,25 @@ where
     }
 }
 
+/// rustls needs a process-wide crypto provider; without one the redis crate panics at the first
+/// TLS handshake (rustls picks one by itself only when exactly one provider feature is enabled
+/// in the whole build). Keeps the application's if it installed one; otherwise installs *ring*,
+/// the provider this crate builds rustls with.
+///
+/// rustls 0.23.48 deprecates its *ring* provider ("no support for post-quantum algorithms")
+/// without a *ring*-based replacement in 0.23; the other built-in one, aws-lc-rs, needs cmake
+/// and a C toolchain. Hence the `allow`, here only: an application that wants post-quantum key
+/// exchange installs aws-lc-rs's provider before connecting, and this keeps it.
+pub(super) fn install_tls_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_some() {
+        return;
+    }
+    #[allow(deprecated)]
+    let ring = rustls::crypto::ring::default_provider();
+    // Another thread may have installed one meanwhile: then that one stays.
+    let _ = ring.install_default();
+}
+
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
@@ -547,9 +566,7 @@ impl RedisStore {
         })?;
         let tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
         if tls {
-            // rustls needs a process-wide crypto provider; without one the redis crate panics
-            // at the first TLS handshake. Keep the application's if it installed one.
-            let _ = rustls::crypto::ring::default_provider().install_default();
+            install_tls_provider();
         }
         let info = info.set_tcp_settings(options.tcp_settings());
         if let Some(pem) = &options.tls_root_cert {
