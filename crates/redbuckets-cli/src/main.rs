@@ -53,10 +53,10 @@ Examples:
 With --json every line of stdout is one JSON object:
   {\"event\":\"joined\",\"member\":\"worker-1\",\"group\":\"orders\",\"buckets\":256,\"at_us\":...}
   {\"event\":\"acquired\",\"bucket\":17,\"token\":42,\"member\":\"worker-1\",\"at_us\":...}
-  ... \"revoked\", \"released\", \"lost\" (with \"reason\") ...
+  ... \"revoked\", \"released\", \"lost\" (with \"reason\"), \"registered\" (a new session) ...
   {\"event\":\"left\",\"member\":\"worker-1\",\"clean\":true,\"at_us\":...}
 at_us is Unix time in microseconds: when ownership began (acquired) or ended (the others).
-A new group grants nothing during its first ttl.")]
+A new group grants nothing during its first ttl; the text output says so when it applies.")]
     Join(JoinArgs),
 
     /// Print a group's members, holdings, free buckets and balance.

@@ -172,7 +172,7 @@ fn timeline(streams: &[&[Value]]) -> Timeline<Duration> {
     let mut timeline = Timeline::new().complete_streams();
     for v in streams.iter().flat_map(|lines| lines.iter()) {
         let change = match v["event"].as_str().expect("event") {
-            "joined" | "left" => continue,
+            "joined" | "left" | "registered" => continue,
             "acquired" => Change::Acquired,
             "revoked" => Change::Revoked,
             "lost" => Change::Lost,
@@ -972,4 +972,112 @@ fn join_leaves_on_sighup() {
     assert_eq!(code, Some(0), "{stderr}");
     let left = a.wait_for("left", Duration::from_secs(1));
     assert_eq!(left["clean"], true, "{left}");
+}
+
+/// Issue 18, defect 7: while Redis is down, `join` logs the trouble once and then a summary
+/// per 10 s, not a WARN (or two) per retry; it says when the store answers again, and stdout
+/// says when the member registered again.
+#[test]
+fn an_outage_logs_a_line_per_change_not_per_retry() {
+    let mut redis = RedisServer::start();
+    let mut a = Joined::spawn(
+        &redis,
+        "outage",
+        "a",
+        &["--buckets", "4", "--ttl", "1s", "--heartbeat", "100ms"],
+    );
+    a.wait_for("acquired", Duration::from_secs(10));
+    redis.stop();
+    a.wait_for("lost", Duration::from_secs(5));
+    thread::sleep(Duration::from_secs(3));
+    redis.restart();
+    a.wait_for("registered", Duration::from_secs(10));
+    a.signal("-TERM");
+    let (code, stderr) = a.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{stderr}");
+    let warns: Vec<&str> = stderr.lines().filter(|l| l.contains("WARN")).collect();
+    assert!(
+        (1..=3).contains(&warns.len()),
+        "{} WARN lines in a 4 s outage:\n{stderr}",
+        warns.len()
+    );
+}
+
+/// Issue 18, CLI texts: only a joiner of a new group hears that it grants nothing yet, and a
+/// line about buckets from several grants names their tokens.
+#[test]
+fn join_text_says_what_applies() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let spawn = |id: &str| {
+        let mut child = command(&[
+            "join",
+            "--redis",
+            &url,
+            "--group",
+            "texts",
+            "--id",
+            id,
+            "--buckets",
+            "8",
+            "--ttl",
+            "1s",
+            "--heartbeat",
+            "100ms",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn join");
+        let out = drain(child.stdout.take().expect("stdout"));
+        let err = drain(child.stderr.take().expect("stderr"));
+        (child, out, err)
+    };
+    let stop = |(mut child, out, err): (Child, thread::JoinHandle<String>, _)| {
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let status = child.wait().expect("wait");
+        let err: String = thread::JoinHandle::join(err).unwrap_or_default();
+        assert_eq!(status.code(), Some(0), "{err}");
+        out.join().unwrap_or_default()
+    };
+    let a = spawn("a");
+    thread::sleep(Duration::from_millis(1500));
+    let b = spawn("b");
+    thread::sleep(Duration::from_millis(1500));
+    let b = stop(b);
+    let a = stop(a);
+    assert!(a.contains("the group is new"), "{a}");
+    assert!(a.contains("(8 buckets)"), "{a}");
+    assert!(!b.contains("grants nothing"), "{b}");
+    // b took its 4 buckets in more than one grant or not: either way each line names tokens.
+    for line in b
+        .lines()
+        .filter(|l| l.contains("revoked") || l.contains("acquired"))
+    {
+        assert!(line.contains("token"), "{line}");
+    }
+}
+
+/// Issue 18, defect 6: Ctrl-C on the demo makes its members leave; none logs the WARN meant for
+/// library users who drop a `Member`.
+#[test]
+fn an_interrupted_demo_leaves_without_warnings() {
+    let mut child = command(&["demo"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn demo");
+    let out = drain(child.stdout.take().expect("stdout"));
+    let err = drain(child.stderr.take().expect("stderr"));
+    thread::sleep(Duration::from_millis(1500));
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let status = child.wait().expect("wait");
+    let (out, err) = (out.join().unwrap(), err.join().unwrap());
+    assert_eq!(status.code(), Some(1), "{out}{err}");
+    assert!(!err.contains("WARN"), "{err}");
+    assert_eq!(err.trim(), "error: SIGINT: demo interrupted", "{err}");
 }

@@ -54,6 +54,7 @@ mod driver;
 mod error;
 mod event;
 mod ledger;
+mod logs;
 mod member;
 mod session;
 pub mod share;

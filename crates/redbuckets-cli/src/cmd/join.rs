@@ -70,11 +70,40 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
     let mut events = member.events();
     let mut out = Output::new(args.json, member.id().to_string());
     let c = member.config();
-    out.joined(&key.name, c.buckets, c.ttl)?;
+    out.joined(&key.name, c.buckets)?;
+    // A new session after an outage (the old one lost) is news, and so is a group that grants
+    // nothing yet (new, or re-created after Redis lost its data): each said once, when seen.
+    let mut session = member.status().session;
+    let mut told_quarantine = false;
+    let mut sessions = tokio::time::interval(c.heartbeat);
+    sessions.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let signal = loop {
         tokio::select! {
             name = signals.recv() => break name,
+            _ = sessions.tick() => {
+                let status = member.status();
+                let now = status.session;
+                if now.is_some() && now != session {
+                    told_quarantine = false;
+                    if let Err(e) = out.registered(now.as_deref().unwrap_or("")) {
+                        tracing::warn!("stdout closed ({e}); leaving the group");
+                        break "stdout closed";
+                    }
+                }
+                session = now;
+                match status.quarantine {
+                    Some(left) if !told_quarantine => {
+                        told_quarantine = true;
+                        out.note(&format!(
+                            "the group is new (or was re-created after Redis lost its data): \
+                             it grants nothing for {}, until its first ttl is over",
+                            fmt_duration(left)
+                        ));
+                    }
+                    _ => {}
+                }
+            }
             received = events.next() => match received {
                 Some(Event::Lagged { missed, .. }) => out.lagged(missed, Some(member.buckets())),
                 Some(event) => {
@@ -188,12 +217,7 @@ impl Output {
         format!("[{:>8.3}s]", self.started.elapsed().as_secs_f64())
     }
 
-    fn joined(
-        &mut self,
-        group: &str,
-        buckets: u32,
-        ttl: std::time::Duration,
-    ) -> anyhow::Result<()> {
+    fn joined(&mut self, group: &str, buckets: u32) -> anyhow::Result<()> {
         let line = if self.json {
             json!({
                 "event": "joined",
@@ -204,15 +228,33 @@ impl Output {
             })
             .to_string()
         } else {
+            let bucket_s = if buckets == 1 { "bucket" } else { "buckets" };
             format!(
-                "{} joined group {group:?} as {} ({buckets} buckets; a new group grants nothing \
-                 during its first {})",
+                "{} joined group {group:?} as {} ({buckets} {bucket_s})",
                 self.stamp(),
                 self.member,
-                fmt_duration(ttl)
             )
         };
         self.line(&line).context("cannot write to stdout")
+    }
+
+    /// The member registered a new session (after it lost the last one).
+    fn registered(&self, session: &str) -> std::io::Result<()> {
+        let line = if self.json {
+            json!({
+                "event": "registered",
+                "member": self.member,
+                "session": session,
+                "at_us": unix_us(SystemTime::now()),
+            })
+            .to_string()
+        } else {
+            format!(
+                "{} registered again (session {session}): buckets follow",
+                self.stamp()
+            )
+        };
+        self.line(&line)
     }
 
     fn left(&self, clean: bool) {
@@ -311,8 +353,17 @@ impl Output {
                     fmt_ranges(&buckets)
                 )
             };
-            if let [token] = tokens[..] {
-                line.push_str(&format!(" (token {token})"));
+            match tokens[..] {
+                [] => {}
+                [token] => line.push_str(&format!(" (token {token})")),
+                // From several grants (givers, or grants made at different times).
+                [first, .., last] if tokens.len() > 3 => {
+                    line.push_str(&format!(" ({} tokens, {first}…{last})", tokens.len()));
+                }
+                _ => {
+                    let list: Vec<String> = tokens.iter().map(u64::to_string).collect();
+                    line.push_str(&format!(" (tokens {})", list.join(", ")));
+                }
             }
             if let Some(reason) = reason {
                 line.push_str(&format!(": {reason}"));
