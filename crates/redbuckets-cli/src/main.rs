@@ -80,7 +80,8 @@ Examples:
 Examples:
   redbuckets demo
   redbuckets demo --members 8 --buckets 4096
-  redbuckets demo --redis redis://127.0.0.1/         # the same on Redis, in group demo-<pid>")]
+  redbuckets demo --redis redis://127.0.0.1/         # the same on Redis, in group demo-<pid>
+  redbuckets demo --redis                            # on $REDBUCKETS_REDIS_URL")]
     Demo(DemoArgs),
 }
 
@@ -115,24 +116,24 @@ struct JoinArgs {
     #[arg(long, value_name = "N")]
     buckets: Option<u32>,
     /// Heartbeat period: retries, and polling while notifications are down [default: 1s].
-    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     heartbeat: Option<Duration>,
     /// Session ttl: how long the leases outlive the last renewal [default: 10s].
-    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     ttl: Option<Duration>,
     /// How often the session is renewed, between the heartbeat and half the ttl
     /// [default: half the ttl].
-    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     renew: Option<Duration>,
     /// Relative weight of this member [default: 1].
     #[arg(long, value_name = "W")]
     weight: Option<u32>,
     /// How long a revoked bucket waits for its lease handles [default: 1s].
-    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     drain: Option<Duration>,
     /// How long joining (connecting, then registering) retries while Redis is not up yet, times
     /// out or is unavailable [default: 30s].
-    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     start_timeout: Option<Duration>,
     /// One JSON object per line on stdout instead of text.
     #[arg(long)]
@@ -156,7 +157,7 @@ struct WatchArgs {
     #[command(flatten)]
     group: GroupArgs,
     /// How often to read the group.
-    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration, default_value = "200ms")]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "200ms")]
     interval: Duration,
 }
 
@@ -168,14 +169,15 @@ struct DemoArgs {
     /// Bucket count.
     #[arg(long, value_name = "N", default_value_t = 256)]
     buckets: u32,
-    /// Run on Redis instead of the in-process store.
-    #[arg(long, value_name = "URL")]
+    /// Run on Redis instead of the in-process store; `--redis` alone takes
+    /// $REDBUCKETS_REDIS_URL.
+    #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "")]
     redis: Option<String>,
     /// Heartbeat period.
-    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration, default_value = "200ms")]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "200ms")]
     heartbeat: Duration,
     /// Session ttl.
-    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration, default_value = "1s")]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "1s")]
     ttl: Duration,
 }
 
@@ -209,6 +211,17 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A duration as the docs write them (`500ms`, `2s`, `1m30s`), with a hint in that style: the
+/// parser's own suggests `2sec` for a bare `2`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| match e {
+        humantime::DurationError::UnknownUnit { unit, value, .. } if unit.is_empty() => {
+            format!("a unit is needed, for example {value}s or {value}ms")
+        }
+        other => format!("{other} (write durations like 500ms, 2s or 1m30s)"),
+    })
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `warn`), so stdout stays for the output.

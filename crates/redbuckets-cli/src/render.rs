@@ -19,6 +19,16 @@ const DIM: &str = "\x1b[2m";
 /// 256-color codes that stay apart on dark and light backgrounds.
 const COLORS: [u8; 12] = [39, 208, 40, 199, 226, 93, 51, 196, 130, 250, 118, 27];
 
+/// `n` things, with the noun in the singular for one: `1 bucket`, `2 buckets`.
+pub fn count(n: impl Into<u64>, noun: &str) -> String {
+    let n = n.into();
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 /// A duration as people read it: `850ms`, `1.25s`, `42s`, `3m12s`, `2h05m`.
 pub fn fmt_duration(d: Duration) -> String {
     let ms = d.as_millis();

@@ -1081,3 +1081,92 @@ fn an_interrupted_demo_leaves_without_warnings() {
     assert!(!err.contains("WARN"), "{err}");
     assert_eq!(err.trim(), "error: SIGINT: demo interrupted", "{err}");
 }
+
+/// Issue 18, CLI texts: each mistake gets its whole answer in one try, in the docs' words.
+#[test]
+fn mistakes_get_the_whole_answer_in_the_docs_words() {
+    let closed = format!("redis://127.0.0.1:{}", closed_port());
+    let one_line = |args: &[&str], needle: &str| {
+        let r = run(args, Duration::from_secs(10));
+        assert_eq!(r.code, Some(1), "{args:?}: {r:?}");
+        assert_eq!(r.stderr.lines().count(), 1, "{args:?}: {r:?}");
+        assert!(
+            r.stderr.contains(needle),
+            "{args:?}: {} lacks {needle:?}",
+            r.stderr
+        );
+    };
+    one_line(
+        &["status", "--redis", &closed, "--group", ""],
+        "group: must not be empty",
+    );
+    one_line(
+        &["watch", "--redis", &closed, "--group", ""],
+        "group: must not be empty",
+    );
+    one_line(
+        &[
+            "join",
+            "--redis",
+            &closed,
+            "--group",
+            "g",
+            "--heartbeat",
+            "0s",
+        ],
+        "heartbeat: must be at least 10ms, got 0s",
+    );
+    one_line(
+        &[
+            "join",
+            "--redis",
+            "redis://u:a/b?c#d@127.0.0.1:1",
+            "--group",
+            "g",
+        ],
+        "contain '#', '/' and '?': percent-encode them as %23, %2F and %3F",
+    );
+    // Usage errors: clap's exit code 2, the hint in the docs' style.
+    let r = run(
+        &["join", "--redis", &closed, "--group", "g", "--ttl", "2"],
+        Duration::from_secs(5),
+    );
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(r.stderr.contains("for example 2s or 2ms"), "{r:?}");
+    // One bucket is a bucket.
+    let r = run(
+        &[
+            "demo",
+            "--buckets",
+            "1",
+            "--members",
+            "2",
+            "--ttl",
+            "300ms",
+            "--heartbeat",
+            "50ms",
+        ],
+        Duration::from_secs(20),
+    );
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(r.stdout.contains(": 1 bucket,"), "{}", r.stdout);
+    assert!(!r.stdout.contains("1 buckets"), "{}", r.stdout);
+}
+
+/// Issue 18, CLI texts: `demo --redis` alone runs on $REDBUCKETS_REDIS_URL.
+#[test]
+fn demo_redis_alone_takes_the_environment() {
+    let redis = RedisServer::start();
+    let mut cmd = command(&["demo", "--redis", "--ttl", "300ms", "--heartbeat", "50ms"]);
+    cmd.env("REDBUCKETS_REDIS_URL", redis.url());
+    let r = run_cmd(cmd, Duration::from_secs(30));
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(
+        r.stdout.contains(&format!("Redis at {}", redis.url())),
+        "{}",
+        r.stdout
+    );
+    let r = run(&["demo", "--redis"], Duration::from_secs(5));
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(r.stderr.contains("REDBUCKETS_REDIS_URL"), "{r:?}");
+}

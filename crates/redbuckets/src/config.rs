@@ -134,7 +134,7 @@ impl Config {
         if self.heartbeat < Duration::from_millis(10) {
             return Err(Error::config(
                 "heartbeat",
-                format!("must be at least 10ms, got {:?}", self.heartbeat),
+                format!("must be at least 10ms, got {}", human(self.heartbeat)),
             ));
         }
         for (field, value) in [
@@ -149,7 +149,7 @@ impl Config {
             if value > MAX_DURATION {
                 return Err(Error::config(
                     field,
-                    format!("must be at most 24h, got {value:?}"),
+                    format!("must be at most 24h, got {}", human(value)),
                 ));
             }
         }
@@ -158,16 +158,16 @@ impl Config {
                 "ttl",
                 format!(
                     "must be at least 3 × heartbeat ({:?}) so one lost heartbeat does not lose the \
-                     leases, got {:?}",
+                     leases, got {}",
                     self.heartbeat * 3,
-                    self.ttl
+                    human(self.ttl)
                 ),
             ));
         }
         if self.ttl > MAX_DURATION {
             return Err(Error::config(
                 "ttl",
-                format!("must be at most 24h, got {:?}", self.ttl),
+                format!("must be at most 24h, got {}", human(self.ttl)),
             ));
         }
         if !(0.01..0.5).contains(&self.max_clock_drift) {
@@ -196,9 +196,10 @@ impl Config {
                 return Err(Error::config(
                     "renew_interval",
                     format!(
-                        "must be between the heartbeat ({:?}) and half the ttl ({:?}), got {renew:?}",
+                        "must be between the heartbeat ({:?}) and half the ttl ({:?}), got {}",
                         self.heartbeat,
-                        self.ttl / 2
+                        self.ttl / 2,
+                        human(renew)
                     ),
                 ));
             }
@@ -290,6 +291,16 @@ fn check_name(field: &'static str, value: &str) -> Result<(), Error> {
         ));
     }
     Ok(())
+}
+
+/// A duration in an error message: `Debug`'s form (`1.5s`, `200ms`), but zero as `0s`, the way
+/// it was written, rather than `0ns`.
+fn human(d: Duration) -> String {
+    if d.is_zero() {
+        "0s".to_string()
+    } else {
+        format!("{d:?}")
+    }
 }
 
 #[cfg(test)]

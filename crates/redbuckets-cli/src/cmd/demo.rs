@@ -45,6 +45,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
                 .await
         }
         Some(url) => {
+            let url = if url.is_empty() {
+                &std::env::var("REDBUCKETS_REDIS_URL").map_err(|_| {
+                    anyhow!("--redis without a URL takes $REDBUCKETS_REDIS_URL, which is not set")
+                })?
+            } else {
+                url
+            };
             let store = connect(url, Duration::ZERO).await?;
             // A fresh group per run: a demo must not join someone's real group, nor an earlier
             // demo's with another bucket count.
@@ -172,8 +179,9 @@ impl<S: Store> Demo<S> {
             self.args.ttl
         };
         self.say(format!(
-            "starting {n} members on {}: {b} buckets, heartbeat {}, ttl {}",
+            "starting {n} members on {}: {}, heartbeat {}, ttl {}",
             self.label,
+            render::count(b, "bucket"),
             fmt_duration(self.args.heartbeat),
             fmt_duration(self.args.ttl)
         ));
@@ -214,7 +222,8 @@ impl<S: Store> Demo<S> {
         let held = held_by(&snap, &id);
         let t = Instant::now();
         self.say(format!(
-            "{id} leaves gracefully, releasing its {held} buckets"
+            "{id} leaves gracefully, releasing its {}",
+            render::count(held, "bucket")
         ));
         let leaving: JoinHandle<Result<(), redbuckets::Error>> = tokio::spawn(member.shutdown());
         let (done, snap) = self.wait_balanced(&format!("{id} leaves")).await?;
@@ -232,8 +241,8 @@ impl<S: Store> Demo<S> {
         member.abort();
         self.timeline.crash(&id, t);
         self.say(format!(
-            "{id} crashes holding {held} buckets: they stay owned until its session expires \
-             (ttl {})",
+            "{id} crashes holding {}: they stay owned until its session expires (ttl {})",
+            render::count(held, "bucket"),
             fmt_duration(self.args.ttl)
         ));
         let (done, snap) = self.wait_balanced(&format!("{id} crashed")).await?;
@@ -365,11 +374,11 @@ impl<S: Store> Demo<S> {
                 let ids: BTreeSet<String> = s.members.iter().map(|m| m.id.clone()).collect();
                 if ids == expected && analyze(s).converged() {
                     let s = s.clone();
-                    self.show(phase, Some(&s));
+                    self.show(Some(phase), Some(&s));
                     return Ok((now, s));
                 }
             }
-            self.show(phase, snapshot.as_ref());
+            self.show(Some(phase), snapshot.as_ref());
             if now - begin > limit {
                 let why = match &snapshot {
                     None => "the group does not exist".to_string(),
@@ -395,7 +404,7 @@ impl<S: Store> Demo<S> {
         let until = Instant::now() + pause;
         while Instant::now() < until {
             let snapshot = self.tick().await?;
-            self.show("balanced", snapshot.as_ref());
+            self.show(None, snapshot.as_ref());
         }
         Ok(())
     }
@@ -421,21 +430,38 @@ impl<S: Store> Demo<S> {
         self.log.push(line);
     }
 
-    /// Redraws the terminal view when the group or the phase changed.
-    fn show(&mut self, phase: &str, snapshot: Option<&GroupSnapshot>) {
+    /// Redraws the terminal view when the group or the phase changed. `phase`: what is under
+    /// way (`None` while the demo holds a balanced state for the eye).
+    fn show(&mut self, phase: Option<&str>, snapshot: Option<&GroupSnapshot>) {
         if !self.tty {
             return;
         }
         let Some(s) = snapshot else { return };
+        // A crashed member stays in the group, with its buckets, until its session expires.
+        let gone: Vec<(&str, u32)> = s
+            .members
+            .iter()
+            .filter(|m| !self.live.iter().any(|(id, _)| *id == m.id))
+            .map(|m| (m.id.as_str(), m.held))
+            .collect();
+        let doing = phase.map_or(String::new(), |p| format!("{p}: "));
         let state = if !s.quarantine.is_zero() {
             format!(
-                "{phase}: group warming up, grants start in {}",
+                "{doing}group warming up, grants start in {}",
                 fmt_duration(s.quarantine)
             )
+        } else if let [(id, held), ..] = gone[..] {
+            format!(
+                "{doing}{id} still holds {} until its session expires",
+                render::count(held, "bucket")
+            )
         } else if analyze(s).converged() {
-            format!("{phase}: balanced")
+            format!(
+                "balanced: {}",
+                render::count(s.members.len() as u64, "member")
+            )
         } else {
-            format!("{phase}: rebalancing, {} free", s.free())
+            format!("{doing}rebalancing, {} free", s.free())
         };
         let key = (digest(s), state.clone());
         if self.last_drawn.as_ref() == Some(&key) {
@@ -443,8 +469,9 @@ impl<S: Store> Demo<S> {
         }
         self.last_drawn = Some(key);
         let mut header = vec![format!(
-            "redbuckets demo — {} buckets on {}   (Ctrl-C to stop)",
-            self.args.buckets, self.label
+            "redbuckets demo — {} on {}   (Ctrl-C to stop)",
+            render::count(self.args.buckets, "bucket"),
+            self.label
         )];
         let shown = self.log.len().saturating_sub(6);
         header.extend(self.log[shown..].iter().cloned());
@@ -457,8 +484,8 @@ impl<S: Store> Demo<S> {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "\nSummary — {} buckets on {}, heartbeat {}, ttl {}",
-            self.args.buckets,
+            "\nSummary — {} on {}, heartbeat {}, ttl {}",
+            render::count(self.args.buckets, "bucket"),
             self.label,
             fmt_duration(self.args.heartbeat),
             fmt_duration(self.args.ttl)

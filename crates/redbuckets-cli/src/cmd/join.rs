@@ -16,7 +16,7 @@ use crate::render::{fmt_duration, fmt_ranges};
 use crate::JoinArgs;
 
 pub async fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
-    let key = group_key(&args.group);
+    let key = group_key(&args.group)?;
     let mut config = Config::new(key.name.clone());
     config.prefix = key.prefix.clone();
     if let Some(id) = args.id {

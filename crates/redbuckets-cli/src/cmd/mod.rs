@@ -42,13 +42,16 @@ pub async fn connect(url: &str, retry: Duration) -> anyhow::Result<RedisStore> {
     }
 }
 
-/// The group key from the command line, with the library's default prefix.
-pub fn group_key(args: &GroupArgs) -> GroupKey {
-    let prefix = args
-        .prefix
-        .clone()
-        .unwrap_or_else(|| Config::new(args.group.clone()).prefix);
-    GroupKey::new(prefix, args.group.clone())
+/// The group key from the command line, with the library's default prefix. The name and the
+/// prefix are checked as `join` checks them, so every command refuses an empty or bad name
+/// with the same words.
+pub fn group_key(args: &GroupArgs) -> anyhow::Result<GroupKey> {
+    let mut config = Config::new(args.group.clone());
+    if let Some(prefix) = &args.prefix {
+        config.prefix = prefix.clone();
+    }
+    config.validate()?;
+    Ok(GroupKey::new(config.prefix, args.group.clone()))
 }
 
 /// Removes the password of `url` from a message, should any layer below have quoted it: the

@@ -20,7 +20,7 @@ const STALE: &str = "stale: the group's data was written by another Redis proces
      changed: the next registration or rebalance re-creates the group, with its quarantine";
 
 pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let key = group_key(&args.group);
+    let key = group_key(&args.group)?;
     let url = &args.group.redis;
     let store = connect(url, Duration::ZERO).await?;
     let snapshot = store

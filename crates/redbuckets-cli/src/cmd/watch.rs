@@ -33,7 +33,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
     if args.interval.is_zero() {
         anyhow::bail!("--interval must be above zero");
     }
-    let key = group_key(&args.group);
+    let key = group_key(&args.group)?;
     let url = &args.group.redis;
     let shown = redact_url(url);
     let mut signals = Signals::install()?;
