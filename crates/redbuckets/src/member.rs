@@ -64,7 +64,17 @@ impl<S: Store> MemberBuilder<S> {
         self.config.weight = weight;
         self
     }
-    /// Session ttl. Default 10 s.
+    /// Session ttl: how long the member's session, and with it every lease it holds, outlives
+    /// its last successful renewal. Default 10 s; at least 3 × the heartbeat (so one lost
+    /// heartbeat does not lose the leases), at most 24 h.
+    ///
+    /// Every member of a group must use the same ttl: the group stores the ttl of the member
+    /// that created it, and [`MemberBuilder::start`] refuses another with
+    /// [`Error::TtlMismatch`]. The reason: a group that is new, or re-created after Redis lost
+    /// its data, grants nothing during its first ttl, which protects only members whose leases
+    /// last no longer than that. A crashed member's buckets are owned again about a ttl after
+    /// its last renewal, so a shorter ttl moves them sooner, at more renewals (one per half
+    /// ttl by default, see [`MemberBuilder::renew_interval`]).
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.config.ttl = ttl;
         self
@@ -405,8 +415,11 @@ impl MemberHandle {
 
     /// A stream of ownership events. It opens with an `Acquired` for every bucket owned at the
     /// call (with its grant time), then follows live; the two are taken atomically, so no grant
-    /// falls in between. A subscriber that falls behind by more than `2 × buckets` events
-    /// (at least 1,024, at most 16,384) gets [`Event::Lagged`] followed by a fresh snapshot: never a silent gap.
+    /// falls in between. A subscriber that falls behind by more events than the channel holds
+    /// gets [`Event::Lagged`] followed by a fresh snapshot: never a silent gap. The channel
+    /// holds `2 × buckets + 16` events, at least 1,024 and at most 16,384, rounded up to a
+    /// power of two (tokio's broadcast channel does): 1,024 up to 504 buckets, 2,048 for 512
+    /// buckets, 16,384 from 4,089 buckets on.
     /// The end of a grant that was not announced to this subscriber (revoked before it
     /// subscribed) is not reported.
     #[must_use]
