@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use redbuckets::{Error, Member, RedisOptions, RedisStore};
-use redbuckets_testkit::{RedisServer, Sentinel};
+use redbuckets_testkit::{RedisCluster, RedisServer, Sentinel};
 
 /// How long the store is down when the member starts.
 const HEAD_START: Duration = Duration::from_secs(2);
@@ -82,6 +82,18 @@ async fn a_member_started_while_the_sentinels_primary_is_down_joins_when_it_is_b
     tokio::time::sleep(HEAD_START).await;
     assert!(!joining.is_finished(), "{:?}", joining.await);
     primary.restart();
+    joined_after_head_start(joining).await;
+}
+
+/// Through `redis+cluster://`: every node down when the member starts, then the cluster back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_started_before_its_redis_cluster_joins_when_it_comes_up() {
+    let mut cluster = RedisCluster::start();
+    cluster.stop_all();
+    let joining = tokio::spawn(join(cluster.url(), "before-cluster"));
+    tokio::time::sleep(HEAD_START).await;
+    assert!(!joining.is_finished(), "{:?}", joining.await);
+    tokio::task::block_in_place(|| cluster.restart_all());
     joined_after_head_start(joining).await;
 }
 
