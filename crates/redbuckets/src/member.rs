@@ -150,15 +150,9 @@ impl<S: Store> MemberBuilder<S> {
     /// one ttl, logging that once at INFO; if that session is renewed meanwhile, another live
     /// process uses the id, and `start` fails with [`Error::IdInUse`] naming when it expires.
     pub async fn start(self) -> Result<Member, Error> {
-        // A broadcast channel allocates every slot up front (about 100 bytes each): at 2 × B
-        // for B = 65,536 that was 14 MiB per member (measured: 13.4 GiB for the 1,000 members
-        // of the scale benchmark), most of a cold start's CPU. A lagging subscriber is told
-        // (`Event::Lagged` and a fresh snapshot), so a bound costs no correctness.
-        const EVENTS_CAPACITY_MAX: usize = 16_384;
         self.config.validate()?;
         let config = Arc::new(self.config);
-        let capacity = (config.buckets as usize * 2 + 16).clamp(1024, EVENTS_CAPACITY_MAX);
-        let (events, _) = broadcast::channel(capacity);
+        let (events, _) = broadcast::channel(events_capacity(config.buckets));
         let (valid_until, _) = watch::channel(None);
         let (owned, _) = watch::channel(Vec::new());
         let shared = Arc::new(Shared {
@@ -202,6 +196,22 @@ impl<S: Store> MemberBuilder<S> {
             task: Some(task),
         })
     }
+}
+
+/// How many events a subscriber may fall behind by before it gets [`Event::Lagged`]: the events
+/// channel's capacity, `2 × buckets + 16` within [1,024, 16,384], which tokio's broadcast channel
+/// rounds up to a power of two (so this does too, and the docs of
+/// [`MemberHandle::events`] quote what it gives).
+///
+/// Bounded: a broadcast channel allocates every slot up front (about 100 bytes each); at 2 × B
+/// for B = 65,536 that was 14 MiB per member (measured: 13.4 GiB for the 1,000 members of the
+/// scale benchmark), most of a cold start's CPU. A lagging subscriber is told
+/// (`Event::Lagged` and a fresh snapshot), so a bound costs no correctness.
+fn events_capacity(buckets: u32) -> usize {
+    const MAX: usize = 16_384;
+    (buckets as usize * 2 + 16)
+        .clamp(1024, MAX)
+        .next_power_of_two()
 }
 
 /// One member of a group: the owner side, which ends it ([`Member::shutdown`],
@@ -887,4 +897,36 @@ pub(crate) struct Local {
     pub(crate) version: u64,
     pub(crate) errors: u64,
     pub(crate) last_error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::events_capacity;
+
+    /// What `MemberHandle::events` documents as the lag threshold.
+    #[test]
+    fn events_capacity_is_what_the_docs_say() {
+        assert_eq!(events_capacity(1), 1024);
+        assert_eq!(events_capacity(504), 1024);
+        assert_eq!(events_capacity(505), 2048);
+        assert_eq!(events_capacity(512), 2048);
+        assert_eq!(events_capacity(4088), 8192);
+        assert_eq!(events_capacity(4089), 16_384);
+        assert_eq!(events_capacity(65_536), 16_384);
+    }
+
+    /// The channel holds exactly that many: one more send and a subscriber lags.
+    #[test]
+    fn the_channel_lags_past_that_capacity() {
+        let (tx, mut rx) = tokio::sync::broadcast::channel::<u32>(events_capacity(512));
+        for i in 0..2048 {
+            let _ = tx.send(i);
+        }
+        assert_eq!(rx.try_recv(), Ok(0));
+        let (tx, mut rx) = tokio::sync::broadcast::channel::<u32>(events_capacity(512));
+        for i in 0..2049 {
+            let _ = tx.send(i);
+        }
+        assert!(rx.try_recv().is_err(), "lagged");
+    }
 }
