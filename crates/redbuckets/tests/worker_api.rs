@@ -615,3 +615,13 @@ async fn try_next_reads_every_buffered_event() {
     assert_eq!(ready(&mut events).len(), 300);
     a.shutdown().await.expect("shutdown");
 }
+
+/// The streams can move to (and be shared with) other tasks, as before they were `Stream`s.
+#[test]
+fn handles_and_streams_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<MemberHandle>();
+    send_sync::<Events>();
+    send_sync::<redbuckets::Leases>();
+    send_sync::<Lease>();
+}
