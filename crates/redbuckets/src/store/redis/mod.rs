@@ -56,6 +56,11 @@
 //! retries a failed call; the member does, and every script is safe to repeat.
 //! [`Store::subscribe`] opens a dedicated pub/sub connection per subscription.
 //!
+//! The first connection is made by `retry_connect`, around the whole of one attempt (the
+//! Sentinel lookup, the cluster's probe and slot table, the `PING`), so all three kinds of URL
+//! wait the same way for a Redis that is not up yet ([`RedisOptions::connect_retry`]); what
+//! no wait cures (`errors::worth_retrying_connect` says which) fails at once.
+//!
 //! # Redis Cluster
 //! With a `redis+cluster://` URL (or [`RedisStore::connect_cluster`]) the store routes each
 //! call to the primary of its group's slot (`cluster.rs`: its own slot table and one
