@@ -10,9 +10,11 @@
 //!   what they share (connecting, signals, the clock).
 //! - `analysis` — what a [`redbuckets::GroupSnapshot`] says about balance and coverage. Pure.
 //! - `render` — the bucket grid, colors, and duration formatting for terminals.
+//! - `out` — stdout that never panics: a closed stdout (`| head`) ends a command with exit 0.
 
 mod analysis;
 mod cmd;
+mod out;
 mod render;
 
 use std::io::IsTerminal as _;
@@ -40,8 +42,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Join a group and report every ownership change until SIGTERM or Ctrl-C, then leave
-    /// gracefully.
+    /// Join a group and report every ownership change until SIGTERM, SIGHUP or Ctrl-C, then
+    /// leave gracefully.
     #[command(after_help = "\
 Examples:
   redbuckets join --redis redis://127.0.0.1/ --group orders
@@ -51,10 +53,10 @@ Examples:
 With --json every line of stdout is one JSON object:
   {\"event\":\"joined\",\"member\":\"worker-1\",\"group\":\"orders\",\"buckets\":256,\"at_us\":...}
   {\"event\":\"acquired\",\"bucket\":17,\"token\":42,\"member\":\"worker-1\",\"at_us\":...}
-  ... \"revoked\", \"released\", \"lost\" (with \"reason\") ...
+  ... \"revoked\", \"released\", \"lost\" (with \"reason\"), \"registered\" (a new session) ...
   {\"event\":\"left\",\"member\":\"worker-1\",\"clean\":true,\"at_us\":...}
 at_us is Unix time in microseconds: when ownership began (acquired) or ended (the others).
-A new group grants nothing during its first ttl.")]
+A new group grants nothing during its first ttl; the text output says so when it applies.")]
     Join(JoinArgs),
 
     /// Print a group's members, holdings, free buckets and balance.
@@ -78,7 +80,8 @@ Examples:
 Examples:
   redbuckets demo
   redbuckets demo --members 8 --buckets 4096
-  redbuckets demo --redis redis://127.0.0.1/         # the same on Redis, in group demo-<pid>")]
+  redbuckets demo --redis redis://127.0.0.1/         # the same on Redis, in group demo-<pid>
+  redbuckets demo --redis                            # on $REDBUCKETS_REDIS_URL")]
     Demo(DemoArgs),
 }
 
@@ -113,23 +116,24 @@ struct JoinArgs {
     #[arg(long, value_name = "N")]
     buckets: Option<u32>,
     /// Heartbeat period: retries, and polling while notifications are down [default: 1s].
-    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     heartbeat: Option<Duration>,
     /// Session ttl: how long the leases outlive the last renewal [default: 10s].
-    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     ttl: Option<Duration>,
     /// How often the session is renewed, between the heartbeat and half the ttl
     /// [default: half the ttl].
-    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     renew: Option<Duration>,
     /// Relative weight of this member [default: 1].
     #[arg(long, value_name = "W")]
     weight: Option<u32>,
     /// How long a revoked bucket waits for its lease handles [default: 1s].
-    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     drain: Option<Duration>,
-    /// How long joining retries while Redis times out or is unavailable [default: 30s].
-    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
+    /// How long joining (connecting, then registering) retries while Redis is not up yet, times
+    /// out or is unavailable [default: 30s].
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     start_timeout: Option<Duration>,
     /// One JSON object per line on stdout instead of text.
     #[arg(long)]
@@ -153,7 +157,7 @@ struct WatchArgs {
     #[command(flatten)]
     group: GroupArgs,
     /// How often to read the group.
-    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration, default_value = "200ms")]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "200ms")]
     interval: Duration,
 }
 
@@ -165,14 +169,15 @@ struct DemoArgs {
     /// Bucket count.
     #[arg(long, value_name = "N", default_value_t = 256)]
     buckets: u32,
-    /// Run on Redis instead of the in-process store.
-    #[arg(long, value_name = "URL")]
+    /// Run on Redis instead of the in-process store; `--redis` alone takes
+    /// $REDBUCKETS_REDIS_URL.
+    #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "")]
     redis: Option<String>,
     /// Heartbeat period.
-    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration, default_value = "200ms")]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "200ms")]
     heartbeat: Duration,
     /// Session ttl.
-    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration, default_value = "1s")]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "1s")]
     ttl: Duration,
 }
 
@@ -198,12 +203,25 @@ fn main() -> ExitCode {
     runtime.shutdown_timeout(Duration::from_millis(100));
     match result {
         Ok(code) => code,
+        // `| head` has read enough: not an error.
+        Err(e) if e.is::<out::StdoutClosed>() => ExitCode::SUCCESS,
         Err(e) => {
             // `{:#}` puts the whole context chain on one line.
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// A duration as the docs write them (`500ms`, `2s`, `1m30s`), with a hint in that style: the
+/// parser's own suggests `2sec` for a bare `2`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| match e {
+        humantime::DurationError::UnknownUnit { unit, value, .. } if unit.is_empty() => {
+            format!("a unit is needed, for example {value}s or {value}ms")
+        }
+        other => format!("{other} (write durations like 500ms, 2s or 1m30s)"),
+    })
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `warn`), so stdout stays for the output.
@@ -213,7 +231,7 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(std::io::stderr().is_terminal() && !render::no_color())
         .init();
 }
 

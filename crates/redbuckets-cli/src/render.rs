@@ -19,6 +19,16 @@ const DIM: &str = "\x1b[2m";
 /// 256-color codes that stay apart on dark and light backgrounds.
 const COLORS: [u8; 12] = [39, 208, 40, 199, 226, 93, 51, 196, 130, 250, 118, 27];
 
+/// `n` things, with the noun in the singular for one: `1 bucket`, `2 buckets`.
+pub fn count(n: impl Into<u64>, noun: &str) -> String {
+    let n = n.into();
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 /// A duration as people read it: `850ms`, `1.25s`, `42s`, `3m12s`, `2h05m`.
 pub fn fmt_duration(d: Duration) -> String {
     let ms = d.as_millis();
@@ -162,13 +172,57 @@ impl Palette {
     }
 }
 
+/// Whether colors are off: `NO_COLOR` set to anything but the empty string (no-color.org).
+pub fn no_color() -> bool {
+    std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty())
+}
+
+/// Removes the color and style sequences (`ESC [ … m`) from `text`; cursor moves stay.
+fn strip_styles(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("\x1b[") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 2..];
+        match after.find(|c: char| c.is_ascii_alphabetic()) {
+            Some(end) if after.as_bytes()[end] == b'm' => rest = &after[end + 1..],
+            _ => {
+                out.push_str("\x1b[");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The letter that stands for member `i` when colors are off.
+fn letter(i: usize) -> char {
+    const LETTERS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    char::from(LETTERS[i % LETTERS.len()])
+}
+
 /// Draws one full frame for a terminal of `width × height`: the `header` lines, the member
-/// legend with counts, and the grid.
+/// legend with counts, and the grid. With `NO_COLOR`, members are letters instead of colors.
 pub fn frame(
     header: &[String],
     snapshot: &GroupSnapshot,
     palette: &mut Palette,
+    size: (usize, usize),
+) -> String {
+    if no_color() {
+        strip_styles(&draw(header, snapshot, palette, size, true))
+    } else {
+        draw(header, snapshot, palette, size, false)
+    }
+}
+
+fn draw(
+    header: &[String],
+    snapshot: &GroupSnapshot,
+    palette: &mut Palette,
     (width, height): (usize, usize),
+    letters: bool,
 ) -> String {
     let mut out = String::new();
     for (i, line) in header.iter().enumerate() {
@@ -197,9 +251,10 @@ pub fn frame(
             break;
         }
         let pending = m.held.saturating_sub(m.committed);
+        let mark = if letters { letter(i) } else { '█' };
         let _ = write!(
             out,
-            "  \x1b[38;5;{}m█{RESET} {:<24} {:>6}",
+            "  \x1b[38;5;{}m{mark}{RESET} {:<24} {:>6}",
             colors[i],
             truncate(&m.id, 24),
             m.held
@@ -230,9 +285,14 @@ pub fn frame(
     if block == 1 {
         let _ = writeln!(out, "{DIM}one cell per bucket{RESET}");
     } else {
+        let (how, shared) = if letters {
+            ("lettered", "lower case")
+        } else {
+            ("colored", "▒")
+        };
         let _ = writeln!(
             out,
-            "{DIM}one cell per {block} buckets, colored by the owner of most of them (▒: shared){RESET}"
+            "{DIM}one cell per {block} buckets, {how} by the owner of most of them ({shared}: shared){RESET}"
         );
     }
     for row in cells.chunks(cols) {
@@ -252,7 +312,12 @@ pub fn frame(
                         let _ = write!(out, "\x1b[38;5;{color}m");
                         current = Some(color);
                     }
-                    out.push(if *whole { '█' } else { '▒' });
+                    out.push(match (letters, *whole) {
+                        (true, true) => letter(*owner),
+                        (true, false) => letter(*owner).to_ascii_lowercase(),
+                        (false, true) => '█',
+                        (false, false) => '▒',
+                    });
                 }
             }
         }
@@ -299,6 +364,12 @@ fn truncate(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn styles_are_stripped_and_cursor_moves_kept() {
+        let styled = format!("{CLEAR}{BOLD}title{RESET} \x1b[38;5;39mA{RESET}.");
+        assert_eq!(strip_styles(&styled), format!("{CLEAR}title A."));
+    }
 
     #[test]
     fn durations_read_well() {

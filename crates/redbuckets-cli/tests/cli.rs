@@ -172,7 +172,7 @@ fn timeline(streams: &[&[Value]]) -> Timeline<Duration> {
     let mut timeline = Timeline::new().complete_streams();
     for v in streams.iter().flat_map(|lines| lines.iter()) {
         let change = match v["event"].as_str().expect("event") {
-            "joined" | "left" => continue,
+            "joined" | "left" | "registered" => continue,
             "acquired" => Change::Acquired,
             "revoked" => Change::Revoked,
             "lost" => Change::Lost,
@@ -384,6 +384,71 @@ fn status_reports_warm_up_free_buckets_and_missing_groups() {
     assert_eq!(code, Some(0), "{stderr}");
 }
 
+/// Issue 18, defect 1: a `join` started 2 s before its Redis waits for it (as workers do in
+/// Docker Compose and Kubernetes) and joins; the start timeout bounds connecting too.
+#[test]
+fn join_started_before_redis_joins_when_it_comes_up() {
+    let mut redis = RedisServer::start();
+    redis.stop();
+    let began = Instant::now();
+    let mut a = Joined::spawn(
+        &redis,
+        "early",
+        "a",
+        &[
+            "--buckets",
+            "8",
+            "--ttl",
+            "600ms",
+            "--heartbeat",
+            "200ms",
+            "--start-timeout",
+            "10s",
+        ],
+    );
+    thread::sleep(Duration::from_secs(2));
+    assert!(
+        a.child.try_wait().expect("try_wait").is_none(),
+        "join gave up"
+    );
+    redis.restart();
+    a.wait_for("joined", Duration::from_secs(8));
+    a.wait_for("acquired", Duration::from_secs(5));
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        began.elapsed()
+    );
+    a.signal("-TERM");
+    let (code, stderr) = a.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{stderr}");
+    // One WARN when it starts waiting, not one per attempt.
+    let warns = stderr.lines().filter(|l| l.contains("WARN")).count();
+    assert_eq!(warns, 1, "{stderr}");
+
+    // Nothing comes up: it gives up after the start timeout, with one error line.
+    let r = run(
+        &[
+            "join",
+            "--redis",
+            &redis
+                .url()
+                .replace(&redis.port().to_string(), &closed_port().to_string()),
+            "--group",
+            "g",
+            "--start-timeout",
+            "2s",
+        ],
+        Duration::from_secs(10),
+    );
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(
+        r.took >= Duration::from_millis(1500) && r.took < Duration::from_secs(4),
+        "{r:?}"
+    );
+    assert!(r.stderr.contains("attempts"), "{r:?}");
+}
+
 /// A port on 127.0.0.1 that nothing listens on.
 fn closed_port() -> u16 {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
@@ -399,8 +464,9 @@ fn bad_input_gets_one_clear_line() {
         args.extend_from_slice(extra);
         args.iter().map(|s| (*s).to_string()).collect::<Vec<_>>()
     };
+    // `join` waits for a Redis that is not up yet, for its start timeout (30 s by default).
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (join(&closed, &[]), "cannot connect"),
+        (join(&closed, &["--start-timeout", "1s"]), "cannot connect"),
         (
             vec![
                 "status".into(),
@@ -411,7 +477,10 @@ fn bad_input_gets_one_clear_line() {
             ],
             "cannot connect",
         ),
-        (join(&secret, &[]), "redis://user:***@127.0.0.1"),
+        (
+            join(&secret, &["--start-timeout", "1s"]),
+            "redis://user:***@127.0.0.1",
+        ),
         (join("not a url", &[]), "invalid Redis URL"),
         (join("http://127.0.0.1:6379", &[]), "invalid Redis URL"),
         (
@@ -451,7 +520,12 @@ fn bad_input_gets_one_clear_line() {
             !r.stderr.contains("hunter2"),
             "{args:?} printed the password"
         );
-        let lines: Vec<&str> = r.stderr.lines().collect();
+        // A `join` that waits for Redis says so once, in a log line (RUST_LOG) before the error.
+        let lines: Vec<&str> = r
+            .stderr
+            .lines()
+            .filter(|l| !l.contains(" WARN redbuckets"))
+            .collect();
         assert_eq!(lines.len(), 1, "{args:?}: one line, got {:?}", r.stderr);
         assert!(lines[0].starts_with("error: "), "{args:?}: {}", r.stderr);
         assert!(
@@ -827,4 +901,272 @@ fn status_and_watch_change_no_key() {
     );
     assert!(r.stderr.contains("check failed: stale"), "{r:?}");
     assert_eq!(state(), before, "status of a stale group changed a key");
+}
+
+/// `sh -c "<redbuckets> <args> | head -<lines>"` with bash's pipefail, so the exit code is the
+/// binary's: 0 when it stopped quietly because `head` was done.
+fn piped_into_head(args: &[&str], lines: usize, limit: Duration) -> Run {
+    let script = format!(
+        "set -o pipefail; \"$0\" {} | head -{lines}",
+        args.iter()
+            .map(|a| format!("'{a}'"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let mut cmd = Command::new("bash");
+    cmd.args(["-c", &script, process::BIN])
+        .env_remove("REDBUCKETS_REDIS_URL")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    run_cmd(cmd, limit)
+}
+
+/// Issue 18, defect 2: a closed stdout ends the demo and watch quietly, with exit 0.
+#[test]
+fn demo_and_watch_stop_quietly_when_head_is_done() {
+    let r = piped_into_head(&["demo"], 2, Duration::from_secs(20));
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert_eq!(r.stdout.lines().count(), 2, "{r:?}");
+    assert!(!r.stderr.contains("panicked"), "{r:?}");
+    // Its members left: no "dropped without shutdown()" WARN.
+    assert!(r.stderr.is_empty(), "{r:?}");
+
+    let redis = RedisServer::start();
+    let mut a = Joined::spawn(&redis, "piped", "a", &["--buckets", "4"]);
+    a.wait_for("joined", Duration::from_secs(10));
+    let url = redis.url();
+    let r = piped_into_head(
+        &[
+            "watch",
+            "--redis",
+            &url,
+            "--group",
+            "piped",
+            "--interval",
+            "50ms",
+        ],
+        1,
+        Duration::from_secs(10),
+    );
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert_eq!(r.stdout.lines().count(), 1, "{r:?}");
+    assert!(!r.stderr.contains("panicked"), "{r:?}");
+    let r = piped_into_head(
+        &["status", "--redis", &url, "--group", "piped"],
+        1,
+        Duration::from_secs(10),
+    );
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(!r.stderr.contains("panicked"), "{r:?}");
+}
+
+/// Issue 18, defect 3: SIGHUP (a closed terminal) makes `join` leave too, instead of killing it
+/// (exit 129) with its buckets still owned.
+#[test]
+fn join_leaves_on_sighup() {
+    let redis = RedisServer::start();
+    let mut a = Joined::spawn(&redis, "hup", "a", &["--buckets", "4"]);
+    a.wait_for("joined", Duration::from_secs(10));
+    a.signal("-HUP");
+    let (code, stderr) = a.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{stderr}");
+    let left = a.wait_for("left", Duration::from_secs(1));
+    assert_eq!(left["clean"], true, "{left}");
+}
+
+/// Issue 18, defect 7: while Redis is down, `join` logs the trouble once and then a summary
+/// per 10 s, not a WARN (or two) per retry; it says when the store answers again, and stdout
+/// says when the member registered again.
+#[test]
+fn an_outage_logs_a_line_per_change_not_per_retry() {
+    let mut redis = RedisServer::start();
+    let mut a = Joined::spawn(
+        &redis,
+        "outage",
+        "a",
+        &["--buckets", "4", "--ttl", "1s", "--heartbeat", "100ms"],
+    );
+    a.wait_for("acquired", Duration::from_secs(10));
+    redis.stop();
+    a.wait_for("lost", Duration::from_secs(5));
+    thread::sleep(Duration::from_secs(3));
+    redis.restart();
+    a.wait_for("registered", Duration::from_secs(10));
+    a.signal("-TERM");
+    let (code, stderr) = a.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{stderr}");
+    let warns: Vec<&str> = stderr.lines().filter(|l| l.contains("WARN")).collect();
+    assert!(
+        (1..=3).contains(&warns.len()),
+        "{} WARN lines in a 4 s outage:\n{stderr}",
+        warns.len()
+    );
+}
+
+/// Issue 18, CLI texts: only a joiner of a new group hears that it grants nothing yet, and a
+/// line about buckets from several grants names their tokens.
+#[test]
+fn join_text_says_what_applies() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let spawn = |id: &str| {
+        let mut child = command(&[
+            "join",
+            "--redis",
+            &url,
+            "--group",
+            "texts",
+            "--id",
+            id,
+            "--buckets",
+            "8",
+            "--ttl",
+            "1s",
+            "--heartbeat",
+            "100ms",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn join");
+        let out = drain(child.stdout.take().expect("stdout"));
+        let err = drain(child.stderr.take().expect("stderr"));
+        (child, out, err)
+    };
+    let stop = |(mut child, out, err): (Child, thread::JoinHandle<String>, _)| {
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let status = child.wait().expect("wait");
+        let err: String = thread::JoinHandle::join(err).unwrap_or_default();
+        assert_eq!(status.code(), Some(0), "{err}");
+        out.join().unwrap_or_default()
+    };
+    let a = spawn("a");
+    thread::sleep(Duration::from_millis(1500));
+    let b = spawn("b");
+    thread::sleep(Duration::from_millis(1500));
+    let b = stop(b);
+    let a = stop(a);
+    assert!(a.contains("the group is new"), "{a}");
+    assert!(a.contains("(8 buckets)"), "{a}");
+    assert!(!b.contains("grants nothing"), "{b}");
+    // b took its 4 buckets in more than one grant or not: either way each line names tokens.
+    for line in b
+        .lines()
+        .filter(|l| l.contains("revoked") || l.contains("acquired"))
+    {
+        assert!(line.contains("token"), "{line}");
+    }
+}
+
+/// Issue 18, defect 6: Ctrl-C on the demo makes its members leave; none logs the WARN meant for
+/// library users who drop a `Member`.
+#[test]
+fn an_interrupted_demo_leaves_without_warnings() {
+    let mut child = command(&["demo"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn demo");
+    let out = drain(child.stdout.take().expect("stdout"));
+    let err = drain(child.stderr.take().expect("stderr"));
+    thread::sleep(Duration::from_millis(1500));
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let status = child.wait().expect("wait");
+    let (out, err) = (out.join().unwrap(), err.join().unwrap());
+    assert_eq!(status.code(), Some(1), "{out}{err}");
+    assert!(!err.contains("WARN"), "{err}");
+    assert_eq!(err.trim(), "error: SIGINT: demo interrupted", "{err}");
+}
+
+/// Issue 18, CLI texts: each mistake gets its whole answer in one try, in the docs' words.
+#[test]
+fn mistakes_get_the_whole_answer_in_the_docs_words() {
+    let closed = format!("redis://127.0.0.1:{}", closed_port());
+    let one_line = |args: &[&str], needle: &str| {
+        let r = run(args, Duration::from_secs(10));
+        assert_eq!(r.code, Some(1), "{args:?}: {r:?}");
+        assert_eq!(r.stderr.lines().count(), 1, "{args:?}: {r:?}");
+        assert!(
+            r.stderr.contains(needle),
+            "{args:?}: {} lacks {needle:?}",
+            r.stderr
+        );
+    };
+    one_line(
+        &["status", "--redis", &closed, "--group", ""],
+        "group: must not be empty",
+    );
+    one_line(
+        &["watch", "--redis", &closed, "--group", ""],
+        "group: must not be empty",
+    );
+    one_line(
+        &[
+            "join",
+            "--redis",
+            &closed,
+            "--group",
+            "g",
+            "--heartbeat",
+            "0s",
+        ],
+        "heartbeat: must be at least 10ms, got 0s",
+    );
+    one_line(
+        &[
+            "join",
+            "--redis",
+            "redis://u:a/b?c#d@127.0.0.1:1",
+            "--group",
+            "g",
+        ],
+        "contain '#', '/' and '?': percent-encode them as %23, %2F and %3F",
+    );
+    // Usage errors: clap's exit code 2, the hint in the docs' style.
+    let r = run(
+        &["join", "--redis", &closed, "--group", "g", "--ttl", "2"],
+        Duration::from_secs(5),
+    );
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(r.stderr.contains("for example 2s or 2ms"), "{r:?}");
+    // One bucket is a bucket.
+    let r = run(
+        &[
+            "demo",
+            "--buckets",
+            "1",
+            "--members",
+            "2",
+            "--ttl",
+            "300ms",
+            "--heartbeat",
+            "50ms",
+        ],
+        Duration::from_secs(20),
+    );
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(r.stdout.contains(": 1 bucket,"), "{}", r.stdout);
+    assert!(!r.stdout.contains("1 buckets"), "{}", r.stdout);
+}
+
+/// Issue 18, CLI texts: `demo --redis` alone runs on $REDBUCKETS_REDIS_URL.
+#[test]
+fn demo_redis_alone_takes_the_environment() {
+    let redis = RedisServer::start();
+    let mut cmd = command(&["demo", "--redis", "--ttl", "300ms", "--heartbeat", "50ms"]);
+    cmd.env("REDBUCKETS_REDIS_URL", redis.url());
+    let r = run_cmd(cmd, Duration::from_secs(30));
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(
+        r.stdout.contains(&format!("Redis at {}", redis.url())),
+        "{}",
+        r.stdout
+    );
+    let r = run(&["demo", "--redis"], Duration::from_secs(5));
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(r.stderr.contains("REDBUCKETS_REDIS_URL"), "{r:?}");
 }

@@ -18,7 +18,7 @@ impl EventLog {
     /// incomplete.
     pub fn collect(&mut self, receivers: &mut [(String, Events)]) {
         for (member, rx) in receivers.iter_mut() {
-            while let Some(event) = rx.try_recv() {
+            while let Some(event) = rx.try_next() {
                 if let Event::Lagged { missed, .. } = event {
                     panic!("the event log lagged {missed} events of {member}")
                 }

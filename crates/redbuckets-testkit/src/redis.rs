@@ -468,6 +468,22 @@ impl RedisCluster {
         self.node_mut(port).stop();
     }
 
+    /// Kills every node (SIGKILL): the whole cluster is down, as before it was started.
+    pub fn stop_all(&mut self) {
+        for node in &mut self.nodes {
+            node.stop();
+        }
+    }
+
+    /// Starts every node again on its port, from its cluster configuration file (the same
+    /// topology, no data), and returns once the cluster is ok again ([`RedisCluster::wait_ok`]).
+    pub fn restart_all(&mut self) {
+        for node in &mut self.nodes {
+            node.restart();
+        }
+        self.wait_ok();
+    }
+
     /// Moves `slot` to the primary on `to`, keys included, with `CLUSTER SETSLOT` and one
     /// `MIGRATE` of all its keys (atomic on the source: a script sees them all on one side).
     pub fn migrate_slot(&self, slot: u16, to: u16) {

@@ -138,7 +138,7 @@ impl Run {
     fn acquisitions(&mut self) -> usize {
         let mut count = 0;
         for rx in &mut self.events {
-            while let Some(event) = rx.try_recv() {
+            while let Some(event) = rx.try_next() {
                 if matches!(event, Event::Acquired { .. }) {
                     count += 1;
                 }

@@ -60,6 +60,11 @@ pub struct Config {
     /// Default 30 s: longer than a Redis restart or a Sentinel failover usually takes, and than a
     /// thousand members starting at once keep one Redis busy; short enough that a deployment
     /// against a Redis that is down fails visibly within a typical readiness check.
+    ///
+    /// Connecting comes before, in the store: [`crate::RedisStore::connect`] waits the same
+    /// way for a Redis that is not up yet, for [`crate::RedisOptions::connect_retry`] (also
+    /// 30 s by default). To bound both by one budget, as `redbuckets join --start-timeout`
+    /// does, give the connect the budget and `start` what is left of it.
     pub start_timeout: Duration,
     /// Graceful shutdown budget: drain, release everything, deregister. `Member::shutdown`
     /// returns within it, also when the store does not answer. The drain ends two call timeouts
@@ -129,7 +134,7 @@ impl Config {
         if self.heartbeat < Duration::from_millis(10) {
             return Err(Error::config(
                 "heartbeat",
-                format!("must be at least 10ms, got {:?}", self.heartbeat),
+                format!("must be at least 10ms, got {}", human(self.heartbeat)),
             ));
         }
         for (field, value) in [
@@ -144,7 +149,7 @@ impl Config {
             if value > MAX_DURATION {
                 return Err(Error::config(
                     field,
-                    format!("must be at most 24h, got {value:?}"),
+                    format!("must be at most 24h, got {}", human(value)),
                 ));
             }
         }
@@ -153,16 +158,16 @@ impl Config {
                 "ttl",
                 format!(
                     "must be at least 3 × heartbeat ({:?}) so one lost heartbeat does not lose the \
-                     leases, got {:?}",
+                     leases, got {}",
                     self.heartbeat * 3,
-                    self.ttl
+                    human(self.ttl)
                 ),
             ));
         }
         if self.ttl > MAX_DURATION {
             return Err(Error::config(
                 "ttl",
-                format!("must be at most 24h, got {:?}", self.ttl),
+                format!("must be at most 24h, got {}", human(self.ttl)),
             ));
         }
         if !(0.01..0.5).contains(&self.max_clock_drift) {
@@ -191,9 +196,10 @@ impl Config {
                 return Err(Error::config(
                     "renew_interval",
                     format!(
-                        "must be between the heartbeat ({:?}) and half the ttl ({:?}), got {renew:?}",
+                        "must be between the heartbeat ({:?}) and half the ttl ({:?}), got {}",
                         self.heartbeat,
-                        self.ttl / 2
+                        self.ttl / 2,
+                        human(renew)
                     ),
                 ));
             }
@@ -285,6 +291,16 @@ fn check_name(field: &'static str, value: &str) -> Result<(), Error> {
         ));
     }
     Ok(())
+}
+
+/// A duration in an error message: `Debug`'s form (`1.5s`, `200ms`), but zero as `0s`, the way
+/// it was written, rather than `0ns`.
+fn human(d: Duration) -> String {
+    if d.is_zero() {
+        "0s".to_string()
+    } else {
+        format!("{d:?}")
+    }
 }
 
 #[cfg(test)]

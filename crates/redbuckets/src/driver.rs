@@ -90,6 +90,17 @@ pub(crate) struct Driver<S> {
     retries: Retries,
     /// Draws the retries' jitter; seeded per member so a simulation replays.
     jitter: Jitter,
+    /// Store errors logged once per change, then summarized (`logs.rs`). A std mutex:
+    /// `report` takes `&self`, and nothing awaits while it is held.
+    error_log: std::sync::Mutex<crate::logs::ErrorLog>,
+}
+
+/// Writes a line of [`crate::logs::ErrorLog`].
+fn log_line(line: crate::logs::Line) {
+    match line {
+        crate::logs::Line::Began(l) | crate::logs::Line::Lasts(l) => tracing::warn!("{l}"),
+        crate::logs::Line::Ended(l) => tracing::info!("{l}"),
+    }
 }
 
 /// One backoff per kind of store call: a failing kind slows down without slowing the others,
@@ -144,6 +155,7 @@ impl<S: Store> Driver<S> {
         Driver {
             retries: Retries::new(&config),
             jitter,
+            error_log: std::sync::Mutex::default(),
             store,
             group: GroupKey::new(config.prefix.clone(), config.group.clone()),
             config,
@@ -442,7 +454,15 @@ impl<S: Store> Driver<S> {
             tracing::debug!(error = %error, "after the abort");
             return;
         }
-        tracing::warn!(error = %error, "redbuckets error");
+        let lines = self
+            .error_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .failed(&error, Instant::now());
+        for line in lines {
+            log_line(line);
+        }
+        tracing::debug!(error = %error, "store call failed");
         {
             let mut local = self.shared.lock();
             local.errors += 1;
@@ -462,6 +482,16 @@ impl<S: Store> Driver<S> {
         self.shared
             .valid_until
             .send_replace(self.session.deadline());
+        if renewed.is_some() {
+            let ended = self
+                .error_log
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .succeeded(Instant::now());
+            if let Some(line) = ended {
+                log_line(line);
+            }
+        }
         let mut local = self.shared.lock();
         local.session = self.session.live().map(|s| s.session.clone());
         if let Some((sent, version)) = renewed {
@@ -1334,7 +1364,7 @@ mod tests {
     }
 
     fn drain(events: &mut crate::Events) -> Vec<Event> {
-        std::iter::from_fn(|| events.try_recv()).collect()
+        std::iter::from_fn(|| events.try_next()).collect()
     }
 
     /// The buckets revoked among the events waiting in `events`; at least one.

@@ -13,11 +13,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures_util::Stream;
-use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, ReusableBoxFuture, WaitForCancellationFutureOwned};
 
 use crate::config::Config;
 use crate::driver::Driver;
@@ -61,7 +64,17 @@ impl<S: Store> MemberBuilder<S> {
         self.config.weight = weight;
         self
     }
-    /// Session ttl. Default 10 s.
+    /// Session ttl: how long the member's session, and with it every lease it holds, outlives
+    /// its last successful renewal. Default 10 s; at least 3 × the heartbeat (so one lost
+    /// heartbeat does not lose the leases), at most 24 h.
+    ///
+    /// Every member of a group must use the same ttl: the group stores the ttl of the member
+    /// that created it, and [`MemberBuilder::start`] refuses another with
+    /// [`Error::TtlMismatch`]. The reason: a group that is new, or re-created after Redis lost
+    /// its data, grants nothing during its first ttl, which protects only members whose leases
+    /// last no longer than that. A crashed member's buckets are owned again about a ttl after
+    /// its last renewal, so a shorter ttl moves them sooner, at more renewals (one per half
+    /// ttl by default, see [`MemberBuilder::renew_interval`]).
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.config.ttl = ttl;
         self
@@ -83,7 +96,8 @@ impl<S: Store> MemberBuilder<S> {
         self
     }
     /// How long [`MemberBuilder::start`] retries its registration, with backoff, while the store
-    /// times out or is unavailable. Default 30 s.
+    /// times out or is unavailable. Default 30 s. Connecting is the store's, before: see
+    /// [`crate::RedisOptions::connect_retry`] (also 30 s).
     pub fn start_timeout(mut self, timeout: Duration) -> Self {
         self.config.start_timeout = timeout;
         self
@@ -136,15 +150,9 @@ impl<S: Store> MemberBuilder<S> {
     /// one ttl, logging that once at INFO; if that session is renewed meanwhile, another live
     /// process uses the id, and `start` fails with [`Error::IdInUse`] naming when it expires.
     pub async fn start(self) -> Result<Member, Error> {
-        // A broadcast channel allocates every slot up front (about 100 bytes each): at 2 × B
-        // for B = 65,536 that was 14 MiB per member (measured: 13.4 GiB for the 1,000 members
-        // of the scale benchmark), most of a cold start's CPU. A lagging subscriber is told
-        // (`Event::Lagged` and a fresh snapshot), so a bound costs no correctness.
-        const EVENTS_CAPACITY_MAX: usize = 16_384;
         self.config.validate()?;
         let config = Arc::new(self.config);
-        let capacity = (config.buckets as usize * 2 + 16).clamp(1024, EVENTS_CAPACITY_MAX);
-        let (events, _) = broadcast::channel(capacity);
+        let (events, _) = broadcast::channel(events_capacity(config.buckets));
         let (valid_until, _) = watch::channel(None);
         let (owned, _) = watch::channel(Vec::new());
         let shared = Arc::new(Shared {
@@ -188,6 +196,22 @@ impl<S: Store> MemberBuilder<S> {
             task: Some(task),
         })
     }
+}
+
+/// How many events a subscriber may fall behind by before it gets [`Event::Lagged`]: the events
+/// channel's capacity, `2 × buckets + 16` within [1,024, 16,384], which tokio's broadcast channel
+/// rounds up to a power of two (so this does too, and the docs of
+/// [`MemberHandle::events`] quote what it gives).
+///
+/// Bounded: a broadcast channel allocates every slot up front (about 100 bytes each); at 2 × B
+/// for B = 65,536 that was 14 MiB per member (measured: 13.4 GiB for the 1,000 members of the
+/// scale benchmark), most of a cold start's CPU. A lagging subscriber is told
+/// (`Event::Lagged` and a fresh snapshot), so a bound costs no correctness.
+fn events_capacity(buckets: u32) -> usize {
+    const MAX: usize = 16_384;
+    (buckets as usize * 2 + 16)
+        .clamp(1024, MAX)
+        .next_power_of_two()
 }
 
 /// One member of a group: the owner side, which ends it ([`Member::shutdown`],
@@ -395,14 +419,17 @@ impl MemberHandle {
         local.leases.push(tx);
         Leases {
             rx,
-            stopped: self.shared.stopped.clone(),
+            stopped: Box::pin(self.shared.stopped.clone().cancelled_owned()),
         }
     }
 
     /// A stream of ownership events. It opens with an `Acquired` for every bucket owned at the
     /// call (with its grant time), then follows live; the two are taken atomically, so no grant
-    /// falls in between. A subscriber that falls behind by more than `2 × buckets` events
-    /// (at least 1,024, at most 16,384) gets [`Event::Lagged`] followed by a fresh snapshot: never a silent gap.
+    /// falls in between. A subscriber that falls behind by more events than the channel holds
+    /// gets [`Event::Lagged`] followed by a fresh snapshot: never a silent gap. The channel
+    /// holds `2 × buckets + 16` events, at least 1,024 and at most 16,384, rounded up to a
+    /// power of two (tokio's broadcast channel does): 1,024 up to 504 buckets, 2,048 for 512
+    /// buckets, 16,384 from 4,089 buckets on.
     /// The end of a grant that was not announced to this subscriber (revoked before it
     /// subscribed) is not reported.
     #[must_use]
@@ -411,7 +438,8 @@ impl MemberHandle {
         let rx = self.shared.events.subscribe();
         let mut events = Events {
             shared: Arc::clone(&self.shared),
-            rx,
+            rx: PollRecv::new(rx),
+            stopped: Box::pin(self.shared.stopped.clone().cancelled_owned()),
             queue: VecDeque::new(),
             announced: HashMap::new(),
         };
@@ -479,12 +507,14 @@ impl MemberHandle {
 
 /// Ownership events of one member, from [`MemberHandle::events`]: first an `Acquired` for every
 /// bucket owned at the subscription, then live events; after a lag, [`Event::Lagged`] and a
-/// fresh snapshot. Read it with [`Events::recv`], [`Events::try_recv`], or as a `Stream`
-/// ([`Events::into_stream`]).
-#[derive(Debug)]
+/// fresh snapshot. A [`Stream`] (use `StreamExt`'s combinators), which ends once the member has
+/// stopped and every event was read; [`Events::next`] and [`Events::try_next`] read it without
+/// importing a trait, as [`Leases`] does.
 pub struct Events {
     shared: Arc<Shared>,
-    rx: broadcast::Receiver<Event>,
+    rx: PollRecv,
+    /// Completes when the member's task has ended.
+    stopped: Pin<Box<WaitForCancellationFutureOwned>>,
     /// The snapshot (and a `Lagged`) not yet read.
     queue: VecDeque<Event>,
     /// The grants this subscriber was told of (bucket → token): the end of any other is not
@@ -492,58 +522,55 @@ pub struct Events {
     announced: HashMap<u32, u64>,
 }
 
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Events")
+            .field("group", &self.shared.config.group)
+            .field("member", &self.shared.config.member_id)
+            .field("queued", &self.queue.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A broadcast receiver that can be polled (tokio's has only `recv().await`): the receive future
+/// owns the receiver and hands it back with the result, in one reused allocation.
+struct PollRecv {
+    next: ReusableBoxFuture<'static, (Result<Event, RecvError>, broadcast::Receiver<Event>)>,
+}
+
+impl PollRecv {
+    fn new(rx: broadcast::Receiver<Event>) -> Self {
+        PollRecv {
+            next: ReusableBoxFuture::new(Self::recv(rx)),
+        }
+    }
+
+    async fn recv(
+        mut rx: broadcast::Receiver<Event>,
+    ) -> (Result<Event, RecvError>, broadcast::Receiver<Event>) {
+        let received = rx.recv().await;
+        (received, rx)
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, RecvError>> {
+        let (received, rx) = std::task::ready!(self.next.poll(cx));
+        self.next.set(Self::recv(rx));
+        Poll::Ready(received)
+    }
+}
+
 impl Events {
     /// The next event; `None` once the member has stopped and every event was read.
-    pub async fn recv(&mut self) -> Option<Event> {
-        loop {
-            if let Some(event) = self.queue.pop_front() {
-                return Some(event);
-            }
-            let received = tokio::select! {
-                biased;
-                received = self.rx.recv() => received,
-                () = self.shared.stopped.cancelled() => match self.rx.try_recv() {
-                    Ok(event) => Ok(event),
-                    Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
-                    Err(TryRecvError::Empty | TryRecvError::Closed) => return None,
-                },
-            };
-            match received {
-                Ok(event) => {
-                    if let Some(event) = self.accept(event) {
-                        return Some(event);
-                    }
-                }
-                Err(RecvError::Lagged(missed)) => self.lagged(missed),
-                Err(RecvError::Closed) => return None,
-            }
-        }
+    /// The same as `StreamExt::next`.
+    pub async fn next(&mut self) -> Option<Event> {
+        std::future::poll_fn(|cx| Pin::new(&mut *self).poll_next(cx)).await
     }
 
     /// The next event if one is ready, without waiting.
-    pub fn try_recv(&mut self) -> Option<Event> {
-        loop {
-            if let Some(event) = self.queue.pop_front() {
-                return Some(event);
-            }
-            match self.rx.try_recv() {
-                Ok(event) => {
-                    if let Some(event) = self.accept(event) {
-                        return Some(event);
-                    }
-                }
-                Err(TryRecvError::Lagged(missed)) => self.lagged(missed),
-                Err(TryRecvError::Empty | TryRecvError::Closed) => return None,
-            }
-        }
-    }
-
-    /// The events as a `Stream`, which ends once the member has stopped.
-    pub fn into_stream(self) -> impl Stream<Item = Event> + Send + 'static {
-        futures_util::stream::unfold(self, |mut events| async move {
-            let event = events.recv().await?;
-            Some((event, events))
-        })
+    pub fn try_next(&mut self) -> Option<Event> {
+        // Unconstrained: tokio's cooperative budget would otherwise make a broadcast receive
+        // look pending after 128 of them in one task poll, and a loop of `try_next` stop early.
+        futures_util::FutureExt::now_or_never(tokio::task::unconstrained(self.next())).flatten()
     }
 
     /// Keeps what this subscriber should see: the end of a grant it was not told of is dropped.
@@ -574,7 +601,7 @@ impl Events {
         let now = Instant::now();
         let shared = Arc::clone(&self.shared);
         let local = shared.lock();
-        self.rx = shared.events.subscribe();
+        self.rx = PollRecv::new(shared.events.subscribe());
         self.queue.clear();
         self.queue.push_back(Event::Lagged { missed, at: now });
         self.snapshot(&local, now);
@@ -597,40 +624,88 @@ impl Events {
     }
 }
 
+impl Stream for Events {
+    type Item = Event;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(event) = this.queue.pop_front() {
+                return Poll::Ready(Some(event));
+            }
+            let received = match this.rx.poll(cx) {
+                Poll::Ready(received) => received,
+                Poll::Pending => {
+                    if this.stopped.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    // The task ended after emitting its last events: read what is buffered
+                    // (the poll above may have come just before the last ones), then end.
+                    match this.rx.poll(cx) {
+                        Poll::Ready(received) => received,
+                        Poll::Pending => return Poll::Ready(None),
+                    }
+                }
+            };
+            match received {
+                Ok(event) => {
+                    if let Some(event) = this.accept(event) {
+                        return Poll::Ready(Some(event));
+                    }
+                }
+                Err(RecvError::Lagged(missed)) => this.lagged(missed),
+                Err(RecvError::Closed) => return Poll::Ready(None),
+            }
+        }
+    }
+}
+
 /// Leases of one member, from [`MemberHandle::leases`]: one for every bucket owned at the
 /// subscription, then one per new grant, each made at the grant (so its guard holds the drain
-/// from the moment ownership begins). Read it with
-/// [`Leases::next`], [`Leases::try_next`], or as a `Stream` ([`Leases::into_stream`]).
-#[derive(Debug)]
+/// from the moment ownership begins). A [`Stream`] (use `StreamExt`'s combinators), which ends
+/// once the member has stopped and every lease was read; [`Leases::next`] and
+/// [`Leases::try_next`] read it without importing a trait, as [`Events`] does.
 pub struct Leases {
     rx: mpsc::UnboundedReceiver<Lease>,
-    stopped: CancellationToken,
+    /// Completes when the member's task has ended.
+    stopped: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl std::fmt::Debug for Leases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Leases")
+            .field("queued", &self.rx.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Leases {
     /// The next lease, in grant order; `None` once the member has stopped and every lease was
     /// read. A lease whose grant has ended already is yielded too (check
     /// [`Lease::is_valid`], or let [`Lease::cancelled`] complete at once): dropping it ends its
-    /// drain.
+    /// drain. The same as `StreamExt::next`.
     pub async fn next(&mut self) -> Option<Lease> {
-        tokio::select! {
-            biased;
-            lease = self.rx.recv() => lease,
-            () = self.stopped.cancelled() => self.rx.try_recv().ok(),
-        }
+        std::future::poll_fn(|cx| Pin::new(&mut *self).poll_next(cx)).await
     }
 
     /// The next lease if one is ready, without waiting.
     pub fn try_next(&mut self) -> Option<Lease> {
         self.rx.try_recv().ok()
     }
+}
 
-    /// The leases as a `Stream`, which ends once the member has stopped.
-    pub fn into_stream(self) -> impl Stream<Item = Lease> + Send + 'static {
-        futures_util::stream::unfold(self, |mut leases| async move {
-            let lease = leases.next().await?;
-            Some((lease, leases))
-        })
+impl Stream for Leases {
+    type Item = Lease;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Lease>> {
+        let this = self.get_mut();
+        if let Poll::Ready(lease) = this.rx.poll_recv(cx) {
+            return Poll::Ready(lease);
+        }
+        match this.stopped.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(this.rx.try_recv().ok()),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -822,4 +897,36 @@ pub(crate) struct Local {
     pub(crate) version: u64,
     pub(crate) errors: u64,
     pub(crate) last_error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::events_capacity;
+
+    /// What `MemberHandle::events` documents as the lag threshold.
+    #[test]
+    fn events_capacity_is_what_the_docs_say() {
+        assert_eq!(events_capacity(1), 1024);
+        assert_eq!(events_capacity(504), 1024);
+        assert_eq!(events_capacity(505), 2048);
+        assert_eq!(events_capacity(512), 2048);
+        assert_eq!(events_capacity(4088), 8192);
+        assert_eq!(events_capacity(4089), 16_384);
+        assert_eq!(events_capacity(65_536), 16_384);
+    }
+
+    /// The channel holds exactly that many: one more send and a subscriber lags.
+    #[test]
+    fn the_channel_lags_past_that_capacity() {
+        let (tx, mut rx) = tokio::sync::broadcast::channel::<u32>(events_capacity(512));
+        for i in 0..2048 {
+            let _ = tx.send(i);
+        }
+        assert_eq!(rx.try_recv(), Ok(0));
+        let (tx, mut rx) = tokio::sync::broadcast::channel::<u32>(events_capacity(512));
+        for i in 0..2049 {
+            let _ = tx.send(i);
+        }
+        assert!(rx.try_recv().is_err(), "lagged");
+    }
 }

@@ -120,7 +120,7 @@ async fn a_member_runs_on_a_store_written_outside_the_crate() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(member.buckets().is_empty());
     let mut lost = Vec::new();
-    while let Some(e) = events.try_recv() {
+    while let Some(e) = events.try_next() {
         if let Event::Lost { bucket, token, .. } = e {
             lost.push((bucket, token));
         }

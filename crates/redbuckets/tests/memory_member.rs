@@ -355,8 +355,8 @@ async fn cut_off_member_reports_lost_before_its_session_expires() {
     assert_eq!(a.buckets().len() + b.buckets().len(), 10);
     let a_had = a.buckets();
     assert_eq!(a_had.len(), 5);
-    while a_events.try_recv().is_some() {}
-    while b_events.try_recv().is_some() {}
+    while a_events.try_next().is_some() {}
+    while b_events.try_next().is_some() {}
 
     cut.cut.store(true, Ordering::SeqCst);
     let cut_at = Instant::now();
@@ -366,13 +366,13 @@ async fn cut_off_member_reports_lost_before_its_session_expires() {
     while b_got.len() < a_had.len() {
         sleep(Duration::from_millis(5)).await;
         assert!(cut_at.elapsed() < TTL * 3, "b never got a's buckets");
-        while let Some(e) = a_events.try_recv() {
+        while let Some(e) = a_events.try_next() {
             if let Event::Lost { at, reason, .. } = e {
                 assert_eq!(reason, LostReason::Deadline);
                 lost_at = Some(at);
             }
         }
-        while let Some(e) = b_events.try_recv() {
+        while let Some(e) = b_events.try_next() {
             if let Event::Acquired { at, bucket, .. } = e {
                 b_got.push((bucket, at));
             }
@@ -547,7 +547,7 @@ async fn lost_grant_replies_are_recovered() {
         "the member adopts what the store granted it"
     );
     let mut acquired = 0;
-    while let Some(e) = events.try_recv() {
+    while let Some(e) = events.try_next() {
         if let Event::Acquired { .. } = e {
             acquired += 1;
         }
@@ -731,7 +731,7 @@ fn a_reply_handled_after_the_deadline_dates_the_loss_at_the_deadline() {
         assert_eq!(member.buckets().len(), 8, "a owns the group");
         let mut events = member.events();
         for _ in 0..8 {
-            events.recv().await.expect("the opening snapshot");
+            events.next().await.expect("the opening snapshot");
         }
         // The next heartbeat comes after the store's session has expired.
         *store.starve_next_heartbeat.lock().expect("lock") = Some(TTL + TTL / 3);
@@ -739,7 +739,7 @@ fn a_reply_handled_after_the_deadline_dates_the_loss_at_the_deadline() {
         let mut deadline = None;
         while lost.len() < 8 {
             deadline = deadline.or(member.status().valid_until);
-            let event = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            let event = tokio::time::timeout(Duration::from_secs(5), events.next())
                 .await
                 .expect("an event within 5 s")
                 .expect("the stream goes on");

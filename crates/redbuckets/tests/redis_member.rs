@@ -381,7 +381,7 @@ async fn a_shutdown_with_redis_frozen_ends_in_time_and_ends_every_bucket() {
     assert!(result.is_err(), "the leave cannot be complete: {result:?}");
     // Drain ≤ 1 s, release and deregister ≤ 333 ms each; the rest is slack for a loaded host.
     assert!(took < Duration::from_millis(2500), "shutdown took {took:?}");
-    let events: Vec<Event> = std::iter::from_fn(|| events.try_recv()).collect();
+    let events: Vec<Event> = std::iter::from_fn(|| events.try_next()).collect();
     let revoked: Vec<&Event> = events
         .iter()
         .filter(|e| matches!(e, Event::Revoked { .. }))

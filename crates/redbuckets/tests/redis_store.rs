@@ -789,7 +789,9 @@ async fn credentials_and_addresses_give_clear_errors_without_secrets() {
         l.local_addr().expect("addr").port()
     };
     let started = Instant::now();
-    match RedisStore::connect(&format!("redis://:{WRONG}@127.0.0.1:{closed}")).await {
+    // One attempt: by default connecting retries a refused connection (Redis not up yet).
+    let once = RedisOptions::default().connect_retry(Duration::ZERO);
+    match RedisStore::connect_with(&format!("redis://:{WRONG}@127.0.0.1:{closed}"), once).await {
         Err(e @ Error::Unavailable { .. }) => {
             assert!(!e.to_string().contains(WRONG), "{e}");
             assert!(e.to_string().contains(&closed.to_string()), "{e}");
@@ -1337,7 +1339,8 @@ async fn a_snapshot_over_a_foreign_free_key_deletes_nothing() {
 async fn no_tls_hint_without_tls_bytes() {
     let options = RedisOptions::default()
         .connection_timeout(Duration::from_millis(200))
-        .response_timeout(Duration::from_millis(300));
+        .response_timeout(Duration::from_millis(300))
+        .connect_retry(Duration::ZERO);
     // Accepts, and never answers.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = silent.local_addr().expect("addr").port();

@@ -33,7 +33,7 @@ async fn start<S: Store>(store: S, id: &str, buckets: u32) -> Member {
 
 /// Everything ready in `events`, without waiting.
 fn ready(events: &mut Events) -> Vec<Event> {
-    std::iter::from_fn(|| events.try_recv()).collect()
+    std::iter::from_fn(|| events.try_next()).collect()
 }
 
 /// The buckets a subscriber believes owned after `events`: announced and not ended.
@@ -239,7 +239,7 @@ async fn handles_are_cheap_clones_and_the_owner_shuts_down() {
         Err(Error::Shutdown)
     ));
     let mut seen = Vec::new();
-    while let Some(e) = events.recv().await {
+    while let Some(e) = events.next().await {
         seen.push(e);
     }
     let count = |kind: fn(&Event) -> bool| seen.iter().filter(|e| kind(e)).count();
@@ -557,4 +557,71 @@ async fn redis_a_worker_subscribed_late_gets_every_bucket() {
     a.shutdown().await.expect("shutdown a");
     b.shutdown().await.expect("shutdown b");
     worker.await.expect("worker");
+}
+
+/// Issue 18, defect 4: `Events` and `Leases` are `Stream`s, so `StreamExt` combinators work on
+/// them, and both end once the member has stopped.
+#[tokio::test(start_paused = true)]
+async fn events_and_leases_are_streams() {
+    use futures_util::StreamExt as _;
+
+    let store = MemoryStore::new();
+    let a = start(store.clone(), "a", 8).await;
+    let events = a.events();
+    let leases = a.leases();
+    sleep(TTL + HEARTBEAT * 3).await;
+    assert_eq!(a.buckets().len(), 8);
+
+    let acquired: Vec<u32> = events
+        .filter_map(|e| async move {
+            match e {
+                Event::Acquired { bucket, .. } => Some(bucket),
+                _ => None,
+            }
+        })
+        .take(8)
+        .collect()
+        .await;
+    assert_eq!(acquired.len(), 8);
+    let mut granted: Vec<u32> = leases.map(|l| l.bucket()).take(8).collect().await;
+    granted.sort_unstable();
+    assert_eq!(granted, (0..8).collect::<Vec<_>>());
+
+    // Both end with the member: a stream read to its end after shutdown.
+    let mut events = a.events().boxed();
+    let mut leases = a.leases();
+    a.shutdown().await.expect("shutdown");
+    let rest: Vec<Event> = events.by_ref().collect().await;
+    assert!(
+        rest.iter().any(|e| matches!(e, Event::Released { .. })),
+        "{rest:?}"
+    );
+    assert!(events.next().await.is_none());
+    let mut held = 0;
+    while let Some(lease) = leases.next().await {
+        held += 1;
+        drop(lease);
+    }
+    assert_eq!(held, 8, "the subscription opened with the 8 owned buckets");
+}
+
+/// `try_next` drains everything buffered, beyond tokio's cooperative budget (128 per task poll).
+#[tokio::test(start_paused = true)]
+async fn try_next_reads_every_buffered_event() {
+    let a = start(MemoryStore::new(), "a", 300).await;
+    let mut events = a.events();
+    sleep(TTL + HEARTBEAT * 3).await;
+    assert_eq!(a.buckets().len(), 300);
+    assert_eq!(ready(&mut events).len(), 300);
+    a.shutdown().await.expect("shutdown");
+}
+
+/// The streams can move to (and be shared with) other tasks, as before they were `Stream`s.
+#[test]
+fn handles_and_streams_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<MemberHandle>();
+    send_sync::<Events>();
+    send_sync::<redbuckets::Leases>();
+    send_sync::<Lease>();
 }

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::io::{IsTerminal as _, Write as _};
+use std::io::IsTerminal as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use super::{connect, scrub, Signals};
 use crate::analysis::{analyze, digest, holdings, Digest};
+use crate::out::{self, StdoutClosed};
 use crate::render::{self, fmt_bucket_time, fmt_duration, Palette};
 use crate::DemoArgs;
 use redbuckets::check::Timeline;
@@ -44,7 +45,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
                 .await
         }
         Some(url) => {
-            let store = connect(url).await?;
+            let url = if url.is_empty() {
+                &std::env::var("REDBUCKETS_REDIS_URL").map_err(|_| {
+                    anyhow!("--redis without a URL takes $REDBUCKETS_REDIS_URL, which is not set")
+                })?
+            } else {
+                url
+            };
+            let store = connect(url, Duration::ZERO).await?;
             // A fresh group per run: a demo must not join someone's real group, nor an earlier
             // demo's with another bucket count.
             let group = format!("demo-{}", std::process::id());
@@ -145,6 +153,23 @@ impl<S: Store> Demo<S> {
 
     async fn run(mut self) -> anyhow::Result<ExitCode> {
         let _cursor = self.tty.then(HiddenCursor::new);
+        let result = self.phases().await;
+        if result.is_err() {
+            // Interrupted (Ctrl-C, SIGTERM, a closed stdout) or failed: the members still
+            // running leave, as a library user's would, instead of being dropped (a crash for
+            // the group, which leaves their keys in Redis until their sessions expire).
+            let leaving: Vec<_> = self.live.drain(..).map(|(_, m)| m.shutdown()).collect();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                futures_util::future::join_all(leaving),
+            )
+            .await;
+        }
+        result
+    }
+
+    /// The demo itself: start, join, leave, crash, then the summary.
+    async fn phases(&mut self) -> anyhow::Result<ExitCode> {
         let b = self.args.buckets;
         let n = self.args.members as usize;
         // Long enough to see each state on a terminal; short in pipes.
@@ -154,8 +179,9 @@ impl<S: Store> Demo<S> {
             self.args.ttl
         };
         self.say(format!(
-            "starting {n} members on {}: {b} buckets, heartbeat {}, ttl {}",
+            "starting {n} members on {}: {}, heartbeat {}, ttl {}",
             self.label,
+            render::count(b, "bucket"),
             fmt_duration(self.args.heartbeat),
             fmt_duration(self.args.ttl)
         ));
@@ -196,7 +222,8 @@ impl<S: Store> Demo<S> {
         let held = held_by(&snap, &id);
         let t = Instant::now();
         self.say(format!(
-            "{id} leaves gracefully, releasing its {held} buckets"
+            "{id} leaves gracefully, releasing its {}",
+            render::count(held, "bucket")
         ));
         let leaving: JoinHandle<Result<(), redbuckets::Error>> = tokio::spawn(member.shutdown());
         let (done, snap) = self.wait_balanced(&format!("{id} leaves")).await?;
@@ -214,8 +241,8 @@ impl<S: Store> Demo<S> {
         member.abort();
         self.timeline.crash(&id, t);
         self.say(format!(
-            "{id} crashes holding {held} buckets: they stay owned until its session expires \
-             (ttl {})",
+            "{id} crashes holding {}: they stay owned until its session expires (ttl {})",
+            render::count(held, "bucket"),
             fmt_duration(self.args.ttl)
         ));
         let (done, snap) = self.wait_balanced(&format!("{id} crashed")).await?;
@@ -252,7 +279,7 @@ impl<S: Store> Demo<S> {
         self.collect();
 
         let violations = self.timeline.violations();
-        print!("{}", self.summary(&phases, &violations));
+        out::print(&self.summary(&phases, &violations))?;
         if self.lagged > 0 {
             bail!(
                 "the checker missed {} events; the safety check is incomplete",
@@ -285,7 +312,7 @@ impl<S: Store> Demo<S> {
         let member_id = id.clone();
         let forwarder = tokio::spawn(async move {
             loop {
-                let item = match rx.recv().await {
+                let item = match rx.next().await {
                     Some(Event::Lagged { missed, .. }) => Err(missed),
                     Some(event) => Ok(event),
                     None => return,
@@ -321,6 +348,9 @@ impl<S: Store> Demo<S> {
             () = tokio::time::sleep(interval) => {}
             name = self.signals.recv() => bail!("{name}: demo interrupted"),
         }
+        if out::reader_gone() {
+            return Err(StdoutClosed.into());
+        }
         self.collect();
         let snapshot = self
             .store
@@ -344,11 +374,11 @@ impl<S: Store> Demo<S> {
                 let ids: BTreeSet<String> = s.members.iter().map(|m| m.id.clone()).collect();
                 if ids == expected && analyze(s).converged() {
                     let s = s.clone();
-                    self.show(phase, Some(&s));
+                    self.show(Some(phase), Some(&s));
                     return Ok((now, s));
                 }
             }
-            self.show(phase, snapshot.as_ref());
+            self.show(Some(phase), snapshot.as_ref());
             if now - begin > limit {
                 let why = match &snapshot {
                     None => "the group does not exist".to_string(),
@@ -374,7 +404,7 @@ impl<S: Store> Demo<S> {
         let until = Instant::now() + pause;
         while Instant::now() < until {
             let snapshot = self.tick().await?;
-            self.show("balanced", snapshot.as_ref());
+            self.show(None, snapshot.as_ref());
         }
         Ok(())
     }
@@ -394,26 +424,44 @@ impl<S: Store> Demo<S> {
     fn say(&mut self, line: String) {
         let line = format!("[{:>6.2}s] {line}", self.started.elapsed().as_secs_f64());
         if !self.tty {
-            println!("{line}");
+            // A closed stdout ends the demo at its next tick.
+            let _ = out::println(&line);
         }
         self.log.push(line);
     }
 
-    /// Redraws the terminal view when the group or the phase changed.
-    fn show(&mut self, phase: &str, snapshot: Option<&GroupSnapshot>) {
+    /// Redraws the terminal view when the group or the phase changed. `phase`: what is under
+    /// way (`None` while the demo holds a balanced state for the eye).
+    fn show(&mut self, phase: Option<&str>, snapshot: Option<&GroupSnapshot>) {
         if !self.tty {
             return;
         }
         let Some(s) = snapshot else { return };
+        // A crashed member stays in the group, with its buckets, until its session expires.
+        let gone: Vec<(&str, u32)> = s
+            .members
+            .iter()
+            .filter(|m| !self.live.iter().any(|(id, _)| *id == m.id))
+            .map(|m| (m.id.as_str(), m.held))
+            .collect();
+        let doing = phase.map_or(String::new(), |p| format!("{p}: "));
         let state = if !s.quarantine.is_zero() {
             format!(
-                "{phase}: group warming up, grants start in {}",
+                "{doing}group warming up, grants start in {}",
                 fmt_duration(s.quarantine)
             )
+        } else if let [(id, held), ..] = gone[..] {
+            format!(
+                "{doing}{id} still holds {} until its session expires",
+                render::count(held, "bucket")
+            )
         } else if analyze(s).converged() {
-            format!("{phase}: balanced")
+            format!(
+                "balanced: {}",
+                render::count(s.members.len() as u64, "member")
+            )
         } else {
-            format!("{phase}: rebalancing, {} free", s.free())
+            format!("{doing}rebalancing, {} free", s.free())
         };
         let key = (digest(s), state.clone());
         if self.last_drawn.as_ref() == Some(&key) {
@@ -421,23 +469,23 @@ impl<S: Store> Demo<S> {
         }
         self.last_drawn = Some(key);
         let mut header = vec![format!(
-            "redbuckets demo — {} buckets on {}   (Ctrl-C to stop)",
-            self.args.buckets, self.label
+            "redbuckets demo — {} on {}   (Ctrl-C to stop)",
+            render::count(self.args.buckets, "bucket"),
+            self.label
         )];
         let shown = self.log.len().saturating_sub(6);
         header.extend(self.log[shown..].iter().cloned());
         header.push(state);
         let frame = render::frame(&header, s, &mut self.palette, render::terminal_size());
-        print!("{}{frame}", render::CLEAR);
-        let _ = std::io::stdout().flush();
+        let _ = out::print(&format!("{}{frame}", render::CLEAR));
     }
 
     fn summary(&self, phases: &[Phase], violations: &[String]) -> String {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "\nSummary — {} buckets on {}, heartbeat {}, ttl {}",
-            self.args.buckets,
+            "\nSummary — {} on {}, heartbeat {}, ttl {}",
+            render::count(self.args.buckets, "bucket"),
             self.label,
             fmt_duration(self.args.heartbeat),
             fmt_duration(self.args.ttl)
@@ -522,14 +570,13 @@ struct HiddenCursor;
 
 impl HiddenCursor {
     fn new() -> Self {
-        print!("{}", render::HIDE_CURSOR);
+        let _ = out::print(render::HIDE_CURSOR);
         HiddenCursor
     }
 }
 
 impl Drop for HiddenCursor {
     fn drop(&mut self) {
-        print!("{}", render::SHOW_CURSOR);
-        let _ = std::io::stdout().flush();
+        let _ = out::print(render::SHOW_CURSOR);
     }
 }

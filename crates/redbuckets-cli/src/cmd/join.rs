@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::process::ExitCode;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, Context as _};
 use redbuckets::{Config, Event, Events, Member};
@@ -16,7 +16,7 @@ use crate::render::{fmt_duration, fmt_ranges};
 use crate::JoinArgs;
 
 pub async fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
-    let key = group_key(&args.group);
+    let key = group_key(&args.group)?;
     let mut config = Config::new(key.name.clone());
     config.prefix = key.prefix.clone();
     if let Some(id) = args.id {
@@ -48,7 +48,16 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
 
     let mut signals = Signals::install()?;
     let url = args.group.redis.clone();
-    let store = connect(&url).await?;
+    // One start budget for both: connecting (Redis may not be up yet), then registering.
+    let began = Instant::now();
+    let budget = config.start_timeout;
+    let store = tokio::select! {
+        store = connect(&url, budget) => store?,
+        name = signals.recv() => return Err(anyhow!("{name} before the member had joined")),
+    };
+    config.start_timeout = budget
+        .saturating_sub(began.elapsed())
+        .max(Duration::from_millis(100));
     let builder = Member::builder(store, key.name.clone()).config(config);
     let member = tokio::select! {
         started = builder.start() => started
@@ -61,12 +70,41 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
     let mut events = member.events();
     let mut out = Output::new(args.json, member.id().to_string());
     let c = member.config();
-    out.joined(&key.name, c.buckets, c.ttl)?;
+    out.joined(&key.name, c.buckets)?;
+    // A new session after an outage (the old one lost) is news, and so is a group that grants
+    // nothing yet (new, or re-created after Redis lost its data): each said once, when seen.
+    let mut session = member.status().session;
+    let mut told_quarantine = false;
+    let mut sessions = tokio::time::interval(c.heartbeat);
+    sessions.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let signal = loop {
         tokio::select! {
             name = signals.recv() => break name,
-            received = events.recv() => match received {
+            _ = sessions.tick() => {
+                let status = member.status();
+                let now = status.session;
+                if now.is_some() && now != session {
+                    told_quarantine = false;
+                    if let Err(e) = out.registered(now.as_deref().unwrap_or("")) {
+                        tracing::warn!("stdout closed ({e}); leaving the group");
+                        break "stdout closed";
+                    }
+                }
+                session = now;
+                match status.quarantine {
+                    Some(left) if !told_quarantine => {
+                        told_quarantine = true;
+                        out.note(&format!(
+                            "the group is new (or was re-created after Redis lost its data): \
+                             it grants nothing for {}, until its first ttl is over",
+                            fmt_duration(left)
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+            received = events.next() => match received {
                 Some(Event::Lagged { missed, .. }) => out.lagged(missed, Some(member.buckets())),
                 Some(event) => {
                     let mut burst = vec![event];
@@ -95,7 +133,7 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
     let result = loop {
         tokio::select! {
             result = &mut shutdown => break result,
-            received = events.recv(), if !closed => match received {
+            received = events.next(), if !closed => match received {
                 Some(Event::Lagged { missed, .. }) => out.lagged(missed, None),
                 Some(event) => {
                     let mut burst = vec![event];
@@ -135,7 +173,7 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
 fn drain_ready(events: &mut Events, burst: &mut Vec<Event>) -> Option<u64> {
     let mut missed = None;
     loop {
-        match events.try_recv() {
+        match events.try_next() {
             Some(Event::Lagged { missed: n, .. }) => *missed.get_or_insert(0) += n,
             Some(event) => burst.push(event),
             None => return missed,
@@ -179,12 +217,7 @@ impl Output {
         format!("[{:>8.3}s]", self.started.elapsed().as_secs_f64())
     }
 
-    fn joined(
-        &mut self,
-        group: &str,
-        buckets: u32,
-        ttl: std::time::Duration,
-    ) -> anyhow::Result<()> {
+    fn joined(&mut self, group: &str, buckets: u32) -> anyhow::Result<()> {
         let line = if self.json {
             json!({
                 "event": "joined",
@@ -195,15 +228,33 @@ impl Output {
             })
             .to_string()
         } else {
+            let bucket_s = if buckets == 1 { "bucket" } else { "buckets" };
             format!(
-                "{} joined group {group:?} as {} ({buckets} buckets; a new group grants nothing \
-                 during its first {})",
+                "{} joined group {group:?} as {} ({buckets} {bucket_s})",
                 self.stamp(),
                 self.member,
-                fmt_duration(ttl)
             )
         };
         self.line(&line).context("cannot write to stdout")
+    }
+
+    /// The member registered a new session (after it lost the last one).
+    fn registered(&self, session: &str) -> std::io::Result<()> {
+        let line = if self.json {
+            json!({
+                "event": "registered",
+                "member": self.member,
+                "session": session,
+                "at_us": unix_us(SystemTime::now()),
+            })
+            .to_string()
+        } else {
+            format!(
+                "{} registered again (session {session}): buckets follow",
+                self.stamp()
+            )
+        };
+        self.line(&line)
     }
 
     fn left(&self, clean: bool) {
@@ -302,8 +353,17 @@ impl Output {
                     fmt_ranges(&buckets)
                 )
             };
-            if let [token] = tokens[..] {
-                line.push_str(&format!(" (token {token})"));
+            match tokens[..] {
+                [] => {}
+                [token] => line.push_str(&format!(" (token {token})")),
+                // From several grants (givers, or grants made at different times).
+                [first, .., last] if tokens.len() > 3 => {
+                    line.push_str(&format!(" ({} tokens, {first}…{last})", tokens.len()));
+                }
+                _ => {
+                    let list: Vec<String> = tokens.iter().map(u64::to_string).collect();
+                    line.push_str(&format!(" (tokens {})", list.join(", ")));
+                }
             }
             if let Some(reason) = reason {
                 line.push_str(&format!(": {reason}"));

@@ -9,18 +9,22 @@ pub mod watch;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context as _};
-use redbuckets::{redact_url, Config, GroupKey, RedisStore};
+use redbuckets::{redact_url, Config, GroupKey, RedisOptions, RedisStore};
 
 use crate::GroupArgs;
 
-/// How long connecting may take before we give up (the client's own timeout covers one
-/// attempt; this bounds everything, DNS included).
+/// How long connecting may take beyond its retry budget before we give up (the client's own
+/// timeout covers one attempt; this bounds everything, DNS included).
 const CONNECT_BUDGET: Duration = Duration::from_secs(10);
 
-/// Connects to the Redis at `url`. Errors name the URL with its password replaced by `***`.
-pub async fn connect(url: &str) -> anyhow::Result<RedisStore> {
+/// Connects to the Redis at `url`, retrying for `retry` while Redis is not up yet (`join`: its
+/// start timeout; the commands that only look: zero, they report at once). Errors name the URL
+/// with its password replaced by `***`.
+pub async fn connect(url: &str, retry: Duration) -> anyhow::Result<RedisStore> {
     let shown = redact_url(url);
-    match tokio::time::timeout(CONNECT_BUDGET, RedisStore::connect(url)).await {
+    let options = RedisOptions::default().connect_retry(retry);
+    let budget = retry + CONNECT_BUDGET;
+    match tokio::time::timeout(budget, RedisStore::connect_with(url, options)).await {
         Ok(Ok(store)) => Ok(store),
         Ok(Err(e)) => {
             let message = scrub(&e.to_string(), url);
@@ -33,18 +37,21 @@ pub async fn connect(url: &str) -> anyhow::Result<RedisStore> {
         }
         Err(_) => Err(anyhow!(
             "cannot connect to {shown}: no answer within {}",
-            crate::render::fmt_duration(CONNECT_BUDGET)
+            crate::render::fmt_duration(budget)
         )),
     }
 }
 
-/// The group key from the command line, with the library's default prefix.
-pub fn group_key(args: &GroupArgs) -> GroupKey {
-    let prefix = args
-        .prefix
-        .clone()
-        .unwrap_or_else(|| Config::new(args.group.clone()).prefix);
-    GroupKey::new(prefix, args.group.clone())
+/// The group key from the command line, with the library's default prefix. The name and the
+/// prefix are checked as `join` checks them, so every command refuses an empty or bad name
+/// with the same words.
+pub fn group_key(args: &GroupArgs) -> anyhow::Result<GroupKey> {
+    let mut config = Config::new(args.group.clone());
+    if let Some(prefix) = &args.prefix {
+        config.prefix = prefix.clone();
+    }
+    config.validate()?;
+    Ok(GroupKey::new(config.prefix, args.group.clone()))
 }
 
 /// Removes the password of `url` from a message, should any layer below have quoted it: the
@@ -53,12 +60,17 @@ pub fn scrub(message: &str, url: &str) -> String {
     redbuckets::scrub_password(message, url)
 }
 
-/// Completes on the first SIGTERM or SIGINT (Ctrl-C).
+/// The signals that stop a command: SIGTERM and SIGINT (Ctrl-C), as the library's
+/// [`redbuckets::shutdown_signal`], and SIGHUP (the terminal closed), which would otherwise kill
+/// a `join` without leaving. Unlike that future it names the signal and sees a second one
+/// (`join` stops without releasing on it).
 pub struct Signals {
     #[cfg(unix)]
     term: tokio::signal::unix::Signal,
     #[cfg(unix)]
     int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -70,6 +82,7 @@ impl Signals {
             Ok(Signals {
                 term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
                 int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+                hup: signal(SignalKind::hangup()).context("cannot handle SIGHUP")?,
             })
         }
         #[cfg(not(unix))]
@@ -83,6 +96,7 @@ impl Signals {
             tokio::select! {
                 _ = self.term.recv() => "SIGTERM",
                 _ = self.int.recv() => "SIGINT",
+                _ = self.hup.recv() => "SIGHUP",
             }
         }
         #[cfg(not(unix))]

@@ -2,6 +2,7 @@
 //! with `--check` an exit code saying whether every bucket is owned and the load is even.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::anyhow;
 use redbuckets::{redact_url, GroupSnapshot, Store};
@@ -19,9 +20,9 @@ const STALE: &str = "stale: the group's data was written by another Redis proces
      changed: the next registration or rebalance re-creates the group, with its quarantine";
 
 pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let key = group_key(&args.group);
+    let key = group_key(&args.group)?;
     let url = &args.group.redis;
-    let store = connect(url).await?;
+    let store = connect(url, Duration::ZERO).await?;
     let snapshot = store
         .snapshot(&key)
         .await
@@ -43,9 +44,9 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         })?;
     let analysis = analyze(&snapshot);
     if args.json {
-        println!("{}", to_json(&key.name, &key.prefix, &snapshot, &analysis));
+        crate::out::println(&to_json(&key.name, &key.prefix, &snapshot, &analysis).to_string())?;
     } else {
-        print!("{}", to_text(&key.name, &key.prefix, &snapshot, &analysis));
+        crate::out::print(&to_text(&key.name, &key.prefix, &snapshot, &analysis))?;
     }
     if args.check && (snapshot.stale || !analysis.problems.is_empty()) {
         if snapshot.stale {

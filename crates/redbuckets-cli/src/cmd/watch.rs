@@ -1,14 +1,15 @@
 //! `redbuckets watch`: reads the group every interval and redraws when something changed — a
 //! full-screen view on a terminal, one summary line per change otherwise — until Ctrl-C.
 
-use std::io::{IsTerminal as _, Write as _};
+use std::io::IsTerminal as _;
 use std::process::ExitCode;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use redbuckets::{redact_url, Store};
 
 use super::{connect, group_key, scrub, Signals};
 use crate::analysis::{analyze, digest};
+use crate::out::{self, StdoutClosed};
 use crate::render::{self, fmt_duration, Palette};
 use crate::WatchArgs;
 
@@ -17,16 +18,14 @@ struct Screen;
 
 impl Screen {
     fn enter() -> Self {
-        print!("\x1b[?1049h{}", render::HIDE_CURSOR);
-        let _ = std::io::stdout().flush();
+        let _ = out::print(&format!("\x1b[?1049h{}", render::HIDE_CURSOR));
         Screen
     }
 }
 
 impl Drop for Screen {
     fn drop(&mut self) {
-        print!("{}\x1b[?1049l", render::SHOW_CURSOR);
-        let _ = std::io::stdout().flush();
+        let _ = out::print(&format!("{}\x1b[?1049l", render::SHOW_CURSOR));
     }
 }
 
@@ -34,11 +33,11 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
     if args.interval.is_zero() {
         anyhow::bail!("--interval must be above zero");
     }
-    let key = group_key(&args.group);
+    let key = group_key(&args.group)?;
     let url = &args.group.redis;
     let shown = redact_url(url);
     let mut signals = Signals::install()?;
-    let store = connect(url).await?;
+    let store = connect(url, Duration::ZERO).await?;
     let tty = std::io::stdout().is_terminal();
     let _screen = tty.then(Screen::enter);
     let mut palette = Palette::default();
@@ -51,6 +50,9 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         tokio::select! {
             _ = signals.recv() => return Ok(ExitCode::SUCCESS),
             _ = ticker.tick() => {}
+        }
+        if out::reader_gone() {
+            return Err(StdoutClosed.into());
         }
         let read = store.snapshot(&key).await;
         let size = render::terminal_size();
@@ -89,41 +91,42 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
                         format!("{state}   (Ctrl-C to quit)"),
                     ];
                     let frame = render::frame(&header, &snapshot, &mut palette, size);
-                    print!("{}{frame}", render::CLEAR);
+                    out::print(&format!("{}{frame}", render::CLEAR))?;
                 } else {
                     let stale = if snapshot.stale { "STALE " } else { "" };
-                    println!("{} {stale}{}", timestamp(), render::summary_line(&snapshot));
+                    out::println(&format!(
+                        "{} {stale}{}",
+                        timestamp(),
+                        render::summary_line(&snapshot)
+                    ))?;
                 }
             }
             Ok(None) => {
                 let msg = format!("group {:?} does not exist (yet); waiting", key.name);
-                show_problem(tty, &mut last_error, msg);
+                show_problem(tty, &mut last_error, msg)?;
                 last_digest = None;
             }
             Err(e) => {
                 let msg = format!("cannot read the group: {}", scrub(&e.to_string(), url));
-                show_problem(tty, &mut last_error, msg);
+                show_problem(tty, &mut last_error, msg)?;
                 last_digest = None;
             }
-        }
-        if std::io::stdout().flush().is_err() {
-            // Nobody reads us any more.
-            return Ok(ExitCode::SUCCESS);
         }
     }
 }
 
 /// Shows a problem once (until it changes), then keeps polling.
-fn show_problem(tty: bool, last: &mut Option<String>, msg: String) {
+fn show_problem(tty: bool, last: &mut Option<String>, msg: String) -> Result<(), StdoutClosed> {
     if last.as_deref() == Some(msg.as_str()) {
-        return;
+        return Ok(());
     }
     if tty {
-        println!("{}{msg}", render::CLEAR);
+        out::println(&format!("{}{msg}", render::CLEAR))?;
     } else {
         eprintln!("{} {msg}", timestamp());
     }
     *last = Some(msg);
+    Ok(())
 }
 
 fn timestamp() -> String {

@@ -68,7 +68,7 @@ fn timeline(lines: &[Line], kills: &[Kill]) -> (check::Timeline<Duration>, Vec<S
     let mut bad = Vec::new();
     for line in lines {
         let change = match line.event() {
-            "joined" | "left" => continue,
+            "joined" | "left" | "registered" => continue,
             "acquired" => Change::Acquired,
             "revoked" => Change::Revoked,
             "lost" => Change::Lost,

@@ -451,7 +451,7 @@ async fn collect(
     timeline: Arc<Mutex<Timeline>>,
     lagged: Arc<Mutex<usize>>,
 ) {
-    while let Some(event) = rx.recv().await {
+    while let Some(event) = rx.next().await {
         if matches!(event, Event::Lagged { .. }) {
             if let Ok(mut l) = lagged.lock() {
                 *l += 1;

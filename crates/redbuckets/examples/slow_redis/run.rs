@@ -156,7 +156,7 @@ async fn collect(
     timeline: Arc<Mutex<Timeline>>,
     lost: Arc<Mutex<usize>>,
 ) {
-    while let Some(event) = rx.recv().await {
+    while let Some(event) = rx.next().await {
         if matches!(event, Event::Lost { .. }) {
             if let Ok(mut l) = lost.lock() {
                 *l += 1;

@@ -152,8 +152,7 @@ impl Cluster {
             return Err(bad_url("mixes TLS and plain nodes".into()));
         }
         if tls {
-            // See `RedisStore::client`: rustls needs a process-wide crypto provider.
-            let _ = rustls::crypto::ring::default_provider().install_default();
+            super::install_tls_provider();
         }
         Self::probe(&infos, options, redacted, secrets, tls).await?;
         let cluster = Cluster {

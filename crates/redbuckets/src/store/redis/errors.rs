@@ -123,6 +123,31 @@ pub(super) fn refuses_functions(e: &RedisError, loading: bool) -> bool {
     !passing && matches!(e.kind(), ErrorKind::Server(_) | ErrorKind::Extension)
 }
 
+/// What [`probe_protocol`] adds when a plain URL's port answered in TLS.
+const HINT_NEEDS_TLS: &str = " (the port answered in TLS: a TLS port needs rediss://)";
+/// What [`probe_protocol`] adds when a TLS URL's port answered without TLS.
+const HINT_NEEDS_PLAIN: &str = " (the port answered without TLS: it needs redis://, not rediss://)";
+/// The start of what [`connect_error`] says of a port that answered but not in RESP.
+const NOT_RESP: &str = "did not answer in the Redis protocol";
+
+/// Whether a failed first connection is worth another attempt: Redis may not be up yet (refused,
+/// timed out, loading, no primary named yet). A wrong protocol (a TLS port for a plain URL, or
+/// the reverse, or a port that does not speak RESP) and a certificate that does not verify are
+/// not cured by waiting; neither are refused credentials or a bad URL (not transient at all).
+pub(super) fn worth_retrying_connect(e: &Error) -> bool {
+    match e {
+        Error::Timeout { .. } => true,
+        Error::Unavailable { detail } => {
+            let lower = detail.to_ascii_lowercase();
+            ![HINT_NEEDS_TLS, HINT_NEEDS_PLAIN, NOT_RESP]
+                .iter()
+                .any(|m| detail.contains(m))
+                && !lower.contains("certificate")
+        }
+        _ => false,
+    }
+}
+
 /// Maps a failure of the first connection. `hint` comes from [`probe_protocol`]: what the
 /// port answered when asked in the other protocol (TLS for a plain URL, or the reverse).
 pub(super) fn connect_error(
@@ -148,7 +173,7 @@ pub(super) fn connect_error(
     if e.kind() == ErrorKind::Parse {
         return Error::Unavailable {
             detail: format!(
-                "{url} did not answer in the Redis protocol{hint}: {}",
+                "{url} {NOT_RESP}{hint}: {}",
                 scrub(&e.to_string(), secrets).replace('\n', " ")
             ),
         };
@@ -169,7 +194,12 @@ pub(super) async fn probe_protocol(
     e: &RedisError,
     timeout: Duration,
 ) -> Option<&'static str> {
-    if e.is_connection_refusal() {
+    // A refusal, or an answer in RESP (a wrong password, an error code): no protocol to blame,
+    // and a TLS hello to a Redis port would only wait out `timeout` unanswered.
+    if e.is_connection_refusal()
+        || e.kind() == ErrorKind::AuthenticationFailed
+        || e.code().is_some()
+    {
         return None;
     }
     match addr {
@@ -177,14 +207,12 @@ pub(super) async fn probe_protocol(
         // RESP; never probe after a timeout, which a busy server explains.
         ConnectionAddr::Tcp(host, port) if !e.is_timeout() => {
             let first = first_byte(host, *port, &client_hello(), timeout).await;
-            matches!(first, Some(0x15 | 0x16))
-                .then_some(" (the port answered in TLS: a TLS port needs rediss://)")
+            matches!(first, Some(0x15 | 0x16)).then_some(HINT_NEEDS_TLS)
         }
         // A TLS hello to a plain Redis port gets no answer (a timeout) or garbage.
         ConnectionAddr::TcpTls { host, port, .. } => {
             let first = first_byte(host, *port, b"PING\r\n", timeout).await;
-            matches!(first, Some(b'+' | b'-'))
-                .then_some(" (the port answered without TLS: it needs redis://, not rediss://)")
+            matches!(first, Some(b'+' | b'-')).then_some(HINT_NEEDS_PLAIN)
         }
         _ => None,
     }

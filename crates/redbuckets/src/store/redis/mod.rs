@@ -56,6 +56,11 @@
 //! retries a failed call; the member does, and every script is safe to repeat.
 //! [`Store::subscribe`] opens a dedicated pub/sub connection per subscription.
 //!
+//! The first connection is made by `retry_connect`, around the whole of one attempt (the
+//! Sentinel lookup, the cluster's probe and slot table, the `PING`), so all three kinds of URL
+//! wait the same way for a Redis that is not up yet ([`RedisOptions::connect_retry`]); what
+//! no wait cures (`errors::worth_retrying_connect` says which) fails at once.
+//!
 //! # Redis Cluster
 //! With a `redis+cluster://` URL (or [`RedisStore::connect_cluster`]) the store routes each
 //! call to the primary of its group's slot (`cluster.rs`: its own slot table and one
@@ -109,7 +114,9 @@ use redis::{
 };
 
 use self::cluster::{key_slot, Cluster};
-use self::errors::{connect_error, probe_protocol, refuses_functions, scrub};
+use self::errors::{
+    connect_error, probe_protocol, refuses_functions, scrub, worth_retrying_connect,
+};
 use self::scripts::{Deployment, ScriptId, Scripts};
 use self::sentinel::watch_switches;
 use self::url::{check_url, parse_cluster_url, parse_sentinel_url, password_secrets, url_reason};
@@ -279,6 +286,107 @@ impl Inner {
     }
 }
 
+/// Runs `attempt` until it connects, fails in a way no retry cures, or `budget` has passed: the
+/// first attempt always runs to its own end (a zero budget is one attempt); later ones are cut
+/// at the deadline, and the pauses between them grow from 100 ms to 2 s, with jitter, so a fleet
+/// that starts before its Redis does not hammer it in waves. Logs one WARN when it starts
+/// retrying and one INFO when it gets through: one line per change of state, not per attempt.
+async fn retry_connect<F, Fut>(
+    url: &str,
+    budget: Duration,
+    mut attempt: F,
+) -> Result<RedisStore, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<RedisStore, Error>>,
+{
+    let started = tokio::time::Instant::now();
+    let deadline = started + budget;
+    let mut backoff =
+        crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mut jitter = crate::backoff::Jitter::new(crate::backoff::Jitter::seed_from(&[
+        url,
+        &std::process::id().to_string(),
+        &nanos.to_string(),
+    ]));
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let result = if attempts == 1 {
+            attempt().await
+        } else {
+            // The last attempt, made at the deadline, still gets a moment to connect.
+            let until = deadline.max(tokio::time::Instant::now() + Duration::from_millis(200));
+            match tokio::time::timeout_at(until, attempt()).await {
+                Ok(result) => result,
+                Err(_) => Err(Error::Unavailable {
+                    detail: format!("no answer from {url}"),
+                }),
+            }
+        };
+        let e = match result {
+            Ok(store) => {
+                if attempts > 1 {
+                    tracing::info!(
+                        url,
+                        attempts,
+                        after = ?started.elapsed(),
+                        "connected to Redis"
+                    );
+                }
+                return Ok(store);
+            }
+            Err(e) if worth_retrying_connect(&e) => e,
+            Err(e) => return Err(e),
+        };
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Err(if attempts == 1 {
+                e
+            } else {
+                Error::Unavailable {
+                    detail: format!(
+                        "{}; still failing after {attempts} attempts in {:?}",
+                        e.to_string().trim_start_matches("store unavailable: "),
+                        started.elapsed()
+                    ),
+                }
+            });
+        }
+        if attempts == 1 {
+            tracing::warn!(
+                error = %e,
+                "Redis is not reachable yet; retrying for up to {budget:?}"
+            );
+        } else {
+            tracing::debug!(error = %e, attempts, "Redis is still not reachable");
+        }
+        tokio::time::sleep(backoff.next(&mut jitter).min(deadline - now)).await;
+    }
+}
+
+/// rustls needs a process-wide crypto provider; without one the redis crate panics at the first
+/// TLS handshake (rustls picks one by itself only when exactly one provider feature is enabled
+/// in the whole build). Keeps the application's if it installed one; otherwise installs *ring*,
+/// the provider this crate builds rustls with.
+///
+/// rustls 0.23.48 deprecates its *ring* provider ("no support for post-quantum algorithms")
+/// without a *ring*-based replacement in 0.23; the other built-in one, aws-lc-rs, needs cmake
+/// and a C toolchain. Hence the `allow`, here only: an application that wants post-quantum key
+/// exchange installs aws-lc-rs's provider before connecting, and this keeps it.
+pub(super) fn install_tls_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_some() {
+        return;
+    }
+    #[allow(deprecated)]
+    let ring = rustls::crypto::ring::default_provider();
+    // Another thread may have installed one meanwhile: then that one stays.
+    let _ = ring.install_default();
+}
+
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
@@ -306,12 +414,26 @@ impl RedisStore {
     /// TLS): some of its nodes (port 6379 by default), from which the client learns the rest;
     /// see [`RedisStore::connect_cluster`].
     ///
-    /// One connection attempt is made at once, so a wrong address or password fails here with
-    /// [`Error::Unavailable`] or [`Error::Refused`]; a URL that does not parse, or the wrong
-    /// kind of URL for the server (a plain URL at a cluster node, or the reverse), gives
-    /// [`Error::Url`]. After that the connection reconnects by itself, through Sentinel it
-    /// follows the primary after a failover, and on a cluster it follows the slots.
+    /// It connects at once, and proves the connection with a `PING`. While Redis is not up yet
+    /// (the connection is refused or times out, the server is loading, no sentinel names a
+    /// primary yet during a failover, a cluster has no slot table yet), it keeps trying, with
+    /// exponential backoff and jitter, for [`RedisOptions::connect_retry`] (default 30 s), so
+    /// a service whose instances start before their Redis waits for it; then it fails with the
+    /// last [`Error::Unavailable`]. A refused password fails at once with [`Error::Refused`]; a
+    /// URL that does not parse, or the wrong kind of URL for the server (a plain URL at a
+    /// cluster node, or the reverse), with [`Error::Url`]. After that the connection reconnects
+    /// by itself, through Sentinel it follows the primary after a failover, and on a cluster
+    /// it follows the slots.
     pub async fn connect_with(url: &str, options: RedisOptions) -> Result<RedisStore, Error> {
+        let budget = options.connect_retry;
+        retry_connect(&redact_url(url), budget, || {
+            Self::connect_once(url, options.clone())
+        })
+        .await
+    }
+
+    /// One attempt of [`RedisStore::connect_with`].
+    async fn connect_once(url: &str, options: RedisOptions) -> Result<RedisStore, Error> {
         let redacted = redact_url(url);
         let secrets = password_secrets(url);
         let cluster = parse_cluster_url(url).map_err(|reason| Error::Url {
@@ -416,7 +538,8 @@ impl RedisStore {
     /// `{prefix:name}`); calls follow `MOVED` and `ASK` redirections and topology changes, and
     /// the scripts publish with `SPUBLISH` to subscribers on the slot's primary. A node that
     /// answers but is not a cluster node gives [`Error::Url`]; a node older than Redis 7.0
-    /// gives [`Error::Refused`].
+    /// gives [`Error::Refused`]. While no node answers yet, it retries as
+    /// [`RedisStore::connect_with`] does, for [`RedisOptions::connect_retry`].
     pub async fn connect_cluster<S: AsRef<str>>(
         nodes: impl IntoIterator<Item = S>,
         options: RedisOptions,
@@ -427,8 +550,11 @@ impl RedisStore {
             .map(|n| redact_url(n))
             .collect::<Vec<_>>()
             .join(",");
-        let secrets = nodes.iter().flat_map(|n| password_secrets(n)).collect();
-        Self::cluster_with(&nodes, options, redacted, secrets).await
+        let secrets: Vec<String> = nodes.iter().flat_map(|n| password_secrets(n)).collect();
+        retry_connect(&redacted.clone(), options.connect_retry, || {
+            Self::cluster_with(&nodes, options.clone(), redacted.clone(), secrets.clone())
+        })
+        .await
     }
 
     async fn cluster_with(
@@ -470,9 +596,7 @@ impl RedisStore {
         })?;
         let tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
         if tls {
-            // rustls needs a process-wide crypto provider; without one the redis crate panics
-            // at the first TLS handshake. Keep the application's if it installed one.
-            let _ = rustls::crypto::ring::default_provider().install_default();
+            install_tls_provider();
         }
         let info = info.set_tcp_settings(options.tcp_settings());
         if let Some(pem) = &options.tls_root_cert {

@@ -25,6 +25,9 @@ pub struct RedisOptions {
     /// PEM certificate(s) of the CA that signed the server's certificate, for `rediss://` to a
     /// server whose certificate is not signed by a public CA. `None`: the webpki roots.
     pub tls_root_cert: Option<Vec<u8>>,
+    /// How long [`RedisStore::connect`](super::RedisStore::connect) keeps retrying, with
+    /// backoff, while Redis is not up yet (see [`RedisOptions::connect_retry`]).
+    pub connect_retry: Duration,
     /// Tests only: load the scripts whose clock reads `<tag>:test-clock` (see
     /// [`RedisOptions::frozen_clock_for_tests`]).
     pub(super) frozen_clock: bool,
@@ -39,6 +42,7 @@ impl std::fmt::Debug for RedisOptions {
             .field("tcp_user_timeout", &self.tcp_user_timeout)
             .field("max_reconnect_delay", &self.max_reconnect_delay)
             .field("tls_root_cert", &self.tls_root_cert.as_ref().map(|_| "set"))
+            .field("connect_retry", &self.connect_retry)
             .field("frozen_clock", &self.frozen_clock)
             .finish()
     }
@@ -53,6 +57,7 @@ impl Default for RedisOptions {
             tcp_user_timeout: Duration::from_secs(5),
             max_reconnect_delay: Duration::from_secs(1),
             tls_root_cert: None,
+            connect_retry: Duration::from_secs(30),
             frozen_clock: false,
         }
     }
@@ -100,6 +105,22 @@ impl RedisOptions {
     #[must_use]
     pub fn tls_root_cert(mut self, pem: impl Into<Vec<u8>>) -> Self {
         self.tls_root_cert = Some(pem.into());
+        self
+    }
+
+    /// How long connecting keeps trying, with exponential backoff and jitter, while Redis is not
+    /// up yet: the connection is refused or times out, the server answers `LOADING` or
+    /// `MASTERDOWN`, the name does not resolve yet, no sentinel names a primary yet (a failover),
+    /// or the cluster has no slot table yet. Default 30 s, the same as
+    /// [`Config::start_timeout`](crate::Config::start_timeout), so a service whose instances
+    /// start before their Redis (Docker Compose, Kubernetes) waits for it. Zero: one attempt.
+    ///
+    /// A refused password, a URL that does not parse, the wrong kind of URL or the wrong
+    /// protocol (TLS or not) fail at once: no retry cures them. While it retries, connecting
+    /// logs one WARN, then an INFO when it gets through.
+    #[must_use]
+    pub fn connect_retry(mut self, budget: Duration) -> Self {
+        self.connect_retry = budget;
         self
     }
 

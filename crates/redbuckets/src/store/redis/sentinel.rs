@@ -112,7 +112,7 @@ impl RedisStore {
             .set_redis_connection_info(spec.node)
             .set_tcp_settings(options.tcp_settings());
         if spec.tls {
-            let _ = rustls::crypto::ring::default_provider().install_default();
+            super::install_tls_provider();
             node = node.set_tls_mode(TlsMode::Secure);
         }
         let mut sentinel = SentinelClient::build(

@@ -269,10 +269,27 @@ pub(super) fn check_url(url: &str) -> Result<(), String> {
     if scheme.ends_with("unix") {
         return Ok(());
     }
-    if let Some(c) = userinfo.and_then(|u| u.chars().find(|c| matches!(c, '/' | '?' | '#'))) {
+    // Every such character at once, so a password is fixed in one try.
+    let mut bad: Vec<char> = userinfo
+        .map(|u| u.chars().filter(|c| matches!(c, '/' | '?' | '#')).collect())
+        .unwrap_or_default();
+    bad.sort_unstable();
+    bad.dedup();
+    if !bad.is_empty() {
+        let list = |parts: Vec<String>| match &parts[..] {
+            [one] => one.clone(),
+            [init @ .., last] => format!("{} and {last}", init.join(", ")),
+            [] => String::new(),
+        };
+        let chars = list(bad.iter().map(|c| format!("{c:?}")).collect());
+        let codes = list(
+            bad.iter()
+                .map(|c| format!("%{:02X}", u32::from(*c)))
+                .collect(),
+        );
+        let it = if bad.len() == 1 { "it" } else { "them" };
         return Err(format!(
-            "the credentials contain {c:?}: percent-encode it as %{:02X}",
-            u32::from(c)
+            "the credentials contain {chars}: percent-encode {it} as {codes}"
         ));
     }
     let host_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
@@ -396,6 +413,10 @@ mod tests {
             ),
             ("redis://:a#b@h", "contain '#': percent-encode it as %23"),
             ("redis://u:a?b@h", "contain '?': percent-encode it as %3F"),
+            (
+                "redis://:a/b?c#d/e@h",
+                "contain '#', '/' and '?': percent-encode them as %23, %2F and %3F",
+            ),
             ("redis://h:notaport", "bad port \"notaport\""),
             ("redis://:pw@127.0.0.1:99999/0", "bad port \"99999\""),
             ("redis://h:0", "bad port \"0\""),
