@@ -165,6 +165,12 @@ pub use store::memory::MemoryStore;
 pub use store::redis::{redact_url, scrub_password, RedisOptions, RedisStore};
 pub use store::{GroupKey, GroupSnapshot, Store};
 
+/// The `redis` crate this one is built on: a `redis::Client`, `SentinelClient` or
+/// `ConnectionInfo` for [`RedisStore::from_client`], [`RedisStore::from_sentinel_client`] or
+/// [`RedisStore::from_cluster_nodes`] must come from this version (depend on the same 1.x,
+/// or name it as `redbuckets::redis`).
+pub use redis;
+
 /// The README's examples compile as doc-tests, so what it shows stays true.
 #[cfg(doctest)]
 #[doc = include_str!("../../../README.md")]

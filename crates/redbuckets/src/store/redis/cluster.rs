@@ -129,20 +129,39 @@ impl Cluster {
             return Err(bad_url("no node address".into()));
         }
         let mut infos = Vec::with_capacity(nodes.len());
-        let mut seeds = Vec::with_capacity(nodes.len());
         for node in nodes {
             check_url(node).map_err(|reason| bad_url(scrub(&reason, secrets)))?;
             let info = node
                 .as_str()
                 .into_connection_info()
                 .map_err(|e| bad_url(url_reason(node, &e, secrets)))?;
+            infos.push(info.set_tcp_settings(options.tcp_settings()));
+        }
+        Self::connect_infos(infos, options, redacted, secrets).await
+    }
+
+    /// [`Cluster::connect`] through nodes given as connection infos (an application's own).
+    pub(super) async fn connect_infos(
+        infos: Vec<ConnectionInfo>,
+        options: &RedisOptions,
+        redacted: &str,
+        secrets: &[String],
+    ) -> Result<Cluster, Error> {
+        let bad_url = |reason: String| Error::Url {
+            url: redacted.to_string(),
+            reason,
+        };
+        if infos.is_empty() {
+            return Err(bad_url("no node address".into()));
+        }
+        let mut seeds = Vec::with_capacity(infos.len());
+        for info in &infos {
             match info.addr() {
                 ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
                     seeds.push((host.clone(), *port));
                 }
                 _ => return Err(bad_url("a cluster node needs host:port".into())),
             }
-            infos.push(info.set_tcp_settings(options.tcp_settings()));
         }
         let tls = matches!(infos[0].addr(), ConnectionAddr::TcpTls { .. });
         if infos

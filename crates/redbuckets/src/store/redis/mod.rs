@@ -109,8 +109,8 @@ use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 use redis::sentinel::SentinelClient;
 use redis::{
-    AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo, RedisError, TlsCertificates,
-    Value,
+    AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisError,
+    TlsCertificates, Value,
 };
 
 use self::cluster::{key_slot, Cluster};
@@ -118,7 +118,7 @@ use self::errors::{
     connect_error, probe_protocol, refuses_functions, scrub, worth_retrying_connect,
 };
 use self::scripts::{Deployment, ScriptId, Scripts};
-use self::sentinel::watch_switches;
+use self::sentinel::{resolve_primary, watch_switches};
 use self::url::{check_url, parse_cluster_url, parse_sentinel_url, password_secrets, url_reason};
 pub use self::url::{redact_url, scrub_password};
 use crate::config::PROTOCOL_VERSION;
@@ -257,6 +257,22 @@ impl Node {
             Link::Cluster(cluster) => cluster.invoke(invocation, key_slot(key)).await,
         }
     }
+}
+
+/// A connection's address for messages (`redis://host:port`, never a password), and its
+/// password, to scrub from them.
+fn describe(info: &ConnectionInfo) -> (String, Vec<String>) {
+    let scheme = match info.addr() {
+        ConnectionAddr::TcpTls { .. } => "rediss",
+        ConnectionAddr::Unix(_) => "redis+unix",
+        _ => "redis",
+    };
+    let secrets = info
+        .redis_settings()
+        .password()
+        .map(|p| vec![p.to_string()])
+        .unwrap_or_default();
+    (format!("{scheme}://{}", info.addr()), secrets)
 }
 
 /// An I/O timeout, as the redis crate reports one.
@@ -456,7 +472,119 @@ impl RedisStore {
             }
             None => (Self::client(url, &options, &redacted, &secrets)?, None),
         };
+        Self::from_parts(client, sentinel, redacted, secrets, options).await
+    }
 
+    /// A store over the application's own `redis::Client` (one server), so that one service
+    /// keeps one Redis configuration: the client's address, credentials, database, TLS
+    /// settings, RESP version and TCP settings are used as they are. The store's timeouts and
+    /// reconnection come from `options` (it keeps its own auto-reconnecting connection, made
+    /// from the client). Connecting, retries and errors as in [`RedisStore::connect_with`];
+    /// a Sentinel or Cluster deployment has [`RedisStore::from_sentinel_client`] and
+    /// [`RedisStore::from_cluster_nodes`].
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), redbuckets::Error> {
+    /// use redbuckets::{RedisOptions, RedisStore};
+    /// let client = redis::Client::open("redis://127.0.0.1:6379/?protocol=resp3").expect("url");
+    /// let store = RedisStore::from_client(client, RedisOptions::default()).await?;
+    /// # let _ = store; Ok(()) }
+    /// ```
+    pub async fn from_client(client: Client, options: RedisOptions) -> Result<RedisStore, Error> {
+        let (redacted, secrets) = describe(client.get_connection_info());
+        retry_connect(&redacted.clone(), options.connect_retry, || {
+            Self::from_parts(
+                client.clone(),
+                None,
+                redacted.clone(),
+                secrets.clone(),
+                options.clone(),
+            )
+        })
+        .await
+    }
+
+    /// A store that finds its primary through the application's own `SentinelClient`
+    /// (built for [`SentinelServerType::Master`](redis::sentinel::SentinelServerType)), which
+    /// monitors the primary under `service`: the store asks it for the primary, follows the
+    /// sentinels' `+switch-master` announcements for `service`, and asks again after a call
+    /// meets a read-only server, a dead connection or a timeout. Connecting, retries and errors
+    /// as in [`RedisStore::connect_with`].
+    pub async fn from_sentinel_client(
+        sentinel: SentinelClient,
+        service: impl Into<String>,
+        options: RedisOptions,
+    ) -> Result<RedisStore, Error> {
+        let service = service.into();
+        let redacted = format!("sentinel service {service:?}");
+        // Taken into the store by the attempt that connects.
+        let sentinel = tokio::sync::Mutex::new(Some(sentinel));
+        retry_connect(&redacted.clone(), options.connect_retry, || async {
+            let mut guard = sentinel.lock().await;
+            let Some(asking) = guard.as_mut() else {
+                return Err(Error::Unavailable {
+                    detail: format!("{redacted}: the sentinel client is gone"),
+                });
+            };
+            let client = resolve_primary(asking, &options, &redacted, &[]).await?;
+            let (_, secrets) = describe(client.get_connection_info());
+            Self::probe(&client, &redacted, &secrets, &options).await?;
+            let taken = guard.take().map(|s| (s, service.clone()));
+            Self::assemble(client, taken, redacted.clone(), secrets, options.clone())
+        })
+        .await
+    }
+
+    /// A store on a Redis Cluster (Redis ≥ 7.0) through some of its nodes, given as the
+    /// application's own `redis::ConnectionInfo`s (credentials, TLS, RESP version, TCP
+    /// settings): the code form of [`RedisStore::connect_cluster`] for an application that
+    /// builds its connection settings itself. The store routes each call to the primary of
+    /// its group's slot on its own (see [`RedisStore::connect_cluster`] for why it does not
+    /// take the redis crate's cluster client).
+    pub async fn from_cluster_nodes(
+        nodes: impl IntoIterator<Item = ConnectionInfo>,
+        options: RedisOptions,
+    ) -> Result<RedisStore, Error> {
+        let nodes: Vec<ConnectionInfo> = nodes.into_iter().collect();
+        let described: Vec<(String, Vec<String>)> = nodes.iter().map(describe).collect();
+        let redacted = described
+            .iter()
+            .map(|(r, _)| r.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let secrets: Vec<String> = described.into_iter().flat_map(|(_, s)| s).collect();
+        retry_connect(&redacted.clone(), options.connect_retry, || async {
+            let cluster =
+                Cluster::connect_infos(nodes.clone(), &options, &redacted, &secrets).await?;
+            Ok(Self::on_cluster(
+                cluster,
+                options.clone(),
+                redacted.clone(),
+                secrets.clone(),
+            ))
+        })
+        .await
+    }
+
+    /// The store over `client` (and the sentinels that named it), once `client` answers.
+    async fn from_parts(
+        client: Client,
+        sentinel: Option<(SentinelClient, String)>,
+        redacted: String,
+        secrets: Vec<String>,
+        options: RedisOptions,
+    ) -> Result<RedisStore, Error> {
+        Self::probe(&client, &redacted, &secrets, &options).await?;
+        Self::assemble(client, sentinel, redacted, secrets, options)
+    }
+
+    /// Checks that `client` answers, and is no cluster node.
+    async fn probe(
+        client: &Client,
+        redacted: &str,
+        secrets: &[String],
+        options: &RedisOptions,
+    ) -> Result<(), Error> {
         // Probe once, so a wrong address or password fails now with a clear error instead of
         // inside the manager's retry loop.
         let config = AsyncConnectionConfig::new()
@@ -478,27 +606,32 @@ impl RedisStore {
         };
         let budget = options.call_budget();
         match tokio::time::timeout(budget, probe).await {
-            Err(_) => {
-                return Err(Error::Unavailable {
-                    detail: format!("no answer from {redacted} within {budget:?}"),
-                })
-            }
+            Err(_) => Err(Error::Unavailable {
+                detail: format!("no answer from {redacted} within {budget:?}"),
+            }),
             Ok(Err(e)) => {
                 let addr = client.get_connection_info().addr();
                 let hint = probe_protocol(addr, &e, options.connection_timeout).await;
-                return Err(connect_error(&redacted, &e, &secrets, hint));
+                Err(connect_error(redacted, &e, secrets, hint))
             }
-            Ok(Ok(true)) => {
-                return Err(Error::Url {
-                    url: redacted,
-                    reason: "the server is a Redis Cluster node (cluster_enabled:1): use \
-                             redis+cluster://host:port[,host:port...]"
-                        .into(),
-                })
-            }
-            Ok(Ok(false)) => {}
+            Ok(Ok(true)) => Err(Error::Url {
+                url: redacted.to_string(),
+                reason: "the server is a Redis Cluster node (cluster_enabled:1): use \
+                         redis+cluster://host:port[,host:port...]"
+                    .into(),
+            }),
+            Ok(Ok(false)) => Ok(()),
         }
+    }
 
+    /// The store over `client`, which answered (`probe`).
+    fn assemble(
+        client: Client,
+        sentinel: Option<(SentinelClient, String)>,
+        redacted: String,
+        secrets: Vec<String>,
+        options: RedisOptions,
+    ) -> Result<RedisStore, Error> {
         let manager = client
             .get_connection_manager_lazy(options.manager_config())
             .map_err(|e| connect_error(&redacted, &e, &secrets, None))?;
@@ -564,7 +697,16 @@ impl RedisStore {
         secrets: Vec<String>,
     ) -> Result<RedisStore, Error> {
         let cluster = Cluster::connect(nodes, &options, &redacted, &secrets).await?;
-        Ok(RedisStore {
+        Ok(Self::on_cluster(cluster, options, redacted, secrets))
+    }
+
+    fn on_cluster(
+        cluster: Cluster,
+        options: RedisOptions,
+        redacted: String,
+        secrets: Vec<String>,
+    ) -> RedisStore {
+        RedisStore {
             inner: Arc::new(Inner {
                 node: std::sync::RwLock::new(Arc::new(Node::with(Link::Cluster(Arc::new(
                     cluster,
@@ -576,7 +718,7 @@ impl RedisStore {
                 secrets,
                 options,
             }),
-        })
+        }
     }
 
     /// The client of a plain `redis://` or `rediss://` URL.

@@ -73,7 +73,7 @@ pub(super) async fn watch_switches(
 }
 
 /// Asks the sentinels which server is the primary, within the connect and response budget.
-async fn resolve_primary(
+pub(super) async fn resolve_primary(
     sentinel: &mut SentinelClient,
     options: &RedisOptions,
     redacted: &str,
