@@ -27,7 +27,7 @@ use futures_util::{Stream, StreamExt};
 use redis::aio::ConnectionManager;
 use redis::{
     AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, ErrorKind, IntoConnectionInfo,
-    ProtocolVersion, PushKind, RedisError, RedisResult, ServerErrorKind, TlsCertificates, Value,
+    ProtocolVersion, PushKind, RedisError, RedisResult, ServerErrorKind, Value,
 };
 
 use super::errors::{connect_error, probe_protocol, scrub};
@@ -171,6 +171,13 @@ impl Cluster {
             return Err(bad_url("mixes TLS and plain nodes".into()));
         }
         if tls {
+            #[cfg(not(feature = "tls"))]
+            return Err(super::missing_feature(
+                redacted,
+                "a rediss:// cluster node (TLS)",
+                "tls",
+            ));
+            #[cfg(feature = "tls")]
             super::install_tls_provider();
         }
         Self::probe(&infos, options, redacted, secrets, tls).await?;
@@ -636,6 +643,9 @@ fn no_owner(slot: u16) -> RedisError {
     ))
 }
 
+#[cfg(feature = "tls")]
+use redis::TlsCertificates;
+
 /// A client of one node, with the custom CA when one is set.
 fn open_client(
     info: ConnectionInfo,
@@ -643,6 +653,7 @@ fn open_client(
     tls: bool,
 ) -> Result<Client, Error> {
     match (root_cert, tls) {
+        #[cfg(feature = "tls")]
         (Some(pem), true) => Client::build_with_tls(
             info,
             TlsCertificates {

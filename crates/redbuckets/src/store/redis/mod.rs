@@ -92,10 +92,12 @@
 //! `min-replicas-max-lag` below Sentinel's `down-after-milliseconds`, so an isolated old primary
 //! refuses the renewals and its members stop at their local deadline.
 
+#[cfg_attr(not(feature = "cluster"), allow(dead_code))]
 mod cluster;
 mod errors;
 mod options;
 mod scripts;
+#[cfg(feature = "sentinel")]
 mod sentinel;
 pub(crate) mod url;
 
@@ -107,10 +109,13 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
+#[cfg(feature = "sentinel")]
 use redis::sentinel::SentinelClient;
+#[cfg(feature = "tls")]
+use redis::TlsCertificates;
 use redis::{
     AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisError,
-    TlsCertificates, Value,
+    Value,
 };
 
 use self::cluster::{key_slot, Cluster};
@@ -118,6 +123,7 @@ use self::errors::{
     connect_error, probe_protocol, refuses_functions, scrub, worth_retrying_connect,
 };
 use self::scripts::{Deployment, ScriptId, Scripts};
+#[cfg(feature = "sentinel")]
 use self::sentinel::{resolve_primary, watch_switches};
 use self::url::{check_url, parse_cluster_url, parse_sentinel_url, password_secrets, url_reason};
 pub use self::url::{redact_url, scrub_password};
@@ -164,7 +170,8 @@ struct Inner {
     node: std::sync::RwLock<Arc<Node>>,
     /// With `redis+sentinel://`: asked for the primary again after a failover-like error. The
     /// lock also makes concurrent failing calls ask once.
-    sentinel: Option<tokio::sync::Mutex<SentinelClient>>,
+    #[cfg_attr(not(feature = "sentinel"), allow(dead_code))]
+    sentinel: Option<tokio::sync::Mutex<Sentinels>>,
     /// Bumped when the store moves to another server: ends the notification streams.
     moved: tokio::sync::watch::Sender<u64>,
     /// Stops the `+switch-master` listener when the store is dropped.
@@ -196,6 +203,7 @@ enum Link {
         manager: ConnectionManager,
     },
     /// A Redis Cluster: each call goes to the primary of its group's slot.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
     Cluster(Arc<Cluster>),
 }
 
@@ -213,6 +221,7 @@ impl Node {
     }
 
     /// The client of the one server (`None` on a cluster).
+    #[cfg_attr(not(feature = "sentinel"), allow(dead_code))]
     fn client(&self) -> Option<&Client> {
         match &self.link {
             Link::Server { client, .. } => Some(client),
@@ -273,6 +282,26 @@ fn describe(info: &ConnectionInfo) -> (String, Vec<String>) {
         .map(|p| vec![p.to_string()])
         .unwrap_or_default();
     (format!("{scheme}://{}", info.addr()), secrets)
+}
+
+/// The sentinels' client (with the `sentinel` feature; none can exist without it).
+#[cfg(feature = "sentinel")]
+type Sentinels = SentinelClient;
+#[cfg(not(feature = "sentinel"))]
+type Sentinels = std::convert::Infallible;
+
+/// The URL of a deployment this build cannot reach, and the feature that would.
+#[cfg_attr(
+    all(feature = "tls", feature = "sentinel", feature = "cluster"),
+    allow(dead_code)
+)]
+fn missing_feature(redacted: &str, what: &str, feature: &str) -> Error {
+    Error::Url {
+        url: redacted.to_string(),
+        reason: format!(
+            "{what} needs the `{feature}` feature of redbuckets, which this build leaves out"
+        ),
+    }
 }
 
 /// An I/O timeout, as the redis crate reports one.
@@ -393,6 +422,7 @@ where
 /// without a *ring*-based replacement in 0.23; the other built-in one, aws-lc-rs, needs cmake
 /// and a C toolchain. Hence the `allow`, here only: an application that wants post-quantum key
 /// exchange installs aws-lc-rs's provider before connecting, and this keeps it.
+#[cfg(feature = "tls")]
 pub(super) fn install_tls_provider() {
     if rustls::crypto::CryptoProvider::get_default().is_some() {
         return;
@@ -401,6 +431,26 @@ pub(super) fn install_tls_provider() {
     let ring = rustls::crypto::ring::default_provider();
     // Another thread may have installed one meanwhile: then that one stays.
     let _ = ring.install_default();
+}
+
+impl RedisStore {
+    /// After a failover-like error: on a cluster, reads the slot table again; through
+    /// Sentinel, asks the sentinels for the primary in the background, so the lookup is not
+    /// cut short with the call that failed.
+    fn follow_primary_later(&self, failed: Arc<Node>, e: &RedisError) {
+        // On a cluster: read the slot table again (a call cut by the store's deadline never
+        // reached the cluster code with its error).
+        if let Link::Cluster(cluster) = &failed.link {
+            if cluster::moved_or_failed(e) {
+                cluster.refresh_later();
+            }
+            return;
+        }
+        #[cfg(feature = "sentinel")]
+        self.follow_sentinels_later(failed, e);
+        #[cfg(not(feature = "sentinel"))]
+        let _ = (failed, e);
+    }
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -452,11 +502,20 @@ impl RedisStore {
     async fn connect_once(url: &str, options: RedisOptions) -> Result<RedisStore, Error> {
         let redacted = redact_url(url);
         let secrets = password_secrets(url);
+        if cfg!(not(feature = "tls")) && url.trim_start().starts_with("rediss") {
+            return Err(missing_feature(&redacted, "a rediss URL (TLS)", "tls"));
+        }
         let cluster = parse_cluster_url(url).map_err(|reason| Error::Url {
             url: redacted.clone(),
             reason: scrub(&reason, &secrets),
         })?;
         if let Some(nodes) = cluster {
+            #[cfg(not(feature = "cluster"))]
+            {
+                let _ = nodes;
+                return Err(missing_feature(&redacted, "a Redis Cluster URL", "cluster"));
+            }
+            #[cfg(feature = "cluster")]
             return Self::cluster_with(&nodes, options, redacted, secrets).await;
         }
         let sentinel = parse_sentinel_url(url).map_err(|reason| Error::Url {
@@ -464,12 +523,15 @@ impl RedisStore {
             reason: scrub(&reason, &secrets),
         })?;
         let (client, sentinel) = match sentinel {
+            #[cfg(feature = "sentinel")]
             Some(spec) => {
                 let service = spec.service.clone();
                 let (client, sentinel) =
                     Self::via_sentinel(spec, &options, &redacted, &secrets).await?;
                 (client, Some((sentinel, service)))
             }
+            #[cfg(not(feature = "sentinel"))]
+            Some(_) => return Err(missing_feature(&redacted, "a Sentinel URL", "sentinel")),
             None => (Self::client(url, &options, &redacted, &secrets)?, None),
         };
         Self::from_parts(client, sentinel, redacted, secrets, options).await
@@ -510,6 +572,7 @@ impl RedisStore {
     /// sentinels' `+switch-master` announcements for `service`, and asks again after a call
     /// meets a read-only server, a dead connection or a timeout. Connecting, retries and errors
     /// as in [`RedisStore::connect_with`].
+    #[cfg(feature = "sentinel")]
     pub async fn from_sentinel_client(
         sentinel: SentinelClient,
         service: impl Into<String>,
@@ -541,6 +604,7 @@ impl RedisStore {
     /// builds its connection settings itself. The store routes each call to the primary of
     /// its group's slot on its own (see [`RedisStore::connect_cluster`] for why it does not
     /// take the redis crate's cluster client).
+    #[cfg(feature = "cluster")]
     pub async fn from_cluster_nodes(
         nodes: impl IntoIterator<Item = ConnectionInfo>,
         options: RedisOptions,
@@ -569,7 +633,7 @@ impl RedisStore {
     /// The store over `client` (and the sentinels that named it), once `client` answers.
     async fn from_parts(
         client: Client,
-        sentinel: Option<(SentinelClient, String)>,
+        sentinel: Option<(Sentinels, String)>,
         redacted: String,
         secrets: Vec<String>,
         options: RedisOptions,
@@ -627,7 +691,7 @@ impl RedisStore {
     /// The store over `client`, which answered (`probe`).
     fn assemble(
         client: Client,
-        sentinel: Option<(SentinelClient, String)>,
+        sentinel: Option<(Sentinels, String)>,
         redacted: String,
         secrets: Vec<String>,
         options: RedisOptions,
@@ -646,9 +710,12 @@ impl RedisStore {
             secrets,
             options,
         });
+        #[cfg(feature = "sentinel")]
         if let Some(service) = service {
             tokio::spawn(watch_switches(Arc::downgrade(&inner), service, stop));
         }
+        #[cfg(not(feature = "sentinel"))]
+        let _ = (service, stop);
         Ok(RedisStore { inner })
     }
 
@@ -673,6 +740,7 @@ impl RedisStore {
     /// answers but is not a cluster node gives [`Error::Url`]; a node older than Redis 7.0
     /// gives [`Error::Refused`]. While no node answers yet, it retries as
     /// [`RedisStore::connect_with`] does, for [`RedisOptions::connect_retry`].
+    #[cfg(feature = "cluster")]
     pub async fn connect_cluster<S: AsRef<str>>(
         nodes: impl IntoIterator<Item = S>,
         options: RedisOptions,
@@ -690,6 +758,7 @@ impl RedisStore {
         .await
     }
 
+    #[cfg(feature = "cluster")]
     async fn cluster_with(
         nodes: &[String],
         options: RedisOptions,
@@ -700,6 +769,7 @@ impl RedisStore {
         Ok(Self::on_cluster(cluster, options, redacted, secrets))
     }
 
+    #[cfg(feature = "cluster")]
     fn on_cluster(
         cluster: Cluster,
         options: RedisOptions,
@@ -738,6 +808,9 @@ impl RedisStore {
         })?;
         let tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
         if tls {
+            #[cfg(not(feature = "tls"))]
+            return Err(missing_feature(redacted, "a rediss:// URL (TLS)", "tls"));
+            #[cfg(feature = "tls")]
             install_tls_provider();
         }
         let info = info.set_tcp_settings(options.tcp_settings());
@@ -754,6 +827,7 @@ impl RedisStore {
             }
         }
         match (&options.tls_root_cert, tls) {
+            #[cfg(feature = "tls")]
             (Some(pem), true) => Client::build_with_tls(
                 info,
                 TlsCertificates {
@@ -1150,7 +1224,10 @@ mod tests {
                 Err(e @ Error::Url { .. }) => {
                     let shown = format!("{e} {e:?}");
                     assert!(!shown.contains("s3cretPW"), "password leaked: {shown}");
-                    assert!(shown.contains(needle), "{shown}");
+                    // A build without the URL's feature refuses it for that reason first.
+                    let built = (!url.starts_with("rediss") || cfg!(feature = "tls"))
+                        && (!url.contains("sentinel") || cfg!(feature = "sentinel"));
+                    assert!(!built || shown.contains(needle), "{shown}");
                     assert!(!shown.contains("did not parse"), "{shown}");
                 }
                 other => panic!("{url}: expected Error::Url, got {other:?}"),
@@ -1221,5 +1298,30 @@ mod tests {
         }
         assert!(!SCRIPTS.library().contains("test-clock"));
         assert!(FROZEN_CLOCK_SCRIPTS.library().contains("test-clock"));
+    }
+}
+
+/// Without a feature, its URLs are refused at once, naming the feature.
+#[cfg(all(
+    test,
+    not(feature = "tls"),
+    not(feature = "sentinel"),
+    not(feature = "cluster")
+))]
+mod without_features {
+    use super::*;
+
+    #[tokio::test]
+    async fn urls_of_a_left_out_feature_name_it() {
+        for (url, feature) in [
+            ("rediss://127.0.0.1:1/", "`tls`"),
+            ("redis+sentinel://127.0.0.1:1/mymaster", "`sentinel`"),
+            ("redis+cluster://127.0.0.1:1", "`cluster`"),
+        ] {
+            match RedisStore::connect(url).await {
+                Err(Error::Url { reason, .. }) => assert!(reason.contains(feature), "{reason}"),
+                other => panic!("{url}: {other:?}"),
+            }
+        }
     }
 }

@@ -7,10 +7,9 @@ use futures_util::StreamExt;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{Client, ErrorKind, RedisError, ServerErrorKind, TlsMode};
 
-use super::cluster::moved_or_failed;
 use super::errors::{classify, scrub};
 use super::url::SentinelUrl;
-use super::{Inner, Link, Node, RedisOptions, RedisStore};
+use super::{Inner, Node, RedisOptions, RedisStore};
 use crate::error::Error;
 
 /// Whether a call's error may mean the primary moved: it went read-only or away.
@@ -108,10 +107,18 @@ impl RedisStore {
                 "is not supported with a sentinel URL",
             ));
         }
+        if spec.tls && cfg!(not(feature = "tls")) {
+            return Err(super::missing_feature(
+                redacted,
+                "a rediss+sentinel:// URL (TLS)",
+                "tls",
+            ));
+        }
         let mut node = SentinelNodeConnectionInfo::default()
             .set_redis_connection_info(spec.node)
             .set_tcp_settings(options.tcp_settings());
         if spec.tls {
+            #[cfg(feature = "tls")]
             super::install_tls_provider();
             node = node.set_tls_mode(TlsMode::Secure);
         }
@@ -204,18 +211,8 @@ impl RedisStore {
         }
     }
 
-    /// Starts [`RedisStore::follow_primary`] in the background after a failover-like error, so
-    /// the lookup is not cut short with the call that failed; on a cluster, a refresh of the
-    /// slot table.
-    pub(super) fn follow_primary_later(&self, failed: Arc<Node>, e: &RedisError) {
-        // On a cluster: read the slot table again (a call cut by the store's deadline never
-        // reached the cluster code with its error).
-        if let Link::Cluster(cluster) = &failed.link {
-            if moved_or_failed(e) {
-                cluster.refresh_later();
-            }
-            return;
-        }
+    /// Starts [`RedisStore::follow_primary`] in the background after a failover-like error.
+    pub(super) fn follow_sentinels_later(&self, failed: Arc<Node>, e: &RedisError) {
         if self.inner.sentinel.is_none() || !primary_may_have_moved(e) {
             return;
         }

@@ -14,6 +14,7 @@ use redis::{IntoConnectionInfo, RedisError};
 use super::errors::scrub;
 
 /// What a `redis+sentinel://` URL says.
+#[cfg_attr(not(feature = "sentinel"), allow(dead_code))]
 pub(super) struct SentinelUrl {
     /// `redis://host:port` (or `rediss://`) of each sentinel.
     pub(super) sentinels: Vec<String>,
@@ -433,6 +434,8 @@ mod tests {
         }
     }
 
+    // rediss:// among them: the redis crate parses those only with TLS.
+    #[cfg(feature = "tls")]
     #[test]
     fn sentinel_urls_parse() {
         let spec = parse_sentinel_url("redis+sentinel://u:p%40ss@10.0.0.1,h2:26380/mymaster/3")
@@ -473,6 +476,8 @@ mod tests {
         }
     }
 
+    // rediss:// among them: the redis crate parses those only with TLS.
+    #[cfg(feature = "tls")]
     #[test]
     fn cluster_urls_parse() {
         let nodes = parse_cluster_url("redis+cluster://u:p%40ss@10.0.0.1,h2:7001/")
