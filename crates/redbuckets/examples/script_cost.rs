@@ -7,6 +7,8 @@
 //! cargo run -p redbuckets --example script_cost                # 4 members × 1,024 buckets
 //! cargo run -p redbuckets --example script_cost -- 10 16384    # members, buckets
 //! ```
+//! `REDBUCKETS_REDIS_SERVER` (and `_CLI`) run it on another server (Valkey, Redis 6.2: see
+//! `scripts/compat.sh`); a server without functions gets the EVALSHA pass only.
 //! Phases: `rebalance (settle)` (the steps that spread a new group's buckets: each member takes
 //! its share, then stays), `renewal` (steady-state heartbeats), `rebalance (stay)` (steady-state
 //! steps: nothing to move), then one more member joins and leaves, ten times over:
@@ -255,6 +257,19 @@ async fn main() {
         "{n} members × {buckets} buckets, ttl {TTL:?}, {} rounds per steady phase",
         rounds(n)
     );
+    // A server older than 7.0 (REDBUCKETS_REDIS_SERVER, e.g. Redis 6.2) has no FCALL to rename:
+    // it gets EVALSHA anyway.
+    let version = RedisServer::start().cli(&["INFO", "server"]);
+    let functions = version
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .and_then(|v| v.trim().split('.').next()?.parse::<u32>().ok())
+        .is_some_and(|major| major >= 7);
+    if !functions {
+        println!("EVALSHA (a server without functions):");
+        measure(&[], n, buckets).await;
+        return;
+    }
     println!("EVALSHA (a server with FCALL renamed away):");
     measure(&["--rename-command", "FCALL", ""], n, buckets).await;
     println!("FCALL (the function library):");
