@@ -125,9 +125,7 @@ impl Cluster {
             url: redacted.to_string(),
             reason,
         };
-        if nodes.is_empty() {
-            return Err(bad_url("no node address".into()));
-        }
+        // No nodes at all: `connect_infos` says so.
         let mut infos = Vec::with_capacity(nodes.len());
         for node in nodes {
             check_url(node).map_err(|reason| bad_url(scrub(&reason, secrets)))?;
