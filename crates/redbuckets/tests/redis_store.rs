@@ -1783,3 +1783,50 @@ async fn stale_data_is_quarantined_for_two_ttls() {
     let left = first_step(&store, &g, &c).await.expect_err("quarantined");
     assert!(left > TTL * 3 / 2 && left <= TTL * 2, "{left:?}");
 }
+
+/// The exact expiry boundary, on the test clock, as `MemoryStore` keeps it (issue 19: two
+/// mutants of the scripts passed every test). A session registered at a time with a sub-ms part
+/// is alive one µs before registration + ttl (its expiry in ms is rounded up, never down: the
+/// member's deadline counts from its send time, before the server's now), and the renewal's
+/// fast path does not renew a session whose expiry is the current ms: it has expired, and the
+/// full script purges it.
+#[tokio::test]
+async fn sessions_expire_at_their_exact_boundary() {
+    let server = RedisServer::start();
+    let options = RedisOptions::default().frozen_clock_for_tests();
+    let store = RedisStore::connect_with(&server.url(), options)
+        .await
+        .expect("connect");
+    let mut con = raw(&server.url()).await;
+    let g = GroupKey::new("t", "boundary");
+    let clock = format!("{}:test-clock", g.tag());
+    // 500 µs into a ms.
+    let t0: u64 = 1_700_000_000_000_500;
+    let ttl = Duration::from_millis(1000);
+    let ttl_us = ttl.as_micros() as u64;
+    let at = |us: u64| (t0 + us).to_string();
+    redis_cmd(&mut con, &["SET", &clock, &at(0)]).await;
+    let (a, b) = (session("a", "1"), session("b", "1"));
+    for s in [&a, &b] {
+        store
+            .register(&g, &RegisterRequest::new(s.clone(), 1, 4, ttl))
+            .await
+            .expect("register");
+    }
+    // One µs before registration + ttl: alive, and renewed.
+    redis_cmd(&mut con, &["SET", &clock, &at(ttl_us - 1)]).await;
+    let hb = store
+        .heartbeat(&g, &a, ttl, Duration::MAX)
+        .await
+        .expect("heartbeat");
+    assert!(hb.alive, "a session one µs before its ttl ended");
+    // b's expiry, in ms, rounded up: ceil((t0 + ttl) / 1000). At that ms, b has expired: its
+    // own renewal finds it gone, whichever path the script takes.
+    let expiry_ms = (t0 + ttl_us).div_ceil(1000);
+    redis_cmd(&mut con, &["SET", &clock, &(expiry_ms * 1000).to_string()]).await;
+    let hb = store
+        .heartbeat(&g, &b, ttl, Duration::MAX)
+        .await
+        .expect("heartbeat");
+    assert!(!hb.alive, "b was renewed at its expiry");
+}
