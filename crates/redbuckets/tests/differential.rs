@@ -353,7 +353,12 @@ impl Harness {
                     Some(redis::Value::BulkString(p)) => String::from_utf8_lossy(p).into_owned(),
                     other => panic!("no payload in a pub/sub message: {other:?}"),
                 };
-                (member.to_string(), parse_notice(&payload))
+                let notice = parse_notice(&payload);
+                if let Notice::Granted { token, buckets, .. } = &notice {
+                    let held = self.redis_held(g, member);
+                    assert_granted("RedisStore", member, &held, *token, buckets);
+                }
+                (member.to_string(), notice)
             } else {
                 panic!("a notice on a channel of no group: {channel}");
             };
@@ -538,6 +543,10 @@ impl<'h> Run<'h> {
         let mut counts = BTreeMap::new();
         for (label, notices) in &mut self.notices {
             while let Some(Some(notice)) = notices.next().now_or_never() {
+                if let Notice::Granted { token, buckets, .. } = &notice {
+                    let held = self.memory.held_buckets(&self.g, label);
+                    assert_granted("MemoryStore", label, &held, *token, buckets);
+                }
                 counts
                     .entry(label.clone())
                     .or_insert_with(Vec::new)
@@ -610,6 +619,14 @@ impl<'h> Run<'h> {
                 let s = self.session(*m, *stale);
                 let a = h.memory_rt.block_on(mem.rebalance(g, &s, *max_take));
                 let b = h.redis_rt.block_on(red.rebalance(g, &s, *max_take));
+                if let Ok(Action::Acquired { buckets, token }) = a.as_ref().map(|r| &r.action) {
+                    let held = mem.held_buckets(g, &s.member);
+                    assert_granted("MemoryStore", &s.member, &held, *token, buckets);
+                }
+                if let Ok(Action::Acquired { buckets, token }) = b.as_ref().map(|r| &r.action) {
+                    let held = h.redis_held(g, &s.member);
+                    assert_granted("RedisStore", &s.member, &held, *token, buckets);
+                }
                 (rebalance_outcome(a), rebalance_outcome(b))
             }
             Op::Release {
@@ -747,6 +764,20 @@ fn parse_notice(payload: &str) -> Notice {
                 .collect(),
         },
         _ => panic!("a wake-up that is neither act nor grant: {payload:?}"),
+    }
+}
+
+/// Each bucket a grant names (a rebalance's `Acquired`, a `Granted` notice) is in `member`'s
+/// held set of that store with the grant's token, right after the call: the comparison across
+/// the stores sees counts and tokens only (they pick different free buckets), so a store
+/// naming other buckets than it recorded would pass it (issue 19).
+fn assert_granted(store: &str, member: &str, held: &[(u64, u32)], token: u64, buckets: &[u32]) {
+    for b in buckets {
+        assert!(
+            held.contains(&(token, *b)),
+            "{store}: a grant to {member} names bucket {b} with token {token}, which it does not \
+             record: {held:?}"
+        );
     }
 }
 
