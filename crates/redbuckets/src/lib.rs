@@ -28,6 +28,23 @@
 //! # }
 //! ```
 //!
+//! # Metrics
+//! Recorded through the [`metrics`](::metrics) facade (install an exporter before starting members;
+//! none installed, nothing is recorded). The names are constants in [`metrics`].
+//!
+//! | name | type | labels | meaning |
+//! |---|---|---|---|
+//! | `redbuckets_buckets_owned` | gauge | group | buckets this member owns now (members of one group in one process add up) |
+//! | `redbuckets_buckets_share` | gauge | group | the most buckets the share rule lets this member keep, as its last rebalance step reported it (a grant the store pushes after a peer left does not carry it) |
+//! | `redbuckets_members` | gauge | group | live members, as the last renewal or rebalance step saw them |
+//! | `redbuckets_bucket_events_total` | counter | group, event (`acquired`, `revoked`, `released`, `lost`), reason (for `lost`: `deadline`, `session_expired`, `disowned`, `unreleased`) | ownership changes |
+//! | `redbuckets_rebalance_duration_seconds` | histogram | group | from a change notice (or a registration, or a renewal that shows work to do) to this member's balanced state: no step wanted, nothing draining |
+//! | `redbuckets_drain_duration_seconds` | histogram | group, result (`dropped`, `timeout`) | from a bucket's revoke to its release |
+//! | `redbuckets_store_call_duration_seconds` | histogram | group, call (`register`, `heartbeat`, `rebalance`, `release`, `leave`, `deregister`, `holdings`, `subscribe`) | store round trip |
+//! | `redbuckets_store_errors_total` | counter | group, call, kind (`timeout`, `unavailable`, `refused`, `corrupt_state`, ...) | failed calls |
+//! | `redbuckets_lease_remaining_seconds` | gauge | group | time left to the local lease deadline, 0 without a session: the early warning before `Lost` (set at every renewal and every retry) |
+//! | `redbuckets_quarantine_remaining_seconds` | gauge | group | time left in a new group's quarantine, 0 once it grants |
+//!
 //! # Layout
 //! - `config` — [`Config`] and its validation.
 //! - `error` — [`Error`], one variant per cause.
@@ -42,6 +59,7 @@
 //! - `event` — [`Event`]s and [`Lease`] handles.
 //! - `backoff` — retry pacing: exponential backoff with jitter, seeded per member; pure.
 //! - `ledger` — the held buckets (owned or draining) and the events each change emits; pure.
+//! - [`metrics`] — the metric names, and the member's handles through the `metrics` facade.
 //! - [`check`] — the external S1/S2 checker over what members reported (the CLI's demo and the
 //!   tests use it). Pure.
 #![deny(missing_docs, missing_debug_implementations)]
@@ -55,6 +73,7 @@ mod error;
 mod event;
 mod ledger;
 mod member;
+pub mod metrics;
 mod session;
 pub mod share;
 pub mod store;

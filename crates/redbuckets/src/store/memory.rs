@@ -266,6 +266,12 @@ impl GroupState {
         !expired.is_empty()
     }
 
+    /// The live sessions at `now` (common.lua's `live_count`).
+    fn live_count(&self, now: Instant) -> u32 {
+        let live = self.members.values().filter(|m| m.expires > now).count();
+        u32::try_from(live).unwrap_or(u32::MAX)
+    }
+
     fn live<'a>(&'a mut self, s: &SessionRef, now: Instant) -> Option<&'a mut MemberState> {
         self.members
             .get_mut(&s.member)
@@ -457,6 +463,7 @@ impl Store for MemoryStore {
                 next_expiry: None,
                 committed: 0,
                 held: 0,
+                members: 0,
             });
         };
         let purged = state.purge(now);
@@ -493,6 +500,7 @@ impl Store for MemoryStore {
             next_expiry,
             committed,
             held,
+            members: state.live_count(now),
         };
         if purged {
             inner.notify(group, &woken);
@@ -572,6 +580,7 @@ impl Store for MemoryStore {
             free: u32::try_from(state.free.len()).unwrap_or(u32::MAX),
             committed,
             held,
+            members: state.live_count(now),
         };
         if notify {
             inner.notify(group, &woken);

@@ -155,6 +155,8 @@ pub struct HeartbeatReply {
     pub committed: u32,
     /// Buckets the store lists as the session's, as in [`RebalanceReply::held`].
     pub held: u32,
+    /// Live sessions in the group (0 when the group does not exist).
+    pub members: u32,
 }
 
 /// Which notices a subscription receives.
@@ -207,6 +209,8 @@ pub struct RebalanceReply {
     /// Buckets the store lists as the session's: owned, or committed for release and not yet
     /// released. A member that counts otherwise lost a reply and resyncs.
     pub held: u32,
+    /// Live sessions in the group after the step.
+    pub members: u32,
 }
 
 impl RebalanceReply {
@@ -219,6 +223,7 @@ impl RebalanceReply {
             free: 0,
             committed: 0,
             held: 0,
+            members: 0,
         }
     }
 }

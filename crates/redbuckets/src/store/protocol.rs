@@ -17,8 +17,8 @@
 //! | script | `ARGV[2..]` | reply |
 //! |---|---|---|
 //! | register | member, nonce, weight, buckets, ttl µs, `1`/`0` (replaces given), replaced nonce, protocol | `{'registered', ver, token floor}` \| `{'inuse', expires_in_ms}` \| `{'mismatch', buckets, protocol}` \| `{'ttl', group_ttl_us}` |
-//! | heartbeat, heartbeat_fast | member, nonce, ttl µs, watch ms (`-1`: always) | `{alive 0\|1, ver, free, next_ms, committed, held}`, next_ms `-1` with no watched session or when no other session ends within the watch, counts 0 when not alive; heartbeat_fast may instead answer `{'full'}`: run heartbeat |
-//! | rebalance | member, nonce, max_take | `{kind, value, share_min, share_max, ver, free, committed, held, bucket...}`, kind `acquired` (value = token, buckets follow), `release` (value = count), `stay`, `wait` (value = µs left); or `{'lost'}` |
+//! | heartbeat, heartbeat_fast | member, nonce, ttl µs, watch ms (`-1`: always) | `{alive 0\|1, ver, free, next_ms, committed, held, members}`, next_ms `-1` with no watched session or when no other session ends within the watch, counts 0 when not alive, members the live sessions; heartbeat_fast may instead answer `{'full'}`: run heartbeat |
+//! | rebalance | member, nonce, max_take | `{kind, value, share_min, share_max, ver, free, committed, held, members, bucket...}`, kind `acquired` (value = token, buckets follow), `release` (value = count), `stay`, `wait` (value = µs left); or `{'lost'}` |
 //! | release | member, nonce, known (highest token applied), bucket... | count freed (none granted under a higher token) |
 //! | leave | member, nonce, bucket... | count of the named buckets freed (the session ends, freeing all it held) |
 //! | deregister | member, nonce | `1` if removed, else `0` |
@@ -270,6 +270,7 @@ pub(crate) fn heartbeat(reply: &Value) -> Result<HeartbeatReply, ReplyError> {
         next_expiry,
         committed: f.u32(4, "committed")?,
         held: f.u32(5, "held")?,
+        members: f.u32(6, "members")?,
     })
 }
 
@@ -287,9 +288,10 @@ pub(crate) fn rebalance(reply: &Value) -> Result<RebalanceReply, ReplyError> {
     let free = f.u32(5, "free")?;
     let committed = f.u32(6, "committed")?;
     let held = f.u32(7, "held")?;
+    let members = f.u32(8, "members")?;
     let action = match kind.as_str() {
         "acquired" => {
-            let buckets = (8..f.items.len())
+            let buckets = (9..f.items.len())
                 .map(|i| f.u32(i, "bucket id"))
                 .collect::<Result<Vec<u32>, _>>()?;
             Action::Acquired {
@@ -305,7 +307,7 @@ pub(crate) fn rebalance(reply: &Value) -> Result<RebalanceReply, ReplyError> {
         "wait" => Action::Wait(Duration::from_micros(value)),
         other => return Err(layout(CALL, format!("unknown kind {other:?}"))),
     };
-    if kind != "acquired" && f.items.len() > 8 {
+    if kind != "acquired" && f.items.len() > 9 {
         return Err(layout(CALL, format!("{kind} reply carries bucket ids")));
     }
     Ok(RebalanceReply {
@@ -315,6 +317,7 @@ pub(crate) fn rebalance(reply: &Value) -> Result<RebalanceReply, ReplyError> {
         free,
         committed,
         held,
+        members,
     })
 }
 
@@ -591,7 +594,15 @@ mod tests {
     #[test]
     fn heartbeat_replies() {
         assert_eq!(
-            heartbeat(&a(vec![int(1), s("4"), int(3), s("250"), int(7), int(8)])),
+            heartbeat(&a(vec![
+                int(1),
+                s("4"),
+                int(3),
+                s("250"),
+                int(7),
+                int(8),
+                int(5)
+            ])),
             Ok(HeartbeatReply {
                 alive: true,
                 version: 4,
@@ -599,15 +610,33 @@ mod tests {
                 next_expiry: Some(Duration::from_millis(250)),
                 committed: 7,
                 held: 8,
+                members: 5,
             })
         );
-        let lone = heartbeat(&a(vec![int(0), s("0"), int(0), s("-1"), int(0), int(0)])).unwrap();
+        let lone = heartbeat(&a(vec![
+            int(0),
+            s("0"),
+            int(0),
+            s("-1"),
+            int(0),
+            int(0),
+            int(0),
+        ]))
+        .unwrap();
         assert!(!lone.alive);
         assert_eq!(lone.next_expiry, None);
         assert_eq!(
-            heartbeat(&a(vec![int(0), s("0"), int(0), int(-1), int(0), int(0)]))
-                .unwrap()
-                .next_expiry,
+            heartbeat(&a(vec![
+                int(0),
+                s("0"),
+                int(0),
+                int(-1),
+                int(0),
+                int(0),
+                int(1)
+            ]))
+            .unwrap()
+            .next_expiry,
             None
         );
         assert!(heartbeat_wants_full(&a(vec![s("full")])));
@@ -638,6 +667,10 @@ mod tests {
                 a(vec![int(1), s("4"), int(0), s("-1"), int(3)]),
                 "held (field 5) is missing",
             ),
+            (
+                a(vec![int(1), s("4"), int(0), s("-1"), int(3), int(3)]),
+                "members (field 6) is missing",
+            ),
             (s("OK"), "not an array but text"),
         ] {
             let m = message(heartbeat(&bad));
@@ -655,6 +688,7 @@ mod tests {
             int(4),
             int(2),
             int(2),
+            int(6),
         ]
     }
 
@@ -674,6 +708,7 @@ mod tests {
                 free: 4,
                 committed: 2,
                 held: 2,
+                members: 6,
             })
         );
         let action = |r: Result<RebalanceReply, ReplyError>| r.map(|r| r.action);
@@ -696,11 +731,11 @@ mod tests {
         let mut stay_with_buckets = fixed("stay", "0");
         stay_with_buckets.push(s("3"));
         let mut short_reply = fixed("stay", "0");
-        short_reply.truncate(7);
+        short_reply.truncate(8);
         for (bad, needle) in [
-            (a(bad_bucket), "bucket id (field 8)"),
+            (a(bad_bucket), "bucket id (field 9)"),
             (a(stay_with_buckets), "carries bucket ids"),
-            (a(short_reply), "held (field 7) is missing"),
+            (a(short_reply), "members (field 8) is missing"),
             (a(fixed("release", "5000000000")), "release count"),
             (a(fixed("give", "0")), "unknown kind"),
             (a(vec![Value::Nil]), "kind (field 0) is not text"),

@@ -756,10 +756,17 @@ end
 
 -- The heartbeat's reply, from heartbeat.lua and heartbeat_fast.lua: {alive, ver, free, next,
 -- committed, held} (see heartbeat.lua). `watch_ms` and `first`: others_end_within.
+-- The live sessions at `now_ms` (memory.rs counts the same): expired ones a capped purge left
+-- are not counted. O(log n). For the member's `redbuckets_members` gauge.
+local function live_count(now_ms)
+  return redis.call('ZCOUNT', K_EXP, '(' .. fmt(now_ms), '+inf')
+end
+
 local function heartbeat_reply(alive, ver, member, now_ms, mine, held, watch_ms, first)
   local next_ms = -1
   if others_end_within(member, now_ms, watch_ms, first) then
     next_ms = watched_next_ms(member, now_ms)
   end
-  return { alive, ver, redis.call('SCARD', K_FREE), fmt(next_ms), mine, held }
+  return { alive, ver, redis.call('SCARD', K_FREE), fmt(next_ms), mine, held,
+    live_count(now_ms) }
 end
