@@ -47,6 +47,8 @@ Examples:
   redbuckets join --redis redis://127.0.0.1/ --group orders
   redbuckets join --redis redis://:secret@10.0.0.5:6379/0 --group orders --id worker-1 \\
       --buckets 256 --heartbeat 500ms --ttl 5s --json
+  redbuckets join --redis redis://127.0.0.1/ --group orders --metrics 0.0.0.0:9464
+      # then: curl http://127.0.0.1:9464/metrics
 
 With --json every line of stdout is one JSON object:
   {\"event\":\"joined\",\"member\":\"worker-1\",\"group\":\"orders\",\"buckets\":256,\"at_us\":...}
@@ -134,6 +136,10 @@ struct JoinArgs {
     /// One JSON object per line on stdout instead of text.
     #[arg(long)]
     json: bool,
+    /// Serve the member's metrics as Prometheus text at http://ADDR/metrics, e.g.
+    /// 127.0.0.1:9464 (the names are in the README).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]

@@ -828,3 +828,181 @@ fn status_and_watch_change_no_key() {
     assert!(r.stderr.contains("check failed: stale"), "{r:?}");
     assert_eq!(state(), before, "status of a stale group changed a key");
 }
+
+/// `GET /metrics` from a `join --metrics` process: the Prometheus text, or `None` while it
+/// does not answer.
+fn scrape(port: u16) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let mut conn = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).ok()?;
+    let (head, body) = reply.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.").then_some(())?;
+    head.contains(" 200 ").then(|| body.to_string())
+}
+
+/// The value of the series `series` (name and labels as printed) in a scrape.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// Scrapes `a`'s metrics and reads `status --json` until the gauges say what the status says
+/// of `a` and of the group, and the group has `members` members with `a` holding `held`; at
+/// most `limit`. Returns the last scrape.
+fn wait_metrics_agree(
+    redis: &RedisServer,
+    port: u16,
+    members: usize,
+    held: u64,
+    limit: Duration,
+) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let r = run(
+            &["status", "--redis", &redis.url(), "--group", "mg", "--json"],
+            Duration::from_secs(10),
+        );
+        let status: Value = serde_json::from_str(&r.stdout).unwrap_or(Value::Null);
+        let text = scrape(port).unwrap_or_default();
+        let a_held = status["members"]
+            .as_array()
+            .and_then(|ms| ms.iter().find(|m| m["id"] == "a"))
+            .and_then(|m| m["held"].as_u64());
+        let n = status["members"].as_array().map(Vec::len);
+        let owned = sample(&text, r#"redbuckets_buckets_owned{group="mg"}"#);
+        let gauge_members = sample(&text, r#"redbuckets_members{group="mg"}"#);
+        if n == Some(members)
+            && a_held == Some(held)
+            && status["free"] == 0
+            && owned == Some(held as f64)
+            && gauge_members == Some(members as f64)
+        {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the metrics did not agree with status ({members} members, a holding {held}) \
+             within {limit:?}:\n{text}\nstatus: {status}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn join_serves_metrics_that_agree_with_status_through_a_join_a_leave_and_a_crash() {
+    let redis = RedisServer::start();
+    let port = closed_port();
+    let addr = format!("127.0.0.1:{port}");
+    let timing = ["--buckets", "8", "--heartbeat", "100ms", "--ttl", "1s"];
+    let mut a_args = timing.to_vec();
+    a_args.extend(["--metrics", &addr]);
+    let mut a = Joined::spawn(&redis, "mg", "a", &a_args);
+    let text = wait_metrics_agree(&redis, port, 1, 8, Duration::from_secs(10));
+    assert_eq!(
+        sample(&text, r#"redbuckets_buckets_share{group="mg"}"#),
+        Some(8.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"redbuckets_bucket_events_total{group="mg",event="acquired"}"#
+        ),
+        Some(8.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"redbuckets_quarantine_remaining_seconds{group="mg"}"#
+        ),
+        Some(0.0)
+    );
+    let lease =
+        sample(&text, r#"redbuckets_lease_remaining_seconds{group="mg"}"#).expect("lease gauge");
+    assert!(lease > 0.0 && lease <= 1.0, "{lease}");
+    // Histograms with the explicit buckets, in seconds.
+    assert!(
+        text.contains(
+            r#"redbuckets_store_call_duration_seconds_bucket{group="mg",call="heartbeat",le="0.0005"}"#
+        ),
+        "{text}"
+    );
+    assert!(text.contains("# TYPE redbuckets_store_call_duration_seconds histogram"));
+
+    // A join: a gives half to b.
+    let mut b = Joined::spawn(&redis, "mg", "b", &timing);
+    let text = wait_metrics_agree(&redis, port, 2, 4, Duration::from_secs(10));
+    assert_eq!(
+        sample(&text, r#"redbuckets_buckets_share{group="mg"}"#),
+        Some(4.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"redbuckets_bucket_events_total{group="mg",event="released"}"#
+        ),
+        Some(4.0)
+    );
+    assert!(
+        text.contains(r#"redbuckets_drain_duration_seconds_count{group="mg",result="dropped"} 4"#)
+    );
+
+    // A leave: b's four come back.
+    b.signal("-TERM");
+    let (code, stderr) = b.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{stderr}");
+    wait_metrics_agree(&redis, port, 1, 8, Duration::from_secs(10));
+
+    // A crash: c takes half, is killed, and a owns everything again once c's session expired.
+    let mut c = Joined::spawn(&redis, "mg", "c", &timing);
+    wait_metrics_agree(&redis, port, 2, 4, Duration::from_secs(10));
+    c.signal("-KILL");
+    let _ = c.wait_exit(Duration::from_secs(10));
+    let text = wait_metrics_agree(&redis, port, 1, 8, Duration::from_secs(10));
+    assert_eq!(
+        sample(
+            &text,
+            r#"redbuckets_bucket_events_total{group="mg",event="acquired"}"#
+        ),
+        Some(16.0),
+        "8 at the start, 4 after b left, 4 after c crashed"
+    );
+
+    a.signal("-TERM");
+    let (code, stderr) = a.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+#[test]
+fn join_with_metrics_on_a_taken_address_fails_clearly() {
+    let taken = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let redis = RedisServer::start();
+    let r = run(
+        &[
+            "join",
+            "--redis",
+            &redis.url(),
+            "--group",
+            "g",
+            "--metrics",
+            &addr,
+        ],
+        Duration::from_secs(10),
+    );
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(
+        r.stderr
+            .contains(&format!("cannot serve metrics on {addr}")),
+        "{}",
+        r.stderr
+    );
+}
