@@ -6,7 +6,7 @@
 //!
 //! # Layout
 //! - `main` — the command line (clap), logging, exit codes.
-//! - `cmd/` — one file per subcommand: `join`, `status`, `watch`, `demo`; `cmd/mod.rs` holds
+//! - `cmd/` — one file per subcommand: `join`, `status`, `groups`, `watch`, `demo`; `cmd/mod.rs` holds
 //!   what they share (connecting, signals, the clock).
 //! - `analysis` — what a [`redbuckets::GroupSnapshot`] says about balance and coverage. Pure.
 //! - `render` — the bucket grid, colors, and duration formatting for terminals.
@@ -26,6 +26,7 @@ Examples:
   redbuckets demo                                    # no Redis needed
   redbuckets join --redis redis://127.0.0.1/ --group orders --buckets 256 --json
   redbuckets status --redis redis://127.0.0.1/ --group orders --check
+  redbuckets groups --redis redis://127.0.0.1/
   redbuckets watch --redis redis://127.0.0.1/ --group orders
 
 --redis defaults to $REDBUCKETS_REDIS_URL. Logs go to stderr; set RUST_LOG (default: warn).";
@@ -67,6 +68,15 @@ Examples:
   redbuckets status --group orders --check || alert  # exit 1 unless every bucket is owned and balanced")]
     Status(StatusArgs),
 
+    /// List the groups under a prefix (found with SCAN): buckets, live members, free buckets,
+    /// age, and the time since a session last renewed, so abandoned groups stand out. Reads only.
+    #[command(after_help = "\
+Examples:
+  redbuckets groups --redis redis://127.0.0.1/
+  redbuckets groups --redis redis://127.0.0.1/ --prefix my-service --json
+STATE is live (some session is live), abandoned (none: every member left or stopped), stale
+(data another Redis process wrote), or unreadable (foreign data under the group's keys).")]
+    Groups(GroupsArgs),
     /// Live view of a group: members and a grid of all buckets colored by owner, until Ctrl-C.
     #[command(after_help = "\
 Examples:
@@ -155,6 +165,24 @@ struct StatusArgs {
 }
 
 #[derive(Debug, Args)]
+struct GroupsArgs {
+    /// Redis URL, as for the other commands.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "REDBUCKETS_REDIS_URL",
+        hide_env_values = true
+    )]
+    redis: String,
+    /// Key prefix in Redis [default: red-buckets].
+    #[arg(long, value_name = "P")]
+    prefix: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
 struct WatchArgs {
     #[command(flatten)]
     group: GroupArgs,
@@ -196,6 +224,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Join(args) => cmd::join::run(args).await,
             Command::Status(args) => cmd::status::run(args).await,
+            Command::Groups(args) => cmd::groups::run(args).await,
             Command::Watch(args) => cmd::watch::run(args).await,
             Command::Demo(args) => cmd::demo::run(args).await,
         }

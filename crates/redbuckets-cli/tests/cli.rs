@@ -1006,3 +1006,115 @@ fn join_with_metrics_on_a_taken_address_fails_clearly() {
         r.stderr
     );
 }
+
+/// Every key of `redis` with its DUMP, sorted: any write shows. (The test may use KEYS; the
+/// tool never does.)
+fn dump_all(redis: &RedisServer) -> String {
+    let mut keys: Vec<String> = redis
+        .cli(&["KEYS", "*"])
+        .lines()
+        .map(str::to_string)
+        .collect();
+    keys.sort();
+    keys.iter()
+        .map(|k| format!("{k} {:?}\n", redis.cli(&["DUMP", k])))
+        .collect()
+}
+
+#[test]
+fn groups_lists_every_group_under_a_prefix_and_changes_no_key() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let timing = ["--buckets", "8", "--heartbeat", "100ms", "--ttl", "1s"];
+    let mut live = Joined::spawn(&redis, "live", "a", &timing);
+    let mut crashed = Joined::spawn(&redis, "crashed", "b", &timing);
+    let mut left = Joined::spawn(&redis, "left", "c", &timing);
+    let mut elsewhere = Joined::spawn(
+        &redis,
+        "x",
+        "d",
+        &[&timing[..], &["--prefix", "other"]].concat(),
+    );
+    for j in [&mut live, &mut crashed, &mut left, &mut elsewhere] {
+        j.wait_for("acquired", Duration::from_secs(10));
+    }
+    crashed.signal("-KILL");
+    let _ = crashed.wait_exit(Duration::from_secs(10));
+    left.signal("-TERM");
+    let _ = left.wait_exit(Duration::from_secs(10));
+    // The crashed member's session expires (ttl 1 s).
+    thread::sleep(Duration::from_millis(1200));
+    // Foreign keys under the prefix: one where a group's meta would be, others beside.
+    redis.cli(&["SET", "{red-buckets:foreign}:meta", "not a hash"]);
+    redis.cli(&["SET", "{red-buckets:foo}:other", "x"]);
+    redis.cli(&["SET", "red-buckets:plain", "x"]);
+    redis.cli(&["SET", "{red-buckets}:meta", "x"]);
+    redis.cli(&["HSET", "{red-buckets-not:y}:meta", "buckets", "4"]);
+
+    let list = |extra: &[&str]| -> Value {
+        let mut args = vec!["groups", "--redis", &url, "--json"];
+        args.extend_from_slice(extra);
+        let r = run(&args, Duration::from_secs(10));
+        assert_eq!(r.code, Some(0), "{r:?}");
+        serde_json::from_str(&r.stdout).expect("groups --json is JSON")
+    };
+    let v = list(&[]);
+    let groups = v["groups"].as_array().expect("groups");
+    let names: Vec<&str> = groups.iter().filter_map(|g| g["group"].as_str()).collect();
+    let by = |name: &str| {
+        groups
+            .iter()
+            .find(|g| g["group"] == name)
+            .unwrap_or_else(|| panic!("{name} not listed: {v}"))
+    };
+    assert!(names.windows(2).all(|w| w[0] < w[1]), "sorted: {names:?}");
+    assert!(
+        !names.contains(&"x") && !names.contains(&"foo"),
+        "{names:?}"
+    );
+    assert!(!names.contains(&"y"), "another prefix: {names:?}");
+    assert_eq!(by("live")["state"], "live");
+    assert_eq!(by("live")["members"], 1);
+    assert_eq!(by("live")["buckets"], 8);
+    assert_eq!(by("live")["free"], 0);
+    assert_eq!(by("live")["ttl_ms"], 1000);
+    assert!(by("live")["renewed_ago_ms"].as_u64().expect("renewed") < 1000);
+    assert_eq!(by("crashed")["state"], "abandoned");
+    assert_eq!(by("crashed")["members"], 0);
+    assert_eq!(by("crashed")["free"], 8, "as the next purge leaves it");
+    assert_eq!(by("foreign")["state"], "unreadable");
+    if names.contains(&"left") {
+        assert_eq!(by("left")["state"], "abandoned");
+        assert_eq!(by("left")["renewed_ago_ms"], Value::Null, "no session left");
+    }
+    let other = list(&["--prefix", "other"]);
+    assert_eq!(other["groups"][0]["group"], "x", "{other}");
+    assert_eq!(other["groups"].as_array().map(Vec::len), Some(1), "{other}");
+
+    // Looking never writes: with no member running, every key stays as it was.
+    for j in [&mut live, &mut elsewhere] {
+        j.signal("-KILL");
+        let _ = j.wait_exit(Duration::from_secs(10));
+    }
+    let before = dump_all(&redis);
+    let v = list(&[]);
+    let r = run(&["groups", "--redis", &url], Duration::from_secs(10));
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(
+        r.stdout.contains("GROUP") && r.stdout.contains("RENEWED_AGO"),
+        "{r:?}"
+    );
+    assert!(
+        r.stdout.contains("crashed") && r.stdout.contains("abandoned"),
+        "{r:?}"
+    );
+    assert_eq!(dump_all(&redis), before, "groups changed a key");
+    let crashed = v["groups"]
+        .as_array()
+        .and_then(|g| g.iter().find(|g| g["group"] == "crashed"))
+        .expect("crashed listed");
+    assert!(
+        crashed["renewed_ago_ms"].as_u64().expect("renewed") >= 1000,
+        "{crashed}"
+    );
+}

@@ -472,14 +472,17 @@ fn snapshot_outcome(r: Result<Option<GroupSnapshot>, Error>) -> String {
                     .or_default() += 1;
             }
             format!(
-                "buckets {} protocol {} version {} quarantine {:?} free {} members {:?} tokens {:?}",
+                "buckets {} protocol {} version {} quarantine {:?} free {} members {:?} tokens {:?} \
+                 ttl {:?} sessions {}",
                 s.buckets,
                 s.protocol,
                 s.version,
                 s.quarantine,
                 s.free(),
                 s.members,
-                tokens
+                tokens,
+                s.ttl,
+                s.renewed_ago.is_some()
             )
         }
         Ok(None) => "no group".into(),

@@ -2,6 +2,7 @@
 //! password, waiting for SIGTERM/Ctrl-C, wall-clock conversions.
 
 pub mod demo;
+pub mod groups;
 pub mod join;
 pub mod status;
 pub mod watch;

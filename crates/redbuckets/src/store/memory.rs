@@ -58,6 +58,8 @@ struct GroupState {
     grant_after: Instant,
     /// When a live session last left (leave, deregister), or the creation: see `unattended`.
     seen: Instant,
+    /// When the group was created (its snapshot's age).
+    created: Instant,
     last_token: u64,
     members: BTreeMap<String, MemberState>,
     owners: Vec<Option<(String, u64)>>,
@@ -82,6 +84,7 @@ impl GroupState {
             version: 0,
             grant_after: now + ttl,
             seen: now,
+            created: now,
             last_token: 0,
             members: BTreeMap::new(),
             owners: vec![None; buckets as usize],
@@ -284,6 +287,20 @@ impl MemoryStore {
     #[must_use]
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The names of the groups under `prefix`, sorted (as [`crate::RedisStore::groups`]).
+    #[must_use]
+    pub fn groups(&self, prefix: &str) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .lock()
+            .groups
+            .keys()
+            .filter(|g| g.prefix == prefix)
+            .map(|g| g.name.clone())
+            .collect();
+        names.sort();
+        names
     }
 
     /// Forgets every group, as a Redis restart without persistence does. Subscribers are told.
@@ -772,6 +789,15 @@ impl Store for MemoryStore {
             owners,
             quarantine: state.grant_after.saturating_duration_since(now),
             stale: state.unattended(now),
+            ttl: state.ttl,
+            age: now.saturating_duration_since(state.created),
+            // Renewed at its expiry less the ttl; expired sessions count until purged.
+            renewed_ago: state
+                .members
+                .values()
+                .map(|m| m.expires)
+                .max()
+                .map(|latest| (now + state.ttl).saturating_duration_since(latest)),
         }))
     }
 

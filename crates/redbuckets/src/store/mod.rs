@@ -279,6 +279,14 @@ pub struct GroupSnapshot {
     /// Reading changes nothing; the next registration or rebalance re-creates such a group,
     /// with the quarantine. Always false for [`crate::MemoryStore`].
     pub stale: bool,
+    /// The group's session ttl (zero for a group stored before it was recorded).
+    pub ttl: Duration,
+    /// Time since the group was created (or re-created).
+    pub age: Duration,
+    /// Time since the latest renewal (or registration) of any of its sessions, including
+    /// expired ones not purged yet; `None` when it has no session at all (every member left).
+    /// A group whose members all stopped shows it growing past the ttl.
+    pub renewed_ago: Option<Duration>,
 }
 
 impl GroupSnapshot {

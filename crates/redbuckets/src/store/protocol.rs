@@ -23,7 +23,7 @@
 //! | leave | member, nonce, bucket... | count of the named buckets freed (the session ends, freeing all it held) |
 //! | deregister | member, nonce | `1` if removed, else `0` |
 //! | holdings | member, nonce | `{}` (the session is not live, or the data is stale) or `{committed, bucket, token, ...}`: the buckets of the session's held set whose owner record names the member |
-//! | snapshot | none | `{}` (no group) or `{buckets, protocol, ver, quarantine_us, members, owner_flat, stale 0\|1}`: members = `{id, nonce, weight, held, committed, expires_in_ms, age_ms}...`, owner_flat = `bucket, "<token> <member>", ...` |
+//! | snapshot | none | `{}` (no group) or `{buckets, protocol, ver, quarantine_us, members, owner_flat, stale 0\|1, ttl_us, age_us, renewed_ago_us}` (renewed_ago_us `-1` without any session): members = `{id, nonce, weight, held, committed, expires_in_ms, age_ms}...`, owner_flat = `bucket, "<token> <member>", ...` |
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -423,6 +423,23 @@ pub(crate) fn snapshot(reply: &Value) -> Result<Option<GroupSnapshot>, ReplyErro
         1 => true,
         n => return Err(layout(CALL, format!("stale (field 6) is {n}, not 0 or 1"))),
     };
+    let ttl = Duration::from_micros(f.u64(7, "ttl")?);
+    let age = Duration::from_micros(f.u64(8, "age")?);
+    let renewed = f.get(9, "last renewal")?;
+    // -1: no session at all.
+    let renewed_ago = match (uint(renewed), text(renewed).as_deref(), renewed) {
+        (Some(us), _, _) => Some(Duration::from_micros(us)),
+        (None, Some("-1"), _) | (None, None, Value::Int(-1)) => None,
+        _ => {
+            return Err(layout(
+                CALL,
+                format!(
+                    "last renewal (field 9) is not a count of µs or -1: {}",
+                    short(renewed)
+                ),
+            ))
+        }
+    };
     Ok(Some(GroupSnapshot {
         buckets,
         protocol,
@@ -431,6 +448,9 @@ pub(crate) fn snapshot(reply: &Value) -> Result<Option<GroupSnapshot>, ReplyErro
         owners,
         quarantine,
         stale,
+        ttl,
+        age,
+        renewed_ago,
     }))
 }
 
@@ -774,6 +794,9 @@ mod tests {
             a(members),
             a(owners),
             int(stale),
+            s("3000000"),
+            s("60000000"),
+            s("-1"),
         ])
     }
 
