@@ -6,8 +6,8 @@
 //!
 //! # Layout
 //! - `main` — the command line (clap), logging, exit codes.
-//! - `cmd/` — one file per subcommand: `join`, `status`, `groups`, `watch`, `demo`; `cmd/mod.rs` holds
-//!   what they share (connecting, signals, the clock).
+//! - `cmd/` — one file per subcommand: `join`, `status`, `groups`, `delete`, `watch`, `demo`;
+//!   `cmd/mod.rs` holds what they share (connecting, signals, the clock).
 //! - `analysis` — what a [`redbuckets::GroupSnapshot`] says about balance and coverage. Pure.
 //! - `render` — the bucket grid, colors, and duration formatting for terminals.
 
@@ -77,6 +77,16 @@ Examples:
 STATE is live (some session is live), abandoned (none: every member left or stopped), stale
 (data another Redis process wrote), or unreadable (foreign data under the group's keys).")]
     Groups(GroupsArgs),
+    /// Delete a group's keys. Refused while members are live unless --force; then they find
+    /// their session gone, report their buckets lost, and re-create the group by registering.
+    #[command(after_help = "\
+Examples:
+  redbuckets delete --redis redis://127.0.0.1/ --group old-orders --dry-run
+  redbuckets delete --redis redis://127.0.0.1/ --group old-orders
+  redbuckets delete --redis redis://127.0.0.1/ --group orders --force   # under live members
+A re-created group grants nothing for a ttl (and not before the ended sessions would have
+expired), and its tokens are larger than every earlier one.")]
+    Delete(DeleteArgs),
     /// Live view of a group: members and a grid of all buckets colored by owner, until Ctrl-C.
     #[command(after_help = "\
 Examples:
@@ -183,6 +193,18 @@ struct GroupsArgs {
 }
 
 #[derive(Debug, Args)]
+struct DeleteArgs {
+    #[command(flatten)]
+    group: GroupArgs,
+    /// Delete even while members are live.
+    #[arg(long)]
+    force: bool,
+    /// Print what would be done, change nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Debug, Args)]
 struct WatchArgs {
     #[command(flatten)]
     group: GroupArgs,
@@ -225,6 +247,7 @@ fn main() -> ExitCode {
             Command::Join(args) => cmd::join::run(args).await,
             Command::Status(args) => cmd::status::run(args).await,
             Command::Groups(args) => cmd::groups::run(args).await,
+            Command::Delete(args) => cmd::delete::run(args).await,
             Command::Watch(args) => cmd::watch::run(args).await,
             Command::Demo(args) => cmd::demo::run(args).await,
         }

@@ -1118,3 +1118,88 @@ fn groups_lists_every_group_under_a_prefix_and_changes_no_key() {
         "{crashed}"
     );
 }
+
+/// The largest token any `acquired` line of `lines` carries.
+fn max_token(lines: &[Value]) -> u64 {
+    lines
+        .iter()
+        .filter(|v| v["event"] == "acquired")
+        .filter_map(|v| v["token"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn delete_is_refused_under_live_members_and_forced_without_overlap() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let timing = ["--buckets", "16", "--heartbeat", "100ms", "--ttl", "1s"];
+    let mut a = Joined::spawn(&redis, "del", "a", &timing);
+    let mut b = Joined::spawn(&redis, "del", "b", &timing);
+    wait_converged(&redis, "del", 2, Duration::from_secs(15));
+    let delete = |extra: &[&str]| {
+        let mut args = vec!["delete", "--redis", &url, "--group", "del"];
+        args.extend_from_slice(extra);
+        run(&args, Duration::from_secs(10))
+    };
+
+    // Refused, and a dry run, change nothing (the members still run: compare the groups).
+    let r = delete(&[]);
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(
+        r.stderr.contains("has 2 live members (a, b): not deleted") && r.stderr.contains("--force"),
+        "{r:?}"
+    );
+    let r = delete(&["--force", "--dry-run"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(
+        r.stdout.contains("dry run: would delete group \"del\""),
+        "{r:?}"
+    );
+    assert!(r.stdout.contains("the 2 live members (a, b)"), "{r:?}");
+    let status = wait_converged(&redis, "del", 2, Duration::from_secs(5));
+    assert_eq!(status["free"], 0, "{status}");
+
+    // Forced under the running members: they lose their buckets, register again, and own
+    // everything again after the new group's quarantine, with larger tokens and no overlap.
+    a.poll();
+    b.poll();
+    let before = max_token(&a.seen).max(max_token(&b.seen));
+    let marks = (a.seen.len(), b.seen.len());
+    let r = delete(&["--force"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(r.stdout.contains("deleted group \"del\""), "{r:?}");
+    assert!(r.stdout.contains("re-creates the group"), "{r:?}");
+    wait_converged(&redis, "del", 2, Duration::from_secs(15));
+    thread::sleep(Duration::from_millis(300));
+    a.poll();
+    b.poll();
+    let after = max_token(&a.seen[marks.0..]).max(max_token(&b.seen[marks.1..]));
+    assert!(after > before, "tokens grew: {before} -> {after}");
+    let lost: usize = [(&a, marks.0), (&b, marks.1)]
+        .iter()
+        .map(|(m, mark)| {
+            m.seen[*mark..]
+                .iter()
+                .filter(|v| v["event"] == "lost" && v["reason"] == "session_expired")
+                .count()
+        })
+        .sum();
+    assert_eq!(lost, 16, "every bucket ended with the session");
+    for m in [&mut a, &mut b] {
+        m.signal("-TERM");
+        let (code, stderr) = m.wait_exit(Duration::from_secs(10));
+        assert_eq!(code, Some(0), "{stderr}");
+    }
+    let checked = timeline(&[&a.seen, &b.seen]);
+    let violations = checked.violations();
+    assert!(violations.is_empty(), "{violations:#?}");
+
+    // A group that does not exist.
+    let r = run(
+        &["delete", "--redis", &url, "--group", "nope"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(r.stderr.contains("does not exist"), "{r:?}");
+}

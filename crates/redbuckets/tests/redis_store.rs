@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use redbuckets::store::{
     Action, Channel, Notice, Notifications, RegisterRequest, Registration, SessionRef,
 };
-use redbuckets::{Error, GroupKey, MemoryStore, RedisOptions, RedisStore, Store};
+use redbuckets::{Deletion, Error, GroupKey, MemoryStore, RedisOptions, RedisStore, Store};
 use redbuckets_testkit::RedisServer;
 
 const TTL: Duration = Duration::from_millis(500);
@@ -1779,4 +1779,84 @@ async fn stale_data_is_quarantined_for_two_ttls() {
     register_all(&store, &g, [&c], 4).await;
     let left = first_step(&store, &g, &c).await.expect_err("quarantined");
     assert!(left > TTL * 3 / 2 && left <= TTL * 2, "{left:?}");
+}
+
+/// Issue 21: an operator's deletion. Refused while a session is live unless forced; a forced
+/// one wakes the live member, whose session is then gone, and the group re-created by a
+/// registration with a much shorter ttl still grants nothing before the ended session would
+/// have expired (S1: its member may own its buckets until its own deadline, before that);
+/// the new grants carry larger tokens (S2). Both stores.
+async fn forced_deletion_keeps_the_old_sessions_quarantine(store: &(impl Store + Deleting)) {
+    let g = GroupKey::new("del", "g");
+    let long = Duration::from_secs(3);
+    let a = session("a", "1");
+    assert_eq!(store.delete(&g, false).await, Deletion::Absent);
+    store
+        .register(&g, &RegisterRequest::new(a.clone(), 1, 4, long))
+        .await
+        .expect("register");
+    let mut wake = store
+        .subscribe(&g, Channel::Member("a"))
+        .await
+        .expect("subscribe");
+    assert_eq!(
+        store.delete(&g, false).await,
+        Deletion::Refused { live: 1 },
+        "a live session"
+    );
+    assert!(store.snapshot(&g).await.expect("snapshot").is_some());
+    assert_eq!(store.delete(&g, true).await, Deletion::Deleted { live: 1 });
+    assert_eq!(store.snapshot(&g).await.expect("snapshot"), None);
+    let woken = tokio::time::timeout(Duration::from_secs(2), wake.next())
+        .await
+        .expect("a is woken");
+    assert_eq!(woken, Some(Notice::Act));
+    let reply = store
+        .heartbeat(&g, &a, long, Duration::ZERO)
+        .await
+        .expect("heartbeat");
+    assert!(!reply.alive, "the session ended with the group");
+
+    // Re-created by b with a ttl of 500 ms: the quarantine still covers a's session (3 s).
+    let b = session("b", "1");
+    store
+        .register(&g, &request(&b, 1, 4))
+        .await
+        .expect("register b");
+    let snap = store.snapshot(&g).await.expect("snapshot").expect("group");
+    assert_eq!(snap.ttl, TTL, "the new registrant's configuration");
+    assert!(
+        snap.quarantine > Duration::from_millis(2500),
+        "quarantine {:?} is shorter than the ended session's life",
+        snap.quarantine
+    );
+}
+
+/// The deletion call of either store, for the shared test.
+trait Deleting {
+    async fn delete(&self, g: &GroupKey, force: bool) -> Deletion;
+}
+
+impl Deleting for RedisStore {
+    async fn delete(&self, g: &GroupKey, force: bool) -> Deletion {
+        self.delete_group(g, force).await.expect("delete")
+    }
+}
+
+impl Deleting for MemoryStore {
+    async fn delete(&self, g: &GroupKey, force: bool) -> Deletion {
+        self.delete_group(g, force)
+    }
+}
+
+#[tokio::test]
+async fn a_forced_deletion_keeps_the_old_sessions_quarantine_on_redis() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    forced_deletion_keeps_the_old_sessions_quarantine(&store).await;
+}
+
+#[tokio::test]
+async fn a_forced_deletion_keeps_the_old_sessions_quarantine_in_memory() {
+    forced_deletion_keeps_the_old_sessions_quarantine(&MemoryStore::new()).await;
 }

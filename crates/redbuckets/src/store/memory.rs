@@ -14,8 +14,8 @@ use crate::config::PROTOCOL_VERSION;
 use crate::error::Error;
 use crate::share::{self, Load};
 use crate::store::{
-    Action, Channel, GroupKey, GroupSnapshot, HeartbeatReply, Holdings, MemberInfo, Notice,
-    Notifications, Owner, RebalanceReply, RegisterRequest, Registration, SessionRef, Store,
+    Action, Channel, Deletion, GroupKey, GroupSnapshot, HeartbeatReply, Holdings, MemberInfo,
+    Notice, Notifications, Owner, RebalanceReply, RegisterRequest, Registration, SessionRef, Store,
 };
 
 /// An in-process store with the semantics of [`crate::RedisStore`]: for tests, simulations,
@@ -28,6 +28,9 @@ pub struct MemoryStore {
 #[derive(Debug)]
 struct Inner {
     groups: HashMap<GroupKey, GroupState>,
+    /// The earliest grant of a group re-created after a forced deletion: the latest expiry of
+    /// the sessions it ended (delete.lua's requarantine key). Past ones are ignored.
+    floors: HashMap<GroupKey, Instant>,
     /// Subscriptions: the group's channel (`None`) and each member's (`Some(id)`).
     channels: HashMap<(GroupKey, Option<String>), broadcast::Sender<Notice>>,
     /// Server clock: Unix µs at `epoch`, advanced by tokio's clock.
@@ -43,6 +46,7 @@ impl Default for Inner {
             .unwrap_or(0);
         Inner {
             groups: HashMap::new(),
+            floors: HashMap::new(),
             channels: HashMap::new(),
             base_us,
             epoch: Instant::now(),
@@ -303,6 +307,36 @@ impl MemoryStore {
         names
     }
 
+    /// Deletes `group` (as [`crate::RedisStore::delete_group`], delete.lua): refused while
+    /// sessions are live unless `force`; a forced deletion wakes the live members and keeps the
+    /// latest expiry of their sessions as the floor of the re-created group's quarantine.
+    pub fn delete_group(&self, group: &GroupKey, force: bool) -> Deletion {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let Some(state) = inner.groups.get(group) else {
+            return Deletion::Absent;
+        };
+        let live: Vec<(String, Instant)> = state
+            .members
+            .iter()
+            .filter(|(_, m)| m.expires > now)
+            .map(|(id, m)| (id.clone(), m.expires))
+            .collect();
+        let count = u32::try_from(live.len()).unwrap_or(u32::MAX);
+        if count > 0 && !force {
+            return Deletion::Refused { live: count };
+        }
+        if let Some(until) = live.iter().map(|(_, at)| *at).max() {
+            let floor = inner.floors.entry(group.clone()).or_insert(until);
+            *floor = (*floor).max(until);
+        }
+        inner.groups.remove(group);
+        let woken: Vec<(String, Notice)> =
+            live.into_iter().map(|(id, _)| (id, Notice::Act)).collect();
+        inner.notify(group, &woken);
+        Deletion::Deleted { live: count }
+    }
+
     /// Forgets every group, as a Redis restart without persistence does. Subscribers are told.
     pub fn wipe(&self) {
         let mut inner = self.lock();
@@ -392,10 +426,12 @@ impl Store for MemoryStore {
             inner.groups.remove(group);
             inner.notify(group, &[]);
         }
-        let state = inner
-            .groups
-            .entry(group.clone())
-            .or_insert_with(|| GroupState::new(req.buckets, now, req.ttl));
+        let floor = inner.floors.get(group).copied().filter(|at| *at > now);
+        let state = inner.groups.entry(group.clone()).or_insert_with(|| {
+            let mut state = GroupState::new(req.buckets, now, req.ttl);
+            state.grant_after = state.grant_after.max(floor.unwrap_or(now));
+            state
+        });
         if state.buckets != req.buckets {
             return Err(Error::GroupMismatch {
                 group: group.name.clone(),

@@ -228,6 +228,30 @@ impl RebalanceReply {
     }
 }
 
+/// What deleting a group did ([`crate::RedisStore::delete_group`],
+/// [`crate::MemoryStore::delete_group`]): an operator's call, not a member's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Deletion {
+    /// There was no such group.
+    Absent,
+    /// Refused: this many sessions are live, and `force` was not given. Nothing was changed.
+    Refused {
+        /// Live sessions.
+        live: u32,
+    },
+    /// Every key of the group is gone. The `live` sessions it ended are woken: each member finds
+    /// its session gone, reports its buckets `Lost` (`session_expired`) and registers again,
+    /// which re-creates the group (with the registrant's configuration) and its quarantine, never
+    /// shorter than the latest expiry of the ended sessions, so no bucket is granted while a
+    /// member that has not heard yet may still own it (S1). Tokens keep growing: they follow
+    /// the store's clock.
+    Deleted {
+        /// Live sessions the deletion ended.
+        live: u32,
+    },
+}
+
 /// The owner record of a bucket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {

@@ -23,6 +23,7 @@
 //! | leave | member, nonce, bucket... | count of the named buckets freed (the session ends, freeing all it held) |
 //! | deregister | member, nonce | `1` if removed, else `0` |
 //! | holdings | member, nonce | `{}` (the session is not live, or the data is stale) or `{committed, bucket, token, ...}`: the buckets of the session's held set whose owner record names the member |
+//! | delete | force `1`/`0` | `{'absent'}` \| `{'live', n}` (refused, nothing changed) \| `{'deleted', n}` (n live sessions ended) |
 //! | snapshot | none | `{}` (no group) or `{buckets, protocol, ver, quarantine_us, members, owner_flat, stale 0\|1, ttl_us, age_us, renewed_ago_us}` (renewed_ago_us `-1` without any session): members = `{id, nonce, weight, held, committed, expires_in_ms, age_ms}...`, owner_flat = `bucket, "<token> <member>", ...` |
 
 use std::collections::BTreeMap;
@@ -33,7 +34,7 @@ use ::redis::Value;
 use crate::config::MAX_BUCKETS;
 use crate::error::Error;
 use crate::store::{
-    Action, GroupKey, GroupSnapshot, HeartbeatReply, Holdings, MemberInfo, Notice, Owner,
+    Action, Deletion, GroupKey, GroupSnapshot, HeartbeatReply, Holdings, MemberInfo, Notice, Owner,
     RebalanceReply,
 };
 
@@ -326,6 +327,22 @@ pub(crate) fn release(reply: &Value) -> Result<u32, ReplyError> {
     uint(reply)
         .and_then(|n| u32::try_from(n).ok())
         .ok_or_else(|| layout("release", format!("not a count: {}", short(reply))))
+}
+
+/// Decodes the delete script's reply.
+pub(crate) fn delete(reply: &Value) -> Result<Deletion, ReplyError> {
+    const CALL: &str = "delete";
+    let f = Fields::of(CALL, reply)?;
+    match f.text(0, "kind")?.as_str() {
+        "absent" => Ok(Deletion::Absent),
+        "live" => Ok(Deletion::Refused {
+            live: f.u32(1, "live")?,
+        }),
+        "deleted" => Ok(Deletion::Deleted {
+            live: f.u32(1, "live")?,
+        }),
+        other => Err(layout(CALL, format!("unknown kind {other:?}"))),
+    }
 }
 
 /// Decodes the holdings script's reply; `None` when the session is not live in the store.

@@ -118,8 +118,8 @@ use crate::config::PROTOCOL_VERSION;
 use crate::error::Error;
 use crate::store::protocol::{self, RegisterReply};
 use crate::store::{
-    Channel, GroupKey, GroupSnapshot, HeartbeatReply, Holdings, Notifications, RebalanceReply,
-    RegisterRequest, Registration, SessionRef, Store,
+    Channel, Deletion, GroupKey, GroupSnapshot, HeartbeatReply, Holdings, Notifications,
+    RebalanceReply, RegisterRequest, Registration, SessionRef, Store,
 };
 
 /// The server's clock: `TIME`.
@@ -364,6 +364,15 @@ impl RedisStore {
         names.sort();
         names.dedup();
         Ok(names)
+    }
+
+    /// Deletes every key of `group` (an operator's call: `redbuckets delete`). While sessions
+    /// are live it refuses unless `force`; see [`Deletion::Deleted`] for what the members then
+    /// do. Never waits on the members.
+    pub async fn delete_group(&self, group: &GroupKey, force: bool) -> Result<Deletion, Error> {
+        let args = [if force { "1" } else { "0" }.to_string()];
+        let reply = self.run(group, "delete", ScriptId::Delete, &args).await?;
+        protocol::delete(&reply).map_err(|e| e.into_error(group))
     }
 
     /// A failed `SCAN`, as the store's error.

@@ -29,12 +29,14 @@ pub(super) enum ScriptId {
     Snapshot,
     /// A session's own buckets, read-only: the member's resync.
     Holdings,
+    /// Deletes a group (an operator's call).
+    Delete,
 }
 
 impl ScriptId {
     /// Every script (for tests).
     #[cfg(test)]
-    pub(super) const ALL: [ScriptId; 9] = [
+    pub(super) const ALL: [ScriptId; 10] = [
         ScriptId::Register,
         ScriptId::Heartbeat,
         ScriptId::HeartbeatFast,
@@ -44,6 +46,7 @@ impl ScriptId {
         ScriptId::Deregister,
         ScriptId::Snapshot,
         ScriptId::Holdings,
+        ScriptId::Delete,
     ];
 }
 
@@ -58,7 +61,7 @@ struct Body {
 }
 
 /// Every script, in `ScriptId` order.
-const BODIES: [Body; 9] = [
+const BODIES: [Body; 10] = [
     Body {
         id: ScriptId::Register,
         name: "register",
@@ -114,6 +117,12 @@ const BODIES: [Body; 9] = [
         name: "holdings",
         text: include_str!("../lua/holdings.lua"),
         read_only: true,
+    },
+    Body {
+        id: ScriptId::Delete,
+        name: "delete",
+        text: include_str!("../lua/delete.lua"),
+        read_only: false,
     },
 ];
 
