@@ -6,7 +6,8 @@
 //!
 //! # Layout
 //! - `main` — the command line (clap), logging, exit codes.
-//! - `cmd/` — one file per subcommand: `join`, `status`, `groups`, `delete`, `watch`, `demo`;
+//! - `cmd/` — one file per subcommand: `join`, `status`, `groups`, `delete`, `remove`
+//!   (`remove-member`), `watch`, `demo`;
 //!   `cmd/mod.rs` holds what they share (connecting, signals, the clock).
 //! - `analysis` — what a [`redbuckets::GroupSnapshot`] says about balance and coverage. Pure.
 //! - `render` — the bucket grid, colors, and duration formatting for terminals.
@@ -87,6 +88,16 @@ Examples:
 A re-created group grants nothing for a ttl (and not before the ended sessions would have
 expired), and its tokens are larger than every earlier one.")]
     Delete(DeleteArgs),
+    /// End a member's session now, for a member you know is dead: its buckets go to the live
+    /// members at once, with larger tokens, instead of after its ttl.
+    #[command(after_help = "\
+Examples:
+  redbuckets remove-member --redis redis://127.0.0.1/ --group orders --id worker-3 --dry-run
+  redbuckets remove-member --redis redis://127.0.0.1/ --group orders --id worker-3 --yes
+A member that is still running keeps working on its buckets until it hears (it is woken) or
+its own lease deadline passes, while others own them. It asks for confirmation on a terminal;
+elsewhere pass --yes.")]
+    RemoveMember(RemoveArgs),
     /// Live view of a group: members and a grid of all buckets colored by owner, until Ctrl-C.
     #[command(after_help = "\
 Examples:
@@ -205,6 +216,21 @@ struct DeleteArgs {
 }
 
 #[derive(Debug, Args)]
+struct RemoveArgs {
+    #[command(flatten)]
+    group: GroupArgs,
+    /// The member id to remove.
+    #[arg(long)]
+    id: String,
+    /// Do not ask for confirmation (required when stdin is not a terminal).
+    #[arg(long)]
+    yes: bool,
+    /// Print what would be done, change nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Debug, Args)]
 struct WatchArgs {
     #[command(flatten)]
     group: GroupArgs,
@@ -248,6 +274,7 @@ fn main() -> ExitCode {
             Command::Status(args) => cmd::status::run(args).await,
             Command::Groups(args) => cmd::groups::run(args).await,
             Command::Delete(args) => cmd::delete::run(args).await,
+            Command::RemoveMember(args) => cmd::remove::run(args).await,
             Command::Watch(args) => cmd::watch::run(args).await,
             Command::Demo(args) => cmd::demo::run(args).await,
         }

@@ -1203,3 +1203,121 @@ fn delete_is_refused_under_live_members_and_forced_without_overlap() {
     assert_eq!(r.code, Some(1), "{r:?}");
     assert!(r.stderr.contains("does not exist"), "{r:?}");
 }
+
+/// The `acquired` lines of `lines` from `from` on, as (bucket, token, at).
+fn acquired_since(lines: &[Value], from: usize) -> Vec<(u64, u64, Duration)> {
+    lines[from..]
+        .iter()
+        .filter(|v| v["event"] == "acquired")
+        .filter_map(|v| {
+            Some((
+                v["bucket"].as_u64()?,
+                v["token"].as_u64()?,
+                Duration::from_micros(v["at_us"].as_u64()?),
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn remove_member_gives_a_killed_members_buckets_away_within_a_renewal_not_a_ttl() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    // A long ttl (renewal every 3 s) so that waiting it out would show.
+    let timing = ["--buckets", "16", "--heartbeat", "200ms", "--ttl", "6s"];
+    let mut a = Joined::spawn(&redis, "rm", "a", &timing);
+    let mut b = Joined::spawn(&redis, "rm", "b", &timing);
+    wait_converged(&redis, "rm", 2, Duration::from_secs(20));
+    thread::sleep(Duration::from_millis(300));
+    a.poll();
+    let held = timeline(&[&a.seen])
+        .holdings()
+        .remove("a")
+        .unwrap_or_default();
+    // The token of each bucket a holds: its last grant's.
+    let a_tokens: std::collections::BTreeMap<u64, u64> = acquired_since(&a.seen, 0)
+        .into_iter()
+        .filter(|(bucket, _, _)| held.contains(&(*bucket as u32)))
+        .map(|(bucket, token, _)| (bucket, token))
+        .collect();
+    assert_eq!(a_tokens.len(), 8, "a holds its share");
+    a.signal("-KILL");
+    let _ = a.wait_exit(Duration::from_secs(10));
+
+    let remove = |extra: &[&str]| {
+        let mut args = vec![
+            "remove-member",
+            "--redis",
+            &url,
+            "--group",
+            "rm",
+            "--id",
+            "a",
+        ];
+        args.extend_from_slice(extra);
+        run(&args, Duration::from_secs(10))
+    };
+    // Not a terminal and no --yes: refused, with the warning.
+    let r = remove(&[]);
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(
+        r.stderr.contains("pass --yes") && r.stderr.contains("keeps working on its buckets"),
+        "{r:?}"
+    );
+    let r = remove(&["--dry-run"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(
+        r.stdout
+            .contains("dry run: would end the session of \"a\" (holding 8 buckets"),
+        "{r:?}"
+    );
+    let status = wait_converged(&redis, "rm", 2, Duration::from_secs(1));
+    assert_eq!(
+        status["members"].as_array().map(Vec::len),
+        Some(2),
+        "{status}"
+    );
+
+    b.poll();
+    let mark = b.seen.len();
+    let removed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock");
+    let r = remove(&["--yes"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(
+        r.stdout
+            .contains("removed \"a\" from group \"rm\": its 8 buckets"),
+        "{r:?}"
+    );
+    assert!(r.stderr.contains("warning:"), "{r:?}");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let taken = loop {
+        b.poll();
+        let taken = acquired_since(&b.seen, mark);
+        if taken.len() >= 8 {
+            break taken;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "b did not take a's buckets within one renewal: {taken:?}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    };
+    let last = taken.iter().map(|(_, _, at)| *at).max().expect("taken");
+    let took = last.saturating_sub(removed_at);
+    eprintln!("remove-member takeover: {took:?} after the command started (ttl 6s)");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    for (bucket, token, _) in &taken {
+        let old = a_tokens.get(bucket).expect("one of a's buckets");
+        assert!(token > old, "bucket {bucket}: token {token} after {old}");
+    }
+    let status = wait_converged(&redis, "rm", 1, Duration::from_secs(2));
+    assert_eq!(status["members"][0]["held"], 16, "{status}");
+    let r = remove(&["--yes"]);
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(r.stderr.contains("no live member \"a\""), "{r:?}");
+    b.signal("-TERM");
+    let (code, stderr) = b.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{stderr}");
+}

@@ -84,7 +84,7 @@ pub use event::{instant_to_system, Event, Lease, LostReason};
 pub use member::{ErrorHook, Events, Leases, Member, MemberBuilder, MemberHandle, Status};
 pub use store::memory::MemoryStore;
 pub use store::redis::{redact_url, scrub_password, RedisOptions, RedisStore};
-pub use store::{Deletion, GroupKey, GroupSnapshot, Store};
+pub use store::{Deletion, GroupKey, GroupSnapshot, Removal, Store};
 
 /// The README's examples compile as doc-tests, so what it shows stays true.
 #[cfg(doctest)]

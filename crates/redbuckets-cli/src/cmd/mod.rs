@@ -5,6 +5,7 @@ pub mod delete;
 pub mod demo;
 pub mod groups;
 pub mod join;
+pub mod remove;
 pub mod status;
 pub mod watch;
 

@@ -15,7 +15,8 @@ use crate::error::Error;
 use crate::share::{self, Load};
 use crate::store::{
     Action, Channel, Deletion, GroupKey, GroupSnapshot, HeartbeatReply, Holdings, MemberInfo,
-    Notice, Notifications, Owner, RebalanceReply, RegisterRequest, Registration, SessionRef, Store,
+    Notice, Notifications, Owner, RebalanceReply, RegisterRequest, Registration, Removal,
+    SessionRef, Store,
 };
 
 /// An in-process store with the semantics of [`crate::RedisStore`]: for tests, simulations,
@@ -335,6 +336,37 @@ impl MemoryStore {
             live.into_iter().map(|(id, _)| (id, Notice::Act)).collect();
         inner.notify(group, &woken);
         Deletion::Deleted { live: count }
+    }
+
+    /// Ends `member`'s session now, whatever its nonce (as [`crate::RedisStore::remove_member`],
+    /// remove.lua): a deregistration that also wakes the member.
+    pub fn remove_member(&self, group: &GroupKey, member: &str) -> Removal {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        let now_us = inner.now_us(now);
+        let Some(state) = inner.groups.get_mut(group) else {
+            return Removal::Absent;
+        };
+        let purged = state.purge(now);
+        let held = state
+            .members
+            .get(member)
+            .map(|m| u32::try_from(m.held.len()).unwrap_or(u32::MAX));
+        let removed = held.is_some() && state.remove_member(member);
+        if !removed {
+            if purged {
+                let woken = state.settle(now, now_us, false, member);
+                inner.notify(group, &woken);
+            }
+            return Removal::Absent;
+        }
+        state.seen = now;
+        let mut woken = vec![(member.to_string(), Notice::Act)];
+        woken.extend(state.settle(now, now_us, false, member));
+        inner.notify(group, &woken);
+        Removal::Removed {
+            held: held.unwrap_or_default(),
+        }
     }
 
     /// Forgets every group, as a Redis restart without persistence does. Subscribers are told.

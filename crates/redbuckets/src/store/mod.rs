@@ -252,6 +252,22 @@ pub enum Deletion {
     },
 }
 
+/// What removing a member did ([`crate::RedisStore::remove_member`],
+/// [`crate::MemoryStore::remove_member`]): an operator's call for a member known to be dead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Removal {
+    /// No live session of that member (or no group).
+    Absent,
+    /// Its session ended; the `held` buckets it held were freed and granted to the live
+    /// members (larger tokens). A member that was alive after all keeps working on them until it
+    /// hears (it is woken) or its own deadline passes: two owners meanwhile.
+    Removed {
+        /// Buckets its session held.
+        held: u32,
+    },
+}
+
 /// The owner record of a bucket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {

@@ -24,6 +24,7 @@
 //! | deregister | member, nonce | `1` if removed, else `0` |
 //! | holdings | member, nonce | `{}` (the session is not live, or the data is stale) or `{committed, bucket, token, ...}`: the buckets of the session's held set whose owner record names the member |
 //! | delete | force `1`/`0` | `{'absent'}` \| `{'live', n}` (refused, nothing changed) \| `{'deleted', n}` (n live sessions ended) |
+//! | remove | member | `{'removed', held}` (its session ended, whatever its nonce, as a deregistration) \| `{'absent'}` |
 //! | snapshot | none | `{}` (no group) or `{buckets, protocol, ver, quarantine_us, members, owner_flat, stale 0\|1, ttl_us, age_us, renewed_ago_us}` (renewed_ago_us `-1` without any session): members = `{id, nonce, weight, held, committed, expires_in_ms, age_ms}...`, owner_flat = `bucket, "<token> <member>", ...` |
 
 use std::collections::BTreeMap;
@@ -35,7 +36,7 @@ use crate::config::MAX_BUCKETS;
 use crate::error::Error;
 use crate::store::{
     Action, Deletion, GroupKey, GroupSnapshot, HeartbeatReply, Holdings, MemberInfo, Notice, Owner,
-    RebalanceReply,
+    RebalanceReply, Removal,
 };
 
 /// The suffixes of the keys every script gets as `KEYS`, in order: `<tag>:<suffix>`.
@@ -340,6 +341,19 @@ pub(crate) fn delete(reply: &Value) -> Result<Deletion, ReplyError> {
         }),
         "deleted" => Ok(Deletion::Deleted {
             live: f.u32(1, "live")?,
+        }),
+        other => Err(layout(CALL, format!("unknown kind {other:?}"))),
+    }
+}
+
+/// Decodes the remove script's reply.
+pub(crate) fn remove(reply: &Value) -> Result<Removal, ReplyError> {
+    const CALL: &str = "remove";
+    let f = Fields::of(CALL, reply)?;
+    match f.text(0, "kind")?.as_str() {
+        "absent" => Ok(Removal::Absent),
+        "removed" => Ok(Removal::Removed {
+            held: f.u32(1, "held")?,
         }),
         other => Err(layout(CALL, format!("unknown kind {other:?}"))),
     }

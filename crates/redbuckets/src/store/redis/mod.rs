@@ -119,7 +119,7 @@ use crate::error::Error;
 use crate::store::protocol::{self, RegisterReply};
 use crate::store::{
     Channel, Deletion, GroupKey, GroupSnapshot, HeartbeatReply, Holdings, Notifications,
-    RebalanceReply, RegisterRequest, Registration, SessionRef, Store,
+    RebalanceReply, RegisterRequest, Registration, Removal, SessionRef, Store,
 };
 
 /// The server's clock: `TIME`.
@@ -373,6 +373,16 @@ impl RedisStore {
         let args = [if force { "1" } else { "0" }.to_string()];
         let reply = self.run(group, "delete", ScriptId::Delete, &args).await?;
         protocol::delete(&reply).map_err(|e| e.into_error(group))
+    }
+
+    /// Ends `member`'s session in `group` now, whatever its nonce (an operator's call:
+    /// `redbuckets remove-member`, for a member known to be dead): its buckets go to the live
+    /// members at once, with larger tokens. See [`Removal::Removed`] for a member that was
+    /// alive after all.
+    pub async fn remove_member(&self, group: &GroupKey, member: &str) -> Result<Removal, Error> {
+        let args = [member.to_string()];
+        let reply = self.run(group, "remove", ScriptId::Remove, &args).await?;
+        protocol::remove(&reply).map_err(|e| e.into_error(group))
     }
 
     /// A failed `SCAN`, as the store's error.

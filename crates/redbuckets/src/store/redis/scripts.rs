@@ -31,12 +31,14 @@ pub(super) enum ScriptId {
     Holdings,
     /// Deletes a group (an operator's call).
     Delete,
+    /// Ends one member's session, whatever its nonce (an operator's call).
+    Remove,
 }
 
 impl ScriptId {
     /// Every script (for tests).
     #[cfg(test)]
-    pub(super) const ALL: [ScriptId; 10] = [
+    pub(super) const ALL: [ScriptId; 11] = [
         ScriptId::Register,
         ScriptId::Heartbeat,
         ScriptId::HeartbeatFast,
@@ -47,6 +49,7 @@ impl ScriptId {
         ScriptId::Snapshot,
         ScriptId::Holdings,
         ScriptId::Delete,
+        ScriptId::Remove,
     ];
 }
 
@@ -61,7 +64,7 @@ struct Body {
 }
 
 /// Every script, in `ScriptId` order.
-const BODIES: [Body; 10] = [
+const BODIES: [Body; 11] = [
     Body {
         id: ScriptId::Register,
         name: "register",
@@ -122,6 +125,12 @@ const BODIES: [Body; 10] = [
         id: ScriptId::Delete,
         name: "delete",
         text: include_str!("../lua/delete.lua"),
+        read_only: false,
+    },
+    Body {
+        id: ScriptId::Remove,
+        name: "remove",
+        text: include_str!("../lua/remove.lua"),
         read_only: false,
     },
 ];
