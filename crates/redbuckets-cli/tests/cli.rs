@@ -594,6 +594,34 @@ fn demo_runs_on_redis_too() {
     let url = redis.url();
     let r = short_demo_on(&url);
     assert!(r.stdout.contains("group demo-"), "{}", r.stdout);
+    // Issue 21: the demo's members have left; nothing of the group stays for good.
+    let keys = redis.cli(&["KEYS", "*"]);
+    for key in keys.lines().filter(|k| !k.is_empty()) {
+        let pttl: i64 = redis.cli(&["PTTL", key]).trim().parse().expect("PTTL");
+        assert!(pttl > 0, "{key} does not expire ({pttl}); keys: {keys}");
+    }
+}
+
+#[test]
+fn the_next_member_of_a_group_nobody_is_in_sets_its_configuration() {
+    let redis = RedisServer::start();
+    let mut a = Joined::spawn(
+        &redis,
+        "newg",
+        "a",
+        &["--ttl", "2s", "--heartbeat", "200ms", "--buckets", "8"],
+    );
+    a.wait_for("joined", Duration::from_secs(10));
+    a.signal("-TERM");
+    let (code, stderr) = a.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{stderr}");
+    // The defaults (ttl 10 s, 1,024 buckets) were refused while the group kept a's.
+    let mut b = Joined::spawn(&redis, "newg", "b", &[]);
+    let joined = b.wait_for("joined", Duration::from_secs(10));
+    assert_eq!(joined["buckets"], 1024, "{joined}");
+    b.signal("-TERM");
+    let (code, stderr) = b.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{stderr}");
 }
 
 #[test]

@@ -1860,3 +1860,103 @@ async fn a_forced_deletion_keeps_the_old_sessions_quarantine_on_redis() {
 async fn a_forced_deletion_keeps_the_old_sessions_quarantine_in_memory() {
     forced_deletion_keeps_the_old_sessions_quarantine(&MemoryStore::new()).await;
 }
+
+/// Issue 21: a group with no live session holds nothing, so its next member sets its
+/// configuration (another bucket count or ttl re-creates it, quarantine and all, tokens still
+/// growing), while a live session still makes a mismatch an error. Both stores.
+async fn the_next_member_of_an_empty_group_sets_its_configuration(store: &impl Store) {
+    let g = GroupKey::new("reconf", "g");
+    let a = session("a", "1");
+    let long = Duration::from_secs(60);
+    store
+        .register(&g, &RegisterRequest::new(a.clone(), 1, 4, long))
+        .await
+        .expect("register a");
+    let b = session("b", "1");
+    let refused = store.register(&g, &request(&b, 1, 8)).await;
+    assert!(
+        matches!(refused, Err(Error::GroupMismatch { .. })),
+        "a live session keeps the group's shape: {refused:?}"
+    );
+    let refused = store.register(&g, &request(&b, 1, 4)).await;
+    assert!(
+        matches!(refused, Err(Error::TtlMismatch { .. })),
+        "and its ttl: {refused:?}"
+    );
+    store.deregister(&g, &a).await.expect("a leaves");
+    let Registration::Registered { token, .. } = store
+        .register(&g, &request(&b, 1, 8))
+        .await
+        .expect("b sets the configuration")
+    else {
+        panic!("b was not registered");
+    };
+    let snap = store.snapshot(&g).await.expect("snapshot").expect("group");
+    assert_eq!((snap.buckets, snap.ttl), (8, TTL));
+    assert!(
+        snap.quarantine > Duration::ZERO,
+        "a re-created group's quarantine"
+    );
+    assert!(token > 0, "the token floor follows the store's clock");
+}
+
+#[tokio::test]
+async fn the_next_member_of_an_empty_group_sets_its_configuration_on_redis() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    the_next_member_of_an_empty_group_sets_its_configuration(&store).await;
+}
+
+#[tokio::test]
+async fn the_next_member_of_an_empty_group_sets_its_configuration_in_memory() {
+    the_next_member_of_an_empty_group_sets_its_configuration(&MemoryStore::new()).await;
+}
+
+/// The keys under `g`'s tag, sorted, with their PTTL (ms; -1: none).
+async fn keys_and_ttls(url: &str, g: &GroupKey) -> Vec<(String, i64)> {
+    let mut con = raw(url).await;
+    let found = redis_cmd(&mut con, &["KEYS", &format!("{}*", g.tag())]).await;
+    let mut names: Vec<String> = redis::from_redis_value(found).expect("names");
+    names.sort();
+    let mut out = Vec::new();
+    for key in names {
+        let v = redis_cmd(&mut con, &["PTTL", &key]).await;
+        out.push((key, redis::from_redis_value::<i64>(v).expect("pttl")));
+    }
+    out
+}
+
+/// Issue 21: the keys of a group nobody uses do not stay behind. When the last live session
+/// leaves (a graceful leave, a deregistration, an operator's removal), every key of the group
+/// expires (two ttls, at least a minute), and a registration before then keeps them.
+#[tokio::test]
+async fn an_empty_groups_keys_expire_unless_a_member_registers() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let store = RedisStore::connect(&url).await.expect("connect");
+    let mut con = raw(&url).await;
+    let g = GroupKey::new("empty", "g");
+    let (a, b) = (session("a", "1"), session("b", "1"));
+    register_all(&store, &g, [&a, &b], 8).await;
+    lift_quarantine(&mut con, &g).await;
+    store.rebalance(&g, &a, 8).await.expect("a takes");
+    let removal = store.remove_member(&g, "b").await.expect("remove b");
+    assert_eq!(removal, redbuckets::store::Removal::Removed { held: 0 });
+    for (key, pttl) in keys_and_ttls(&url, &g).await {
+        assert_eq!(pttl, -1, "{key} expires while a is live");
+    }
+    store.deregister(&g, &a).await.expect("a leaves");
+    let left = keys_and_ttls(&url, &g).await;
+    assert!(!left.is_empty());
+    for (key, pttl) in &left {
+        assert!(
+            (59_000..=60_000).contains(pttl),
+            "{key}: PTTL {pttl} after the last member left"
+        );
+    }
+    // A registration keeps the group.
+    register_all(&store, &g, [&session("c", "1")], 8).await;
+    for (key, pttl) in keys_and_ttls(&url, &g).await {
+        assert_eq!(pttl, -1, "{key} still expires");
+    }
+}

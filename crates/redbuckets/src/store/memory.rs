@@ -458,6 +458,16 @@ impl Store for MemoryStore {
             inner.groups.remove(group);
             inner.notify(group, &[]);
         }
+        // A group with no live session holds nothing (every lease ended before its session
+        // did, S3): its next member sets its configuration. Another bucket count or ttl
+        // re-creates it (register.lua) instead of being refused.
+        let reconfigured = inner.groups.get(group).is_some_and(|g| {
+            g.live_count(now) == 0 && (g.buckets != req.buckets || g.ttl != req.ttl)
+        });
+        if reconfigured {
+            inner.groups.remove(group);
+            inner.notify(group, &[]);
+        }
         let floor = inner.floors.get(group).copied().filter(|at| *at > now);
         let state = inner.groups.entry(group.clone()).or_insert_with(|| {
             let mut state = GroupState::new(req.buckets, now, req.ttl);

@@ -454,9 +454,38 @@ local function is_unattended(now)
   return seen + ttl <= now
 end
 
--- Records that a live session left the group at `now` (µs): is_unattended counts from here.
+-- The group's own keys (not the requarantine key, which expires by itself).
+local function group_keys()
+  return { K_META, K_EXP, K_SESS, K_SINCE, K_WEIGHT, K_WCOUNT, K_OWNER, K_FREE, ids_key() }
+end
+
+-- The least time an empty group's keys stay (ms): they expire two ttls after the last member
+-- left, and never sooner than this, so a test's or a simulation's clock (clock_frozen.lua) that
+-- runs ahead of Redis's own never sees them vanish in the middle of a run.
+local EMPTY_GROUP_LINGER_MS = 60000
+
+-- Records that a live session left the group at `now` (µs): is_unattended counts from here. When
+-- it was the last one, the group's keys expire (max(2 ttl, EMPTY_GROUP_LINGER_MS) from now)
+-- unless a registration comes first (persist_group): nothing of a group nobody uses stays
+-- behind. The group is unattended a ttl after this leave anyway, and the next registration
+-- would re-create it, so its keys going away changes no outcome; tokens follow the clock.
 local function seen_leaving(now)
   redis.call('HSET', K_META, 'seen_us', fmt(now))
+  if redis.call('ZCARD', K_EXP) == 0 then
+    local ttl = tonumber(redis.call('HGET', K_META, 'ttl_us') or '') or 0
+    local ms = math.max(idiv(2 * ttl, 1000), EMPTY_GROUP_LINGER_MS)
+    for _, k in ipairs(group_keys()) do
+      redis.call('PEXPIRE', k, ms)
+    end
+  end
+end
+
+-- A registration keeps the group: the expiry its last member's leave set (seen_leaving) is
+-- lifted from every key.
+local function persist_group()
+  for _, k in ipairs(group_keys()) do
+    redis.call('PERSIST', k)
+  end
 end
 
 -- The group's parameters at `now` (µs), or nil and why not: 'absent' (no group), 'stale' (its

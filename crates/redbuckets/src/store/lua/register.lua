@@ -17,6 +17,18 @@ local now_ms = idiv(now, 1000)
 local exp_ms = expiry_ms(now, ttl_us)
 
 local meta = load_current_meta(now)
+if meta and live_count(now_ms) == 0 then
+  -- A group with no live session holds nothing (every lease ended before its session did,
+  -- S3): its next member sets its configuration. Another bucket count, protocol or ttl
+  -- re-creates the group (with its quarantine; tokens go on growing, they follow the clock)
+  -- instead of being refused. memory.rs `register` does the same.
+  local stored_ttl = tonumber(redis.call('HGET', K_META, 'ttl_us') or '')
+  if meta.buckets ~= buckets or meta.protocol ~= protocol or stored_ttl ~= ttl_us then
+    wipe_group()
+    publish()
+    meta = nil
+  end
+end
 if not meta then
   -- (Re)create the group. Anything left under its other keys belongs to a group that no longer
   -- exists; clear it so no stale owner record survives next to a full free set.
@@ -50,6 +62,7 @@ if not meta then
 end
 
 check_types(member)
+persist_group()
 if meta.buckets ~= buckets or meta.protocol ~= protocol then
   return { 'mismatch', fmt(meta.buckets), fmt(meta.protocol) }
 end
