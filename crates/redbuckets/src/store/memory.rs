@@ -21,6 +21,12 @@ use crate::store::{
 
 /// An in-process store with the semantics of [`crate::RedisStore`]: for tests, simulations,
 /// demos, and for trying redbuckets without Redis. Clones share the same state.
+///
+/// One difference, in storage only: Redis lets the keys of a group nobody uses expire (ten
+/// ttls after the last renewal, two after the last member left), while this store keeps such
+/// a group until it is deleted or a registration re-creates it. Only a snapshot or a listing
+/// tells them apart (none, or a stale group): such a group is unattended, so a registration
+/// re-creates it either way.
 #[derive(Clone, Debug, Default)]
 pub struct MemoryStore {
     inner: Arc<Mutex<Inner>>,

@@ -38,5 +38,6 @@ if not mine then
   return { 'full' }
 end
 redis.call('ZADD', K_EXP, fmt(expiry_ms(now, ttl_us)), member)
+keep_alive(ttl_us, false)
 return heartbeat_reply(1, ver, member, now_ms, mine, redis.call('SCARD', held_key(member)),
   watch_ms, first)

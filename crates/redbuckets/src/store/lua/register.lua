@@ -62,7 +62,6 @@ if not meta then
 end
 
 check_types(member)
-persist_group()
 if meta.buckets ~= buckets or meta.protocol ~= protocol then
   return { 'mismatch', fmt(meta.buckets), fmt(meta.protocol) }
 end
@@ -72,7 +71,6 @@ local group_ttl = uint(redis.call('HGET', K_META, 'ttl_us') or '', 'meta.ttl_us'
 if group_ttl ~= ttl_us then
   return { 'ttl', fmt(group_ttl) }
 end
-
 local changed = purge(meta, now_ms) > 0
 
 local existing = redis.call('HGET', K_SESS, member)
@@ -82,6 +80,7 @@ if existing then
   if alive and existing == nonce then
     -- The same registration again (a retry after a timeout): refresh it.
     redis.call('ZADD', K_EXP, fmt(exp_ms), member)
+    keep_alive(ttl_us, false)
     if changed then
       publish()
       settle(meta, now, false, member)
@@ -113,6 +112,8 @@ if #stale > 0 then
   redis.call('DEL', hk)
 end
 
+-- No other live session: the group's keys may be expiring (its last member left), or new.
+local first = redis.call('ZCARD', K_EXP) == 0
 redis.call('ZADD', K_EXP, fmt(exp_ms), member)
 redis.call('ZADD', ids_key(), 0, member)
 redis.call('HSET', K_SESS, member, nonce)
@@ -120,6 +121,11 @@ redis.call('HSET', K_SINCE, member, fmt(now_ms))
 redis.call('HSET', K_WEIGHT, member, w)
 redis.call('HSET', K_WCOUNT, w, fmt((tonumber(same_weight or '0') or 0) + 1))
 redis.call('ZADD', count_key(w), '0', member)
+-- The group is in use: its keys are kept. The first member sets every key's expiry (lifting
+-- the one the last member's leave set); a later one, its weight's counts if it made them, and
+-- the rest as a renewal does.
+keep_alive(ttl_us, first)
+inherit_expiry(count_key(w))
 bump(meta)
 publish()
 -- Members above their new share are committed to release and woken; free buckets find takers.
