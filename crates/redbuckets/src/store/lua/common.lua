@@ -509,16 +509,25 @@ local function expire_group(ms)
 end
 
 -- A live member's renewal (or, with `all`, a registration) keeps the group: every key, once
--- less than half of keep_ms is left on the meta hash (or none is set: a group written before
--- this). One PTTL otherwise, the steady renewal's only extra cost. A registration sets them all
--- (the keys of a new member or weight are made there); the free set, the owner hash and a held
--- set, which come and go with the buckets, take the meta hash's expiry when they are made
--- (inherit_expiry).
-local function keep_alive(ttl_us, all)
+-- less than half of keep_ms is left of the expiry the last refresh set (meta's kept_ms, server
+-- ms; none: a group written before this). `kept` is that field as read by the caller
+-- (heartbeat_fast reads it with the version: no call of its own), nil to read it here. A
+-- registration sets them all (the keys of a new member or weight are made there); the free
+-- set, the owner hash and a held set, which come and go with the buckets, take the meta hash's
+-- expiry when they are made (inherit_expiry).
+local function keep_alive(ttl_us, all, now_ms, kept)
   local keep = keep_ms(ttl_us)
-  if all or redis.call('PTTL', K_META) < keep / 2 then
-    expire_group(keep)
+  if not all then
+    if kept == nil then
+      kept = redis.call('HGET', K_META, 'kept_ms')
+    end
+    local until_ms = tonumber(kept or '')
+    if until_ms and until_ms - now_ms >= keep / 2 then
+      return
+    end
   end
+  expire_group(keep)
+  redis.call('HSET', K_META, 'kept_ms', fmt(now_ms + keep))
 end
 
 -- Records that a live session left the group at `now` (µs): is_unattended counts from here. When

@@ -25,7 +25,7 @@ end
 local alive, mine, held = 0, 0, 0
 if live(member, nonce, now_ms) then
   redis.call('ZADD', K_EXP, fmt(expiry_ms(now, ttl_us)), member)
-  keep_alive(ttl_us, false)
+  keep_alive(ttl_us, false, now_ms, nil)
   alive = 1
   mine = committed(member, weight_of(member))
   held = redis.call('SCARD', held_key(member))

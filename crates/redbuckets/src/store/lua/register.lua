@@ -80,7 +80,7 @@ if existing then
   if alive and existing == nonce then
     -- The same registration again (a retry after a timeout): refresh it.
     redis.call('ZADD', K_EXP, fmt(exp_ms), member)
-    keep_alive(ttl_us, false)
+    keep_alive(ttl_us, false, now_ms, nil)
     if changed then
       publish()
       settle(meta, now, false, member)
@@ -124,7 +124,7 @@ redis.call('ZADD', count_key(w), '0', member)
 -- The group is in use: its keys are kept. The first member sets every key's expiry (lifting
 -- the one the last member's leave set); a later one, its weight's counts if it made them, and
 -- the rest as a renewal does.
-keep_alive(ttl_us, first)
+keep_alive(ttl_us, first, now_ms, nil)
 inherit_expiry(count_key(w))
 bump(meta)
 publish()
