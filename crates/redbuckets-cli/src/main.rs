@@ -6,8 +6,9 @@
 //!
 //! # Layout
 //! - `main` — the command line (clap), logging, exit codes.
-//! - `cmd/` — one file per subcommand: `join`, `status`, `watch`, `demo`; `cmd/mod.rs` holds
-//!   what they share (connecting, signals, the clock).
+//! - `cmd/` — one file per subcommand: `join`, `status`, `groups`, `delete`, `remove`
+//!   (`remove-member`), `watch`, `demo`;
+//!   `cmd/mod.rs` holds what they share (connecting, signals, the clock).
 //! - `analysis` — what a [`redbuckets::GroupSnapshot`] says about balance and coverage. Pure.
 //! - `render` — the bucket grid, colors, and duration formatting for terminals.
 //! - `out` — stdout that never panics: a closed stdout (`| head`) ends a command with exit 0.
@@ -28,6 +29,7 @@ Examples:
   redbuckets demo                                    # no Redis needed
   redbuckets join --redis redis://127.0.0.1/ --group orders --buckets 256 --json
   redbuckets status --redis redis://127.0.0.1/ --group orders --check
+  redbuckets groups --redis redis://127.0.0.1/
   redbuckets watch --redis redis://127.0.0.1/ --group orders
 
 --redis defaults to $REDBUCKETS_REDIS_URL. Logs go to stderr; set RUST_LOG (default: warn).";
@@ -49,6 +51,8 @@ Examples:
   redbuckets join --redis redis://127.0.0.1/ --group orders
   redbuckets join --redis redis://:secret@10.0.0.5:6379/0 --group orders --id worker-1 \\
       --buckets 256 --heartbeat 500ms --ttl 5s --json
+  redbuckets join --redis redis://127.0.0.1/ --group orders --metrics 0.0.0.0:9464
+      # then: curl http://127.0.0.1:9464/metrics
 
 With --json every line of stdout is one JSON object:
   {\"event\":\"joined\",\"member\":\"worker-1\",\"group\":\"orders\",\"buckets\":256,\"at_us\":...}
@@ -67,6 +71,35 @@ Examples:
   redbuckets status --group orders --check || alert  # exit 1 unless every bucket is owned and balanced")]
     Status(StatusArgs),
 
+    /// List the groups under a prefix (found with SCAN): buckets, live members, free buckets,
+    /// age, and the time since a session last renewed, so abandoned groups stand out. Reads only.
+    #[command(after_help = "\
+Examples:
+  redbuckets groups --redis redis://127.0.0.1/
+  redbuckets groups --redis redis://127.0.0.1/ --prefix my-service --json
+STATE is live (some session is live), abandoned (none: every member left or stopped), stale
+(data another Redis process wrote), or unreadable (foreign data under the group's keys).")]
+    Groups(GroupsArgs),
+    /// Delete a group's keys. Refused while members are live unless --force; then they find
+    /// their session gone, report their buckets lost, and re-create the group by registering.
+    #[command(after_help = "\
+Examples:
+  redbuckets delete --redis redis://127.0.0.1/ --group old-orders --dry-run
+  redbuckets delete --redis redis://127.0.0.1/ --group old-orders
+  redbuckets delete --redis redis://127.0.0.1/ --group orders --force   # under live members
+A re-created group grants nothing for a ttl (and not before the ended sessions would have
+expired), and its tokens are larger than every earlier one.")]
+    Delete(DeleteArgs),
+    /// End a member's session now, for a member you know is dead: its buckets go to the live
+    /// members at once, with larger tokens, instead of after its ttl.
+    #[command(after_help = "\
+Examples:
+  redbuckets remove-member --redis redis://127.0.0.1/ --group orders --id worker-3 --dry-run
+  redbuckets remove-member --redis redis://127.0.0.1/ --group orders --id worker-3 --yes
+A member that is still running keeps working on its buckets until it hears (it is woken) or
+its own lease deadline passes, while others own them. It asks for confirmation on a terminal;
+elsewhere pass --yes.")]
+    RemoveMember(RemoveArgs),
     /// Live view of a group: members and a grid of all buckets colored by owner, until Ctrl-C.
     #[command(after_help = "\
 Examples:
@@ -138,6 +171,10 @@ struct JoinArgs {
     /// One JSON object per line on stdout instead of text.
     #[arg(long)]
     json: bool,
+    /// Serve the member's metrics as Prometheus text at http://ADDR/metrics, e.g.
+    /// 127.0.0.1:9464 (the names are in the README).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -150,6 +187,51 @@ struct StatusArgs {
     /// Exit 1, saying why, unless every bucket is owned and the holdings are balanced.
     #[arg(long)]
     check: bool,
+}
+
+#[derive(Debug, Args)]
+struct GroupsArgs {
+    /// Redis URL, as for the other commands.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "REDBUCKETS_REDIS_URL",
+        hide_env_values = true
+    )]
+    redis: String,
+    /// Key prefix in Redis [default: red-buckets].
+    #[arg(long, value_name = "P")]
+    prefix: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct DeleteArgs {
+    #[command(flatten)]
+    group: GroupArgs,
+    /// Delete even while members are live.
+    #[arg(long)]
+    force: bool,
+    /// Print what would be done, change nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+struct RemoveArgs {
+    #[command(flatten)]
+    group: GroupArgs,
+    /// The member id to remove.
+    #[arg(long)]
+    id: String,
+    /// Do not ask for confirmation (required when stdin is not a terminal).
+    #[arg(long)]
+    yes: bool,
+    /// Print what would be done, change nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Debug, Args)]
@@ -195,6 +277,9 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Join(args) => cmd::join::run(args).await,
             Command::Status(args) => cmd::status::run(args).await,
+            Command::Groups(args) => cmd::groups::run(args).await,
+            Command::Delete(args) => cmd::delete::run(args).await,
+            Command::RemoveMember(args) => cmd::remove::run(args).await,
             Command::Watch(args) => cmd::watch::run(args).await,
             Command::Demo(args) => cmd::demo::run(args).await,
         }

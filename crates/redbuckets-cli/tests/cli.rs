@@ -668,6 +668,34 @@ fn demo_runs_on_redis_too() {
     let url = redis.url();
     let r = short_demo_on(&url);
     assert!(r.stdout.contains("group demo-"), "{}", r.stdout);
+    // Issue 21: the demo's members have left; nothing of the group stays for good.
+    let keys = redis.cli(&["KEYS", "*"]);
+    for key in keys.lines().filter(|k| !k.is_empty()) {
+        let pttl: i64 = redis.cli(&["PTTL", key]).trim().parse().expect("PTTL");
+        assert!(pttl > 0, "{key} does not expire ({pttl}); keys: {keys}");
+    }
+}
+
+#[test]
+fn the_next_member_of_a_group_nobody_is_in_sets_its_configuration() {
+    let redis = RedisServer::start();
+    let mut a = Joined::spawn(
+        &redis,
+        "newg",
+        "a",
+        &["--ttl", "2s", "--heartbeat", "200ms", "--buckets", "8"],
+    );
+    a.wait_for("joined", Duration::from_secs(10));
+    a.signal("-TERM");
+    let (code, stderr) = a.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{stderr}");
+    // The defaults (ttl 10 s, 1,024 buckets) were refused while the group kept a's.
+    let mut b = Joined::spawn(&redis, "newg", "b", &[]);
+    let joined = b.wait_for("joined", Duration::from_secs(10));
+    assert_eq!(joined["buckets"], 1024, "{joined}");
+    b.signal("-TERM");
+    let (code, stderr) = b.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{stderr}");
 }
 
 #[test]
@@ -1169,4 +1197,497 @@ fn demo_redis_alone_takes_the_environment() {
     let r = run(&["demo", "--redis"], Duration::from_secs(5));
     assert_eq!(r.code, Some(1), "{r:?}");
     assert!(r.stderr.contains("REDBUCKETS_REDIS_URL"), "{r:?}");
+}
+
+/// `GET /metrics` from a `join --metrics` process: the Prometheus text, or `None` while it
+/// does not answer.
+fn scrape(port: u16) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let mut conn = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).ok()?;
+    let (head, body) = reply.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.").then_some(())?;
+    head.contains(" 200 ").then(|| body.to_string())
+}
+
+/// The value of the series `series` (name and labels as printed) in a scrape.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// Scrapes `a`'s metrics and reads `status --json` until the gauges say what the status says
+/// of `a` and of the group, and the group has `members` members with `a` holding `held`; at
+/// most `limit`. Returns the last scrape.
+fn wait_metrics_agree(
+    redis: &RedisServer,
+    port: u16,
+    members: usize,
+    held: u64,
+    limit: Duration,
+) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let r = run(
+            &["status", "--redis", &redis.url(), "--group", "mg", "--json"],
+            Duration::from_secs(10),
+        );
+        let status: Value = serde_json::from_str(&r.stdout).unwrap_or(Value::Null);
+        let text = scrape(port).unwrap_or_default();
+        let a_held = status["members"]
+            .as_array()
+            .and_then(|ms| ms.iter().find(|m| m["id"] == "a"))
+            .and_then(|m| m["held"].as_u64());
+        let n = status["members"].as_array().map(Vec::len);
+        let owned = sample(&text, r#"redbuckets_buckets_owned{group="mg"}"#);
+        let gauge_members = sample(&text, r#"redbuckets_members{group="mg"}"#);
+        if n == Some(members)
+            && a_held == Some(held)
+            && status["free"] == 0
+            && owned == Some(held as f64)
+            && gauge_members == Some(members as f64)
+        {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the metrics did not agree with status ({members} members, a holding {held}) \
+             within {limit:?}:\n{text}\nstatus: {status}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn join_serves_metrics_that_agree_with_status_through_a_join_a_leave_and_a_crash() {
+    let redis = RedisServer::start();
+    let port = closed_port();
+    let addr = format!("127.0.0.1:{port}");
+    let timing = ["--buckets", "8", "--heartbeat", "100ms", "--ttl", "1s"];
+    let mut a_args = timing.to_vec();
+    a_args.extend(["--metrics", &addr]);
+    let mut a = Joined::spawn(&redis, "mg", "a", &a_args);
+    let text = wait_metrics_agree(&redis, port, 1, 8, Duration::from_secs(10));
+    assert_eq!(
+        sample(&text, r#"redbuckets_buckets_share{group="mg"}"#),
+        Some(8.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"redbuckets_bucket_events_total{group="mg",event="acquired"}"#
+        ),
+        Some(8.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"redbuckets_quarantine_remaining_seconds{group="mg"}"#
+        ),
+        Some(0.0)
+    );
+    let lease =
+        sample(&text, r#"redbuckets_lease_remaining_seconds{group="mg"}"#).expect("lease gauge");
+    assert!(lease > 0.0 && lease <= 1.0, "{lease}");
+    // Histograms with the explicit buckets, in seconds.
+    assert!(
+        text.contains(
+            r#"redbuckets_store_call_duration_seconds_bucket{group="mg",call="heartbeat",le="0.0005"}"#
+        ),
+        "{text}"
+    );
+    assert!(text.contains("# TYPE redbuckets_store_call_duration_seconds histogram"));
+
+    // A join: a gives half to b.
+    let mut b = Joined::spawn(&redis, "mg", "b", &timing);
+    let text = wait_metrics_agree(&redis, port, 2, 4, Duration::from_secs(10));
+    assert_eq!(
+        sample(&text, r#"redbuckets_buckets_share{group="mg"}"#),
+        Some(4.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"redbuckets_bucket_events_total{group="mg",event="released"}"#
+        ),
+        Some(4.0)
+    );
+    assert!(
+        text.contains(r#"redbuckets_drain_duration_seconds_count{group="mg",result="dropped"} 4"#)
+    );
+
+    // A leave: b's four come back.
+    b.signal("-TERM");
+    let (code, stderr) = b.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{stderr}");
+    wait_metrics_agree(&redis, port, 1, 8, Duration::from_secs(10));
+
+    // A crash: c takes half, is killed, and a owns everything again once c's session expired.
+    let mut c = Joined::spawn(&redis, "mg", "c", &timing);
+    wait_metrics_agree(&redis, port, 2, 4, Duration::from_secs(10));
+    c.signal("-KILL");
+    let _ = c.wait_exit(Duration::from_secs(10));
+    let text = wait_metrics_agree(&redis, port, 1, 8, Duration::from_secs(10));
+    assert_eq!(
+        sample(
+            &text,
+            r#"redbuckets_bucket_events_total{group="mg",event="acquired"}"#
+        ),
+        Some(16.0),
+        "8 at the start, 4 after b left, 4 after c crashed"
+    );
+
+    a.signal("-TERM");
+    let (code, stderr) = a.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+#[test]
+fn join_with_metrics_on_a_taken_address_fails_clearly() {
+    let taken = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let redis = RedisServer::start();
+    let r = run(
+        &[
+            "join",
+            "--redis",
+            &redis.url(),
+            "--group",
+            "g",
+            "--metrics",
+            &addr,
+        ],
+        Duration::from_secs(10),
+    );
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(
+        r.stderr
+            .contains(&format!("cannot serve metrics on {addr}")),
+        "{}",
+        r.stderr
+    );
+}
+
+/// Every key of `redis` with its DUMP, sorted: any write shows. (The test may use KEYS; the
+/// tool never does.)
+fn dump_all(redis: &RedisServer) -> String {
+    let mut keys: Vec<String> = redis
+        .cli(&["KEYS", "*"])
+        .lines()
+        .map(str::to_string)
+        .collect();
+    keys.sort();
+    keys.iter()
+        .map(|k| format!("{k} {:?}\n", redis.cli(&["DUMP", k])))
+        .collect()
+}
+
+#[test]
+fn groups_lists_every_group_under_a_prefix_and_changes_no_key() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let timing = ["--buckets", "8", "--heartbeat", "100ms", "--ttl", "1s"];
+    let mut live = Joined::spawn(&redis, "live", "a", &timing);
+    let mut crashed = Joined::spawn(&redis, "crashed", "b", &timing);
+    let mut left = Joined::spawn(&redis, "left", "c", &timing);
+    let mut elsewhere = Joined::spawn(
+        &redis,
+        "x",
+        "d",
+        &[&timing[..], &["--prefix", "other"]].concat(),
+    );
+    for j in [&mut live, &mut crashed, &mut left, &mut elsewhere] {
+        j.wait_for("acquired", Duration::from_secs(10));
+    }
+    crashed.signal("-KILL");
+    let _ = crashed.wait_exit(Duration::from_secs(10));
+    left.signal("-TERM");
+    let _ = left.wait_exit(Duration::from_secs(10));
+    // The crashed member's session expires (ttl 1 s).
+    thread::sleep(Duration::from_millis(1200));
+    // Foreign keys under the prefix: one where a group's meta would be, others beside.
+    redis.cli(&["SET", "{red-buckets:foreign}:meta", "not a hash"]);
+    redis.cli(&["SET", "{red-buckets:foo}:other", "x"]);
+    redis.cli(&["SET", "red-buckets:plain", "x"]);
+    redis.cli(&["SET", "{red-buckets}:meta", "x"]);
+    redis.cli(&["HSET", "{red-buckets-not:y}:meta", "buckets", "4"]);
+
+    let list = |extra: &[&str]| -> Value {
+        let mut args = vec!["groups", "--redis", &url, "--json"];
+        args.extend_from_slice(extra);
+        let r = run(&args, Duration::from_secs(10));
+        assert_eq!(r.code, Some(0), "{r:?}");
+        serde_json::from_str(&r.stdout).expect("groups --json is JSON")
+    };
+    let v = list(&[]);
+    let groups = v["groups"].as_array().expect("groups");
+    let names: Vec<&str> = groups.iter().filter_map(|g| g["group"].as_str()).collect();
+    let by = |name: &str| {
+        groups
+            .iter()
+            .find(|g| g["group"] == name)
+            .unwrap_or_else(|| panic!("{name} not listed: {v}"))
+    };
+    assert!(names.windows(2).all(|w| w[0] < w[1]), "sorted: {names:?}");
+    assert!(
+        !names.contains(&"x") && !names.contains(&"foo"),
+        "{names:?}"
+    );
+    assert!(!names.contains(&"y"), "another prefix: {names:?}");
+    assert_eq!(by("live")["state"], "live");
+    assert_eq!(by("live")["members"], 1);
+    assert_eq!(by("live")["buckets"], 8);
+    assert_eq!(by("live")["free"], 0);
+    assert_eq!(by("live")["ttl_ms"], 1000);
+    assert!(by("live")["renewed_ago_ms"].as_u64().expect("renewed") < 1000);
+    assert_eq!(by("crashed")["state"], "abandoned");
+    assert_eq!(by("crashed")["members"], 0);
+    assert_eq!(by("crashed")["free"], 8, "as the next purge leaves it");
+    assert_eq!(by("foreign")["state"], "unreadable");
+    if names.contains(&"left") {
+        assert_eq!(by("left")["state"], "abandoned");
+        assert_eq!(by("left")["renewed_ago_ms"], Value::Null, "no session left");
+    }
+    let other = list(&["--prefix", "other"]);
+    assert_eq!(other["groups"][0]["group"], "x", "{other}");
+    assert_eq!(other["groups"].as_array().map(Vec::len), Some(1), "{other}");
+
+    // Looking never writes: with no member running, every key stays as it was.
+    for j in [&mut live, &mut elsewhere] {
+        j.signal("-KILL");
+        let _ = j.wait_exit(Duration::from_secs(10));
+    }
+    let before = dump_all(&redis);
+    let v = list(&[]);
+    let r = run(&["groups", "--redis", &url], Duration::from_secs(10));
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(
+        r.stdout.contains("GROUP") && r.stdout.contains("RENEWED_AGO"),
+        "{r:?}"
+    );
+    assert!(
+        r.stdout.contains("crashed") && r.stdout.contains("abandoned"),
+        "{r:?}"
+    );
+    assert_eq!(dump_all(&redis), before, "groups changed a key");
+    let crashed = v["groups"]
+        .as_array()
+        .and_then(|g| g.iter().find(|g| g["group"] == "crashed"))
+        .expect("crashed listed");
+    assert!(
+        crashed["renewed_ago_ms"].as_u64().expect("renewed") >= 1000,
+        "{crashed}"
+    );
+}
+
+/// The largest token any `acquired` line of `lines` carries.
+fn max_token(lines: &[Value]) -> u64 {
+    lines
+        .iter()
+        .filter(|v| v["event"] == "acquired")
+        .filter_map(|v| v["token"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn delete_is_refused_under_live_members_and_forced_without_overlap() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let timing = ["--buckets", "16", "--heartbeat", "100ms", "--ttl", "1s"];
+    let mut a = Joined::spawn(&redis, "del", "a", &timing);
+    let mut b = Joined::spawn(&redis, "del", "b", &timing);
+    wait_converged(&redis, "del", 2, Duration::from_secs(15));
+    let delete = |extra: &[&str]| {
+        let mut args = vec!["delete", "--redis", &url, "--group", "del"];
+        args.extend_from_slice(extra);
+        run(&args, Duration::from_secs(10))
+    };
+
+    // Refused, and a dry run, change nothing (the members still run: compare the groups).
+    let r = delete(&[]);
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(
+        r.stderr.contains("has 2 live members (a, b): not deleted") && r.stderr.contains("--force"),
+        "{r:?}"
+    );
+    let r = delete(&["--force", "--dry-run"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(
+        r.stdout.contains("dry run: would delete group \"del\""),
+        "{r:?}"
+    );
+    assert!(r.stdout.contains("the 2 live members (a, b)"), "{r:?}");
+    let status = wait_converged(&redis, "del", 2, Duration::from_secs(5));
+    assert_eq!(status["free"], 0, "{status}");
+
+    // Forced under the running members: they lose their buckets, register again, and own
+    // everything again after the new group's quarantine, with larger tokens and no overlap.
+    a.poll();
+    b.poll();
+    let before = max_token(&a.seen).max(max_token(&b.seen));
+    let marks = (a.seen.len(), b.seen.len());
+    let r = delete(&["--force"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(r.stdout.contains("deleted group \"del\""), "{r:?}");
+    assert!(r.stdout.contains("re-creates the group"), "{r:?}");
+    wait_converged(&redis, "del", 2, Duration::from_secs(15));
+    thread::sleep(Duration::from_millis(300));
+    a.poll();
+    b.poll();
+    let after = max_token(&a.seen[marks.0..]).max(max_token(&b.seen[marks.1..]));
+    assert!(after > before, "tokens grew: {before} -> {after}");
+    let lost: usize = [(&a, marks.0), (&b, marks.1)]
+        .iter()
+        .map(|(m, mark)| {
+            m.seen[*mark..]
+                .iter()
+                .filter(|v| v["event"] == "lost" && v["reason"] == "session_expired")
+                .count()
+        })
+        .sum();
+    assert_eq!(lost, 16, "every bucket ended with the session");
+    for m in [&mut a, &mut b] {
+        m.signal("-TERM");
+        let (code, stderr) = m.wait_exit(Duration::from_secs(10));
+        assert_eq!(code, Some(0), "{stderr}");
+    }
+    let checked = timeline(&[&a.seen, &b.seen]);
+    let violations = checked.violations();
+    assert!(violations.is_empty(), "{violations:#?}");
+
+    // A group that does not exist.
+    let r = run(
+        &["delete", "--redis", &url, "--group", "nope"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(r.stderr.contains("does not exist"), "{r:?}");
+}
+
+/// The `acquired` lines of `lines` from `from` on, as (bucket, token, at).
+fn acquired_since(lines: &[Value], from: usize) -> Vec<(u64, u64, Duration)> {
+    lines[from..]
+        .iter()
+        .filter(|v| v["event"] == "acquired")
+        .filter_map(|v| {
+            Some((
+                v["bucket"].as_u64()?,
+                v["token"].as_u64()?,
+                Duration::from_micros(v["at_us"].as_u64()?),
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn remove_member_gives_a_killed_members_buckets_away_within_a_renewal_not_a_ttl() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    // A long ttl (renewal every 3 s) so that waiting it out would show.
+    let timing = ["--buckets", "16", "--heartbeat", "200ms", "--ttl", "6s"];
+    let mut a = Joined::spawn(&redis, "rm", "a", &timing);
+    let mut b = Joined::spawn(&redis, "rm", "b", &timing);
+    wait_converged(&redis, "rm", 2, Duration::from_secs(20));
+    thread::sleep(Duration::from_millis(300));
+    a.poll();
+    let held = timeline(&[&a.seen])
+        .holdings()
+        .remove("a")
+        .unwrap_or_default();
+    // The token of each bucket a holds: its last grant's.
+    let a_tokens: std::collections::BTreeMap<u64, u64> = acquired_since(&a.seen, 0)
+        .into_iter()
+        .filter(|(bucket, _, _)| held.contains(&(*bucket as u32)))
+        .map(|(bucket, token, _)| (bucket, token))
+        .collect();
+    assert_eq!(a_tokens.len(), 8, "a holds its share");
+    a.signal("-KILL");
+    let _ = a.wait_exit(Duration::from_secs(10));
+
+    let remove = |extra: &[&str]| {
+        let mut args = vec![
+            "remove-member",
+            "--redis",
+            &url,
+            "--group",
+            "rm",
+            "--id",
+            "a",
+        ];
+        args.extend_from_slice(extra);
+        run(&args, Duration::from_secs(10))
+    };
+    // Not a terminal and no --yes: refused, with the warning.
+    let r = remove(&[]);
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(
+        r.stderr.contains("pass --yes") && r.stderr.contains("keeps working on its buckets"),
+        "{r:?}"
+    );
+    let r = remove(&["--dry-run"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(
+        r.stdout
+            .contains("dry run: would end the session of \"a\" (holding 8 buckets"),
+        "{r:?}"
+    );
+    let status = wait_converged(&redis, "rm", 2, Duration::from_secs(1));
+    assert_eq!(
+        status["members"].as_array().map(Vec::len),
+        Some(2),
+        "{status}"
+    );
+
+    b.poll();
+    let mark = b.seen.len();
+    let removed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock");
+    let r = remove(&["--yes"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(
+        r.stdout
+            .contains("removed \"a\" from group \"rm\": its 8 buckets"),
+        "{r:?}"
+    );
+    assert!(r.stderr.contains("warning:"), "{r:?}");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let taken = loop {
+        b.poll();
+        let taken = acquired_since(&b.seen, mark);
+        if taken.len() >= 8 {
+            break taken;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "b did not take a's buckets within one renewal: {taken:?}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    };
+    let last = taken.iter().map(|(_, _, at)| *at).max().expect("taken");
+    let took = last.saturating_sub(removed_at);
+    eprintln!("remove-member takeover: {took:?} after the command started (ttl 6s)");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    for (bucket, token, _) in &taken {
+        let old = a_tokens.get(bucket).expect("one of a's buckets");
+        assert!(token > old, "bucket {bucket}: token {token} after {old}");
+    }
+    let status = wait_converged(&redis, "rm", 1, Duration::from_secs(2));
+    assert_eq!(status["members"][0]["held"], 16, "{status}");
+    let r = remove(&["--yes"]);
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(r.stderr.contains("no live member \"a\""), "{r:?}");
+    b.signal("-TERM");
+    let (code, stderr) = b.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{stderr}");
 }

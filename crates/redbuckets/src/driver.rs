@@ -40,6 +40,7 @@ use crate::error::Error;
 use crate::event::{Deadline, LostReason, Sent};
 use crate::ledger::Reconcile;
 use crate::member::{ErrorHook, Shared};
+use crate::metrics::Metrics;
 use crate::session::Session;
 use crate::store::{
     Action, Channel, GroupKey, Notice, Notifications, RegisterRequest, Registration, SessionRef,
@@ -93,6 +94,11 @@ pub(crate) struct Driver<S> {
     /// Store errors logged once per change, then summarized (`logs.rs`). A std mutex:
     /// `report` takes `&self`, and nothing awaits while it is held.
     error_log: std::sync::Mutex<crate::logs::ErrorLog>,
+    /// Since when a rebalance is under way (a notice, a registration, or a heartbeat asked
+    /// for a step), for its duration metric; `None` while balanced.
+    rebalancing_since: Option<Instant>,
+    /// When the group's quarantine ends, from the last `Wait` step (`None` once granting).
+    quarantine_until: Option<Instant>,
 }
 
 /// Writes a line of [`crate::logs::ErrorLog`].
@@ -168,6 +174,8 @@ impl<S: Store> Driver<S> {
             rebalance: Some(now),
             release_retry_at: now,
             subscription: Subscription::Down { retry_at: now },
+            rebalancing_since: None,
+            quarantine_until: None,
         }
     }
 
@@ -273,6 +281,7 @@ impl<S: Store> Driver<S> {
             {
                 self.rebalance().await;
             }
+            self.observe();
 
             let wake = self.next_wake();
             let dropped = Arc::clone(&self.shared.dropped);
@@ -302,6 +311,40 @@ impl<S: Store> Driver<S> {
         }
     }
 
+    /// The metrics read at the end of each turn of the loop: the time left to the deadline
+    /// and in the quarantine, and the end of a rebalance (no step wanted, nothing draining).
+    fn observe(&mut self) {
+        let now = Instant::now();
+        let lease = self.session.deadline().map_or(Duration::ZERO, |until| {
+            until.at.saturating_duration_since(now)
+        });
+        let quarantine = self
+            .quarantine_until
+            .map_or(Duration::ZERO, |at| at.saturating_duration_since(now));
+        self.shared.metrics.remaining(lease, quarantine);
+        let Some(since) = self.rebalancing_since else {
+            return;
+        };
+        if self.session.live().is_none() {
+            // Lost: the next registration starts another.
+            self.rebalancing_since = None;
+        } else if self.rebalance.is_none() && self.shared.lock().ledger.draining_count() == 0 {
+            self.shared
+                .metrics
+                .rebalanced(now.saturating_duration_since(since));
+            self.rebalancing_since = None;
+        }
+    }
+
+    /// A rebalance begins now, unless one is under way (for its duration metric).
+    fn rebalancing(&mut self, now: Instant) {
+        // Nothing balances before grants begin: the quarantine has its own gauge.
+        if self.quarantine_until.is_some_and(|at| at > now) {
+            return;
+        }
+        self.rebalancing_since.get_or_insert(now);
+    }
+
     /// A notice from the subscription (`None`: it ended): a grant is applied if it is ours
     /// ([`Driver::granted`]); anything else, or a grant that is not, asks for a rebalance step.
     fn on_notice(&mut self, notice: Option<Notice>) {
@@ -314,6 +357,7 @@ impl<S: Store> Driver<S> {
             }) => self.granted(session, *token, buckets, now),
             _ => false,
         };
+        self.rebalancing(now);
         if !applied {
             self.rebalance = Some(self.rebalance.map_or(now, |at| at.min(now)));
         }
@@ -422,7 +466,9 @@ impl<S: Store> Driver<S> {
 
     /// A rebalance step is wanted: now, unless one is already planned.
     fn want_rebalance(&mut self) {
-        self.rebalance.get_or_insert_with(Instant::now);
+        let now = Instant::now();
+        self.rebalance.get_or_insert(now);
+        self.rebalancing(now);
     }
 
     /// Real time that `d` of this member's clock takes (see `Config::clock_rate`).
@@ -508,6 +554,7 @@ impl<S: Store> Driver<S> {
     async fn subscribe(&mut self) {
         match call(
             &self.graceful,
+            &self.shared.metrics,
             self.call_deadline(),
             "subscribe",
             self.store
@@ -547,6 +594,7 @@ impl<S: Store> Driver<S> {
         let sent = Sent::now();
         match call(
             &self.graceful,
+            &self.shared.metrics,
             deadline,
             "register",
             self.store.register(&self.group, &req),
@@ -566,6 +614,7 @@ impl<S: Store> Driver<S> {
                 self.shared.forget_expiry();
                 self.publish(Some((sent.at, version)));
                 self.rebalance = Some(Instant::now());
+                self.rebalancing(Instant::now());
                 Ok(None)
             }
             Registration::InUse { expires_in } => Ok(Some(expires_in)),
@@ -604,6 +653,7 @@ impl<S: Store> Driver<S> {
         let sent = Sent::now();
         let result = call(
             &self.graceful,
+            &self.shared.metrics,
             self.call_deadline(),
             "heartbeat",
             self.store
@@ -623,6 +673,7 @@ impl<S: Store> Driver<S> {
                 self.session.retry_at(Instant::now());
             }
             Ok(reply) if reply.alive => {
+                self.shared.metrics.seen(None, reply.members);
                 let until = self.deadline_after(sent);
                 let next = self.next_check(sent.at, reply.next_expiry);
                 self.session.renewed(until, next);
@@ -685,6 +736,7 @@ impl<S: Store> Driver<S> {
         self.rebalance = None;
         let result = call(
             &self.graceful,
+            &self.shared.metrics,
             self.call_deadline(),
             "rebalance",
             self.store.rebalance(&self.group, &session, MAX_TAKE),
@@ -702,6 +754,9 @@ impl<S: Store> Driver<S> {
                 return;
             }
         };
+        if reply.action != Action::SessionLost {
+            self.shared.metrics.seen(Some(reply.share.1), reply.members);
+        }
         {
             let mut local = self.shared.lock();
             local.share = reply.share;
@@ -734,6 +789,7 @@ impl<S: Store> Driver<S> {
         }
         match action {
             Action::Acquired { buckets, token } => {
+                self.quarantine_until = None;
                 // A step takes all the rule allows, up to MAX_TAKE: step again only when that
                 // cap cut it short. Otherwise the member is at its share or took every free
                 // bucket; a later change that lets it take more wakes it (or its heartbeat sees
@@ -744,13 +800,16 @@ impl<S: Store> Driver<S> {
                 self.shared.apply(|l| l.grant(&buckets, token, now));
             }
             Action::Release(count) => {
+                self.quarantine_until = None;
                 self.revoke(Some(count as usize), now + self.config.drain_timeout);
             }
-            Action::Stay => {}
+            Action::Stay => self.quarantine_until = None,
             // Capped: a store clock stepped backwards must not stall grants for longer.
             Action::Wait(wait) => {
                 let at = now + wait.min(self.config.ttl);
                 self.rebalance = Some(at);
+                self.quarantine_until = Some(at);
+                self.rebalancing_since = None;
                 // The status tells why nothing is owned yet.
                 self.shared.lock().grants_at = Some(at);
             }
@@ -836,6 +895,7 @@ impl<S: Store> Driver<S> {
         let session = self.session.live().cloned()?;
         let holdings = match call(
             &self.graceful,
+            &self.shared.metrics,
             self.call_deadline(),
             "holdings",
             self.store.holdings(&self.group, &session),
@@ -884,6 +944,10 @@ impl<S: Store> Driver<S> {
         };
         let (buckets, known) = {
             let mut local = self.shared.lock();
+            let buckets = local.ledger.releasable(now);
+            for (took, timed_out) in local.ledger.drain_ends(&buckets, now) {
+                self.shared.metrics.drained(took, timed_out);
+            }
             (
                 local.ledger.begin_release(Some(now)),
                 local.ledger.highest_token(),
@@ -894,6 +958,7 @@ impl<S: Store> Driver<S> {
         }
         match call(
             &self.graceful,
+            &self.shared.metrics,
             self.call_deadline(),
             "release",
             self.store.release(&self.group, &session, &buckets, known),
@@ -995,7 +1060,14 @@ impl<S: Store> Driver<S> {
             }
         }
         let mut first_error = None;
-        let buckets = self.shared.lock().ledger.begin_release(None);
+        let buckets = {
+            let mut local = self.shared.lock();
+            let now = Instant::now();
+            for (took, timed_out) in local.ledger.drain_ends(&local.ledger.buckets(), now) {
+                self.shared.metrics.drained(took, timed_out);
+            }
+            local.ledger.begin_release(None)
+        };
         if !buckets.is_empty() {
             // Release and deregistration in one step: the members that take the buckets are
             // woken with the membership after the leave, a round trip sooner.
@@ -1003,9 +1075,14 @@ impl<S: Store> Driver<S> {
             // `Lost { Disowned }` instead of `Released`.
             let (store, group) = (&self.store, &self.group);
             let timeout = self.config.effective_call_timeout();
-            let result = leave_call(&self.abort, timeout, give_up, "leave", || {
-                store.leave(group, &session, &buckets)
-            })
+            let result = leave_call(
+                &self.abort,
+                &self.shared.metrics,
+                timeout,
+                give_up,
+                "leave",
+                || store.leave(group, &session, &buckets),
+            )
             .await;
             match result {
                 Ok(freed) => {
@@ -1077,9 +1154,14 @@ impl<S: Store> Driver<S> {
     ) -> Result<(), Error> {
         let (store, group) = (&self.store, &self.group);
         let timeout = self.config.effective_call_timeout();
-        leave_call(&self.abort, timeout, give_up, "deregister", || {
-            store.deregister(group, session)
-        })
+        leave_call(
+            &self.abort,
+            &self.shared.metrics,
+            timeout,
+            give_up,
+            "deregister",
+            || store.deregister(group, session),
+        )
         .await
     }
 
@@ -1102,19 +1184,22 @@ impl<S: Store> Driver<S> {
 /// (non-`Sync`) driver.
 async fn call<T>(
     stop: &CancellationToken,
+    metrics: &Metrics,
     deadline: Instant,
     name: &'static str,
     fut: impl Future<Output = Result<T, Error>>,
 ) -> Result<T, Error> {
     let started = Instant::now();
-    tokio::select! {
+    let result = tokio::select! {
         biased;
         () = stop.cancelled() => Err(Error::Shutdown),
         result = tokio::time::timeout_at(deadline, fut) => match result {
             Ok(result) => result,
             Err(_) => Err(Error::Timeout { call: name, after: deadline.saturating_duration_since(started) }),
         }
-    }
+    };
+    metrics.call(name, started.elapsed(), result.as_ref().err());
+    result
 }
 
 /// One call of the graceful leave: each attempt within the call timeout and the shutdown budget
@@ -1123,6 +1208,7 @@ async fn call<T>(
 /// immediate `Unavailable` is tried once more: every call of the leave is safe to repeat.
 async fn leave_call<T, Fut>(
     abort: &CancellationToken,
+    metrics: &Metrics,
     timeout: Duration,
     give_up: Instant,
     name: &'static str,
@@ -1132,11 +1218,11 @@ where
     Fut: Future<Output = Result<T, Error>>,
 {
     let deadline = || (Instant::now() + timeout).min(give_up);
-    let result = call(abort, deadline(), name, make()).await;
+    let result = call(abort, metrics, deadline(), name, make()).await;
     if !matches!(result, Err(Error::Unavailable { .. })) || Instant::now() >= give_up {
         return result;
     }
-    call(abort, deadline(), name, make()).await
+    call(abort, metrics, deadline(), name, make()).await
 }
 
 async fn next_notice(subscription: &mut Subscription) -> Option<Notice> {

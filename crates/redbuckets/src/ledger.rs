@@ -251,6 +251,22 @@ impl Ledger {
         buckets
     }
 
+    /// How the drains of `buckets` end at `now`, for the ones whose first release this is: the
+    /// time since the revoke, and whether lease handles were still alive (the drain time ran
+    /// out) rather than all dropped. A retried release is not a second end.
+    pub(crate) fn drain_ends(&self, buckets: &[u32], now: Instant) -> Vec<(Duration, bool)> {
+        buckets
+            .iter()
+            .filter_map(|b| self.held.get(b))
+            .filter_map(|h| match h.hold {
+                Hold::Draining { since, .. } if !h.releasing => {
+                    Some((now.saturating_duration_since(since), h.has_handles()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Draining buckets ready for their release: no live handle, or the drain time is over.
     pub(crate) fn releasable(&self, now: Instant) -> Vec<u32> {
         self.held

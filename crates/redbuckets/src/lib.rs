@@ -139,6 +139,24 @@
 //! `test-util`): a ttl passes in no time.
 //!
 //! How the crate is built, module by module, is in `CONTRIBUTING.md` at the repository's root.
+//!
+//! # Metrics
+//! Recorded through the [`metrics`](::metrics) facade (install an exporter before starting members;
+//! none installed, nothing is recorded). The names are constants in [`metrics`].
+//!
+//! | name | type | labels | meaning |
+//! |---|---|---|---|
+//! | `redbuckets_buckets_owned` | gauge | group | buckets this member owns now (members of one group in one process add up) |
+//! | `redbuckets_buckets_share` | gauge | group | the most buckets the share rule lets this member keep, as its last rebalance step reported it (a grant the store pushes after a peer left does not carry it) |
+//! | `redbuckets_members` | gauge | group | live members, as the last renewal or rebalance step saw them |
+//! | `redbuckets_bucket_events_total` | counter | group, event (`acquired`, `revoked`, `released`, `lost`), reason (for `lost`: `deadline`, `session_expired`, `disowned`, `unreleased`) | ownership changes |
+//! | `redbuckets_rebalance_duration_seconds` | histogram | group | from a change notice (or a registration, or a renewal that shows work to do) to this member's balanced state: no step wanted, nothing draining |
+//! | `redbuckets_drain_duration_seconds` | histogram | group, result (`dropped`, `timeout`) | from a bucket's revoke to its release |
+//! | `redbuckets_store_call_duration_seconds` | histogram | group, call (`register`, `heartbeat`, `rebalance`, `release`, `leave`, `deregister`, `holdings`, `subscribe`) | store round trip |
+//! | `redbuckets_store_errors_total` | counter | group, call, kind (`timeout`, `unavailable`, `refused`, `corrupt_state`, ...) | failed calls |
+//! | `redbuckets_lease_remaining_seconds` | gauge | group | time left to the local lease deadline, 0 without a session: the early warning before `Lost` (set at every renewal and every retry) |
+//! | `redbuckets_quarantine_remaining_seconds` | gauge | group | time left in a new group's quarantine, 0 once it grants |
+//!
 #![deny(missing_docs, missing_debug_implementations)]
 #![warn(clippy::unwrap_used)]
 
@@ -151,6 +169,7 @@ mod event;
 mod ledger;
 mod logs;
 mod member;
+pub mod metrics;
 mod session;
 pub mod share;
 mod signal;
@@ -163,7 +182,7 @@ pub use member::{ErrorHook, Events, Leases, Member, MemberBuilder, MemberHandle,
 pub use signal::shutdown_signal;
 pub use store::memory::MemoryStore;
 pub use store::redis::{redact_url, scrub_password, RedisOptions, RedisStore};
-pub use store::{GroupKey, GroupSnapshot, Store};
+pub use store::{Deletion, GroupKey, GroupSnapshot, Removal, Store};
 
 /// The `redis` crate this one is built on: a `redis::Client`, `SentinelClient` or
 /// `ConnectionInfo` for [`RedisStore::from_client`], [`RedisStore::from_sentinel_client`] or

@@ -27,6 +27,7 @@ use crate::driver::Driver;
 use crate::error::Error;
 use crate::event::{Deadline, Event, Lease, LeaseGuard};
 use crate::ledger::Ledger;
+use crate::metrics::Metrics;
 use crate::store::Store;
 
 /// Called with every error the member meets while running (the `tracing` events carry them too).
@@ -164,6 +165,7 @@ impl<S: Store> MemberBuilder<S> {
             dropped: Arc::new(Notify::new()),
             stopped: CancellationToken::new(),
             expired: AtomicBool::new(false),
+            metrics: Metrics::new(&config.group),
         });
         let abort = CancellationToken::new();
         // The abort's child: an abort interrupts whatever the shutdown would.
@@ -763,6 +765,8 @@ pub(crate) struct Shared {
     /// then valid again (a lease valid, invalid, valid; a subscription in that window with an
     /// empty snapshot and nothing after).
     pub(crate) expired: AtomicBool,
+    /// The member's metric handles (`metrics.rs`).
+    pub(crate) metrics: Metrics,
 }
 
 impl Shared {
@@ -815,6 +819,7 @@ impl Shared {
     pub(crate) fn apply(self: &Arc<Self>, change: impl FnOnce(&mut Ledger) -> Vec<Event>) -> usize {
         let mut guard = self.lock();
         let local = &mut *guard;
+        let before = local.ledger.owned_count();
         let events = change(&mut local.ledger);
         let count = events.len();
         if !local.leases.is_empty() {
@@ -830,12 +835,13 @@ impl Shared {
                 }
             }
         }
+        let owned = local.ledger.owned_buckets();
+        self.metrics.ownership(&events, before, owned.len());
         for event in events {
             tracing::debug!(?event, "ownership change");
             // No receiver is fine: events are for whoever listens.
             let _ = self.events.send(event);
         }
-        let owned = local.ledger.owned_buckets();
         drop(guard);
         self.owned.send_if_modified(|now| {
             let changed = *now != owned;

@@ -146,6 +146,10 @@ enum Op {
         m: usize,
         stale: bool,
     },
+    /// An operator removes a member by id, whatever its session (`redbuckets remove-member`).
+    Remove {
+        m: usize,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -220,6 +224,7 @@ fn op() -> impl Strategy<Value = Op> {
             }
         ),
         1 => (m.clone(), stale).prop_map(|(m, stale)| Op::Deregister { m, stale }),
+        1 => m.clone().prop_map(|m| Op::Remove { m }),
         1 => (m, stale).prop_map(|(m, stale)| Op::Holdings { m, stale }),
         4 => ms.prop_map(|ms| Op::Advance { ms }),
         3 => (1u64..=6).prop_map(|thirds| Op::Pass { thirds }),
@@ -477,14 +482,17 @@ fn snapshot_outcome(r: Result<Option<GroupSnapshot>, Error>) -> String {
                     .or_default() += 1;
             }
             format!(
-                "buckets {} protocol {} version {} quarantine {:?} free {} members {:?} tokens {:?}",
+                "buckets {} protocol {} version {} quarantine {:?} free {} members {:?} tokens {:?} \
+                 ttl {:?} sessions {}",
                 s.buckets,
                 s.protocol,
                 s.version,
                 s.quarantine,
                 s.free(),
                 s.members,
-                tokens
+                tokens,
+                s.ttl,
+                s.renewed_ago.is_some()
             )
         }
         Ok(None) => "no group".into(),
@@ -682,6 +690,14 @@ impl<'h> Run<'h> {
                 let s = self.session(*m, *stale);
                 let a = h.memory_rt.block_on(mem.deregister(g, &s));
                 let b = h.redis_rt.block_on(red.deregister(g, &s));
+                (outcome(a), outcome(b))
+            }
+            Op::Remove { m } => {
+                let id = self.session(*m, false).member;
+                let a = h
+                    .memory_rt
+                    .block_on(async { Ok::<_, Error>(mem.remove_member(g, &id)) });
+                let b = h.redis_rt.block_on(red.remove_member(g, &id));
                 (outcome(a), outcome(b))
             }
             Op::Advance { ms } => {

@@ -157,6 +157,10 @@ async fn groups_spread_over_every_primary() {
         );
     }
     assert_eq!(per_primary.values().copied().collect::<Vec<_>>(), [4, 4, 4]);
+    // The listing (`redbuckets groups`) scans every primary.
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(store.groups("red-buckets").await.expect("groups"), sorted);
 
     // A node without the library (a restart without persistence, FUNCTION FLUSH): the next
     // call loads it there, on that node only, and the groups never notice.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use redbuckets::store::{
     Action, Channel, Notice, Notifications, RegisterRequest, Registration, SessionRef,
 };
-use redbuckets::{Error, GroupKey, MemoryStore, RedisOptions, RedisStore, Store};
+use redbuckets::{Deletion, Error, GroupKey, MemoryStore, RedisOptions, RedisStore, Store};
 use redbuckets_testkit::RedisServer;
 
 const TTL: Duration = Duration::from_millis(500);
@@ -999,7 +999,8 @@ async fn steady_state_heartbeat_is_one_round_trip_of_constant_work() {
         "work must not grow with B"
     );
     // 12: the renewal, the free count, the member's counts (the safety net under lost
-    // wake-ups) and the expiry of the two sessions it watches.
+    // wake-ups), the expiry of the two sessions it watches, and the live count (the members
+    // gauge, issue 21). The check of the group keys' expiry rides on the version's read.
     assert!(per_heartbeat[0] <= 12, "{per_heartbeat:?}");
 }
 
@@ -1829,4 +1830,197 @@ async fn sessions_expire_at_their_exact_boundary() {
         .await
         .expect("heartbeat");
     assert!(!hb.alive, "b was renewed at its expiry");
+}
+
+/// Issue 21: an operator's deletion. Refused while a session is live unless forced; a forced
+/// one wakes the live member, whose session is then gone, and the group re-created by a
+/// registration with a much shorter ttl still grants nothing before the ended session would
+/// have expired (S1: its member may own its buckets until its own deadline, before that);
+/// the new grants carry larger tokens (S2). Both stores.
+async fn forced_deletion_keeps_the_old_sessions_quarantine(store: &(impl Store + Deleting)) {
+    let g = GroupKey::new("del", "g");
+    let long = Duration::from_secs(3);
+    let a = session("a", "1");
+    assert_eq!(store.delete(&g, false).await, Deletion::Absent);
+    store
+        .register(&g, &RegisterRequest::new(a.clone(), 1, 4, long))
+        .await
+        .expect("register");
+    let mut wake = store
+        .subscribe(&g, Channel::Member("a"))
+        .await
+        .expect("subscribe");
+    assert_eq!(
+        store.delete(&g, false).await,
+        Deletion::Refused { live: 1 },
+        "a live session"
+    );
+    assert!(store.snapshot(&g).await.expect("snapshot").is_some());
+    assert_eq!(store.delete(&g, true).await, Deletion::Deleted { live: 1 });
+    assert_eq!(store.snapshot(&g).await.expect("snapshot"), None);
+    let woken = tokio::time::timeout(Duration::from_secs(2), wake.next())
+        .await
+        .expect("a is woken");
+    assert_eq!(woken, Some(Notice::Act));
+    let reply = store
+        .heartbeat(&g, &a, long, Duration::ZERO)
+        .await
+        .expect("heartbeat");
+    assert!(!reply.alive, "the session ended with the group");
+
+    // Re-created by b with a ttl of 500 ms: the quarantine still covers a's session (3 s).
+    let b = session("b", "1");
+    store
+        .register(&g, &request(&b, 1, 4))
+        .await
+        .expect("register b");
+    let snap = store.snapshot(&g).await.expect("snapshot").expect("group");
+    assert_eq!(snap.ttl, TTL, "the new registrant's configuration");
+    assert!(
+        snap.quarantine > Duration::from_millis(2500),
+        "quarantine {:?} is shorter than the ended session's life",
+        snap.quarantine
+    );
+}
+
+/// The deletion call of either store, for the shared test.
+trait Deleting {
+    async fn delete(&self, g: &GroupKey, force: bool) -> Deletion;
+}
+
+impl Deleting for RedisStore {
+    async fn delete(&self, g: &GroupKey, force: bool) -> Deletion {
+        self.delete_group(g, force).await.expect("delete")
+    }
+}
+
+impl Deleting for MemoryStore {
+    async fn delete(&self, g: &GroupKey, force: bool) -> Deletion {
+        self.delete_group(g, force)
+    }
+}
+
+#[tokio::test]
+async fn a_forced_deletion_keeps_the_old_sessions_quarantine_on_redis() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    forced_deletion_keeps_the_old_sessions_quarantine(&store).await;
+}
+
+#[tokio::test]
+async fn a_forced_deletion_keeps_the_old_sessions_quarantine_in_memory() {
+    forced_deletion_keeps_the_old_sessions_quarantine(&MemoryStore::new()).await;
+}
+
+/// Issue 21: a group with no live session holds nothing, so its next member sets its
+/// configuration (another bucket count or ttl re-creates it, quarantine and all, tokens still
+/// growing), while a live session still makes a mismatch an error. Both stores.
+async fn the_next_member_of_an_empty_group_sets_its_configuration(store: &impl Store) {
+    let g = GroupKey::new("reconf", "g");
+    let a = session("a", "1");
+    let long = Duration::from_secs(60);
+    store
+        .register(&g, &RegisterRequest::new(a.clone(), 1, 4, long))
+        .await
+        .expect("register a");
+    let b = session("b", "1");
+    let refused = store.register(&g, &request(&b, 1, 8)).await;
+    assert!(
+        matches!(refused, Err(Error::GroupMismatch { .. })),
+        "a live session keeps the group's shape: {refused:?}"
+    );
+    let refused = store.register(&g, &request(&b, 1, 4)).await;
+    assert!(
+        matches!(refused, Err(Error::TtlMismatch { .. })),
+        "and its ttl: {refused:?}"
+    );
+    store.deregister(&g, &a).await.expect("a leaves");
+    let Registration::Registered { token, .. } = store
+        .register(&g, &request(&b, 1, 8))
+        .await
+        .expect("b sets the configuration")
+    else {
+        panic!("b was not registered");
+    };
+    let snap = store.snapshot(&g).await.expect("snapshot").expect("group");
+    assert_eq!((snap.buckets, snap.ttl), (8, TTL));
+    assert!(
+        snap.quarantine > Duration::ZERO,
+        "a re-created group's quarantine"
+    );
+    assert!(token > 0, "the token floor follows the store's clock");
+}
+
+#[tokio::test]
+async fn the_next_member_of_an_empty_group_sets_its_configuration_on_redis() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    the_next_member_of_an_empty_group_sets_its_configuration(&store).await;
+}
+
+#[tokio::test]
+async fn the_next_member_of_an_empty_group_sets_its_configuration_in_memory() {
+    the_next_member_of_an_empty_group_sets_its_configuration(&MemoryStore::new()).await;
+}
+
+/// The keys under `g`'s tag, sorted, with their PTTL (ms; -1: none).
+async fn keys_and_ttls(url: &str, g: &GroupKey) -> Vec<(String, i64)> {
+    let mut con = raw(url).await;
+    let found = redis_cmd(&mut con, &["KEYS", &format!("{}*", g.tag())]).await;
+    let mut names: Vec<String> = redis::from_redis_value(found).expect("names");
+    names.sort();
+    let mut out = Vec::new();
+    for key in names {
+        let v = redis_cmd(&mut con, &["PTTL", &key]).await;
+        out.push((key, redis::from_redis_value::<i64>(v).expect("pttl")));
+    }
+    out
+}
+
+/// Issue 21: the keys of a group nobody uses do not stay behind. While members renew, every
+/// key expires ten ttls (at least a minute) ahead, renewed once half of that is gone; when the
+/// last live session leaves (a graceful leave, a deregistration, an operator's removal), in two
+/// ttls (at least a minute); a registration keeps them again. A group whose members all crashed
+/// loses its keys a minute after their last renewal here.
+#[tokio::test]
+async fn a_groups_keys_expire_when_nobody_uses_it() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let store = RedisStore::connect(&url).await.expect("connect");
+    let mut con = raw(&url).await;
+    let g = GroupKey::new("empty", "g");
+    let (a, b) = (session("a", "1"), session("b", "1"));
+    let kept = |keys: &[(String, i64)], what: &str| {
+        assert!(!keys.is_empty(), "{what}: {keys:?}");
+        for (key, pttl) in keys {
+            assert!(
+                (30_000..=60_000).contains(pttl),
+                "{what}: {key} has PTTL {pttl}"
+            );
+        }
+    };
+    register_all(&store, &g, [&a, &b], 8).await;
+    lift_quarantine(&mut con, &g).await;
+    store.rebalance(&g, &a, 8).await.expect("a takes");
+    store
+        .heartbeat(&g, &a, TTL, Duration::ZERO)
+        .await
+        .expect("a renews");
+    // Every key, the owner hash and a's held set made by the grant too.
+    let keys = keys_and_ttls(&url, &g).await;
+    assert!(keys.iter().any(|(k, _)| k.ends_with(":held:a")), "{keys:?}");
+    assert!(keys.iter().any(|(k, _)| k.ends_with(":owner")), "{keys:?}");
+    kept(&keys, "live");
+    let removal = store.remove_member(&g, "b").await.expect("remove b");
+    assert_eq!(removal, redbuckets::store::Removal::Removed { held: 0 });
+    kept(&keys_and_ttls(&url, &g).await, "a still live");
+    store.deregister(&g, &a).await.expect("a leaves");
+    let left = keys_and_ttls(&url, &g).await;
+    kept(&left, "after the last leave");
+    assert_eq!(left.len(), 2, "the meta hash and the free set: {left:?}");
+    // A registration keeps the group, and keeps it fresh.
+    register_all(&store, &g, [&session("c", "1")], 8).await;
+    kept(&keys_and_ttls(&url, &g).await, "registered again");
+    // A crash: nobody renews; the keys go at their expiry (DEBUG SLEEP is not needed: the
+    // expiry is what matters, checked above to be at most a minute).
 }

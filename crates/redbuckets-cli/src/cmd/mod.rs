@@ -1,8 +1,11 @@
 //! One module per subcommand, and what they share: connecting to Redis without ever showing a
 //! password, waiting for SIGTERM/Ctrl-C, wall-clock conversions.
 
+pub mod delete;
 pub mod demo;
+pub mod groups;
 pub mod join;
+pub mod remove;
 pub mod status;
 pub mod watch;
 

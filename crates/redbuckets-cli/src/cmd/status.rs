@@ -35,8 +35,9 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         })?
         .ok_or_else(|| {
             anyhow!(
-                "group {:?} (prefix {:?}) does not exist at {}: no member has joined it, or \
-                 every member left",
+                "group {:?} (prefix {:?}) does not exist at {}: no member has joined it, it \
+                 was deleted, or its keys expired after its last member left (`redbuckets \
+                 groups` lists the groups under a prefix)",
                 key.name,
                 key.prefix,
                 redact_url(url)

@@ -11,7 +11,9 @@
 //! and `--heartbeat 1` (seconds), `--window 10` (steady-state seconds), `--retry-ms 500` (between
 //! failed starts), `--start-limit 120` (s a member may take to start), `--balance-limit 240` (s
 //! to wait for a balance), `--cap 900` (s for a whole run), `--out target/scale` (or
-//! `SCALE_OUT`), `--label before` (the series name in the chart).
+//! `SCALE_OUT`), `--label before` (the series name in the chart), `--recorder none` (or
+//! `prometheus`: a Prometheus recorder is installed before the members start and rendered every
+//! 5 s, as a scrape would; the steady member CPU against a run without is the metrics' cost).
 //!
 //! Without `REDIS_URL` each run gets a fresh `redis-server` of its own (the testkit's).
 //!
@@ -49,6 +51,9 @@ struct Args {
     cap: u64,
     out: PathBuf,
     label: String,
+    /// Install a Prometheus recorder (and render it every 5 s, as a scrape would) before the
+    /// members start: the metrics overhead, against the same run without.
+    recorder: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -65,6 +70,7 @@ fn parse_args() -> Result<Args, String> {
         out: std::env::var_os("SCALE_OUT")
             .map_or_else(|| PathBuf::from("target/scale"), PathBuf::from),
         label: "before".into(),
+        recorder: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -88,6 +94,13 @@ fn parse_args() -> Result<Args, String> {
             "--cap" => a.cap = value.parse().map_err(|e| bad(&e))?,
             "--out" => a.out = PathBuf::from(value),
             "--label" => a.label = value,
+            "--recorder" => {
+                a.recorder = match value.as_str() {
+                    "prometheus" => true,
+                    "none" => false,
+                    _ => return Err(bad(&"prometheus or none")),
+                }
+            }
             other => return Err(format!("unknown option {other}")),
         }
     }
@@ -462,6 +475,24 @@ async fn main() {
     if let Err(e) = std::fs::create_dir_all(args.out.join("runs")) {
         eprintln!("scale: {}: {e}", args.out.display());
         std::process::exit(2);
+    }
+    if args.recorder {
+        let handle = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()
+        {
+            Ok(handle) => handle,
+            Err(e) => {
+                eprintln!("scale: recorder: {e}");
+                std::process::exit(2);
+            }
+        };
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let text = handle.render();
+                let series = text.lines().filter(|l| !l.starts_with('#')).count();
+                println!("  [recorder] scrape: {series} series, {} bytes", text.len());
+            }
+        });
     }
     let mut failed = false;
     for &n in &args.members {

@@ -14,12 +14,19 @@ use crate::config::PROTOCOL_VERSION;
 use crate::error::Error;
 use crate::share::{self, Load};
 use crate::store::{
-    Action, Channel, GroupKey, GroupSnapshot, HeartbeatReply, Holdings, MemberInfo, Notice,
-    Notifications, Owner, RebalanceReply, RegisterRequest, Registration, SessionRef, Store,
+    Action, Channel, Deletion, GroupKey, GroupSnapshot, HeartbeatReply, Holdings, MemberInfo,
+    Notice, Notifications, Owner, RebalanceReply, RegisterRequest, Registration, Removal,
+    SessionRef, Store,
 };
 
 /// An in-process store with the semantics of [`crate::RedisStore`]: for tests, simulations,
 /// demos, and for trying redbuckets without Redis. Clones share the same state.
+///
+/// One difference, in storage only: Redis lets the keys of a group nobody uses expire (ten
+/// ttls after the last renewal, two after the last member left), while this store keeps such
+/// a group until it is deleted or a registration re-creates it. Only a snapshot or a listing
+/// tells them apart (none, or a stale group): such a group is unattended, so a registration
+/// re-creates it either way.
 #[derive(Clone, Debug, Default)]
 pub struct MemoryStore {
     inner: Arc<Mutex<Inner>>,
@@ -28,6 +35,9 @@ pub struct MemoryStore {
 #[derive(Debug)]
 struct Inner {
     groups: HashMap<GroupKey, GroupState>,
+    /// The earliest grant of a group re-created after a forced deletion: the latest expiry of
+    /// the sessions it ended (delete.lua's requarantine key). Past ones are ignored.
+    floors: HashMap<GroupKey, Instant>,
     /// Subscriptions: the group's channel (`None`) and each member's (`Some(id)`).
     channels: HashMap<(GroupKey, Option<String>), broadcast::Sender<Notice>>,
     /// Server clock: Unix µs at `epoch`, advanced by tokio's clock.
@@ -43,6 +53,7 @@ impl Default for Inner {
             .unwrap_or(0);
         Inner {
             groups: HashMap::new(),
+            floors: HashMap::new(),
             channels: HashMap::new(),
             base_us,
             epoch: Instant::now(),
@@ -58,6 +69,8 @@ struct GroupState {
     grant_after: Instant,
     /// When a live session last left (leave, deregister), or the creation: see `unattended`.
     seen: Instant,
+    /// When the group was created (its snapshot's age).
+    created: Instant,
     last_token: u64,
     members: BTreeMap<String, MemberState>,
     owners: Vec<Option<(String, u64)>>,
@@ -82,6 +95,7 @@ impl GroupState {
             version: 0,
             grant_after: now + ttl,
             seen: now,
+            created: now,
             last_token: 0,
             members: BTreeMap::new(),
             owners: vec![None; buckets as usize],
@@ -266,6 +280,12 @@ impl GroupState {
         !expired.is_empty()
     }
 
+    /// The live sessions at `now` (common.lua's `live_count`).
+    fn live_count(&self, now: Instant) -> u32 {
+        let live = self.members.values().filter(|m| m.expires > now).count();
+        u32::try_from(live).unwrap_or(u32::MAX)
+    }
+
     fn live<'a>(&'a mut self, s: &SessionRef, now: Instant) -> Option<&'a mut MemberState> {
         self.members
             .get_mut(&s.member)
@@ -278,6 +298,81 @@ impl MemoryStore {
     #[must_use]
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The names of the groups under `prefix`, sorted (as [`crate::RedisStore::groups`]).
+    #[must_use]
+    pub fn groups(&self, prefix: &str) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .lock()
+            .groups
+            .keys()
+            .filter(|g| g.prefix == prefix)
+            .map(|g| g.name.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Deletes `group` (as [`crate::RedisStore::delete_group`], delete.lua): refused while
+    /// sessions are live unless `force`; a forced deletion wakes the live members and keeps the
+    /// latest expiry of their sessions as the floor of the re-created group's quarantine.
+    pub fn delete_group(&self, group: &GroupKey, force: bool) -> Deletion {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let Some(state) = inner.groups.get(group) else {
+            return Deletion::Absent;
+        };
+        let live: Vec<(String, Instant)> = state
+            .members
+            .iter()
+            .filter(|(_, m)| m.expires > now)
+            .map(|(id, m)| (id.clone(), m.expires))
+            .collect();
+        let count = u32::try_from(live.len()).unwrap_or(u32::MAX);
+        if count > 0 && !force {
+            return Deletion::Refused { live: count };
+        }
+        if let Some(until) = live.iter().map(|(_, at)| *at).max() {
+            let floor = inner.floors.entry(group.clone()).or_insert(until);
+            *floor = (*floor).max(until);
+        }
+        inner.groups.remove(group);
+        let woken: Vec<(String, Notice)> =
+            live.into_iter().map(|(id, _)| (id, Notice::Act)).collect();
+        inner.notify(group, &woken);
+        Deletion::Deleted { live: count }
+    }
+
+    /// Ends `member`'s session now, whatever its nonce (as [`crate::RedisStore::remove_member`],
+    /// remove.lua): a deregistration that also wakes the member.
+    pub fn remove_member(&self, group: &GroupKey, member: &str) -> Removal {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        let now_us = inner.now_us(now);
+        let Some(state) = inner.groups.get_mut(group) else {
+            return Removal::Absent;
+        };
+        let purged = state.purge(now);
+        let held = state
+            .members
+            .get(member)
+            .map(|m| u32::try_from(m.held.len()).unwrap_or(u32::MAX));
+        let removed = held.is_some() && state.remove_member(member);
+        if !removed {
+            if purged {
+                let woken = state.settle(now, now_us, false, member);
+                inner.notify(group, &woken);
+            }
+            return Removal::Absent;
+        }
+        state.seen = now;
+        let mut woken = vec![(member.to_string(), Notice::Act)];
+        woken.extend(state.settle(now, now_us, false, member));
+        inner.notify(group, &woken);
+        Removal::Removed {
+            held: held.unwrap_or_default(),
+        }
     }
 
     /// Forgets every group, as a Redis restart without persistence does. Subscribers are told.
@@ -369,10 +464,22 @@ impl Store for MemoryStore {
             inner.groups.remove(group);
             inner.notify(group, &[]);
         }
-        let state = inner
-            .groups
-            .entry(group.clone())
-            .or_insert_with(|| GroupState::new(req.buckets, now, req.ttl));
+        // A group with no live session holds nothing (every lease ended before its session
+        // did, S3): its next member sets its configuration. Another bucket count or ttl
+        // re-creates it (register.lua) instead of being refused.
+        let reconfigured = inner.groups.get(group).is_some_and(|g| {
+            g.live_count(now) == 0 && (g.buckets != req.buckets || g.ttl != req.ttl)
+        });
+        if reconfigured {
+            inner.groups.remove(group);
+            inner.notify(group, &[]);
+        }
+        let floor = inner.floors.get(group).copied().filter(|at| *at > now);
+        let state = inner.groups.entry(group.clone()).or_insert_with(|| {
+            let mut state = GroupState::new(req.buckets, now, req.ttl);
+            state.grant_after = state.grant_after.max(floor.unwrap_or(now));
+            state
+        });
         if state.buckets != req.buckets {
             return Err(Error::GroupMismatch {
                 group: group.name.clone(),
@@ -457,6 +564,7 @@ impl Store for MemoryStore {
                 next_expiry: None,
                 committed: 0,
                 held: 0,
+                members: 0,
             });
         };
         let purged = state.purge(now);
@@ -493,6 +601,7 @@ impl Store for MemoryStore {
             next_expiry,
             committed,
             held,
+            members: state.live_count(now),
         };
         if purged {
             inner.notify(group, &woken);
@@ -572,6 +681,7 @@ impl Store for MemoryStore {
             free: u32::try_from(state.free.len()).unwrap_or(u32::MAX),
             committed,
             held,
+            members: state.live_count(now),
         };
         if notify {
             inner.notify(group, &woken);
@@ -763,6 +873,15 @@ impl Store for MemoryStore {
             owners,
             quarantine: state.grant_after.saturating_duration_since(now),
             stale: state.unattended(now),
+            ttl: state.ttl,
+            age: now.saturating_duration_since(state.created),
+            // Renewed at its expiry less the ttl; expired sessions count until purged.
+            renewed_ago: state
+                .members
+                .values()
+                .map(|m| m.expires)
+                .max()
+                .map(|latest| (now + state.ttl).saturating_duration_since(latest)),
         }))
     }
 

@@ -156,6 +156,8 @@ pub struct HeartbeatReply {
     pub committed: u32,
     /// Buckets the store lists as the session's, as in [`RebalanceReply::held`].
     pub held: u32,
+    /// Live sessions in the group (0 when the group does not exist).
+    pub members: u32,
 }
 
 /// Which notices a subscription receives.
@@ -208,6 +210,8 @@ pub struct RebalanceReply {
     /// Buckets the store lists as the session's: owned, or committed for release and not yet
     /// released. A member that counts otherwise lost a reply and resyncs.
     pub held: u32,
+    /// Live sessions in the group after the step.
+    pub members: u32,
 }
 
 impl RebalanceReply {
@@ -222,6 +226,7 @@ impl RebalanceReply {
             free: 0,
             committed: 0,
             held: 0,
+            members: 0,
         }
     }
 
@@ -230,6 +235,46 @@ impl RebalanceReply {
     pub fn session_lost() -> Self {
         Self::new(Action::SessionLost)
     }
+}
+
+/// What deleting a group did ([`crate::RedisStore::delete_group`],
+/// [`crate::MemoryStore::delete_group`]): an operator's call, not a member's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Deletion {
+    /// There was no such group.
+    Absent,
+    /// Refused: this many sessions are live, and `force` was not given. Nothing was changed.
+    Refused {
+        /// Live sessions.
+        live: u32,
+    },
+    /// Every key of the group is gone. The `live` sessions it ended are woken: each member finds
+    /// its session gone, reports its buckets `Lost` (`session_expired`) and registers again,
+    /// which re-creates the group (with the registrant's configuration) and its quarantine, never
+    /// shorter than the latest expiry of the ended sessions, so no bucket is granted while a
+    /// member that has not heard yet may still own it (S1). Tokens keep growing: they follow
+    /// the store's clock.
+    Deleted {
+        /// Live sessions the deletion ended.
+        live: u32,
+    },
+}
+
+/// What removing a member did ([`crate::RedisStore::remove_member`],
+/// [`crate::MemoryStore::remove_member`]): an operator's call for a member known to be dead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Removal {
+    /// No live session of that member (or no group).
+    Absent,
+    /// Its session ended; the `held` buckets it held were freed and granted to the live
+    /// members (larger tokens). A member that was alive after all keeps working on them until it
+    /// hears (it is woken) or its own deadline passes: two owners meanwhile.
+    Removed {
+        /// Buckets its session held.
+        held: u32,
+    },
 }
 
 /// The owner record of a bucket.
@@ -299,13 +344,23 @@ pub struct GroupSnapshot {
     /// answered (a restart that reloaded a snapshot or an append-only file, or a failover to a
     /// replica): members may hold leases it does not show, so its owners are not to be trusted.
     /// Reading changes nothing; the next registration or rebalance re-creates such a group,
-    /// with the quarantine. Always false for [`crate::MemoryStore`].
+    /// with the quarantine. Also true when nobody was seen in the group for a ttl (no live
+    /// session, no graceful leave within the ttl), which the next registration re-creates too
+    /// (the only way [`crate::MemoryStore`] shows it).
     pub stale: bool,
+    /// The group's session ttl (zero for a group stored before it was recorded).
+    pub ttl: Duration,
+    /// Time since the group was created (or re-created).
+    pub age: Duration,
+    /// Time since the latest renewal (or registration) of any of its sessions, including
+    /// expired ones not purged yet; `None` when it has no session at all (every member left).
+    /// A group whose members all stopped shows it growing past the ttl.
+    pub renewed_ago: Option<Duration>,
 }
 
 impl GroupSnapshot {
     /// A group of `buckets` buckets, all free, with no member, at this crate's protocol
-    /// version, version 0, no quarantine, not stale.
+    /// version, version 0, no quarantine, not stale, ttl and age zero, never renewed.
     #[must_use]
     pub fn new(buckets: u32) -> Self {
         GroupSnapshot {
@@ -316,6 +371,9 @@ impl GroupSnapshot {
             owners: vec![None; buckets as usize],
             quarantine: Duration::ZERO,
             stale: false,
+            ttl: Duration::ZERO,
+            age: Duration::ZERO,
+            renewed_ago: None,
         }
     }
 

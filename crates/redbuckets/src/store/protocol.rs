@@ -17,13 +17,15 @@
 //! | script | `ARGV[2..]` | reply |
 //! |---|---|---|
 //! | register | member, nonce, weight, buckets, ttl µs, `1`/`0` (replaces given), replaced nonce, protocol | `{'registered', ver, token floor}` \| `{'inuse', expires_in_ms}` \| `{'mismatch', buckets, protocol}` \| `{'ttl', group_ttl_us}` |
-//! | heartbeat, heartbeat_fast | member, nonce, ttl µs, watch ms (`-1`: always) | `{alive 0\|1, ver, free, next_ms, committed, held}`, next_ms `-1` with no watched session or when no other session ends within the watch, counts 0 when not alive; heartbeat_fast may instead answer `{'full'}`: run heartbeat |
-//! | rebalance | member, nonce, max_take | `{kind, value, share_min, share_max, ver, free, committed, held, bucket...}`, kind `acquired` (value = token, buckets follow), `release` (value = count), `stay`, `wait` (value = µs left); or `{'lost'}` |
+//! | heartbeat, heartbeat_fast | member, nonce, ttl µs, watch ms (`-1`: always) | `{alive 0\|1, ver, free, next_ms, committed, held, members}`, next_ms `-1` with no watched session or when no other session ends within the watch, counts 0 when not alive, members the live sessions; heartbeat_fast may instead answer `{'full'}`: run heartbeat |
+//! | rebalance | member, nonce, max_take | `{kind, value, share_min, share_max, ver, free, committed, held, members, bucket...}`, kind `acquired` (value = token, buckets follow), `release` (value = count), `stay`, `wait` (value = µs left); or `{'lost'}` |
 //! | release | member, nonce, known (highest token applied), bucket... | count freed (none granted under a higher token) |
 //! | leave | member, nonce, bucket... | count of the named buckets freed (the session ends, freeing all it held) |
 //! | deregister | member, nonce | `1` if removed, else `0` |
 //! | holdings | member, nonce | `{}` (the session is not live, or the data is stale) or `{committed, bucket, token, ...}`: the buckets of the session's held set whose owner record names the member |
-//! | snapshot | none | `{}` (no group) or `{buckets, protocol, ver, quarantine_us, members, owner_flat, stale 0\|1}`: members = `{id, nonce, weight, held, committed, expires_in_ms, age_ms}...`, owner_flat = `bucket, "<token> <member>", ...` |
+//! | delete | force `1`/`0` | `{'absent'}` \| `{'live', n}` (refused, nothing changed) \| `{'deleted', n}` (n live sessions ended) |
+//! | remove | member | `{'removed', held}` (its session ended, whatever its nonce, as a deregistration) \| `{'absent'}` |
+//! | snapshot | none | `{}` (no group) or `{buckets, protocol, ver, quarantine_us, members, owner_flat, stale 0\|1, ttl_us, age_us, renewed_ago_us}` (renewed_ago_us `-1` without any session): members = `{id, nonce, weight, held, committed, expires_in_ms, age_ms}...`, owner_flat = `bucket, "<token> <member>", ...` |
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -33,8 +35,8 @@ use ::redis::Value;
 use crate::config::MAX_BUCKETS;
 use crate::error::Error;
 use crate::store::{
-    Action, GroupKey, GroupSnapshot, HeartbeatReply, Holdings, MemberInfo, Notice, Owner,
-    RebalanceReply,
+    Action, Deletion, GroupKey, GroupSnapshot, HeartbeatReply, Holdings, MemberInfo, Notice, Owner,
+    RebalanceReply, Removal,
 };
 
 /// The suffixes of the keys every script gets as `KEYS`, in order: `<tag>:<suffix>`.
@@ -270,6 +272,7 @@ pub(crate) fn heartbeat(reply: &Value) -> Result<HeartbeatReply, ReplyError> {
         next_expiry,
         committed: f.u32(4, "committed")?,
         held: f.u32(5, "held")?,
+        members: f.u32(6, "members")?,
     })
 }
 
@@ -287,9 +290,10 @@ pub(crate) fn rebalance(reply: &Value) -> Result<RebalanceReply, ReplyError> {
     let free = f.u32(5, "free")?;
     let committed = f.u32(6, "committed")?;
     let held = f.u32(7, "held")?;
+    let members = f.u32(8, "members")?;
     let action = match kind.as_str() {
         "acquired" => {
-            let buckets = (8..f.items.len())
+            let buckets = (9..f.items.len())
                 .map(|i| f.u32(i, "bucket id"))
                 .collect::<Result<Vec<u32>, _>>()?;
             Action::Acquired {
@@ -305,7 +309,7 @@ pub(crate) fn rebalance(reply: &Value) -> Result<RebalanceReply, ReplyError> {
         "wait" => Action::Wait(Duration::from_micros(value)),
         other => return Err(layout(CALL, format!("unknown kind {other:?}"))),
     };
-    if kind != "acquired" && f.items.len() > 8 {
+    if kind != "acquired" && f.items.len() > 9 {
         return Err(layout(CALL, format!("{kind} reply carries bucket ids")));
     }
     Ok(RebalanceReply {
@@ -315,6 +319,7 @@ pub(crate) fn rebalance(reply: &Value) -> Result<RebalanceReply, ReplyError> {
         free,
         committed,
         held,
+        members,
     })
 }
 
@@ -323,6 +328,35 @@ pub(crate) fn release(reply: &Value) -> Result<u32, ReplyError> {
     uint(reply)
         .and_then(|n| u32::try_from(n).ok())
         .ok_or_else(|| layout("release", format!("not a count: {}", short(reply))))
+}
+
+/// Decodes the delete script's reply.
+pub(crate) fn delete(reply: &Value) -> Result<Deletion, ReplyError> {
+    const CALL: &str = "delete";
+    let f = Fields::of(CALL, reply)?;
+    match f.text(0, "kind")?.as_str() {
+        "absent" => Ok(Deletion::Absent),
+        "live" => Ok(Deletion::Refused {
+            live: f.u32(1, "live")?,
+        }),
+        "deleted" => Ok(Deletion::Deleted {
+            live: f.u32(1, "live")?,
+        }),
+        other => Err(layout(CALL, format!("unknown kind {other:?}"))),
+    }
+}
+
+/// Decodes the remove script's reply.
+pub(crate) fn remove(reply: &Value) -> Result<Removal, ReplyError> {
+    const CALL: &str = "remove";
+    let f = Fields::of(CALL, reply)?;
+    match f.text(0, "kind")?.as_str() {
+        "absent" => Ok(Removal::Absent),
+        "removed" => Ok(Removal::Removed {
+            held: f.u32(1, "held")?,
+        }),
+        other => Err(layout(CALL, format!("unknown kind {other:?}"))),
+    }
 }
 
 /// Decodes the holdings script's reply; `None` when the session is not live in the store.
@@ -420,6 +454,23 @@ pub(crate) fn snapshot(reply: &Value) -> Result<Option<GroupSnapshot>, ReplyErro
         1 => true,
         n => return Err(layout(CALL, format!("stale (field 6) is {n}, not 0 or 1"))),
     };
+    let ttl = Duration::from_micros(f.u64(7, "ttl")?);
+    let age = Duration::from_micros(f.u64(8, "age")?);
+    let renewed = f.get(9, "last renewal")?;
+    // -1: no session at all.
+    let renewed_ago = match (uint(renewed), text(renewed).as_deref(), renewed) {
+        (Some(us), _, _) => Some(Duration::from_micros(us)),
+        (None, Some("-1"), _) | (None, None, Value::Int(-1)) => None,
+        _ => {
+            return Err(layout(
+                CALL,
+                format!(
+                    "last renewal (field 9) is not a count of µs or -1: {}",
+                    short(renewed)
+                ),
+            ))
+        }
+    };
     Ok(Some(GroupSnapshot {
         buckets,
         protocol,
@@ -428,6 +479,9 @@ pub(crate) fn snapshot(reply: &Value) -> Result<Option<GroupSnapshot>, ReplyErro
         owners,
         quarantine,
         stale,
+        ttl,
+        age,
+        renewed_ago,
     }))
 }
 
@@ -591,7 +645,15 @@ mod tests {
     #[test]
     fn heartbeat_replies() {
         assert_eq!(
-            heartbeat(&a(vec![int(1), s("4"), int(3), s("250"), int(7), int(8)])),
+            heartbeat(&a(vec![
+                int(1),
+                s("4"),
+                int(3),
+                s("250"),
+                int(7),
+                int(8),
+                int(5)
+            ])),
             Ok(HeartbeatReply {
                 alive: true,
                 version: 4,
@@ -599,15 +661,33 @@ mod tests {
                 next_expiry: Some(Duration::from_millis(250)),
                 committed: 7,
                 held: 8,
+                members: 5,
             })
         );
-        let lone = heartbeat(&a(vec![int(0), s("0"), int(0), s("-1"), int(0), int(0)])).unwrap();
+        let lone = heartbeat(&a(vec![
+            int(0),
+            s("0"),
+            int(0),
+            s("-1"),
+            int(0),
+            int(0),
+            int(0),
+        ]))
+        .unwrap();
         assert!(!lone.alive);
         assert_eq!(lone.next_expiry, None);
         assert_eq!(
-            heartbeat(&a(vec![int(0), s("0"), int(0), int(-1), int(0), int(0)]))
-                .unwrap()
-                .next_expiry,
+            heartbeat(&a(vec![
+                int(0),
+                s("0"),
+                int(0),
+                int(-1),
+                int(0),
+                int(0),
+                int(1)
+            ]))
+            .unwrap()
+            .next_expiry,
             None
         );
         assert!(heartbeat_wants_full(&a(vec![s("full")])));
@@ -638,6 +718,10 @@ mod tests {
                 a(vec![int(1), s("4"), int(0), s("-1"), int(3)]),
                 "held (field 5) is missing",
             ),
+            (
+                a(vec![int(1), s("4"), int(0), s("-1"), int(3), int(3)]),
+                "members (field 6) is missing",
+            ),
             (s("OK"), "not an array but text"),
         ] {
             let m = message(heartbeat(&bad));
@@ -655,6 +739,7 @@ mod tests {
             int(4),
             int(2),
             int(2),
+            int(6),
         ]
     }
 
@@ -674,6 +759,7 @@ mod tests {
                 free: 4,
                 committed: 2,
                 held: 2,
+                members: 6,
             })
         );
         let action = |r: Result<RebalanceReply, ReplyError>| r.map(|r| r.action);
@@ -696,11 +782,11 @@ mod tests {
         let mut stay_with_buckets = fixed("stay", "0");
         stay_with_buckets.push(s("3"));
         let mut short_reply = fixed("stay", "0");
-        short_reply.truncate(7);
+        short_reply.truncate(8);
         for (bad, needle) in [
-            (a(bad_bucket), "bucket id (field 8)"),
+            (a(bad_bucket), "bucket id (field 9)"),
             (a(stay_with_buckets), "carries bucket ids"),
-            (a(short_reply), "held (field 7) is missing"),
+            (a(short_reply), "members (field 8) is missing"),
             (a(fixed("release", "5000000000")), "release count"),
             (a(fixed("give", "0")), "unknown kind"),
             (a(vec![Value::Nil]), "kind (field 0) is not text"),
@@ -739,6 +825,9 @@ mod tests {
             a(members),
             a(owners),
             int(stale),
+            s("3000000"),
+            s("60000000"),
+            s("-1"),
         ])
     }
 

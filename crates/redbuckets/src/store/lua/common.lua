@@ -25,6 +25,7 @@
 --   <tag>:events         pub/sub channel: every change, for tools that watch the group
 --   <tag>:wake:<member>  pub/sub channel: the member must act (settle)
 -- Keys built here from ARGV[1] (the tag) share the hash tag, so they are on the same slot.
+-- Every key of a group expires (keep_alive, seen_leaving): nothing of a group nobody uses stays.
 --
 -- Lua numbers are doubles: µs timestamps (~1.7e15) are exact, but tostring() and number
 -- arguments to redis.call may print them with too few digits, so every number that is
@@ -201,6 +202,15 @@ local function ids_key()
   return TAG .. ':ids'
 end
 
+-- A key made between two refreshes of the group's expiry (keep_alive) takes the meta hash's, so
+-- it goes with the group's other keys, also if every member crashes before its next renewal.
+local function inherit_expiry(key)
+  local left = redis.call('PTTL', K_META)
+  if left > 0 then
+    redis.call('PEXPIRE', key, left, 'NX')
+  end
+end
+
 local function requarantine_key()
   return TAG .. ':requarantine'
 end
@@ -267,6 +277,9 @@ local function free_buckets(meta, member, buckets, records)
   end
   batched('HDEL', K_OWNER, freed)
   batched('SADD', K_FREE, freed)
+  if #freed > 0 then
+    inherit_expiry(K_FREE)
+  end
   for _, b in ipairs(freed) do
     if not FRESH_SET[b] then
       FRESH_SET[b] = true
@@ -454,9 +467,80 @@ local function is_unattended(now)
   return seen + ttl <= now
 end
 
--- Records that a live session left the group at `now` (µs): is_unattended counts from here.
+-- Every key of the group: the fixed ones, each weight's counts, each member's held set (not the
+-- requarantine key, which expires by itself). O(members), read once per keep_ms / 2.
+local function group_keys()
+  local keys = { K_META, K_EXP, K_SESS, K_SINCE, K_WEIGHT, K_WCOUNT, K_OWNER, K_FREE, ids_key() }
+  local weights = redis.pcall('HKEYS', K_WCOUNT)
+  if type(weights) == 'table' and not weights.err then
+    for _, w in ipairs(weights) do
+      keys[#keys + 1] = count_key(w)
+    end
+  end
+  local members = redis.pcall('HKEYS', K_SESS)
+  if type(members) == 'table' and not members.err then
+    for _, m in ipairs(members) do
+      keys[#keys + 1] = held_key(m)
+    end
+  end
+  return keys
+end
+
+-- Nothing of a group nobody uses stays behind: every key of a group expires KEEP after the last
+-- renewal of any of its sessions (keep_ms), and sooner after its last member left
+-- (seen_leaving). Members renewing refresh the expiry once it is half gone (keep_alive), so a
+-- live group never loses a key: its members renew every ttl / 2 at most, far inside that half.
+-- A group whose keys expired is gone, as after data loss: the next registration creates it with
+-- its quarantine, and tokens go on growing (they follow the clock). The least time is a minute,
+-- so a test's or a simulation's clock (clock_frozen.lua), which may run ahead of Redis's own,
+-- never sees keys vanish in the middle of a run.
+local KEEP_TTLS, KEEP_MIN_MS = 10, 60000
+
+-- How long (ms) a group of session ttl `ttl_us` keeps its keys after its last renewal.
+local function keep_ms(ttl_us)
+  return math.max(idiv(KEEP_TTLS * ttl_us, 1000), KEEP_MIN_MS)
+end
+
+-- Sets every key of the group to expire in `ms`.
+local function expire_group(ms)
+  for _, k in ipairs(group_keys()) do
+    redis.call('PEXPIRE', k, ms)
+  end
+end
+
+-- A live member's renewal (or, with `all`, a registration) keeps the group: every key, once
+-- less than half of keep_ms is left of the expiry the last refresh set (meta's kept_ms, server
+-- ms; none: a group written before this). `kept` is that field as read by the caller
+-- (heartbeat_fast reads it with the version: no call of its own), nil to read it here. A
+-- registration sets them all (the keys of a new member or weight are made there); the free
+-- set, the owner hash and a held set, which come and go with the buckets, take the meta hash's
+-- expiry when they are made (inherit_expiry).
+local function keep_alive(ttl_us, all, now_ms, kept)
+  local keep = keep_ms(ttl_us)
+  if not all then
+    if kept == nil then
+      kept = redis.call('HGET', K_META, 'kept_ms')
+    end
+    local until_ms = tonumber(kept or '')
+    if until_ms and until_ms - now_ms >= keep / 2 then
+      return
+    end
+  end
+  expire_group(keep)
+  redis.call('HSET', K_META, 'kept_ms', fmt(now_ms + keep))
+end
+
+-- Records that a live session left the group at `now` (µs): is_unattended counts from here. When
+-- it was the last one, the group's keys expire max(2 ttl, KEEP_MIN_MS) from now unless a member
+-- registers first (which keeps them, keep_alive). The group is unattended a ttl after this
+-- leave anyway, and the next registration would re-create it: its keys going away changes no
+-- outcome.
 local function seen_leaving(now)
   redis.call('HSET', K_META, 'seen_us', fmt(now))
+  if redis.call('ZCARD', K_EXP) == 0 then
+    local ttl = tonumber(redis.call('HGET', K_META, 'ttl_us') or '') or 0
+    expire_group(math.max(idiv(2 * ttl, 1000), KEEP_MIN_MS))
+  end
 end
 
 -- The group's parameters at `now` (µs), or nil and why not: 'absent' (no group), 'stale' (its
@@ -576,6 +660,10 @@ local function grant(meta, member, w, mine, k, now)
   end
   batched('HSET', K_OWNER, pairs_)
   batched('SADD', held_key(member), taken)
+  if #taken > 0 then
+    inherit_expiry(held_key(member))
+    inherit_expiry(K_OWNER)
+  end
   redis.call('ZADD', count_key(w), fmt(mine + #taken), member)
   return token, taken, fresh + #popped
 end
@@ -756,10 +844,17 @@ end
 
 -- The heartbeat's reply, from heartbeat.lua and heartbeat_fast.lua: {alive, ver, free, next,
 -- committed, held} (see heartbeat.lua). `watch_ms` and `first`: others_end_within.
+-- The live sessions at `now_ms` (memory.rs counts the same): expired ones a capped purge left
+-- are not counted. O(log n). For the member's `redbuckets_members` gauge.
+local function live_count(now_ms)
+  return redis.call('ZCOUNT', K_EXP, '(' .. fmt(now_ms), '+inf')
+end
+
 local function heartbeat_reply(alive, ver, member, now_ms, mine, held, watch_ms, first)
   local next_ms = -1
   if others_end_within(member, now_ms, watch_ms, first) then
     next_ms = watched_next_ms(member, now_ms)
   end
-  return { alive, ver, redis.call('SCARD', K_FREE), fmt(next_ms), mine, held }
+  return { alive, ver, redis.call('SCARD', K_FREE), fmt(next_ms), mine, held,
+    live_count(now_ms) }
 end

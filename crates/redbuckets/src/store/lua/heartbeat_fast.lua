@@ -22,7 +22,8 @@ if #first > 0 then
     return { 'full' }
   end
 end
-local ver = redis.call('HGET', K_META, 'ver')
+local meta_fields = redis.call('HMGET', K_META, 'ver', 'kept_ms')
+local ver = meta_fields[1]
 if not ver or not string.match(ver, '^%d+$') or #ver > 15 then
   return { 'full' }
 end
@@ -38,5 +39,6 @@ if not mine then
   return { 'full' }
 end
 redis.call('ZADD', K_EXP, fmt(expiry_ms(now, ttl_us)), member)
+keep_alive(ttl_us, false, now_ms, meta_fields[2])
 return heartbeat_reply(1, ver, member, now_ms, mine, redis.call('SCARD', held_key(member)),
   watch_ms, first)

@@ -1,5 +1,6 @@
 -- rebalance: ARGV[2] member, [3] nonce, [4] max_take.
--- Returns {kind, value, share_min, share_max, ver, free, committed, held, bucket...} where kind is
+-- Returns {kind, value, share_min, share_max, ver, free, committed, held, members, bucket...}
+-- (members: the live sessions) where kind is
 -- 'acquired' (value = token, then the buckets), 'release' (value = count), 'stay', 'wait'
 -- (value = µs left), or {'lost'}.
 -- The share rule is common.lua's share_rule, the pure twin of src/share.rs `step` /
@@ -37,7 +38,7 @@ local kind, count, base, share_max = share_rule(B, groups, tonumber(my_w), mine,
 -- The reply's fixed part; the member's held count is read last, after any grant.
 local function reply(kind, value, free, committed_count)
   return { kind, value, base, share_max, fmt(meta.ver), free, committed_count,
-    redis.call('SCARD', held_key(member)) }
+    redis.call('SCARD', held_key(member)), live_count(now_ms) }
 end
 
 if now < meta.grant_after then

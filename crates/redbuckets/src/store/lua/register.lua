@@ -17,6 +17,18 @@ local now_ms = idiv(now, 1000)
 local exp_ms = expiry_ms(now, ttl_us)
 
 local meta = load_current_meta(now)
+if meta and live_count(now_ms) == 0 then
+  -- A group with no live session holds nothing (every lease ended before its session did,
+  -- S3): its next member sets its configuration. Another bucket count, protocol or ttl
+  -- re-creates the group (with its quarantine; tokens go on growing, they follow the clock)
+  -- instead of being refused. memory.rs `register` does the same.
+  local stored_ttl = tonumber(redis.call('HGET', K_META, 'ttl_us') or '')
+  if meta.buckets ~= buckets or meta.protocol ~= protocol or stored_ttl ~= ttl_us then
+    wipe_group()
+    publish()
+    meta = nil
+  end
+end
 if not meta then
   -- (Re)create the group. Anything left under its other keys belongs to a group that no longer
   -- exists; clear it so no stale owner record survives next to a full free set.
@@ -59,7 +71,6 @@ local group_ttl = uint(redis.call('HGET', K_META, 'ttl_us') or '', 'meta.ttl_us'
 if group_ttl ~= ttl_us then
   return { 'ttl', fmt(group_ttl) }
 end
-
 local changed = purge(meta, now_ms) > 0
 
 local existing = redis.call('HGET', K_SESS, member)
@@ -69,6 +80,7 @@ if existing then
   if alive and existing == nonce then
     -- The same registration again (a retry after a timeout): refresh it.
     redis.call('ZADD', K_EXP, fmt(exp_ms), member)
+    keep_alive(ttl_us, false, now_ms, nil)
     if changed then
       publish()
       settle(meta, now, false, member)
@@ -100,6 +112,8 @@ if #stale > 0 then
   redis.call('DEL', hk)
 end
 
+-- No other live session: the group's keys may be expiring (its last member left), or new.
+local first = redis.call('ZCARD', K_EXP) == 0
 redis.call('ZADD', K_EXP, fmt(exp_ms), member)
 redis.call('ZADD', ids_key(), 0, member)
 redis.call('HSET', K_SESS, member, nonce)
@@ -107,6 +121,11 @@ redis.call('HSET', K_SINCE, member, fmt(now_ms))
 redis.call('HSET', K_WEIGHT, member, w)
 redis.call('HSET', K_WCOUNT, w, fmt((tonumber(same_weight or '0') or 0) + 1))
 redis.call('ZADD', count_key(w), '0', member)
+-- The group is in use: its keys are kept. The first member sets every key's expiry (lifting
+-- the one the last member's leave set); a later one, its weight's counts if it made them, and
+-- the rest as a renewal does.
+keep_alive(ttl_us, first, now_ms, nil)
+inherit_expiry(count_key(w))
 bump(meta)
 publish()
 -- Members above their new share are committed to release and woken; free buckets find takers.

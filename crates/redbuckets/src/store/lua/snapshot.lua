@@ -3,7 +3,10 @@
 -- (`redbuckets status`, `watch`) must never change it.
 -- Returns {} when the group does not exist, else
 -- {buckets, protocol, ver, quarantine_us, {member, nonce, weight, held, committed,
---  expires_in_ms, age_ms}..., owner_flat, stale} where owner_flat is the owner hash as
+--  expires_in_ms, age_ms}..., owner_flat, stale, ttl_us, age_us, renewed_ago_us} where
+-- age_us is the time since the group was created, renewed_ago_us the time since the latest
+-- renewal of any session (live or expired unpurged: its expiry less the ttl), -1 with no session
+-- (0 for a group written before these fields existed), and owner_flat is the owner hash as
 -- bucket, record pairs. It shows the group as the next purge would leave it: members whose
 -- session expired are left out, the buckets that purge would free are left out of owner_flat,
 -- and ver counts their removal. stale is 1 when the group's data was written by another Redis
@@ -82,6 +85,16 @@ for i = 1, #all, 2 do
   end
 end
 
+local info = redis.call('HMGET', K_META, 'ttl_us', 'created_us')
+local ttl_us = tonumber(info[1] or '') or 0
+local created_us = tonumber(info[2] or '') or now
+local renewed_ago = -1
+if #sessions > 0 then
+  -- Expiries are in ms, rounded up from the renewal's µs + ttl (expiry_ms).
+  local latest = tonumber(sessions[#sessions]) or 0
+  renewed_ago = math.max(now - (latest * 1000 - ttl_us), 0)
+end
+
 return {
   fmt(meta.buckets),
   fmt(meta.protocol),
@@ -91,4 +104,7 @@ return {
   members,
   owners,
   stale,
+  fmt(ttl_us),
+  fmt(math.max(now - created_us, 0)),
+  fmt(renewed_ago),
 }

@@ -336,6 +336,22 @@ impl Cluster {
         self.read().owners[usize::from(slot)].clone()
     }
 
+    /// Every primary of the slot table as last learned, each once, with a connection to it:
+    /// what a `SCAN` of the whole cluster visits.
+    pub(super) fn primaries(self: &Arc<Self>) -> RedisResult<Vec<ConnectionManager>> {
+        let mut addrs: Vec<Arc<Addr>> = self.read().owners.iter().flatten().cloned().collect();
+        addrs.sort();
+        addrs.dedup();
+        if addrs.is_empty() {
+            self.refresh_later();
+            return Err(RedisError::from((
+                ErrorKind::ClusterConnectionNotFound,
+                "no primary known yet",
+            )));
+        }
+        addrs.iter().map(|a| self.connection(a)).collect()
+    }
+
     /// The primary of `slot` as last learned, as `host:port`, for messages.
     pub(super) fn owner_name(&self, slot: u16) -> String {
         self.owner(slot).map_or_else(

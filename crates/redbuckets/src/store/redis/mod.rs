@@ -131,8 +131,8 @@ use crate::config::PROTOCOL_VERSION;
 use crate::error::Error;
 use crate::store::protocol::{self, RegisterReply};
 use crate::store::{
-    Channel, GroupKey, GroupSnapshot, HeartbeatReply, Holdings, Notifications, RebalanceReply,
-    RegisterRequest, Registration, SessionRef, Store,
+    Channel, Deletion, GroupKey, GroupSnapshot, HeartbeatReply, Holdings, Notifications,
+    RebalanceReply, RegisterRequest, Registration, Removal, SessionRef, Store,
 };
 
 /// The server's clock: `TIME`.
@@ -453,6 +453,51 @@ impl RedisStore {
     }
 }
 
+/// The `SCAN` pattern of the `:meta` keys of every group under `prefix` (`{prefix:*}:meta`),
+/// the prefix's glob characters escaped.
+fn meta_pattern(prefix: &str) -> String {
+    let mut escaped = String::with_capacity(prefix.len());
+    for c in prefix.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    format!("{{{escaped}:*}}:meta")
+}
+
+/// The group named by the key `{prefix:name}:meta`, if it is one.
+fn group_of_meta_key(prefix: &str, key: &str) -> Option<String> {
+    let name = key
+        .strip_prefix('{')?
+        .strip_prefix(prefix)?
+        .strip_prefix(':')?
+        .strip_suffix("}:meta")?;
+    (!name.is_empty() && !name.contains(['{', '}'])).then(|| name.to_string())
+}
+
+/// Every key on one server that matches `pattern`, by `SCAN` (never `KEYS`: a large keyspace
+/// is walked in steps, so Redis stays responsive).
+async fn scan(con: &mut ConnectionManager, pattern: &str) -> Result<Vec<String>, RedisError> {
+    let mut cursor = 0u64;
+    let mut keys = Vec::new();
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(con)
+            .await?;
+        keys.extend(batch);
+        if next == 0 {
+            return Ok(keys);
+        }
+        cursor = next;
+    }
+}
+
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
@@ -463,6 +508,71 @@ impl std::fmt::Debug for RedisStore {
 }
 
 impl RedisStore {
+    /// The names of the groups under `prefix`, sorted: every `{prefix:NAME}:meta` key, found
+    /// with `SCAN` (on a cluster, on every primary). Reads only; a key of that name that is not a
+    /// group's shows as a group whose [`Store::snapshot`] reports the corrupt data.
+    pub async fn groups(&self, prefix: &str) -> Result<Vec<String>, Error> {
+        let pattern = meta_pattern(prefix);
+        let node = self.inner.node();
+        let mut keys = Vec::new();
+        let result = match &node.link {
+            Link::Server { manager, .. } => scan(&mut manager.clone(), &pattern).await,
+            Link::Cluster(cluster) => match cluster.primaries() {
+                Ok(primaries) => {
+                    let mut all = Ok(Vec::new());
+                    for mut con in primaries {
+                        match scan(&mut con, &pattern).await {
+                            Ok(found) => keys.extend(found),
+                            Err(e) => {
+                                all = Err(e);
+                                break;
+                            }
+                        }
+                    }
+                    all
+                }
+                Err(e) => Err(e),
+            },
+        };
+        keys.extend(result.map_err(|e| self.scan_error(&e))?);
+        let mut names: Vec<String> = keys
+            .iter()
+            .filter_map(|k| group_of_meta_key(prefix, k))
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    /// Deletes every key of `group` (an operator's call: `redbuckets delete`). While sessions
+    /// are live it refuses unless `force`; see [`Deletion::Deleted`] for what the members then
+    /// do. Never waits on the members.
+    pub async fn delete_group(&self, group: &GroupKey, force: bool) -> Result<Deletion, Error> {
+        let args = [if force { "1" } else { "0" }.to_string()];
+        let reply = self.run(group, "delete", ScriptId::Delete, &args).await?;
+        protocol::delete(&reply).map_err(|e| e.into_error(group))
+    }
+
+    /// Ends `member`'s session in `group` now, whatever its nonce (an operator's call:
+    /// `redbuckets remove-member`, for a member known to be dead): its buckets go to the live
+    /// members at once, with larger tokens. See [`Removal::Removed`] for a member that was
+    /// alive after all.
+    pub async fn remove_member(&self, group: &GroupKey, member: &str) -> Result<Removal, Error> {
+        let args = [member.to_string()];
+        let reply = self.run(group, "remove", ScriptId::Remove, &args).await?;
+        protocol::remove(&reply).map_err(|e| e.into_error(group))
+    }
+
+    /// A failed `SCAN`, as the store's error.
+    fn scan_error(&self, e: &RedisError) -> Error {
+        Error::Unavailable {
+            detail: scrub(
+                &format!("listing groups on {}: {e}", self.inner.url),
+                &self.inner.secrets,
+            ),
+        }
+    }
+
     /// Connects with the default [`RedisOptions`]. See [`RedisStore::connect_with`].
     pub async fn connect(url: &str) -> Result<RedisStore, Error> {
         Self::connect_with(url, RedisOptions::default()).await

@@ -29,12 +29,16 @@ pub(super) enum ScriptId {
     Snapshot,
     /// A session's own buckets, read-only: the member's resync.
     Holdings,
+    /// Deletes a group (an operator's call).
+    Delete,
+    /// Ends one member's session, whatever its nonce (an operator's call).
+    Remove,
 }
 
 impl ScriptId {
     /// Every script (for tests).
     #[cfg(test)]
-    pub(super) const ALL: [ScriptId; 9] = [
+    pub(super) const ALL: [ScriptId; 11] = [
         ScriptId::Register,
         ScriptId::Heartbeat,
         ScriptId::HeartbeatFast,
@@ -44,6 +48,8 @@ impl ScriptId {
         ScriptId::Deregister,
         ScriptId::Snapshot,
         ScriptId::Holdings,
+        ScriptId::Delete,
+        ScriptId::Remove,
     ];
 }
 
@@ -58,7 +64,7 @@ struct Body {
 }
 
 /// Every script, in `ScriptId` order.
-const BODIES: [Body; 9] = [
+const BODIES: [Body; 11] = [
     Body {
         id: ScriptId::Register,
         name: "register",
@@ -114,6 +120,18 @@ const BODIES: [Body; 9] = [
         name: "holdings",
         text: include_str!("../lua/holdings.lua"),
         read_only: true,
+    },
+    Body {
+        id: ScriptId::Delete,
+        name: "delete",
+        text: include_str!("../lua/delete.lua"),
+        read_only: false,
+    },
+    Body {
+        id: ScriptId::Remove,
+        name: "remove",
+        text: include_str!("../lua/remove.lua"),
+        read_only: false,
     },
 ];
 

@@ -1,0 +1,30 @@
+-- remove: ARGV[2] member. An operator's call (`redbuckets remove-member`) for a member known to
+-- be dead: ends its session now, whatever its nonce, as a deregistration would (its buckets are
+-- freed and granted to the live members at once, with larger tokens: settle). The member is
+-- woken too: if it is alive after all, its next call finds the session gone, it reports its
+-- buckets lost and registers again; until then it may still use them (the operator was warned).
+-- Returns {'removed', held} (the buckets its session held) or {'absent'} (no group, no such
+-- session, or it had expired and the purge this call runs first removed it).
+local member = ARGV[2]
+
+local meta = load_meta()
+if not meta then
+  return { 'absent' }
+end
+check_types(member)
+local now = server_now_us()
+local purged = purge(meta, idiv(now, 1000))
+if not redis.call('HGET', K_SESS, member) then
+  if purged > 0 then
+    publish()
+    settle(meta, now, false, member)
+  end
+  return { 'absent' }
+end
+local held = redis.call('SCARD', held_key(member))
+remove_member(meta, member)
+seen_leaving(now)
+redis.call(PUBLISH, TAG .. ':wake:' .. member, 'act')
+publish()
+settle(meta, now, false, member)
+return { 'removed', held }
