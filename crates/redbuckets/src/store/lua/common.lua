@@ -206,8 +206,10 @@ end
 -- it goes with the group's other keys, also if every member crashes before its next renewal.
 local function inherit_expiry(key)
   local left = redis.call('PTTL', K_META)
-  if left > 0 then
-    redis.call('PEXPIRE', key, left, 'NX')
+  -- Only a key without an expiry (PTTL -1): `PEXPIRE ... NX` says the same from Redis 7.0 on,
+  -- and Redis 6.2 refuses it (the compatibility job found that).
+  if left > 0 and redis.call('PTTL', key) == -1 then
+    redis.call('PEXPIRE', key, left)
   end
 end
 
