@@ -96,12 +96,16 @@
 //! # A new group grants nothing during its first ttl
 //!
 //! A group that is created, or re-created because Redis lost its data (a restart without
-//! persistence, a failover to a replica: data another Redis process wrote may be stale, so it
-//! counts as lost), grants nothing for one ttl. Members that held leases from before the loss
+//! persistence), grants nothing for one ttl. Members that held leases from before the loss
 //! cannot be told, and keep them until their local deadline: waiting one ttl lets every such
 //! deadline pass first. So a new group is silent for its first ttl (10 s at the defaults;
 //! [`Status::quarantine`] says how long is left), and all members of a group must use the same
 //! ttl ([`MemberBuilder::ttl`]). A member joining a running group takes its share at once.
+//! Data another Redis process wrote (a failover to a replica, a restart that reloaded a file)
+//! may be stale, so it counts as lost too, and waits two ttls: the old primary, back from a
+//! hang, may still renew a session for one more ttl before it learns it was replaced. A group
+//! nobody was seen in for a ttl (every member stopped) is re-created with its quarantine as
+//! well. The README's "A primary that hangs and comes back" tells why.
 //!
 //! # Redis
 //!
