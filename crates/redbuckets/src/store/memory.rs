@@ -112,6 +112,16 @@ impl GroupState {
         self.members.values().all(|m| m.expires <= now) && self.seen + self.ttl <= now
     }
 
+    /// A live session left (leave, deregister, an operator's removal): it is removed with its
+    /// buckets, and `unattended` counts from now (common.lua's `seen_leaving`).
+    fn remove_leaving(&mut self, id: &str, now: Instant) -> bool {
+        let removed = self.remove_member(id);
+        if removed {
+            self.seen = now;
+        }
+        removed
+    }
+
     /// Removes a member and frees its buckets.
     fn remove_member(&mut self, id: &str) -> bool {
         let Some(member) = self.members.remove(id) else {
@@ -358,7 +368,7 @@ impl MemoryStore {
             .members
             .get(member)
             .map(|m| u32::try_from(m.held.len()).unwrap_or(u32::MAX));
-        let removed = held.is_some() && state.remove_member(member);
+        let removed = held.is_some() && state.remove_leaving(member, now);
         if !removed {
             if purged {
                 let woken = state.settle(now, now_us, false, member);
@@ -366,7 +376,6 @@ impl MemoryStore {
             }
             return Removal::Absent;
         }
-        state.seen = now;
         let mut woken = vec![(member.to_string(), Notice::Act)];
         woken.extend(state.settle(now, now_us, false, member));
         inner.notify(group, &woken);
@@ -434,6 +443,15 @@ impl Inner {
         self.base_us.saturating_add(elapsed)
     }
 
+    /// Forgets `group` if `forget` says so (its data is lost, as in load_current_meta), and
+    /// tells its channel.
+    fn forget_if(&mut self, group: &GroupKey, forget: impl FnOnce(&GroupState) -> bool) {
+        if self.groups.get(group).is_some_and(forget) {
+            self.groups.remove(group);
+            self.notify(group, &[]);
+        }
+    }
+
     /// A change of `group`: a notice on its channel, and a wake-up for each of `woken`.
     fn notify(&mut self, group: &GroupKey, woken: &[(String, Notice)]) {
         let mut key = (group.clone(), None);
@@ -460,20 +478,13 @@ impl Store for MemoryStore {
         let now_us = inner.now_us(now);
         // A group nobody was seen in for a ttl is forgotten and re-created (register.lua,
         // load_current_meta), its subscribers told.
-        if inner.groups.get(group).is_some_and(|g| g.unattended(now)) {
-            inner.groups.remove(group);
-            inner.notify(group, &[]);
-        }
+        inner.forget_if(group, |g| g.unattended(now));
         // A group with no live session holds nothing (every lease ended before its session
         // did, S3): its next member sets its configuration. Another bucket count or ttl
         // re-creates it (register.lua) instead of being refused.
-        let reconfigured = inner.groups.get(group).is_some_and(|g| {
+        inner.forget_if(group, |g| {
             g.live_count(now) == 0 && (g.buckets != req.buckets || g.ttl != req.ttl)
         });
-        if reconfigured {
-            inner.groups.remove(group);
-            inner.notify(group, &[]);
-        }
         let floor = inner.floors.get(group).copied().filter(|at| *at > now);
         let state = inner.groups.entry(group.clone()).or_insert_with(|| {
             let mut state = GroupState::new(req.buckets, now, req.ttl);
@@ -618,10 +629,7 @@ impl Store for MemoryStore {
         let now = Instant::now();
         let mut inner = self.lock();
         let now_us = inner.now_us(now);
-        if inner.groups.get(group).is_some_and(|g| g.unattended(now)) {
-            inner.groups.remove(group);
-            inner.notify(group, &[]);
-        }
+        inner.forget_if(group, |g| g.unattended(now));
         let Some(state) = inner.groups.get_mut(group) else {
             return Ok(RebalanceReply::session_lost());
         };
@@ -759,8 +767,7 @@ impl Store for MemoryStore {
             Some(m) => {
                 let mut held = m.held.clone();
                 let freed = buckets.iter().filter(|b| held.remove(b)).count();
-                state.remove_member(&session.member);
-                state.seen = now;
+                state.remove_leaving(&session.member, now);
                 freed
             }
             None => 0,
@@ -782,10 +789,7 @@ impl Store for MemoryStore {
         }
         // Expired sessions first (deregister.lua), the caller's own with them if it expired.
         let purged = state.purge(now);
-        let removed = state.is_session(session) && state.remove_member(&session.member);
-        if removed {
-            state.seen = now;
-        }
+        let removed = state.is_session(session) && state.remove_leaving(&session.member, now);
         if purged || removed {
             let woken = state.settle(now, now_us, false, &session.member);
             inner.notify(group, &woken);

@@ -153,9 +153,12 @@ local function share_rule(B, groups, my_w, mine, free)
   return 'stay', 0, base, share_max
 end
 
--- The group's parameters, validated; nil when the group does not exist.
+-- The group's parameters, validated; nil when the group does not exist. Also, as stored (not
+-- validated here: a group written before them lacks them): ttl_text (the session ttl, µs), and
+-- created and seen (µs) as numbers or nil, which is_unattended and the snapshot read.
 local function load_meta()
-  local v = redis.call('HMGET', K_META, 'buckets', 'protocol', 'ver', 'token', 'grant_after_us')
+  local v = redis.call('HMGET', K_META, 'buckets', 'protocol', 'ver', 'token', 'grant_after_us',
+    'ttl_us', 'created_us', 'seen_us')
   if not v[1] and not v[2] and not v[3] and not v[4] and not v[5] then
     if redis.call('EXISTS', K_META) == 1 then
       corrupt('meta hash has none of the fields buckets, protocol, ver, token, grant_after_us')
@@ -168,6 +171,10 @@ local function load_meta()
     ver = uint(v[3], 'meta.ver'),
     token = uint(v[4], 'meta.token'),
     grant_after = uint(v[5], 'meta.grant_after_us'),
+    ttl_text = v[6],
+    ttl = tonumber(v[6] or ''),
+    created = tonumber(v[7] or ''),
+    seen = tonumber(v[8] or ''),
   }
   if meta.buckets < 1 or meta.buckets > 65536 then
     corrupt('meta.buckets out of range: ' .. v[1])
@@ -458,15 +465,21 @@ end
 -- while its replica may have been promoted and granted the group's buckets: a primary that
 -- comes back does not know yet that it was replaced, and the group's data, which it wrote
 -- itself, passes is_stale. Its server clock went on, so every session has expired.
-local function is_unattended(now)
+local function is_unattended(meta, now)
   local last = redis.call('ZRANGE', K_EXP, -1, -1, 'WITHSCORES')
   if #last > 0 and (tonumber(last[2]) or 0) > idiv(now, 1000) then
     return false
   end
-  local v = redis.call('HMGET', K_META, 'seen_us', 'created_us', 'ttl_us')
-  local seen = tonumber(v[1] or v[2] or '0') or 0
-  local ttl = tonumber(v[3] or '0') or 0
-  return seen + ttl <= now
+  return (meta.seen or meta.created or 0) + (meta.ttl or 0) <= now
+end
+
+-- Keeps `until_us` as the earliest grant of the group's next creation (register.lua reads it),
+-- unless a later one is kept already; the key expires when it no longer matters.
+local function raise_requarantine(until_us, now)
+  local floor = tonumber(redis.call('GET', requarantine_key()) or '') or 0
+  if until_us > floor then
+    redis.call('SET', requarantine_key(), fmt(until_us), 'PX', fmt(idiv(until_us - now, 1000) + 1))
+  end
 end
 
 -- Every key of the group: the fixed ones, each weight's counts, each member's held set (not the
@@ -537,11 +550,10 @@ end
 -- registers first (which keeps them, keep_alive). The group is unattended a ttl after this
 -- leave anyway, and the next registration would re-create it: its keys going away changes no
 -- outcome.
-local function seen_leaving(now)
+local function seen_leaving(meta, now)
   redis.call('HSET', K_META, 'seen_us', fmt(now))
   if redis.call('ZCARD', K_EXP) == 0 then
-    local ttl = tonumber(redis.call('HGET', K_META, 'ttl_us') or '') or 0
-    expire_group(math.max(idiv(2 * ttl, 1000), KEEP_MIN_MS))
+    expire_group(math.max(idiv(2 * (meta.ttl or 0), 1000), KEEP_MIN_MS))
   end
 end
 
@@ -566,16 +578,15 @@ local function load_current_meta(now)
   local why = nil
   if is_stale() then
     why = 'stale'
-  elseif is_unattended(now) then
+  elseif is_unattended(meta, now) then
     why = 'unattended'
   end
   if why then
-    local ttl = tonumber(redis.call('HGET', K_META, 'ttl_us') or '')
     wipe_group()
-    if why == 'stale' and ttl then
+    if why == 'stale' and meta.ttl then
       -- Kept past the wipe, for whichever call re-creates the group (register.lua): the
       -- rebalance or the heartbeat that finds stale data comes before the registration.
-      redis.call('SET', requarantine_key(), fmt(now + 2 * ttl), 'PX', fmt(idiv(2 * ttl, 1000) + 1))
+      raise_requarantine(now + 2 * meta.ttl, now)
     end
     publish()
     return nil, why

@@ -24,11 +24,7 @@ if n > 0 and not force then
   return { 'live', n }
 end
 if n > 0 then
-  local until_us = (tonumber(live[#live]) or now_ms) * 1000
-  local floor = tonumber(redis.call('GET', requarantine_key()) or '') or 0
-  if until_us > floor then
-    redis.call('SET', requarantine_key(), fmt(until_us), 'PX', fmt(idiv(until_us - now, 1000) + 1))
-  end
+  raise_requarantine((tonumber(live[#live]) or now_ms) * 1000, now)
 end
 wipe_group()
 for i = 1, #live, 2 do

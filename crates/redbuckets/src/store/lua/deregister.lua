@@ -14,7 +14,7 @@ purge(meta, idiv(now, 1000))
 local removed = 0
 if redis.call('HGET', K_SESS, member) == nonce then
   remove_member(meta, member)
-  seen_leaving(now)
+  seen_leaving(meta, now)
   removed = 1
 end
 publish()

@@ -30,7 +30,7 @@ if redis.call('HGET', K_SESS, member) == nonce then
   end
   -- Frees every bucket of the held set, checking each owner record as release does.
   remove_member(meta, member, held)
-  seen_leaving(now)
+  seen_leaving(meta, now)
 end
 publish()
 settle(meta, now, false, member)

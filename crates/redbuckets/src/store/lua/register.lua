@@ -22,8 +22,7 @@ if meta and live_count(now_ms) == 0 then
   -- S3): its next member sets its configuration. Another bucket count, protocol or ttl
   -- re-creates the group (with its quarantine; tokens go on growing, they follow the clock)
   -- instead of being refused. memory.rs `register` does the same.
-  local stored_ttl = tonumber(redis.call('HGET', K_META, 'ttl_us') or '')
-  if meta.buckets ~= buckets or meta.protocol ~= protocol or stored_ttl ~= ttl_us then
+  if meta.buckets ~= buckets or meta.protocol ~= protocol or meta.ttl ~= ttl_us then
     wipe_group()
     publish()
     meta = nil
@@ -58,7 +57,8 @@ if not meta then
   redis.call('HSET', K_META, 'buckets', fmt(buckets), 'protocol', fmt(protocol), 'ver', '0',
     'token', '0', 'grant_after_us', fmt(grant_after), 'created_us', fmt(now),
     'ttl_us', fmt(ttl_us), 'run_id', server_run_id())
-  meta = { buckets = buckets, protocol = protocol, ver = 0, token = 0, grant_after = grant_after }
+  meta = { buckets = buckets, protocol = protocol, ver = 0, token = 0, grant_after = grant_after,
+    ttl_text = fmt(ttl_us), ttl = ttl_us, created = now }
 end
 
 check_types(member)
@@ -67,7 +67,7 @@ if meta.buckets ~= buckets or meta.protocol ~= protocol then
 end
 -- One ttl for the whole group: the quarantine after data loss lasts the ttl of whoever
 -- re-creates the group, so a member with a longer ttl could still hold leases after it.
-local group_ttl = uint(redis.call('HGET', K_META, 'ttl_us') or '', 'meta.ttl_us')
+local group_ttl = uint(meta.ttl_text or '', 'meta.ttl_us')
 if group_ttl ~= ttl_us then
   return { 'ttl', fmt(group_ttl) }
 end

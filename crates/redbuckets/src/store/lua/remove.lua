@@ -23,7 +23,7 @@ if not redis.call('HGET', K_SESS, member) then
 end
 local held = redis.call('SCARD', held_key(member))
 remove_member(meta, member)
-seen_leaving(now)
+seen_leaving(meta, now)
 redis.call(PUBLISH, TAG .. ':wake:' .. member, 'act')
 publish()
 settle(meta, now, false, member)

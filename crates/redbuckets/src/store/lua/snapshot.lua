@@ -21,7 +21,7 @@ check_types(nil)
 local now = server_now_us()
 local now_ms = idiv(now, 1000)
 local stale = 0
-if is_stale() or is_unattended(now) then
+if is_stale() or is_unattended(meta, now) then
   stale = 1
 end
 
@@ -85,9 +85,8 @@ for i = 1, #all, 2 do
   end
 end
 
-local info = redis.call('HMGET', K_META, 'ttl_us', 'created_us')
-local ttl_us = tonumber(info[1] or '') or 0
-local created_us = tonumber(info[2] or '') or now
+local ttl_us = meta.ttl or 0
+local created_us = meta.created or now
 local renewed_ago = -1
 if #sessions > 0 then
   -- Expiries are in ms, rounded up from the renewal's µs + ttl (expiry_ms).
