@@ -121,10 +121,7 @@ impl Cluster {
         redacted: &str,
         secrets: &[String],
     ) -> Result<Cluster, Error> {
-        let bad_url = |reason: String| Error::Url {
-            url: redacted.to_string(),
-            reason,
-        };
+        let bad_url = |reason| bad_url(redacted, reason);
         // No nodes at all: `connect_infos` says so.
         let mut infos = Vec::with_capacity(nodes.len());
         for node in nodes {
@@ -145,10 +142,7 @@ impl Cluster {
         redacted: &str,
         secrets: &[String],
     ) -> Result<Cluster, Error> {
-        let bad_url = |reason: String| Error::Url {
-            url: redacted.to_string(),
-            reason,
-        };
+        let bad_url = |reason| bad_url(redacted, reason);
         if infos.is_empty() {
             return Err(bad_url("no node address".into()));
         }
@@ -571,6 +565,14 @@ impl Cluster {
                 std::future::ready(notice)
             });
         Ok(stream)
+    }
+}
+
+/// The cluster URL `redacted` is not usable, for `reason`.
+fn bad_url(redacted: &str, reason: String) -> Error {
+    Error::Url {
+        url: redacted.to_string(),
+        reason,
     }
 }
 
