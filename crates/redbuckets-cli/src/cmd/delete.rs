@@ -3,37 +3,17 @@
 //! will do. `--dry-run` only reads (the snapshot) and says what would happen.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::anyhow;
-use redbuckets::{redact_url, Deletion, GroupSnapshot, Store};
+use redbuckets::{redact_url, Deletion, GroupSnapshot};
 
-use super::{connect, group_key, scrub};
+use super::{read_group, scrub};
 use crate::render::fmt_duration;
 use crate::DeleteArgs;
 
 pub async fn run(args: DeleteArgs) -> anyhow::Result<ExitCode> {
-    let key = group_key(&args.group)?;
     let url = &args.group.redis;
-    let store = connect(url, Duration::ZERO).await?;
-    let read = |e: redbuckets::Error| {
-        anyhow!(
-            "cannot read group {:?}: {}",
-            key.name,
-            scrub(&e.to_string(), url)
-        )
-    };
-    // Read first, for the member ids and the ttl the messages name (the deletion decides on its
-    // own view, atomically).
-    let snapshot = store.snapshot(&key).await.map_err(read)?;
-    let Some(snapshot) = snapshot else {
-        return Err(anyhow!(
-            "group {:?} (prefix {:?}) does not exist at {}",
-            key.name,
-            key.prefix,
-            redact_url(url)
-        ));
-    };
+    let (store, key, snapshot) = read_group(&args.group).await?;
     let live = ids(&snapshot);
     if args.dry_run {
         if !live.is_empty() && !args.force {

@@ -12,7 +12,7 @@ pub mod watch;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context as _};
-use redbuckets::{redact_url, Config, GroupKey, RedisOptions, RedisStore};
+use redbuckets::{redact_url, Config, GroupKey, RedisOptions, RedisStore, Store as _};
 
 use crate::GroupArgs;
 
@@ -43,6 +43,38 @@ pub async fn connect(url: &str, retry: Duration) -> anyhow::Result<RedisStore> {
             crate::render::fmt_duration(budget)
         )),
     }
+}
+
+/// Connects to `args`'s Redis without retrying (a command that looks reports at once) and reads
+/// its group: the store, the group's key and its snapshot, or an error that names the group
+/// and, when it does not exist, why that may be.
+pub async fn read_group(
+    args: &GroupArgs,
+) -> anyhow::Result<(RedisStore, GroupKey, redbuckets::GroupSnapshot)> {
+    let key = group_key(args)?;
+    let url = &args.redis;
+    let store = connect(url, Duration::ZERO).await?;
+    let snapshot = store
+        .snapshot(&key)
+        .await
+        .map_err(|e| {
+            anyhow!(
+                "cannot read group {:?}: {}",
+                key.name,
+                scrub(&e.to_string(), url)
+            )
+        })?
+        .ok_or_else(|| {
+            anyhow!(
+                "group {:?} (prefix {:?}) does not exist at {}: no member has joined it, it \
+                 was deleted, or its keys expired after its last member left (`redbuckets \
+                 groups` lists the groups under a prefix)",
+                key.name,
+                key.prefix,
+                redact_url(url)
+            )
+        })?;
+    Ok((store, key, snapshot))
 }
 
 /// The group key from the command line, with the library's default prefix. The name and the

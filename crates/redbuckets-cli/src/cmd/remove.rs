@@ -7,37 +7,17 @@
 
 use std::io::{BufRead as _, IsTerminal as _, Write as _};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::anyhow;
-use redbuckets::{redact_url, Removal, Store};
+use redbuckets::Removal;
 
-use super::{connect, group_key, scrub};
+use super::{read_group, scrub};
 use crate::render::fmt_duration;
 use crate::RemoveArgs;
 
 pub async fn run(args: RemoveArgs) -> anyhow::Result<ExitCode> {
-    let key = group_key(&args.group)?;
     let url = &args.group.redis;
-    let store = connect(url, Duration::ZERO).await?;
-    let snapshot = store
-        .snapshot(&key)
-        .await
-        .map_err(|e| {
-            anyhow!(
-                "cannot read group {:?}: {}",
-                key.name,
-                scrub(&e.to_string(), url)
-            )
-        })?
-        .ok_or_else(|| {
-            anyhow!(
-                "group {:?} (prefix {:?}) does not exist at {}",
-                key.name,
-                key.prefix,
-                redact_url(url)
-            )
-        })?;
+    let (store, key, snapshot) = read_group(&args.group).await?;
     let Some(target) = snapshot.members.iter().find(|m| m.id == args.id) else {
         return Err(anyhow!(
             "group {:?} has no live member {:?} (its session may have expired already)",

@@ -2,13 +2,11 @@
 //! with `--check` an exit code saying whether every bucket is owned and the load is even.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
-use anyhow::anyhow;
-use redbuckets::{redact_url, GroupSnapshot, Store};
+use redbuckets::GroupSnapshot;
 use serde_json::json;
 
-use super::{connect, group_key, scrub};
+use super::read_group;
 use crate::analysis::{analyze, Analysis};
 use crate::render::fmt_duration;
 use crate::StatusArgs;
@@ -20,29 +18,7 @@ const STALE: &str = "stale: the group's data was written by another Redis proces
      changed: the next registration or rebalance re-creates the group, with its quarantine";
 
 pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let key = group_key(&args.group)?;
-    let url = &args.group.redis;
-    let store = connect(url, Duration::ZERO).await?;
-    let snapshot = store
-        .snapshot(&key)
-        .await
-        .map_err(|e| {
-            anyhow!(
-                "cannot read group {:?}: {}",
-                key.name,
-                scrub(&e.to_string(), url)
-            )
-        })?
-        .ok_or_else(|| {
-            anyhow!(
-                "group {:?} (prefix {:?}) does not exist at {}: no member has joined it, it \
-                 was deleted, or its keys expired after its last member left (`redbuckets \
-                 groups` lists the groups under a prefix)",
-                key.name,
-                key.prefix,
-                redact_url(url)
-            )
-        })?;
+    let (_store, key, snapshot) = read_group(&args.group).await?;
     let analysis = analyze(&snapshot);
     if args.json {
         crate::out::println(&to_json(&key.name, &key.prefix, &snapshot, &analysis).to_string())?;
