@@ -86,11 +86,20 @@ pub struct Config {
     pub safety_margin: Duration,
     /// For simulations only: the rate of this member's clock relative to the store's (1.01 runs
     /// 1% fast). The member measures its lease validity and heartbeat period on its own clock.
-    #[doc(hidden)]
-    pub clock_rate: f64,
+    /// Set with `Config::with_clock_rate` (the unstable `testing` feature); 1 otherwise.
+    pub(crate) clock_rate: f64,
 }
 
 impl Config {
+    /// For simulations only (the unstable `testing` feature, not covered by semver): this
+    /// member's clock runs at `rate` times the store's (1.01 runs 1% fast), within [0.5, 2].
+    #[cfg(feature = "testing")]
+    #[must_use]
+    pub fn with_clock_rate(mut self, rate: f64) -> Self {
+        self.clock_rate = rate;
+        self
+    }
+
     /// A configuration with the defaults and the given group name.
     #[must_use]
     pub fn new(group: impl Into<String>) -> Self {

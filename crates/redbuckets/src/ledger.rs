@@ -13,7 +13,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{Event, LeaseGuard, LostReason};
+use tokio::sync::Notify;
+
+use crate::event::{Event, LostReason};
 
 /// Where a held bucket stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -427,6 +429,18 @@ impl Ledger {
             guard
         });
         Some((held.token, held.cancel.clone(), guard))
+    }
+}
+
+/// Tells the member when the last handle of a bucket is dropped.
+#[derive(Debug)]
+pub(crate) struct LeaseGuard {
+    pub(crate) dropped: Arc<Notify>,
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        self.dropped.notify_one();
     }
 }
 

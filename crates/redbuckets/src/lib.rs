@@ -166,23 +166,27 @@
 
 mod backoff;
 pub mod check;
+mod clock;
 mod config;
 mod driver;
 mod error;
 mod event;
 mod ledger;
 mod logs;
+mod machine;
 mod member;
 pub mod metrics;
 mod session;
 pub mod share;
+mod shared;
 mod signal;
 pub mod store;
 
 pub use config::{Config, DEFAULT_PREFIX, MAX_BUCKETS, MAX_WEIGHT, PROTOCOL_VERSION};
 pub use error::Error;
-pub use event::{instant_to_system, Event, Lease, LostReason};
-pub use member::{ErrorHook, Events, Leases, Member, MemberBuilder, MemberHandle, Status};
+pub use event::{instant_to_system, Event, LostReason};
+pub use member::{Events, Leases, Member, MemberBuilder, MemberHandle, Status};
+pub use shared::{ErrorHook, Lease};
 pub use signal::shutdown_signal;
 pub use store::memory::MemoryStore;
 pub use store::redis::{redact_url, scrub_password, RedisOptions, RedisStore};

@@ -8,8 +8,8 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::Stream;
@@ -22,16 +22,14 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, ReusableBoxFuture, WaitForCancellationFutureOwned};
 
+use crate::clock::Now;
 use crate::config::Config;
 use crate::driver::Driver;
 use crate::error::Error;
-use crate::event::{Deadline, Event, Lease, LeaseGuard};
-use crate::ledger::Ledger;
+use crate::event::Event;
 use crate::metrics::Metrics;
+use crate::shared::{ErrorHook, Lease, Local, Shared};
 use crate::store::Store;
-
-/// Called with every error the member meets while running (the `tracing` events carry them too).
-pub type ErrorHook = Arc<dyn Fn(&Error) + Send + Sync>;
 
 /// Builds a [`Member`]. Every setter documents its default; [`MemberBuilder::start`] validates.
 #[must_use = "a builder does nothing until start() is called"]
@@ -170,7 +168,10 @@ impl<S: Store> MemberBuilder<S> {
         let abort = CancellationToken::new();
         // The abort's child: an abort interrupts whatever the shutdown would.
         let graceful = abort.child_token();
+        #[cfg(feature = "testing")]
         let (freeze, frozen) = tokio::sync::mpsc::unbounded_channel();
+        #[cfg(not(feature = "testing"))]
+        let frozen = ();
         let mut driver = Driver::new(
             self.store,
             Arc::clone(&config),
@@ -193,6 +194,7 @@ impl<S: Store> MemberBuilder<S> {
         Ok(Member {
             handle: MemberHandle { shared },
             graceful,
+            #[cfg(feature = "testing")]
             freeze,
             _abort: abort.drop_guard(),
             task: Some(task),
@@ -226,6 +228,7 @@ fn events_capacity(buckets: u32) -> usize {
 pub struct Member {
     handle: MemberHandle,
     graceful: CancellationToken,
+    #[cfg(feature = "testing")]
     freeze: tokio::sync::mpsc::UnboundedSender<Duration>,
     /// Dropping the member aborts the task (a crash, from the group's point of view).
     _abort: tokio_util::sync::DropGuard,
@@ -324,9 +327,9 @@ impl Member {
         self.shutdown().await
     }
 
-    /// For simulations only: the member's task does nothing for `duration`, as if its process
-    /// were stopped (SIGSTOP) while the others go on.
-    #[doc(hidden)]
+    /// For simulations only (the unstable `testing` feature): the member's task does nothing
+    /// for `duration`, as if its process were stopped (SIGSTOP) while the others go on.
+    #[cfg(feature = "testing")]
     pub fn freeze(&self, duration: Duration) {
         let _ = self.freeze.send(duration);
     }
@@ -411,7 +414,7 @@ impl MemberHandle {
     pub fn leases(&self) -> Leases {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut local = self.shared.lock();
-        if self.shared.is_valid(Instant::now()) {
+        if self.shared.is_valid(&Now::read()) {
             for bucket in local.ledger.owned_buckets() {
                 if let Some(lease) = self.shared.lease_locked(&mut local.ledger, bucket) {
                     let _ = tx.send(lease);
@@ -445,7 +448,7 @@ impl MemberHandle {
             queue: VecDeque::new(),
             announced: HashMap::new(),
         };
-        events.snapshot(&local, Instant::now());
+        events.snapshot(&local);
         drop(local);
         events
     }
@@ -483,10 +486,11 @@ impl MemberHandle {
     #[must_use]
     pub fn status(&self) -> Status {
         let local = self.shared.lock();
-        let now = Instant::now();
+        let clocks = Now::read();
+        let now = clocks.at;
         // One read of the deadline for both fields.
         let valid_until = *self.shared.valid_until.borrow();
-        let valid = valid_until.is_some_and(|until| !self.shared.deadline_passed(&until, now));
+        let valid = valid_until.is_some_and(|until| !self.shared.deadline_passed(&until, &clocks));
         Status {
             group: self.shared.config.group.clone(),
             member: self.shared.config.member_id.clone(),
@@ -606,13 +610,13 @@ impl Events {
         self.rx = PollRecv::new(shared.events.subscribe());
         self.queue.clear();
         self.queue.push_back(Event::Lagged { missed, at: now });
-        self.snapshot(&local, now);
+        self.snapshot(&local);
     }
 
     /// Queues an `Acquired` for every bucket owned now; called under the ledger lock.
-    fn snapshot(&mut self, local: &Local, now: Instant) {
+    fn snapshot(&mut self, local: &Local) {
         self.announced.clear();
-        if !self.shared.is_valid(now) {
+        if !self.shared.is_valid(&Now::read()) {
             return;
         }
         for (bucket, held) in local.ledger.owned() {
@@ -741,168 +745,6 @@ pub struct Status {
     pub errors: u64,
     /// The last error, as text.
     pub last_error: Option<String>,
-}
-
-/// State shared between the handles and the driver.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) config: Arc<Config>,
-    pub(crate) local: Mutex<Local>,
-    /// Sent only under the `local` lock (see `apply`), so a subscriber's snapshot and its
-    /// subscription, both taken under it, have nothing in between.
-    pub(crate) events: broadcast::Sender<Event>,
-    /// The live session's lease deadline, derived from the driver's session: the one value
-    /// the handle and every lease handle read (`None` while not registered).
-    pub(crate) valid_until: watch::Sender<Option<Deadline>>,
-    /// The owned buckets, sorted, as the ledger has them.
-    pub(crate) owned: watch::Sender<Vec<u32>>,
-    pub(crate) dropped: Arc<Notify>,
-    /// Cancelled when the member's task has ended (any way): streams end.
-    pub(crate) stopped: CancellationToken,
-    /// Set once any reader (a handle, a lease, the driver) has seen the session's deadline
-    /// passed; cleared only when a new session registers. The check reads the wall clock, so a
-    /// wall clock stepped forward and then back would otherwise show a deadline passed and
-    /// then valid again (a lease valid, invalid, valid; a subscription in that window with an
-    /// empty snapshot and nothing after).
-    pub(crate) expired: AtomicBool,
-    /// The member's metric handles (`metrics.rs`).
-    pub(crate) metrics: Metrics,
-}
-
-impl Shared {
-    /// The ledger, locked, while the lease deadline has not passed; `None` after it.
-    fn lock_valid(&self) -> Option<MutexGuard<'_, Local>> {
-        let local = self.lock();
-        self.is_valid(Instant::now()).then_some(local)
-    }
-
-    /// A new session: the old one's deadline, seen passed, no longer counts.
-    pub(crate) fn forget_expiry(&self) {
-        self.expired.store(false, Ordering::SeqCst);
-    }
-
-    /// True while the live session's lease deadline has not passed.
-    pub(crate) fn is_valid(&self, now: Instant) -> bool {
-        let until = *self.valid_until.borrow();
-        until.is_some_and(|until| !self.deadline_passed(&until, now))
-    }
-
-    /// Whether the session's deadline `until` has passed at `now`: sticky once anyone saw it
-    /// (see `expired`). The first to see it wakes the driver, which then loses the session.
-    pub(crate) fn deadline_passed(&self, until: &Deadline, now: Instant) -> bool {
-        if self.expired.load(Ordering::SeqCst) {
-            return true;
-        }
-        if !until.passed(now) {
-            return false;
-        }
-        if !self.expired.swap(true, Ordering::SeqCst) {
-            self.dropped.notify_one();
-        }
-        true
-    }
-
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Local> {
-        // Nothing inside the lock can panic halfway through an update that matters more than
-        // the panic; keep serving after one.
-        self.local.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Changes the ledger and tells everyone: under the lock, the lease subscribers get a
-    /// lease for each new grant (so its guard exists from the moment ownership begins) and the
-    /// event subscribers get the events (`events()` and `leases()` take their snapshot under
-    /// the lock, so nothing falls in between). The owned-set watch is updated after the lock is
-    /// released: a user holding `owned_changed().borrow()` while calling `buckets()` would
-    /// otherwise deadlock against the driver. Only the driver calls this, so the watch's
-    /// updates keep their order. Every ledger change that emits events goes through here.
-    /// Returns how many events the change emitted.
-    pub(crate) fn apply(self: &Arc<Self>, change: impl FnOnce(&mut Ledger) -> Vec<Event>) -> usize {
-        let mut guard = self.lock();
-        let local = &mut *guard;
-        let before = local.ledger.owned_count();
-        let events = change(&mut local.ledger);
-        let count = events.len();
-        if !local.leases.is_empty() {
-            local.leases.retain(|tx| !tx.is_closed());
-            for event in &events {
-                let Event::Acquired { bucket, .. } = *event else {
-                    continue;
-                };
-                if let Some(lease) = self.lease_locked(&mut local.ledger, bucket) {
-                    for tx in &local.leases {
-                        let _ = tx.send(lease.clone());
-                    }
-                }
-            }
-        }
-        let owned = local.ledger.owned_buckets();
-        self.metrics.ownership(&events, before, owned.len());
-        for event in events {
-            tracing::debug!(?event, "ownership change");
-            // No receiver is fine: events are for whoever listens.
-            let _ = self.events.send(event);
-        }
-        drop(guard);
-        self.owned.send_if_modified(|now| {
-            let changed = *now != owned;
-            if changed {
-                *now = owned;
-            }
-            changed
-        });
-        count
-    }
-
-    /// A lease on the owned `bucket`, under the lock.
-    pub(crate) fn lease_locked(
-        self: &Arc<Self>,
-        ledger: &mut Ledger,
-        bucket: u32,
-    ) -> Option<Lease> {
-        let (token, cancel, guard) = ledger.guard(bucket, || LeaseGuard {
-            dropped: Arc::clone(&self.dropped),
-        })?;
-        Some(Lease {
-            bucket,
-            token,
-            cancel,
-            valid_until: self.valid_until.subscribe(),
-            _guard: guard,
-            shared: Arc::downgrade(self),
-        })
-    }
-
-    /// See [`Lease::extend_drain`].
-    pub(crate) fn extend_drain(
-        &self,
-        bucket: u32,
-        token: u64,
-        drain: Duration,
-    ) -> Option<Duration> {
-        let drain = drain.min(self.config.effective_max_drain());
-        self.lock()
-            .ledger
-            .extend_drain(bucket, token, drain, self.config.drain_timeout)
-    }
-}
-
-/// What the handles read: the ledger and the status fields.
-#[derive(Debug, Default)]
-pub(crate) struct Local {
-    pub(crate) ledger: Ledger,
-    /// The live lease subscribers (`MemberHandle::leases`); closed ones are pruned.
-    pub(crate) leases: Vec<mpsc::UnboundedSender<Lease>>,
-    /// The live session's nonce (derived from the driver's session).
-    pub(crate) session: Option<String>,
-    /// When the graceful leave must be over (set by `Member::shutdown`).
-    pub(crate) shutdown_by: Option<Instant>,
-    pub(crate) last_heartbeat: Option<Instant>,
-    pub(crate) share: (u32, u32),
-    /// When the group's grants begin, from the store's last `Wait` (a new group's quarantine).
-    pub(crate) grants_at: Option<Instant>,
-    pub(crate) version: u64,
-    pub(crate) errors: u64,
-    pub(crate) last_error: Option<String>,
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 
 use tokio::time::Instant;
 
-use crate::event::Deadline;
+use crate::clock::Deadline;
 use crate::store::SessionRef;
 
 /// Where the member's session stands.
@@ -159,14 +159,14 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::event::Sent;
+    use crate::clock::Now;
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
     }
 
     fn deadline(sent: Instant, validity: Duration) -> Deadline {
-        let sent = Sent::from_parts(
+        let sent = Now::from_parts(
             sent,
             std::time::Instant::now(),
             std::time::SystemTime::now(),

@@ -613,7 +613,7 @@ async fn cut_off_with_clock_rate(rate: f64) -> EventLog {
     config.buckets = 10;
     config.heartbeat = HEARTBEAT;
     config.ttl = TTL;
-    config.clock_rate = rate;
+    config = config.with_clock_rate(rate);
     let a = Member::builder(cut.clone(), "g")
         .config(config)
         .start()

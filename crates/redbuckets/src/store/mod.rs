@@ -31,6 +31,7 @@
 //!   that misses its wake-up or its grant learns at its next heartbeat ([`HeartbeatReply`]
 //!   carries its counts and the free count).
 
+mod call;
 pub(crate) mod memory;
 pub(crate) mod protocol;
 pub(crate) mod redis;
@@ -43,6 +44,8 @@ use std::time::Duration;
 use futures_util::{Stream, StreamExt};
 
 use crate::error::Error;
+
+pub use call::{Call, Reply};
 
 /// Identifies a group in a store: a key prefix and a name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -537,7 +537,7 @@ impl World {
         config.call_timeout = p.call_timeout;
         config.drain_timeout = p.drain_timeout;
         config.shutdown_timeout = p.shutdown_timeout;
-        config.clock_rate = clock_rate;
+        config = config.with_clock_rate(clock_rate);
         let builder = Member::builder(store.clone(), GROUP).config(config);
         let handle = tokio::spawn(async move {
             let member = builder.start().await?;
