@@ -32,6 +32,12 @@
 //!   carries its counts and the free count).
 
 pub(crate) mod memory;
+#[cfg(feature = "testing")]
+pub mod model;
+// Without `testing`, the readers meant for tests and model checkers are unused.
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code)]
+pub(crate) mod model;
 pub(crate) mod protocol;
 pub(crate) mod redis;
 
