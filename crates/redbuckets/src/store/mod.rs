@@ -38,7 +38,6 @@ pub mod model;
 #[cfg(not(feature = "testing"))]
 #[allow(dead_code)]
 pub(crate) mod model;
-pub(crate) mod protocol;
 pub(crate) mod redis;
 
 use std::collections::BTreeMap;
