@@ -954,3 +954,167 @@ impl Group {
             .filter(|m| m.session == s.session && m.expires > now)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::hash_map::DefaultHasher;
+    use std::hash::{Hash, Hasher};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(1);
+    const T0: u64 = 1_700_000_000_000_000;
+
+    /// One call, with the member it is made for (0..3).
+    #[derive(Debug, Clone)]
+    enum Op {
+        Register {
+            m: usize,
+            fresh: bool,
+            weight: u32,
+        },
+        Heartbeat {
+            m: usize,
+        },
+        Rebalance {
+            m: usize,
+            max_take: u32,
+        },
+        /// The i-th bucket the member holds (and one it may not), under the highest token.
+        Release {
+            m: usize,
+            i: usize,
+        },
+        Leave {
+            m: usize,
+        },
+        Deregister {
+            m: usize,
+        },
+        Remove {
+            m: usize,
+        },
+        Delete {
+            force: bool,
+        },
+        /// Time passes by this many ms.
+        Advance(u64),
+        /// Time jumps to the earliest session expiry exactly (its boundary).
+        ToExpiry,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let m = 0..3usize;
+        prop_oneof![
+            3 => (m.clone(), any::<bool>(), 1..4u32)
+                .prop_map(|(m, fresh, weight)| Op::Register { m, fresh, weight }),
+            4 => m.clone().prop_map(|m| Op::Heartbeat { m }),
+            4 => (m.clone(), 0..4u32).prop_map(|(m, max_take)| Op::Rebalance { m, max_take }),
+            2 => (m.clone(), 0..4usize).prop_map(|(m, i)| Op::Release { m, i }),
+            1 => m.clone().prop_map(|m| Op::Leave { m }),
+            1 => m.clone().prop_map(|m| Op::Deregister { m }),
+            1 => m.prop_map(|m| Op::Remove { m }),
+            1 => any::<bool>().prop_map(|force| Op::Delete { force }),
+            3 => (0..1200u64).prop_map(Op::Advance),
+            1 => Just(Op::ToExpiry),
+        ]
+    }
+
+    fn hash(model: &Model) -> u64 {
+        let mut h = DefaultHasher::new();
+        model.hash(&mut h);
+        h.finish()
+    }
+
+    proptest! {
+        /// On random calls: the group's invariants hold after every one (`Model::check`); an
+        /// owner record's token only grows (S2, also across a deletion and re-creation); every
+        /// grant notice names buckets now recorded to its member under its token; a clone is
+        /// equal and hashes the same; snapshots and holdings change nothing.
+        #[test]
+        fn invariants_hold_on_random_calls(
+            buckets in 1..7u32,
+            ops in proptest::collection::vec(op(), 1..60),
+        ) {
+            let g = GroupKey::new("p", "g");
+            let mut model = Model::new();
+            let mut now = T0;
+            let mut nonces = [0u32; 3];
+            let session = |m: usize, nonces: &[u32; 3]| SessionRef {
+                member: format!("m{m}"),
+                session: format!("n{}", nonces[m]),
+            };
+            let mut last_token: BTreeMap<u32, u64> = BTreeMap::new();
+            for op in ops {
+                let notices = match op {
+                    Op::Register { m, fresh, weight } => {
+                        let old = session(m, &nonces);
+                        if fresh {
+                            nonces[m] += 1;
+                        }
+                        let mut req = RegisterRequest::new(session(m, &nonces), weight, buckets, TTL);
+                        req.replaces = fresh.then_some(old.session);
+                        model.register(&g, &req, now).notices
+                    }
+                    Op::Heartbeat { m } => {
+                        model.heartbeat(&g, &session(m, &nonces), TTL, Duration::MAX, now).notices
+                    }
+                    Op::Rebalance { m, max_take } => {
+                        model.rebalance(&g, &session(m, &nonces), max_take, now).notices
+                    }
+                    Op::Release { m, i } => {
+                        let held = model.held_buckets(&g, &format!("m{m}"));
+                        let named: Vec<u32> = held.get(i).map(|(_, b)| *b).into_iter().chain([i as u32]).collect();
+                        model.release(&g, &session(m, &nonces), &named, u64::MAX, now).notices
+                    }
+                    Op::Leave { m } => {
+                        let held: Vec<u32> = model.held_buckets(&g, &format!("m{m}")).into_iter().map(|(_, b)| b).collect();
+                        model.leave(&g, &session(m, &nonces), &held, now).notices
+                    }
+                    Op::Deregister { m } => model.deregister(&g, &session(m, &nonces), now).notices,
+                    Op::Remove { m } => model.remove_member(&g, &format!("m{m}"), now).notices,
+                    Op::Delete { force } => model.delete(&g, force, now).notices,
+                    Op::Advance(ms) => {
+                        now += ms * 1000;
+                        Vec::new()
+                    }
+                    Op::ToExpiry => {
+                        let earliest = model.group(&g).and_then(|s| s.members().values().map(Member::expires).min());
+                        now = now.max(earliest.unwrap_or(now));
+                        Vec::new()
+                    }
+                };
+                prop_assert_eq!(model.check(), Ok(()));
+                let snapshot = model.snapshot(&g, now);
+                let unchanged = model.clone();
+                prop_assert_eq!(&unchanged, &model);
+                prop_assert_eq!(hash(&unchanged), hash(&model));
+                for m in 0..3 {
+                    let _ = model.holdings(&g, &session(m, &nonces), now);
+                }
+                prop_assert_eq!(model.snapshot(&g, now), snapshot);
+                prop_assert_eq!(&unchanged, &model);
+                if let Some(state) = model.group(&g) {
+                    for b in 0..state.buckets() {
+                        if let Some((_, token)) = state.owner(b) {
+                            let last = last_token.entry(b).or_insert(token);
+                            prop_assert!(token >= *last, "bucket {} token went back", b);
+                            *last = token;
+                        }
+                    }
+                }
+                for (to, notice) in &notices {
+                    if let (To::Member(id), Notice::Granted { session, token, buckets }) = (to, notice) {
+                        let state = model.group(&g).expect("a grant in a group");
+                        prop_assert_eq!(state.members().get(id).map(Member::session), Some(session.as_str()));
+                        for b in buckets {
+                            prop_assert_eq!(state.owner(*b), Some((id.as_str(), *token)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
