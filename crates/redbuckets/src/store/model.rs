@@ -14,7 +14,7 @@
 //! its own work, and then, if anything changed, *settles* the group and tells whom it concerns:
 //! the group's channel gets [`Notice::Act`], the members above their new share after a join are
 //! woken, and the free buckets go to the members below their share ([`Notice::Granted`]). That
-//! epilogue is written once ([`Group::epilogue`]); where it runs in a call (before its own work,
+//! epilogue is written once (`Group::epilogue`); where it runs in a call (before its own work,
 //! as a heartbeat and a rebalance do, or after, as a release does) is part of the protocol.
 
 use std::collections::{BTreeMap, BTreeSet};
