@@ -142,6 +142,11 @@
 //! [`MemoryStore`] with tokio's paused clock (`#[tokio::test(start_paused = true)]`, feature
 //! `test-util`): a ttl passes in no time.
 //!
+//! The feature `testing` (off by default) makes public what the crate's own tests use: the
+//! `MemoryStore` and Redis test clocks, the pure protocol model `store::model`,
+//! `Member::freeze` and `Config::with_clock_rate`. It is
+//! **unstable**, not for applications: any release may change it.
+//!
 //! How the crate is built, module by module, is in `CONTRIBUTING.md` at the repository's root.
 //!
 //! # Metrics

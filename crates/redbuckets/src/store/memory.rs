@@ -1,22 +1,22 @@
-//! `MemoryStore`: the store protocol in-process, with the same semantics as the Redis scripts.
+//! `MemoryStore`: the store protocol in-process, with the same semantics as the Redis scripts:
+//! the pure [`Model`] behind a lock, a clock and broadcast channels. Each call locks, reads the
+//! clock once, runs the model's method and publishes the notices it returns.
 //!
 //! Time is tokio's clock, so tests on a paused runtime control session expiry exactly.
 //! A std `Mutex`, not a tokio one: nothing async happens while it is held.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
-use crate::config::PROTOCOL_VERSION;
 use crate::error::Error;
-use crate::share::{self, Load};
+use crate::store::model::{Model, Outcome, To};
 use crate::store::{
-    Action, Channel, Deletion, GroupKey, GroupSnapshot, HeartbeatReply, Holdings, MemberInfo,
-    Notice, Notifications, Owner, RebalanceReply, RegisterRequest, Registration, Removal,
-    SessionRef, Store,
+    Channel, Deletion, GroupKey, GroupSnapshot, HeartbeatReply, Holdings, Notice, Notifications,
+    RebalanceReply, RegisterRequest, Registration, Removal, SessionRef, Store,
 };
 
 /// An in-process store with the semantics of [`crate::RedisStore`]: for tests, simulations,
@@ -34,10 +34,7 @@ pub struct MemoryStore {
 
 #[derive(Debug)]
 struct Inner {
-    groups: HashMap<GroupKey, GroupState>,
-    /// The earliest grant of a group re-created after a forced deletion: the latest expiry of
-    /// the sessions it ended (delete.lua's requarantine key). Past ones are ignored.
-    floors: HashMap<GroupKey, Instant>,
+    model: Model,
     /// Subscriptions: the group's channel (`None`) and each member's (`Some(id)`).
     channels: HashMap<(GroupKey, Option<String>), broadcast::Sender<Notice>>,
     /// Server clock: Unix µs at `epoch`, advanced by tokio's clock.
@@ -52,254 +49,11 @@ impl Default for Inner {
             .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2))
             .unwrap_or(0);
         Inner {
-            groups: HashMap::new(),
-            floors: HashMap::new(),
+            model: Model::new(),
             channels: HashMap::new(),
             base_us,
             epoch: Instant::now(),
         }
-    }
-}
-
-#[derive(Debug)]
-struct GroupState {
-    buckets: u32,
-    ttl: Duration,
-    version: u64,
-    grant_after: Instant,
-    /// When a live session last left (leave, deregister), or the creation: see `unattended`.
-    seen: Instant,
-    /// When the group was created (its snapshot's age).
-    created: Instant,
-    last_token: u64,
-    members: BTreeMap<String, MemberState>,
-    owners: Vec<Option<(String, u64)>>,
-    free: BTreeSet<u32>,
-}
-
-#[derive(Debug)]
-struct MemberState {
-    session: String,
-    weight: u32,
-    expires: Instant,
-    since: Instant,
-    held: BTreeSet<u32>,
-    committed: u32,
-}
-
-impl GroupState {
-    fn new(buckets: u32, now: Instant, ttl: Duration) -> Self {
-        GroupState {
-            buckets,
-            ttl,
-            version: 0,
-            grant_after: now + ttl,
-            seen: now,
-            created: now,
-            last_token: 0,
-            members: BTreeMap::new(),
-            owners: vec![None; buckets as usize],
-            free: (0..buckets).collect(),
-        }
-    }
-
-    /// True when nobody has been seen in the group for a ttl: no session is live at `now`, and
-    /// no live session left within the ttl. Such a group is re-created with the quarantine by
-    /// the next registration (and a rebalance finds no session), as after a total loss. Mirrors
-    /// `is_unattended` in `common.lua`, whose comment tells why: a Redis primary that hung for
-    /// longer than a ttl and came back may have been replaced meanwhile.
-    fn unattended(&self, now: Instant) -> bool {
-        self.members.values().all(|m| m.expires <= now) && self.seen + self.ttl <= now
-    }
-
-    /// A live session left (leave, deregister, an operator's removal): it is removed with its
-    /// buckets, and `unattended` counts from now (common.lua's `seen_leaving`).
-    fn remove_leaving(&mut self, id: &str, now: Instant) -> bool {
-        let removed = self.remove_member(id);
-        if removed {
-            self.seen = now;
-        }
-        removed
-    }
-
-    /// Removes a member and frees its buckets.
-    fn remove_member(&mut self, id: &str) -> bool {
-        let Some(member) = self.members.remove(id) else {
-            return false;
-        };
-        for b in member.held {
-            self.owners[b as usize] = None;
-            self.free.insert(b);
-        }
-        self.version += 1;
-        true
-    }
-
-    /// Every live member's load in id order, with the ids.
-    fn loads(&self) -> (Vec<&String>, Vec<Load>) {
-        self.members
-            .iter()
-            .map(|(id, m)| {
-                (
-                    id,
-                    Load {
-                        weight: m.weight,
-                        held: m.committed,
-                    },
-                )
-            })
-            .unzip()
-    }
-
-    /// What a registration tells the member about tokens (`Registration::Registered::token`):
-    /// every grant to the session comes later with a higher token, and every grant to an
-    /// earlier session under its nonce came before with one not higher. The group's last token,
-    /// or the server's now - 1 µs if later: tokens follow the server's clock (`grant`), and a
-    /// group re-created after a data loss starts again from 0, where grants to the sessions
-    /// it lost had tokens of their time. Mirrors register.lua.
-    fn token_floor(&self, now_us: u64) -> u64 {
-        self.last_token.max(now_us.saturating_sub(1))
-    }
-
-    /// Grants up to `k` free buckets (the lowest) to member `id` under a new token. Returns
-    /// the token and the buckets. Mirrors `grant` in `common.lua`.
-    fn grant(&mut self, id: &str, k: u32, now_us: u64) -> (u64, Vec<u32>) {
-        let token = now_us.max(self.last_token + 1);
-        self.last_token = token;
-        let mut taken = Vec::with_capacity(k as usize);
-        for _ in 0..k {
-            let Some(b) = self.free.pop_first() else {
-                break;
-            };
-            self.owners[b as usize] = Some((id.to_string(), token));
-            taken.push(b);
-        }
-        if let Some(m) = self.members.get_mut(id) {
-            m.held.extend(taken.iter().copied());
-            m.committed += u32::try_from(taken.len()).unwrap_or(0);
-        }
-        (token, taken)
-    }
-
-    /// After a change: the members that must act, and what each is told (see the module docs
-    /// of `store`). `joined`: a member joined, so some may be above their new share; their
-    /// lower counts are committed here, and they are woken ([`Notice::Act`]). Then, if buckets
-    /// are free, the members to take them ([`share::takers`]), in that order, are each granted
-    /// what [`share::step`] lets them take now, and told the grant ([`Notice::Granted`]):
-    /// a freed bucket gets its next owner without a call of its own. `caller`, the member whose
-    /// call this is, is woken instead of granted: it is in the middle of its call. Nobody during
-    /// the quarantine. Mirrors `settle` in `common.lua`.
-    fn settle(
-        &mut self,
-        now: Instant,
-        now_us: u64,
-        joined: bool,
-        caller: &str,
-    ) -> Vec<(String, Notice)> {
-        if now < self.grant_after {
-            return Vec::new();
-        }
-        let mut woken: Vec<String> = Vec::new();
-        if joined {
-            let (ids, loads) = self.loads();
-            let commits: Vec<(String, u32)> = share::givers(self.buckets, &loads)
-                .into_iter()
-                .map(|(i, count)| (ids[i].clone(), count))
-                .collect();
-            for (id, count) in commits {
-                if let Some(m) = self.members.get_mut(&id) {
-                    m.committed = count;
-                }
-                woken.push(id);
-            }
-        }
-        // The loads once (after the commits above), in id order, kept up to date as each taker
-        // is granted.
-        let (ids, mut loads) = self.loads();
-        let ids: Vec<String> = ids.into_iter().cloned().collect();
-        let mut takers: Vec<usize> = Vec::new();
-        let free = u32::try_from(self.free.len()).unwrap_or(u32::MAX);
-        if free > 0 {
-            for i in share::takers(self.buckets, &loads, free) {
-                if woken.contains(&ids[i]) || takers.contains(&i) {
-                    continue;
-                }
-                if ids[i] == caller {
-                    woken.push(ids[i].clone());
-                } else {
-                    takers.push(i);
-                }
-            }
-        }
-        let mut told: Vec<(String, Notice)> =
-            woken.into_iter().map(|id| (id, Notice::Act)).collect();
-        // Every call purges expired sessions before it settles here, so no taker has expired
-        // (common.lua's settle skips one: a renewal's purge there stops at 100).
-        for me in takers {
-            let free = u32::try_from(self.free.len()).unwrap_or(u32::MAX);
-            if let share::Step::Take(k) = share::step(self.buckets, &loads, me, free) {
-                let id = &ids[me];
-                let (token, buckets) = self.grant(id, k, now_us);
-                loads[me].held += u32::try_from(buckets.len()).unwrap_or(0);
-                let session = self.members.get(id).map(|m| m.session.clone());
-                if let (false, Some(session)) = (buckets.is_empty(), session) {
-                    told.push((
-                        id.clone(),
-                        Notice::Granted {
-                            session,
-                            token,
-                            buckets,
-                        },
-                    ));
-                }
-            }
-        }
-        told
-    }
-
-    /// The sessions `member` watches for expiry: the next two members after it in id order,
-    /// wrapping around. Mirrors `watched` in `common.lua`.
-    fn watched(&self, member: &str) -> impl Iterator<Item = &MemberState> {
-        use std::ops::Bound::{Excluded, Unbounded};
-        let after = self
-            .members
-            .range::<str, _>((Excluded(member), Unbounded))
-            .chain(self.members.range::<str, _>((Unbounded, Excluded(member))));
-        after.take(2).map(|(_, m)| m)
-    }
-
-    /// Whether `s` is the member's current session (expired or not: what the scripts' nonce
-    /// check sees).
-    fn is_session(&self, s: &SessionRef) -> bool {
-        self.members
-            .get(&s.member)
-            .is_some_and(|m| m.session == s.session)
-    }
-
-    /// Purges expired sessions; returns true if any was removed.
-    fn purge(&mut self, now: Instant) -> bool {
-        let expired: Vec<String> = self
-            .members
-            .iter()
-            .filter(|(_, m)| m.expires <= now)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in &expired {
-            self.remove_member(id);
-        }
-        !expired.is_empty()
-    }
-
-    /// The live sessions at `now` (common.lua's `live_count`).
-    fn live_count(&self, now: Instant) -> u32 {
-        let live = self.members.values().filter(|m| m.expires > now).count();
-        u32::try_from(live).unwrap_or(u32::MAX)
-    }
-
-    fn live<'a>(&'a mut self, s: &SessionRef, now: Instant) -> Option<&'a mut MemberState> {
-        self.members
-            .get_mut(&s.member)
-            .filter(|m| m.session == s.session && m.expires > now)
     }
 }
 
@@ -313,121 +67,76 @@ impl MemoryStore {
     /// The names of the groups under `prefix`, sorted (as [`crate::RedisStore::groups`]).
     #[must_use]
     pub fn groups(&self, prefix: &str) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .lock()
-            .groups
-            .keys()
-            .filter(|g| g.prefix == prefix)
-            .map(|g| g.name.clone())
-            .collect();
-        names.sort();
-        names
+        self.lock().model.groups(prefix)
     }
 
     /// Deletes `group` (as [`crate::RedisStore::delete_group`], delete.lua): refused while
     /// sessions are live unless `force`; a forced deletion wakes the live members and keeps the
     /// latest expiry of their sessions as the floor of the re-created group's quarantine.
     pub fn delete_group(&self, group: &GroupKey, force: bool) -> Deletion {
-        let now = Instant::now();
-        let mut inner = self.lock();
-        let Some(state) = inner.groups.get(group) else {
-            return Deletion::Absent;
-        };
-        let live: Vec<(String, Instant)> = state
-            .members
-            .iter()
-            .filter(|(_, m)| m.expires > now)
-            .map(|(id, m)| (id.clone(), m.expires))
-            .collect();
-        let count = u32::try_from(live.len()).unwrap_or(u32::MAX);
-        if count > 0 && !force {
-            return Deletion::Refused { live: count };
-        }
-        if let Some(until) = live.iter().map(|(_, at)| *at).max() {
-            let floor = inner.floors.entry(group.clone()).or_insert(until);
-            *floor = (*floor).max(until);
-        }
-        inner.groups.remove(group);
-        let woken: Vec<(String, Notice)> =
-            live.into_iter().map(|(id, _)| (id, Notice::Act)).collect();
-        inner.notify(group, &woken);
-        Deletion::Deleted { live: count }
+        self.call(group, |model, now| model.delete(group, force, now))
     }
 
     /// Ends `member`'s session now, whatever its nonce (as [`crate::RedisStore::remove_member`],
     /// remove.lua): a deregistration that also wakes the member.
     pub fn remove_member(&self, group: &GroupKey, member: &str) -> Removal {
-        let mut inner = self.lock();
-        let now = Instant::now();
-        let now_us = inner.now_us(now);
-        let Some(state) = inner.groups.get_mut(group) else {
-            return Removal::Absent;
-        };
-        let purged = state.purge(now);
-        let held = state
-            .members
-            .get(member)
-            .map(|m| u32::try_from(m.held.len()).unwrap_or(u32::MAX));
-        let removed = held.is_some() && state.remove_leaving(member, now);
-        if !removed {
-            if purged {
-                let woken = state.settle(now, now_us, false, member);
-                inner.notify(group, &woken);
-            }
-            return Removal::Absent;
-        }
-        let mut woken = vec![(member.to_string(), Notice::Act)];
-        woken.extend(state.settle(now, now_us, false, member));
-        inner.notify(group, &woken);
-        Removal::Removed {
-            held: held.unwrap_or_default(),
-        }
+        self.call(group, |model, now| model.remove_member(group, member, now))
     }
 
     /// Forgets every group, as a Redis restart without persistence does. Subscribers are told.
     pub fn wipe(&self) {
         let mut inner = self.lock();
-        inner.groups.clear();
+        inner.model.wipe();
         for tx in inner.channels.values() {
             let _ = tx.send(Notice::Act);
         }
     }
 
-    /// Tests only: sets the store's server clock so that it reads `unix_us` (µs since the Unix
-    /// epoch) now; it goes on advancing with tokio's clock. The differential test
-    /// (`tests/differential.rs`) sets it to the value it freezes the Redis scripts' clock at
-    /// (see [`crate::RedisOptions::frozen_clock_for_tests`]), so that both stores read the same
-    /// time and tokens, expiries and waits compare exactly.
-    #[doc(hidden)]
+    /// **Unstable, for tests** (feature `testing`): sets the store's server clock so that it
+    /// reads `unix_us` (µs since the Unix epoch) now; it goes on advancing with tokio's clock.
+    /// The differential test (`tests/differential.rs`) sets it to the value it freezes the
+    /// Redis scripts' clock at (see [`crate::RedisOptions::frozen_clock_for_tests`]), so that
+    /// both stores read the same time and tokens, expiries and waits compare exactly.
+    #[cfg(feature = "testing")]
     pub fn set_clock_us(&self, unix_us: u64) {
         let mut inner = self.lock();
         inner.base_us = unix_us;
         inner.epoch = Instant::now();
     }
 
-    /// Tests only: the buckets the store lists as `member`'s in `group` (owned, or committed for
-    /// release and not yet released) with their tokens, as `(token, bucket)` in ascending order,
-    /// whether or not the session is still alive, without reading the whole group.
-    #[doc(hidden)]
+    /// **Unstable, for tests** (feature `testing`): the buckets the store lists as `member`'s
+    /// in `group` (owned, or committed for release and not yet released) with their tokens, as
+    /// `(token, bucket)` in ascending order, whether or not the session is still alive, without
+    /// reading the whole group.
+    #[cfg(feature = "testing")]
     #[must_use]
     pub fn held_buckets(&self, group: &GroupKey, member: &str) -> Vec<(u64, u32)> {
+        self.lock().model.held_buckets(group, member)
+    }
+
+    /// **Unstable, for tests** (feature `testing`): the protocol model behind the store, as it
+    /// is now (a copy), with the store's clock (µs) now: for checks of the store's own
+    /// invariants ([`Model::check`]) and for a model checker to start from.
+    #[cfg(feature = "testing")]
+    #[must_use]
+    pub fn model(&self) -> (Model, u64) {
         let inner = self.lock();
-        let Some(g) = inner.groups.get(group) else {
-            return Vec::new();
-        };
-        let Some(m) = g.members.get(member) else {
-            return Vec::new();
-        };
-        let mut held: Vec<(u64, u32)> = m
-            .held
-            .iter()
-            .map(|&b| {
-                let token = g.owners.get(b as usize).and_then(|o| o.as_ref());
-                (token.map_or(0, |(_, t)| *t), b)
-            })
-            .collect();
-        held.sort_unstable();
-        held
+        (inner.model.clone(), inner.now_us())
+    }
+
+    /// Runs one call of the model on `group` at the store's now, and publishes its notices.
+    fn call<R>(&self, group: &GroupKey, call: impl FnOnce(&mut Model, u64) -> Outcome<R>) -> R {
+        let mut inner = self.lock();
+        let now = inner.now_us();
+        let Outcome { reply, notices } = call(&mut inner.model, now);
+        inner.publish(group, notices);
+        reply
+    }
+
+    /// A read-only call of the model on the store's now.
+    fn read<R>(&self, read: impl FnOnce(&Model, u64) -> R) -> R {
+        let inner = self.lock();
+        read(&inner.model, inner.now_us())
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -438,30 +147,22 @@ impl MemoryStore {
 }
 
 impl Inner {
-    fn now_us(&self, now: Instant) -> u64 {
-        let elapsed = u64::try_from(now.duration_since(self.epoch).as_micros()).unwrap_or(0);
-        self.base_us.saturating_add(elapsed)
+    /// The server clock now: Unix µs.
+    fn now_us(&self) -> u64 {
+        let elapsed = u64::try_from(Instant::now().duration_since(self.epoch).as_micros());
+        self.base_us.saturating_add(elapsed.unwrap_or(0))
     }
 
-    /// Forgets `group` if `forget` says so (its data is lost, as in load_current_meta), and
-    /// tells its channel.
-    fn forget_if(&mut self, group: &GroupKey, forget: impl FnOnce(&GroupState) -> bool) {
-        if self.groups.get(group).is_some_and(forget) {
-            self.groups.remove(group);
-            self.notify(group, &[]);
-        }
-    }
-
-    /// A change of `group`: a notice on its channel, and a wake-up for each of `woken`.
-    fn notify(&mut self, group: &GroupKey, woken: &[(String, Notice)]) {
+    /// Sends each notice to the subscribers of its channel of `group`, if any.
+    fn publish(&self, group: &GroupKey, notices: Vec<(To, Notice)>) {
         let mut key = (group.clone(), None);
-        if let Some(tx) = self.channels.get(&key) {
-            let _ = tx.send(Notice::Act);
-        }
-        for (member, notice) in woken {
-            key.1 = Some(member.clone());
+        for (to, notice) in notices {
+            key.1 = match to {
+                To::Group => None,
+                To::Member(id) => Some(id),
+            };
             if let Some(tx) = self.channels.get(&key) {
-                let _ = tx.send(notice.clone());
+                let _ = tx.send(notice);
             }
         }
     }
@@ -473,88 +174,7 @@ impl Store for MemoryStore {
         group: &GroupKey,
         req: &RegisterRequest,
     ) -> Result<Registration, Error> {
-        let now = Instant::now();
-        let mut inner = self.lock();
-        let now_us = inner.now_us(now);
-        // A group nobody was seen in for a ttl is forgotten and re-created (register.lua,
-        // load_current_meta), its subscribers told.
-        inner.forget_if(group, |g| g.unattended(now));
-        // A group with no live session holds nothing (every lease ended before its session
-        // did, S3): its next member sets its configuration. Another bucket count or ttl
-        // re-creates it (register.lua) instead of being refused.
-        inner.forget_if(group, |g| {
-            g.live_count(now) == 0 && (g.buckets != req.buckets || g.ttl != req.ttl)
-        });
-        let floor = inner.floors.get(group).copied().filter(|at| *at > now);
-        let state = inner.groups.entry(group.clone()).or_insert_with(|| {
-            let mut state = GroupState::new(req.buckets, now, req.ttl);
-            state.grant_after = state.grant_after.max(floor.unwrap_or(now));
-            state
-        });
-        if state.buckets != req.buckets {
-            return Err(Error::GroupMismatch {
-                group: group.name.clone(),
-                stored: state.buckets,
-                configured: req.buckets,
-                stored_protocol: PROTOCOL_VERSION,
-                configured_protocol: PROTOCOL_VERSION,
-            });
-        }
-        if state.ttl != req.ttl {
-            return Err(Error::TtlMismatch {
-                group: group.name.clone(),
-                stored: state.ttl,
-                configured: req.ttl,
-            });
-        }
-        // Sessions purged here free buckets and change the membership, whatever the outcome of
-        // the registration: subscribers are told on every path (as register.lua publishes).
-        let purged = state.purge(now);
-        let id = &req.session.member;
-        if let Some(existing) = state.members.get_mut(id) {
-            let early = if existing.session == req.session.session {
-                existing.expires = now + req.ttl;
-                Some(Registration::Registered {
-                    version: state.version,
-                    token: state.token_floor(now_us),
-                })
-            } else if req.replaces.as_deref() != Some(existing.session.as_str()) {
-                Some(Registration::InUse {
-                    expires_in: existing.expires.saturating_duration_since(now),
-                })
-            } else {
-                None
-            };
-            if let Some(mut outcome) = early {
-                if purged {
-                    let woken = state.settle(now, now_us, false, id);
-                    // The token after the grants the purge made, as register.lua reads it.
-                    if let Registration::Registered { token, .. } = &mut outcome {
-                        *token = state.token_floor(now_us);
-                    }
-                    inner.notify(group, &woken);
-                }
-                return Ok(outcome);
-            }
-            state.remove_member(id);
-        }
-        state.members.insert(
-            id.clone(),
-            MemberState {
-                session: req.session.session.clone(),
-                weight: req.weight,
-                expires: now + req.ttl,
-                since: now,
-                held: BTreeSet::new(),
-                committed: 0,
-            },
-        );
-        state.version += 1;
-        let version = state.version;
-        let woken = state.settle(now, now_us, true, &req.session.member);
-        let token = state.token_floor(now_us);
-        inner.notify(group, &woken);
-        Ok(Registration::Registered { version, token })
+        self.call(group, |model, now| model.register(group, req, now))
     }
 
     async fn heartbeat(
@@ -564,60 +184,9 @@ impl Store for MemoryStore {
         ttl: Duration,
         watch: Duration,
     ) -> Result<HeartbeatReply, Error> {
-        let now = Instant::now();
-        let mut inner = self.lock();
-        let now_us = inner.now_us(now);
-        let Some(state) = inner.groups.get_mut(group) else {
-            return Ok(HeartbeatReply {
-                alive: false,
-                version: 0,
-                free: 0,
-                next_expiry: None,
-                committed: 0,
-                held: 0,
-                members: 0,
-            });
-        };
-        let purged = state.purge(now);
-        let woken = if purged {
-            state.settle(now, now_us, false, &session.member)
-        } else {
-            Vec::new()
-        };
-        let (alive, committed, held) = match state.live(session, now) {
-            Some(m) => {
-                m.expires = now + ttl;
-                let held = u32::try_from(m.held.len()).unwrap_or(u32::MAX);
-                (true, m.committed, held)
-            }
-            None => (false, 0, 0),
-        };
-        // Only when some other session ends within `watch`: otherwise every watched one ends
-        // later, and the caller would not check them before its next renewal.
-        let soon = state.members.iter().any(|(id, m)| {
-            *id != session.member && m.expires.saturating_duration_since(now) < watch
-        });
-        let next_expiry = if soon {
-            state
-                .watched(&session.member)
-                .map(|m| m.expires.saturating_duration_since(now))
-                .min()
-        } else {
-            None
-        };
-        let reply = HeartbeatReply {
-            alive,
-            version: state.version,
-            free: u32::try_from(state.free.len()).unwrap_or(u32::MAX),
-            next_expiry,
-            committed,
-            held,
-            members: state.live_count(now),
-        };
-        if purged {
-            inner.notify(group, &woken);
-        }
-        Ok(reply)
+        Ok(self.call(group, |model, now| {
+            model.heartbeat(group, session, ttl, watch, now)
+        }))
     }
 
     async fn rebalance(
@@ -626,75 +195,9 @@ impl Store for MemoryStore {
         session: &SessionRef,
         max_take: u32,
     ) -> Result<RebalanceReply, Error> {
-        let now = Instant::now();
-        let mut inner = self.lock();
-        let now_us = inner.now_us(now);
-        inner.forget_if(group, |g| g.unattended(now));
-        let Some(state) = inner.groups.get_mut(group) else {
-            return Ok(RebalanceReply::session_lost());
-        };
-        let purged = state.purge(now);
-        let woken = if purged {
-            state.settle(now, now_us, false, &session.member)
-        } else {
-            Vec::new()
-        };
-        if state.live(session, now).is_none() {
-            if purged {
-                inner.notify(group, &woken);
-            }
-            return Ok(RebalanceReply::session_lost());
-        }
-        let ids: Vec<&String> = state.members.keys().collect();
-        let me = ids
-            .iter()
-            .position(|id| **id == session.member)
-            .unwrap_or(0);
-        let loads: Vec<Load> = state
-            .members
-            .values()
-            .map(|m| Load {
-                weight: m.weight,
-                held: m.committed,
-            })
-            .collect();
-        let free = u32::try_from(state.free.len()).unwrap_or(u32::MAX);
-        let share = share::target_range(state.buckets, &loads, me);
-        let notify = purged;
-        let action = if now < state.grant_after {
-            Action::Wait(state.grant_after - now)
-        } else {
-            match share::step(state.buckets, &loads, me, free) {
-                share::Step::Stay => Action::Stay,
-                share::Step::Release(k) => {
-                    if let Some(m) = state.members.get_mut(&session.member) {
-                        m.committed -= k;
-                    }
-                    Action::Release(k)
-                }
-                share::Step::Take(k) => {
-                    let (token, buckets) =
-                        state.grant(&session.member, k.min(max_take.max(1)), now_us);
-                    Action::Acquired { buckets, token }
-                }
-            }
-        };
-        let (committed, held) = state.members.get(&session.member).map_or((0, 0), |m| {
-            (m.committed, u32::try_from(m.held.len()).unwrap_or(u32::MAX))
-        });
-        let reply = RebalanceReply {
-            action,
-            share,
-            version: state.version,
-            free: u32::try_from(state.free.len()).unwrap_or(u32::MAX),
-            committed,
-            held,
-            members: state.live_count(now),
-        };
-        if notify {
-            inner.notify(group, &woken);
-        }
-        Ok(reply)
+        Ok(self.call(group, |model, now| {
+            model.rebalance(group, session, max_take, now)
+        }))
     }
 
     async fn release(
@@ -704,45 +207,9 @@ impl Store for MemoryStore {
         buckets: &[u32],
         known: u64,
     ) -> Result<u32, Error> {
-        let mut inner = self.lock();
-        let now = Instant::now();
-        let now_us = inner.now_us(now);
-        let Some(state) = inner.groups.get_mut(group) else {
-            return Ok(0);
-        };
-        // Nothing named: no call at all (RedisStore does not run the script either).
-        if buckets.is_empty() || !state.is_session(session) {
-            return Ok(0);
-        }
-        // Expired sessions first, so the freed buckets go by the live members' shares; the
-        // caller's own, if it expired, with them (release.lua).
-        let purged = state.purge(now);
-        let mut freed = Vec::new();
-        if let Some(m) = state.members.get_mut(&session.member) {
-            for &b in buckets {
-                // Not a bucket granted since under a token the member has not seen.
-                let newer = state
-                    .owners
-                    .get(b as usize)
-                    .and_then(|o| o.as_ref())
-                    .is_some_and(|(_, token)| *token > known);
-                if !newer && m.held.remove(&b) {
-                    freed.push(b);
-                }
-            }
-            m.committed = m
-                .committed
-                .min(u32::try_from(m.held.len()).unwrap_or(u32::MAX));
-        }
-        for &b in &freed {
-            state.owners[b as usize] = None;
-            state.free.insert(b);
-        }
-        if purged || !freed.is_empty() {
-            let woken = state.settle(now, now_us, false, &session.member);
-            inner.notify(group, &woken);
-        }
-        Ok(u32::try_from(freed.len()).unwrap_or(u32::MAX))
+        Ok(self.call(group, |model, now| {
+            model.release(group, session, buckets, known, now)
+        }))
     }
 
     async fn leave(
@@ -751,49 +218,13 @@ impl Store for MemoryStore {
         session: &SessionRef,
         buckets: &[u32],
     ) -> Result<u32, Error> {
-        let mut inner = self.lock();
-        let now = Instant::now();
-        let now_us = inner.now_us(now);
-        let Some(state) = inner.groups.get_mut(group) else {
-            return Ok(0);
-        };
-        if !state.is_session(session) {
-            return Ok(0);
-        }
-        // Expired sessions first (leave.lua); if the caller's own had expired, the purge ended
-        // it and freed what it held, and the leave frees nothing more.
-        state.purge(now);
-        let freed = match state.members.get(&session.member) {
-            Some(m) => {
-                let mut held = m.held.clone();
-                let freed = buckets.iter().filter(|b| held.remove(b)).count();
-                state.remove_leaving(&session.member, now);
-                freed
-            }
-            None => 0,
-        };
-        let woken = state.settle(now, now_us, false, &session.member);
-        inner.notify(group, &woken);
-        Ok(u32::try_from(freed).unwrap_or(u32::MAX))
+        Ok(self.call(group, |model, now| {
+            model.leave(group, session, buckets, now)
+        }))
     }
 
     async fn deregister(&self, group: &GroupKey, session: &SessionRef) -> Result<(), Error> {
-        let mut inner = self.lock();
-        let now = Instant::now();
-        let now_us = inner.now_us(now);
-        let Some(state) = inner.groups.get_mut(group) else {
-            return Ok(());
-        };
-        if !state.is_session(session) {
-            return Ok(());
-        }
-        // Expired sessions first (deregister.lua), the caller's own with them if it expired.
-        let purged = state.purge(now);
-        let removed = state.is_session(session) && state.remove_leaving(&session.member, now);
-        if purged || removed {
-            let woken = state.settle(now, now_us, false, &session.member);
-            inner.notify(group, &woken);
-        }
+        self.call(group, |model, now| model.deregister(group, session, now));
         Ok(())
     }
 
@@ -803,90 +234,12 @@ impl Store for MemoryStore {
         group: &GroupKey,
         session: &SessionRef,
     ) -> Result<Option<Holdings>, Error> {
-        let now = Instant::now();
-        let inner = self.lock();
-        let Some(state) = inner.groups.get(group) else {
-            return Ok(None);
-        };
-        let Some(m) = state
-            .members
-            .get(&session.member)
-            .filter(|m| m.session == session.session && m.expires > now)
-        else {
-            return Ok(None);
-        };
-        let owned = m
-            .held
-            .iter()
-            .filter_map(|&b| match state.owners.get(b as usize) {
-                Some(Some((owner, token))) if *owner == session.member => Some((b, *token)),
-                _ => None,
-            })
-            .collect();
-        Ok(Some(Holdings {
-            owned,
-            committed: m.committed,
-        }))
+        Ok(self.read(|model, now| model.holdings(group, session, now)))
     }
 
-    /// Read-only, as snapshot.lua: nothing is purged and nobody notified; the group is shown as
-    /// the next purge would leave it (expired members left out, their buckets free, the version
-    /// bumped once per such member).
+    /// Read-only, as snapshot.lua: nothing is purged and nobody notified.
     async fn snapshot(&self, group: &GroupKey) -> Result<Option<GroupSnapshot>, Error> {
-        let now = Instant::now();
-        let inner = self.lock();
-        let Some(state) = inner.groups.get(group) else {
-            return Ok(None);
-        };
-        let (live, dead): (Vec<_>, Vec<_>) =
-            state.members.iter().partition(|(_, m)| m.expires > now);
-        let members = live
-            .into_iter()
-            .map(|(id, m)| MemberInfo {
-                id: id.clone(),
-                session: m.session.clone(),
-                weight: m.weight,
-                held: u32::try_from(m.held.len()).unwrap_or(u32::MAX),
-                committed: m.committed,
-                expires_in: m.expires.saturating_duration_since(now),
-                session_age: now.saturating_duration_since(m.since),
-            })
-            .collect();
-        let mut owners: Vec<Option<Owner>> = state
-            .owners
-            .iter()
-            .map(|o| {
-                o.as_ref().map(|(member, token)| Owner {
-                    member: member.clone(),
-                    token: *token,
-                })
-            })
-            .collect();
-        for (_, m) in &dead {
-            for &b in &m.held {
-                if let Some(slot) = owners.get_mut(b as usize) {
-                    *slot = None;
-                }
-            }
-        }
-        Ok(Some(GroupSnapshot {
-            buckets: state.buckets,
-            protocol: PROTOCOL_VERSION,
-            version: state.version + dead.len() as u64,
-            members,
-            owners,
-            quarantine: state.grant_after.saturating_duration_since(now),
-            stale: state.unattended(now),
-            ttl: state.ttl,
-            age: now.saturating_duration_since(state.created),
-            // Renewed at its expiry less the ttl; expired sessions count until purged.
-            renewed_ago: state
-                .members
-                .values()
-                .map(|m| m.expires)
-                .max()
-                .map(|latest| (now + state.ttl).saturating_duration_since(latest)),
-        }))
+        Ok(self.read(|model, now| model.snapshot(group, now)))
     }
 
     async fn subscribe(
@@ -921,6 +274,7 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Action;
     use futures_util::FutureExt;
 
     /// S2 within one instant: grants in the same µs of the store's clock (a paused clock here)
@@ -1124,17 +478,18 @@ mod tests {
         // b's session ends; a's does not.
         tokio::time::advance(ttl * 3 / 5).await;
         let mut notices = store.subscribe(&g, Channel::Group).await.unwrap();
-        let before = store.lock().groups[&g].version;
+        let version = |store: &MemoryStore| store.lock().model.group(&g).map(|g| g.version());
+        let before = version(&store).unwrap();
 
         let seen = store.snapshot(&g).await.unwrap().unwrap();
         assert_eq!(store.snapshot(&g).await.unwrap().as_ref(), Some(&seen));
         assert_eq!(drain(&mut notices), 0, "a snapshot notified");
         {
             let inner = store.lock();
-            let state = &inner.groups[&g];
-            assert!(state.members.contains_key("b"), "a snapshot purged b");
-            assert_eq!(state.version, before);
-            assert_eq!(state.free.len(), 0);
+            let state = inner.model.group(&g).unwrap();
+            assert!(state.members().contains_key("b"), "a snapshot purged b");
+            assert_eq!(state.version(), before);
+            assert_eq!(state.free().len(), 0);
         }
         assert_eq!(seen.members.len(), 1);
         assert_eq!(seen.members[0].id, "a");

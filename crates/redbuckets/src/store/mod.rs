@@ -33,7 +33,12 @@
 
 mod call;
 pub(crate) mod memory;
-pub(crate) mod protocol;
+#[cfg(feature = "testing")]
+pub mod model;
+// Without `testing`, the readers meant for tests and model checkers are unused.
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code)]
+pub(crate) mod model;
 pub(crate) mod redis;
 
 use std::collections::BTreeMap;

@@ -25,6 +25,9 @@
 --   <tag>:events         pub/sub channel: every change, for tools that watch the group
 --   <tag>:wake:<member>  pub/sub channel: the member must act (settle)
 -- Keys built here from ARGV[1] (the tag) share the hash tag, so they are on the same slot.
+-- This comment, bind() and the helpers below (held_key, count_key, ids_key, requarantine_key,
+-- wake_channel) are the one place the Lua side names keys: the bodies call the helpers, and
+-- src/store/redis/wire.rs (KEY_SUFFIXES, TAG_SUFFIXES) tests that the Rust side agrees.
 -- Every key of a group expires (keep_alive, seen_leaving): nothing of a group nobody uses stays.
 --
 -- Lua numbers are doubles: µs timestamps (~1.7e15) are exact, but tostring() and number
@@ -198,6 +201,11 @@ end
 
 local function held_key(member)
   return TAG .. ':held:' .. member
+end
+
+-- The member's pub/sub channel: `act`, or `grant <nonce> <token> <bucket>...`.
+local function wake_channel(member)
+  return TAG .. ':wake:' .. member
 end
 
 -- `w` is the weight as stored (decimal text).
@@ -764,7 +772,7 @@ local function settle(meta, now, joined, caller)
     end
   end
   for _, m in ipairs(woken) do
-    redis.call(PUBLISH, TAG .. ':wake:' .. m, 'act')
+    redis.call(PUBLISH, wake_channel(m), 'act')
   end
   -- Data another Redis process wrote (a restart that reloaded a file, a failover) must not be
   -- granted from (load_current_meta): the takers are woken instead, and their steps re-create
@@ -789,7 +797,7 @@ local function settle(meta, now, joined, caller)
       -- cap): it will never take them in. Nothing for it, and nobody to wake; the buckets stay
       -- free for the live members, and its purge frees its own.
     elseif stale or not nonce or not mine or not tonumber(w) or not ends then
-      redis.call(PUBLISH, TAG .. ':wake:' .. m, 'act')
+      redis.call(PUBLISH, wake_channel(m), 'act')
     else
       local kind, count = share_rule(meta.buckets, rule, tonumber(w), mine, free)
       if kind == 'take' then
@@ -801,7 +809,7 @@ local function settle(meta, now, joined, caller)
           end
         end
         if #taken > 0 then
-          redis.call(PUBLISH, TAG .. ':wake:' .. m, 'grant ' .. nonce .. ' ' .. fmt(token) .. ' '
+          redis.call(PUBLISH, wake_channel(m), 'grant ' .. nonce .. ' ' .. fmt(token) .. ' '
             .. table.concat(taken, ' '))
         end
       end

@@ -28,7 +28,7 @@ if n > 0 then
 end
 wipe_group()
 for i = 1, #live, 2 do
-  redis.call(PUBLISH, TAG .. ':wake:' .. live[i], 'act')
+  redis.call(PUBLISH, wake_channel(live[i]), 'act')
 end
 publish()
 return { 'deleted', n }

@@ -24,7 +24,7 @@ end
 local held = redis.call('SCARD', held_key(member))
 remove_member(meta, member)
 seen_leaving(meta, now)
-redis.call(PUBLISH, TAG .. ':wake:' .. member, 'act')
+redis.call(PUBLISH, wake_channel(member), 'act')
 publish()
 settle(meta, now, false, member)
 return { 'removed', held }

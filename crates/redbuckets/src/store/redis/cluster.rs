@@ -34,7 +34,6 @@ use super::errors::{connect_error, probe_protocol, scrub};
 use super::url::{check_url, url_reason};
 use super::RedisOptions;
 use crate::error::Error;
-use crate::store::protocol;
 use crate::store::Notice;
 
 /// The oldest Redis a cluster store runs on: sharded pub/sub and functions came with 7.0.
@@ -557,7 +556,7 @@ impl Cluster {
                 let _ = &con;
                 let notice = match (&push.kind, push.data.get(1)) {
                     (PushKind::SMessage, Some(Value::BulkString(payload))) => {
-                        Some(protocol::notice(payload))
+                        Some(super::wire::notice(payload))
                     }
                     (PushKind::SMessage, _) => Some(Notice::Act),
                     _ => None,

@@ -38,17 +38,12 @@
 //! never read the test key. A time-offset argument was the other candidate; it would have put a
 //! test input into every production call.
 //!
-//! # Keys
-//! Every key of a group starts with the group's hash tag `{prefix:name}` so that all of them
-//! live on one Redis Cluster slot: `:meta` (hash: buckets, protocol, ver, token,
-//! grant_after_us, created_us, ttl_us: the group's one session ttl, run_id: the Redis process
-//! that wrote the group, see [`GroupSnapshot::stale`]), `:exp` (zset: member → session expiry,
-//! server ms), `:sess` (member → nonce), `:since` (member → start ms), `:weight` (member →
-//! weight), `:wcount` (weight → members), `:count:<weight>` (zset per weight: member →
-//! committed count),
-//! `:owner` (hash: bucket → `"<token> <member>"`), `:free` (set), `:held:<member>` (set) and
-//! the pub/sub channel `:events`. Counts are kept per weight so the share rule needs one
-//! `ZCOUNT` per distinct weight instead of a scan over the members.
+//! # Keys and arguments
+//! `wire.rs` holds the wire format in one place: the key layout (every key of a group starts
+//! with its hash tag `{prefix:name}`, so all of them live on one Redis Cluster slot), the
+//! encoders of each script's arguments and the decoders of its reply. Counts are kept per
+//! weight so the share rule needs one `ZCOUNT` per distinct weight instead of a scan over the
+//! members.
 //!
 //! # Connections
 //! Calls go through one auto-reconnecting [`ConnectionManager`] with TCP keepalive and
@@ -100,6 +95,7 @@ mod scripts;
 #[cfg(feature = "sentinel")]
 mod sentinel;
 pub(crate) mod url;
+pub(crate) mod wire;
 
 pub use options::RedisOptions;
 
@@ -127,9 +123,9 @@ use self::scripts::{Deployment, ScriptId, Scripts};
 use self::sentinel::{resolve_primary, watch_switches};
 use self::url::{check_url, parse_cluster_url, parse_sentinel_url, password_secrets, url_reason};
 pub use self::url::{redact_url, scrub_password};
+use self::wire::RegisterReply;
 use crate::config::PROTOCOL_VERSION;
 use crate::error::Error;
-use crate::store::protocol::{self, RegisterReply};
 use crate::store::{
     Channel, Deletion, GroupKey, GroupSnapshot, HeartbeatReply, Holdings, Notifications,
     RebalanceReply, RegisterRequest, Registration, Removal, SessionRef, Store,
@@ -453,29 +449,6 @@ impl RedisStore {
     }
 }
 
-/// The `SCAN` pattern of the `:meta` keys of every group under `prefix` (`{prefix:*}:meta`),
-/// the prefix's glob characters escaped.
-fn meta_pattern(prefix: &str) -> String {
-    let mut escaped = String::with_capacity(prefix.len());
-    for c in prefix.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            escaped.push('\\');
-        }
-        escaped.push(c);
-    }
-    format!("{{{escaped}:*}}:meta")
-}
-
-/// The group named by the key `{prefix:name}:meta`, if it is one.
-fn group_of_meta_key(prefix: &str, key: &str) -> Option<String> {
-    let name = key
-        .strip_prefix('{')?
-        .strip_prefix(prefix)?
-        .strip_prefix(':')?
-        .strip_suffix("}:meta")?;
-    (!name.is_empty() && !name.contains(['{', '}'])).then(|| name.to_string())
-}
-
 /// Every key on one server that matches `pattern`, by `SCAN` (never `KEYS`: a large keyspace
 /// is walked in steps, so Redis stays responsive).
 async fn scan(con: &mut ConnectionManager, pattern: &str) -> Result<Vec<String>, RedisError> {
@@ -512,7 +485,7 @@ impl RedisStore {
     /// with `SCAN` (on a cluster, on every primary). Reads only; a key of that name that is not a
     /// group's shows as a group whose [`Store::snapshot`] reports the corrupt data.
     pub async fn groups(&self, prefix: &str) -> Result<Vec<String>, Error> {
-        let pattern = meta_pattern(prefix);
+        let pattern = wire::meta_pattern(prefix);
         let node = self.inner.node();
         let mut keys = Vec::new();
         let result = match &node.link {
@@ -537,7 +510,7 @@ impl RedisStore {
         keys.extend(result.map_err(|e| self.scan_error(&e))?);
         let mut names: Vec<String> = keys
             .iter()
-            .filter_map(|k| group_of_meta_key(prefix, k))
+            .filter_map(|k| wire::group_of_meta_key(prefix, k))
             .collect();
         names.sort();
         names.dedup();
@@ -548,9 +521,9 @@ impl RedisStore {
     /// are live it refuses unless `force`; see [`Deletion::Deleted`] for what the members then
     /// do. Never waits on the members.
     pub async fn delete_group(&self, group: &GroupKey, force: bool) -> Result<Deletion, Error> {
-        let args = [if force { "1" } else { "0" }.to_string()];
+        let args = wire::delete_args(force);
         let reply = self.run(group, "delete", ScriptId::Delete, &args).await?;
-        protocol::delete(&reply).map_err(|e| e.into_error(group))
+        wire::delete(&reply).map_err(|e| e.into_error(group))
     }
 
     /// Ends `member`'s session in `group` now, whatever its nonce (an operator's call:
@@ -558,9 +531,9 @@ impl RedisStore {
     /// members at once, with larger tokens. See [`Removal::Removed`] for a member that was
     /// alive after all.
     pub async fn remove_member(&self, group: &GroupKey, member: &str) -> Result<Removal, Error> {
-        let args = [member.to_string()];
+        let args = wire::remove_args(member);
         let reply = self.run(group, "remove", ScriptId::Remove, &args).await?;
-        protocol::remove(&reply).map_err(|e| e.into_error(group))
+        wire::remove(&reply).map_err(|e| e.into_error(group))
     }
 
     /// A failed `SCAN`, as the store's error.
@@ -1005,7 +978,7 @@ impl RedisStore {
         args: &[String],
     ) -> Result<Value, RedisError> {
         let scripts = self.scripts();
-        let keys = protocol::keys(tag);
+        let keys = wire::keys(tag);
         if !node.eval_only.load(Ordering::Relaxed) {
             let mut fcall = redis::cmd("FCALL");
             fcall
@@ -1095,34 +1068,17 @@ fn is_already_loaded(e: &RedisError) -> bool {
         .is_some_and(|d| d.to_ascii_lowercase().contains("already exists"))
 }
 
-/// The largest token the scripts take (below 2^53: Lua numbers are doubles): a release's `known`
-/// above it means "any token".
-const TOKEN_LIMIT: u64 = 9_007_199_254_740_991;
-
 impl Store for RedisStore {
     async fn register(
         &self,
         group: &GroupKey,
         req: &RegisterRequest,
     ) -> Result<Registration, Error> {
-        let (has_replaces, replaces) = match &req.replaces {
-            Some(nonce) => ("1", nonce.clone()),
-            None => ("0", String::new()),
-        };
-        let args = [
-            req.session.member.clone(),
-            req.session.session.clone(),
-            req.weight.to_string(),
-            req.buckets.to_string(),
-            duration_us(req.ttl).to_string(),
-            has_replaces.to_string(),
-            replaces,
-            PROTOCOL_VERSION.to_string(),
-        ];
+        let args = wire::register_args(req);
         let reply = self
             .run(group, "register", ScriptId::Register, &args)
             .await?;
-        match protocol::register(&reply).map_err(|e| e.into_error(group))? {
+        match wire::register(&reply).map_err(|e| e.into_error(group))? {
             RegisterReply::Registered { version, token } => {
                 Ok(Registration::Registered { version, token })
             }
@@ -1150,25 +1106,15 @@ impl Store for RedisStore {
         watch: Duration,
     ) -> Result<HeartbeatReply, Error> {
         const CALL: &str = "heartbeat";
-        // Whole ms, rounded up (the scripts' expiries are ms); -1: always look.
-        let watch_ms = u64::try_from(watch.as_micros().div_ceil(1000))
-            .ok()
-            .filter(|ms| *ms < 1 << 53)
-            .map_or_else(|| "-1".to_string(), |ms| ms.to_string());
-        let args = [
-            session.member.clone(),
-            session.session.clone(),
-            duration_us(ttl).to_string(),
-            watch_ms,
-        ];
+        let args = wire::heartbeat_args(session, ttl, watch);
         // Both scripts are safe to run in a row: each renews the session only if it is ours.
         let mut reply = self
             .run(group, CALL, ScriptId::HeartbeatFast, &args)
             .await?;
-        if protocol::heartbeat_wants_full(&reply) {
+        if wire::heartbeat_wants_full(&reply) {
             reply = self.run(group, CALL, ScriptId::Heartbeat, &args).await?;
         }
-        protocol::heartbeat(&reply).map_err(|e| e.into_error(group))
+        wire::heartbeat(&reply).map_err(|e| e.into_error(group))
     }
 
     async fn rebalance(
@@ -1177,15 +1123,11 @@ impl Store for RedisStore {
         session: &SessionRef,
         max_take: u32,
     ) -> Result<RebalanceReply, Error> {
-        let args = [
-            session.member.clone(),
-            session.session.clone(),
-            max_take.to_string(),
-        ];
+        let args = wire::rebalance_args(session, max_take);
         let reply = self
             .run(group, "rebalance", ScriptId::Rebalance, &args)
             .await?;
-        protocol::rebalance(&reply).map_err(|e| e.into_error(group))
+        wire::rebalance(&reply).map_err(|e| e.into_error(group))
     }
 
     async fn release(
@@ -1198,14 +1140,9 @@ impl Store for RedisStore {
         if buckets.is_empty() {
             return Ok(0);
         }
-        let mut args = Vec::with_capacity(buckets.len() + 3);
-        args.push(session.member.clone());
-        args.push(session.session.clone());
-        // Tokens are below 2^53 (µs timestamps); u64::MAX (any token) is sent as that.
-        args.push(known.min(TOKEN_LIMIT).to_string());
-        args.extend(buckets.iter().map(u32::to_string));
+        let args = wire::release_args(session, buckets, known);
         let reply = self.run(group, "release", ScriptId::Release, &args).await?;
-        protocol::release(&reply).map_err(|e| e.into_error(group))
+        wire::release(&reply).map_err(|e| e.into_error(group))
     }
 
     async fn leave(
@@ -1214,16 +1151,13 @@ impl Store for RedisStore {
         session: &SessionRef,
         buckets: &[u32],
     ) -> Result<u32, Error> {
-        let mut args = Vec::with_capacity(buckets.len() + 2);
-        args.push(session.member.clone());
-        args.push(session.session.clone());
-        args.extend(buckets.iter().map(u32::to_string));
+        let args = wire::leave_args(session, buckets);
         let reply = self.run(group, "leave", ScriptId::Leave, &args).await?;
-        protocol::release(&reply).map_err(|e| e.into_error(group))
+        wire::release(&reply).map_err(|e| e.into_error(group))
     }
 
     async fn deregister(&self, group: &GroupKey, session: &SessionRef) -> Result<(), Error> {
-        let args = [session.member.clone(), session.session.clone()];
+        let args = wire::session_args(session);
         self.run(group, "deregister", ScriptId::Deregister, &args)
             .await
             .map(|_| ())
@@ -1234,16 +1168,16 @@ impl Store for RedisStore {
         group: &GroupKey,
         session: &SessionRef,
     ) -> Result<Option<Holdings>, Error> {
-        let args = [session.member.clone(), session.session.clone()];
+        let args = wire::session_args(session);
         let reply = self
             .run(group, "holdings", ScriptId::Holdings, &args)
             .await?;
-        protocol::holdings(&reply).map_err(|e| e.into_error(group))
+        wire::holdings(&reply).map_err(|e| e.into_error(group))
     }
 
     async fn snapshot(&self, group: &GroupKey) -> Result<Option<GroupSnapshot>, Error> {
         let reply = self.run(group, "snapshot", ScriptId::Snapshot, &[]).await?;
-        protocol::snapshot(&reply).map_err(|e| e.into_error(group))
+        wire::snapshot(&reply).map_err(|e| e.into_error(group))
     }
 
     async fn subscribe(
@@ -1252,8 +1186,8 @@ impl Store for RedisStore {
         channel: Channel<'_>,
     ) -> Result<Notifications, Error> {
         let channel = match channel {
-            Channel::Group => format!("{}:events", group.tag()),
-            Channel::Member(member) => format!("{}:wake:{member}", group.tag()),
+            Channel::Group => wire::events_channel(&group.tag()),
+            Channel::Member(member) => wire::wake_channel(&group.tag(), member),
         };
         let node = self.inner.node();
         let mut moved = self.inner.moved.subscribe();
@@ -1294,16 +1228,12 @@ impl Store for RedisStore {
         // the member then resynchronises and subscribes again.
         let stream = pubsub
             .into_on_message()
-            .map(|msg| protocol::notice(msg.get_payload_bytes()))
+            .map(|msg| wire::notice(msg.get_payload_bytes()))
             .take_until(async move {
                 let _ = moved.changed().await;
             });
         Ok(Notifications::new(stream))
     }
-}
-
-fn duration_us(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

@@ -124,13 +124,13 @@ impl RedisOptions {
         self
     }
 
-    /// Tests only, never in production: the store loads variants of its scripts whose clock
-    /// reads a frozen time, in µs since the Unix epoch, from the key `{prefix:group}:test-clock`
-    /// when it exists (the server's `TIME` otherwise). The default store loads the normal
-    /// scripts, which never read that key. The differential test sets the key and
-    /// `MemoryStore`'s clock (`MemoryStore::set_clock_us`) to the same value, so replies with
-    /// tokens and expiries compare exactly.
-    #[doc(hidden)]
+    /// **Unstable, for tests** (feature `testing`), never in production: the store loads
+    /// variants of its scripts whose clock reads a frozen time, in µs since the Unix epoch,
+    /// from the key `{prefix:group}:test-clock` when it exists (the server's `TIME` otherwise).
+    /// The default store loads the normal scripts, which never read that key. The differential
+    /// test sets the key and `MemoryStore`'s clock (`MemoryStore::set_clock_us`) to the same
+    /// value, so replies with tokens and expiries compare exactly.
+    #[cfg(feature = "testing")]
     #[must_use]
     pub fn frozen_clock_for_tests(mut self) -> Self {
         self.frozen_clock = true;

@@ -1,18 +1,27 @@
-//! The wire protocol between [`crate::RedisStore`] and its Lua scripts, defined once: the keys
-//! every script gets, each script's arguments and reply layout, and pure decoders from a reply
-//! to the store's types.
+//! The wire protocol between [`crate::RedisStore`] and its Lua scripts, in one place: the key
+//! layout, the encoders that build each script's arguments, and pure decoders from a reply (or
+//! a notice) to the store's types.
 //!
-//! The decoders take a [`Value`] and nothing else (no connection, no clock), so every reply
-//! layout, good or malformed, is tested on hand-built values. A reply that does not have its
-//! documented layout is a [`ReplyError`], which the store reports as
-//! [`Error::CorruptState`]; nothing here indexes or unwraps what Redis sent.
+//! Both directions are pure functions of values (no connection, no clock), so every layout,
+//! good or malformed, is tested on hand-built values. A reply that does not have its documented
+//! layout is a [`ReplyError`], which the store reports as [`Error::CorruptState`]; nothing here
+//! indexes or unwraps what Redis sent.
+//!
+//! # Key layout
+//! Every key of a group starts with its hash tag `{prefix:name}` ([`GroupKey::tag`]), so all of
+//! them live on one Redis Cluster slot. The Rust side writes the names here once:
+//! [`KEY_SUFFIXES`], the keys every script gets as `KEYS`, and [`TAG_SUFFIXES`], the names a
+//! script builds from the tag. The Lua side writes them once too, in `common.lua` (`bind` takes
+//! `KEYS` in this order; one helper per built name); a test here checks the two agree and that
+//! no other script builds a name of its own.
 //!
 //! # Calling convention (every script)
 //! `KEYS` are the group's tag followed by each of [`KEY_SUFFIXES`], in that order
 //! (`KEYS[1]` = `<tag>:meta` ... `KEYS[8]` = `<tag>:free`); `ARGV[1]` is the tag itself, from
 //! which a script builds the keys whose names hold a member or a weight (`:held:<member>`,
-//! `:count:<weight>`, `:ids`) and the channels `:events` and `:wake:<member>`. The script's own arguments follow from
-//! `ARGV[2]`. Numbers travel as decimal text; durations are µs unless the name says ms.
+//! `:count:<weight>`, `:ids`) and the channels `:events` and `:wake:<member>`. The script's own
+//! arguments follow from `ARGV[2]` (the encoders below build them). Numbers travel as decimal
+//! text; durations are µs unless the name says ms.
 //!
 //! | script | `ARGV[2..]` | reply |
 //! |---|---|---|
@@ -26,28 +35,174 @@
 //! | delete | force `1`/`0` | `{'absent'}` \| `{'live', n}` (refused, nothing changed) \| `{'deleted', n}` (n live sessions ended) |
 //! | remove | member | `{'removed', held}` (its session ended, whatever its nonce, as a deregistration) \| `{'absent'}` |
 //! | snapshot | none | `{}` (no group) or `{buckets, protocol, ver, quarantine_us, members, owner_flat, stale 0\|1, ttl_us, age_us, renewed_ago_us}` (renewed_ago_us `-1` without any session): members = `{id, nonce, weight, held, committed, expires_in_ms, age_ms}...`, owner_flat = `bucket, "<token> <member>", ...` |
+//!
+//! Notices: the group's channel carries `changed`; a member's, `act` or
+//! `grant <nonce> <token> <bucket>...` ([`notice`]).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ::redis::Value;
 
-use crate::config::MAX_BUCKETS;
+use crate::config::{MAX_BUCKETS, PROTOCOL_VERSION};
 use crate::error::Error;
 use crate::store::{
     Action, Deletion, GroupKey, GroupSnapshot, HeartbeatReply, Holdings, MemberInfo, Notice, Owner,
-    RebalanceReply, Removal,
+    RebalanceReply, RegisterRequest, Removal, SessionRef,
 };
 
-/// The suffixes of the keys every script gets as `KEYS`, in order: `<tag>:<suffix>`.
-const KEY_SUFFIXES: [&str; 8] = [
+/// The suffixes of the keys every script gets as `KEYS`, in order: `<tag>:<suffix>`. `meta`
+/// (hash: buckets, protocol, ver, token, grant_after_us, created_us, ttl_us, seen_us, run_id),
+/// `exp` (zset: member → session expiry, server ms), `sess` (member → nonce), `since` (member →
+/// start ms), `weight` (member → weight), `wcount` (weight → members), `owner` (bucket →
+/// `"<token> <member>"`), `free` (set of free buckets). `common.lua` tells each in full.
+pub(crate) const KEY_SUFFIXES: [&str; 8] = [
     "meta", "exp", "sess", "since", "weight", "wcount", "owner", "free",
 ];
+
+/// The names a script builds from the tag (`ARGV[1]`), each as `<tag>:<suffix>` followed by
+/// what the comment says: keys of one member or weight, the expiring re-quarantine, the two
+/// channels, and the two names only the tests' and the cluster's variants read. The store itself
+/// builds only the channels' names; the list is what the test checks `common.lua` against.
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) const TAG_SUFFIXES: [&str; 8] = [
+    // + member: the member's buckets (set).
+    "held:",
+    // + weight: member → committed count (zset).
+    "count:",
+    // The live members in id order (zset).
+    "ids",
+    // The floor of a re-created group's quarantine (string, expiring).
+    "requarantine",
+    // Pub/sub: every change of the group.
+    EVENTS,
+    // + member, pub/sub: the member must act, or was granted buckets.
+    WAKE,
+    // The frozen clock (clock_frozen.lua, tests only).
+    "test-clock",
+    // A key that never exists, read first on a cluster (refused while the slot migrates).
+    "migration-probe",
+];
+
+const EVENTS: &str = "events";
+const WAKE: &str = "wake:";
 
 /// The `KEYS` of every script for the group of hash tag `tag` (`GroupKey::tag`).
 pub(crate) fn keys(tag: &str) -> [String; 8] {
     KEY_SUFFIXES.map(|suffix| format!("{tag}:{suffix}"))
 }
+
+/// The group's channel (`Channel::Group`).
+pub(crate) fn events_channel(tag: &str) -> String {
+    format!("{tag}:{EVENTS}")
+}
+
+/// A member's channel (`Channel::Member`).
+pub(crate) fn wake_channel(tag: &str, member: &str) -> String {
+    format!("{tag}:{WAKE}{member}")
+}
+
+/// The `SCAN` pattern of the `:meta` keys of every group under `prefix` (`{prefix:*}:meta`),
+/// the prefix's glob characters escaped.
+pub(crate) fn meta_pattern(prefix: &str) -> String {
+    let mut escaped = String::with_capacity(prefix.len());
+    for c in prefix.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    format!("{{{escaped}:*}}:{}", KEY_SUFFIXES[0])
+}
+
+/// The group named by the key `{prefix:name}:meta`, if it is one.
+pub(crate) fn group_of_meta_key(prefix: &str, key: &str) -> Option<String> {
+    let name = key
+        .strip_prefix('{')?
+        .strip_prefix(prefix)?
+        .strip_prefix(':')?
+        .strip_suffix(KEY_SUFFIXES[0])?
+        .strip_suffix("}:")?;
+    (!name.is_empty() && !name.contains(['{', '}'])).then(|| name.to_string())
+}
+
+// Encoders: each script's arguments from `ARGV[2]` on (the store puts the tag first).
+
+/// The largest token the scripts take (below 2^53: Lua numbers are doubles): a release's `known`
+/// above it means "any token".
+const TOKEN_LIMIT: u64 = 9_007_199_254_740_991;
+
+fn duration_us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// The session's member and nonce: deregister and holdings, and the start of the others.
+pub(crate) fn session_args(session: &SessionRef) -> Vec<String> {
+    vec![session.member.clone(), session.session.clone()]
+}
+
+/// register: member, nonce, weight, buckets, ttl µs, replaces given, replaced nonce, protocol.
+pub(crate) fn register_args(req: &RegisterRequest) -> Vec<String> {
+    let mut args = session_args(&req.session);
+    args.extend([
+        req.weight.to_string(),
+        req.buckets.to_string(),
+        duration_us(req.ttl).to_string(),
+        if req.replaces.is_some() { "1" } else { "0" }.to_string(),
+        req.replaces.clone().unwrap_or_default(),
+        PROTOCOL_VERSION.to_string(),
+    ]);
+    args
+}
+
+/// heartbeat and heartbeat_fast: member, nonce, ttl µs, watch in whole ms rounded up (the
+/// scripts' expiries are ms), `-1` for "always look".
+pub(crate) fn heartbeat_args(session: &SessionRef, ttl: Duration, watch: Duration) -> Vec<String> {
+    let watch_ms = u64::try_from(watch.as_micros().div_ceil(1000))
+        .ok()
+        .filter(|ms| *ms < 1 << 53)
+        .map_or_else(|| "-1".to_string(), |ms| ms.to_string());
+    let mut args = session_args(session);
+    args.extend([duration_us(ttl).to_string(), watch_ms]);
+    args
+}
+
+/// rebalance: member, nonce, max_take.
+pub(crate) fn rebalance_args(session: &SessionRef, max_take: u32) -> Vec<String> {
+    let mut args = session_args(session);
+    args.push(max_take.to_string());
+    args
+}
+
+/// release: member, nonce, known, bucket... Tokens are below 2^53 (µs timestamps); `u64::MAX`
+/// (any token) is sent as the largest the scripts take.
+pub(crate) fn release_args(session: &SessionRef, buckets: &[u32], known: u64) -> Vec<String> {
+    let mut args = Vec::with_capacity(buckets.len() + 3);
+    args.extend(session_args(session));
+    args.push(known.min(TOKEN_LIMIT).to_string());
+    args.extend(buckets.iter().map(u32::to_string));
+    args
+}
+
+/// leave: member, nonce, bucket...
+pub(crate) fn leave_args(session: &SessionRef, buckets: &[u32]) -> Vec<String> {
+    let mut args = Vec::with_capacity(buckets.len() + 2);
+    args.extend(session_args(session));
+    args.extend(buckets.iter().map(u32::to_string));
+    args
+}
+
+/// delete: force `1`/`0`.
+pub(crate) fn delete_args(force: bool) -> Vec<String> {
+    vec![if force { "1" } else { "0" }.to_string()]
+}
+
+/// remove: member.
+pub(crate) fn remove_args(member: &str) -> Vec<String> {
+    vec![member.to_string()]
+}
+
+// Decoders.
 
 /// A reply that does not say what its script's layout promises.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -550,6 +705,137 @@ mod tests {
         let keys = keys(&GroupKey::new("p", "g").tag());
         assert_eq!(keys[0], "{p:g}:meta");
         assert_eq!(keys[7], "{p:g}:free");
+    }
+
+    #[test]
+    fn names_built_from_the_tag() {
+        let tag = GroupKey::new("p", "g").tag();
+        assert_eq!(events_channel(&tag), "{p:g}:events");
+        assert_eq!(wake_channel(&tag, "a b"), "{p:g}:wake:a b");
+        assert_eq!(meta_pattern("a*b"), r"{a\*b:*}:meta");
+        assert_eq!(group_of_meta_key("p", "{p:g}:meta"), Some("g".into()));
+        assert_eq!(group_of_meta_key("p", "{p:g}:free"), None);
+        assert_eq!(group_of_meta_key("p", "{p:}:meta"), None);
+        assert_eq!(group_of_meta_key("p", "{q:g}:meta"), None);
+    }
+
+    /// The key layout is written once per side: `bind` in common.lua takes `KEYS` in the order
+    /// of [`KEY_SUFFIXES`] (`K_<SUFFIX>` = `keys[i]`), and every name a script builds from the
+    /// tag is one of [`TAG_SUFFIXES`], built in common.lua (or, for the test clock, in
+    /// clock_frozen.lua) and nowhere else; each of them is built somewhere.
+    #[test]
+    fn the_lua_side_names_the_same_keys() {
+        use super::super::scripts::{Scripts, COMMON};
+        use super::super::{CLOCK, FROZEN_CLOCK};
+
+        let mut bound = Vec::new();
+        for line in COMMON.lines().map(str::trim) {
+            if let Some((names, values)) = line.split_once(" = keys[") {
+                let values = format!("keys[{values}");
+                for (name, value) in names.split(", ").zip(values.split(", ")) {
+                    bound.push((name.to_string(), value.to_string()));
+                }
+            }
+        }
+        let expected: Vec<(String, String)> = (1..)
+            .zip(KEY_SUFFIXES)
+            .map(|(i, suffix)| (format!("K_{}", suffix.to_uppercase()), format!("keys[{i}]")))
+            .collect();
+        assert_eq!(bound, expected, "bind() in common.lua");
+        for (i, suffix) in (1..).zip(KEY_SUFFIXES) {
+            let documented = format!("KEYS[{i}] {suffix} ");
+            assert!(
+                COMMON.contains(&documented),
+                "common.lua's layout lacks {documented}"
+            );
+        }
+
+        // Every `TAG .. ':<name>` (or `ARGV[1] .. ':<name>`) in the Lua, by file.
+        let built = |text: &str| -> Vec<String> {
+            ["TAG .. ':", "ARGV[1] .. ':"]
+                .iter()
+                .flat_map(|start| text.match_indices(start).map(|(i, m)| &text[i + m.len()..]))
+                .map(|rest| rest.split('\'').next().unwrap_or_default().to_string())
+                .collect()
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        for (file, text) in [("common.lua", COMMON), ("clock_frozen.lua", FROZEN_CLOCK)] {
+            for name in built(text) {
+                assert!(
+                    TAG_SUFFIXES.contains(&name.as_str()),
+                    "{file} builds {name:?}"
+                );
+                seen.insert(name);
+            }
+        }
+        let unbuilt: Vec<_> = TAG_SUFFIXES
+            .iter()
+            .filter(|s| !seen.contains(**s))
+            .collect();
+        assert!(unbuilt.is_empty(), "never built in Lua: {unbuilt:?}");
+        for body in Scripts::bodies().chain([CLOCK]) {
+            assert_eq!(
+                built(body),
+                Vec::<String>::new(),
+                "a body names a key: {body}"
+            );
+        }
+    }
+
+    fn session() -> SessionRef {
+        SessionRef {
+            member: "m 1".into(),
+            session: "n".into(),
+        }
+    }
+
+    #[test]
+    fn arguments() {
+        let mut req = RegisterRequest::new(session(), 3, 64, Duration::from_millis(1500));
+        assert_eq!(
+            register_args(&req),
+            [
+                "m 1",
+                "n",
+                "3",
+                "64",
+                "1500000",
+                "0",
+                "",
+                &PROTOCOL_VERSION.to_string()
+            ]
+        );
+        req.replaces = Some("old".into());
+        assert_eq!(register_args(&req)[5..7], ["1", "old"]);
+
+        let ttl = Duration::from_secs(2);
+        let watch = |w| heartbeat_args(&session(), ttl, w)[3].clone();
+        assert_eq!(
+            heartbeat_args(&session(), ttl, Duration::ZERO),
+            ["m 1", "n", "2000000", "0"]
+        );
+        assert_eq!(
+            watch(Duration::from_micros(1001)),
+            "2",
+            "rounded up to whole ms"
+        );
+        assert_eq!(watch(Duration::from_millis(600)), "600");
+        assert_eq!(watch(Duration::MAX), "-1", "always look");
+
+        assert_eq!(rebalance_args(&session(), 7), ["m 1", "n", "7"]);
+        assert_eq!(
+            release_args(&session(), &[4, 2], 17),
+            ["m 1", "n", "17", "4", "2"]
+        );
+        assert_eq!(
+            release_args(&session(), &[1], u64::MAX)[2],
+            TOKEN_LIMIT.to_string()
+        );
+        assert_eq!(leave_args(&session(), &[9]), ["m 1", "n", "9"]);
+        assert_eq!(session_args(&session()), ["m 1", "n"]);
+        assert_eq!(delete_args(true), ["1"]);
+        assert_eq!(delete_args(false), ["0"]);
+        assert_eq!(remove_args("x"), ["x"]);
     }
 
     #[test]
