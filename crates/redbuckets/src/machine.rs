@@ -611,6 +611,9 @@ impl MemberCore {
     }
 
     /// The reply to the call made for `what`.
+    // `expect`'s pickers give back a reply of another call (a store that broke the protocol)
+    // for its message: a cold path, where the size of `Reply::Snapshot` costs nothing.
+    #[allow(clippy::result_large_err)]
     fn on_reply(&mut self, what: InFlight, sent: Now, result: Result<Reply, Error>, now: &Now) {
         match what {
             InFlight::Subscribe => match expect(result, "subscribe", |r| match r {
