@@ -1499,3 +1499,6 @@ fn expect<T>(
         detail: format!("the store answered a {call} call with {other:?}"),
     })
 }
+
+#[cfg(test)]
+mod tests;
