@@ -415,6 +415,10 @@ impl Harness {
             .expect("owned")
     }
 
+    fn session(&self) -> SessionRef {
+        self.core.session.live().cloned().expect("a live session")
+    }
+
     /// When the calls named `name` were sent, from `from` on.
     fn sent_since(&self, name: &str, from: Instant) -> Vec<Instant> {
         self.sent
@@ -644,6 +648,48 @@ fn failed_heartbeats_back_off_within_the_lease_deadline() {
     );
 }
 
+/// A grant notice handled after the lease deadline passed (the task ran late: a starved CPU, or
+/// a host that slept) is not applied: that ownership would begin after the session's leases
+/// ended, while the store may have given the buckets to another member (S3). The same notice in
+/// time is applied. Kills the mutant that applies a grant without the deadline check (issue
+/// 19, 8), which survived every other test and a 10,000-seed soak.
+#[test]
+fn a_grant_notice_handled_after_the_deadline_is_not_applied() {
+    enum Late {
+        InTime,
+        Starved,
+        Slept,
+    }
+    for late in [Late::InTime, Late::Starved, Late::Slept] {
+        let mut h = Harness::new(config());
+        // Registered, in the new group's quarantine: live, owning nothing.
+        h.run_for(ms(500), answer);
+        assert!(h.owned().is_empty());
+        h.events();
+        let deadline = h.core.session.deadline().expect("live");
+        match late {
+            Late::InTime => {}
+            // The task wakes after the deadline, to a notice: no input came in between.
+            Late::Starved => h.advance_to(deadline.at + ms(1)),
+            Late::Slept => h.suspend(deadline.remaining(&h.now()) + ms(1)),
+        }
+        let token = h.shared.lock().ledger.highest_token() + 1;
+        h.step(Input::Notice(Some(Notice::Granted {
+            session: h.session().session,
+            token,
+            buckets: vec![0, 1],
+        })));
+        let acquired = count(&h.events(), |e| matches!(e, Event::Acquired { .. }));
+        if let Late::InTime = late {
+            assert_eq!(acquired, 2, "a grant in time is applied");
+            assert_eq!(h.owned(), vec![0, 1]);
+        } else {
+            assert_eq!(acquired, 0, "a grant applied after the lease deadline");
+            assert!(h.shared.lock().ledger.buckets().is_empty());
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Drains and releases
 // ---------------------------------------------------------------------------------------------
@@ -659,6 +705,72 @@ fn owner_revoking_two() -> (Harness, Vec<Lease>, Vec<(u32, Instant)>) {
     let revoked = revoked(&h.events());
     assert_eq!(revoked.len(), 2, "{revoked:?}");
     (h, leases, revoked)
+}
+
+/// A revoked bucket whose lease handle lives is released when its drain time is over, not
+/// before (the next owner would start while a worker still works on it); one whose handle was
+/// dropped is released at once. Kills the mutants that release before the drain ends (issue
+/// 19, 8: `Ledger::releasable` ignoring the drain time), which only ledger unit tests caught.
+#[test]
+fn a_revoked_bucket_is_released_when_its_handles_are_dropped_or_its_drain_is_over() {
+    let (mut h, mut leases, revoked) = owner_revoking_two();
+    let drain = h.config().drain_timeout;
+    let (first, revoked_at) = revoked[0];
+    let (second, _) = revoked[1];
+    // The first one's handle is dropped: released at once, alone.
+    drop(leases.remove(first as usize));
+    h.step(Input::Tick);
+    let (call, sent) = h.until_call(drain, is_release, answer);
+    let Call::Release { buckets, .. } = &call else {
+        unreachable!()
+    };
+    assert_eq!(buckets, &vec![first], "released with its handle dropped");
+    assert_eq!(sent.at, revoked_at, "not released at once");
+    let reply = h.run(call);
+    h.reply(sent, reply);
+    // The second one's handle lives on: released at the end of its drain.
+    let (call, sent) = h.until_call(drain * 2, is_release, answer);
+    let Call::Release { buckets, .. } = &call else {
+        unreachable!()
+    };
+    assert_eq!(buckets, &vec![second]);
+    assert_eq!(
+        sent.at,
+        revoked_at + drain,
+        "released {:?} after the revoke; its drain is {drain:?}",
+        sent.at - revoked_at
+    );
+    drop(leases);
+}
+
+/// The graceful leave waits for the lease handles of what it revoked, up to the drain time,
+/// before it releases: at once without handles, at the end of the drain with one. Kills the
+/// mutant whose leave ignores the drain's end (`Leave::Draining { until }`).
+#[test]
+fn the_leave_releases_when_the_handles_are_dropped_or_the_drain_is_over() {
+    for held in [false, true] {
+        let mut h = Harness::owner(config());
+        let lease = held.then(|| h.lease(0));
+        let began = h.at();
+        let remaining = h.core.session.deadline().expect("live").remaining(&h.now());
+        h.shutdown();
+        let (call, sent) = h.until_call(TTL, is_leave, answer);
+        let drain = if held {
+            h.config().drain_timeout.min(remaining)
+        } else {
+            Duration::ZERO
+        };
+        assert_eq!(
+            sent.at - began,
+            drain,
+            "the leave released {:?} after the revoke (a handle held: {held})",
+            sent.at - began
+        );
+        let reply = h.run(call);
+        h.reply(sent, reply);
+        assert!(h.run_to_end(TTL, answer).is_ok());
+        drop(lease);
+    }
 }
 
 /// Regression (review, 2): the release of drained buckets picks them under the lock and calls
