@@ -20,7 +20,10 @@ use crate::error::Error;
 use crate::event::{Event, LostReason};
 use crate::shared::{ErrorHook, Lease, Shared};
 use crate::store::model::{Model, To};
-use crate::store::{Call, GroupKey, Notice, Notifications, RegisterRequest, Reply, SessionRef};
+use crate::store::{
+    Call, GroupKey, HeartbeatReply, Notice, Notifications, RebalanceReply, RegisterRequest, Reply,
+    SessionRef,
+};
 
 const TTL: Duration = Duration::from_secs(3);
 const HEARTBEAT: Duration = Duration::from_millis(100);
@@ -1060,4 +1063,42 @@ fn a_start_does_not_retry_a_group_of_another_shape() {
     );
     assert_eq!(h.elapsed, Duration::ZERO);
     assert_eq!(h.sent_since("register", h.base.0).len(), 1);
+}
+
+/// A store that keeps no session (it registers one, and the next call says it is gone: a
+/// proxy that routes calls to different servers, a replica that drops writes) made the member
+/// register again at once, every time: a busy loop, as fast as the store answers. A session
+/// lost before its first renewal now backs off like a failed registration (up to half the
+/// ttl), and the member still joins soon once the store keeps sessions again.
+#[test]
+fn a_store_that_loses_every_new_session_is_not_asked_to_register_in_a_loop() {
+    enum Loses {
+        /// The rebalance step right after the registration answers `SessionLost`.
+        AtTheStep,
+        /// Every heartbeat answers `alive: false`.
+        AtTheHeartbeat,
+    }
+    for loses in [Loses::AtTheStep, Loses::AtTheHeartbeat] {
+        let mut h = Harness::owner(config());
+        let from = h.at();
+        h.run_for(TTL, |call| match (call, &loses) {
+            (Call::Rebalance { .. }, Loses::AtTheStep) => {
+                Fate::Reply(Ok(Reply::Rebalance(RebalanceReply::session_lost())))
+            }
+            (Call::Heartbeat { .. }, _) => {
+                Fate::Reply(Ok(Reply::Heartbeat(HeartbeatReply::default())))
+            }
+            _ => Fate::Answer,
+        });
+        // 25..=50 ms, 50..=100, 100..=200, 200..=400, 400..=800, then 750..=1,500 ms.
+        let registers = h.sent_since("register", from).len();
+        assert!(
+            (4..=10).contains(&registers),
+            "{registers} registrations in a ttl"
+        );
+        // The store keeps sessions again: the member joins within the longest backoff, and owns
+        // its buckets (again past a quarantine: the group was empty).
+        h.run_for(TTL * 2 + TTL / 2, answer);
+        assert_eq!(h.owned().len(), 4);
+    }
 }
