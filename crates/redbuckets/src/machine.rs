@@ -245,6 +245,9 @@ pub(crate) struct MemberCore {
     leave_error: Option<Error>,
     /// When the leave must be over.
     give_up: Instant,
+    /// The live session has been renewed since it registered. One lost before that backs off
+    /// its next registration (`session_gone`).
+    renewed: bool,
 }
 
 impl std::fmt::Debug for MemberCore {
@@ -305,6 +308,7 @@ impl MemberCore {
             resync: None,
             leave_error: None,
             give_up: now,
+            renewed: false,
         }
     }
 
@@ -611,6 +615,9 @@ impl MemberCore {
     }
 
     /// The reply to the call made for `what`.
+    // `expect`'s pickers give back a reply of another call (a store that broke the protocol)
+    // for its message: a cold path, where the size of `Reply::Snapshot` costs nothing.
+    #[allow(clippy::result_large_err)]
     fn on_reply(&mut self, what: InFlight, sent: Now, result: Result<Reply, Error>, now: &Now) {
         match what {
             InFlight::Subscribe => match expect(result, "subscribe", |r| match r {
@@ -684,10 +691,10 @@ impl MemberCore {
 
     /// A registration's reply, in the join or after a lost session.
     fn on_registration(&mut self, result: Result<Registration, Error>, sent: Now, now: &Now) {
-        if result.is_ok() {
-            self.retries.register.reset();
-        }
         if let Phase::Joining(join) = &mut self.phase {
+            if result.is_ok() {
+                self.retries.register.reset();
+            }
             match result {
                 Ok(Registration::Registered { version, token }) => {
                     self.phase = Phase::Running;
@@ -759,6 +766,7 @@ impl MemberCore {
         {
             tracing::info!(session = %session.session, "registered");
         }
+        self.renewed = false;
         self.shared.forget_expiry();
         self.publish((sent.at, version), now);
         self.rebalance = Some(now.at);
@@ -790,6 +798,9 @@ impl MemberCore {
                 self.session.retry_at(now.at);
             }
             Ok(reply) if reply.alive => {
+                // The store keeps the session: a registration after it starts from no backoff.
+                self.renewed = true;
+                self.retries.register.reset();
                 self.shared.metrics.seen(None, reply.members);
                 let until = self.deadline_after(sent);
                 let next = self.next_check(sent.at, reply.next_expiry, now);
@@ -835,10 +846,19 @@ impl MemberCore {
         at.min(latest)
     }
 
-    /// The store no longer knows the session: everything is lost; register again at once.
+    /// The store no longer knows the session: everything is lost; register again at once. A
+    /// session that was never renewed registers again after the registration backoff instead: a
+    /// store that loses every new session (a proxy spreading calls over servers that share no
+    /// data, a replica that drops writes) was otherwise asked to register in a busy loop, as
+    /// fast as it answered.
     fn session_gone(&mut self, now: Instant) {
         self.lose(LostReason::SessionExpired, now);
-        self.session.retry_at(now);
+        let retry = if self.renewed {
+            Duration::ZERO
+        } else {
+            self.retries.register.next(&mut self.jitter)
+        };
+        self.session.retry_at(now + retry);
     }
 
     /// A rebalance step's reply: its action (`apply_step`), then the count check.
@@ -1496,3 +1516,6 @@ fn expect<T>(
         detail: format!("the store answered a {call} call with {other:?}"),
     })
 }
+
+#[cfg(test)]
+mod tests;

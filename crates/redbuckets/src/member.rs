@@ -8,8 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::Stream;
@@ -17,7 +16,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::{broadcast, mpsc, watch, Notify};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, ReusableBoxFuture, WaitForCancellationFutureOwned};
@@ -27,7 +26,6 @@ use crate::config::Config;
 use crate::driver::Driver;
 use crate::error::Error;
 use crate::event::Event;
-use crate::metrics::Metrics;
 use crate::shared::{ErrorHook, Lease, Local, Shared};
 use crate::store::Store;
 
@@ -151,20 +149,7 @@ impl<S: Store> MemberBuilder<S> {
     pub async fn start(self) -> Result<Member, Error> {
         self.config.validate()?;
         let config = Arc::new(self.config);
-        let (events, _) = broadcast::channel(events_capacity(config.buckets));
-        let (valid_until, _) = watch::channel(None);
-        let (owned, _) = watch::channel(Vec::new());
-        let shared = Arc::new(Shared {
-            config: Arc::clone(&config),
-            local: Mutex::new(Local::default()),
-            events,
-            valid_until,
-            owned,
-            dropped: Arc::new(Notify::new()),
-            stopped: CancellationToken::new(),
-            expired: AtomicBool::new(false),
-            metrics: Metrics::new(&config.group),
-        });
+        let shared = Shared::new(Arc::clone(&config), events_capacity(config.buckets));
         let abort = CancellationToken::new();
         // The abort's child: an abort interrupts whatever the shutdown would.
         let graceful = abort.child_token();

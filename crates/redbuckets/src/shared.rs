@@ -48,6 +48,26 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The state of a member about to start: nothing owned, no session, an event channel of
+    /// `events` slots.
+    pub(crate) fn new(config: Arc<Config>, events: usize) -> Arc<Self> {
+        let (events, _) = broadcast::channel(events);
+        let (valid_until, _) = watch::channel(None);
+        let (owned, _) = watch::channel(Vec::new());
+        let metrics = Metrics::new(&config.group);
+        Arc::new(Shared {
+            config,
+            local: Mutex::new(Local::default()),
+            events,
+            valid_until,
+            owned,
+            dropped: Arc::new(Notify::new()),
+            stopped: CancellationToken::new(),
+            expired: AtomicBool::new(false),
+            metrics,
+        })
+    }
+
     /// The ledger, locked, while the lease deadline has not passed; `None` after it.
     pub(crate) fn lock_valid(&self) -> Option<MutexGuard<'_, Local>> {
         let local = self.lock();

@@ -758,3 +758,156 @@ fn a_reply_handled_after_the_deadline_dates_the_loss_at_the_deadline() {
         member.shutdown().await.expect("shutdown");
     });
 }
+
+/// A store that stops answering: while `hang` is on, every call hangs (the member's shell cuts
+/// it at its deadline, or drops it). Counts the calls that hang, and the registrations.
+#[derive(Debug, Default)]
+struct Silent {
+    hang: AtomicBool,
+    hanging: AtomicU32,
+    registers: AtomicU32,
+}
+
+impl Intercept<MemoryStore> for Silent {
+    async fn call(&self, inner: &MemoryStore, call: Call) -> Result<Reply, Error> {
+        if matches!(call, Call::Register { .. }) {
+            self.registers.fetch_add(1, Ordering::SeqCst);
+        }
+        if self.hang.load(Ordering::SeqCst) {
+            self.hanging.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<()>().await;
+        }
+        call.run(inner.clone()).await
+    }
+}
+
+type SilentStore = Intercepted<MemoryStore, Silent>;
+
+/// Member "a" of the 4-bucket group "g" (ttl 3 s) on a [`Silent`] store.
+fn on_silent(store: &SilentStore) -> redbuckets::MemberBuilder<SilentStore> {
+    Member::builder(store.clone(), "g")
+        .id("a")
+        .buckets(4)
+        .heartbeat(HEARTBEAT)
+        .ttl(Duration::from_secs(3))
+}
+
+/// Starts `builder`'s member, waits until it owns the 4 buckets (past the quarantine), then
+/// makes the store stop answering and waits until the member's next call hangs in it.
+async fn owner_with_a_call_hanging(
+    store: &SilentStore,
+    builder: redbuckets::MemberBuilder<SilentStore>,
+) -> Member {
+    let member = builder.start().await.expect("start");
+    sleep(Duration::from_secs(4)).await;
+    assert_eq!(member.buckets().len(), 4);
+    store.hang.store(true, Ordering::SeqCst);
+    while store.hanging.load(Ordering::SeqCst) == 0 {
+        sleep(Duration::from_millis(10)).await;
+    }
+    member
+}
+
+/// Regression (issue 9, 4): a shutdown asked while a store call hangs waited for that call (up
+/// to the call timeout, 1 s here) before the leave even began, past a 200 ms budget. The shell
+/// drops the call (the core's half, that the dropped call is no error and the leave begins at
+/// once, is in `machine/tests.rs`).
+#[tokio::test(start_paused = true)]
+async fn a_shutdown_does_not_wait_for_a_call_in_flight() {
+    let store = Intercepted::new(MemoryStore::new(), Silent::default());
+    let builder = on_silent(&store).shutdown_timeout(Duration::from_millis(200));
+    let member = owner_with_a_call_hanging(&store, builder).await;
+    let mut events = member.events();
+    let began = Instant::now();
+    let result = member.shutdown().await;
+    let took = began.elapsed();
+    // `Member::shutdown` times out at the budget by itself: the leave must have ended before
+    // that (its calls cut at the budget less the margin), not been cut by it.
+    assert!(
+        !matches!(
+            result,
+            Err(Error::Timeout {
+                call: "shutdown",
+                ..
+            })
+        ),
+        "the leave did not end within the budget: {result:?}"
+    );
+    assert!(
+        took <= Duration::from_millis(180),
+        "shutdown took {took:?} ({result:?})"
+    );
+    let events: Vec<Event> = std::iter::from_fn(|| events.try_next()).collect();
+    let revoked: Vec<(u32, u64)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Revoked { bucket, token, .. } => Some((*bucket, *token)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(revoked.len(), 4, "{events:?}");
+    for (bucket, token) in revoked {
+        let ended = events.iter().any(|e| {
+            matches!(e, Event::Released { .. } | Event::Lost { .. })
+                && e.bucket() == Some(bucket)
+                && e.token() == Some(token)
+        });
+        assert!(ended, "bucket {bucket} revoked, never ended: {events:?}");
+    }
+}
+
+/// Regression (issue 8, bug 5; issue 9, 6): aborting a member whose store call hangs dropped the
+/// call with `Error::Shutdown`, which was reported, a WARN and an `on_error` call, as if the
+/// store had failed.
+#[tokio::test(start_paused = true)]
+async fn an_abort_during_a_store_call_reports_no_error() {
+    let store = Intercepted::new(MemoryStore::new(), Silent::default());
+    let errors = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = Arc::clone(&errors);
+    let builder = on_silent(&store).on_error(move |e| seen.lock().unwrap().push(e.to_string()));
+    let member = owner_with_a_call_hanging(&store, builder).await;
+    let before = errors.lock().unwrap().clone();
+    member.abort();
+    sleep(Duration::from_secs(5)).await;
+    let after = errors.lock().unwrap().clone();
+    assert_eq!(after, before, "errors reported after the abort");
+}
+
+/// Issue 10, 2: a store that never answers fails the start at the start timeout, naming it and
+/// the last error.
+#[tokio::test(start_paused = true)]
+async fn a_start_against_a_store_that_never_answers_fails_at_the_start_timeout() {
+    let store = Intercepted::new(MemoryStore::new(), Silent::default());
+    store.hang.store(true, Ordering::SeqCst);
+    let began = Instant::now();
+    let err = on_silent(&store)
+        .start_timeout(Duration::from_secs(5))
+        .start()
+        .await
+        .expect_err("the store never answers");
+    assert_eq!(began.elapsed(), Duration::from_secs(5));
+    match &err {
+        Error::StartTimeout { after, last } => {
+            assert_eq!(*after, Duration::from_secs(5));
+            assert!(
+                matches!(
+                    **last,
+                    Error::Timeout {
+                        call: "register",
+                        ..
+                    }
+                ),
+                "{last}"
+            );
+        }
+        other => panic!("{other}"),
+    }
+    let message = err.to_string();
+    assert!(
+        message.contains("start timeout of 5s") && message.contains("register timed out"),
+        "{message}"
+    );
+    // Calls of 1 s (a third of the ttl) with backoff between them: a handful, not a storm.
+    let attempts = store.registers.load(Ordering::SeqCst);
+    assert!((4..=5).contains(&attempts), "{attempts} registrations");
+}
