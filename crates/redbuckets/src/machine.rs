@@ -615,15 +615,9 @@ impl MemberCore {
     }
 
     /// The reply to the call made for `what`.
-    // `expect`'s pickers give back a reply of another call (a store that broke the protocol)
-    // for its message: a cold path, where the size of `Reply::Snapshot` costs nothing.
-    #[allow(clippy::result_large_err)]
     fn on_reply(&mut self, what: InFlight, sent: Now, result: Result<Reply, Error>, now: &Now) {
         match what {
-            InFlight::Subscribe => match expect(result, "subscribe", |r| match r {
-                Reply::Subscribe(n) => Ok(n),
-                other => Err(other),
-            }) {
+            InFlight::Subscribe => match expect(result, "subscribe") {
                 Ok(notifications) => {
                     self.retries.subscribe.reset();
                     self.subscription = Subscription::Active(notifications);
@@ -638,52 +632,31 @@ impl MemberCore {
                 }
             },
             InFlight::Register => {
-                let result = expect(result, "register", |r| match r {
-                    Reply::Register(r) => Ok(r),
-                    other => Err(other),
-                });
+                let result = expect(result, "register");
                 self.on_registration(result, sent, now);
             }
             InFlight::Heartbeat => {
-                let result = expect(result, "heartbeat", |r| match r {
-                    Reply::Heartbeat(r) => Ok(r),
-                    other => Err(other),
-                });
+                let result = expect(result, "heartbeat");
                 self.on_heartbeat(result, sent, now);
             }
             InFlight::Rebalance => {
-                let result = expect(result, "rebalance", |r| match r {
-                    Reply::Rebalance(r) => Ok(r),
-                    other => Err(other),
-                });
+                let result = expect(result, "rebalance");
                 self.on_rebalance(result, now);
             }
             InFlight::Holdings { then_revoke } => {
-                let result = expect(result, "holdings", |r| match r {
-                    Reply::Holdings(h) => Ok(h),
-                    other => Err(other),
-                });
+                let result = expect(result, "holdings");
                 self.on_holdings(result, then_revoke, now);
             }
             InFlight::Release { buckets } => {
-                let result = expect(result, "release", |r| match r {
-                    Reply::Release(freed) => Ok(freed),
-                    other => Err(other),
-                });
+                let result = expect(result, "release");
                 self.on_release(&buckets, result, now);
             }
             InFlight::Leave => {
-                let result = expect(result, "leave", |r| match r {
-                    Reply::Release(freed) => Ok(freed),
-                    other => Err(other),
-                });
+                let result = expect(result, "leave");
                 self.on_leave(result, now);
             }
             InFlight::Deregister => {
-                let result = expect(result, "deregister", |r| match r {
-                    Reply::Deregister(()) => Ok(()),
-                    other => Err(other),
-                });
+                let result = expect(result, "deregister");
                 self.on_deregister(result, now);
             }
         }
@@ -1506,13 +1479,13 @@ impl MemberCore {
     }
 }
 
-/// The reply of a call, as the type the call returns: another call's reply is an error.
-fn expect<T>(
+/// The reply of a call, as the type the call returns: another call's reply (a store that broke
+/// the protocol) is an error.
+fn expect<T: TryFrom<Reply, Error = Reply>>(
     result: Result<Reply, Error>,
     call: &'static str,
-    pick: impl FnOnce(Reply) -> Result<T, Reply>,
 ) -> Result<T, Error> {
-    pick(result?).map_err(|other| Error::Unavailable {
+    T::try_from(result?).map_err(|other| Error::Unavailable {
         detail: format!("the store answered a {call} call with {other:?}"),
     })
 }
