@@ -24,7 +24,9 @@
 # Rust part. Installs cargo-mutants if missing (`cargo install --locked cargo-mutants`) and runs
 # `cargo mutants --file <each> --timeout $MUTANTS_TIMEOUT -- --lib` in a copy it makes itself:
 # only the library's unit tests, which is where the pure modules (ledger, share) are tested, so
-# each mutant takes seconds. Its own report is in ./mutants.out.
+# each mutant takes a rebuild of the library and its unit tests (tens of seconds). Its own report
+# is in ./mutants.out. MUTANTS_RUST_ARGS adds arguments, e.g. "--shard 0/5" to run a fifth of
+# the mutants (about 200 for the two default files) when time is short.
 #
 # Needs redis-server on the PATH (as the tests do). Uses whatever cores are free: set
 # CARGO_BUILD_JOBS on a shared machine.
@@ -232,7 +234,8 @@ rust() {
   local args=()
   for f in "${files[@]}"; do args+=(--file "$f"); done
   cd "$ROOT"
-  cargo mutants -p redbuckets "${args[@]}" --timeout "$TIMEOUT" -- --lib
+  # shellcheck disable=SC2086 # MUTANTS_RUST_ARGS is a list of arguments, e.g. "--shard 0/5".
+  cargo mutants -p redbuckets "${args[@]}" --timeout "$TIMEOUT" ${MUTANTS_RUST_ARGS:-} -- --lib
 }
 
 case "${1:-}" in
