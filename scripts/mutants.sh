@@ -22,7 +22,9 @@
 # which suites catch each edit). The table goes to stdout and to $MUTANTS_DIR/lua-report.txt.
 #
 # Rust part. Installs cargo-mutants if missing (`cargo install --locked cargo-mutants`) and runs
-# `cargo mutants --file <each> --timeout $MUTANTS_TIMEOUT -- --lib` in a copy it makes itself:
+# `cargo mutants --file <each> --timeout $MUTANTS_TIMEOUT --cargo-test-arg=--lib` in a copy it
+# makes itself (`--lib` for cargo, not `-- --lib`, which goes to the test binaries and builds
+# every test target):
 # only the library's unit tests, which is where the pure modules (ledger, share) are tested, so
 # each mutant takes a rebuild of the library and its unit tests (tens of seconds). Its own report
 # is in ./mutants.out. MUTANTS_RUST_ARGS adds arguments, e.g. "--shard 0/5" to run a fifth of
@@ -235,7 +237,8 @@ rust() {
   for f in "${files[@]}"; do args+=(--file "$f"); done
   cd "$ROOT"
   # shellcheck disable=SC2086 # MUTANTS_RUST_ARGS is a list of arguments, e.g. "--shard 0/5".
-  cargo mutants -p redbuckets "${args[@]}" --timeout "$TIMEOUT" ${MUTANTS_RUST_ARGS:-} -- --lib
+  cargo mutants -p redbuckets "${args[@]}" --timeout "$TIMEOUT" ${MUTANTS_RUST_ARGS:-} \
+    --cargo-test-arg=--lib
 }
 
 case "${1:-}" in
