@@ -24,9 +24,8 @@
 # Rust part. Installs cargo-mutants if missing (`cargo install --locked cargo-mutants`) and runs
 # `cargo mutants --file <each> --timeout $MUTANTS_TIMEOUT --cargo-test-arg=--lib` in a copy it
 # makes itself (`--lib` for cargo, not `-- --lib`, which goes to the test binaries and builds
-# every test target):
-# only the library's unit tests, which is where the pure modules (ledger, share) are tested, so
-# each mutant takes a rebuild of the library and its unit tests (tens of seconds). Its own report
+# every test target): only the library's unit tests, where the pure modules (ledger, share)
+# are tested, so each mutant takes a rebuild of the library and its unit tests (tens of seconds). Its own report
 # is in ./mutants.out. MUTANTS_RUST_ARGS adds arguments, e.g. "--shard 0/5" to run a fifth of
 # the mutants (about 200 for the two default files) when time is short.
 #
