@@ -266,7 +266,17 @@ fn two_members_three_buckets() {
 /// CI: three members, two buckets, one fault per path.
 #[test]
 fn three_members_two_buckets() {
-    run_all(&[Scenario::new("3x2", 3, 2, 7, 1)]);
+    run_all(&[Scenario::new("3x2", 3, 2, 6, 1)]);
+}
+
+/// CI: two members and three buckets, the second joining the running group when the search
+/// chooses (the first revokes, drains and releases), one fault per path.
+#[test]
+fn a_member_joins() {
+    run_all(&[Scenario {
+        late: 1,
+        ..Scenario::new("2x3 join", 2, 3, 9, 1)
+    }]);
 }
 
 /// Deeper, with two faults per path, and from a cold start (the joins and the quarantine

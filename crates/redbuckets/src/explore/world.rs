@@ -44,6 +44,9 @@ pub(super) struct Scenario {
     pub(super) faults: u8,
     /// How many graceful leaves a path may contain.
     pub(super) leaves: u8,
+    /// How many of the members (the last ones) are not started with the others: each joins
+    /// the running group when the search chooses.
+    pub(super) late: usize,
     /// Start from a converged group (every member joined, the quarantine over, the buckets
     /// spread) instead of from nothing: the depth then goes to faults, not to the join.
     pub(super) warm: bool,
@@ -70,6 +73,7 @@ impl Scenario {
             depth,
             faults,
             leaves: 1,
+            late: 0,
             warm: true,
             liveness_every: 1,
             drift_pct: 10,
@@ -145,6 +149,14 @@ pub(super) enum Choice {
     Isolate(u8),
     /// The cut ends.
     Heal(u8),
+    /// Fault: the member's process stops running (a starved CPU, a GC pause, a stopped
+    /// container): its timers do not fire and it takes no notice, while time goes on.
+    Pause(u8),
+    /// The paused process runs again. The shell's `select!` is biased: a notice that came
+    /// meanwhile goes in before the timer that fell due.
+    Resume(u8),
+    /// A member that was not started with the others joins.
+    Start(u8),
 }
 
 impl Choice {
@@ -161,6 +173,7 @@ impl Choice {
                 | Choice::Restart(_)
                 | Choice::Wipe
                 | Choice::Isolate(_)
+                | Choice::Pause(_)
         )
     }
 }
@@ -221,6 +234,7 @@ struct Slot {
     rate: u64,
     started: bool,
     isolated: bool,
+    paused: bool,
     life: Option<Life>,
 }
 
@@ -287,6 +301,7 @@ impl World {
                 rate: 100,
                 started: false,
                 isolated: false,
+                paused: false,
                 life: None,
             })
             .collect();
@@ -357,9 +372,18 @@ impl World {
             let Some(life) = &slot.life else {
                 if slot.started && fault_ok {
                     out.push(Choice::Restart(m));
+                } else if !slot.started && self.until.is_some() {
+                    out.push(Choice::Start(m));
                 }
                 continue;
             };
+            if slot.paused {
+                out.push(Choice::Resume(m));
+                if fault_ok {
+                    out.push(Choice::Crash(m));
+                }
+                continue;
+            }
             let now = self.now_of(i);
             match &life.act {
                 Act::Calling {
@@ -381,6 +405,9 @@ impl World {
                     Status::Held(_) | Status::Lost => {}
                 },
                 Act::Waiting(_) => {
+                    if fault_ok {
+                        out.push(Choice::Pause(m));
+                    }
                     if !life.inbox.is_empty() {
                         late = true;
                         out.push(Choice::Notice(m));
@@ -465,6 +492,13 @@ impl World {
             log.push(format!("   0.000 ms  {line}"));
         }
         let mut note = String::new();
+        let owned_before: Vec<BTreeMap<u32, u64>> = if self.checking {
+            (0..self.slots.len())
+                .map(|m| self.ledger_owned(m))
+                .collect()
+        } else {
+            Vec::new()
+        };
         match c {
             Choice::Begin(fast) => {
                 for (m, slot) in self.slots.iter_mut().enumerate() {
@@ -474,7 +508,7 @@ impl World {
                         100 - self.sc.drift_pct
                     };
                 }
-                for m in 0..self.slots.len() {
+                for m in 0..self.slots.len() - self.sc.late {
                     self.start(m);
                 }
             }
@@ -532,7 +566,9 @@ impl World {
                 self.drop_finished_handles();
             }
             Choice::Crash(m) => {
-                self.slots[m as usize].life = None;
+                let slot = &mut self.slots[m as usize];
+                slot.life = None;
+                slot.paused = false;
             }
             Choice::Restart(m) => self.start(m as usize),
             Choice::Shutdown(m) => {
@@ -578,6 +614,19 @@ impl World {
                 }
             }
             Choice::Heal(m) => self.slots[m as usize].isolated = false,
+            Choice::Pause(m) => self.slots[m as usize].paused = true,
+            Choice::Resume(m) => {
+                let m = m as usize;
+                self.slots[m].paused = false;
+                let life = self.slots[m].life.as_mut().expect("a live member");
+                if let Some(notice) = life.inbox.pop_front() {
+                    if self.log.is_some() {
+                        note = format!("{notice:?} first");
+                    }
+                    self.input(m, Input::Notice(Some(notice)));
+                }
+            }
+            Choice::Start(m) => self.start(m as usize),
         }
         if let (Some(line), false) = (line, matches!(c, Choice::Begin(_))) {
             let arrow = if note.is_empty() { "" } else { " → " };
@@ -585,7 +634,44 @@ impl World {
         }
         self.fire_due();
         if self.checking {
+            self.check_grants(&owned_before);
             self.check();
+        }
+    }
+
+    /// The owned buckets in member `m`'s ledger, with their tokens, valid or not.
+    fn ledger_owned(&self, m: usize) -> BTreeMap<u32, u64> {
+        let Some(life) = &self.slots[m].life else {
+            return BTreeMap::new();
+        };
+        let local = life.shared.lock();
+        local.ledger.owned().map(|(b, h)| (b, h.token)).collect()
+    }
+
+    /// S1 as the user's events tell it: a member applies a grant (its ledger gains an owned
+    /// bucket: an `Acquired` event) only while its lease deadline has not passed. One applied
+    /// after it would start an ownership the deadline no longer covers.
+    fn check_grants(&mut self, before: &[BTreeMap<u32, u64>]) {
+        for (m, before) in before.iter().enumerate() {
+            let gained: Vec<(u32, u64)> = self
+                .ledger_owned(m)
+                .into_iter()
+                .filter(|(b, t)| before.get(b) != Some(t))
+                .collect();
+            if gained.is_empty() {
+                continue;
+            }
+            let Some(life) = &self.slots[m].life else {
+                continue;
+            };
+            let now = self.now_of(m);
+            let until = *life.shared.valid_until.borrow();
+            if until.is_none_or(|until| until.passed(&now)) {
+                self.violate(format!(
+                    "S1: m{m} took {gained:?} (bucket, token) after its lease deadline \
+                     ({until:?}) had passed at its clock"
+                ));
+            }
         }
     }
 
@@ -604,6 +690,9 @@ impl World {
             let mut fired = false;
             for m in 0..self.slots.len() {
                 let now = self.now_of(m);
+                if self.slots[m].paused {
+                    continue;
+                }
                 let Some(life) = &mut self.slots[m].life else {
                     continue;
                 };
@@ -1056,7 +1145,9 @@ impl World {
             let enabled = self.enabled();
             let pick = |want: fn(Choice) -> bool| enabled.iter().copied().find(|&c| want(c));
             let next = pick(|c| matches!(c, Choice::Run(_) | Choice::Reply(_)))
-                .or_else(|| pick(|c| matches!(c, Choice::Notice(_) | Choice::Heal(_))))
+                .or_else(|| {
+                    pick(|c| matches!(c, Choice::Notice(_) | Choice::Heal(_) | Choice::Resume(_)))
+                })
                 .or_else(|| pick(|c| c == Choice::Advance));
             let Some(next) = next else {
                 return Err(format!("stuck after {steps} steps: {why}"));
@@ -1080,7 +1171,7 @@ impl World {
         (self.faults, self.leaves, self.until, &self.tokens).hash(&mut h);
         nonces::peek().hash(&mut h);
         for slot in &self.slots {
-            (slot.rate, slot.started, slot.isolated).hash(&mut h);
+            (slot.rate, slot.started, slot.isolated, slot.paused).hash(&mut h);
             let Some(life) = &slot.life else {
                 0u8.hash(&mut h);
                 continue;
@@ -1141,6 +1232,9 @@ impl World {
             Choice::Wipe => "the store loses its data [fault]".into(),
             Choice::Isolate(m) => format!("m{m} cut off from the store [fault]"),
             Choice::Heal(m) => format!("m{m} reconnected"),
+            Choice::Pause(m) => format!("m{m} paused [fault]"),
+            Choice::Resume(m) => format!("m{m} runs again"),
+            Choice::Start(m) => format!("m{m} starts"),
         }
     }
 
