@@ -15,9 +15,11 @@ use tokio::sync::{broadcast, mpsc, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::Deadline;
 use crate::clock::Now;
 use crate::config::Config;
 use crate::error::Error;
+use crate::event::Event;
 use crate::machine::{Input, MemberCore, Next};
 use crate::metrics::Metrics;
 use crate::session::nonces;
@@ -217,6 +219,10 @@ struct Life {
     core: MemberCore,
     shared: Arc<Shared>,
     leases: mpsc::UnboundedReceiver<Lease>,
+    /// The user's event stream (`MemberHandle::events`).
+    events: broadcast::Receiver<Event>,
+    /// The lease deadline when the events were last read.
+    deadline: Option<Deadline>,
     handles: Vec<Handle>,
     act: Act,
     inbox: VecDeque<Notice>,
@@ -746,11 +752,14 @@ impl World {
         let shared = new_shared(&slot.config);
         let (tx, leases) = mpsc::unbounded_channel();
         shared.lock().leases.push(tx);
+        let events = shared.events.subscribe();
         let core = MemberCore::new(Arc::clone(&slot.config), Arc::clone(&shared), None, &now);
         slot.life = Some(Life {
             core,
             shared,
             leases,
+            events,
+            deadline: None,
             handles: Vec::new(),
             act: Act::Waiting(now.at),
             inbox: VecDeque::new(),
@@ -991,6 +1000,27 @@ impl World {
             if h.cancelled_at.is_none() && h.lease.cancel.is_cancelled() {
                 h.cancelled_at = Some(t);
             }
+        }
+        // S1 as the user's events tell it: ownership begins (`Acquired`) only before the lease
+        // deadline, the one in force before this step or after it (a renewal in the step).
+        let now = *life.shared.valid_until.borrow();
+        let allowed = match (life.deadline, now) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        life.deadline = now;
+        let mut late = Vec::new();
+        while let Ok(event) = life.events.try_recv() {
+            if let Event::Acquired { bucket, token, at } = event {
+                if allowed.is_none_or(|until| at >= until.at) {
+                    late.push((bucket, token));
+                }
+            }
+        }
+        if !late.is_empty() {
+            self.violate(format!(
+                "S1: m{m} acquired {late:?} (bucket, token) at or after its lease deadline"
+            ));
         }
     }
 
