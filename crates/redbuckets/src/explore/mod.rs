@@ -105,14 +105,19 @@ fn path(nodes: &[Node], mut id: u32) -> Vec<Choice> {
     path
 }
 
-/// Fails with the trace of `path`, replayed with its log on.
-fn fail(sc: &Scenario, path: &[Choice], why: &str) -> ! {
+/// Fails with the trace of `path` (then of the fault-free run from there, if `settled`),
+/// replayed with its log on.
+fn fail(sc: &Scenario, path: &[Choice], settled: bool, why: &str) -> ! {
     let mut w = World::new(sc, true);
     for &c in path {
         w.apply(c);
         if w.violation.is_some() {
             break;
         }
+    }
+    if settled && w.violation.is_none() {
+        w.log_line("--- the faults stop here ---".into());
+        let _ = w.settle(None);
     }
     let (trace, state) = (w.trace(), w.describe());
     panic!(
@@ -144,6 +149,7 @@ fn explore(sc: &Scenario) -> Report {
                 Err(why) => fail(
                     sc,
                     &start,
+                    true,
                     &format!("the warm start does not converge: {why}"),
                 ),
             }
@@ -182,7 +188,7 @@ fn explore(sc: &Scenario) -> Report {
                 if let Some(why) = w.violation.take() {
                     let mut full = at.clone();
                     full.push(c);
-                    fail(sc, &full, &why);
+                    fail(sc, &full, false, &why);
                 }
                 if seen.insert(w.fingerprint()) {
                     nodes.push(Node {
@@ -207,12 +213,18 @@ fn explore(sc: &Scenario) -> Report {
         let at = path(&nodes, id);
         let mut w = World::replay(sc, &at);
         if let Err(why) = w.settle(Some(&mut converges)) {
-            fail(sc, &at, &format!("no convergence once faults stop: {why}"));
+            fail(
+                sc,
+                &at,
+                true,
+                &format!("no convergence once faults stop: {why}"),
+            );
         }
         if let Some(why) = w.violation.take() {
             fail(
                 sc,
                 &at,
+                true,
                 &format!("after the faults stopped (the fault-free run from here): {why}"),
             );
         }

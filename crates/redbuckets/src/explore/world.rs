@@ -681,7 +681,7 @@ impl World {
         }
     }
 
-    fn log_line(&mut self, line: String) {
+    pub(super) fn log_line(&mut self, line: String) {
         let t = self.t;
         if let Some(log) = &mut self.log {
             log.push(format!("{:>4}.{:03} ms  {line}", t / 1000, t % 1000));
