@@ -272,13 +272,19 @@ fn run_all(scenarios: &[Scenario]) {
 /// CI: two members, three buckets, one fault per path, every clock assignment.
 #[test]
 fn two_members_three_buckets() {
-    run_all(&[Scenario::new("2x3", 2, 3, 10, 1)]);
+    run_all(&[Scenario {
+        liveness_every: 2,
+        ..Scenario::new("2x3", 2, 3, 10, 1)
+    }]);
 }
 
 /// CI: three members, two buckets, one fault per path.
 #[test]
 fn three_members_two_buckets() {
-    run_all(&[Scenario::new("3x2", 3, 2, 6, 1)]);
+    run_all(&[Scenario {
+        liveness_every: 3,
+        ..Scenario::new("3x2", 3, 2, 5, 1)
+    }]);
 }
 
 /// CI: two members and three buckets, the second joining the running group when the search
@@ -287,7 +293,8 @@ fn three_members_two_buckets() {
 fn a_member_joins() {
     run_all(&[Scenario {
         late: 1,
-        ..Scenario::new("2x3 join", 2, 3, 9, 1)
+        liveness_every: 3,
+        ..Scenario::new("2x3 join", 2, 3, 8, 1)
     }]);
 }
 

@@ -960,8 +960,9 @@ impl World {
                 let id = self.slots[m].config.member_id.clone();
                 if Some(id.as_str()) != new_owner && self.believes(m).contains_key(&b) {
                     self.violate(format!(
-                        "S3: the store {} bucket {b} while {id} still owns it (its deadline \
-                         has not passed at its own clock)",
+                        "S3: the store {} bucket {b} while {id} still owns it (owned, or \
+                         draining with its user's handle live, before its lease deadline at its \
+                         own clock)",
                         if new.is_some() { "granted" } else { "freed" }
                     ));
                 }
