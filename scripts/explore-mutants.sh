@@ -6,18 +6,21 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-# file | sed expression | what the mistake is
+# file @@ sed expression @@ what the mistake is
 mutants=(
-  "crates/redbuckets/src/machine.rs|s/if !ours || self.deadline_passed(now) || /if !ours || /|a grant notice applied after the lease deadline"
-  "crates/redbuckets/src/store/model.rs|s/let token = now.max(self.last_token + 1);/let token = self.last_token + 1;/|tokens from a counter, not the server's clock (restart from 1 after a data loss)"
-  "crates/redbuckets/src/store/model.rs|s/let token = now.max(self.last_token + 1);/let token = now.max(self.last_token);/|the same token twice within one µs"
-  "crates/redbuckets/src/config.rs|s/.mul_f64(1.0 - self.max_clock_drift.clamp(0.0, 0.99));/.mul_f64(1.0);/|the lease validity not shortened by the clock drift"
-  "crates/redbuckets/src/ledger.rs|s/Hold::Draining { until, .. } => !h.has_handles() \|\| now >= until,/Hold::Draining { .. } => true,/|a release before the drain ends"
+  "crates/redbuckets/src/machine.rs@@s/if !ours || self.deadline_passed(now) || /if !ours || /@@a grant notice applied after the lease deadline"
+  "crates/redbuckets/src/store/model.rs@@s/let token = now.max(self.last_token + 1);/let token = self.last_token + 1;/@@tokens from a counter, not the server's clock (restart from 1 after a data loss)"
+  "crates/redbuckets/src/store/model.rs@@s/let token = now.max(self.last_token + 1);/let token = now.max(self.last_token);/@@the same token twice within one µs"
+  "crates/redbuckets/src/config.rs@@s/.mul_f64(1.0 - self.max_clock_drift.clamp(0.0, 0.99));/.mul_f64(1.0);/@@the lease validity not shortened by the clock drift"
+  "crates/redbuckets/src/ledger.rs@@s/Hold::Draining { until, .. } => !h.has_handles() || now >= until,/Hold::Draining { .. } => true,/@@a release before the drain ends"
 )
 
 survived=0
 for m in "${mutants[@]}"; do
-  IFS='|' read -r file expr what <<<"$m"
+  file=${m%%@@*}
+  rest=${m#*@@}
+  expr=${rest%%@@*}
+  what=${rest#*@@}
   if ! git diff --quiet -- "$file"; then
     echo "$file has local changes: refusing to mutate it" >&2
     exit 2
