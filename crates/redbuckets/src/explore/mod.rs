@@ -308,8 +308,12 @@ fn deep() {
         ..Scenario::new("2x3 cold", 2, 3, 16, 1)
     };
     run_all(&[
-        Scenario::new("2x3 deep", 2, 3, 18, 2),
-        Scenario::new("3x2 deep", 3, 2, 12, 2),
+        Scenario::new("2x3 deep", 2, 3, 12, 2),
+        Scenario::new("3x2 deep", 3, 2, 8, 2),
+        Scenario {
+            late: 1,
+            ..Scenario::new("2x3 join deep", 2, 3, 11, 2)
+        },
         cold,
     ]);
 }
