@@ -1,46 +1,69 @@
 //! Exhaustive checking: every interleaving, up to a depth, of a few [`MemberCore`]s and one
 //! protocol [`Model`], with every fault of issue 19 (item 7), checked for S1, S2, S3, the
-//! model's own invariants and convergence once the faults stop. Unit tests only.
+//! model's own invariants and convergence once the faults stop. Unit tests only; CI runs
+//! bounded depths, `deep` (ignored) runs deeper with two faults per path.
 //!
 //! # What is explored
 //! A state is the world of `world.rs`: the store's clock, the model, and per member its core
 //! (the real [`MemberCore`] with its real shared ledger, exactly as the shell drives it: one
 //! call in flight, notices before a heartbeat's or rebalance's reply), the call in flight, the
-//! notices queued for it, the lease handles its user holds, and its clock rate. Each
-//! transition is one choice ([`Choice`]): a call runs in the store with its reply at once, or
-//! (faults) runs with its reply held (delivered later, or never: a timeout at the call's
-//! deadline), or is lost before it runs; a notice is delivered, lost, duplicated, left for
-//! later while time moves on, or overtaken by the reply it came before; a member crashes (its
-//! core is dropped, nobody is told), restarts under its id, leaves gracefully, or is cut off
-//! from the store and healed; the store loses its data; a timer fires; time moves on. Every
-//! member's clock runs at 1 − d or 1 + d of the store's (d = `max_clock_drift`), each
-//! assignment explored. Faults draw on one budget per configuration, leaves on another.
+//! notices queued for it, the lease handles its user holds (each dropped 2 ms after its bucket
+//! is revoked, inside the drain time), and its clock rate. Each transition is one choice
+//! ([`Choice`]):
+//! - a call runs in the store with its reply at once; or (faults) runs with its reply held,
+//!   delivered later or never (a timeout at the call's deadline); or is lost before it runs;
+//! - a queued notice is delivered; or (faults) lost, duplicated, left waiting while time moves
+//!   on, or overtaken by the reply it came before;
+//! - (faults) a member crashes (its core is dropped, nobody is told), restarts under its id,
+//!   is cut off from the store (calls and notices lost) until healed, or pauses (a starved
+//!   process: its timers wait, then the notice that came meanwhile goes in first, as the
+//!   shell's biased `select!` takes it); the store loses its data;
+//! - a member leaves gracefully, or (a join scenario) starts in the running group;
+//! - time moves to the next instant at which something happens.
+//!
+//! Every member's clock runs at 1 − d or 1 + d of the store's (d = `max_clock_drift`, 10% here
+//! so that it shows within a 30 ms ttl); every assignment is explored. The search starts warm
+//! (the members joined and the buckets spread by a fault-free run, found once and replayed) or
+//! cold; its depth counts the choices after that start, faults draw on one budget per path,
+//! leaves on another, and time stops at a horizon (60 ms of store time, two ttls).
+//!
+//! Timers and call deadlines fire as soon as they are due, in member order, without a choice:
+//! the shell sleeps until its core's wake-up and cuts each call at its deadline, and a timer
+//! of one member commutes with every step of another (it changes nothing but its own core).
+//! A member that runs late is the `Pause` fault.
 //!
 //! Time is discrete: it jumps to the next instant at which something can happen — a member's
 //! wake-up or call deadline or lease deadline (mapped to the store's clock through its rate,
 //! rounded up to the µs), a session expiry or the end of a quarantine in the model, the moment
-//! a user finishes with a revoked bucket. Nothing changes between two such instants unless a
+//! a user drops a revoked bucket's handle. Nothing changes between two such instants unless a
 //! choice is made, and every choice can be made at every instant, so the instants explored
 //! are the instants that matter. What this leaves out: a call that runs at an instant strictly
 //! between two events (it behaves as at the earlier one, with a smaller token and expiry).
 //!
-//! # What is checked, in every state
+//! # What is checked
+//! In every state and on every transition:
 //! - **S1**: no two members each believe they own a bucket at this instant. A member believes
 //!   it owns `b` while its ledger has `b` owned, or draining with a handle its user still
 //!   holds (the work a drain waits for), and its lease deadline has not passed at its own now.
+//!   And on the user's event stream: every `Acquired` comes before the lease deadline in force
+//!   (a grant applied after it, even if lost within the same step, is an ownership nobody
+//!   covers).
 //! - **S2**: every grant of `b` the model makes has a token above every earlier grant of `b`
 //!   (also across a wipe), and no member holds `b` under a token above the model's latest.
 //! - **S3**: whenever the model frees a bucket or grants it (anything but the wipe itself),
 //!   no member other than the new owner believes it owns it at that instant: its deadline,
 //!   mapped to the store's clock, has passed, or it let it go.
 //! - [`Model::check`]: the store's own invariants.
-//! - **Liveness**, at the depth bound: from the state reached, the world runs without faults
-//!   (calls answered at once, notices delivered, timers fired) and must converge within a
-//!   bound of store time: every bucket owned by exactly one live member, as the model records
-//!   it, each member holding ⌊B/n⌋ or ⌈B/n⌉.
+//! - **Liveness**, from the states at the depth bound or the horizon (in CI, every second or
+//!   third of them): the world runs without faults (calls answered at once, notices delivered,
+//!   paused and cut-off members back) and must converge within four ttls of store time: every
+//!   bucket owned by exactly one live member, as the model records it, each member holding
+//!   ⌊B/n⌋ or ⌈B/n⌉; no member stopped with an error but from a failed leave. The safety checks
+//!   go on during that run.
 //!
-//! A failed check panics with the transitions from the start, one line each, and the state
-//! reached.
+//! A failed check panics with the transitions from the start, one line each (a liveness
+//! failure also with the fault-free run after them), and the state reached.
+//! `scripts/explore-mutants.sh` applies known mistakes one at a time and shows each caught.
 //!
 //! # Why our own search, not `stateright`
 //! `stateright` explores states it can clone and hash. Our member is the real core, whose
@@ -59,8 +82,9 @@
 //! The search is breadth-first, so every state is first reached at its smallest depth, and a
 //! state whose fingerprint was seen is not expanded again. The fingerprint hashes everything
 //! a later step or check reads: the store's clock and the model (`Model` is `Hash`), the fault
-//! budgets left, the S2 history (the highest token granted per bucket), the nonce counter, and
-//! per member: its clock rate, whether it is started, cut off, crashed; its core
+//! budgets left and the horizon, the S2 history (the highest token granted per bucket), the
+//! nonce counter, and per member: its clock rate, whether it is started, cut off, paused,
+//! crashed; its core
 //! ([`MemberCore::fingerprint`]: every field that decides, with timers as absolute instants,
 //! which is exact since the store's clock is in the hash too); its ledger (buckets, tokens,
 //! holds, drains), lease deadline and the sticky expiry flag; its call in flight with the reply
