@@ -176,6 +176,8 @@ mod config;
 mod driver;
 mod error;
 mod event;
+#[cfg(test)]
+mod explore;
 mod ledger;
 mod logs;
 mod machine;

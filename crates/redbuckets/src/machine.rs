@@ -260,6 +260,33 @@ impl std::fmt::Debug for MemberCore {
     }
 }
 
+/// Unit tests only: what the model checker (`explore.rs`) needs to tell two cores apart.
+#[cfg(test)]
+impl MemberCore {
+    /// Every field that can change a later decision of the core, as text: two cores with the
+    /// same fingerprint (and the same shared ledger and deadline) answer every input alike.
+    /// Left out: the configuration, group and error hook (fixed per member), the shared state
+    /// (the checker reads it itself), and what only feeds logs and metrics (`error_log`,
+    /// `rebalancing_since`).
+    pub(crate) fn fingerprint(&self) -> String {
+        format!(
+            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+            self.phase,
+            self.in_flight,
+            self.session,
+            self.rebalance,
+            self.release_retry_at,
+            self.subscription,
+            self.retries,
+            self.jitter,
+            self.quarantine_until,
+            self.resync,
+            self.leave_error,
+            self.give_up,
+        )
+    }
+}
+
 /// Writes a line of [`ErrorLog`].
 fn log_line(line: Line) {
     match line {

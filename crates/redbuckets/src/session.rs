@@ -37,7 +37,41 @@ pub(crate) enum Session {
 }
 
 fn new_nonce() -> String {
+    #[cfg(test)]
+    if let Some(n) = nonces::take() {
+        return format!("n{n}");
+    }
     uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// Unit tests only: nonces from a counter instead of a random UUID, on this thread, for the
+/// model checker (`explore.rs`), whose replays must draw the same nonces every time.
+#[cfg(test)]
+pub(crate) mod nonces {
+    use std::cell::Cell;
+
+    thread_local! {
+        static NEXT: Cell<Option<u64>> = const { Cell::new(None) };
+    }
+
+    /// From now on, nonces are `n{first}`, `n{first + 1}`, ... on this thread.
+    pub(crate) fn count_from(first: u64) {
+        NEXT.with(|n| n.set(Some(first)));
+    }
+
+    /// The next counted nonce, if counting.
+    pub(super) fn take() -> Option<u64> {
+        NEXT.with(|n| {
+            let next = n.get()?;
+            n.set(Some(next + 1));
+            Some(next)
+        })
+    }
+
+    /// The next nonce the counter would give, if counting.
+    pub(crate) fn peek() -> Option<u64> {
+        NEXT.with(Cell::get)
+    }
 }
 
 impl Session {
