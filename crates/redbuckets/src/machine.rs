@@ -269,20 +269,33 @@ impl MemberCore {
     /// (the checker reads it itself), and what only feeds logs and metrics (`error_log`,
     /// `rebalancing_since`).
     pub(crate) fn fingerprint(&self) -> String {
+        // Every field named, so that a field added later must be placed here or left out on
+        // purpose: the compiler asks.
+        let MemberCore {
+            config: _,
+            group: _,
+            shared: _,
+            on_error: _,
+            error_log: _,
+            rebalancing_since: _,
+            phase,
+            in_flight,
+            session,
+            rebalance,
+            release_retry_at,
+            subscription,
+            retries,
+            jitter,
+            quarantine_until,
+            resync,
+            leave_error,
+            give_up,
+            renewed,
+        } = self;
         format!(
-            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
-            self.phase,
-            self.in_flight,
-            self.session,
-            self.rebalance,
-            self.release_retry_at,
-            self.subscription,
-            self.retries,
-            self.jitter,
-            self.quarantine_until,
-            self.resync,
-            self.leave_error,
-            self.give_up,
+            "{phase:?}|{in_flight:?}|{session:?}|{rebalance:?}|{release_retry_at:?}|\
+             {subscription:?}|{retries:?}|{jitter:?}|{quarantine_until:?}|{resync:?}|\
+             {leave_error:?}|{give_up:?}|{renewed}"
         )
     }
 }
