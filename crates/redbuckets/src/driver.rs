@@ -89,10 +89,8 @@ impl<S: Store> Driver<S> {
         // A freeze order is served between any two steps, also while every step is a call.
         #[cfg(feature = "testing")]
         if let Ok(frozen) = self.freeze.try_recv() {
-            tokio::select! {
-                () = self.abort.cancelled() => self.core.step(Input::Abort, &Now::read()),
-                () = tokio::time::sleep(frozen) => {}
-            }
+            let input = stay_frozen(&self.abort, frozen).await;
+            self.core.step(input, &Now::read());
         }
         match self.core.next(&Now::read()) {
             Next::Done(result) => return Some(result),
@@ -123,6 +121,7 @@ impl<S: Store> Driver<S> {
         self.shared
             .metrics
             .call(name, sent.at.elapsed(), result.as_ref().err());
+        let now = Now::read();
         while self.core.notices_before_reply() {
             let Some(notice) = self
                 .core
@@ -131,9 +130,9 @@ impl<S: Store> Driver<S> {
             else {
                 break;
             };
-            self.core.step(Input::Notice(notice), &Now::read());
+            self.core.step(Input::Notice(notice), &now);
         }
-        self.core.step(Input::Reply { sent, result }, &Now::read());
+        self.core.step(Input::Reply { sent, result }, &now);
         self.interrupted();
     }
 
@@ -148,14 +147,7 @@ impl<S: Store> Driver<S> {
                 Input::Shutdown
             }
             // Before the timers, which may always be due: a freeze is never starved.
-            frozen = freeze_order(&mut self.freeze) => {
-                // Nothing runs meanwhile, not even the deadline check, as in a stopped process
-                // (the user's side still checks the deadline itself).
-                tokio::select! {
-                    () = self.abort.cancelled() => Input::Abort,
-                    () = tokio::time::sleep(frozen) => Input::Tick,
-                }
-            }
+            frozen = freeze_order(&mut self.freeze) => stay_frozen(&self.abort, frozen).await,
             notice = next_notice(self.core.notifications()) => Input::Notice(notice),
             () = dropped.notified() => Input::Tick,
             () = tokio::time::sleep_until(wake) => Input::Tick,
@@ -178,6 +170,15 @@ async fn next_notice(notifications: Option<&mut Notifications>) -> Option<Notice
     match notifications {
         Some(n) => n.next().await,
         None => std::future::pending().await,
+    }
+}
+
+/// A frozen task: nothing runs for `frozen`, not even the deadline check, as in a stopped
+/// process (the user's side still checks the deadline itself); only the abort ends it early.
+async fn stay_frozen(abort: &CancellationToken, frozen: std::time::Duration) -> Input {
+    tokio::select! {
+        () = abort.cancelled() => Input::Abort,
+        () = tokio::time::sleep(frozen) => Input::Tick,
     }
 }
 

@@ -397,13 +397,7 @@ impl MemberCore {
                     return Next::Wait { wake: counts.until };
                 }
                 let counts = *counts;
-                self.phase = Phase::Running;
-                let verdict = self
-                    .shared
-                    .lock()
-                    .ledger
-                    .reconcile(counts.store_held, counts.committed);
-                self.settle(verdict, now);
+                self.end_grant_wait(counts, true, now);
             }
             Phase::Running => {}
         }
@@ -476,15 +470,7 @@ impl MemberCore {
             Input::Notice(notice) => {
                 self.on_notice(notice, now);
                 if let Phase::AwaitingGrant(counts) = self.phase {
-                    let verdict = self
-                        .shared
-                        .lock()
-                        .ledger
-                        .reconcile(counts.store_held, counts.committed);
-                    if !self.awaits_grant(verdict, counts.store_held) {
-                        self.phase = Phase::Running;
-                        self.settle(verdict, now);
-                    }
+                    self.end_grant_wait(counts, false, now);
                 }
             }
             Input::Reply { sent, result } => {
@@ -916,6 +902,21 @@ impl MemberCore {
             return;
         }
         self.settle(verdict, now);
+    }
+
+    /// Compares the counts with the ledger again, during the wait for a grant notice: back to
+    /// `Running` and acting on the comparison once the notice came (nothing more awaited) or
+    /// the wait is `over`.
+    fn end_grant_wait(&mut self, counts: Counts, over: bool, now: &Now) {
+        let verdict = self
+            .shared
+            .lock()
+            .ledger
+            .reconcile(counts.store_held, counts.committed);
+        if over || !self.awaits_grant(verdict, counts.store_held) {
+            self.phase = Phase::Running;
+            self.settle(verdict, now);
+        }
     }
 
     /// Whether a mismatch may be a grant notice still on its way: more held than we know, and

@@ -7,13 +7,12 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{broadcast, mpsc, watch, Notify};
+use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::clock::Deadline;
 use crate::clock::Now;
@@ -21,10 +20,9 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::event::Event;
 use crate::machine::{Input, MemberCore, Next};
-use crate::metrics::Metrics;
 use crate::session::nonces;
-use crate::shared::{Lease, Local, Shared};
-use crate::store::model::{Model, To};
+use crate::shared::{Lease, Shared};
+use crate::store::model::{Model, Outcome, To};
 use crate::store::{Call, GroupKey, Notice, Notifications, Reply};
 
 /// The store's clock at the start, µs since the Unix epoch.
@@ -278,23 +276,6 @@ fn base() -> Now {
         );
     }
     BASE.with(|b| *b)
-}
-
-fn new_shared(config: &Arc<Config>) -> Arc<Shared> {
-    let (events, _) = broadcast::channel(64);
-    let (valid_until, _) = watch::channel(None);
-    let (owned, _) = watch::channel(Vec::new());
-    Arc::new(Shared {
-        config: Arc::clone(config),
-        local: Mutex::new(Local::default()),
-        events,
-        valid_until,
-        owned,
-        dropped: Arc::new(Notify::new()),
-        stopped: CancellationToken::new(),
-        expired: AtomicBool::new(false),
-        metrics: Metrics::new(&config.group),
-    })
 }
 
 impl World {
@@ -749,7 +730,7 @@ impl World {
         let now = self.now_of(m);
         let slot = &mut self.slots[m];
         slot.started = true;
-        let shared = new_shared(&slot.config);
+        let shared = Shared::new(Arc::clone(&slot.config), 64);
         let (tx, leases) = mpsc::unbounded_channel();
         shared.lock().leases.push(tx);
         let events = shared.events.subscribe();
@@ -851,64 +832,17 @@ impl World {
             _ => unreachable!("run without a call"),
         };
         let before = self.owners();
-        let (result, notices) = match call {
-            Call::Register { group, req } => {
-                let o = self.model.register(&group, &req, now);
-                (o.reply.map(Reply::Register), o.notices)
+        let Some(Outcome {
+            reply: result,
+            notices,
+        }) = self.model.call(call, now)
+        else {
+            // A subscription: no state in the store, the member's notices are queued from now.
+            if let Some(life) = &mut self.slots[m].life {
+                life.subscribed = true;
             }
-            Call::Heartbeat {
-                group,
-                session,
-                ttl,
-                watch,
-            } => {
-                let o = self.model.heartbeat(&group, &session, ttl, watch, now);
-                (Ok(Reply::Heartbeat(o.reply)), o.notices)
-            }
-            Call::Rebalance {
-                group,
-                session,
-                max_take,
-            } => {
-                let o = self.model.rebalance(&group, &session, max_take, now);
-                (Ok(Reply::Rebalance(o.reply)), o.notices)
-            }
-            Call::Release {
-                group,
-                session,
-                buckets,
-                known,
-            } => {
-                let o = self.model.release(&group, &session, &buckets, known, now);
-                (Ok(Reply::Release(o.reply)), o.notices)
-            }
-            Call::Leave {
-                group,
-                session,
-                buckets,
-            } => {
-                let o = self.model.leave(&group, &session, &buckets, now);
-                (Ok(Reply::Release(o.reply)), o.notices)
-            }
-            Call::Deregister { group, session } => {
-                let o = self.model.deregister(&group, &session, now);
-                (Ok(Reply::Deregister(())), o.notices)
-            }
-            Call::Holdings { group, session } => (
-                Ok(Reply::Holdings(self.model.holdings(&group, &session, now))),
-                Vec::new(),
-            ),
-            Call::Snapshot { group } => (
-                Ok(Reply::Snapshot(self.model.snapshot(&group, now))),
-                Vec::new(),
-            ),
-            Call::Subscribe { .. } => {
-                if let Some(life) = &mut self.slots[m].life {
-                    life.subscribed = true;
-                }
-                let stream = Notifications::new(futures_util::stream::pending());
-                (Ok(Reply::Subscribe(stream)), Vec::new())
-            }
+            let stream = Notifications::new(futures_util::stream::pending());
+            return Ok(Reply::Subscribe(stream));
         };
         for (to, notice) in notices {
             let To::Member(id) = to else { continue };

@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::event::{Event, LostReason};
 use crate::shared::{ErrorHook, Lease, Shared};
-use crate::store::model::{Model, To};
+use crate::store::model::{Model, Outcome, To};
 use crate::store::{
     Call, GroupKey, HeartbeatReply, Notice, Notifications, RebalanceReply, RegisterRequest, Reply,
     SessionRef,
@@ -203,59 +203,9 @@ impl Harness {
     /// for the core (while it is subscribed).
     fn run(&mut self, call: Call) -> Result<Reply, Error> {
         let now = self.store_now();
-        let m = &mut self.model;
-        let (reply, notices) = match call {
-            Call::Subscribe { .. } => {
-                let never = futures_util::stream::pending();
-                return Ok(Reply::Subscribe(Notifications::new(never)));
-            }
-            Call::Register { group, req } => {
-                let o = m.register(&group, &req, now);
-                (o.reply.map(Reply::Register), o.notices)
-            }
-            Call::Heartbeat {
-                group,
-                session,
-                ttl,
-                watch,
-            } => {
-                let o = m.heartbeat(&group, &session, ttl, watch, now);
-                (Ok(Reply::Heartbeat(o.reply)), o.notices)
-            }
-            Call::Rebalance {
-                group,
-                session,
-                max_take,
-            } => {
-                let o = m.rebalance(&group, &session, max_take, now);
-                (Ok(Reply::Rebalance(o.reply)), o.notices)
-            }
-            Call::Release {
-                group,
-                session,
-                buckets,
-                known,
-            } => {
-                let o = m.release(&group, &session, &buckets, known, now);
-                (Ok(Reply::Release(o.reply)), o.notices)
-            }
-            Call::Leave {
-                group,
-                session,
-                buckets,
-            } => {
-                let o = m.leave(&group, &session, &buckets, now);
-                (Ok(Reply::Release(o.reply)), o.notices)
-            }
-            Call::Deregister { group, session } => {
-                let o = m.deregister(&group, &session, now);
-                (Ok(Reply::Deregister(())), o.notices)
-            }
-            Call::Holdings { group, session } => {
-                let holdings = m.holdings(&group, &session, now);
-                (Ok(Reply::Holdings(holdings)), Vec::new())
-            }
-            Call::Snapshot { group } => (Ok(Reply::Snapshot(m.snapshot(&group, now))), Vec::new()),
+        let Some(Outcome { reply, notices }) = self.model.call(call, now) else {
+            let never = futures_util::stream::pending();
+            return Ok(Reply::Subscribe(Notifications::new(never)));
         };
         self.publish(notices);
         reply

@@ -24,8 +24,8 @@ use crate::config::PROTOCOL_VERSION;
 use crate::error::Error;
 use crate::share::{self, Load};
 use crate::store::{
-    Action, Deletion, GroupKey, GroupSnapshot, HeartbeatReply, Holdings, MemberInfo, Notice, Owner,
-    RebalanceReply, RegisterRequest, Registration, Removal, SessionRef,
+    Action, Call, Deletion, GroupKey, GroupSnapshot, HeartbeatReply, Holdings, MemberInfo, Notice,
+    Owner, RebalanceReply, RegisterRequest, Registration, Removal, Reply, SessionRef,
 };
 
 /// Where a notice goes: the subscriptions of [`crate::store::Channel`].
@@ -50,6 +50,11 @@ pub struct Outcome<R> {
 impl<R> Outcome<R> {
     fn new(reply: R, notices: Vec<(To, Notice)>) -> Self {
         Outcome { reply, notices }
+    }
+
+    /// The same notices with the reply mapped.
+    fn map<T>(self, f: impl FnOnce(R) -> T) -> Outcome<T> {
+        Outcome::new(f(self.reply), self.notices)
     }
 
     fn quiet(reply: R) -> Self {
@@ -262,6 +267,57 @@ impl Model {
         notices.extend(state.epilogue(true, true, id, now, None));
         let token = state.token_floor(now);
         Outcome::new(Ok(Registration::Registered { version, token }), notices)
+    }
+
+    /// Runs `call` at `now`, as a store would answer it: the reply in the variant of the call's
+    /// name, and the notices. `None` for [`Call::Subscribe`], which changes no state (the
+    /// caller routes the notices itself).
+    pub fn call(&mut self, call: Call, now: u64) -> Option<Outcome<Result<Reply, Error>>> {
+        Some(match call {
+            Call::Register { group, req } => self
+                .register(&group, &req, now)
+                .map(|r| r.map(Reply::Register)),
+            Call::Heartbeat {
+                group,
+                session,
+                ttl,
+                watch,
+            } => self
+                .heartbeat(&group, &session, ttl, watch, now)
+                .map(|r| Ok(Reply::Heartbeat(r))),
+            Call::Rebalance {
+                group,
+                session,
+                max_take,
+            } => self
+                .rebalance(&group, &session, max_take, now)
+                .map(|r| Ok(Reply::Rebalance(r))),
+            Call::Release {
+                group,
+                session,
+                buckets,
+                known,
+            } => self
+                .release(&group, &session, &buckets, known, now)
+                .map(|r| Ok(Reply::Release(r))),
+            Call::Leave {
+                group,
+                session,
+                buckets,
+            } => self
+                .leave(&group, &session, &buckets, now)
+                .map(|r| Ok(Reply::Release(r))),
+            Call::Deregister { group, session } => self
+                .deregister(&group, &session, now)
+                .map(|()| Ok(Reply::Deregister(()))),
+            Call::Holdings { group, session } => {
+                Outcome::quiet(Ok(Reply::Holdings(self.holdings(&group, &session, now))))
+            }
+            Call::Snapshot { group } => {
+                Outcome::quiet(Ok(Reply::Snapshot(self.snapshot(&group, now))))
+            }
+            Call::Subscribe { .. } => return None,
+        })
     }
 
     /// Renews the session for `ttl` ([`crate::Store::heartbeat`], heartbeat.lua and
