@@ -149,14 +149,19 @@ impl Fleet {
     }
 }
 
-/// Feeds one member's events to the shared timeline; counts its `Lost` events.
+/// Feeds one member's events to the shared timeline until the member has stopped; counts its
+/// `Lost` events. Returns how many events the stream dropped (a lag makes the check incomplete).
 async fn collect(
     id: String,
     mut rx: Events,
     timeline: Arc<Mutex<Timeline>>,
     lost: Arc<Mutex<usize>>,
-) {
+) -> u64 {
+    let mut lagged = 0;
     while let Some(event) = rx.next().await {
+        if let Event::Lagged { missed, .. } = event {
+            lagged += missed;
+        }
         if matches!(event, Event::Lost { .. }) {
             if let Ok(mut l) = lost.lock() {
                 *l += 1;
@@ -166,6 +171,7 @@ async fn collect(
             t.push(&id, &event);
         }
     }
+    lagged
 }
 
 /// Loops `DEBUG SLEEP` on a connection of its own until `stop`.
@@ -221,19 +227,21 @@ pub async fn run(cfg: Config) -> Result<Report, String> {
                 }
                 let member = builder.start().await.map_err(|e| e.to_string())?;
                 // The stream opens with what the member already holds: nothing is missed.
-                tokio::spawn(collect(
+                let collector = tokio::spawn(collect(
                     member.id().to_string(),
                     member.events(),
                     timeline,
                     lost,
                 ));
-                Ok::<Member, String>(member)
+                Ok::<_, String>((member, collector))
             })
         })
         .collect();
-    let mut members = Vec::new();
+    let (mut members, mut collectors) = (Vec::new(), Vec::new());
     for start in starts {
-        members.push(start.await.map_err(|e| e.to_string())??);
+        let (member, collector) = start.await.map_err(|e| e.to_string())??;
+        members.push(member);
+        collectors.push(collector);
     }
     let fleet = Fleet {
         members,
@@ -281,6 +289,17 @@ pub async fn run(cfg: Config) -> Result<Report, String> {
     for member in fleet.members {
         member.shutdown().await.map_err(|e| e.to_string())?;
     }
+    // Each stream ends once its member has stopped and every event was read: check only the
+    // whole record (a collector still behind would leave a handed-over bucket open).
+    let mut lagged = 0;
+    for collector in collectors {
+        lagged += collector.await.map_err(|e| e.to_string())?;
+    }
     report.violations = timeline.lock().map_err(|e| e.to_string())?.violations();
+    if lagged > 0 {
+        report.violations.push(format!(
+            "the event streams dropped {lagged} events: the check is incomplete"
+        ));
+    }
     Ok(report)
 }
