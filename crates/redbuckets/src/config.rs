@@ -77,6 +77,17 @@ pub struct Config {
     /// The longest drain a lease may ask for with [`crate::Lease::extend_drain`], counted from
     /// the revoke. Default 10 s; never below `drain_timeout`.
     pub max_drain: Duration,
+    /// How long the store keeps this member's buckets for its id after its session ends, for
+    /// members with a fixed id (a StatefulSet pod, a systemd unit) that restart. Default zero:
+    /// off. With a grace, a graceful shutdown *parks* the buckets (revoked, drained and
+    /// released as always, but handed to nobody else), and so does the expiry of the session
+    /// of a member that crashed; the next session under the same id gets them back when it
+    /// registers, with new tokens, and nothing moves. Parked buckets are owned by nobody, and
+    /// the shares count the parked member as if it were there. Once the grace is over they are
+    /// freed and spread as without it: a member that never returns costs the group at most
+    /// grace + ttl of its buckets unowned. Choose it for warm per-bucket state (caches, local
+    /// files); leave it off where every bucket must be owned as soon as possible. At most 24 h.
+    pub rejoin_grace: Duration,
     /// Key prefix in the store. Default `red-buckets`.
     pub prefix: String,
     /// The largest relative clock-rate error between this host and the store (≥ 1%).
@@ -116,6 +127,7 @@ impl Config {
             shutdown_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(1),
             max_drain: Duration::from_secs(10),
+            rejoin_grace: Duration::ZERO,
             prefix: DEFAULT_PREFIX.to_string(),
             max_clock_drift: 0.01,
             safety_margin: Duration::from_millis(5),
@@ -153,6 +165,7 @@ impl Config {
             ("shutdown_timeout", self.shutdown_timeout),
             ("drain_timeout", self.drain_timeout),
             ("max_drain", self.max_drain),
+            ("rejoin_grace", self.rejoin_grace),
             ("safety_margin", self.safety_margin),
         ] {
             if value > MAX_DURATION {

@@ -521,6 +521,7 @@ impl MemberCore {
             self.config.ttl,
         );
         req.replaces = previous;
+        req.grace = self.config.rejoin_grace;
         Some(Call::Register {
             group: self.group.clone(),
             req,

@@ -116,6 +116,13 @@ impl<S: Store> MemberBuilder<S> {
         self.config.max_drain = max;
         self
     }
+    /// How long the store keeps this member's buckets for its id after its session ends (a
+    /// graceful shutdown, or a crash), so that the next session under the same id gets them
+    /// back and nothing moves. Default zero: off. See [`Config::rejoin_grace`].
+    pub fn rejoin_grace(mut self, grace: Duration) -> Self {
+        self.config.rejoin_grace = grace;
+        self
+    }
     /// Key prefix. Default `red-buckets`.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.config.prefix = prefix.into();

@@ -102,6 +102,11 @@ pub struct RegisterRequest {
     /// A previous session nonce of this same member that may be replaced even if it still looks
     /// alive (the member already gave up its leases locally).
     pub replaces: Option<String>,
+    /// How long the store keeps this session's buckets for the member's id after the session
+    /// ends (a graceful leave, or an expiry after a crash): they are *parked*, owned by nobody
+    /// and granted to nobody else, and the next session under the same id gets them back at
+    /// its registration, with new tokens. Zero (the default): freed at once, as always.
+    pub grace: Duration,
 }
 
 impl RegisterRequest {
@@ -114,6 +119,7 @@ impl RegisterRequest {
             buckets,
             ttl,
             replaces: None,
+            grace: Duration::ZERO,
         }
     }
 }
@@ -364,6 +370,36 @@ pub struct GroupSnapshot {
     /// expired ones not purged yet; `None` when it has no session at all (every member left).
     /// A group whose members all stopped shows it growing past the ttl.
     pub renewed_ago: Option<Duration>,
+    /// Ids whose session ended with a rejoin grace ([`RegisterRequest::grace`]), sorted: their
+    /// buckets wait for the id's next session (shown unowned in `owners`).
+    pub parked: Vec<ParkedInfo>,
+}
+
+/// An id whose buckets are parked for its next session (see [`GroupSnapshot::parked`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ParkedInfo {
+    /// Member id.
+    pub id: String,
+    /// The weight its session had; the shares count it as if it were there.
+    pub weight: u32,
+    /// How many buckets wait for it.
+    pub held: u32,
+    /// Time until the grace ends and they are freed.
+    pub until: Duration,
+}
+
+impl ParkedInfo {
+    /// Id `id`, weight 1, no bucket, the grace over now.
+    #[must_use]
+    pub fn new(id: impl Into<String>) -> Self {
+        ParkedInfo {
+            id: id.into(),
+            weight: 1,
+            held: 0,
+            until: Duration::ZERO,
+        }
+    }
 }
 
 impl GroupSnapshot {
@@ -382,6 +418,7 @@ impl GroupSnapshot {
             ttl: Duration::ZERO,
             age: Duration::ZERO,
             renewed_ago: None,
+            parked: Vec::new(),
         }
     }
 

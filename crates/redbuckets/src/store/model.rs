@@ -25,7 +25,7 @@ use crate::error::Error;
 use crate::share::{self, Load};
 use crate::store::{
     Action, Call, Deletion, GroupKey, GroupSnapshot, HeartbeatReply, Holdings, MemberInfo, Notice,
-    Owner, RebalanceReply, RegisterRequest, Registration, Removal, Reply, SessionRef,
+    Owner, ParkedInfo, RebalanceReply, RegisterRequest, Registration, Removal, Reply, SessionRef,
 };
 
 /// Where a notice goes: the subscriptions of [`crate::store::Channel`].
@@ -101,8 +101,51 @@ pub struct Group {
     created: u64,
     last_token: u64,
     members: BTreeMap<String, Member>,
+    /// Ids whose session ended with a grace ([`RegisterRequest::grace`]): their buckets wait
+    /// for the id's next session. Never also in `members`.
+    parked: BTreeMap<String, Parked>,
     owners: Vec<Option<(String, u64)>>,
     free: BTreeSet<u32>,
+}
+
+/// The buckets of an id whose session ended with a grace: owned by nobody (the session's leases
+/// ended: released, or expired), granted to nobody else, and counted in the shares as if the
+/// member were there. The id's next session gets them back at its registration (with a new
+/// token); at `until` they are freed. Their owner records still name the id, with the token of
+/// the grant that ended.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Parked {
+    weight: u32,
+    /// The end of the grace (µs): freed once the store's now reaches it.
+    until: u64,
+    held: BTreeSet<u32>,
+    committed: u32,
+}
+
+impl Parked {
+    /// The parked buckets.
+    #[must_use]
+    pub fn held(&self) -> &BTreeSet<u32> {
+        &self.held
+    }
+
+    /// When the grace ends (µs).
+    #[must_use]
+    pub fn until(&self) -> u64 {
+        self.until
+    }
+
+    /// The weight the member had.
+    #[must_use]
+    pub fn weight(&self) -> u32 {
+        self.weight
+    }
+
+    /// Its held count minus the releases the store expected when it parked.
+    #[must_use]
+    pub fn committed(&self) -> u32 {
+        self.committed
+    }
 }
 
 /// One member's session in a group.
@@ -116,6 +159,8 @@ pub struct Member {
     since: u64,
     held: BTreeSet<u32>,
     committed: u32,
+    /// How long its buckets stay parked after the session ends (µs; 0: freed at once).
+    grace: u64,
 }
 
 impl Member {
@@ -249,8 +294,11 @@ impl Model {
                 }
                 return Outcome::new(Ok(outcome), notices);
             }
-            state.remove_member(id);
+            // Replaced: the earlier session gave up its leases locally. With a grace its
+            // buckets are parked, and this session takes them back below.
+            state.end_session(id, now);
         }
+        let parked = state.parked.remove(id);
         state.members.insert(
             id.clone(),
             Member {
@@ -260,13 +308,24 @@ impl Model {
                 since: now,
                 held: BTreeSet::new(),
                 committed: 0,
+                grace: us(req.grace),
             },
         );
         state.version += 1;
         let version = state.version;
+        // Every grant to this session comes after this floor, the claim's too.
+        let floor = state.token_floor(now);
+        if let Some(parked) = parked {
+            notices.extend(state.claim(id, parked, now));
+        }
         notices.extend(state.epilogue(true, true, id, now, None));
-        let token = state.token_floor(now);
-        Outcome::new(Ok(Registration::Registered { version, token }), notices)
+        Outcome::new(
+            Ok(Registration::Registered {
+                version,
+                token: floor,
+            }),
+            notices,
+        )
     }
 
     /// Runs `call` at `now`, as a store would answer it: the reply in the variant of the call's
@@ -385,12 +444,11 @@ impl Model {
         if state.live(session, now).is_none() {
             return Outcome::new(RebalanceReply::session_lost(), notices);
         }
-        let me = state
-            .members
-            .keys()
-            .position(|id| *id == session.member)
+        let (ids, loads) = state.loads();
+        let me = ids
+            .iter()
+            .position(|id| **id == session.member)
             .unwrap_or(0);
-        let (_, loads) = state.loads();
         let free = count(state.free.len());
         let share = share::target_range(state.buckets, &loads, me);
         let action = if now < state.grant_after {
@@ -493,7 +551,7 @@ impl Model {
             Some(m) => {
                 let mut held = m.held.clone();
                 let freed = buckets.iter().filter(|b| held.remove(b)).count();
-                state.remove_leaving(&session.member, now);
+                state.leave_or_park(&session.member, now);
                 freed
             }
             None => 0,
@@ -512,7 +570,7 @@ impl Model {
         }
         // Expired sessions first (deregister.lua), the caller's own with them if it expired.
         let purged = state.purge(now);
-        let removed = state.is_session(session) && state.remove_leaving(&session.member, now);
+        let removed = state.is_session(session) && state.leave_or_park(&session.member, now);
         let notices = state.epilogue(purged || removed, false, &session.member, now, None);
         Outcome::new((), notices)
     }
@@ -542,16 +600,18 @@ impl Model {
 
     /// The whole group, read-only, as snapshot.lua: nothing is purged and nobody notified; the
     /// group is shown as the next purge would leave it (expired members left out, their buckets
-    /// free, the version bumped once per such member) ([`crate::Store::snapshot`]).
+    /// free or parked, parked buckets whose grace is over free, the version bumped once per such
+    /// change) ([`crate::Store::snapshot`]).
     #[must_use]
     pub fn snapshot(&self, group: &GroupKey, now: u64) -> Option<GroupSnapshot> {
-        let state = self.groups.get(&key(group))?;
+        let stored = self.groups.get(&key(group))?;
         let since = |at: u64| Duration::from_micros(now.saturating_sub(at));
         let until = |at: u64| Duration::from_micros(at.saturating_sub(now));
-        let (live, dead): (Vec<_>, Vec<_>) =
-            state.members.iter().partition(|(_, m)| m.expires > now);
-        let members = live
-            .into_iter()
+        let mut state = stored.clone();
+        state.purge(now);
+        let members = state
+            .members
+            .iter()
             .map(|(id, m)| MemberInfo {
                 id: id.clone(),
                 session: m.session.clone(),
@@ -572,25 +632,36 @@ impl Model {
                 })
             })
             .collect();
-        for (_, m) in &dead {
-            for &b in &m.held {
+        // Parked buckets are owned by nobody.
+        for p in state.parked.values() {
+            for &b in &p.held {
                 if let Some(slot) = owners.get_mut(b as usize) {
                     *slot = None;
                 }
             }
         }
+        let parked = state
+            .parked
+            .iter()
+            .map(|(id, p)| ParkedInfo {
+                id: id.clone(),
+                weight: p.weight,
+                held: count(p.held.len()),
+                until: until(p.until),
+            })
+            .collect();
         Some(GroupSnapshot {
             buckets: state.buckets,
             protocol: PROTOCOL_VERSION,
-            version: state.version + dead.len() as u64,
+            version: state.version,
             members,
             owners,
             quarantine: until(state.grant_after),
-            stale: state.unattended(now),
+            stale: stored.unattended(now),
             ttl: state.ttl,
             age: since(state.created),
             // Renewed at its expiry less the ttl; expired sessions count until purged.
-            renewed_ago: state
+            renewed_ago: stored
                 .members
                 .values()
                 .map(|m| m.expires)
@@ -598,6 +669,7 @@ impl Model {
                 .map(|latest| {
                     Duration::from_micros(now.saturating_add(us(state.ttl)).saturating_sub(latest))
                 }),
+            parked,
         })
     }
 
@@ -640,10 +712,12 @@ impl Model {
             return Outcome::quiet(Removal::Absent);
         };
         let purged = state.purge(now);
+        // Parked buckets of the id are freed too: the operator wants it gone.
+        let unparked = state.unpark(member);
         let held = state.members.get(member).map(|m| count(m.held.len()));
         let removed = held.is_some() && state.remove_leaving(member, now);
         let woken = removed.then(|| (To::Member(member.to_string()), Notice::Act));
-        let notices = state.epilogue(purged || removed, false, member, now, woken);
+        let notices = state.epilogue(purged || unparked || removed, false, member, now, woken);
         let reply = match held {
             Some(held) if removed => Removal::Removed { held },
             _ => Removal::Absent,
@@ -708,6 +782,7 @@ impl Group {
             created: now,
             last_token: 0,
             members: BTreeMap::new(),
+            parked: BTreeMap::new(),
             owners: vec![None; buckets as usize],
             free: (0..buckets).collect(),
         }
@@ -741,6 +816,12 @@ impl Group {
     #[must_use]
     pub fn members(&self) -> &BTreeMap<String, Member> {
         &self.members
+    }
+
+    /// The parked ids, with their buckets.
+    #[must_use]
+    pub fn parked(&self) -> &BTreeMap<String, Parked> {
+        &self.parked
     }
 
     /// Bucket `b`'s owner record: member and token.
@@ -787,6 +868,27 @@ impl Group {
                 }
             }
         }
+        for (id, p) in &self.parked {
+            if self.members.contains_key(id) {
+                return Err(format!("{id} is live and parked"));
+            }
+            if p.committed > count(p.held.len()) {
+                return Err(format!(
+                    "parked {id} commits {} of {}",
+                    p.committed,
+                    p.held.len()
+                ));
+            }
+            for &b in &p.held {
+                if !seen.insert(b) {
+                    return Err(format!("bucket {b} is free or held twice (parked {id})"));
+                }
+                match self.owner(b) {
+                    Some((owner, token)) if owner == id && token <= self.last_token => {}
+                    other => return Err(format!("parked {id} holds {b}, recorded as {other:?}")),
+                }
+            }
+        }
         if count(seen.len()) != self.buckets || seen.iter().any(|b| *b >= self.buckets) {
             return Err(format!("free and held are not 0..{}", self.buckets));
         }
@@ -803,8 +905,82 @@ impl Group {
             && self.seen.saturating_add(us(self.ttl)) <= now
     }
 
-    /// A live session left (leave, deregister, an operator's removal): it is removed with its
-    /// buckets, and `unattended` counts from now (common.lua's `seen_leaving`).
+    /// A live session left gracefully (leave, deregister): its buckets are parked if it has a
+    /// grace, else freed; `unattended` counts from now (common.lua's `seen_leaving`).
+    fn leave_or_park(&mut self, id: &str, now: u64) -> bool {
+        let ended = self.end_session(id, now);
+        if ended {
+            self.seen = now;
+        }
+        ended
+    }
+
+    /// Ends `id`'s session: with a grace, its buckets are parked until `from` + the grace
+    /// (common.lua's `end_session`), else it is removed and its buckets freed.
+    fn end_session(&mut self, id: &str, from: u64) -> bool {
+        let Some(m) = self.members.get(id) else {
+            return false;
+        };
+        if m.grace == 0 {
+            return self.remove_member(id);
+        }
+        let Some(m) = self.members.remove(id) else {
+            return false;
+        };
+        self.parked.insert(
+            id.to_string(),
+            Parked {
+                weight: m.weight,
+                until: from.saturating_add(m.grace),
+                held: m.held,
+                committed: m.committed,
+            },
+        );
+        self.version += 1;
+        true
+    }
+
+    /// Frees `id`'s parked buckets, if any (the grace ended, or an operator removed the id).
+    fn unpark(&mut self, id: &str) -> bool {
+        let Some(parked) = self.parked.remove(id) else {
+            return false;
+        };
+        for b in parked.held {
+            self.owners[b as usize] = None;
+            self.free.insert(b);
+        }
+        self.version += 1;
+        true
+    }
+
+    /// Gives `id`'s new session the buckets parked for it, under a new token, and tells it
+    /// (common.lua's `claim`). Returns the grant notice (none if nothing was parked).
+    fn claim(&mut self, id: &str, parked: Parked, now: u64) -> Vec<(To, Notice)> {
+        if parked.held.is_empty() {
+            return Vec::new();
+        }
+        let token = now.max(self.last_token + 1);
+        self.last_token = token;
+        for &b in &parked.held {
+            self.owners[b as usize] = Some((id.to_string(), token));
+        }
+        let Some(m) = self.members.get_mut(id) else {
+            return Vec::new();
+        };
+        m.committed = parked.committed;
+        m.held = parked.held;
+        vec![(
+            To::Member(id.to_string()),
+            Notice::Granted {
+                session: m.session.clone(),
+                token,
+                buckets: m.held.iter().copied().collect(),
+            },
+        )]
+    }
+
+    /// A live session left (an operator's removal): it is removed with its buckets, and
+    /// `unattended` counts from now (common.lua's `seen_leaving`).
     fn remove_leaving(&mut self, id: &str, now: u64) -> bool {
         let removed = self.remove_member(id);
         if removed {
@@ -826,19 +1002,21 @@ impl Group {
         true
     }
 
-    /// Every live member's load in id order, with the ids.
+    /// Every member's load in id order, with the ids: the live ones and the parked ones (which
+    /// count as if they were there).
     fn loads(&self) -> (Vec<&String>, Vec<Load>) {
-        self.members
+        let live = self
+            .members
             .iter()
-            .map(|(id, m)| {
-                (
-                    id,
-                    Load {
-                        weight: m.weight,
-                        held: m.committed,
-                    },
-                )
-            })
+            .map(|(id, m)| (id, m.weight, m.committed));
+        let parked = self
+            .parked
+            .iter()
+            .map(|(id, p)| (id, p.weight, p.committed));
+        let mut all: Vec<_> = live.chain(parked).collect();
+        all.sort_by(|a, b| a.0.cmp(b.0));
+        all.into_iter()
+            .map(|(id, weight, held)| (id, Load { weight, held }))
             .unzip()
     }
 
@@ -918,8 +1096,11 @@ impl Group {
             for (id, count) in commits {
                 if let Some(m) = self.members.get_mut(&id) {
                     m.committed = count;
+                    woken.push(id);
+                } else if let Some(p) = self.parked.get_mut(&id) {
+                    // Committed, as a present member's count would be; nobody to wake.
+                    p.committed = count;
                 }
-                woken.push(id);
             }
         }
         // The loads once (after the commits above), in id order, kept up to date as each taker
@@ -943,8 +1124,12 @@ impl Group {
         let mut told: Vec<(String, Notice)> =
             woken.into_iter().map(|id| (id, Notice::Act)).collect();
         // Every call purges expired sessions before it settles here, so no taker has expired
-        // (common.lua's settle skips one: a renewal's purge there stops at 100).
+        // (common.lua's settle skips one: a renewal's purge there stops at 100). A parked id
+        // takes its share when its next session comes: nothing for it now.
         for me in takers {
+            if self.parked.contains_key(&ids[me]) {
+                continue;
+            }
             let free = count(self.free.len());
             if let share::Step::Take(k) = share::step(self.buckets, &loads, me, free) {
                 let id = &ids[me];
@@ -985,18 +1170,28 @@ impl Group {
             .is_some_and(|m| m.session == s.session)
     }
 
-    /// Purges expired sessions; returns true if any was removed.
+    /// Ends expired sessions (parking the buckets of those with a grace, from their expiry),
+    /// then frees the parked buckets whose grace is over; returns true if anything changed.
     fn purge(&mut self, now: u64) -> bool {
-        let expired: Vec<String> = self
+        let expired: Vec<(String, u64)> = self
             .members
             .iter()
             .filter(|(_, m)| m.expires <= now)
+            .map(|(id, m)| (id.clone(), m.expires))
+            .collect();
+        for (id, expires) in &expired {
+            self.end_session(id, *expires);
+        }
+        let over: Vec<String> = self
+            .parked
+            .iter()
+            .filter(|(_, p)| p.until <= now)
             .map(|(id, _)| id.clone())
             .collect();
-        for id in &expired {
-            self.remove_member(id);
+        for id in &over {
+            self.unpark(id);
         }
-        !expired.is_empty()
+        !expired.is_empty() || !over.is_empty()
     }
 
     /// The live sessions at `now` (common.lua's `live_count`).
@@ -1030,6 +1225,8 @@ mod tests {
             m: usize,
             fresh: bool,
             weight: u32,
+            /// With a rejoin grace (parks its buckets when the session ends).
+            grace: bool,
         },
         Heartbeat {
             m: usize,
@@ -1064,8 +1261,8 @@ mod tests {
     fn op() -> impl Strategy<Value = Op> {
         let m = 0..3usize;
         prop_oneof![
-            3 => (m.clone(), any::<bool>(), 1..4u32)
-                .prop_map(|(m, fresh, weight)| Op::Register { m, fresh, weight }),
+            3 => (m.clone(), any::<bool>(), 1..4u32, any::<bool>())
+                .prop_map(|(m, fresh, weight, grace)| Op::Register { m, fresh, weight, grace }),
             4 => m.clone().prop_map(|m| Op::Heartbeat { m }),
             4 => (m.clone(), 0..4u32).prop_map(|(m, max_take)| Op::Rebalance { m, max_take }),
             2 => (m.clone(), 0..4usize).prop_map(|(m, i)| Op::Release { m, i }),
@@ -1082,6 +1279,134 @@ mod tests {
         let mut h = DefaultHasher::new();
         model.hash(&mut h);
         h.finish()
+    }
+
+    fn reg(
+        model: &mut Model,
+        g: &GroupKey,
+        m: &str,
+        n: &str,
+        grace_ms: u64,
+        now: u64,
+    ) -> Outcome<Result<Registration, Error>> {
+        let mut req = RegisterRequest::new(
+            SessionRef {
+                member: m.into(),
+                session: n.into(),
+            },
+            1,
+            8,
+            TTL,
+        );
+        req.grace = Duration::from_millis(grace_ms);
+        model.register(g, &req, now)
+    }
+
+    fn sref(m: &str, n: &str) -> SessionRef {
+        SessionRef {
+            member: m.into(),
+            session: n.into(),
+        }
+    }
+
+    fn granted_to(notices: &[(To, Notice)], id: &str) -> Vec<(u64, Vec<u32>)> {
+        notices
+            .iter()
+            .filter_map(|(to, n)| match (to, n) {
+                (To::Member(m), Notice::Granted { token, buckets, .. }) if m == id => {
+                    Some((*token, buckets.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Two members of 8 buckets, balanced, a with a grace: a's graceful leave parks its 4
+    /// buckets (nobody is granted them, b stays at its share), a's next session gets exactly
+    /// those back at its registration under a larger token, told by a grant notice.
+    #[test]
+    fn a_graceful_leave_parks_and_the_same_id_takes_its_buckets_back() {
+        let g = GroupKey::new("p", "g");
+        let mut model = Model::new();
+        let now = T0;
+        reg(&mut model, &g, "a", "a1", 2000, now).reply.unwrap();
+        reg(&mut model, &g, "b", "b1", 0, now).reply.unwrap();
+        model.heartbeat(&g, &sref("a", "a1"), TTL, Duration::MAX, now + 900_000);
+        model.heartbeat(&g, &sref("b", "b1"), TTL, Duration::MAX, now + 900_000);
+        let now = now + 1_001_000;
+        model.rebalance(&g, &sref("a", "a1"), 8, now);
+        model.rebalance(&g, &sref("b", "b1"), 8, now);
+        let a_held: Vec<u32> = model
+            .held_buckets(&g, "a")
+            .into_iter()
+            .map(|(_, b)| b)
+            .collect();
+        let a_token = model.held_buckets(&g, "a")[0].0;
+        assert_eq!(a_held.len(), 4);
+        let left = model.leave(&g, &sref("a", "a1"), &a_held, now + 10);
+        assert_eq!(left.reply, 4);
+        assert!(
+            granted_to(&left.notices, "b").is_empty(),
+            "{:?}",
+            left.notices
+        );
+        let state = model.group(&g).unwrap();
+        assert_eq!(state.parked()["a"].held().len(), 4);
+        assert!(state.free().is_empty());
+        // b is at its share, counted against a's: it takes nothing.
+        let step = model.rebalance(&g, &sref("b", "b1"), 8, now + 20).reply;
+        assert_eq!(step.action, Action::Stay);
+        let snap = model.snapshot(&g, now + 20).unwrap();
+        assert_eq!(snap.parked.len(), 1);
+        assert_eq!(snap.free(), 4, "parked buckets are owned by nobody");
+        // a comes back within the grace.
+        let back = reg(&mut model, &g, "a", "a2", 2000, now + 1_000_000);
+        let Ok(Registration::Registered { token: floor, .. }) = back.reply else {
+            panic!("{:?}", back.reply)
+        };
+        let grants = granted_to(&back.notices, "a");
+        assert_eq!(grants.len(), 1);
+        assert_eq!(grants[0].1, a_held);
+        assert!(grants[0].0 > a_token && grants[0].0 > floor);
+        assert!(model.group(&g).unwrap().parked().is_empty());
+        assert_eq!(model.check(), Ok(()));
+    }
+
+    /// A crashed member's session expires into parked buckets; unclaimed, they are freed at
+    /// the grace's end and go to the live member.
+    #[test]
+    fn a_crash_parks_from_the_expiry_and_the_grace_end_frees() {
+        let g = GroupKey::new("p", "g");
+        let mut model = Model::new();
+        let now = T0;
+        reg(&mut model, &g, "a", "a1", 2000, now).reply.unwrap();
+        reg(&mut model, &g, "b", "b1", 0, now).reply.unwrap();
+        model.heartbeat(&g, &sref("a", "a1"), TTL, Duration::MAX, now + 900_000);
+        model.heartbeat(&g, &sref("b", "b1"), TTL, Duration::MAX, now + 900_000);
+        let now = now + 1_001_000;
+        model.rebalance(&g, &sref("a", "a1"), 8, now);
+        model.rebalance(&g, &sref("b", "b1"), 8, now);
+        // a crashed: its session (renewed at T0 + 0.9 s) ends at T0 + 1.9 s; b renews.
+        model.heartbeat(&g, &sref("b", "b1"), TTL, Duration::MAX, T0 + 1_500_000);
+        let hb = model.heartbeat(&g, &sref("b", "b1"), TTL, Duration::MAX, T0 + 2_000_000);
+        assert!(granted_to(&hb.notices, "b").is_empty());
+        let parked = &model.group(&g).unwrap().parked()["a"];
+        assert_eq!(parked.held().len(), 4);
+        assert_eq!(parked.until(), T0 + 1_900_000 + 2_000_000);
+        // Still parked just before the grace ends, freed at it, and b takes them.
+        model.heartbeat(&g, &sref("b", "b1"), TTL, Duration::MAX, T0 + 2_800_000);
+        model.heartbeat(&g, &sref("b", "b1"), TTL, Duration::MAX, T0 + 3_500_000);
+        model.heartbeat(&g, &sref("b", "b1"), TTL, Duration::MAX, T0 + 3_899_999);
+        assert_eq!(model.group(&g).unwrap().parked().len(), 1);
+        model.heartbeat(&g, &sref("b", "b1"), TTL, Duration::MAX, T0 + 3_900_000);
+        let step = model
+            .rebalance(&g, &sref("b", "b1"), 8, T0 + 3_900_000)
+            .reply;
+        assert!(
+            matches!(step.action, Action::Acquired { ref buckets, .. } if buckets.len() == 4),
+            "{step:?}"
+        );
+        assert_eq!(model.check(), Ok(()));
     }
 
     proptest! {
@@ -1105,13 +1430,16 @@ mod tests {
             let mut last_token: BTreeMap<u32, u64> = BTreeMap::new();
             for op in ops {
                 let notices = match op {
-                    Op::Register { m, fresh, weight } => {
+                    Op::Register { m, fresh, weight, grace } => {
                         let old = session(m, &nonces);
                         if fresh {
                             nonces[m] += 1;
                         }
                         let mut req = RegisterRequest::new(session(m, &nonces), weight, buckets, TTL);
                         req.replaces = fresh.then_some(old.session);
+                        if grace {
+                            req.grace = Duration::from_millis(700);
+                        }
                         model.register(&g, &req, now).notices
                     }
                     Op::Heartbeat { m } => {
@@ -1137,7 +1465,10 @@ mod tests {
                         Vec::new()
                     }
                     Op::ToExpiry => {
-                        let earliest = model.group(&g).and_then(|s| s.members().values().map(Member::expires).min());
+                        let earliest = model.group(&g).and_then(|s| {
+                            let parked = s.parked().values().map(Parked::until);
+                            s.members().values().map(Member::expires).chain(parked).min()
+                        });
                         now = now.max(earliest.unwrap_or(now));
                         Vec::new()
                     }

@@ -637,6 +637,8 @@ pub(crate) fn snapshot(reply: &Value) -> Result<Option<GroupSnapshot>, ReplyErro
         ttl,
         age,
         renewed_ago,
+        // TODO(issue 20): snapshot.lua lists the parked ids.
+        parked: Vec::new(),
     }))
 }
 
