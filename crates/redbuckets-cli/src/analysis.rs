@@ -56,6 +56,14 @@ pub fn analyze(s: &GroupSnapshot) -> Analysis {
     }
     if free > 0 {
         let mut p = format!("{free} of {} buckets are unowned", s.buckets);
+        let parked: u32 = s.parked.iter().map(|p| p.held).sum();
+        if parked > 0 {
+            let ids: Vec<&str> = s.parked.iter().map(|p| p.id.as_str()).collect();
+            p.push_str(&format!(
+                " ({parked} parked for restarting members: {})",
+                ids.join(", ")
+            ));
+        }
         if !s.quarantine.is_zero() {
             p.push_str(&format!(
                 " (the group is warming up: it grants nothing for another {})",
@@ -113,6 +121,7 @@ pub struct Digest {
     version: u64,
     owners: Vec<Option<String>>,
     members: Vec<(String, u32, u32)>,
+    parked: Vec<(String, u32)>,
     warming_up: bool,
     stale: bool,
 }
@@ -131,6 +140,7 @@ pub fn digest(s: &GroupSnapshot) -> Digest {
             .iter()
             .map(|m| (m.id.clone(), m.held, m.committed))
             .collect(),
+        parked: s.parked.iter().map(|p| (p.id.clone(), p.held)).collect(),
         warming_up: s.quarantine > Duration::ZERO,
         stale: s.stale,
     }
@@ -222,6 +232,37 @@ mod tests {
         assert!(a.converged(), "{a:?}");
         assert_eq!(a.min.map(|m| m.0), Some(4));
         assert_eq!(a.max.map(|m| m.0), Some(4));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn parked_buckets_are_unowned_and_named() {
+        let store = MemoryStore::new();
+        let key = GroupKey::new("t", "p");
+        let mut req = RegisterRequest::new(session("a"), 1, 8, TTL);
+        req.grace = Duration::from_secs(30);
+        store.register(&key, &req).await.unwrap();
+        register(&store, &key, "b", 1).await;
+        end_quarantine(&store, &key, &["a", "b"]).await;
+        store.rebalance(&key, &session("a"), 8).await.unwrap();
+        store.rebalance(&key, &session("b"), 8).await.unwrap();
+        let held: Vec<u32> = snapshot(&store, &key)
+            .await
+            .owners
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| o.as_ref().is_some_and(|o| o.member == "a"))
+            .map(|(b, _)| b as u32)
+            .collect();
+        store.leave(&key, &session("a"), &held).await.unwrap();
+        let s = snapshot(&store, &key).await;
+        assert_eq!(s.parked.len(), 1);
+        assert_eq!((s.parked[0].id.as_str(), s.parked[0].held), ("a", 4));
+        let a = analyze(&s);
+        assert_eq!(a.free, 4);
+        assert_eq!(
+            a.problems,
+            vec!["4 of 8 buckets are unowned (4 parked for restarting members: a)".to_string()]
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -164,6 +164,11 @@ struct JoinArgs {
     /// How long a revoked bucket waits for its lease handles [default: 1s].
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     drain: Option<Duration>,
+    /// Keep this member's buckets for its --id for DUR after it stops (a graceful exit or a
+    /// crash): a restart under the same id within DUR gets them back and nothing else moves.
+    /// Meanwhile they are owned by nobody; after DUR they are spread [default: off].
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, requires = "id")]
+    rejoin_grace: Option<Duration>,
     /// How long joining (connecting, then registering) retries while Redis is not up yet, times
     /// out or is unavailable [default: 30s].
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]

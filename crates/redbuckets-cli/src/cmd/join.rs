@@ -42,6 +42,9 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
     if let Some(drain) = args.drain {
         config.drain_timeout = drain;
     }
+    if let Some(grace) = args.rejoin_grace {
+        config.rejoin_grace = grace;
+    }
     if let Some(start) = args.start_timeout {
         config.start_timeout = start;
     }

@@ -62,6 +62,12 @@ fn to_json(group: &str, prefix: &str, s: &GroupSnapshot, a: &Analysis) -> serde_
             "expires_in_ms": millis(m.expires_in),
             "session_age_ms": millis(m.session_age),
         })).collect::<Vec<_>>(),
+        "parked": s.parked.iter().map(|p| json!({
+            "id": p.id,
+            "weight": p.weight,
+            "held": p.held,
+            "grace_left_ms": millis(p.until),
+        })).collect::<Vec<_>>(),
         "ok": !s.stale && a.problems.is_empty(),
         "problems": a.problems,
     })
@@ -118,6 +124,34 @@ fn to_text(group: &str, prefix: &str, s: &GroupSnapshot, a: &Analysis) -> String
                 m.held,
                 fmt_duration(m.expires_in),
                 fmt_duration(m.session_age)
+            );
+        }
+    }
+    if !s.parked.is_empty() {
+        let width = s
+            .parked
+            .iter()
+            .map(|p| p.id.len())
+            .max()
+            .unwrap_or(0)
+            .max(6);
+        let _ = writeln!(
+            out,
+            "parked (their buckets wait for the same id to come back):"
+        );
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:>6}  {:>6}  {:>10}",
+            "MEMBER", "WEIGHT", "HELD", "GRACE_LEFT"
+        );
+        for p in &s.parked {
+            let _ = writeln!(
+                out,
+                "{:<width$}  {:>6}  {:>6}  {:>10}",
+                p.id,
+                p.weight,
+                p.held,
+                fmt_duration(p.until)
             );
         }
     }
