@@ -19,6 +19,8 @@
 #[path = "common/process.rs"]
 mod process;
 
+// Shared with other test files, each of which uses a part.
+#[allow(dead_code)]
 #[path = "faults/harness.rs"]
 mod harness;
 #[path = "faults/proxy.rs"]

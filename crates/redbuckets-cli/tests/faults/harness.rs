@@ -99,6 +99,22 @@ pub fn violations(lines: &[Line], kills: &[Kill]) -> Vec<String> {
     bad
 }
 
+/// Bucket-time without an owner over `[from_us, to_us]` (Unix µs), and the longest gap.
+pub fn unowned(
+    lines: &[Line],
+    kills: &[Kill],
+    buckets: u32,
+    from_us: u64,
+    to_us: u64,
+) -> (Duration, Duration) {
+    let (timeline, _) = timeline(lines, kills);
+    timeline.unowned(
+        buckets,
+        Duration::from_micros(from_us),
+        Duration::from_micros(to_us),
+    )
+}
+
 /// What each process holds after all of `lines` (killed processes hold nothing).
 pub fn holdings(lines: &[Line], kills: &[Kill]) -> BTreeMap<usize, BTreeSet<u32>> {
     let (timeline, _) = timeline(lines, kills);
@@ -330,6 +346,9 @@ pub struct Group {
     pub timeline: Arc<Timeline>,
     pub procs: Vec<Proc>,
     pub kills: Vec<Kill>,
+    /// The members' options after the group and the bucket count: heartbeat 100 ms and ttl 1 s
+    /// unless a test sets others.
+    pub options: Vec<String>,
 }
 
 /// What [`Group::wait_converged`] saw.
@@ -348,23 +367,22 @@ impl Group {
             timeline: Arc::default(),
             procs: Vec::new(),
             kills: Vec::new(),
+            options: ["--heartbeat", "100ms", "--ttl", "1s"]
+                .iter()
+                .map(|s| (*s).to_string())
+                .collect(),
         }
     }
 
     fn args(&self) -> Vec<String> {
-        [
+        let group = [
             "--group",
             &self.name,
             "--buckets",
             &self.buckets.to_string(),
-            "--heartbeat",
-            "100ms",
-            "--ttl",
-            "1s",
         ]
-        .iter()
-        .map(|s| (*s).to_string())
-        .collect()
+        .map(str::to_string);
+        group.into_iter().chain(self.options.clone()).collect()
     }
 
     /// Starts member `id` on the group's URL.
@@ -403,6 +421,22 @@ impl Group {
             );
             self.timeline.wait_past(lines.len(), deadline);
         }
+    }
+
+    /// SIGTERM to process `p`, and waits for its graceful exit (code 0); returns the time just
+    /// before the signal.
+    pub fn terminate(&mut self, p: usize) -> u64 {
+        let sent = now_us();
+        self.procs[p].signal("-TERM");
+        let code = self.procs[p].wait_exit(Duration::from_secs(20));
+        assert_eq!(
+            code,
+            Some(0),
+            "{}:\n{}",
+            self.procs[p].id,
+            self.procs[p].stderr()
+        );
+        sent
     }
 
     /// SIGKILL; returns the time just before the signal. Ownership ends when the process is
