@@ -280,10 +280,10 @@ pub enum Deletion {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Removal {
-    /// No live session of that member (or no group).
+    /// No live session of that member and nothing parked for it (or no group).
     Absent,
-    /// Its session ended; the `held` buckets it held were freed and granted to the live
-    /// members (larger tokens). A member that was alive after all keeps working on them until it
+    /// Its session ended (or the buckets parked for its id were freed); the `held` buckets it
+    /// held were freed and granted to the live members (larger tokens). A member that was alive after all keeps working on them until it
     /// hears (it is woken) or its own deadline passes: two owners meanwhile.
     Removed {
         /// Buckets its session held.

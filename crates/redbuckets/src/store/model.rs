@@ -712,14 +712,17 @@ impl Model {
             return Outcome::quiet(Removal::Absent);
         };
         let purged = state.purge(now);
-        // Parked buckets of the id are freed too: the operator wants it gone.
+        // Buckets parked for the id are freed too (the operator wants it gone): the reply
+        // counts them as its held ones (an id is live or parked, never both).
+        let parked = state.parked.get(member).map(|p| count(p.held.len()));
         let unparked = state.unpark(member);
         let held = state.members.get(member).map(|m| count(m.held.len()));
         let removed = held.is_some() && state.remove_leaving(member, now);
         let woken = removed.then(|| (To::Member(member.to_string()), Notice::Act));
         let notices = state.epilogue(purged || unparked || removed, false, member, now, woken);
-        let reply = match held {
-            Some(held) if removed => Removal::Removed { held },
+        let reply = match (held, parked) {
+            (Some(held), _) if removed => Removal::Removed { held },
+            (_, Some(held)) if unparked => Removal::Removed { held },
             _ => Removal::Absent,
         };
         Outcome::new(reply, notices)
