@@ -1,9 +1,9 @@
 -- heartbeat, the steady-state path: no validation of the group's keys and nothing that grows
 -- with the group. ARGV[2] member, [3] nonce, [4] ttl µs.
 -- Returns the reply of heartbeat.lua when the session is renewed, or {'full'} when heartbeat.lua
--- must run: a session has expired and must be purged, the session is not ours, or the group's
--- data is missing or odd (the full script validates it and says what is wrong). ARGV[5] watch
--- ms, as in heartbeat.lua.
+-- must run: a session has expired or a rejoin grace has ended (parked buckets to free), which
+-- must be purged, the session is not ours, or the group's data is missing or odd (the full
+-- script validates it and says what is wrong). ARGV[5] watch ms, as in heartbeat.lua.
 local member, nonce = ARGV[2], ARGV[3]
 local ttl_us = tonumber(ARGV[4])
 local watch_ms = tonumber(ARGV[5])
@@ -19,6 +19,18 @@ local first = redis.call('ZRANGE', K_EXP, 0, 1, 'WITHSCORES')
 if #first > 0 then
   local at = tonumber(first[2])
   if not at or at <= now_ms then
+    return { 'full' }
+  end
+end
+-- The earliest end of a grace (µs): once reached, the full script frees those parked buckets,
+-- so they are spread within one renewal after it.
+local grace = redis.pcall('ZRANGE', parked_key(), 0, 0, 'WITHSCORES')
+if type(grace) ~= 'table' or grace.err then
+  return { 'full' }
+end
+if #grace > 0 then
+  local at = tonumber(grace[2])
+  if not at or at <= now then
     return { 'full' }
   end
 end
