@@ -735,13 +735,20 @@ local function rule_groups(wgroups)
   return groups
 end
 
+-- A new fencing token at `now` (µs), kept as the group's last: above every earlier one, and
+-- following the server's clock (token_floor).
+local function next_token(meta, now)
+  local token = math.max(now, meta.token + 1)
+  meta.token = token
+  redis.call('HSET', K_META, 'token', fmt(token))
+  return token
+end
+
 -- Grants up to k free buckets to `member` (weight `w` as stored, committed count `mine`) under a
 -- new token (memory.rs `GroupState::grant`). Returns the token, the bucket ids granted, and how
 -- many left the free set (garbage ids popped from it are dropped, not granted).
 local function grant(meta, member, w, mine, k, now)
-  local token = math.max(now, meta.token + 1)
-  meta.token = token
-  redis.call('HSET', K_META, 'token', fmt(token))
+  local token = next_token(meta, now)
   local record = fmt(token) .. ' ' .. member
   local taken, pairs_ = {}, {}
   -- First the buckets this call freed: they are known to be valid and unowned.
@@ -808,9 +815,7 @@ local function claim(meta, member, nonce, w, held, count, now)
     return
   end
   table.sort(claimed)
-  local token = math.max(now, meta.token + 1)
-  meta.token = token
-  redis.call('HSET', K_META, 'token', fmt(token))
+  local token = next_token(meta, now)
   local record = fmt(token) .. ' ' .. member
   local ids, pairs_ = {}, {}
   for _, b in ipairs(claimed) do
@@ -866,14 +871,18 @@ local function settle(meta, now, joined, caller)
       end
     end
   end
+  -- A giver after a join: its count is committed, and it is woken unless parked.
+  local function give(m)
+    if not parked(m) then
+      add(m)
+    end
+  end
   if joined then
     for _, g in ipairs(groups) do
       local k = count_key(g.text)
       for _, m in ipairs(redis.call('ZRANGEBYSCORE', k, '(' .. fmt(g.base + 1), '+inf')) do
         redis.call('ZADD', k, fmt(g.base + 1), m)
-        if not parked(m) then
-          add(m)
-        end
+        give(m)
       end
     end
     local excess = count_above(groups) - remainder
@@ -885,9 +894,7 @@ local function settle(meta, now, joined, caller)
       local top = fmt(g.base + 1)
       for _, m in ipairs(redis.call('ZRANGEBYSCORE', k, top, top, 'LIMIT', 0, excess)) do
         redis.call('ZADD', k, fmt(g.base), m)
-        if not parked(m) then
-          add(m)
-        end
+        give(m)
         excess = excess - 1
       end
     end
