@@ -146,7 +146,7 @@ m claim-count common.lua \
   'fmt(math.min(count, #claimed))' 'fmt(#claimed)' \
   'a claim commits every parked bucket, not the parked committed count'
 m fast-ignores-grace heartbeat_fast.lua \
-  'if not at or at <= now then' 'if false then' \
+  'if grace_end and not (tonumber(grace_end) and tonumber(grace_end) > now) then' 'if false then' \
   'the fast heartbeat renews past the end of a grace (the parked buckets stay parked)'
 m register-frees-parked register.lua \
   "if redis.call('ZSCORE', parked_key(), member) then" 'if false then' \

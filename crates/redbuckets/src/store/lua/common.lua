@@ -6,7 +6,8 @@
 --                   token), grant_after_us (end of the quarantine), created_us, ttl_us (the
 --                   group's one session ttl), seen_us (when a live session last left), run_id
 --                   (the Redis process that wrote the group;
---                   another one means the data may be stale, see load_current_meta)
+--                   another one means the data may be stale, see load_current_meta),
+--                   parked_next_us (the earliest end of a grace in parked, if any: note_parked)
 --   KEYS[2] exp     zset: member -> session expiry (server ms)
 --   KEYS[3] sess    hash: member -> session nonce
 --   KEYS[4] since   hash: member -> session start (server ms)
@@ -355,6 +356,18 @@ local function remove_member(meta, member, held)
   bump(meta)
 end
 
+-- Keeps the earliest end of a grace (µs) in the meta hash's parked_next_us, none when nothing is
+-- parked: heartbeat_fast reads it with the version, so the steady renewal needs no command of
+-- its own to see a grace end. Called after every change of the parked set.
+local function note_parked()
+  local first = redis.call('ZRANGE', parked_key(), 0, 0, 'WITHSCORES')
+  if #first > 0 then
+    redis.call('HSET', K_META, 'parked_next_us', fmt(tonumber(first[2]) or 0))
+  else
+    redis.call('HDEL', K_META, 'parked_next_us')
+  end
+end
+
 -- Ends `member`'s session (model.rs `end_session`). With a grace (grace_key) it is parked until
 -- `from` + the grace (µs; `from`: now for a leave or a replacement, the expiry for an expired
 -- session): it leaves the live structures, and keeps its weight, committed count, held set and
@@ -368,6 +381,7 @@ local function end_session(meta, member, from, held)
   end
   redis.call('ZADD', parked_key(), fmt(from + grace), member)
   inherit_expiry(parked_key())
+  note_parked()
   redis.call('ZREM', K_EXP, member)
   redis.call('ZREM', ids_key(), member)
   redis.call('HDEL', K_SESS, member)
@@ -384,6 +398,7 @@ local function unpark(meta, member)
   redis.call('DEL', hk)
   drop_weight(member)
   redis.call('ZREM', parked_key(), member)
+  note_parked()
   bump(meta)
 end
 

@@ -22,19 +22,13 @@ if #first > 0 then
     return { 'full' }
   end
 end
--- The earliest end of a grace (µs): once reached, the full script frees those parked buckets,
--- so they are spread within one renewal after it.
-local grace = redis.pcall('ZRANGE', parked_key(), 0, 0, 'WITHSCORES')
-if type(grace) ~= 'table' or grace.err then
+local meta_fields = redis.call('HMGET', K_META, 'ver', 'kept_ms', 'parked_next_us')
+-- The earliest end of a grace (µs, note_parked): once reached, the full script frees those
+-- parked buckets, so they are spread within one renewal after it.
+local grace_end = meta_fields[3]
+if grace_end and not (tonumber(grace_end) and tonumber(grace_end) > now) then
   return { 'full' }
 end
-if #grace > 0 then
-  local at = tonumber(grace[2])
-  if not at or at <= now then
-    return { 'full' }
-  end
-end
-local meta_fields = redis.call('HMGET', K_META, 'ver', 'kept_ms')
 local ver = meta_fields[1]
 if not ver or not string.match(ver, '^%d+$') or #ver > 15 then
   return { 'full' }

@@ -121,6 +121,7 @@ if redis.call('ZSCORE', parked_key(), member) then
   end
   parked = redis.call('SMEMBERS', hk)
   redis.call('ZREM', parked_key(), member)
+  note_parked()
   drop_weight(member)
   same_weight = redis.call('HGET', K_WCOUNT, w)
 else

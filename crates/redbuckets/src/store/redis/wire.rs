@@ -53,10 +53,11 @@ use crate::store::{
 };
 
 /// The suffixes of the keys every script gets as `KEYS`, in order: `<tag>:<suffix>`. `meta`
-/// (hash: buckets, protocol, ver, token, grant_after_us, created_us, ttl_us, seen_us, run_id),
-/// `exp` (zset: member → session expiry, server ms), `sess` (member → nonce), `since` (member →
-/// start ms), `weight` (member → weight), `wcount` (weight → members), `owner` (bucket →
-/// `"<token> <member>"`), `free` (set of free buckets). `common.lua` tells each in full.
+/// (hash: buckets, protocol, ver, token, grant_after_us, created_us, ttl_us, seen_us, run_id,
+/// parked_next_us), `exp` (zset: member → session expiry, server ms), `sess` (member → nonce),
+/// `since` (member → start ms), `weight` (member → weight), `wcount` (weight → members), `owner`
+/// (bucket → `"<token> <member>"`), `free` (set of free buckets). `common.lua` tells each in
+/// full.
 pub(crate) const KEY_SUFFIXES: [&str; 8] = [
     "meta", "exp", "sess", "since", "weight", "wcount", "owner", "free",
 ];
