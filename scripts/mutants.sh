@@ -200,6 +200,9 @@ lua() {
   # A copy of the work tree as it is (uncommitted changes included), without build output.
   (cd "$ROOT" && tar --exclude=./target --exclude=./.git --exclude=./mutants.out -cf - .) |
     (cd "$scratch/tree" && tar -xf -)
+  # tar keeps the work tree's times, which may be older than a mutant a previous run built
+  # into $scratch/target from the same paths: cargo would take that build as fresh.
+  find "$scratch/tree/$LUA" -name '*.lua' -exec touch {} +
   export CARGO_TARGET_DIR="$scratch/target"
   local test_args=()
   for t in $tests; do test_args+=(--test "$t"); done
