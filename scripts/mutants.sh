@@ -54,8 +54,8 @@ m live-at-expiry common.lua \
   'return e ~= nil and e > now_ms' 'return e ~= nil and e >= now_ms' \
   'a session counts as live at exactly its expiry'
 m purge-boundary common.lua \
-  "dead = redis.call('ZRANGEBYSCORE', K_EXP, '-inf', fmt(now_ms))" \
-  "dead = redis.call('ZRANGEBYSCORE', K_EXP, '-inf', '(' .. fmt(now_ms))" \
+  "dead = redis.call('ZRANGEBYSCORE', K_EXP, '-inf', fmt(now_ms), 'WITHSCORES')" \
+  "dead = redis.call('ZRANGEBYSCORE', K_EXP, '-inf', '(' .. fmt(now_ms), 'WITHSCORES')" \
   'the purge leaves a session that expires exactly now'
 m token-not-increased common.lua \
   'local token = math.max(now, meta.token + 1)' 'local token = math.max(now, meta.token)' \
@@ -128,6 +128,42 @@ m deregister-not-seen deregister.lua \
 m settle-expired-taker common.lua \
   'if ends and ends <= now_ms then' 'if ends and ends < now_ms then' \
   'settle grants to a taker whose session expires exactly now'
+# Parking (a rejoin grace).
+m park-frees common.lua \
+  'if grace <= 0 then' 'if true then' \
+  'a session with a rejoin grace is freed when it ends, not parked'
+m grace-end-boundary common.lua \
+  "over = redis.call('ZRANGEBYSCORE', parked_key(), '-inf', fmt(now))" \
+  "over = redis.call('ZRANGEBYSCORE', parked_key(), '-inf', '(' .. fmt(now))" \
+  'parked buckets are freed only after the exact end of the grace'
+m settle-parked-taker common.lua \
+  '    if parked(m) then' '    if false then' \
+  'settle treats a parked taker as a live one (it is woken, having no session)'
+m settle-parked-giver common.lua \
+  'if not parked(m) then' 'if true then' \
+  'after a join, a parked id above its share is woken'
+m claim-count common.lua \
+  'fmt(math.min(count, #claimed))' 'fmt(#claimed)' \
+  'a claim commits every parked bucket, not the parked committed count'
+m fast-ignores-grace heartbeat_fast.lua \
+  'if grace_end and not (tonumber(grace_end) and tonumber(grace_end) > now) then' 'if false then' \
+  'the fast heartbeat renews past the end of a grace (the parked buckets stay parked)'
+m register-frees-parked register.lua \
+  "if redis.call('ZSCORE', parked_key(), member) then" 'if false then' \
+  "a registration frees its id's parked buckets (as a leftover) instead of claiming them"
+m floor-after-claim register.lua \
+  "return { 'registered', fmt(meta.ver), fmt(floor) }" \
+  "return { 'registered', fmt(meta.ver), fmt(token_floor(meta, now)) }" \
+  "a registration's token floor read after its claim and the grants"
+m leave-frees leave.lua \
+  'end_session(meta, member, now, held)' 'remove_member(meta, member, held)' \
+  'a graceful leave frees the buckets of a session with a grace'
+m remove-keeps-parked remove.lua \
+  "if redis.call('ZSCORE', parked_key(), member) then" 'if false then' \
+  "an operator's removal leaves the id's parked buckets parked"
+m snapshot-grace-boundary snapshot.lua \
+  'if until_us and until_us <= now then' 'if until_us and until_us < now then' \
+  'a snapshot shows an id whose grace ends exactly now as parked'
 
 field() { cut -d$'\x1f' -f"$2" <<<"$1"; }
 
@@ -164,6 +200,9 @@ lua() {
   # A copy of the work tree as it is (uncommitted changes included), without build output.
   (cd "$ROOT" && tar --exclude=./target --exclude=./.git --exclude=./mutants.out -cf - .) |
     (cd "$scratch/tree" && tar -xf -)
+  # tar keeps the work tree's times, which may be older than a mutant a previous run built
+  # into $scratch/target from the same paths: cargo would take that build as fresh.
+  find "$scratch/tree/$LUA" -name '*.lua' -exec touch {} +
   export CARGO_TARGET_DIR="$scratch/target"
   local test_args=()
   for t in $tests; do test_args+=(--test "$t"); done

@@ -2024,3 +2024,68 @@ async fn a_groups_keys_expire_when_nobody_uses_it() {
     // A crash: nobody renews; the keys go at their expiry (DEBUG SLEEP is not needed: the
     // expiry is what matters, checked above to be at most a minute).
 }
+
+/// Parking: the keys of parked ids (their held sets, `:parked`, the members' `:grace`) expire
+/// with the group's other keys, also once the last live session has left, and a deletion
+/// leaves no key of the group behind.
+#[tokio::test]
+async fn parked_ids_keys_expire_with_the_group_and_a_deletion_takes_them() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let store = RedisStore::connect(&url).await.expect("connect");
+    let mut con = raw(&url).await;
+    let g = GroupKey::new("parked", "g");
+    let (a, b, c) = (session("a", "1"), session("b", "1"), session("c", "1"));
+    for (s, grace) in [(&a, 60), (&b, 60), (&c, 0)] {
+        let mut req = request(s, 1, 9);
+        req.grace = Duration::from_secs(grace);
+        store.register(&g, &req).await.expect("register");
+    }
+    lift_quarantine(&mut con, &g).await;
+    for s in [&a, &b, &c] {
+        let r = store.rebalance(&g, s, u32::MAX).await.expect("rebalance");
+        assert!(matches!(r.action, Action::Acquired { ref buckets, .. } if buckets.len() == 3));
+    }
+    let kept = |keys: &[(String, i64)], what: &str| {
+        for (key, pttl) in keys {
+            assert!(
+                (30_000..=60_000).contains(pttl),
+                "{what}: {key} has PTTL {pttl}"
+            );
+        }
+    };
+    let has = |keys: &[(String, i64)], suffix: &str| keys.iter().any(|(k, _)| k.ends_with(suffix));
+    store.deregister(&g, &a).await.expect("a leaves");
+    let keys = keys_and_ttls(&url, &g).await;
+    for suffix in [":held:a", ":parked", ":grace"] {
+        assert!(has(&keys, suffix), "{suffix}: {keys:?}");
+    }
+    kept(&keys, "a parked");
+    let snap = store.snapshot(&g).await.expect("snapshot").expect("group");
+    assert_eq!(
+        snap.parked
+            .iter()
+            .map(|p| (p.id.as_str(), p.held))
+            .collect::<Vec<_>>(),
+        [("a", 3)]
+    );
+    assert_eq!(snap.free(), 3, "parked buckets are owned by nobody");
+    // The last live session leaves: every key, the parked ones too, goes within a minute.
+    store.deregister(&g, &b).await.expect("b leaves");
+    store.deregister(&g, &c).await.expect("c leaves");
+    let keys = keys_and_ttls(&url, &g).await;
+    for suffix in [":held:a", ":held:b", ":parked"] {
+        assert!(has(&keys, suffix), "{suffix}: {keys:?}");
+    }
+    assert!(!has(&keys, ":held:c"), "c had no grace: {keys:?}");
+    kept(&keys, "after the last leave");
+    assert_eq!(
+        store.delete_group(&g, false).await.expect("delete"),
+        Deletion::Deleted { live: 0 }
+    );
+    assert_eq!(
+        keys_and_ttls(&url, &g).await,
+        [],
+        "a deletion leaves no key"
+    );
+}

@@ -6,7 +6,8 @@
 --                   token), grant_after_us (end of the quarantine), created_us, ttl_us (the
 --                   group's one session ttl), seen_us (when a live session last left), run_id
 --                   (the Redis process that wrote the group;
---                   another one means the data may be stale, see load_current_meta)
+--                   another one means the data may be stale, see load_current_meta),
+--                   parked_next_us (the earliest end of a grace in parked, if any: note_parked)
 --   KEYS[2] exp     zset: member -> session expiry (server ms)
 --   KEYS[3] sess    hash: member -> session nonce
 --   KEYS[4] since   hash: member -> session start (server ms)
@@ -22,12 +23,21 @@
 --                        member watches the expiry of the next two (watched_next_ms)
 --   <tag>:requarantine   string, expiring: the end of the quarantine (µs) of a group forgotten
 --                        for stale data, for the call that re-creates it (load_current_meta)
+--   <tag>:grace          hash: member -> its session's rejoin grace (µs), only when above zero
+--                        (register.lua): the session is parked when it ends (end_session)
+--   <tag>:parked         zset: parked id -> the end of its grace (µs). A parked id has no
+--                        session (it is in none of exp, sess, since, ids, grace) but keeps its
+--                        weight (weight, wcount, count:<w>), so the share rule counts it as
+--                        present, and its held set with its owner records (the old token), so
+--                        nobody else is granted its buckets and its next session claims them
+--                        (register.lua, claim); purge frees them once the grace is over (unpark)
 --   <tag>:events         pub/sub channel: every change, for tools that watch the group
 --   <tag>:wake:<member>  pub/sub channel: the member must act (settle)
 -- Keys built here from ARGV[1] (the tag) share the hash tag, so they are on the same slot.
 -- This comment, bind() and the helpers below (held_key, count_key, ids_key, requarantine_key,
--- wake_channel) are the one place the Lua side names keys: the bodies call the helpers, and
--- src/store/redis/wire.rs (KEY_SUFFIXES, TAG_SUFFIXES) tests that the Rust side agrees.
+-- grace_key, parked_key, wake_channel) are the one place the Lua side names keys: the bodies
+-- call the helpers, and src/store/redis/wire.rs (KEY_SUFFIXES, TAG_SUFFIXES) tests that the Rust
+-- side agrees.
 -- Every key of a group expires (keep_alive, seen_leaving): nothing of a group nobody uses stays.
 --
 -- Lua numbers are doubles: µs timestamps (~1.7e15) are exact, but tostring() and number
@@ -232,6 +242,14 @@ local function requarantine_key()
   return TAG .. ':requarantine'
 end
 
+local function grace_key()
+  return TAG .. ':grace'
+end
+
+local function parked_key()
+  return TAG .. ':parked'
+end
+
 local function publish()
   redis.call(PUBLISH, CHANNEL, 'changed')
 end
@@ -306,12 +324,9 @@ local function free_buckets(meta, member, buckets, records)
   return #freed
 end
 
--- Removes a member and frees its buckets (memory.rs: GroupState::remove_member). `held`: its
--- held set's members, when the caller read them already.
-local function remove_member(meta, member, held)
-  local hk = held_key(member)
-  free_buckets(meta, member, held or redis.call('SMEMBERS', hk))
-  redis.call('DEL', hk)
+-- Takes `member` out of the share rule's view: its weight, its weight's member count and its
+-- committed count.
+local function drop_weight(member)
   local w = redis.call('HGET', K_WEIGHT, member)
   if w then
     redis.call('ZREM', count_key(w), member)
@@ -323,11 +338,67 @@ local function remove_member(meta, member, held)
       redis.call('HDEL', K_WCOUNT, w)
     end
   end
+  redis.call('HDEL', K_WEIGHT, member)
+end
+
+-- Removes a member and frees its buckets (model.rs `remove_member`). `held`: its held set's
+-- members, when the caller read them already.
+local function remove_member(meta, member, held)
+  local hk = held_key(member)
+  free_buckets(meta, member, held or redis.call('SMEMBERS', hk))
+  redis.call('DEL', hk)
+  drop_weight(member)
   redis.call('ZREM', K_EXP, member)
   redis.call('ZREM', ids_key(), member)
   redis.call('HDEL', K_SESS, member)
   redis.call('HDEL', K_SINCE, member)
-  redis.call('HDEL', K_WEIGHT, member)
+  redis.call('HDEL', grace_key(), member)
+  bump(meta)
+end
+
+-- Keeps the earliest end of a grace (µs) in the meta hash's parked_next_us, none when nothing is
+-- parked: heartbeat_fast reads it with the version, so the steady renewal needs no command of
+-- its own to see a grace end. Called after every change of the parked set.
+local function note_parked()
+  local first = redis.call('ZRANGE', parked_key(), 0, 0, 'WITHSCORES')
+  if #first > 0 then
+    redis.call('HSET', K_META, 'parked_next_us', fmt(tonumber(first[2]) or 0))
+  else
+    redis.call('HDEL', K_META, 'parked_next_us')
+  end
+end
+
+-- Ends `member`'s session (model.rs `end_session`). With a grace (grace_key) it is parked until
+-- `from` + the grace (µs; `from`: now for a leave or a replacement, the expiry for an expired
+-- session): it leaves the live structures, and keeps its weight, committed count, held set and
+-- owner records (see parked_key). Without one it is removed and its buckets freed
+-- (remove_member, which takes `held`).
+local function end_session(meta, member, from, held)
+  local grace = tonumber(redis.call('HGET', grace_key(), member) or '') or 0
+  if grace <= 0 then
+    remove_member(meta, member, held)
+    return
+  end
+  redis.call('ZADD', parked_key(), fmt(from + grace), member)
+  inherit_expiry(parked_key())
+  note_parked()
+  redis.call('ZREM', K_EXP, member)
+  redis.call('ZREM', ids_key(), member)
+  redis.call('HDEL', K_SESS, member)
+  redis.call('HDEL', K_SINCE, member)
+  redis.call('HDEL', grace_key(), member)
+  bump(meta)
+end
+
+-- Frees a parked id's buckets and forgets it: its grace is over, or an operator removed the id
+-- (model.rs `unpark`).
+local function unpark(meta, member)
+  local hk = held_key(member)
+  free_buckets(meta, member, redis.call('SMEMBERS', hk))
+  redis.call('DEL', hk)
+  drop_weight(member)
+  redis.call('ZREM', parked_key(), member)
+  note_parked()
   bump(meta)
 end
 
@@ -355,6 +426,8 @@ local function check_types(member)
   check_type(K_OWNER, 'hash')
   check_type(K_FREE, 'set')
   check_type(ids_key(), 'zset')
+  check_type(grace_key(), 'hash')
+  check_type(parked_key(), 'zset')
   if member then
     check_type(held_key(member), 'set')
   end
@@ -377,22 +450,39 @@ local function own_session(member, nonce)
   return meta
 end
 
--- Removes expired sessions (at most `limit` if given), oldest expiry first; returns how many.
-local function purge(meta, now_ms, limit)
+-- Ends the expired sessions at `now` (µs), oldest expiry first, each from its expiry
+-- (end_session: parked with a grace, else removed), then frees the parked ids whose grace is
+-- over, earliest first (unpark), those just parked included; at most `limit` of each if given.
+-- Returns how many of both.
+local function purge(meta, now, limit)
+  local now_ms = idiv(now, 1000)
   local dead
   if limit then
-    dead = redis.call('ZRANGEBYSCORE', K_EXP, '-inf', fmt(now_ms), 'LIMIT', 0, limit)
+    dead = redis.call('ZRANGEBYSCORE', K_EXP, '-inf', fmt(now_ms), 'WITHSCORES', 'LIMIT', 0, limit)
   else
-    dead = redis.call('ZRANGEBYSCORE', K_EXP, '-inf', fmt(now_ms))
+    dead = redis.call('ZRANGEBYSCORE', K_EXP, '-inf', fmt(now_ms), 'WITHSCORES')
   end
   -- Check first: a WRONGTYPE halfway through would leave buckets in no set.
-  for _, member in ipairs(dead) do
+  for i = 1, #dead, 2 do
+    check_type(held_key(dead[i]), 'set')
+  end
+  for i = 1, #dead, 2 do
+    end_session(meta, dead[i], (tonumber(dead[i + 1]) or now_ms) * 1000)
+  end
+  local over
+  if limit then
+    over = redis.call('ZRANGEBYSCORE', parked_key(), '-inf', fmt(now), 'LIMIT', 0, limit)
+  else
+    over = redis.call('ZRANGEBYSCORE', parked_key(), '-inf', fmt(now))
+  end
+  -- Checked before these writes; the ones above leave the group consistent on their own.
+  for _, member in ipairs(over) do
     check_type(held_key(member), 'set')
   end
-  for _, member in ipairs(dead) do
-    remove_member(meta, member)
+  for _, member in ipairs(over) do
+    unpark(meta, member)
   end
-  return #dead
+  return #dead / 2 + #over
 end
 
 -- What a registration at `now` (µs) tells the member about tokens (memory.rs `token_floor`):
@@ -443,14 +533,29 @@ local function committed(member, w)
   return uint(s, 'count of ' .. member)
 end
 
--- Forgets every key of the group (its data is lost or stale; the next registration re-creates
--- it, with the quarantine).
-local function wipe_group()
+-- Every id with a held set: the sessions' and the parked ids' (keys of foreign types read as none).
+local function member_ids()
+  local ids = {}
   local members = redis.pcall('HKEYS', K_SESS)
   if type(members) == 'table' and not members.err then
     for _, m in ipairs(members) do
-      redis.call('DEL', held_key(m))
+      ids[#ids + 1] = m
     end
+  end
+  local parked = redis.pcall('ZRANGE', parked_key(), 0, -1)
+  if type(parked) == 'table' and not parked.err then
+    for _, m in ipairs(parked) do
+      ids[#ids + 1] = m
+    end
+  end
+  return ids
+end
+
+-- Forgets every key of the group (its data is lost or stale; the next registration re-creates
+-- it, with the quarantine).
+local function wipe_group()
+  for _, m in ipairs(member_ids()) do
+    redis.call('DEL', held_key(m))
   end
   local weights = redis.pcall('HKEYS', K_WCOUNT)
   if type(weights) == 'table' and not weights.err then
@@ -458,7 +563,8 @@ local function wipe_group()
       redis.call('DEL', count_key(w))
     end
   end
-  redis.call('DEL', K_META, K_EXP, K_SESS, K_SINCE, K_WEIGHT, K_WCOUNT, K_OWNER, K_FREE, ids_key())
+  redis.call('DEL', K_META, K_EXP, K_SESS, K_SINCE, K_WEIGHT, K_WCOUNT, K_OWNER, K_FREE, ids_key(),
+    grace_key(), parked_key())
 end
 
 -- True when the group's data was written by another Redis process (see load_current_meta).
@@ -490,21 +596,20 @@ local function raise_requarantine(until_us, now)
   end
 end
 
--- Every key of the group: the fixed ones, each weight's counts, each member's held set (not the
--- requarantine key, which expires by itself). O(members), read once per keep_ms / 2.
+-- Every key of the group: the fixed ones, each weight's counts, each member's and each parked
+-- id's held set (not the requarantine key, which expires by itself). O(members), read once per
+-- keep_ms / 2.
 local function group_keys()
-  local keys = { K_META, K_EXP, K_SESS, K_SINCE, K_WEIGHT, K_WCOUNT, K_OWNER, K_FREE, ids_key() }
+  local keys = { K_META, K_EXP, K_SESS, K_SINCE, K_WEIGHT, K_WCOUNT, K_OWNER, K_FREE, ids_key(),
+    grace_key(), parked_key() }
   local weights = redis.pcall('HKEYS', K_WCOUNT)
   if type(weights) == 'table' and not weights.err then
     for _, w in ipairs(weights) do
       keys[#keys + 1] = count_key(w)
     end
   end
-  local members = redis.pcall('HKEYS', K_SESS)
-  if type(members) == 'table' and not members.err then
-    for _, m in ipairs(members) do
-      keys[#keys + 1] = held_key(m)
-    end
+  for _, m in ipairs(member_ids()) do
+    keys[#keys + 1] = held_key(m)
   end
   return keys
 end
@@ -645,13 +750,20 @@ local function rule_groups(wgroups)
   return groups
 end
 
+-- A new fencing token at `now` (µs), kept as the group's last: above every earlier one, and
+-- following the server's clock (token_floor).
+local function next_token(meta, now)
+  local token = math.max(now, meta.token + 1)
+  meta.token = token
+  redis.call('HSET', K_META, 'token', fmt(token))
+  return token
+end
+
 -- Grants up to k free buckets to `member` (weight `w` as stored, committed count `mine`) under a
 -- new token (memory.rs `GroupState::grant`). Returns the token, the bucket ids granted, and how
 -- many left the free set (garbage ids popped from it are dropped, not granted).
 local function grant(meta, member, w, mine, k, now)
-  local token = math.max(now, meta.token + 1)
-  meta.token = token
-  redis.call('HSET', K_META, 'token', fmt(token))
+  local token = next_token(meta, now)
   local record = fmt(token) .. ' ' .. member
   local taken, pairs_ = {}, {}
   -- First the buckets this call freed: they are known to be valid and unowned.
@@ -689,6 +801,54 @@ local function grant(meta, member, w, mine, k, now)
   return token, taken, fresh + #popped
 end
 
+-- Gives `member`'s new session (nonce `nonce`, weight `w` as stored) the buckets parked for its id
+-- (model.rs `claim`): `held`, the parked held set, and `count`, its committed count. They stay in
+-- the held set; their owner records name the member with a new token, its committed count is
+-- the parked one, and it is told as a grant is: 'grant <nonce> <token> <bucket>...', buckets
+-- ascending. Ids a foreign edit left there (garbage, or owned by another member) leave the held
+-- set instead. Nothing to claim: no token, no notice.
+local function claim(meta, member, nonce, w, held, count, now)
+  local records = {}
+  for i = 1, #held, BATCH do
+    local got = redis.call('HMGET', K_OWNER, unpack(held, i, math.min(i + BATCH - 1, #held)))
+    for j, record in ipairs(got) do
+      records[i + j - 1] = record
+    end
+  end
+  local claimed, dropped, unrecorded = {}, {}, false
+  for j, b in ipairs(held) do
+    local named = owner_member(records[j])
+    if bucket_id(b, meta.buckets) and (not records[j] or named == nil or named == member) then
+      claimed[#claimed + 1] = tonumber(b)
+      unrecorded = unrecorded or named ~= member
+    else
+      dropped[#dropped + 1] = b
+    end
+  end
+  batched('SREM', held_key(member), dropped)
+  if #claimed == 0 then
+    return
+  end
+  table.sort(claimed)
+  local token = next_token(meta, now)
+  local record = fmt(token) .. ' ' .. member
+  local ids, pairs_ = {}, {}
+  for _, b in ipairs(claimed) do
+    local id = fmt(b)
+    ids[#ids + 1] = id
+    pairs_[#pairs_ + 1] = id
+    pairs_[#pairs_ + 1] = record
+  end
+  batched('HSET', K_OWNER, pairs_)
+  if unrecorded then
+    -- A bucket with no owner record may sit in the free set (foreign edits): not any more.
+    batched('SREM', K_FREE, ids)
+  end
+  redis.call('ZADD', count_key(w), fmt(math.min(count, #claimed)), member)
+  redis.call(PUBLISH, wake_channel(member), 'grant ' .. nonce .. ' ' .. fmt(token) .. ' '
+    .. table.concat(ids, ' '))
+end
+
 -- After a change, wakes the members that must act, and nobody else (memory.rs `settle`,
 -- share.rs `givers` and `takers`): a change costs work in proportion to the members that give
 -- or take, not to the group's size. Nobody during the quarantine.
@@ -702,11 +862,19 @@ end
 -- freed bucket has its next owner one round trip sooner. `caller`, the member whose call this
 -- is, is woken ('act') instead: it is in the middle of its own call. A taker whose session
 -- expired and is not purged yet gets nothing: it would never take the grant in.
+-- A parked id (parked_key) counts as present, as the share rule does: after a join its count is
+-- committed like anyone's, and as a taker it uses up the free count like anyone, but it is
+-- neither woken nor granted anything (it has no session; its next one claims its buckets). Only
+-- the caller is woken even when parked (a leave's own settle), as the model does.
 local function settle(meta, now, joined, caller)
   if now < meta.grant_after then
     return
   end
   local groups, remainder = weight_groups(meta.buckets)
+  local any_parked = redis.call('ZCARD', parked_key()) > 0
+  local function parked(m)
+    return any_parked and redis.call('ZSCORE', parked_key(), m) ~= false
+  end
   local woken, seen, takers = {}, {}, {}
   local function add(m, taker)
     if not seen[m] then
@@ -718,12 +886,18 @@ local function settle(meta, now, joined, caller)
       end
     end
   end
+  -- A giver after a join: its count is committed, and it is woken unless parked.
+  local function give(m)
+    if not parked(m) then
+      add(m)
+    end
+  end
   if joined then
     for _, g in ipairs(groups) do
       local k = count_key(g.text)
       for _, m in ipairs(redis.call('ZRANGEBYSCORE', k, '(' .. fmt(g.base + 1), '+inf')) do
         redis.call('ZADD', k, fmt(g.base + 1), m)
-        add(m)
+        give(m)
       end
     end
     local excess = count_above(groups) - remainder
@@ -735,7 +909,7 @@ local function settle(meta, now, joined, caller)
       local top = fmt(g.base + 1)
       for _, m in ipairs(redis.call('ZRANGEBYSCORE', k, top, top, 'LIMIT', 0, excess)) do
         redis.call('ZADD', k, fmt(g.base), m)
-        add(m)
+        give(m)
         excess = excess - 1
       end
     end
@@ -792,7 +966,9 @@ local function settle(meta, now, joined, caller)
     local nonce = redis.call('HGET', K_SESS, m)
     local mine = w and tonumber(redis.call('ZSCORE', count_key(w), m) or '')
     local ends = tonumber(redis.call('ZSCORE', K_EXP, m) or '')
-    if ends and ends <= now_ms then
+    if parked(m) then
+      -- Parked: nothing for it now, and nobody to wake; its next session claims its buckets.
+    elseif ends and ends <= now_ms then
       -- A session that expired and is not purged yet (the heartbeat's purge stopped at its
       -- cap): it will never take them in. Nothing for it, and nobody to wake; the buckets stay
       -- free for the live members, and its purge frees its own.

@@ -17,7 +17,7 @@ check_types(nil)
 local now = server_now_us()
 local now_ms = idiv(now, 1000)
 -- Bounded, so one heartbeat never stalls Redis; the rest goes on the next call.
-local purged = purge(meta, now_ms, HEARTBEAT_PURGE)
+local purged = purge(meta, now, HEARTBEAT_PURGE)
 if purged > 0 then
   publish()
   settle(meta, now, false, member)

@@ -1,9 +1,9 @@
 -- heartbeat, the steady-state path: no validation of the group's keys and nothing that grows
 -- with the group. ARGV[2] member, [3] nonce, [4] ttl µs.
 -- Returns the reply of heartbeat.lua when the session is renewed, or {'full'} when heartbeat.lua
--- must run: a session has expired and must be purged, the session is not ours, or the group's
--- data is missing or odd (the full script validates it and says what is wrong). ARGV[5] watch
--- ms, as in heartbeat.lua.
+-- must run: a session has expired or a rejoin grace has ended (parked buckets to free), which
+-- must be purged, the session is not ours, or the group's data is missing or odd (the full
+-- script validates it and says what is wrong). ARGV[5] watch ms, as in heartbeat.lua.
 local member, nonce = ARGV[2], ARGV[3]
 local ttl_us = tonumber(ARGV[4])
 local watch_ms = tonumber(ARGV[5])
@@ -22,7 +22,13 @@ if #first > 0 then
     return { 'full' }
   end
 end
-local meta_fields = redis.call('HMGET', K_META, 'ver', 'kept_ms')
+local meta_fields = redis.call('HMGET', K_META, 'ver', 'kept_ms', 'parked_next_us')
+-- The earliest end of a grace (µs, note_parked): once reached, the full script frees those
+-- parked buckets, so they are spread within one renewal after it.
+local grace_end = meta_fields[3]
+if grace_end and not (tonumber(grace_end) and tonumber(grace_end) > now) then
+  return { 'full' }
+end
 local ver = meta_fields[1]
 if not ver or not string.match(ver, '^%d+$') or #ver > 15 then
   return { 'full' }

@@ -1,8 +1,9 @@
 -- leave: ARGV[2] member, [3] nonce, [4..] buckets. The graceful leave's last step: frees the
 -- given buckets if the session holds them and ends the session (freeing anything else it
 -- held), as one step, so the members that take them are woken once, with the membership after
--- the leave. Returns how many of the given buckets left the session's held set (0 when the
--- session is not this one).
+-- the leave. A session with a rejoin grace parks all it held instead (end_session): freed for
+-- nobody else, claimed by the id's next session. Returns how many of the given buckets left the
+-- session's held set, parked ones included (0 when the session is not this one).
 local member, nonce = ARGV[2], ARGV[3]
 
 local meta = own_session(member, nonce)
@@ -12,7 +13,7 @@ end
 -- Expired sessions first, so the takers are chosen by the live members' shares. If this
 -- session itself had expired, the purge ended it and freed what it held: nothing more to free.
 local now = server_now_us()
-purge(meta, idiv(now, 1000))
+purge(meta, now)
 local released = 0
 if redis.call('HGET', K_SESS, member) == nonce then
   -- How many of the named buckets (each counted once) the session holds, from its held set,
@@ -28,8 +29,9 @@ if redis.call('HGET', K_SESS, member) == nonce then
       released = released + 1
     end
   end
-  -- Frees every bucket of the held set, checking each owner record as release does.
-  remove_member(meta, member, held)
+  -- Frees every bucket of the held set, checking each owner record as release does (or parks
+  -- them all).
+  end_session(meta, member, now, held)
   seen_leaving(meta, now)
 end
 publish()

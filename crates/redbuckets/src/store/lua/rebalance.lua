@@ -15,7 +15,7 @@ if not meta then
   return { 'lost' }
 end
 check_types(member)
-local purged = purge(meta, now_ms) > 0
+local purged = purge(meta, now) > 0
 if purged then
   publish()
   settle(meta, now, false, member)

@@ -1,7 +1,10 @@
 -- register: ARGV[2] member, [3] nonce, [4] weight, [5] buckets, [6] ttl µs,
--- [7] '1' if [8] is a session this registration may replace, [9] protocol.
+-- [7] '1' if [8] is a session this registration may replace, [9] protocol, [10] rejoin grace µs
+-- (0: none; absent from an older caller: none).
 -- Returns {'registered', ver, token floor (token_floor)} | {'inuse', expires_in_ms} | {'mismatch', buckets, protocol}
 -- | {'ttl', group_ttl_us} (the group exists with another session ttl).
+-- When the id's buckets are parked (an earlier session ended with a grace), this session claims
+-- them (claim): a grant notice on its channel, after the token floor the reply carries.
 local member, nonce = ARGV[2], ARGV[3]
 local weight = uint(ARGV[4], 'weight argument')
 local buckets = uint(ARGV[5], 'buckets argument')
@@ -11,6 +14,7 @@ if ARGV[7] == '1' then
   replaces = ARGV[8]
 end
 local protocol = uint(ARGV[9], 'protocol argument')
+local grace_us = uint(ARGV[10] or '0', 'grace argument')
 
 local now = server_now_us()
 local now_ms = idiv(now, 1000)
@@ -71,7 +75,7 @@ local group_ttl = uint(meta.ttl_text or '', 'meta.ttl_us')
 if group_ttl ~= ttl_us then
   return { 'ttl', fmt(group_ttl) }
 end
-local changed = purge(meta, now_ms) > 0
+local changed = purge(meta, now) > 0
 
 local existing = redis.call('HGET', K_SESS, member)
 if existing then
@@ -94,7 +98,9 @@ if existing then
     end
     return { 'inuse', fmt(e - now_ms) }
   end
-  remove_member(meta, member)
+  -- Replaced: the earlier session gave up its leases locally. With a grace its buckets are
+  -- parked, and this session claims them below.
+  end_session(meta, member, now)
 end
 
 -- Validate before writing: an error must not leave a half-inserted member.
@@ -104,12 +110,27 @@ if same_weight then
   uint(same_weight, 'wcount of weight ' .. w)
 end
 
--- A held set without a session is a leftover of foreign edits: free what it names.
 local hk = held_key(member)
-local stale = redis.call('SMEMBERS', hk)
-if #stale > 0 then
-  free_buckets(meta, member, stale)
-  redis.call('DEL', hk)
+local parked, parked_count = nil, 0
+if redis.call('ZSCORE', parked_key(), member) then
+  -- The id's buckets are parked: this session claims them below. The parked entry goes, with its
+  -- weight (this session brings its own); its held set and owner records stay for the claim.
+  local parked_w = redis.call('HGET', K_WEIGHT, member)
+  if parked_w then
+    parked_count = tonumber(redis.call('ZSCORE', count_key(parked_w), member) or '') or 0
+  end
+  parked = redis.call('SMEMBERS', hk)
+  redis.call('ZREM', parked_key(), member)
+  note_parked()
+  drop_weight(member)
+  same_weight = redis.call('HGET', K_WCOUNT, w)
+else
+  -- A held set without a session is a leftover of foreign edits: free what it names.
+  local stale = redis.call('SMEMBERS', hk)
+  if #stale > 0 then
+    free_buckets(meta, member, stale)
+    redis.call('DEL', hk)
+  end
 end
 
 -- No other live session: the group's keys may be expiring (its last member left), or new.
@@ -121,13 +142,26 @@ redis.call('HSET', K_SINCE, member, fmt(now_ms))
 redis.call('HSET', K_WEIGHT, member, w)
 redis.call('HSET', K_WCOUNT, w, fmt((tonumber(same_weight or '0') or 0) + 1))
 redis.call('ZADD', count_key(w), '0', member)
+if grace_us > 0 then
+  redis.call('HSET', grace_key(), member, fmt(grace_us))
+else
+  redis.call('HDEL', grace_key(), member)
+end
 -- The group is in use: its keys are kept. The first member sets every key's expiry (lifting
--- the one the last member's leave set); a later one, its weight's counts if it made them, and
--- the rest as a renewal does.
+-- the one the last member's leave set); a later one, its weight's counts and the grace hash if
+-- it made them, and the rest as a renewal does.
 keep_alive(ttl_us, first, now_ms, nil)
 inherit_expiry(count_key(w))
+if grace_us > 0 then
+  inherit_expiry(grace_key())
+end
 bump(meta)
+-- Every grant to this session comes after this floor, the claim's too.
+local floor = token_floor(meta, now)
+if parked then
+  claim(meta, member, nonce, w, parked, parked_count, now)
+end
 publish()
 -- Members above their new share are committed to release and woken; free buckets find takers.
 settle(meta, now, true, member)
-return { 'registered', fmt(meta.ver), fmt(token_floor(meta, now)) }
+return { 'registered', fmt(meta.ver), fmt(floor) }

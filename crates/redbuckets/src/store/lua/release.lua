@@ -13,7 +13,7 @@ end
 -- session that will never take them in). If this session itself had expired, the purge ended
 -- it and freed what it held, and there is nothing more to free.
 local now = server_now_us()
-local purged = purge(meta, idiv(now, 1000)) > 0
+local purged = purge(meta, now) > 0
 
 -- Frees the named buckets the session holds; returns how many.
 local function free_named()

@@ -3,8 +3,9 @@
 -- freed and granted to the live members at once, with larger tokens: settle). The member is
 -- woken too: if it is alive after all, its next call finds the session gone, it reports its
 -- buckets lost and registers again; until then it may still use them (the operator was warned).
--- Returns {'removed', held} (the buckets its session held) or {'absent'} (no group, no such
--- session, or it had expired and the purge this call runs first removed it).
+-- Buckets parked for the id (its session ended with a rejoin grace) are freed too: the operator
+-- wants it gone. Returns {'removed', held} (the buckets its session held) or {'absent'} (no
+-- group, no such session, or it had expired and the purge this call runs first removed it).
 local member = ARGV[2]
 
 local meta = load_meta()
@@ -13,9 +14,13 @@ if not meta then
 end
 check_types(member)
 local now = server_now_us()
-local purged = purge(meta, idiv(now, 1000))
+local changed = purge(meta, now) > 0
+if redis.call('ZSCORE', parked_key(), member) then
+  unpark(meta, member)
+  changed = true
+end
 if not redis.call('HGET', K_SESS, member) then
-  if purged > 0 then
+  if changed then
     publish()
     settle(meta, now, false, member)
   end

@@ -19,13 +19,14 @@
 //! `KEYS` are the group's tag followed by each of [`KEY_SUFFIXES`], in that order
 //! (`KEYS[1]` = `<tag>:meta` ... `KEYS[8]` = `<tag>:free`); `ARGV[1]` is the tag itself, from
 //! which a script builds the keys whose names hold a member or a weight (`:held:<member>`,
-//! `:count:<weight>`, `:ids`) and the channels `:events` and `:wake:<member>`. The script's own
+//! `:count:<weight>`), the keys `:ids`, `:grace` and `:parked`, and the channels `:events` and
+//! `:wake:<member>`. The script's own
 //! arguments follow from `ARGV[2]` (the encoders below build them). Numbers travel as decimal
 //! text; durations are µs unless the name says ms.
 //!
 //! | script | `ARGV[2..]` | reply |
 //! |---|---|---|
-//! | register | member, nonce, weight, buckets, ttl µs, `1`/`0` (replaces given), replaced nonce, protocol | `{'registered', ver, token floor}` \| `{'inuse', expires_in_ms}` \| `{'mismatch', buckets, protocol}` \| `{'ttl', group_ttl_us}` |
+//! | register | member, nonce, weight, buckets, ttl µs, `1`/`0` (replaces given), replaced nonce, protocol, rejoin grace µs (`0`: none) | `{'registered', ver, token floor}` \| `{'inuse', expires_in_ms}` \| `{'mismatch', buckets, protocol}` \| `{'ttl', group_ttl_us}`; a claim of the id's parked buckets is a `grant` notice |
 //! | heartbeat, heartbeat_fast | member, nonce, ttl µs, watch ms (`-1`: always) | `{alive 0\|1, ver, free, next_ms, committed, held, members}`, next_ms `-1` with no watched session or when no other session ends within the watch, counts 0 when not alive, members the live sessions; heartbeat_fast may instead answer `{'full'}`: run heartbeat |
 //! | rebalance | member, nonce, max_take | `{kind, value, share_min, share_max, ver, free, committed, held, members, bucket...}`, kind `acquired` (value = token, buckets follow), `release` (value = count), `stay`, `wait` (value = µs left); or `{'lost'}` |
 //! | release | member, nonce, known (highest token applied), bucket... | count freed (none granted under a higher token) |
@@ -34,7 +35,7 @@
 //! | holdings | member, nonce | `{}` (the session is not live, or the data is stale) or `{committed, bucket, token, ...}`: the buckets of the session's held set whose owner record names the member |
 //! | delete | force `1`/`0` | `{'absent'}` \| `{'live', n}` (refused, nothing changed) \| `{'deleted', n}` (n live sessions ended) |
 //! | remove | member | `{'removed', held}` (its session ended, whatever its nonce, as a deregistration) \| `{'absent'}` |
-//! | snapshot | none | `{}` (no group) or `{buckets, protocol, ver, quarantine_us, members, owner_flat, stale 0\|1, ttl_us, age_us, renewed_ago_us}` (renewed_ago_us `-1` without any session): members = `{id, nonce, weight, held, committed, expires_in_ms, age_ms}...`, owner_flat = `bucket, "<token> <member>", ...` |
+//! | snapshot | none | `{}` (no group) or `{buckets, protocol, ver, quarantine_us, members, owner_flat, stale 0\|1, ttl_us, age_us, renewed_ago_us, parked}` (renewed_ago_us `-1` without any session; parked missing from an older script: none): members = `{id, nonce, weight, held, committed, expires_in_ms, age_ms}...`, owner_flat = `bucket, "<token> <member>", ...` (parked buckets left out), parked = `{id, weight, held, grace_left_us}...` |
 //!
 //! Notices: the group's channel carries `changed`; a member's, `act` or
 //! `grant <nonce> <token> <bucket>...` ([`notice`]).
@@ -48,14 +49,15 @@ use crate::config::{MAX_BUCKETS, PROTOCOL_VERSION};
 use crate::error::Error;
 use crate::store::{
     Action, Deletion, GroupKey, GroupSnapshot, HeartbeatReply, Holdings, MemberInfo, Notice, Owner,
-    RebalanceReply, RegisterRequest, Removal, SessionRef,
+    ParkedInfo, RebalanceReply, RegisterRequest, Removal, SessionRef,
 };
 
 /// The suffixes of the keys every script gets as `KEYS`, in order: `<tag>:<suffix>`. `meta`
-/// (hash: buckets, protocol, ver, token, grant_after_us, created_us, ttl_us, seen_us, run_id),
-/// `exp` (zset: member → session expiry, server ms), `sess` (member → nonce), `since` (member →
-/// start ms), `weight` (member → weight), `wcount` (weight → members), `owner` (bucket →
-/// `"<token> <member>"`), `free` (set of free buckets). `common.lua` tells each in full.
+/// (hash: buckets, protocol, ver, token, grant_after_us, created_us, ttl_us, seen_us, run_id,
+/// parked_next_us), `exp` (zset: member → session expiry, server ms), `sess` (member → nonce),
+/// `since` (member → start ms), `weight` (member → weight), `wcount` (weight → members), `owner`
+/// (bucket → `"<token> <member>"`), `free` (set of free buckets). `common.lua` tells each in
+/// full.
 pub(crate) const KEY_SUFFIXES: [&str; 8] = [
     "meta", "exp", "sess", "since", "weight", "wcount", "owner", "free",
 ];
@@ -65,7 +67,7 @@ pub(crate) const KEY_SUFFIXES: [&str; 8] = [
 /// channels, and the two names only the tests' and the cluster's variants read. The store itself
 /// builds only the channels' names; the list is what the test checks `common.lua` against.
 #[cfg_attr(not(test), allow(dead_code))]
-pub(crate) const TAG_SUFFIXES: [&str; 8] = [
+pub(crate) const TAG_SUFFIXES: [&str; 10] = [
     // + member: the member's buckets (set).
     "held:",
     // + weight: member → committed count (zset).
@@ -74,6 +76,10 @@ pub(crate) const TAG_SUFFIXES: [&str; 8] = [
     "ids",
     // The floor of a re-created group's quarantine (string, expiring).
     "requarantine",
+    // Member → its session's rejoin grace, µs (hash).
+    "grace",
+    // Parked id → the end of its grace, µs (zset).
+    "parked",
     // Pub/sub: every change of the group.
     EVENTS,
     // + member, pub/sub: the member must act, or was granted buckets.
@@ -141,7 +147,12 @@ pub(crate) fn session_args(session: &SessionRef) -> Vec<String> {
     vec![session.member.clone(), session.session.clone()]
 }
 
-/// register: member, nonce, weight, buckets, ttl µs, replaces given, replaced nonce, protocol.
+/// The longest rejoin grace the scripts take (µs, about 35 years): the end of a grace, a µs
+/// timestamp plus it, stays below 2^53 (Lua numbers are doubles). A longer one is sent as this.
+const GRACE_LIMIT: u64 = 1 << 50;
+
+/// register: member, nonce, weight, buckets, ttl µs, replaces given, replaced nonce, protocol,
+/// rejoin grace µs.
 pub(crate) fn register_args(req: &RegisterRequest) -> Vec<String> {
     let mut args = session_args(&req.session);
     args.extend([
@@ -151,6 +162,7 @@ pub(crate) fn register_args(req: &RegisterRequest) -> Vec<String> {
         if req.replaces.is_some() { "1" } else { "0" }.to_string(),
         req.replaces.clone().unwrap_or_default(),
         PROTOCOL_VERSION.to_string(),
+        duration_us(req.grace).min(GRACE_LIMIT).to_string(),
     ]);
     args
 }
@@ -626,6 +638,25 @@ pub(crate) fn snapshot(reply: &Value) -> Result<Option<GroupSnapshot>, ReplyErro
             ))
         }
     };
+    // Missing (a script from before parking): nothing parked.
+    let mut parked = Vec::new();
+    if f.items.len() > 10 {
+        let list = f.array(10, "parked")?;
+        for i in 0..list.items.len() {
+            let p = list.array(i, "parked entry")?;
+            let id = p.text(0, "parked id")?;
+            let weight = p.u32(1, "weight").map_err(|_| ReplyError::Data {
+                detail: format!("weight of parked id {id:?} is not a number"),
+            })?;
+            parked.push(ParkedInfo {
+                weight,
+                held: p.u32(2, "held")?,
+                until: Duration::from_micros(p.u64(3, "grace left")?),
+                id,
+            });
+        }
+        parked.sort_by(|a, b| a.id.cmp(&b.id));
+    }
     Ok(Some(GroupSnapshot {
         buckets,
         protocol,
@@ -637,8 +668,7 @@ pub(crate) fn snapshot(reply: &Value) -> Result<Option<GroupSnapshot>, ReplyErro
         ttl,
         age,
         renewed_ago,
-        // TODO(issue 20): snapshot.lua lists the parked ids.
-        parked: Vec::new(),
+        parked,
     }))
 }
 
@@ -804,11 +834,16 @@ mod tests {
                 "1500000",
                 "0",
                 "",
-                &PROTOCOL_VERSION.to_string()
+                &PROTOCOL_VERSION.to_string(),
+                "0"
             ]
         );
         req.replaces = Some("old".into());
         assert_eq!(register_args(&req)[5..7], ["1", "old"]);
+        req.grace = Duration::from_millis(2500);
+        assert_eq!(register_args(&req)[8], "2500000");
+        req.grace = Duration::MAX;
+        assert_eq!(register_args(&req)[8], GRACE_LIMIT.to_string(), "capped");
 
         let ttl = Duration::from_secs(2);
         let watch = |w| heartbeat_args(&session(), ttl, w)[3].clone();
@@ -1166,6 +1201,54 @@ mod tests {
         );
         assert_eq!(snap.free(), 2);
         assert!(snapshot(&group(vec![], vec![], 1)).unwrap().unwrap().stale);
+    }
+
+    /// The parked ids (field 10), sorted; a reply without the field (a script from before
+    /// parking) has none.
+    #[test]
+    fn snapshot_parked_ids() {
+        let with = |parked: Vec<Value>| {
+            let Value::Array(mut items) = group(vec![], vec![], 0) else {
+                unreachable!()
+            };
+            items.push(a(parked));
+            snapshot(&a(items))
+        };
+        let entry =
+            |id: &str, w: &str, held: i64, left: &str| a(vec![s(id), s(w), int(held), s(left)]);
+        let snap = with(vec![entry("z", "3", 2, "1500000"), entry("b", "1", 0, "0")])
+            .unwrap()
+            .unwrap();
+        let mut b = ParkedInfo::new("b");
+        b.weight = 1;
+        let mut z = ParkedInfo::new("z");
+        z.weight = 3;
+        z.held = 2;
+        z.until = Duration::from_millis(1500);
+        assert_eq!(snap.parked, [b, z]);
+        assert!(with(vec![]).unwrap().unwrap().parked.is_empty());
+        let old = snapshot(&group(vec![], vec![], 0)).unwrap().unwrap();
+        assert!(old.parked.is_empty(), "no field 10: nothing parked");
+        for (bad, needle) in [
+            (with(vec![s("x")]), "parked entry (field 0) is not an array"),
+            (
+                with(vec![a(vec![s("x"), s("1"), int(1)])]),
+                "grace left (field 3) is missing",
+            ),
+            (
+                with(vec![entry("x", "heavy", 1, "5")]),
+                "weight of parked id \"x\"",
+            ),
+            (with(vec![entry("x", "1", -1, "5")]), "held (field 2)"),
+        ] {
+            let m = message(bad);
+            assert!(m.contains(needle), "{m}");
+        }
+        let Value::Array(mut items) = group(vec![], vec![], 0) else {
+            unreachable!()
+        };
+        items.push(s("parked"));
+        assert!(message(snapshot(&a(items))).contains("parked (field 10) is not an array"));
     }
 
     #[test]
