@@ -806,6 +806,12 @@ impl Group {
         self.last_token
     }
 
+    /// When the group was created (µs): a group forgotten and made again has a new one.
+    #[must_use]
+    pub fn created(&self) -> u64 {
+        self.created
+    }
+
     /// The end of the quarantine (µs): nothing is granted before it.
     #[must_use]
     pub fn grant_after(&self) -> u64 {
