@@ -4,7 +4,7 @@
 //! prunes on (see the parent module for why it is precise enough).
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::Ordering;
@@ -22,7 +22,7 @@ use crate::event::Event;
 use crate::machine::{Input, MemberCore, Next};
 use crate::session::nonces;
 use crate::shared::{Lease, Shared};
-use crate::store::model::{Group, Model, Outcome, To};
+use crate::store::model::{Model, Outcome, ParkingCheck, To};
 use crate::store::{Call, GroupKey, Notice, Notifications, Reply};
 
 /// The store's clock at the start, µs since the Unix epoch.
@@ -223,17 +223,6 @@ struct Handle {
     cancelled_at: Option<u64>,
 }
 
-/// Buckets the checker expects parked for an id: those its ended session held, with the
-/// tokens they had, until the grace ends (store µs since the start).
-#[derive(Debug, Clone, Hash)]
-struct Parking {
-    tokens: BTreeMap<u32, u64>,
-    until: u64,
-}
-
-/// The model's sessions: member id → (nonce, expiry in store µs since the start, held).
-type Sessions = BTreeMap<String, (String, u64, BTreeSet<u32>)>;
-
 /// A running member process.
 struct Life {
     core: MemberCore,
@@ -278,9 +267,8 @@ pub(super) struct World {
     rejoins: u8,
     /// S2: the highest token the model ever granted, per bucket.
     tokens: BTreeMap<u32, u64>,
-    /// Parking as the checker expects it, from the sessions it saw end (not from the model's
-    /// own record of parked ids): per member id, its buckets and when its grace ends.
-    parked: BTreeMap<String, Parking>,
+    /// Parking as the sessions seen to end say it must be (see [`ParkingCheck`]).
+    parking: ParkingCheck,
     /// The first broken check, if any.
     pub(super) violation: Option<String>,
     /// Checks are made (off while replaying a path checked before).
@@ -329,7 +317,7 @@ impl World {
             leaves: sc.leaves,
             rejoins: sc.rejoins,
             tokens: BTreeMap::new(),
-            parked: BTreeMap::new(),
+            parking: ParkingCheck::new(),
             violation: None,
             checking: true,
             until: None,
@@ -619,7 +607,7 @@ impl World {
             Choice::Wipe => {
                 self.model.wipe();
                 // Parked buckets are lost with the rest.
-                self.parked.clear();
+                self.parking.forget();
                 // MemoryStore::wipe tells every subscriber.
                 for slot in &mut self.slots {
                     if let (false, Some(life)) = (slot.isolated, &mut slot.life) {
@@ -874,8 +862,7 @@ impl World {
             _ => unreachable!("run without a call"),
         };
         let before = self.owners();
-        let sessions = self.sessions();
-        let created = self.model.group(&self.group).map(Group::created);
+        let group = self.model.group(&self.group).cloned();
         // These calls end expired sessions and graces first (a release or a leave only for
         // its own live session, a holdings read never).
         let purges = matches!(
@@ -909,136 +896,13 @@ impl World {
             }
         }
         self.after_store_call(&before);
-        self.check_parking(&before, &sessions, created, purges);
-        result
-    }
-
-    /// The model's sessions, expired ones not purged yet included.
-    fn sessions(&self) -> Sessions {
-        let Some(g) = self.model.group(&self.group) else {
-            return Sessions::new();
-        };
-        g.members()
-            .iter()
-            .map(|(id, m)| {
-                let expires = m.expires() - T0_US;
-                (
-                    id.clone(),
-                    (m.session().to_string(), expires, m.held().clone()),
-                )
-            })
-            .collect()
-    }
-
-    /// Parking, on what a store call changed, against what the checker expects (not the
-    /// model's own parked records): a session of a member with a grace that ended in the call
-    /// (left, replaced, or expired: then from its expiry) parks what it held until the grace
-    /// ends. Meanwhile each such bucket keeps its owner record (the id, the old token): no
-    /// other member is granted it and it is not freed, until the id's next session claims
-    /// them all at once, under one token above each old one. Once the grace is over, a call
-    /// that `purged` has freed what is still parked. The group forgotten (nobody seen for a
-    /// ttl) or wiped takes them with it.
-    fn check_parking(
-        &mut self,
-        owners: &[Option<(String, u64)>],
-        before: &Sessions,
-        created: Option<u64>,
-        purged: bool,
-    ) {
-        let t = self.t;
-        let group = self.model.group(&self.group);
-        if group.map(Group::created) != created {
-            self.parked.clear();
-            return;
-        }
-        let after = self.sessions();
-        for (id, (nonce, expires, held)) in before {
-            let ended = after.get(id).is_none_or(|(n, ..)| n != nonce);
-            let grace = self
-                .slots
-                .iter()
-                .find(|s| s.config.member_id == *id)
-                .map_or(0, |s| {
-                    u64::try_from(s.config.rejoin_grace.as_micros()).unwrap_or(0)
-                });
-            let until = (*expires).min(t) + grace;
-            if !ended || held.is_empty() || grace == 0 || until <= t {
-                continue;
-            }
-            let tokens = held
-                .iter()
-                .map(|&b| (b, owners[b as usize].as_ref().map_or(0, |(_, tk)| *tk)))
-                .collect();
-            self.parked.insert(id.clone(), Parking { tokens, until });
-        }
-        let now_owners = self.owners();
-        let mut broken = Vec::new();
-        let mut done = Vec::new();
-        for (id, p) in &self.parked {
-            let claimed = after.get(id);
-            if t >= p.until {
-                // The grace is over: the next call that purges frees them.
-                if !purged {
-                    continue;
-                }
-                let kept: Vec<u32> = p
-                    .tokens
-                    .iter()
-                    .filter(|&(&b, &old)| {
-                        now_owners[b as usize]
-                            .as_ref()
-                            .is_some_and(|(o, tk)| o == id && *tk == old)
-                    })
-                    .map(|(&b, _)| b)
-                    .collect();
-                if !kept.is_empty() {
-                    broken.push(format!(
-                        "{kept:?} still parked for {id}, whose grace ended at {}.{:03} ms",
-                        p.until / 1000,
-                        p.until % 1000
-                    ));
-                }
-                done.push(id.clone());
-                continue;
-            }
-            let mut claim_tokens = BTreeSet::new();
-            for (&b, &old) in &p.tokens {
-                let now = now_owners[b as usize].as_ref();
-                let fine = match (now, claimed) {
-                    (Some((o, tk)), None) => o == id && *tk == old,
-                    (Some((o, tk)), Some((_, _, held))) => {
-                        claim_tokens.insert(*tk);
-                        o == id && *tk > old && held.contains(&b)
-                    }
-                    (None, _) => false,
-                };
-                if !fine {
-                    broken.push(format!(
-                        "bucket {b}, parked for {id} (token {old}) until {}.{:03} ms, is now \
-                         {now:?}{}",
-                        p.until / 1000,
-                        p.until % 1000,
-                        if claimed.is_some() {
-                            " after its next session registered"
-                        } else {
-                            ""
-                        }
-                    ));
-                }
-            }
-            if claimed.is_some() {
-                if claim_tokens.len() > 1 {
-                    broken.push(format!("{id} claimed its buckets under {claim_tokens:?}"));
-                }
-                done.push(id.clone());
-            }
-        }
-        for id in done {
-            self.parked.remove(&id);
-        }
+        let broken =
+            self.parking
+                .observe(group.as_ref(), self.model.group(&self.group), now, purges);
         if let Some(why) = broken.into_iter().next() {
             self.violate(format!("parking: {why}"));
         }
+        result
     }
 
     /// Every bucket's owner record in the model.
@@ -1331,7 +1195,7 @@ impl World {
             &self.tokens,
         )
             .hash(&mut h);
-        self.parked.hash(&mut h);
+        self.parking.hash(&mut h);
         nonces::peek().hash(&mut h);
         for slot in &self.slots {
             (slot.rate, slot.started, slot.isolated, slot.paused).hash(&mut h);
