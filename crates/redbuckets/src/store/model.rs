@@ -1378,11 +1378,12 @@ impl ParkingCheck {
         self.created = None;
     }
 
-    /// The ids whose buckets must stay parked, each with its buckets and the end of its grace
-    /// (µs).
-    pub fn parked(&self) -> impl Iterator<Item = (&str, Vec<u32>, u64)> {
+    /// The ids whose buckets must stay parked at `now` (µs), each with its buckets and the end
+    /// of its grace.
+    pub fn parked(&self, now: u64) -> impl Iterator<Item = (&str, Vec<u32>, u64)> {
         self.expected
             .iter()
+            .filter(move |(_, e)| now < e.until)
             .map(|(id, e)| (id.as_str(), e.tokens.keys().copied().collect(), e.until))
     }
 
