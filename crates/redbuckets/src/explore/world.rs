@@ -862,7 +862,8 @@ impl World {
             _ => unreachable!("run without a call"),
         };
         let before = self.owners();
-        let group = self.model.group(&self.group).cloned();
+        let caller = &self.slots[m].config.member_id;
+        let group = ParkingCheck::before(self.model.group(&self.group), now, caller);
         // These calls end expired sessions and graces first (a release or a leave only for
         // its own live session, a holdings read never).
         let purges = matches!(
@@ -896,9 +897,9 @@ impl World {
             }
         }
         self.after_store_call(&before);
-        let broken =
-            self.parking
-                .observe(group.as_ref(), self.model.group(&self.group), now, purges);
+        let broken = self
+            .parking
+            .observe(&group, self.model.group(&self.group), now, purges);
         if let Some(why) = broken.into_iter().next() {
             self.violate(format!("parking: {why}"));
         }

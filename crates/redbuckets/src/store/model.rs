@@ -1240,6 +1240,21 @@ pub struct ParkingCheck {
     claims: u64,
 }
 
+/// What [`ParkingCheck::observe`] needs of a group before a call ([`ParkingCheck::before`]):
+/// its creation, and the sessions with a grace that hold buckets and may end in the call, with
+/// their tokens. Small next to the group: a simulation takes one before every call.
+#[cfg(any(test, feature = "testing"))]
+#[derive(Debug, Clone, Default)]
+pub struct Before {
+    created: Option<u64>,
+    sessions: Vec<Ending>,
+}
+
+/// A session that may end in the call: id, nonce, expiry (µs), grace (µs), and each held
+/// bucket's token.
+#[cfg(any(test, feature = "testing"))]
+type Ending = (String, String, u64, u64, BTreeMap<u32, u64>);
+
 /// Buckets expected parked for an id: with the tokens they had, until the grace ends (µs).
 #[cfg(any(test, feature = "testing"))]
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -1264,45 +1279,70 @@ impl ParkingCheck {
         Self::default()
     }
 
-    /// One call that ran at `now` (µs): the group as it was `before` and `after` it.
-    /// `purges`: the call ends expired sessions and graces first, whatever it finds (a
-    /// registration, a heartbeat, a rebalance step; a release or a leave only for a live
-    /// session of its own). Returns what broke, as text.
+    /// What [`ParkingCheck::observe`] needs of the group as it is before a call at `now` (µs)
+    /// made for member `caller`: the sessions that may end in it are the expired ones and the
+    /// caller's (a leave, a deregistration, a replacement, an operator's removal).
+    #[must_use]
+    pub fn before(group: Option<&Group>, now: u64, caller: &str) -> Before {
+        let Some(g) = group else {
+            return Before::default();
+        };
+        let sessions = g
+            .members
+            .iter()
+            .filter(|(id, m)| (m.expires <= now || *id == caller) && m.grace > 0)
+            .filter(|(_, m)| !m.held.is_empty())
+            .map(|(id, m)| {
+                let tokens = m
+                    .held
+                    .iter()
+                    .map(|&b| (b, g.owner(b).map_or(0, |(_, token)| token)))
+                    .collect();
+                (id.clone(), m.session.clone(), m.expires, m.grace, tokens)
+            })
+            .collect();
+        Before {
+            created: Some(g.created),
+            sessions,
+        }
+    }
+
+    /// One call that ran at `now` (µs): the group as it was `before` it ([`ParkingCheck::before`])
+    /// and as it is `after`. `purges`: the call ends expired sessions and graces first, whatever
+    /// it finds (a registration, a heartbeat, a rebalance step; a release or a leave only for a
+    /// live session of its own). Returns what broke, as text.
     pub fn observe(
         &mut self,
-        before: Option<&Group>,
+        before: &Before,
         after: Option<&Group>,
         now: u64,
         purges: bool,
     ) -> Vec<String> {
         let removing = self.removing.take();
-        if before.map(Group::created) != self.created || after.map(Group::created) != self.created {
+        let created = after.map(Group::created);
+        if before.created != self.created || created != self.created {
             // Another group (forgotten or lost, and made again): nothing parked carries over.
             self.expected.clear();
-            self.created = after.map(Group::created);
-            if before.map(Group::created) != after.map(Group::created) {
+            self.created = created;
+            if before.created != created {
                 return Vec::new();
             }
         }
-        let (Some(before), Some(after)) = (before, after) else {
+        let Some(after) = after else {
             return Vec::new();
         };
-        for (id, m) in before.members() {
-            let ended = after
-                .members()
-                .get(id)
-                .is_none_or(|n| n.session() != m.session());
-            let until = m.expires().min(now).saturating_add(us(m.grace()));
+        for (id, nonce, expires, grace, tokens) in &before.sessions {
+            let ended = after.members().get(id).is_none_or(|n| n.session() != nonce);
+            let until = (*expires).min(now).saturating_add(*grace);
             let removed = removing.as_ref() == Some(id);
-            if !ended || removed || m.held().is_empty() || m.grace().is_zero() || until <= now {
+            if !ended || removed || until <= now {
                 continue;
             }
-            let tokens = m
-                .held()
-                .iter()
-                .map(|&b| (b, before.owner(b).map_or(0, |(_, token)| token)))
-                .collect();
-            self.expected.insert(id.clone(), Expected { tokens, until });
+            let e = Expected {
+                tokens: tokens.clone(),
+                until,
+            };
+            self.expected.insert(id.clone(), e);
         }
         let mut broken = Vec::new();
         let mut done = Vec::new();
@@ -1618,7 +1658,17 @@ mod tests {
             let mut last_token: BTreeMap<u32, u64> = BTreeMap::new();
             let mut parking = ParkingCheck::new();
             for op in ops {
-                let before = model.group(&g).cloned();
+                let caller = match op {
+                    Op::Register { m, .. }
+                    | Op::Heartbeat { m }
+                    | Op::Rebalance { m, .. }
+                    | Op::Release { m, .. }
+                    | Op::Leave { m }
+                    | Op::Deregister { m }
+                    | Op::Remove { m } => format!("m{m}"),
+                    _ => String::new(),
+                };
+                let before = ParkingCheck::before(model.group(&g), now, &caller);
                 let purges = matches!(
                     op,
                     Op::Register { .. } | Op::Heartbeat { .. } | Op::Rebalance { .. } | Op::Remove { .. }
@@ -1671,7 +1721,7 @@ mod tests {
                     }
                 };
                 prop_assert_eq!(model.check(), Ok(()));
-                let broken = parking.observe(before.as_ref(), model.group(&g), now, purges);
+                let broken = parking.observe(&before, model.group(&g), now, purges);
                 prop_assert!(broken.is_empty(), "parking: {:?}", broken);
                 let snapshot = model.snapshot(&g, now);
                 let unchanged = model.clone();

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use redbuckets::store::model::{Group, ParkingCheck};
+use redbuckets::store::model::{Before, ParkingCheck};
 use redbuckets::store::{Action, Channel, GroupKey, HeartbeatReply, Notice, Notifications};
 use redbuckets::{Error, MemoryStore, Store};
 use redbuckets_testkit::{Call, Intercept, Intercepted, Reply};
@@ -112,19 +112,29 @@ impl Counters {
         self.parking.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The watched group before a call that writes (`None` when nothing is watched).
-    fn parking_before(&self, store: &MemoryStore) -> Option<Option<Group>> {
+    /// What the check needs of the watched group before a call that writes (`None` when
+    /// nothing is watched).
+    fn parking_before(&self, store: &MemoryStore, call: &Call) -> Option<Before> {
         let watch = self.parking();
         let group = &watch.as_ref()?.group;
-        Some(store.model().0.group(group).cloned())
+        let caller = match call {
+            Call::Register { req, .. } => req.session.member.as_str(),
+            Call::Heartbeat { session, .. }
+            | Call::Rebalance { session, .. }
+            | Call::Release { session, .. }
+            | Call::Leave { session, .. }
+            | Call::Deregister { session, .. } => session.member.as_str(),
+            _ => "",
+        };
+        Some(store.inspect(|model, now| ParkingCheck::before(model.group(group), now, caller)))
     }
 
     /// The same group after the call: checked against what it was before.
-    fn parking_after(&self, store: &MemoryStore, before: Option<&Group>, purges: bool) {
+    fn parking_after(&self, store: &MemoryStore, before: &Before, purges: bool) {
         let mut watch = self.parking();
         let Some(w) = watch.as_mut() else { return };
-        let (model, now) = store.model();
-        let broken = w.check.observe(before, model.group(&w.group), now, purges);
+        let broken =
+            store.inspect(|model, now| w.check.observe(before, model.group(&w.group), now, purges));
         w.broken.extend(broken);
     }
 }
@@ -449,13 +459,13 @@ impl Link {
             let writes = !matches!(name, "holdings" | "snapshot");
             let purges = matches!(name, "register" | "heartbeat" | "rebalance");
             let before = if writes {
-                this.counters.parking_before(&inner)
+                this.counters.parking_before(&inner, &call)
             } else {
                 None
             };
             let result = call.run(inner.clone()).await;
             if let Some(before) = before {
-                this.counters.parking_after(&inner, before.as_ref(), purges);
+                this.counters.parking_after(&inner, &before, purges);
             }
             if tx.send(result).is_err() {
                 Counters::bump(&this.counters.ran_unheard);

@@ -976,12 +976,15 @@ impl World {
         if let Some(why) = w.broken.first() {
             return Err(format!("parking: {why}"));
         }
-        let (model, now) = self.store.model();
+        let now = self.store.inspect(|_, now| now);
         for (id, buckets, _) in w.check.parked(now) {
             for live in self.live.iter().filter(|l| l.process.id != id) {
                 let owned = live.member.buckets();
                 if let Some(&b) = buckets.iter().find(|b| owned.contains(b)) {
-                    let record = model.group(&self.group).and_then(|g| g.owner(b));
+                    let record = self.store.inspect(|model, _| {
+                        let owner = model.group(&self.group).and_then(|g| g.owner(b));
+                        owner.map(|(id, token)| (id.to_string(), token))
+                    });
                     return Err(format!(
                         "parking: {} owns bucket {b} (token {:?}), parked for {id}; the store \
                          records {record:?}",
