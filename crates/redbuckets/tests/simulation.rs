@@ -9,7 +9,8 @@
 //!   with restarts under fixed ids and a rejoin grace (`Options::PARK`), the others without;
 //! - the soak: `REDBUCKETS_SEEDS=100000 cargo test --release --test simulation -- --ignored soak`
 //!   (seeds from 1,000,000 on unless `REDBUCKETS_SEED_START` says otherwise; stops early after
-//!   `REDBUCKETS_SOAK_SECS` seconds if set; one thread per core unless `REDBUCKETS_SOAK_THREADS`).
+//!   `REDBUCKETS_SOAK_SECS` seconds if set; one thread per core unless `REDBUCKETS_SOAK_THREADS`;
+//!   `REDBUCKETS_PARK=1` runs every seed with the grace, `=0` none).
 
 mod sim;
 
@@ -645,6 +646,11 @@ fn soak() {
     let count = env_u64("REDBUCKETS_SEEDS").unwrap_or(100_000);
     let start = env_u64("REDBUCKETS_SEED_START").unwrap_or(1_000_000);
     let limit = env_u64("REDBUCKETS_SOAK_SECS").map(Duration::from_secs);
+    let options: fn(u64) -> Options = match env_u64("REDBUCKETS_PARK") {
+        Some(0) => |_| Options::FULL,
+        Some(_) => |_| Options::PARK,
+        None => Options::for_seed,
+    };
     let began = std::time::Instant::now();
     let next = Arc::new(AtomicU64::new(start));
     let done = Arc::new(AtomicU64::new(0));
@@ -668,7 +674,7 @@ fn soak() {
                     if seed >= start + count || limit.is_some_and(|l| began.elapsed() > l) {
                         return;
                     }
-                    if let Err(report) = sim::run(seed, Options::for_seed(seed)) {
+                    if let Err(report) = sim::run(seed, options(seed)) {
                         eprintln!("{report}\n");
                         failed.lock().unwrap_or_else(|e| e.into_inner()).push(seed);
                     }
