@@ -5,9 +5,12 @@
 //!   members' own tracing);
 //! - `REDBUCKETS_SEEDS=<count>` sets how many seeds the sharded tests run (default 1,000), from
 //!   `REDBUCKETS_SEED_START` (default 0);
+//! - half the seeds (those whose remainder by 8 is 4 to 7, in every shard and in the soak) run
+//!   with restarts under fixed ids and a rejoin grace (`Options::PARK`), the others without;
 //! - the soak: `REDBUCKETS_SEEDS=100000 cargo test --release --test simulation -- --ignored soak`
 //!   (seeds from 1,000,000 on unless `REDBUCKETS_SEED_START` says otherwise; stops early after
-//!   `REDBUCKETS_SOAK_SECS` seconds if set; one thread per core unless `REDBUCKETS_SOAK_THREADS`).
+//!   `REDBUCKETS_SOAK_SECS` seconds if set; one thread per core unless `REDBUCKETS_SOAK_THREADS`;
+//!   `REDBUCKETS_PARK=1` runs every seed with the grace, `=0` none).
 
 mod sim;
 
@@ -57,15 +60,16 @@ fn init_tracing() {
     }
 }
 
-/// Runs `seeds`; on failure prints each failed seed's report and panics naming the seeds.
-fn run_seeds(seeds: &[u64]) {
+/// Runs `seeds`, each with the options `options` gives it; on failure prints each failed
+/// seed's report and panics naming the seeds.
+fn run_seeds(seeds: &[u64], options: fn(u64) -> Options) {
     init_tracing();
     let mut failed = Vec::new();
     let mut worst = 0.0f64;
     let mut simulated = Duration::ZERO;
     let mut totals: BTreeMap<&'static str, u64> = BTreeMap::new();
     for &seed in seeds {
-        match sim::run(seed, Options::FULL) {
+        match sim::run(seed, options(seed)) {
             Ok(outcome) => {
                 worst = worst.max(ratio(&outcome));
                 simulated += outcome.simulated;
@@ -97,22 +101,22 @@ fn ratio(outcome: &Outcome) -> f64 {
 
 #[test]
 fn seeds_shard_0() {
-    run_seeds(&seeds(0));
+    run_seeds(&seeds(0), Options::for_seed);
 }
 
 #[test]
 fn seeds_shard_1() {
-    run_seeds(&seeds(1));
+    run_seeds(&seeds(1), Options::for_seed);
 }
 
 #[test]
 fn seeds_shard_2() {
-    run_seeds(&seeds(2));
+    run_seeds(&seeds(2), Options::for_seed);
 }
 
 #[test]
 fn seeds_shard_3() {
-    run_seeds(&seeds(3));
+    run_seeds(&seeds(3), Options::for_seed);
 }
 
 /// Seeds the soak found failing while protocol 3 (grants in the notices) was built: two owners
@@ -125,9 +129,12 @@ fn seeds_shard_3() {
 /// looked converged. Convergence now also needs no release the store still expects.
 #[test]
 fn seeds_that_found_bugs() {
-    run_seeds(&[
-        1_013_545, 1_016_431, 1_041_028, 1_049_182, 1_052_547, 2_003_644,
-    ]);
+    run_seeds(
+        &[
+            1_013_545, 1_016_431, 1_041_028, 1_049_182, 1_052_547, 2_003_644,
+        ],
+        |_| Options::FULL,
+    );
 }
 
 /// Seeds that catch a mutant issue 19 found surviving CI: the driver without its heartbeat
@@ -137,18 +144,27 @@ fn seeds_that_found_bugs() {
 /// --ignored`), and pass without it.
 #[test]
 fn seeds_that_catch_known_mutants() {
-    run_seeds(&[
-        1_000_610, 1_001_265, 1_004_351, 1_004_396, 1_005_138, 1_005_264, 1_006_384, 1_007_020,
-        1_007_131, 1_007_690, 1_008_397, 1_009_200, 1_009_587,
-    ]);
+    run_seeds(
+        &[
+            1_000_610, 1_001_265, 1_004_351, 1_004_396, 1_005_138, 1_005_264, 1_006_384, 1_007_020,
+            1_007_131, 1_007_690, 1_008_397, 1_009_200, 1_009_587,
+        ],
+        |_| Options::FULL,
+    );
 }
 
-/// The same seed gives the same run: every event, time, token and action.
+/// The same seed gives the same run: every event, time, token and action (with restarts
+/// under a grace too).
 #[test]
 fn a_seed_replays_exactly() {
-    for seed in [7, 99_999, 31_337] {
-        let first = sim::run(seed, Options::FULL).unwrap_or_else(|e| panic!("{e}"));
-        let second = sim::run(seed, Options::FULL).unwrap_or_else(|e| panic!("{e}"));
+    for (seed, options) in [
+        (7, Options::FULL),
+        (99_999, Options::FULL),
+        (31_337, Options::FULL),
+        (7, Options::PARK),
+    ] {
+        let first = sim::run(seed, options).unwrap_or_else(|e| panic!("{e}"));
+        let second = sim::run(seed, options).unwrap_or_else(|e| panic!("{e}"));
         assert!(first.trace.len() > 20, "seed {seed}: a trivial run");
         if let Some(i) = (0..first.trace.len().max(second.trace.len()))
             .find(|&i| first.trace.get(i) != second.trace.get(i))
@@ -508,6 +524,120 @@ fn offsetting_lost_replies_do_not_hide_a_grant() {
     }
 }
 
+/// Restarts under a fixed id with a rejoin grace, on a healthy store (3 members, 12 buckets, a
+/// grace of 3 s, a ttl of 1 s): a graceful restart within the grace and a restart after a crash
+/// (which waits for the old session to expire) both get back exactly the buckets the id had,
+/// under larger tokens, while the others keep theirs and acquire nothing; a return after the
+/// grace finds them spread to the others, and takes its share back from them.
+#[test]
+fn a_restart_within_the_grace_gets_its_buckets_back() {
+    init_tracing();
+    paused_runtime().block_on(async {
+        let store = redbuckets::MemoryStore::new();
+        let group = redbuckets::GroupKey::new("red-buckets", "g");
+        let start = |id: &'static str| {
+            redbuckets::Member::builder(store.clone(), "g")
+                .id(id)
+                .buckets(12)
+                .heartbeat(Duration::from_millis(100))
+                .ttl(Duration::from_secs(1))
+                .rejoin_grace(Duration::from_secs(3))
+                .start()
+        };
+        let tokens = |m: &redbuckets::Member| -> Vec<(u32, u64)> {
+            m.buckets()
+                .into_iter()
+                .map(|b| (b, m.token(b).expect("owned")))
+                .collect()
+        };
+        let a = start("a").await.expect("start a");
+        let b = start("b").await.expect("start b");
+        let c = start("c").await.expect("start c");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (b_held, c_held) = (b.buckets(), c.buckets());
+        assert_eq!((a.buckets().len(), b_held.len(), c_held.len()), (4, 4, 4));
+        let mut others = vec![("b".to_string(), b.events()), ("c".to_string(), c.events())];
+        let mut log = redbuckets_testkit::EventLog::default();
+        // Each stream begins with what its member owns.
+        log.collect(&mut others);
+        let owned = log.events.len();
+
+        // A graceful restart within the grace.
+        let had = tokens(&a);
+        a.shutdown().await.expect("leave");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let snap = store
+            .snapshot(&group)
+            .await
+            .expect("snapshot")
+            .expect("group");
+        assert_eq!(
+            snap.parked
+                .iter()
+                .map(|p| (p.id.as_str(), p.held))
+                .collect::<Vec<_>>(),
+            [("a", 4)],
+            "{snap:?}"
+        );
+        assert_eq!((b.buckets(), c.buckets()), (b_held.clone(), c_held.clone()));
+        let a = start("a").await.expect("restart a");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let back = tokens(&a);
+        assert_eq!(
+            back.iter().map(|(b, _)| *b).collect::<Vec<_>>(),
+            had.iter().map(|(b, _)| *b).collect::<Vec<_>>()
+        );
+        assert!(
+            back.iter().zip(&had).all(|(new, old)| new.1 > old.1),
+            "{back:?} after {had:?}"
+        );
+
+        // A crash, and a restart at once: it waits for the old session to expire, which parks.
+        let had = back;
+        a.abort();
+        let a = start("a").await.expect("restart a after its crash");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let back = tokens(&a);
+        assert_eq!(
+            back.iter().map(|(b, _)| *b).collect::<Vec<_>>(),
+            had.iter().map(|(b, _)| *b).collect::<Vec<_>>()
+        );
+        assert!(
+            back.iter().zip(&had).all(|(new, old)| new.1 > old.1),
+            "{back:?} after {had:?}"
+        );
+        assert_eq!((b.buckets(), c.buckets()), (b_held.clone(), c_held.clone()));
+        log.collect(&mut others);
+        assert!(
+            log.events.len() == owned,
+            "the others' buckets changed: {:?}",
+            &log.events[owned..]
+        );
+
+        // Back after the grace: the buckets were spread to the others meanwhile.
+        a.shutdown().await.expect("leave");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!((b.buckets().len(), c.buckets().len()), (6, 6));
+        let snap = store
+            .snapshot(&group)
+            .await
+            .expect("snapshot")
+            .expect("group");
+        assert!(snap.parked.is_empty(), "{snap:?}");
+        let a = start("a").await.expect("start a again");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            (a.buckets().len(), b.buckets().len(), c.buckets().len()),
+            (4, 4, 4)
+        );
+        log.collect(&mut others);
+        log.check_safety();
+        for m in [a, b, c] {
+            m.shutdown().await.expect("leave");
+        }
+    });
+}
+
 /// Long soak over many seeds on every core; see the module docs.
 #[test]
 #[ignore = "soak: run explicitly, in release"]
@@ -516,6 +646,11 @@ fn soak() {
     let count = env_u64("REDBUCKETS_SEEDS").unwrap_or(100_000);
     let start = env_u64("REDBUCKETS_SEED_START").unwrap_or(1_000_000);
     let limit = env_u64("REDBUCKETS_SOAK_SECS").map(Duration::from_secs);
+    let options: fn(u64) -> Options = match env_u64("REDBUCKETS_PARK") {
+        Some(0) => |_| Options::FULL,
+        Some(_) => |_| Options::PARK,
+        None => Options::for_seed,
+    };
     let began = std::time::Instant::now();
     let next = Arc::new(AtomicU64::new(start));
     let done = Arc::new(AtomicU64::new(0));
@@ -539,7 +674,7 @@ fn soak() {
                     if seed >= start + count || limit.is_some_and(|l| began.elapsed() > l) {
                         return;
                     }
-                    if let Err(report) = sim::run(seed, Options::FULL) {
+                    if let Err(report) = sim::run(seed, options(seed)) {
                         eprintln!("{report}\n");
                         failed.lock().unwrap_or_else(|e| e.into_inner()).push(seed);
                     }

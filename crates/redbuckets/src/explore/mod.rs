@@ -19,6 +19,9 @@
 //!   process: its timers wait, then the notice that came meanwhile goes in first, as the
 //!   shell's biased `select!` takes it); the store loses its data;
 //! - a member leaves gracefully, or (a join scenario) starts in the running group;
+//! - (a scenario with a rejoin grace) a member that left or crashed starts again under its id
+//!   (`Rejoin`, not a fault: the restart the grace is for). A session of a member with a
+//!   grace that ends parks its buckets; time moves to the grace's end too;
 //! - time moves to the next instant at which something happens.
 //!
 //! Every member's clock runs at 1 − d or 1 + d of the store's (d = `max_clock_drift`, 10% here
@@ -34,8 +37,8 @@
 //!
 //! Time is discrete: it jumps to the next instant at which something can happen — a member's
 //! wake-up or call deadline or lease deadline (mapped to the store's clock through its rate,
-//! rounded up to the µs), a session expiry or the end of a quarantine in the model, the moment
-//! a user drops a revoked bucket's handle. Nothing changes between two such instants unless a
+//! rounded up to the µs), a session expiry or the end of a grace or of a quarantine in the
+//! model, the moment a user drops a revoked bucket's handle. Nothing changes between two such instants unless a
 //! choice is made, and every choice can be made at every instant, so the instants explored
 //! are the instants that matter. What this leaves out: a call that runs at an instant strictly
 //! between two events (it behaves as at the earlier one, with a smaller token and expiry).
@@ -54,12 +57,20 @@
 //!   no member other than the new owner believes it owns it at that instant: its deadline,
 //!   mapped to the store's clock, has passed, or it let it go.
 //! - [`Model::check`]: the store's own invariants.
+//! - **Parking** (with a grace), against what the checker saw of sessions ending, not the
+//!   model's own parked records: what a session held when it ended (left, replaced, or
+//!   expired: then from its expiry) keeps its owner record — the id, the old token — until
+//!   the grace ends: granted to nobody else, not freed; the id's next session claims all of
+//!   it at its registration, under one token above each old one; once the grace is over, the
+//!   next call that purges frees what is still parked.
 //! - **Liveness**, from the states at the depth bound or the horizon (in CI, every second or
 //!   third of them): the world runs without faults (calls answered at once, notices delivered,
 //!   paused and cut-off members back) and must converge within four ttls of store time: every
 //!   bucket owned by exactly one live member, as the model records it, each member holding
 //!   ⌊B/n⌋ or ⌈B/n⌉; no member stopped with an error but from a failed leave. The safety checks
-//!   go on during that run.
+//!   go on during that run. With a grace, every other such run first restarts the crashed
+//!   members (their restart waits for the old session to expire and park, then claims), and
+//!   the others leave them down until their grace runs out.
 //!
 //! A failed check panics with the transitions from the start, one line each (a liveness
 //! failure also with the fault-free run after them), and the state reached.
@@ -129,9 +140,9 @@ fn path(nodes: &[Node], mut id: u32) -> Vec<Choice> {
     path
 }
 
-/// Fails with the trace of `path` (then of the fault-free run from there, if `settled`),
-/// replayed with its log on.
-fn fail(sc: &Scenario, path: &[Choice], settled: bool, why: &str) -> ! {
+/// Fails with the trace of `path` (then of the fault-free run from there, if `settled`, with
+/// the crashed members restarted if it says so), replayed with its log on.
+fn fail(sc: &Scenario, path: &[Choice], settled: Option<bool>, why: &str) -> ! {
     let mut w = World::new(sc, true);
     for &c in path {
         w.apply(c);
@@ -139,9 +150,9 @@ fn fail(sc: &Scenario, path: &[Choice], settled: bool, why: &str) -> ! {
             break;
         }
     }
-    if settled && w.violation.is_none() {
+    if let (Some(restart), None) = (settled, &w.violation) {
         w.log_line("--- the faults stop here ---".into());
-        let _ = w.settle(None);
+        let _ = w.settle(None, restart);
     }
     let (trace, state) = (w.trace(), w.describe());
     panic!(
@@ -168,12 +179,12 @@ fn explore(sc: &Scenario) -> Report {
         w.apply(begin);
         let mut start = vec![begin];
         if sc.warm {
-            match w.settle(None) {
+            match w.settle(None, false) {
                 Ok(taken) => start.extend(taken),
                 Err(why) => fail(
                     sc,
                     &start,
-                    true,
+                    Some(false),
                     &format!("the warm start does not converge: {why}"),
                 ),
             }
@@ -212,7 +223,7 @@ fn explore(sc: &Scenario) -> Report {
                 if let Some(why) = w.violation.take() {
                     let mut full = at.clone();
                     full.push(c);
-                    fail(sc, &full, false, &why);
+                    fail(sc, &full, None, &why);
                 }
                 if seen.insert(w.fingerprint()) {
                     nodes.push(Node {
@@ -236,11 +247,15 @@ fn explore(sc: &Scenario) -> Report {
         liveness_checked += 1;
         let at = path(&nodes, id);
         let mut w = World::replay(sc, &at);
-        if let Err(why) = w.settle(Some(&mut converges)) {
+        // With a grace, every other run restarts the crashed members at once (a supervisor:
+        // the restart waits for the old session's expiry, which parks, and then claims), and
+        // the others leave them down (their grace runs out).
+        let restart = sc.grace_us > 0 && (i / sc.liveness_every) % 2 == 1;
+        if let Err(why) = w.settle(Some(&mut converges), restart) {
             fail(
                 sc,
                 &at,
-                true,
+                Some(restart),
                 &format!("no convergence once faults stop: {why}"),
             );
         }
@@ -248,7 +263,7 @@ fn explore(sc: &Scenario) -> Report {
             fail(
                 sc,
                 &at,
-                true,
+                Some(restart),
                 &format!("after the faults stopped (the fault-free run from here): {why}"),
             );
         }
@@ -322,6 +337,21 @@ fn a_member_joins() {
     }]);
 }
 
+/// CI: two members and three buckets with a rejoin grace (half a ttl): a member leaves
+/// gracefully or crashes, which parks its buckets, and starts again under its id when the
+/// search chooses, within the grace (it claims them: at once after a leave, after its old
+/// session's expiry after a crash) or after it (they were freed and spread); one fault per
+/// path.
+#[test]
+fn a_member_parks_and_rejoins() {
+    run_all(&[Scenario {
+        grace_us: 15_000,
+        rejoins: 1,
+        liveness_every: 3,
+        ..Scenario::new("2x3 park", 2, 3, 10, 1)
+    }]);
+}
+
 /// Deeper, with two faults per path, and from a cold start (the joins and the quarantine
 /// explored too): `cargo test -p redbuckets --lib explore -- --ignored --nocapture`.
 #[test]
@@ -331,7 +361,14 @@ fn deep() {
         warm: false,
         ..Scenario::new("2x3 cold", 2, 3, 16, 1)
     };
+    let park = |name, members, buckets, depth, faults| Scenario {
+        grace_us: 15_000,
+        rejoins: 1,
+        ..Scenario::new(name, members, buckets, depth, faults)
+    };
     run_all(&[
+        park("2x3 park deep", 2, 3, 12, 2),
+        park("3x2 park deep", 3, 2, 8, 1),
         Scenario::new("2x3 deep", 2, 3, 12, 2),
         Scenario::new("3x2 deep", 3, 2, 8, 2),
         Scenario {

@@ -22,7 +22,7 @@ use crate::event::Event;
 use crate::machine::{Input, MemberCore, Next};
 use crate::session::nonces;
 use crate::shared::{Lease, Shared};
-use crate::store::model::{Model, Outcome, To};
+use crate::store::model::{Model, Outcome, ParkingCheck, To};
 use crate::store::{Call, GroupKey, Notice, Notifications, Reply};
 
 /// The store's clock at the start, µs since the Unix epoch.
@@ -44,6 +44,11 @@ pub(super) struct Scenario {
     pub(super) faults: u8,
     /// How many graceful leaves a path may contain.
     pub(super) leaves: u8,
+    /// Every member's rejoin grace (store µs; 0: off): a session that ends parks its buckets
+    /// for its id, and [`Choice::Rejoin`] restarts a stopped or crashed member under its id.
+    pub(super) grace_us: u64,
+    /// How many rejoins a path may contain (with a grace).
+    pub(super) rejoins: u8,
     /// How many of the members (the last ones) are not started with the others: each joins
     /// the running group when the search chooses.
     pub(super) late: usize,
@@ -73,6 +78,8 @@ impl Scenario {
             depth,
             faults,
             leaves: 1,
+            grace_us: 0,
+            rejoins: 0,
             late: 0,
             warm: true,
             liveness_every: 1,
@@ -99,6 +106,7 @@ impl Scenario {
         }
         c.start_timeout = ms(200);
         c.shutdown_timeout = ms(40);
+        c.rejoin_grace = Duration::from_micros(self.grace_us);
         c.validate().expect("a valid configuration");
         c
     }
@@ -141,8 +149,11 @@ pub(super) enum Choice {
     Crash(u8),
     /// Fault: a crashed or stopped member starts again under its id.
     Restart(u8),
-    /// The member leaves gracefully.
+    /// The member leaves gracefully (with a grace, its buckets are parked for its id).
     Shutdown(u8),
+    /// A member that left or crashed starts again under its id (with a grace: within it, it
+    /// claims its parked buckets; a crashed one first waits for its old session to expire).
+    Rejoin(u8),
     /// Fault: the store loses its data.
     Wipe,
     /// Fault: the member is cut off from the store: its calls and notices are lost.
@@ -253,8 +264,11 @@ pub(super) struct World {
     slots: Vec<Slot>,
     faults: u8,
     leaves: u8,
+    rejoins: u8,
     /// S2: the highest token the model ever granted, per bucket.
     tokens: BTreeMap<u32, u64>,
+    /// Parking as the sessions seen to end say it must be (see [`ParkingCheck`]).
+    parking: ParkingCheck,
     /// The first broken check, if any.
     pub(super) violation: Option<String>,
     /// Checks are made (off while replaying a path checked before).
@@ -301,7 +315,9 @@ impl World {
             slots,
             faults: sc.faults,
             leaves: sc.leaves,
+            rejoins: sc.rejoins,
             tokens: BTreeMap::new(),
+            parking: ParkingCheck::new(),
             violation: None,
             checking: true,
             until: None,
@@ -351,13 +367,18 @@ impl World {
         }
         // Faults only after the start.
         let fault_ok = self.faults > 0 && self.until.is_some();
+        // With a grace, a restart under the id is a choice of its own (not a fault): the
+        // restart the grace is for.
+        let rejoin_ok = self.sc.grace_us > 0 && self.rejoins > 0 && self.until.is_some();
         let mut out = Vec::new();
         let mut blocked = false;
         let mut late = false;
         for (i, slot) in self.slots.iter().enumerate() {
             let m = u8::try_from(i).expect("few members");
             let Some(life) = &slot.life else {
-                if slot.started && fault_ok {
+                if slot.started && rejoin_ok {
+                    out.push(Choice::Rejoin(m));
+                } else if slot.started && fault_ok {
                     out.push(Choice::Restart(m));
                 } else if !slot.started && self.until.is_some() {
                     out.push(Choice::Start(m));
@@ -404,7 +425,9 @@ impl World {
                     }
                 }
                 Act::Done(_) => {
-                    if fault_ok {
+                    if rejoin_ok {
+                        out.push(Choice::Rejoin(m));
+                    } else if fault_ok {
                         out.push(Choice::Restart(m));
                     }
                     continue;
@@ -461,6 +484,7 @@ impl World {
         }
         if let Some(g) = self.model.group(&self.group) {
             at.extend(g.members().values().map(|m| m.expires() - T0_US));
+            at.extend(g.parked().values().map(|p| p.until() - T0_US));
             at.push(g.grant_after().saturating_sub(T0_US));
         }
         at.into_iter().filter(|&a| a > self.t).min()
@@ -558,6 +582,10 @@ impl World {
                 slot.paused = false;
             }
             Choice::Restart(m) => self.start(m as usize),
+            Choice::Rejoin(m) => {
+                self.rejoins = self.rejoins.saturating_sub(1);
+                self.start(m as usize);
+            }
             Choice::Shutdown(m) => {
                 let m = m as usize;
                 self.leaves -= 1;
@@ -578,6 +606,8 @@ impl World {
             }
             Choice::Wipe => {
                 self.model.wipe();
+                // Parked buckets are lost with the rest.
+                self.parking.forget();
                 // MemoryStore::wipe tells every subscriber.
                 for slot in &mut self.slots {
                     if let (false, Some(life)) = (slot.isolated, &mut slot.life) {
@@ -832,6 +862,14 @@ impl World {
             _ => unreachable!("run without a call"),
         };
         let before = self.owners();
+        let caller = &self.slots[m].config.member_id;
+        let group = ParkingCheck::before(self.model.group(&self.group), now, caller);
+        // These calls end expired sessions and graces first (a release or a leave only for
+        // its own live session, a holdings read never).
+        let purges = matches!(
+            call,
+            Call::Register { .. } | Call::Heartbeat { .. } | Call::Rebalance { .. }
+        );
         let Some(Outcome {
             reply: result,
             notices,
@@ -859,6 +897,12 @@ impl World {
             }
         }
         self.after_store_call(&before);
+        let broken = self
+            .parking
+            .observe(&group, self.model.group(&self.group), now, purges);
+        if let Some(why) = broken.into_iter().next() {
+            self.violate(format!("parking: {why}"));
+        }
         result
     }
 
@@ -1074,7 +1118,8 @@ impl World {
     }
 
     /// Runs without faults (every call answered at once, notices delivered, timers fired)
-    /// until converged, for at most four ttls of store time.
+    /// until converged, for at most four ttls of store time. `restart`: the crashed members
+    /// start again first, under their ids.
     ///
     /// `converges` holds fingerprints of states already seen to converge without faults:
     /// reaching one ends the run (the rest is deterministic), and a run that converges adds
@@ -1082,12 +1127,22 @@ impl World {
     pub(super) fn settle(
         &mut self,
         converges: Option<&mut HashSet<u64>>,
+        restart: bool,
     ) -> Result<Vec<Choice>, String> {
         let horizon = self.t + 4 * 30_000;
         // The faults stop, and time runs on.
         self.faults = 0;
         self.until = None;
         let mut taken = Vec::new();
+        let crashed = (0..self.slots.len()).filter(|&m| {
+            let slot = &self.slots[m];
+            restart && slot.started && slot.life.is_none()
+        });
+        for m in crashed.collect::<Vec<_>>() {
+            let rejoin = Choice::Rejoin(u8::try_from(m).expect("few members"));
+            self.apply(rejoin);
+            taken.push(rejoin);
+        }
         let mut passed = Vec::new();
         loop {
             let steps = taken.len();
@@ -1133,7 +1188,15 @@ impl World {
         let mut h = DefaultHasher::new();
         self.t.hash(&mut h);
         self.model.hash(&mut h);
-        (self.faults, self.leaves, self.until, &self.tokens).hash(&mut h);
+        (
+            self.faults,
+            self.leaves,
+            self.rejoins,
+            self.until,
+            &self.tokens,
+        )
+            .hash(&mut h);
+        self.parking.hash(&mut h);
         nonces::peek().hash(&mut h);
         for slot in &self.slots {
             (slot.rate, slot.started, slot.isolated, slot.paused).hash(&mut h);
@@ -1194,6 +1257,7 @@ impl World {
             Choice::Crash(m) => format!("m{m} crashes [fault]"),
             Choice::Restart(m) => format!("m{m} restarts [fault]"),
             Choice::Shutdown(m) => format!("m{m} shutdown (graceful leave)"),
+            Choice::Rejoin(m) => format!("m{m} starts again under its id"),
             Choice::Wipe => "the store loses its data [fault]".into(),
             Choice::Isolate(m) => format!("m{m} cut off from the store [fault]"),
             Choice::Heal(m) => format!("m{m} reconnected"),
@@ -1231,6 +1295,14 @@ impl World {
                     m.session(),
                     i128::from(m.expires()) - i128::from(now),
                     m.held()
+                );
+            }
+            for (id, p) in g.parked() {
+                let _ = writeln!(
+                    out,
+                    "  parked {id} for {} µs more: {:?}",
+                    i128::from(p.until()) - i128::from(now),
+                    p.held()
                 );
             }
         }

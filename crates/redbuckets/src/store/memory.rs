@@ -124,6 +124,14 @@ impl MemoryStore {
         (inner.model.clone(), inner.now_us())
     }
 
+    /// **Unstable, for tests** (feature `testing`): `inspect` sees the protocol model behind
+    /// the store as it is now, with the store's clock (µs) now, without a copy (under the
+    /// store's lock: it must not call the store).
+    #[cfg(feature = "testing")]
+    pub fn inspect<R>(&self, inspect: impl FnOnce(&Model, u64) -> R) -> R {
+        self.read(inspect)
+    }
+
     /// Runs one call of the model on `group` at the store's now, and publishes its notices.
     fn call<R>(&self, group: &GroupKey, call: impl FnOnce(&mut Model, u64) -> Outcome<R>) -> R {
         let mut inner = self.lock();

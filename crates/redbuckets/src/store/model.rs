@@ -194,6 +194,12 @@ impl Member {
     pub fn committed(&self) -> u32 {
         self.committed
     }
+
+    /// Its rejoin grace ([`RegisterRequest::grace`]).
+    #[must_use]
+    pub fn grace(&self) -> Duration {
+        Duration::from_micros(self.grace)
+    }
 }
 
 impl Model {
@@ -809,6 +815,12 @@ impl Group {
         self.last_token
     }
 
+    /// When the group was created (µs): a group forgotten and made again has a new one.
+    #[must_use]
+    pub fn created(&self) -> u64 {
+        self.created
+    }
+
     /// The end of the quarantine (µs): nothing is granted before it.
     #[must_use]
     pub fn grant_after(&self) -> u64 {
@@ -1209,6 +1221,222 @@ impl Group {
     }
 }
 
+/// Parking checked from outside, on one group's state before and after each call, against
+/// what the sessions seen to end say (not against the model's own parked records): what a
+/// session with a grace held when it ended (left, replaced, or expired: then from its expiry)
+/// keeps its owner record — the id and the old token — until the grace ends: granted to nobody
+/// else, and not freed; the id's next session claims all of it at its registration, under one
+/// token above each old one; once the grace is over, the next call that purges expired
+/// sessions (a registration, a heartbeat, a rebalance step) frees what is still parked. A
+/// group forgotten or lost (a wipe) takes its parked buckets with it.
+///
+/// For model checkers and simulations (`explore`, `tests/simulation.rs`): feed it every call
+/// that writes, in the order the store ran them.
+#[cfg(any(test, feature = "testing"))]
+#[derive(Debug, Clone, Default)]
+pub struct ParkingCheck {
+    /// The creation time of the group the expectations are about.
+    created: Option<u64>,
+    expected: BTreeMap<String, Expected>,
+    /// An id an operator removes in the next call observed.
+    removing: Option<String>,
+    claims: u64,
+}
+
+/// What [`ParkingCheck::observe`] needs of a group before a call ([`ParkingCheck::before`]):
+/// its creation, and the sessions with a grace that hold buckets and may end in the call, with
+/// their tokens. Small next to the group: a simulation takes one before every call.
+#[cfg(any(test, feature = "testing"))]
+#[derive(Debug, Clone, Default)]
+pub struct Before {
+    created: Option<u64>,
+    sessions: Vec<Ending>,
+}
+
+/// A session that may end in the call: id, nonce, expiry (µs), grace (µs), and each held
+/// bucket's token.
+#[cfg(any(test, feature = "testing"))]
+type Ending = (String, String, u64, u64, BTreeMap<u32, u64>);
+
+/// Buckets expected parked for an id: with the tokens they had, until the grace ends (µs).
+#[cfg(any(test, feature = "testing"))]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Expected {
+    tokens: BTreeMap<u32, u64>,
+    until: u64,
+}
+
+/// What later checks depend on: the claims counted are left out.
+#[cfg(any(test, feature = "testing"))]
+impl std::hash::Hash for ParkingCheck {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        (self.created, &self.expected).hash(h);
+    }
+}
+
+#[cfg(any(test, feature = "testing"))]
+impl ParkingCheck {
+    /// Nothing expected yet.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// What [`ParkingCheck::observe`] needs of the group as it is before a call at `now` (µs)
+    /// made for member `caller`: the sessions that may end in it are the expired ones and the
+    /// caller's (a leave, a deregistration, a replacement, an operator's removal).
+    #[must_use]
+    pub fn before(group: Option<&Group>, now: u64, caller: &str) -> Before {
+        let Some(g) = group else {
+            return Before::default();
+        };
+        let sessions = g
+            .members
+            .iter()
+            .filter(|(id, m)| (m.expires <= now || *id == caller) && m.grace > 0)
+            .filter(|(_, m)| !m.held.is_empty())
+            .map(|(id, m)| {
+                let tokens = m
+                    .held
+                    .iter()
+                    .map(|&b| (b, g.owner(b).map_or(0, |(_, token)| token)))
+                    .collect();
+                (id.clone(), m.session.clone(), m.expires, m.grace, tokens)
+            })
+            .collect();
+        Before {
+            created: Some(g.created),
+            sessions,
+        }
+    }
+
+    /// One call that ran at `now` (µs): the group as it was `before` it ([`ParkingCheck::before`])
+    /// and as it is `after`. `purges`: the call ends expired sessions and graces first, whatever
+    /// it finds (a registration, a heartbeat, a rebalance step; a release or a leave only for a
+    /// live session of its own). Returns what broke, as text.
+    pub fn observe(
+        &mut self,
+        before: &Before,
+        after: Option<&Group>,
+        now: u64,
+        purges: bool,
+    ) -> Vec<String> {
+        let removing = self.removing.take();
+        let created = after.map(Group::created);
+        if before.created != self.created || created != self.created {
+            // Another group (forgotten or lost, and made again): nothing parked carries over.
+            self.expected.clear();
+            self.created = created;
+            if before.created != created {
+                return Vec::new();
+            }
+        }
+        let Some(after) = after else {
+            return Vec::new();
+        };
+        for (id, nonce, expires, grace, tokens) in &before.sessions {
+            let ended = after.members().get(id).is_none_or(|n| n.session() != nonce);
+            let until = (*expires).min(now).saturating_add(*grace);
+            let removed = removing.as_ref() == Some(id);
+            if !ended || removed || until <= now {
+                continue;
+            }
+            let e = Expected {
+                tokens: tokens.clone(),
+                until,
+            };
+            self.expected.insert(id.clone(), e);
+        }
+        let mut broken = Vec::new();
+        let mut done = Vec::new();
+        for (id, e) in &self.expected {
+            let next = after.members().get(id);
+            if now >= e.until {
+                // The grace is over: a call that purges frees what is still parked.
+                if purges {
+                    let kept: Vec<u32> = e
+                        .tokens
+                        .iter()
+                        .filter(|&(&b, &old)| after.owner(b) == Some((id.as_str(), old)))
+                        .map(|(&b, _)| b)
+                        .collect();
+                    if !kept.is_empty() {
+                        broken.push(format!(
+                            "{kept:?} still parked for {id} {} µs after its grace ended",
+                            now - e.until
+                        ));
+                    }
+                    done.push(id.clone());
+                }
+                continue;
+            }
+            let mut claimed = BTreeSet::new();
+            for (&b, &old) in &e.tokens {
+                let owner = after.owner(b);
+                let fine = match (owner, next) {
+                    (Some((o, token)), None) => o == id && token == old,
+                    (Some((o, token)), Some(m)) => {
+                        claimed.insert(token);
+                        o == id && token > old && m.held().contains(&b)
+                    }
+                    (None, _) => false,
+                };
+                if !fine {
+                    broken.push(format!(
+                        "bucket {b}, parked for {id} (token {old}) for {} µs more, is now \
+                         {owner:?}{}",
+                        e.until - now,
+                        if next.is_some() {
+                            ", its next session registered"
+                        } else {
+                            ""
+                        }
+                    ));
+                }
+            }
+            if next.is_some() {
+                if claimed.len() > 1 {
+                    broken.push(format!("{id} claimed its buckets under tokens {claimed:?}"));
+                }
+                self.claims += 1;
+                done.push(id.clone());
+            }
+        }
+        for id in done {
+            self.expected.remove(&id);
+        }
+        broken
+    }
+
+    /// An operator removes `id` (`Model::remove_member`): its session ends without parking,
+    /// and what is parked for it is freed. Call it before observing the removal.
+    pub fn removed(&mut self, id: &str) {
+        self.expected.remove(id);
+        self.removing = Some(id.to_string());
+    }
+
+    /// The store lost its data (a wipe): nothing parked carries over.
+    pub fn forget(&mut self) {
+        self.expected.clear();
+        self.created = None;
+    }
+
+    /// The ids whose buckets must stay parked at `now` (µs), each with its buckets and the end
+    /// of its grace.
+    pub fn parked(&self, now: u64) -> impl Iterator<Item = (&str, Vec<u32>, u64)> {
+        self.expected
+            .iter()
+            .filter(move |(_, e)| now < e.until)
+            .map(|(id, e)| (id.as_str(), e.tokens.keys().copied().collect(), e.until))
+    }
+
+    /// How many claims it saw: a parked id's next session registering within the grace.
+    #[must_use]
+    pub fn claims(&self) -> u64 {
+        self.claims
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::hash_map::DefaultHasher;
@@ -1431,7 +1659,26 @@ mod tests {
                 session: format!("n{}", nonces[m]),
             };
             let mut last_token: BTreeMap<u32, u64> = BTreeMap::new();
+            let mut parking = ParkingCheck::new();
             for op in ops {
+                let caller = match op {
+                    Op::Register { m, .. }
+                    | Op::Heartbeat { m }
+                    | Op::Rebalance { m, .. }
+                    | Op::Release { m, .. }
+                    | Op::Leave { m }
+                    | Op::Deregister { m }
+                    | Op::Remove { m } => format!("m{m}"),
+                    _ => String::new(),
+                };
+                let before = ParkingCheck::before(model.group(&g), now, &caller);
+                let purges = matches!(
+                    op,
+                    Op::Register { .. } | Op::Heartbeat { .. } | Op::Rebalance { .. } | Op::Remove { .. }
+                );
+                if let Op::Remove { m } = op {
+                    parking.removed(&format!("m{m}"));
+                }
                 let notices = match op {
                     Op::Register { m, fresh, weight, grace } => {
                         let old = session(m, &nonces);
@@ -1477,6 +1724,8 @@ mod tests {
                     }
                 };
                 prop_assert_eq!(model.check(), Ok(()));
+                let broken = parking.observe(&before, model.group(&g), now, purges);
+                prop_assert!(broken.is_empty(), "parking: {:?}", broken);
                 let snapshot = model.snapshot(&g, now);
                 let unchanged = model.clone();
                 prop_assert_eq!(&unchanged, &model);

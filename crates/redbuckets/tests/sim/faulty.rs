@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use redbuckets::store::model::{Before, ParkingCheck};
 use redbuckets::store::{Action, Channel, GroupKey, HeartbeatReply, Notice, Notifications};
 use redbuckets::{Error, MemoryStore, Store};
 use redbuckets_testkit::{Call, Intercept, Intercepted, Reply};
@@ -87,11 +88,54 @@ pub struct Counters {
     /// When a registration last ran while its caller no longer waited: a session the member
     /// may never use (its process may even be gone) joined the group, a membership change.
     pub unheard_registration: Mutex<Option<Instant>>,
+    /// In a run with a rejoin grace: the parking check on every call that writes, as the
+    /// store ran them.
+    pub parking: Mutex<Option<ParkingWatch>>,
+}
+
+/// [`ParkingCheck`] on one group, fed by every link: the group before and after each call
+/// that writes (the store runs a call in one step, with no other call in between).
+#[derive(Debug)]
+pub struct ParkingWatch {
+    pub group: GroupKey,
+    pub check: ParkingCheck,
+    /// What broke, in order.
+    pub broken: Vec<String>,
 }
 
 impl Counters {
     fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn parking(&self) -> MutexGuard<'_, Option<ParkingWatch>> {
+        self.parking.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What the check needs of the watched group before a call that writes (`None` when
+    /// nothing is watched).
+    fn parking_before(&self, store: &MemoryStore, call: &Call) -> Option<Before> {
+        let watch = self.parking();
+        let group = &watch.as_ref()?.group;
+        let caller = match call {
+            Call::Register { req, .. } => req.session.member.as_str(),
+            Call::Heartbeat { session, .. }
+            | Call::Rebalance { session, .. }
+            | Call::Release { session, .. }
+            | Call::Leave { session, .. }
+            | Call::Deregister { session, .. } => session.member.as_str(),
+            _ => "",
+        };
+        Some(store.inspect(|model, now| ParkingCheck::before(model.group(group), now, caller)))
+    }
+
+    /// The same group after the call: checked against what it was before.
+    fn parking_after(&self, store: &MemoryStore, before: &Before, purges: bool) {
+        let mut watch = self.parking();
+        let Some(w) = watch.as_mut() else { return };
+        let broken =
+            store.inspect(|model, now| w.check.observe(before, model.group(&w.group), now, purges));
+        w.broken.extend(broken);
     }
 }
 
@@ -410,7 +454,19 @@ impl Link {
                 Counters::bump(&this.counters.partitioned);
                 return; // lost on the way
             }
-            let result = call.run(inner).await;
+            // The calls that write; those that purge expired sessions and graces whatever
+            // they find.
+            let writes = !matches!(name, "holdings" | "snapshot");
+            let purges = matches!(name, "register" | "heartbeat" | "rebalance");
+            let before = if writes {
+                this.counters.parking_before(&inner, &call)
+            } else {
+                None
+            };
+            let result = call.run(inner.clone()).await;
+            if let Some(before) = before {
+                this.counters.parking_after(&inner, &before, purges);
+            }
             if tx.send(result).is_err() {
                 Counters::bump(&this.counters.ran_unheard);
                 if name == "register" {

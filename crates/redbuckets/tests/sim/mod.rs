@@ -8,10 +8,15 @@
 //!   handle agrees with its member and with everyone else);
 //! - every half simulated second and at the end, S1/S2/S3 over the event timelines
 //!   (the testkit's `EventLog`, i.e. `redbuckets::check`; a crash ends its member's ownership at the crash);
+//! - with a rejoin grace ([`Options::park`]): on every store call that writes, parking as
+//!   `store::model::ParkingCheck` states it (what an ended session held stays recorded to its id
+//!   until the grace ends, is granted to nobody else, and goes back to the id's next session
+//!   whole, under a larger token); after every step, that no process of another id owns a
+//!   bucket parked for an id;
 //! - once faults heal and churn stops, L1/L2/C2 within [`Params::bound`]: every bucket owned,
 //!   counts within one, and the store agrees (no free bucket, owner records = members' views,
-//!   member list = live members); then that it stays so, and that a graceful leave of everyone
-//!   leaves an empty group.
+//!   member list = live members; nothing parked: a grace's end is a disturbance); then that it
+//!   stays so, and that a graceful leave of everyone leaves an empty group.
 
 pub mod faulty;
 
@@ -29,7 +34,7 @@ use redbuckets_testkit::EventLog;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, Instant};
 
-use faulty::{Counters, Faulty, Lie, Profile};
+use faulty::{Counters, Faulty, Lie, ParkingWatch, Profile};
 
 /// The most members alive (or starting) at once.
 const MAX_MEMBERS: usize = 20;
@@ -45,6 +50,10 @@ pub struct Options {
     pub churn: bool,
     /// Deliberate misbehaviour of member `m0`'s store.
     pub lie: Lie,
+    /// Members with a fixed id restart: most ids have a rejoin grace, and members are shut
+    /// down or crash and start again under their id after a while, shorter or longer than
+    /// the grace.
+    pub park: bool,
 }
 
 impl Options {
@@ -53,7 +62,23 @@ impl Options {
         faults: true,
         churn: true,
         lie: Lie::None,
+        park: false,
     };
+
+    /// Everything on, and restarts under fixed ids with a rejoin grace.
+    pub const PARK: Options = Options {
+        park: true,
+        ..Options::FULL
+    };
+
+    /// What the sharded runs use for `seed`: half the seeds of each shard with the grace.
+    pub fn for_seed(seed: u64) -> Options {
+        if seed % 8 >= 4 {
+            Options::PARK
+        } else {
+            Options::FULL
+        }
+    }
 
     /// A group without faults whose member `m0` has a lying store (with churn, so that
     /// buckets change hands).
@@ -62,6 +87,7 @@ impl Options {
             faults: false,
             churn,
             lie,
+            park: false,
         }
     }
 }
@@ -78,6 +104,8 @@ pub struct Rates {
     pub join: f64,
     pub leave: f64,
     pub crash: f64,
+    /// A shutdown or crash followed by a start under the same id ([`Options::park`]).
+    pub restart: f64,
     pub lease: f64,
 }
 
@@ -94,6 +122,8 @@ pub struct Params {
     /// Length of the chaos phase.
     pub chaos: Duration,
     pub rates: Rates,
+    /// The rejoin grace of the ids that have one ([`Options::park`]; zero otherwise).
+    pub grace: Duration,
 }
 
 impl Params {
@@ -124,9 +154,23 @@ impl Params {
             join: 0.6 * scale(opts.churn),
             leave: 0.25 * scale(opts.churn),
             crash: 0.25 * scale(opts.churn),
+            restart: 0.0,
             lease: 8.0 * scale(true),
         };
         let members = rng.gen_range(2..=MAX_MEMBERS);
+        // Drawn last, and only with the grace: the runs without it stay as they were.
+        let (grace, restart) = if opts.park {
+            let grace = rng.gen_range(ttl / 4..=ttl * 3 / 2);
+            let restart = if opts.churn {
+                [0.0, 0.5, 1.0, 2.0][rng.gen_range(0..4)]
+            } else {
+                0.0
+            };
+            (grace, 0.8 * restart)
+        } else {
+            (Duration::ZERO, 0.0)
+        };
+        let rates = Rates { restart, ..rates };
         Params {
             members,
             // A liar must hold buckets to be caught.
@@ -147,6 +191,7 @@ impl Params {
                 rng.gen_range(5000..=6000)
             }),
             rates,
+            grace,
         }
     }
 
@@ -263,6 +308,14 @@ struct HeldLease {
     until: Instant,
 }
 
+/// A process of `id` that was shut down or crashed, to start again `delay` after it ended
+/// (`at`: `None` while its shutdown is under way).
+struct Restart {
+    id: String,
+    delay: Duration,
+    at: Option<Instant>,
+}
+
 struct World {
     seed: u64,
     opts: Options,
@@ -282,6 +335,10 @@ struct World {
     generations: BTreeMap<String, u32>,
     /// Ids of processes that ended, free for a restart.
     free_ids: Vec<String>,
+    /// Each id's rejoin grace, drawn at its first start ([`Options::park`]).
+    graces: BTreeMap<String, Duration>,
+    /// Restarts to come.
+    restarts: Vec<Restart>,
     /// Every process's link, including those of processes that ended: their requests may
     /// still be in flight.
     links: Vec<Faulty>,
@@ -302,14 +359,23 @@ impl World {
         let params = Params::draw(&mut rng, &opts);
         let now = Instant::now();
         RUN_START.with(|t| t.set(Some(now)));
+        let group = GroupKey::new("red-buckets", GROUP);
+        let counters = Arc::new(Counters::default());
+        if opts.park {
+            *counters.parking.lock().unwrap_or_else(|e| e.into_inner()) = Some(ParkingWatch {
+                group: group.clone(),
+                check: redbuckets::store::model::ParkingCheck::new(),
+                broken: Vec::new(),
+            });
+        }
         World {
             seed,
             opts,
             params,
             rng,
             store: MemoryStore::new(),
-            group: GroupKey::new("red-buckets", GROUP),
-            counters: Arc::new(Counters::default()),
+            group,
+            counters,
             t0: now,
             live: Vec::new(),
             starting: Vec::new(),
@@ -320,6 +386,8 @@ impl World {
             next_id: 0,
             generations: BTreeMap::new(),
             free_ids: Vec::new(),
+            graces: BTreeMap::new(),
+            restarts: Vec::new(),
             links: Vec::new(),
             log: Vec::new(),
             counts: BTreeMap::new(),
@@ -400,10 +468,13 @@ impl World {
             if now.saturating_duration_since(self.disturbed_at) > bound + self.params.ttl * 10 {
                 return Err("a start or leave never finished".into());
             }
-            if !self.starting.is_empty() || !self.stopping.is_empty() {
+            if !self.starting.is_empty() || !self.stopping.is_empty() || !self.restarts.is_empty() {
                 converged = None;
                 continue;
             }
+            // Parked buckets are unowned until the grace ends, when they are spread: a
+            // disturbance to come.
+            self.parked_until().await?;
             if self.live.is_empty() {
                 let id = self.new_id();
                 self.start(id);
@@ -418,7 +489,7 @@ impl World {
                     .is_some_and(|at| at >= healed_at)
             });
             let state = if now < self.disturbed_at {
-                Err("a freeze may still last".into())
+                Err("a freeze or a grace may still last".into())
             } else if renewed {
                 self.convergence().await
             } else {
@@ -484,6 +555,13 @@ impl World {
             .await
             .map_err(|e| format!("snapshot: {e}"))?
             .ok_or("teardown: the group vanished")?;
+        if let Some(p) = snap
+            .parked
+            .iter()
+            .find(|p| self.graces.get(&p.id).is_none_or(Duration::is_zero))
+        {
+            return Err(format!("{} is parked without a grace", p.id));
+        }
         if !snap.members.is_empty() || snap.free() != self.params.buckets as usize {
             return Err(format!(
                 "C2: after everyone left: {} members, {} of {} buckets free",
@@ -537,6 +615,17 @@ impl World {
         config.call_timeout = p.call_timeout;
         config.drain_timeout = p.drain_timeout;
         config.shutdown_timeout = p.shutdown_timeout;
+        if self.opts.park {
+            // Most ids have the grace, a few none: both kinds of session end side by side.
+            let grace = *self.graces.entry(id.clone()).or_insert_with(|| {
+                if self.rng.gen_bool(0.8) {
+                    p.grace
+                } else {
+                    Duration::ZERO
+                }
+            });
+            config.rejoin_grace = grace;
+        }
         config = config.with_clock_rate(clock_rate);
         let builder = Member::builder(store.clone(), GROUP).config(config);
         let handle = tokio::spawn(async move {
@@ -648,7 +737,15 @@ impl World {
                 }
                 Err(e) => return Err(format!("{name}: shutdown task failed: {e}")),
             }
-            self.free_ids.push(s.process.id);
+            let now = Instant::now();
+            match self
+                .restarts
+                .iter_mut()
+                .find(|r| r.id == s.process.id && r.at.is_none())
+            {
+                Some(r) => r.at = Some(now + r.delay),
+                None => self.free_ids.push(s.process.id),
+            }
             self.disturbed();
         }
         Ok(failed_leave)
@@ -799,6 +896,9 @@ impl World {
         }
         if self.chance(r.wipe, dt) {
             self.store.wipe();
+            if let Some(w) = self.counters.parking().as_mut() {
+                w.check.forget();
+            }
             self.note("wipe the store");
             self.count("wipes");
             self.disturbed();
@@ -825,6 +925,93 @@ impl World {
                 self.crash(i);
             }
         }
+        if self.chance(r.restart, dt) && self.live.len() > 1 {
+            if let Some(i) = self.pick_live() {
+                let id = self.live[i].process.id.clone();
+                let grace = self.graces.get(&id).copied().unwrap_or_default();
+                // Shorter or longer than the grace (or than a ttl, for an id without one).
+                let most = if grace.is_zero() { ttl * 2 } else { grace * 2 };
+                let delay = self.rng.gen_range(Duration::ZERO..=most);
+                let at = if self.rng.gen_bool(0.5) {
+                    let live = self.live.remove(i);
+                    self.leave(live);
+                    None
+                } else {
+                    self.crash(i);
+                    self.free_ids.retain(|f| *f != id);
+                    Some(now + delay)
+                };
+                self.note(format!(
+                    "{id} starts again {delay:?} after it ends (grace {grace:?})"
+                ));
+                self.count("restarts");
+                self.restarts.push(Restart { id, delay, at });
+                self.disturbed();
+            }
+        }
+    }
+
+    /// Starts the restarts whose time has come.
+    fn restart_due(&mut self) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.restarts.len() {
+            if self.restarts[i].at.is_some_and(|at| at <= now) {
+                let r = self.restarts.remove(i);
+                self.start(r.id);
+                self.disturbed();
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// After every step: what the parking check found on the store's calls, and no process of
+    /// another id owns a bucket parked for an id (it was granted to nobody else).
+    fn check_parking(&mut self) -> Result<(), String> {
+        let watch = self.counters.parking();
+        let Some(w) = watch.as_ref() else {
+            return Ok(());
+        };
+        if let Some(why) = w.broken.first() {
+            return Err(format!("parking: {why}"));
+        }
+        let now = self.store.inspect(|_, now| now);
+        for (id, buckets, _) in w.check.parked(now) {
+            for live in self.live.iter().filter(|l| l.process.id != id) {
+                let owned = live.member.buckets();
+                if let Some(&b) = buckets.iter().find(|b| owned.contains(b)) {
+                    let record = self.store.inspect(|model, _| {
+                        let owner = model.group(&self.group).and_then(|g| g.owner(b));
+                        owner.map(|(id, token)| (id.to_string(), token))
+                    });
+                    return Err(format!(
+                        "parking: {} owns bucket {b} (token {:?}), parked for {id}; the store \
+                         records {record:?}",
+                        live.process.name,
+                        live.member.token(b)
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Parked ids (in the store's snapshot) make the end of their grace a disturbance to come.
+    async fn parked_until(&mut self) -> Result<(), String> {
+        if !self.opts.park {
+            return Ok(());
+        }
+        let snap = self
+            .store
+            .snapshot(&self.group)
+            .await
+            .map_err(|e| format!("snapshot: {e}"))?;
+        let now = Instant::now();
+        for p in snap.iter().flat_map(|s| &s.parked) {
+            self.disturbed_at = self.disturbed_at.max(now + p.until);
+        }
+        Ok(())
     }
 
     /// Takes a lease handle on a random owned bucket and keeps it for a random while (sometimes
@@ -872,6 +1059,8 @@ impl World {
         if chaos {
             self.act(dt);
         }
+        // Restarts go on after the heal: the process was on its way back.
+        self.restart_due();
         self.leases(dt)?;
         // A leave begun under faults may fail (it is noted in the log); only the teardown's
         // leaves, on a healed store, must succeed.
@@ -888,6 +1077,7 @@ impl World {
             self.disturbed_at = self.disturbed_at.max(at);
         }
         self.collect();
+        self.check_parking()?;
         self.check_views()?;
         // A frozen member reports its losses when it thaws (dated at its deadline), so the
         // timeline cannot be judged while one is frozen; the final check covers that time.
@@ -980,6 +1170,9 @@ impl World {
             .await
             .map_err(|e| format!("snapshot: {e}"))?
             .ok_or("the group does not exist")?;
+        if let Some(p) = snap.parked.first() {
+            return Err(format!("{} buckets parked for {}", p.held, p.id));
+        }
         if snap.free() != 0 || !snap.quarantine.is_zero() {
             return Err(format!(
                 "store: {} free, quarantine {:?}",
@@ -1082,6 +1275,9 @@ impl World {
             counts.insert(name, counter.load(Ordering::Relaxed));
         }
         counts.insert("events", self.timeline.events.len() as u64);
+        if let Some(w) = self.counters.parking().as_ref() {
+            counts.insert("claims", w.check.claims());
+        }
         counts
     }
 
