@@ -256,7 +256,13 @@ fn restarts_under_a_fixed_id_move_nothing_with_a_rejoin_grace() {
     };
     let rows = run(&without);
     print(&without, &rows);
-    assert!(rows.iter().all(|r| r.others_acquired > 0), "{rows:?}");
+    // A graceful leave hands its buckets to the others at once. (After SIGKILL they stay
+    // unowned until the old session expires, and then go to whoever is below its share: the
+    // restarted process, when nothing else happened meanwhile.)
+    assert!(
+        rows[..MEMBERS].iter().all(|r| r.others_acquired > 0),
+        "{rows:?}"
+    );
 }
 
 /// The README's rolling-restart table: 4 × 1,024, heartbeat 500 ms, ttl 3 s, 2 s between an
