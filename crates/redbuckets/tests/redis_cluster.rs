@@ -551,3 +551,12 @@ async fn calls_cut_at_a_frozen_primary_lead_the_store_to_its_replica() {
     assert_ne!(cluster.primary_of(slot), victim);
     eprintln!("a snapshot answered {:?} after the freeze", began.elapsed());
 }
+
+/// A rejoin grace on a Cluster: a graceful and a crashed restart under a fixed id get their
+/// buckets back (the claim's grant notice is a sharded message on the slot), nothing else moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_under_a_fixed_id_gets_its_buckets_back() {
+    let cluster = RedisCluster::start();
+    let store = RedisStore::connect(&cluster.url()).await.expect("connect");
+    group::rejoin_round(store, "rejoin", 64, HEARTBEAT, TTL).await;
+}

@@ -399,3 +399,15 @@ async fn a_shutdown_with_redis_frozen_ends_in_time_and_ends_every_bucket() {
         );
     }
 }
+
+/// A rejoin grace through Redis Sentinel: a graceful and a crashed restart under a fixed id get
+/// their buckets back, nothing else moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_under_a_fixed_id_gets_its_buckets_back_through_a_sentinel() {
+    let primary = RedisServer::start();
+    let _replica =
+        RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port().to_string()]);
+    let sentinel = Sentinel::start(&primary);
+    let store = RedisStore::connect(&sentinel.url()).await.expect("connect");
+    group::rejoin_round(store, "rejoin", 64, HEARTBEAT, TTL).await;
+}

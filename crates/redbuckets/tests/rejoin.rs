@@ -295,3 +295,9 @@ async fn without_a_grace_a_leave_hands_over_at_once() {
     g.until_balanced(HEARTBEAT).await;
     g.shutdown().await;
 }
+
+/// The store-generic round the Redis tests run (Sentinel, Cluster), on the in-memory store.
+#[tokio::test(start_paused = true)]
+async fn the_shared_rejoin_round_on_the_memory_store() {
+    group::rejoin_round(MemoryStore::new(), "round", 64, HEARTBEAT, TTL).await;
+}

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use redbuckets::{Events, Member, Store};
+use redbuckets::{Event, Events, Member, Store};
 use tokio::time::Instant;
 
 use redbuckets_testkit::EventLog;
@@ -141,4 +141,81 @@ impl<C> Members<C> {
             .max()
             .unwrap_or(0)
     }
+}
+
+/// A restart under a fixed id with a rejoin grace, on any store: members `m0`, `m1`, `m2` of
+/// group `name` (with the grace) balanced; `m0` shuts down and starts again, then `m1` is
+/// aborted (a crash) and starts again at once: each gets back exactly what it held, under
+/// larger tokens, and no other member acquires anything. S1/S2 over every event, with each
+/// restarted process its own owner in the checker (`<id>'`).
+pub async fn rejoin_round<S: Store + Clone>(
+    store: S,
+    name: &str,
+    buckets: u32,
+    heartbeat: Duration,
+    ttl: Duration,
+) {
+    use std::collections::BTreeSet;
+    let grace = ttl * 5;
+    let build = |id: &str| {
+        Member::builder(store.clone(), name)
+            .id(id)
+            .buckets(buckets)
+            .heartbeat(heartbeat)
+            .ttl(ttl)
+            .drain_timeout(Duration::from_millis(100))
+            .rejoin_grace(grace)
+    };
+    let mut g = Members::with((), buckets);
+    for id in ["m0", "m1", "m2"] {
+        g.add(build(id).start().await.expect("start"));
+    }
+    g.until_balanced(ttl * 5).await;
+    for (i, crash) in [(0, false), (0, true)] {
+        let old = g.members.remove(i);
+        let id = old.id().to_string();
+        let held: BTreeSet<u32> = old.buckets().into_iter().collect();
+        let top = g.max_token();
+        g.collect();
+        let mark = g.timeline.events.len();
+        if crash {
+            let at = Instant::now();
+            old.abort();
+            g.timeline.crashed(&id, at);
+        } else {
+            old.shutdown().await.expect("graceful leave");
+        }
+        g.collect();
+        g.receivers.retain(|(r, _)| *r != id);
+        let again = build(&id).start().await.expect("restart");
+        let began = Instant::now();
+        while again.buckets().into_iter().collect::<BTreeSet<_>>() != held {
+            assert!(
+                began.elapsed() < ttl * 3,
+                "{id} has {} of its {} buckets back",
+                again.buckets().len(),
+                held.len()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let renamed = format!("{id}'");
+        g.receivers.push((renamed.clone(), again.events()));
+        g.members.push(again);
+        g.collect();
+        let since = &g.timeline.events[mark..];
+        let others: Vec<_> = since
+            .iter()
+            .filter(|(m, e)| *m != renamed && matches!(e, Event::Acquired { .. }))
+            .collect();
+        assert!(others.is_empty(), "others acquired {others:?}");
+        let mine: Vec<u64> = since
+            .iter()
+            .filter(|(m, e)| *m == renamed && matches!(e, Event::Acquired { .. }))
+            .filter_map(|(_, e)| e.token())
+            .collect();
+        assert_eq!(mine.len(), held.len());
+        assert!(mine.iter().all(|t| *t > top), "{mine:?} after {top}");
+        g.assert_exclusive();
+    }
+    g.shutdown().await;
 }
