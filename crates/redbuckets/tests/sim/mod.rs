@@ -52,7 +52,8 @@ pub struct Options {
     pub lie: Lie,
     /// Members with a fixed id restart: most ids have a rejoin grace, and members are shut
     /// down or crash and start again under their id after a while, shorter or longer than
-    /// the grace.
+    /// the grace, or stop for longer than their session and are taken for dead: another
+    /// process starts under their id at once (the stale one leaves when it runs again).
     pub park: bool,
 }
 
