@@ -52,7 +52,8 @@ pub struct Options {
     pub lie: Lie,
     /// Members with a fixed id restart: most ids have a rejoin grace, and members are shut
     /// down or crash and start again under their id after a while, shorter or longer than
-    /// the grace.
+    /// the grace, or stop for longer than their session and are taken for dead: another
+    /// process starts under their id at once (the stale one leaves when it runs again).
     pub park: bool,
 }
 
@@ -160,7 +161,7 @@ impl Params {
         let members = rng.gen_range(2..=MAX_MEMBERS);
         // Drawn last, and only with the grace: the runs without it stay as they were.
         let (grace, restart) = if opts.park {
-            let grace = rng.gen_range(ttl / 4..=ttl * 3 / 2);
+            let grace = rng.gen_range(ttl / 4..=ttl);
             let restart = if opts.churn {
                 [0.0, 0.5, 1.0, 2.0][rng.gen_range(0..4)]
             } else {
@@ -339,6 +340,9 @@ struct World {
     graces: BTreeMap<String, Duration>,
     /// Restarts to come.
     restarts: Vec<Restart>,
+    /// Stopped processes that were taken for dead and replaced under their id: each leaves
+    /// once it runs again (by this instant).
+    stale: BTreeMap<String, Instant>,
     /// Every process's link, including those of processes that ended: their requests may
     /// still be in flight.
     links: Vec<Faulty>,
@@ -388,6 +392,7 @@ impl World {
             free_ids: Vec::new(),
             graces: BTreeMap::new(),
             restarts: Vec::new(),
+            stale: BTreeMap::new(),
             links: Vec::new(),
             log: Vec::new(),
             counts: BTreeMap::new(),
@@ -468,7 +473,11 @@ impl World {
             if now.saturating_duration_since(self.disturbed_at) > bound + self.params.ttl * 10 {
                 return Err("a start or leave never finished".into());
             }
-            if !self.starting.is_empty() || !self.stopping.is_empty() || !self.restarts.is_empty() {
+            if !self.starting.is_empty()
+                || !self.stopping.is_empty()
+                || !self.restarts.is_empty()
+                || !self.stale.is_empty()
+            {
                 converged = None;
                 continue;
             }
@@ -670,7 +679,7 @@ impl World {
         let until = live.member.status().valid_until.map_or(now, |u| u.min(now));
         live.member.abort();
         self.timeline.crashed(&name, until);
-        self.free_ids.push(live.process.id);
+        self.free_id(live.process.id);
         self.note(format!("crash {name}"));
         self.count("crashes");
         self.disturbed();
@@ -704,7 +713,7 @@ impl World {
                 Ok(Err(e)) => {
                     self.note(format!("{name} failed to start: {e}"));
                     self.count("failed starts");
-                    self.free_ids.push(s.process.id);
+                    self.free_id(s.process.id);
                 }
                 Err(e) => return Err(format!("{name}: start task failed: {e}")),
             }
@@ -744,7 +753,7 @@ impl World {
                 .find(|r| r.id == s.process.id && r.at.is_none())
             {
                 Some(r) => r.at = Some(now + r.delay),
-                None => self.free_ids.push(s.process.id),
+                None => self.free_id(s.process.id),
             }
             self.disturbed();
         }
@@ -867,23 +876,7 @@ impl World {
             if !pool.is_empty() {
                 let i = pool[self.rng.gen_range(0..pool.len())];
                 let d = self.rng.gen_range(ttl / 4..=ttl * 5 / 2);
-                let hb = self.params.heartbeat;
-                let member = &self.live[i].member;
-                let valid = member.status().valid_until.is_some_and(|u| u > now + hb);
-                let taken_within = if valid && !member.buckets().is_empty() {
-                    hb
-                } else {
-                    ttl + hb
-                };
-                member.freeze(d);
-                let until = now + taken_within + d;
-                self.live[i].freeze_taken_by = now + taken_within;
-                self.live[i].frozen_until = until;
-                self.frozen_until = self.frozen_until.max(until);
-                let name = self.live[i].process.name.clone();
-                self.note(format!("freeze {name} for {d:?}"));
-                self.count("freezes");
-                self.disturbed_at = self.disturbed_at.max(until);
+                self.freeze(i, d);
             }
         }
         if self.chance(r.sub_break, dt) {
@@ -926,24 +919,52 @@ impl World {
             }
         }
         if self.chance(r.restart, dt) && self.live.len() > 1 {
-            if let Some(i) = self.pick_live() {
+            // One process per id: not one whose id another process has (a stale one, or the
+            // one that replaced it), nor one with a restart to come.
+            let alone = self.pick_live().filter(|&i| {
+                let id = &self.live[i].process.id;
+                self.processes().filter(|p| p.id == *id).count() == 1
+                    && !self.restarts.iter().any(|r| r.id == *id)
+            });
+            if let Some(i) = alone {
                 let id = self.live[i].process.id.clone();
                 let grace = self.graces.get(&id).copied().unwrap_or_default();
                 // Shorter or longer than the grace (or than a ttl, for an id without one).
                 let most = if grace.is_zero() { ttl * 2 } else { grace * 2 };
                 let delay = self.rng.gen_range(Duration::ZERO..=most);
-                let at = if self.rng.gen_bool(0.5) {
-                    let live = self.live.remove(i);
-                    self.leave(live);
-                    None
-                } else {
-                    self.crash(i);
-                    self.free_ids.retain(|f| *f != id);
-                    Some(now + delay)
+                let stalls = self.live[i].frozen_until <= now
+                    && !self.live[i].process.store.may_stall()
+                    && !self.stale.contains_key(&self.live[i].process.name);
+                let at = match self.rng.gen_range(0..4) {
+                    // The process stops (SIGSTOP) for longer than its session, and is taken
+                    // for dead: another starts under its id at once, and waits for the old
+                    // session to expire (and park) before it registers. The stale one leaves
+                    // when it runs again.
+                    0 if stalls => {
+                        let d = self.rng.gen_range(ttl * 6 / 5..=ttl * 2);
+                        let name = self.live[i].process.name.clone();
+                        let until = self.freeze(i, d);
+                        self.stale.insert(name, until);
+                        self.count("stale processes");
+                        Some(now)
+                    }
+                    0 | 1 => {
+                        let live = self.live.remove(i);
+                        self.leave(live);
+                        None
+                    }
+                    _ => {
+                        self.crash(i);
+                        self.free_ids.retain(|f| *f != id);
+                        Some(now + delay)
+                    }
                 };
-                self.note(format!(
-                    "{id} starts again {delay:?} after it ends (grace {grace:?})"
-                ));
+                let after = if at == Some(now) {
+                    "at once, while the stopped one lives".to_string()
+                } else {
+                    format!("{delay:?} after it ends")
+                };
+                self.note(format!("{id} starts again {after} (grace {grace:?})"));
                 self.count("restarts");
                 self.restarts.push(Restart { id, delay, at });
                 self.disturbed();
@@ -951,7 +972,32 @@ impl World {
         }
     }
 
-    /// Starts the restarts whose time has come.
+    /// Freezes live member `i` for `d` (see the freeze in [`World::act`]); returns when it
+    /// thaws at the latest.
+    fn freeze(&mut self, i: usize, d: Duration) -> Instant {
+        let now = Instant::now();
+        let (ttl, hb) = (self.params.ttl, self.params.heartbeat);
+        let member = &self.live[i].member;
+        let valid = member.status().valid_until.is_some_and(|u| u > now + hb);
+        let taken_within = if valid && !member.buckets().is_empty() {
+            hb
+        } else {
+            ttl + hb
+        };
+        member.freeze(d);
+        let until = now + taken_within + d;
+        self.live[i].freeze_taken_by = now + taken_within;
+        self.live[i].frozen_until = until;
+        self.frozen_until = self.frozen_until.max(until);
+        let name = self.live[i].process.name.clone();
+        self.note(format!("freeze {name} for {d:?}"));
+        self.count("freezes");
+        self.disturbed_at = self.disturbed_at.max(until);
+        until
+    }
+
+    /// Starts the restarts whose time has come, and makes the stale processes that run again
+    /// leave.
     fn restart_due(&mut self) {
         let now = Instant::now();
         let mut i = 0;
@@ -963,6 +1009,37 @@ impl World {
             } else {
                 i += 1;
             }
+        }
+        let thawed: Vec<String> = self
+            .stale
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in thawed {
+            self.stale.remove(&name);
+            if let Some(i) = self.live.iter().position(|l| l.process.name == name) {
+                let live = self.live.remove(i);
+                self.leave(live);
+                self.disturbed();
+            }
+        }
+    }
+
+    /// Every process that runs: live, starting or stopping.
+    fn processes(&self) -> impl Iterator<Item = &Process> {
+        self.live
+            .iter()
+            .map(|l| &l.process)
+            .chain(self.starting.iter().map(|s| &s.process))
+            .chain(self.stopping.iter().map(|s| &s.process))
+    }
+
+    /// Frees `id` for a later start, unless another process has it (a stale one, or the one
+    /// that replaced it).
+    fn free_id(&mut self, id: String) {
+        if !self.processes().any(|p| p.id == id) {
+            self.free_ids.push(id);
         }
     }
 
@@ -977,21 +1054,33 @@ impl World {
             return Err(format!("parking: {why}"));
         }
         let now = self.store.inspect(|_, now| now);
-        for (id, buckets, _) in w.check.parked(now) {
-            for live in self.live.iter().filter(|l| l.process.id != id) {
-                let owned = live.member.buckets();
-                if let Some(&b) = buckets.iter().find(|b| owned.contains(b)) {
-                    let record = self.store.inspect(|model, _| {
-                        let owner = model.group(&self.group).and_then(|g| g.owner(b));
-                        owner.map(|(id, token)| (id.to_string(), token))
-                    });
-                    return Err(format!(
-                        "parking: {} owns bucket {b} (token {:?}), parked for {id}; the store \
-                         records {record:?}",
-                        live.process.name,
-                        live.member.token(b)
-                    ));
-                }
+        let parked: BTreeMap<u32, &str> = w
+            .check
+            .parked(now)
+            .flat_map(|(id, buckets, _)| buckets.into_iter().map(move |b| (b, id)))
+            .collect();
+        if parked.is_empty() {
+            return Ok(());
+        }
+        for live in &self.live {
+            let owned = live.member.buckets();
+            let found = owned.iter().find_map(|b| {
+                parked
+                    .get(b)
+                    .filter(|id| **id != live.process.id)
+                    .map(|id| (*b, *id))
+            });
+            if let Some((b, id)) = found {
+                let record = self.store.inspect(|model, _| {
+                    let owner = model.group(&self.group).and_then(|g| g.owner(b));
+                    owner.map(|(id, token)| (id.to_string(), token))
+                });
+                return Err(format!(
+                    "parking: {} owns bucket {b} (token {:?}), parked for {id}; the store \
+                     records {record:?}",
+                    live.process.name,
+                    live.member.token(b)
+                ));
             }
         }
         Ok(())
