@@ -1812,8 +1812,8 @@ fn found_divergences_stay_fixed() {
     // the snapshot lists them), and its next session (grace 300 ms) claims them at once. It
     // crashes: its session (from 800) expires at 1,400, found by m1's renewal there, and parks
     // until 1,700: still parked 1 ms before (m1's renewal takes the fast script), shown freed at
-    // exactly 1,700, and freed there by m1's rebalance step (and by its renewal, which the fast
-    // script must hand over to the full one); m1 takes them.
+    // exactly 1,700, and freed there by m1's renewal (the fast script must hand over to the full
+    // one); m1 takes them.
     let with_grace = |m, grace_ms| Op::Register {
         m,
         weight: 1,
@@ -1859,11 +1859,6 @@ fn found_divergences_stay_fixed() {
             Op::Snapshot,
             grace_end(-1, Then::Heartbeat),
             grace_end(0, Then::Snapshot),
-            Op::Rebalance {
-                m: 1,
-                stale: false,
-                max_take: 1,
-            },
             heartbeat(1),
             Op::Round,
         ],
@@ -1915,11 +1910,49 @@ fn found_divergences_stay_fixed() {
             register(1, RegisterAs::Fresh),
         ],
     };
+    // An operator's removal of a parked id frees its buckets at once (m1 is granted them), as
+    // the model's remove_member does.
+    let parked_removed = Case {
+        buckets: 8,
+        ttl_ms: 600,
+        server: Server::Functions,
+        ops: vec![
+            with_grace(0, 2_000),
+            register(1, RegisterAs::Fresh),
+            Op::Pass { thirds: 4 },
+            Op::Round,
+            Op::Deregister { m: 0, stale: false },
+            Op::Remove { m: 0 },
+            Op::Snapshot,
+        ],
+    };
+    // A parked id above its share after a join has its count committed but is not woken: m0
+    // (grace) and m1 hold 4 of 8 each, m0 deregisters (parked, 4), m2 joins: both come down to
+    // 3, and only m1 is woken. m0's next session claims its 4 with the committed 3.
+    let parked_giver = Case {
+        buckets: 8,
+        ttl_ms: 600,
+        server: Server::Functions,
+        ops: vec![
+            with_grace(0, 2_000),
+            register(1, RegisterAs::Fresh),
+            Op::Pass { thirds: 4 },
+            Op::Round,
+            Op::Deregister { m: 0, stale: false },
+            register(2, RegisterAs::Fresh),
+            Op::Snapshot,
+            with_grace(0, 2_000),
+            Op::Snapshot,
+            Op::Round,
+        ],
+    };
     let fixed = [
         &second_grant_kept,
         &park_claim_free,
         &parked_taker,
         &last_deregistered,
+        &parked_removed,
+        &parked_giver,
     ];
     for (i, case) in cases.iter().chain(fixed).enumerate() {
         if let Err(e) = run_case(&h, i as u64, case) {
