@@ -54,8 +54,8 @@ m live-at-expiry common.lua \
   'return e ~= nil and e > now_ms' 'return e ~= nil and e >= now_ms' \
   'a session counts as live at exactly its expiry'
 m purge-boundary common.lua \
-  "dead = redis.call('ZRANGEBYSCORE', K_EXP, '-inf', fmt(now_ms), 'WITHSCORES')" \
-  "dead = redis.call('ZRANGEBYSCORE', K_EXP, '-inf', '(' .. fmt(now_ms), 'WITHSCORES')" \
+  "redis.call('ZRANGEBYSCORE', K_EXP, '-inf', fmt(now_ms), 'WITHSCORES'" \
+  "redis.call('ZRANGEBYSCORE', K_EXP, '-inf', '(' .. fmt(now_ms), 'WITHSCORES'" \
   'the purge leaves a session that expires exactly now'
 m token-not-increased common.lua \
   'local token = math.max(now, meta.token + 1)' 'local token = math.max(now, meta.token)' \
@@ -133,8 +133,8 @@ m park-frees common.lua \
   'if grace <= 0 then' 'if true then' \
   'a session with a rejoin grace is freed when it ends, not parked'
 m grace-end-boundary common.lua \
-  "over = redis.call('ZRANGEBYSCORE', parked_key(), '-inf', fmt(now))" \
-  "over = redis.call('ZRANGEBYSCORE', parked_key(), '-inf', '(' .. fmt(now))" \
+  "redis.call('ZRANGEBYSCORE', parked_key(), '-inf', fmt(now)" \
+  "redis.call('ZRANGEBYSCORE', parked_key(), '-inf', '(' .. fmt(now)" \
   'parked buckets are freed only after the exact end of the grace'
 m settle-parked-taker common.lua \
   '    if parked(m) then' '    if false then' \

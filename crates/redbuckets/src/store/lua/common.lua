@@ -456,12 +456,11 @@ end
 -- Returns how many of both.
 local function purge(meta, now, limit)
   local now_ms = idiv(now, 1000)
-  local dead
+  local capped = {}
   if limit then
-    dead = redis.call('ZRANGEBYSCORE', K_EXP, '-inf', fmt(now_ms), 'WITHSCORES', 'LIMIT', 0, limit)
-  else
-    dead = redis.call('ZRANGEBYSCORE', K_EXP, '-inf', fmt(now_ms), 'WITHSCORES')
+    capped = { 'LIMIT', 0, limit }
   end
+  local dead = redis.call('ZRANGEBYSCORE', K_EXP, '-inf', fmt(now_ms), 'WITHSCORES', unpack(capped))
   -- Check first: a WRONGTYPE halfway through would leave buckets in no set.
   for i = 1, #dead, 2 do
     check_type(held_key(dead[i]), 'set')
@@ -469,12 +468,7 @@ local function purge(meta, now, limit)
   for i = 1, #dead, 2 do
     end_session(meta, dead[i], (tonumber(dead[i + 1]) or now_ms) * 1000)
   end
-  local over
-  if limit then
-    over = redis.call('ZRANGEBYSCORE', parked_key(), '-inf', fmt(now), 'LIMIT', 0, limit)
-  else
-    over = redis.call('ZRANGEBYSCORE', parked_key(), '-inf', fmt(now))
-  end
+  local over = redis.call('ZRANGEBYSCORE', parked_key(), '-inf', fmt(now), unpack(capped))
   -- Checked before these writes; the ones above leave the group consistent on their own.
   for _, member in ipairs(over) do
     check_type(held_key(member), 'set')
