@@ -4,8 +4,9 @@
 -- woken too: if it is alive after all, its next call finds the session gone, it reports its
 -- buckets lost and registers again; until then it may still use them (the operator was warned).
 -- Buckets parked for the id (its session ended with a rejoin grace) are freed too: the operator
--- wants it gone. Returns {'removed', held} (the buckets its session held) or {'absent'} (no
--- group, no such session, or it had expired and the purge this call runs first removed it).
+-- wants it gone. Returns {'removed', held} (the buckets its session held, or those parked for
+-- it: an id is live or parked, never both) or {'absent'} (no group, no such session and nothing
+-- parked, or it had expired and the purge this call runs first removed it).
 local member = ARGV[2]
 
 local meta = load_meta()
@@ -15,7 +16,9 @@ end
 check_types(member)
 local now = server_now_us()
 local changed = purge(meta, now) > 0
+local parked = nil
 if redis.call('ZSCORE', parked_key(), member) then
+  parked = redis.call('SCARD', held_key(member))
   unpark(meta, member)
   changed = true
 end
@@ -23,6 +26,9 @@ if not redis.call('HGET', K_SESS, member) then
   if changed then
     publish()
     settle(meta, now, false, member)
+  end
+  if parked then
+    return { 'removed', parked }
   end
   return { 'absent' }
 end
