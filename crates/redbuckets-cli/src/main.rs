@@ -53,6 +53,8 @@ Examples:
       --buckets 256 --heartbeat 500ms --ttl 5s --json
   redbuckets join --redis redis://127.0.0.1/ --group orders --metrics 0.0.0.0:9464
       # then: curl http://127.0.0.1:9464/metrics
+  redbuckets join --redis redis://127.0.0.1/ --group orders --id \"$HOSTNAME\" --rejoin-grace 30s
+      # a pod of a StatefulSet: restarted within 30 s, it gets its buckets back
 
 With --json every line of stdout is one JSON object:
   {\"event\":\"joined\",\"member\":\"worker-1\",\"group\":\"orders\",\"buckets\":256,\"at_us\":...}
