@@ -120,8 +120,7 @@ impl MemoryStore {
     #[cfg(feature = "testing")]
     #[must_use]
     pub fn model(&self) -> (Model, u64) {
-        let inner = self.lock();
-        (inner.model.clone(), inner.now_us())
+        self.read(|model, now| (model.clone(), now))
     }
 
     /// **Unstable, for tests** (feature `testing`): `inspect` sees the protocol model behind

@@ -557,7 +557,7 @@ impl Model {
             Some(m) => {
                 let mut held = m.held.clone();
                 let freed = buckets.iter().filter(|b| held.remove(b)).count();
-                state.leave_or_park(&session.member, now);
+                state.session_left(&session.member, now, true);
                 freed
             }
             None => 0,
@@ -576,7 +576,7 @@ impl Model {
         }
         // Expired sessions first (deregister.lua), the caller's own with them if it expired.
         let purged = state.purge(now);
-        let removed = state.is_session(session) && state.leave_or_park(&session.member, now);
+        let removed = state.is_session(session) && state.session_left(&session.member, now, true);
         let notices = state.epilogue(purged || removed, false, &session.member, now, None);
         Outcome::new((), notices)
     }
@@ -723,7 +723,7 @@ impl Model {
         let parked = state.parked.get(member).map(|p| count(p.held.len()));
         let unparked = state.unpark(member);
         let held = state.members.get(member).map(|m| count(m.held.len()));
-        let removed = held.is_some() && state.remove_leaving(member, now);
+        let removed = held.is_some() && state.session_left(member, now, false);
         let woken = removed.then(|| (To::Member(member.to_string()), Notice::Act));
         let notices = state.epilogue(purged || unparked || removed, false, member, now, woken);
         let reply = match (held, parked) {
@@ -920,10 +920,15 @@ impl Group {
             && self.seen.saturating_add(us(self.ttl)) <= now
     }
 
-    /// A live session left gracefully (leave, deregister): its buckets are parked if it has a
-    /// grace, else freed; `unattended` counts from now (common.lua's `seen_leaving`).
-    fn leave_or_park(&mut self, id: &str, now: u64) -> bool {
-        let ended = self.end_session(id, now);
+    /// A live session left (leave, deregister: `park`, so with a grace its buckets are parked;
+    /// an operator's removal: freed), and `unattended` counts from now (common.lua's
+    /// `seen_leaving`).
+    fn session_left(&mut self, id: &str, now: u64, park: bool) -> bool {
+        let ended = if park {
+            self.end_session(id, now)
+        } else {
+            self.remove_member(id)
+        };
         if ended {
             self.seen = now;
         }
@@ -933,24 +938,20 @@ impl Group {
     /// Ends `id`'s session: with a grace, its buckets are parked until `from` + the grace
     /// (common.lua's `end_session`), else it is removed and its buckets freed.
     fn end_session(&mut self, id: &str, from: u64) -> bool {
-        let Some(m) = self.members.get(id) else {
-            return false;
-        };
-        if m.grace == 0 {
-            return self.remove_member(id);
-        }
         let Some(m) = self.members.remove(id) else {
             return false;
         };
-        self.parked.insert(
-            id.to_string(),
-            Parked {
+        if m.grace == 0 {
+            self.free_all(m.held);
+        } else {
+            let parked = Parked {
                 weight: m.weight,
                 until: from.saturating_add(m.grace),
                 held: m.held,
                 committed: m.committed,
-            },
-        );
+            };
+            self.parked.insert(id.to_string(), parked);
+        }
         self.version += 1;
         true
     }
@@ -960,10 +961,7 @@ impl Group {
         let Some(parked) = self.parked.remove(id) else {
             return false;
         };
-        for b in parked.held {
-            self.owners[b as usize] = None;
-            self.free.insert(b);
-        }
+        self.free_all(parked.held);
         self.version += 1;
         true
     }
@@ -971,37 +969,27 @@ impl Group {
     /// Gives `id`'s new session the buckets parked for it, under a new token, and tells it
     /// (common.lua's `claim`). Returns the grant notice (none if nothing was parked).
     fn claim(&mut self, id: &str, parked: Parked, now: u64) -> Vec<(To, Notice)> {
+        let Some(session) = self.members.get(id).map(|m| m.session.clone()) else {
+            return Vec::new();
+        };
         if parked.held.is_empty() {
             return Vec::new();
         }
-        let token = now.max(self.last_token + 1);
-        self.last_token = token;
+        let token = self.next_token(now);
         for &b in &parked.held {
             self.owners[b as usize] = Some((id.to_string(), token));
         }
-        let Some(m) = self.members.get_mut(id) else {
-            return Vec::new();
-        };
-        m.committed = parked.committed;
-        m.held = parked.held;
-        vec![(
-            To::Member(id.to_string()),
-            Notice::Granted {
-                session: m.session.clone(),
-                token,
-                buckets: m.held.iter().copied().collect(),
-            },
-        )]
-    }
-
-    /// A live session left (an operator's removal): it is removed with its buckets, and
-    /// `unattended` counts from now (common.lua's `seen_leaving`).
-    fn remove_leaving(&mut self, id: &str, now: u64) -> bool {
-        let removed = self.remove_member(id);
-        if removed {
-            self.seen = now;
+        let buckets = parked.held.iter().copied().collect();
+        if let Some(m) = self.members.get_mut(id) {
+            m.committed = parked.committed;
+            m.held = parked.held;
         }
-        removed
+        let notice = Notice::Granted {
+            session,
+            token,
+            buckets,
+        };
+        vec![(To::Member(id.to_string()), notice)]
     }
 
     /// Removes a member and frees its buckets.
@@ -1009,12 +997,24 @@ impl Group {
         let Some(member) = self.members.remove(id) else {
             return false;
         };
-        for b in member.held {
-            self.owners[b as usize] = None;
-            self.free.insert(b);
-        }
+        self.free_all(member.held);
         self.version += 1;
         true
+    }
+
+    /// Deletes the owner records of `held` and adds them to the free buckets.
+    fn free_all(&mut self, held: BTreeSet<u32>) {
+        for &b in &held {
+            self.owners[b as usize] = None;
+        }
+        self.free.extend(held);
+    }
+
+    /// A new fencing token at `now`, kept as the group's last: above every earlier one, and
+    /// following the server's clock (common.lua's `next_token`).
+    fn next_token(&mut self, now: u64) -> u64 {
+        self.last_token = now.max(self.last_token + 1);
+        self.last_token
     }
 
     /// Every member's load in id order, with the ids: the live ones and the parked ones (which
@@ -1048,8 +1048,7 @@ impl Group {
     /// Grants up to `k` free buckets (the lowest) to member `id` under a new token. Returns
     /// the token and the buckets. Mirrors `grant` in `common.lua`.
     fn grant(&mut self, id: &str, k: u32, now: u64) -> (u64, Vec<u32>) {
-        let token = now.max(self.last_token + 1);
-        self.last_token = token;
+        let token = self.next_token(now);
         let mut taken = Vec::with_capacity(k as usize);
         for _ in 0..k {
             let Some(b) = self.free.pop_first() else {

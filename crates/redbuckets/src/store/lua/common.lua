@@ -288,25 +288,35 @@ local function owner_member(record)
   return member
 end
 
+-- The owner records of `buckets` (false for none), one HMGET per batch.
+local function owner_records(buckets)
+  local records = {}
+  for i = 1, #buckets, BATCH do
+    local got = redis.call('HMGET', K_OWNER, unpack(buckets, i, math.min(i + BATCH - 1, #buckets)))
+    for j, record in ipairs(got) do
+      records[i + j - 1] = record
+    end
+  end
+  return records
+end
+
+-- Whether bucket `b` (text, owner record `record`) is a valid id whose record names `member`,
+-- nobody, or garbage: one `member`'s held set may give up (free_buckets) or take back (claim).
+-- A record naming another member is never touched (foreign edits).
+local function mine_or_unowned(meta, member, b, record)
+  local named = owner_member(record)
+  return bucket_id(b, meta.buckets) and (not record or named == nil or named == member)
+end
+
 -- Frees buckets that left `member`'s held set: deletes the owner record and adds the bucket
 -- to the free set, unless the owner record names another member (foreign edits must never
 -- make one bucket free while someone else owns it). Garbage bucket ids are dropped.
 -- `records`: the buckets' owner records (false for none), when the caller read them already.
 local function free_buckets(meta, member, buckets, records)
-  if not records then
-    records = {}
-    for i = 1, #buckets, BATCH do
-      local got = redis.call('HMGET', K_OWNER, unpack(buckets, i, math.min(i + BATCH - 1, #buckets)))
-      for j, record in ipairs(got) do
-        records[i + j - 1] = record
-      end
-    end
-  end
+  records = records or owner_records(buckets)
   local freed = {}
   for j, b in ipairs(buckets) do
-    local record = records[j]
-    local named = owner_member(record)
-    if bucket_id(b, meta.buckets) and (not record or named == nil or named == member) then
+    if mine_or_unowned(meta, member, b, records[j]) then
       freed[#freed + 1] = b
     end
   end
@@ -341,18 +351,30 @@ local function drop_weight(member)
   redis.call('HDEL', K_WEIGHT, member)
 end
 
--- Removes a member and frees its buckets (model.rs `remove_member`). `held`: its held set's
--- members, when the caller read them already.
-local function remove_member(meta, member, held)
+-- Frees `member`'s held set (`held`: its members, when the caller read them already), deletes
+-- it, and takes the member out of the share rule (drop_weight).
+local function free_held(meta, member, held)
   local hk = held_key(member)
   free_buckets(meta, member, held or redis.call('SMEMBERS', hk))
   redis.call('DEL', hk)
   drop_weight(member)
+end
+
+-- Takes `member` out of the live structures: its expiry, its place in the id order, its nonce,
+-- its start and its grace.
+local function drop_session(member)
   redis.call('ZREM', K_EXP, member)
   redis.call('ZREM', ids_key(), member)
   redis.call('HDEL', K_SESS, member)
   redis.call('HDEL', K_SINCE, member)
   redis.call('HDEL', grace_key(), member)
+end
+
+-- Removes a member and frees its buckets (model.rs `remove_member`). `held`: its held set's
+-- members, when the caller read them already.
+local function remove_member(meta, member, held)
+  free_held(meta, member, held)
+  drop_session(member)
   bump(meta)
 end
 
@@ -382,21 +404,14 @@ local function end_session(meta, member, from, held)
   redis.call('ZADD', parked_key(), fmt(from + grace), member)
   inherit_expiry(parked_key())
   note_parked()
-  redis.call('ZREM', K_EXP, member)
-  redis.call('ZREM', ids_key(), member)
-  redis.call('HDEL', K_SESS, member)
-  redis.call('HDEL', K_SINCE, member)
-  redis.call('HDEL', grace_key(), member)
+  drop_session(member)
   bump(meta)
 end
 
 -- Frees a parked id's buckets and forgets it: its grace is over, or an operator removed the id
 -- (model.rs `unpark`).
 local function unpark(meta, member)
-  local hk = held_key(member)
-  free_buckets(meta, member, redis.call('SMEMBERS', hk))
-  redis.call('DEL', hk)
-  drop_weight(member)
+  free_held(meta, member)
   redis.call('ZREM', parked_key(), member)
   note_parked()
   bump(meta)
@@ -802,19 +817,12 @@ end
 -- ascending. Ids a foreign edit left there (garbage, or owned by another member) leave the held
 -- set instead. Nothing to claim: no token, no notice.
 local function claim(meta, member, nonce, w, held, count, now)
-  local records = {}
-  for i = 1, #held, BATCH do
-    local got = redis.call('HMGET', K_OWNER, unpack(held, i, math.min(i + BATCH - 1, #held)))
-    for j, record in ipairs(got) do
-      records[i + j - 1] = record
-    end
-  end
+  local records = owner_records(held)
   local claimed, dropped, unrecorded = {}, {}, false
   for j, b in ipairs(held) do
-    local named = owner_member(records[j])
-    if bucket_id(b, meta.buckets) and (not records[j] or named == nil or named == member) then
+    if mine_or_unowned(meta, member, b, records[j]) then
       claimed[#claimed + 1] = tonumber(b)
-      unrecorded = unrecorded or named ~= member
+      unrecorded = unrecorded or owner_member(records[j]) ~= member
     else
       dropped[#dropped + 1] = b
     end
