@@ -186,6 +186,13 @@ mod tests {
         store.snapshot(key).await.unwrap().unwrap()
     }
 
+    /// The buckets the snapshot records as `id`'s (its session as `session` names it).
+    async fn owned(store: &MemoryStore, key: &GroupKey, id: &str) -> Vec<u32> {
+        let s = snapshot(store, key).await;
+        let held = s.holdings(&session(id)).expect("a live session");
+        held.owned.into_iter().map(|(b, _)| b).collect()
+    }
+
     #[tokio::test(start_paused = true)]
     async fn warming_up_then_imbalanced_then_balanced() {
         let store = MemoryStore::new();
@@ -214,15 +221,7 @@ mod tests {
         // a commits to release 4 (draining), releases them, b takes them.
         store.rebalance(&key, &session("a"), 8).await.unwrap();
         assert_eq!(analyze(&snapshot(&store, &key).await).draining, 4);
-        let give: Vec<u32> = snapshot(&store, &key)
-            .await
-            .owners
-            .iter()
-            .enumerate()
-            .filter(|(_, o)| o.as_ref().is_some_and(|o| o.member == "a"))
-            .map(|(b, _)| b as u32)
-            .take(4)
-            .collect();
+        let give: Vec<u32> = owned(&store, &key, "a").await.into_iter().take(4).collect();
         store
             .release(&key, &session("a"), &give, u64::MAX)
             .await
@@ -245,14 +244,7 @@ mod tests {
         end_quarantine(&store, &key, &["a", "b"]).await;
         store.rebalance(&key, &session("a"), 8).await.unwrap();
         store.rebalance(&key, &session("b"), 8).await.unwrap();
-        let held: Vec<u32> = snapshot(&store, &key)
-            .await
-            .owners
-            .iter()
-            .enumerate()
-            .filter(|(_, o)| o.as_ref().is_some_and(|o| o.member == "a"))
-            .map(|(b, _)| b as u32)
-            .collect();
+        let held = owned(&store, &key, "a").await;
         store.leave(&key, &session("a"), &held).await.unwrap();
         let s = snapshot(&store, &key).await;
         assert_eq!(s.parked.len(), 1);

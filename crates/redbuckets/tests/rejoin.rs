@@ -8,7 +8,7 @@ mod group;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use group::Members;
+use group::{until_holds, Members};
 use redbuckets::store::GroupKey;
 use redbuckets::{Error, Event, Member, MemoryStore, Store};
 use tokio::time::{sleep, Instant};
@@ -87,22 +87,6 @@ fn top_token(g: &Members<MemoryStore>, member: &str) -> u64 {
 
 fn key() -> GroupKey {
     GroupKey::new("red-buckets", "g")
-}
-
-/// Waits until `member` holds `want`, at most `limit`; returns how long it took.
-async fn until_holds(member: &Member, want: &BTreeSet<u32>, limit: Duration) -> Duration {
-    let began = Instant::now();
-    while member.buckets().into_iter().collect::<BTreeSet<_>>() != *want {
-        assert!(
-            began.elapsed() < limit,
-            "{} holds {} of its {} buckets after {limit:?}",
-            member.id(),
-            member.buckets().len(),
-            want.len()
-        );
-        sleep(Duration::from_millis(1)).await;
-    }
-    began.elapsed()
 }
 
 #[tokio::test(start_paused = true)]

@@ -550,6 +550,17 @@ fn a_restart_within_the_grace_gets_its_buckets_back() {
                 .map(|b| (b, m.token(b).expect("owned")))
                 .collect()
         };
+        // Back: exactly the buckets it had, each under a larger token.
+        let same_buckets_larger_tokens = |back: &[(u32, u64)], had: &[(u32, u64)]| {
+            assert_eq!(
+                back.iter().map(|(b, _)| *b).collect::<Vec<_>>(),
+                had.iter().map(|(b, _)| *b).collect::<Vec<_>>()
+            );
+            assert!(
+                back.iter().zip(had).all(|(new, old)| new.1 > old.1),
+                "{back:?} after {had:?}"
+            );
+        };
         let a = start("a").await.expect("start a");
         let b = start("b").await.expect("start b");
         let c = start("c").await.expect("start c");
@@ -583,14 +594,7 @@ fn a_restart_within_the_grace_gets_its_buckets_back() {
         let a = start("a").await.expect("restart a");
         tokio::time::sleep(Duration::from_millis(500)).await;
         let back = tokens(&a);
-        assert_eq!(
-            back.iter().map(|(b, _)| *b).collect::<Vec<_>>(),
-            had.iter().map(|(b, _)| *b).collect::<Vec<_>>()
-        );
-        assert!(
-            back.iter().zip(&had).all(|(new, old)| new.1 > old.1),
-            "{back:?} after {had:?}"
-        );
+        same_buckets_larger_tokens(&back, &had);
 
         // A crash, and a restart at once: it waits for the old session to expire, which parks.
         let had = back;
@@ -598,14 +602,7 @@ fn a_restart_within_the_grace_gets_its_buckets_back() {
         let a = start("a").await.expect("restart a after its crash");
         tokio::time::sleep(Duration::from_millis(500)).await;
         let back = tokens(&a);
-        assert_eq!(
-            back.iter().map(|(b, _)| *b).collect::<Vec<_>>(),
-            had.iter().map(|(b, _)| *b).collect::<Vec<_>>()
-        );
-        assert!(
-            back.iter().zip(&had).all(|(new, old)| new.1 > old.1),
-            "{back:?} after {had:?}"
-        );
+        same_buckets_larger_tokens(&back, &had);
         assert_eq!((b.buckets(), c.buckets()), (b_held.clone(), c_held.clone()));
         log.collect(&mut others);
         assert!(

@@ -5,6 +5,7 @@
 //! and not in the testkit).
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use redbuckets::{Event, Events, Member, Store};
@@ -143,6 +144,22 @@ impl<C> Members<C> {
     }
 }
 
+/// Waits until `member` holds `want`, at most `limit`; returns how long it took.
+pub async fn until_holds(member: &Member, want: &BTreeSet<u32>, limit: Duration) -> Duration {
+    let began = Instant::now();
+    while member.buckets().into_iter().collect::<BTreeSet<_>>() != *want {
+        assert!(
+            began.elapsed() < limit,
+            "{} holds {} of its {} buckets after {limit:?}",
+            member.id(),
+            member.buckets().len(),
+            want.len()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    began.elapsed()
+}
+
 /// A restart under a fixed id with a rejoin grace, on any store: members `m0`, `m1`, `m2` of
 /// group `name` (with the grace) balanced; `m0` shuts down and starts again, then `m1` is
 /// aborted (a crash) and starts again at once: each gets back exactly what it held, under
@@ -155,7 +172,6 @@ pub async fn rejoin_round<S: Store + Clone>(
     heartbeat: Duration,
     ttl: Duration,
 ) {
-    use std::collections::BTreeSet;
     let grace = ttl * 5;
     let build = |id: &str| {
         Member::builder(store.clone(), name)
@@ -188,16 +204,7 @@ pub async fn rejoin_round<S: Store + Clone>(
         g.collect();
         g.receivers.retain(|(r, _)| *r != id);
         let again = build(&id).start().await.expect("restart");
-        let began = Instant::now();
-        while again.buckets().into_iter().collect::<BTreeSet<_>>() != held {
-            assert!(
-                began.elapsed() < ttl * 3,
-                "{id} has {} of its {} buckets back",
-                again.buckets().len(),
-                held.len()
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until_holds(&again, &held, ttl * 3).await;
         let renamed = format!("{id}'");
         g.receivers.push((renamed.clone(), again.events()));
         g.members.push(again);
