@@ -190,7 +190,7 @@ mod tests {
     async fn owned(store: &MemoryStore, key: &GroupKey, id: &str) -> Vec<u32> {
         let s = snapshot(store, key).await;
         let held = s.holdings(&session(id)).expect("a live session");
-        held.owned.into_iter().map(|(b, _)| b).collect()
+        held.owned.into_keys().collect()
     }
 
     #[tokio::test(start_paused = true)]
